@@ -1,0 +1,3 @@
+//! Ingest: parsing messages and moving them from a maildrop into PostgreSQL.
+
+pub mod parse;

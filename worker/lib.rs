@@ -1,0 +1,12 @@
+//! ccmail: turns contact-center mailboxes into queues.
+//!
+//! Layers, bottom up: [`pop3`] speaks the protocol, [`oauth`] obtains and shares app-only
+//! tokens, [`ingest`] parses messages and moves them into PostgreSQL through [`store`];
+//! [`sim`] plays Exchange Online and Entra ID for the demo and the tests.
+
+pub mod ingest;
+pub mod oauth;
+pub mod pop3;
+pub mod sim;
+pub mod store;
+pub mod tls;

@@ -1,0 +1,1 @@
+//! Every SQL statement ccmail runs lives in this module.
