@@ -1,1 +1,169 @@
-//! POP3 (RFC 1939, 2449, 5034) client.
+//! POP3 client (RFC 1939, RFC 2449 extensions, RFC 5034 SASL) with the two-step XOAUTH2 login
+//! that Exchange Online accepts.
+//!
+//! - [`codec`]: sans-IO framing, bounded.
+//! - [`connection`]: the socket, its buffer and a deadline on every wait; poisoned on failure.
+//! - [`client`]: typed protocol states, [`Client`] (authorization) → [`Session`] (transaction).
+//! - [`sasl`]: the XOAUTH2 and PLAIN client responses.
+//!
+//! Errors are one enum, [`Error`], that decides once whether a failure is worth retrying.
+
+pub mod client;
+pub mod codec;
+pub mod connection;
+pub mod sasl;
+
+use std::time::Duration;
+
+pub use client::{Client, ServerSpec, Session, TlsMode};
+pub use connection::{Stream, Timeouts};
+
+/// Everything that can go wrong talking POP3.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to {host}:{port}: {source}")]
+    Connect {
+        host: String,
+        port: u16,
+        source: std::io::Error,
+    },
+    #[error("connection to the POP3 server failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("POP3 server did not answer within {after:?} ({during})")]
+    Timeout {
+        during: &'static str,
+        after: Duration,
+    },
+    #[error("the TLS certificate of {host} was not accepted: {reason}. {hint}")]
+    TlsCertificate {
+        host: String,
+        reason: String,
+        hint: &'static str,
+    },
+    #[error("TLS handshake with {host} failed: {reason}")]
+    TlsHandshake { host: String, reason: String },
+    #[error("invalid TLS settings: {0}")]
+    TlsConfig(#[from] crate::tls::TlsConfigError),
+    #[error("the POP3 server closed the connection")]
+    Closed,
+    #[error("POP3 protocol violation: {0}")]
+    Protocol(String),
+    #[error("message is larger than the limit of {limit} octets ({received} octets received)")]
+    TooLarge { limit: usize, received: u64 },
+    #[error("{command} refused by the server: {}", display_status(.code, .text))]
+    Server {
+        command: &'static str,
+        code: Option<String>,
+        text: String,
+    },
+    #[error("{mechanism} authentication rejected by the server: {}{}", display_status(.code, .text), .detail.as_ref().map(|d| format!(" (challenge: {d})")).unwrap_or_default())]
+    AuthRejected {
+        mechanism: &'static str,
+        code: Option<String>,
+        text: String,
+        /// The decoded error challenge, if the server sent one (Dovecot does).
+        detail: Option<String>,
+    },
+    #[error("the server does not offer {what}; {hint}")]
+    NotSupported {
+        what: &'static str,
+        hint: &'static str,
+    },
+    #[error(
+        "refusing to send credentials over an unencrypted connection; use implicit TLS (port 995) or STLS"
+    )]
+    PlaintextAuthRefused,
+    #[error("the connection is unusable after an earlier error and was not reused")]
+    Poisoned,
+    #[error("invalid POP3 request: {0}")]
+    InvalidRequest(String),
+}
+
+fn display_status(code: &Option<String>, text: &str) -> String {
+    match code {
+        Some(code) => format!("-ERR [{code}] {text}"),
+        None => format!("-ERR {text}"),
+    }
+}
+
+impl Error {
+    /// Worth retrying later with backoff: network trouble, timeouts, and server answers that
+    /// say so (RFC 2449 `[SYS/TEMP]`, `[IN-USE]`, `[LOGIN-DELAY]`; Exchange's
+    /// `Server Unavailable. 21`).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Connect { .. }
+            | Error::Io(_)
+            | Error::Timeout { .. }
+            | Error::TlsHandshake { .. }
+            | Error::Closed
+            | Error::Protocol(_)
+            | Error::Poisoned => true,
+            Error::Server { code, text, .. } | Error::AuthRejected { code, text, .. } => {
+                matches!(
+                    code.as_deref(),
+                    Some("SYS/TEMP") | Some("IN-USE") | Some("LOGIN-DELAY")
+                ) || text.contains("Server Unavailable")
+            }
+            Error::TlsCertificate { .. }
+            | Error::TlsConfig(_)
+            | Error::TooLarge { .. }
+            | Error::NotSupported { .. }
+            | Error::PlaintextAuthRefused
+            | Error::InvalidRequest(_) => false,
+        }
+    }
+
+    /// Needs a person to change something (credentials, permissions, certificates, settings):
+    /// retrying soon will not help.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::AuthRejected { .. } => !self.is_transient(),
+            Error::TlsCertificate { .. }
+            | Error::TlsConfig(_)
+            | Error::NotSupported { .. }
+            | Error::PlaintextAuthRefused
+            | Error::InvalidRequest(_) => true,
+            Error::Server { code, .. } => {
+                matches!(code.as_deref(), Some("SYS/PERM") | Some("AUTH"))
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the connection can still be used after this error.
+    pub fn poisons_connection(&self) -> bool {
+        !matches!(
+            self,
+            Error::Server { .. } | Error::TooLarge { .. } | Error::InvalidRequest(_)
+        )
+    }
+
+    /// A one-line fix for an administrator, where one is known.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            Error::AuthRejected {
+                mechanism: "XOAUTH2",
+                ..
+            } if !self.is_transient() => Some(
+                "check, in order: POP.AccessAsApp application permission with admin consent; \
+                 New-ServicePrincipal with the Enterprise Application's object id; \
+                 Add-MailboxPermission FullAccess for this mailbox; the mailbox address; \
+                 the token scope https://outlook.office365.com/.default; POP enabled on the \
+                 mailbox (run `ccmail doctor` for the commands)",
+            ),
+            Error::AuthRejected { .. } if !self.is_transient() => {
+                Some("check the user name and password of this mailbox")
+            }
+            Error::TlsCertificate { hint, .. } => Some(hint),
+            Error::NotSupported { hint, .. } => Some(hint),
+            Error::PlaintextAuthRefused => {
+                Some("set the pilot's TLS mode to implicit (port 995) or starttls")
+            }
+            Error::Timeout { .. } | Error::Connect { .. } => {
+                Some("check the host, the port and that outbound traffic to it is allowed")
+            }
+            _ => None,
+        }
+    }
+}

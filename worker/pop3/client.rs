@@ -1,0 +1,849 @@
+//! POP3 protocol states as types: a [`Client`] is in the AUTHORIZATION state, logging in
+//! consumes it and yields a [`Session`] in the TRANSACTION state, `quit` consumes the session.
+//!
+//! The stream type is generic so tests drive the client over `tokio::io::duplex` and assert the
+//! exact bytes written. Real connections use [`Stream`] and [`Client::connect`].
+//!
+//! Order rules that matter (RFC 1939 §6): deletions happen only when QUIT is answered in the
+//! TRANSACTION state. Dropping a [`Session`] without calling [`Session::quit`] closes the socket
+//! and the server deletes nothing, which is what callers want after any failure.
+
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use secrecy::SecretString;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::codec::{self, AuthReply, Capabilities, Command, StatusLine};
+use super::connection::{Connection, Stream, Timeouts};
+use super::{Error, sasl};
+
+/// How the connection is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// TLS from the first byte (port 995). Exchange Online's documented mode.
+    Implicit,
+    /// Plain connect, then `STLS` (RFC 2595) before any credential is sent.
+    Starttls,
+    /// No TLS at all, credentials in clear text. Only for local test servers; never use it
+    /// across a network.
+    DangerousPlaintext,
+}
+
+impl TlsMode {
+    /// The name used in the database and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Implicit => "implicit",
+            TlsMode::Starttls => "starttls",
+            TlsMode::DangerousPlaintext => "dangerous_plaintext",
+        }
+    }
+
+    /// Parses [`TlsMode::as_str`]'s names.
+    pub fn parse(s: &str) -> Option<TlsMode> {
+        match s {
+            "implicit" => Some(TlsMode::Implicit),
+            "starttls" => Some(TlsMode::Starttls),
+            "dangerous_plaintext" => Some(TlsMode::DangerousPlaintext),
+            _ => None,
+        }
+    }
+}
+
+/// Where and how to connect. Built once per pilot; the TLS configuration inside is shared by
+/// every connection to that server.
+#[derive(Clone)]
+pub struct ServerSpec {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub timeouts: Timeouts,
+    tls_config: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for ServerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerSpec")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("timeouts", &self.timeouts)
+            .finish()
+    }
+}
+
+impl ServerSpec {
+    /// A server verified against the Mozilla roots plus `extra_roots` (for on-premises servers
+    /// with a private CA, and for tests).
+    pub fn new(
+        host: impl Into<String>,
+        port: u16,
+        tls: TlsMode,
+        extra_roots: &[CertificateDer<'static>],
+        timeouts: Timeouts,
+    ) -> Result<ServerSpec, Error> {
+        Ok(ServerSpec {
+            host: host.into(),
+            port,
+            tls,
+            timeouts,
+            tls_config: crate::tls::client_config(extra_roots)?,
+        })
+    }
+}
+
+/// The AUTHORIZATION state: greeting read, not logged in.
+#[derive(Debug)]
+pub struct Client<S> {
+    conn: Connection<S>,
+    greeting: StatusLine,
+    capabilities: Option<Capabilities>,
+    allow_plaintext_auth: bool,
+}
+
+/// The TRANSACTION state: logged in.
+#[derive(Debug)]
+pub struct Session<S> {
+    conn: Connection<S>,
+}
+
+/// Upper bound for UIDL / LIST / CAPA bodies: about 300 000 messages' worth of listing.
+const LISTING_LIMIT: usize = 32 * 1024 * 1024;
+
+impl Client<Stream> {
+    /// Connects, performs TLS as the spec says, reads the greeting and asks CAPA. Each step has
+    /// its own deadline.
+    pub async fn connect(spec: &ServerSpec) -> Result<Client<Stream>, Error> {
+        let t = spec.timeouts;
+        let tcp = match timeout(
+            t.connect,
+            TcpStream::connect((spec.host.as_str(), spec.port)),
+        )
+        .await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(source)) => {
+                return Err(Error::Connect {
+                    host: spec.host.clone(),
+                    port: spec.port,
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(Error::Timeout {
+                    during: "TCP connect",
+                    after: t.connect,
+                });
+            }
+        };
+        // Commands are one line each and we always wait for the answer: no Nagle delay.
+        let _ = tcp.set_nodelay(true);
+        match spec.tls {
+            TlsMode::Implicit => {
+                let tls = handshake(spec, tcp).await?;
+                let conn = Connection::new(Stream::Tls(Box::new(tls)), true, t);
+                let mut client = Client::from_connection(conn, false).await?;
+                client.capa().await?;
+                Ok(client)
+            }
+            TlsMode::Starttls => {
+                let conn = Connection::new(Stream::Plain(tcp), false, t);
+                let mut client = Client::from_connection(conn, false).await?;
+                let offers_stls = client.capa().await?.is_some_and(|c| c.has("STLS"));
+                if !offers_stls {
+                    return Err(Error::NotSupported {
+                        what: "STLS",
+                        hint: "use implicit TLS (usually port 995) for this server",
+                    });
+                }
+                let status = client.conn.command(&Command::Stls).await?;
+                if !status.ok {
+                    return Err(server_error("STLS", status));
+                }
+                let Stream::Plain(tcp) = client.conn.into_stream()? else {
+                    return Err(Error::Protocol("STLS on an encrypted stream".to_owned()));
+                };
+                let tls = handshake(spec, tcp).await?;
+                let conn = Connection::new(Stream::Tls(Box::new(tls)), true, t);
+                let mut client = Client {
+                    conn,
+                    greeting: client.greeting,
+                    capabilities: None,
+                    allow_plaintext_auth: false,
+                };
+                // RFC 2595 §4: capabilities learnt before the upgrade must be discarded.
+                client.capa().await?;
+                Ok(client)
+            }
+            TlsMode::DangerousPlaintext => {
+                let conn = Connection::new(Stream::Plain(tcp), false, t);
+                let mut client = Client::from_connection(conn, true).await?;
+                client.capa().await?;
+                Ok(client)
+            }
+        }
+    }
+}
+
+async fn handshake(
+    spec: &ServerSpec,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Error> {
+    let name = ServerName::try_from(spec.host.clone())
+        .map_err(|_| Error::InvalidRequest(format!("{:?} is not a valid host name", spec.host)))?;
+    let connector = tokio_rustls::TlsConnector::from(spec.tls_config.clone());
+    match timeout(spec.timeouts.tls, connector.connect(name, tcp)).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err(classify_tls_error(&spec.host, e)),
+        Err(_) => Err(Error::Timeout {
+            during: "TLS handshake",
+            after: spec.timeouts.tls,
+        }),
+    }
+}
+
+/// Certificate problems need a person; anything else in the handshake is network trouble.
+fn classify_tls_error(host: &str, e: std::io::Error) -> Error {
+    use rustls::CertificateError as C;
+    let rustls_error = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match rustls_error {
+        Some(rustls::Error::InvalidCertificate(cert_error)) => {
+            let hint = match cert_error {
+                C::UnknownIssuer | C::BadSignature => {
+                    "the server's certificate is not signed by a trusted CA; for an on-premises server with a private CA set the pilot's ca_bundle to that CA's PEM file"
+                }
+                C::NotValidForName | C::NotValidForNameContext { .. } => {
+                    "the certificate does not name this host; use the host name printed on the certificate (outlook.office365.com for Exchange Online)"
+                }
+                C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. } => {
+                    "the certificate is outside its validity period; check this machine's clock, then the server's certificate"
+                }
+                C::Revoked => "the server's certificate has been revoked",
+                _ => "check the server's certificate chain",
+            };
+            Error::TlsCertificate {
+                host: host.to_owned(),
+                reason: cert_error_text(cert_error),
+                hint,
+            }
+        }
+        Some(other) => Error::TlsHandshake {
+            host: host.to_owned(),
+            reason: other.to_string(),
+        },
+        None => Error::TlsHandshake {
+            host: host.to_owned(),
+            reason: e.to_string(),
+        },
+    }
+}
+
+fn cert_error_text(e: &rustls::CertificateError) -> String {
+    // rustls' Display is precise but long for context variants; keep the first sentence.
+    let text = rustls::Error::InvalidCertificate(e.clone()).to_string();
+    text.split(" (").next().unwrap_or(&text).to_owned()
+}
+
+fn server_error(command: &'static str, status: StatusLine) -> Error {
+    Error::Server {
+        command,
+        code: status.code,
+        text: status.text,
+    }
+}
+
+fn auth_rejected(mechanism: &'static str, status: StatusLine, detail: Option<String>) -> Error {
+    Error::AuthRejected {
+        mechanism,
+        code: status.code,
+        text: status.text,
+        detail,
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// Wraps a connected stream and reads the greeting. `secure` says whether the stream is
+    /// encrypted; credentials are never sent over an unencrypted one.
+    pub async fn new(stream: S, secure: bool, timeouts: Timeouts) -> Result<Client<S>, Error> {
+        Client::from_connection(Connection::new(stream, secure, timeouts), false).await
+    }
+
+    async fn from_connection(
+        mut conn: Connection<S>,
+        allow_plaintext_auth: bool,
+    ) -> Result<Client<S>, Error> {
+        let greeting = conn.read_status("greeting").await?;
+        if !greeting.ok {
+            return Err(server_error("greeting", greeting));
+        }
+        Ok(Client {
+            conn,
+            greeting,
+            capabilities: None,
+            allow_plaintext_auth,
+        })
+    }
+
+    /// The server's greeting (match only on `+OK`: Exchange Online's text changed in 2025).
+    pub fn greeting(&self) -> &StatusLine {
+        &self.greeting
+    }
+
+    /// What the last CAPA said, if it was asked and answered.
+    pub fn capabilities(&self) -> Option<&Capabilities> {
+        self.capabilities.as_ref()
+    }
+
+    /// Whether the connection is encrypted.
+    pub fn is_secure(&self) -> bool {
+        self.conn.is_secure()
+    }
+
+    /// RFC 2449 §5: asks CAPA. A server without CAPA answers `-ERR`: that is `Ok(None)`.
+    pub async fn capa(&mut self) -> Result<Option<&Capabilities>, Error> {
+        let status = self.conn.command(&Command::Capa).await?;
+        if !status.ok {
+            self.capabilities = None;
+            return Ok(None);
+        }
+        let body = self.conn.read_multiline(LISTING_LIMIT, "CAPA").await?;
+        self.capabilities = Some(Capabilities::parse(&body));
+        Ok(self.capabilities.as_ref())
+    }
+
+    fn ensure_may_send_credentials(&self) -> Result<(), Error> {
+        if self.conn.is_secure() || self.allow_plaintext_auth {
+            Ok(())
+        } else {
+            Err(Error::PlaintextAuthRefused)
+        }
+    }
+
+    /// Logs in with SASL XOAUTH2 in two steps, the only form Exchange Online accepts:
+    /// `AUTH XOAUTH2`, wait for `+`, then the base64 response on its own line. (The one-line
+    /// form with an initial response is answered `-ERR Protocol error. Connection is closed. 10`.)
+    /// If the server answers the response with an error challenge `+ <data>`, an empty line is
+    /// sent and the final `-ERR` read (RFC 7628 §3.2.3 behaviour, which Dovecot follows).
+    pub async fn auth_xoauth2(
+        mut self,
+        user: &str,
+        token: &SecretString,
+    ) -> Result<Session<S>, Error> {
+        const MECH: &str = "XOAUTH2";
+        self.ensure_may_send_credentials()?;
+        if let Some(caps) = &self.capabilities
+            && caps.advertises_sasl()
+            && !caps.has_sasl(MECH)
+        {
+            return Err(Error::NotSupported {
+                what: "SASL XOAUTH2",
+                hint: "for Exchange Online use outlook.office365.com; an on-premises Exchange needs OAuth enabled for POP",
+            });
+        }
+        match self.conn.sasl_step(&Command::Auth(MECH)).await? {
+            AuthReply::Continue(_) => {}
+            AuthReply::Done(status) if !status.ok => return Err(auth_rejected(MECH, status, None)),
+            AuthReply::Done(_) => {
+                return Err(Error::Protocol(
+                    "+OK to AUTH XOAUTH2 before any credentials were sent".to_owned(),
+                ));
+            }
+        }
+        let response = sasl::xoauth2_response(user, token);
+        match self
+            .conn
+            .sasl_step(&Command::SaslResponse(&response))
+            .await?
+        {
+            AuthReply::Done(status) if status.ok => Ok(Session { conn: self.conn }),
+            AuthReply::Done(status) => Err(auth_rejected(MECH, status, None)),
+            AuthReply::Continue(challenge) => {
+                let detail = sasl::decode_challenge(&challenge);
+                let empty = SecretString::from("");
+                match self.conn.sasl_step(&Command::SaslResponse(&empty)).await? {
+                    AuthReply::Done(status) if status.ok => Ok(Session { conn: self.conn }),
+                    AuthReply::Done(status) => Err(auth_rejected(MECH, status, detail)),
+                    AuthReply::Continue(_) => Err(Error::Protocol(
+                        "a second SASL challenge after the XOAUTH2 error challenge".to_owned(),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Logs in with `USER` / `PASS` (RFC 1939 §7), for servers without OAuth.
+    pub async fn auth_user_pass(
+        mut self,
+        user: &str,
+        password: &SecretString,
+    ) -> Result<Session<S>, Error> {
+        const MECH: &str = "USER/PASS";
+        self.ensure_may_send_credentials()?;
+        let status = self.conn.command(&Command::User(user)).await?;
+        if !status.ok {
+            return Err(auth_rejected(MECH, status, None));
+        }
+        let status = self.conn.command(&Command::Pass(password)).await?;
+        if !status.ok {
+            return Err(auth_rejected(MECH, status, None));
+        }
+        Ok(Session { conn: self.conn })
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Whether an earlier failure made the connection unusable (then drop the session).
+    pub fn is_poisoned(&self) -> bool {
+        self.conn.is_poisoned()
+    }
+
+    async fn simple(&mut self, cmd: Command<'_>) -> Result<StatusLine, Error> {
+        let name = cmd.name();
+        let status = self.conn.command(&cmd).await?;
+        if status.ok {
+            Ok(status)
+        } else {
+            Err(server_error(name, status))
+        }
+    }
+
+    async fn multiline(&mut self, cmd: Command<'_>, limit: usize) -> Result<Vec<u8>, Error> {
+        let name = cmd.name();
+        self.simple(cmd).await?;
+        self.conn.read_multiline(limit, name).await
+    }
+
+    /// `STAT`: message count and maildrop size in octets (an estimate on Exchange Online).
+    pub async fn stat(&mut self) -> Result<(u32, u64), Error> {
+        let status = self.simple(Command::Stat).await?;
+        codec::parse_stat(&status.text)
+            .ok_or_else(|| Error::Protocol(format!("unreadable STAT answer {:?}", status.text)))
+    }
+
+    /// `UIDL` for every message: (message number, unique id), in server order.
+    pub async fn uidl_all(&mut self) -> Result<Vec<(u32, String)>, Error> {
+        let body = self.multiline(Command::Uidl(None), LISTING_LIMIT).await?;
+        parse_listing(&body, "UIDL", |v| {
+            codec::valid_uidl(v).then(|| v.to_owned())
+        })
+    }
+
+    /// `UIDL n`.
+    pub async fn uidl(&mut self, n: u32) -> Result<String, Error> {
+        let status = self.simple(Command::Uidl(Some(n))).await?;
+        codec::parse_listing_line(&status.text)
+            .filter(|(_, v)| codec::valid_uidl(v))
+            .map(|(_, v)| v.to_owned())
+            .ok_or_else(|| Error::Protocol(format!("unreadable UIDL answer {:?}", status.text)))
+    }
+
+    /// `LIST` for every message: (message number, size in octets as the server estimates it).
+    pub async fn list_all(&mut self) -> Result<Vec<(u32, u64)>, Error> {
+        let body = self.multiline(Command::List(None), LISTING_LIMIT).await?;
+        parse_listing(&body, "LIST", |v| v.parse().ok())
+    }
+
+    /// `LIST n`.
+    pub async fn list(&mut self, n: u32) -> Result<u64, Error> {
+        let status = self.simple(Command::List(Some(n))).await?;
+        codec::parse_listing_line(&status.text)
+            .and_then(|(_, v)| v.parse().ok())
+            .ok_or_else(|| Error::Protocol(format!("unreadable LIST answer {:?}", status.text)))
+    }
+
+    /// `TOP n lines`: the headers and the first `lines` body lines, at most `limit` octets.
+    pub async fn top(&mut self, n: u32, lines: u32, limit: usize) -> Result<Vec<u8>, Error> {
+        self.multiline(Command::Top(n, lines), limit).await
+    }
+
+    /// `RETR n` into memory, at most `limit` octets. Over the limit: [`Error::TooLarge`], the
+    /// rest of the message is read and discarded and the session stays usable.
+    pub async fn retr(&mut self, n: u32, limit: usize) -> Result<Vec<u8>, Error> {
+        self.multiline(Command::Retr(n), limit).await
+    }
+
+    /// `DELE n`: marks the message; the server removes it only at QUIT.
+    pub async fn dele(&mut self, n: u32) -> Result<(), Error> {
+        self.simple(Command::Dele(n)).await.map(drop)
+    }
+
+    /// `RSET`: unmarks every message marked for deletion.
+    pub async fn rset(&mut self) -> Result<(), Error> {
+        self.simple(Command::Rset).await.map(drop)
+    }
+
+    /// `NOOP`.
+    pub async fn noop(&mut self) -> Result<(), Error> {
+        self.simple(Command::Noop).await.map(drop)
+    }
+
+    /// `QUIT`: enters the UPDATE state; the server removes the marked messages and closes.
+    pub async fn quit(mut self) -> Result<(), Error> {
+        self.simple(Command::Quit).await?;
+        self.conn.shutdown().await;
+        Ok(())
+    }
+}
+
+fn parse_listing<T>(
+    body: &[u8],
+    command: &str,
+    value: impl Fn(&str) -> Option<T>,
+) -> Result<Vec<(u32, T)>, Error> {
+    let text = String::from_utf8_lossy(body);
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            codec::parse_listing_line(line)
+                .and_then(|(n, v)| value(v).map(|v| (n, v)))
+                .ok_or_else(|| Error::Protocol(format!("unreadable {command} line {line:?}")))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, duplex};
+
+    /// One scripted exchange: what the client must write (exactly), and what the server
+    /// answers.
+    enum Step {
+        S(&'static str),
+        C(String),
+    }
+
+    /// Plays the server side of a transcript, asserting the exact bytes the client writes.
+    async fn serve(stream: DuplexStream, script: Vec<Step>) -> Vec<String> {
+        let (read, mut write) = tokio::io::split(stream);
+        let mut read = BufReader::new(read);
+        let mut written = Vec::new();
+        for step in script {
+            match step {
+                Step::S(text) => write.write_all(text.as_bytes()).await.unwrap(),
+                Step::C(want) => {
+                    let mut line = String::new();
+                    read.read_line(&mut line).await.unwrap();
+                    assert_eq!(line, want, "client wrote the wrong bytes");
+                    written.push(line);
+                }
+            }
+        }
+        written
+    }
+
+    fn c(s: &str) -> Step {
+        Step::C(format!("{s}\r\n"))
+    }
+
+    const GREETING: &str =
+        "+OK The Microsoft Exchange POP3 service is ready. [UwBOADIAUABSADEA]\r\n";
+    const CAPA: &str = "+OK\r\nTOP\r\nUIDL\r\nSASL PLAIN XOAUTH2\r\nUSER\r\n.\r\n";
+
+    #[tokio::test]
+    async fn microsoft_documented_two_step_xoauth2_transcript() {
+        let (client_side, server_side) = duplex(1 << 16);
+        let blob = "dXNlcj10ZXN0QGNvbnRvc28ub25taWNyb3NvZnQuY29tAWF1dGg9QmVhcmVyIEV3QkFBbDNCQUFVRkZwVUFvN0ozVmUwYmpMQldaV0NjbFJDM0VvQUEBAQ==";
+        let server = tokio::spawn(serve(
+            server_side,
+            vec![
+                Step::S(GREETING),
+                c("CAPA"),
+                Step::S(CAPA),
+                c("AUTH XOAUTH2"),
+                Step::S("+ \r\n"),
+                c(blob),
+                Step::S("+OK User successfully authenticated.\r\n"),
+                c("STAT"),
+                Step::S("+OK 1 1234\r\n"),
+                c("QUIT"),
+                Step::S("+OK Microsoft Exchange Server POP3 server signing off.\r\n"),
+            ],
+        ));
+        let mut client = Client::new(client_side, true, Timeouts::default())
+            .await
+            .unwrap();
+        assert!(client.capa().await.unwrap().unwrap().has_sasl("XOAUTH2"));
+        let token = SecretString::from("EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA");
+        let mut session = client
+            .auth_xoauth2("test@contoso.onmicrosoft.com", &token)
+            .await
+            .unwrap();
+        assert_eq!(session.stat().await.unwrap(), (1, 1234));
+        session.quit().await.unwrap();
+        let written = server.await.unwrap();
+        // Never the one-line form.
+        assert!(written.iter().all(|l| !l.starts_with("AUTH XOAUTH2 ")));
+    }
+
+    #[tokio::test]
+    async fn bare_plus_continuation_is_accepted() {
+        let (client_side, server_side) = duplex(1 << 16);
+        let token = SecretString::from("tok");
+        let blob = sasl::xoauth2_response("a@b.test", &token);
+        let server = tokio::spawn(serve(
+            server_side,
+            vec![
+                Step::S("+OK ready\r\n"),
+                c("AUTH XOAUTH2"),
+                Step::S("+\r\n"),
+                Step::C(format!("{}\r\n", blob.expose_secret())),
+                Step::S("+OK\r\n"),
+            ],
+        ));
+        let client = Client::new(client_side, true, Timeouts::default())
+            .await
+            .unwrap();
+        client.auth_xoauth2("a@b.test", &token).await.unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn exchange_auth_failure_is_auth_rejected_with_its_text() {
+        let (client_side, server_side) = duplex(1 << 16);
+        let token = SecretString::from("bad");
+        let blob = sasl::xoauth2_response("a@b.test", &token);
+        let server = tokio::spawn(serve(
+            server_side,
+            vec![
+                Step::S(GREETING),
+                c("AUTH XOAUTH2"),
+                Step::S("+ \r\n"),
+                Step::C(format!("{}\r\n", blob.expose_secret())),
+                Step::S("-ERR Authentication failure: unknown user name or bad password.\r\n"),
+            ],
+        ));
+        let client = Client::new(client_side, true, Timeouts::default())
+            .await
+            .unwrap();
+        let err = client.auth_xoauth2("a@b.test", &token).await.unwrap_err();
+        match &err {
+            Error::AuthRejected { text, .. } => assert_eq!(
+                text,
+                "Authentication failure: unknown user name or bad password."
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(err.is_permanent() && !err.is_transient());
+        assert!(err.hint().unwrap().contains("POP.AccessAsApp"));
+        assert!(!err.to_string().contains("bad\u{1}"));
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn error_challenge_gets_an_empty_line_then_final_err() {
+        let (client_side, server_side) = duplex(1 << 16);
+        let token = SecretString::from("bad");
+        let blob = sasl::xoauth2_response("a@b.test", &token);
+        let server = tokio::spawn(serve(
+            server_side,
+            vec![
+                Step::S("+OK Dovecot ready.\r\n"),
+                c("AUTH XOAUTH2"),
+                Step::S("+ \r\n"),
+                Step::C(format!("{}\r\n", blob.expose_secret())),
+                Step::S("+ eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIn0=\r\n"),
+                Step::C("\r\n".to_owned()),
+                Step::S("-ERR [AUTH] Authentication failed.\r\n"),
+            ],
+        ));
+        let client = Client::new(client_side, true, Timeouts::default())
+            .await
+            .unwrap();
+        let err = client.auth_xoauth2("a@b.test", &token).await.unwrap_err();
+        match &err {
+            Error::AuthRejected {
+                code, text, detail, ..
+            } => {
+                assert_eq!(code.as_deref(), Some("AUTH"));
+                assert_eq!(text, "Authentication failed.");
+                assert_eq!(
+                    detail.as_deref(),
+                    Some(r#"{"status":"401","schemes":"bearer"}"#)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn credentials_are_never_sent_in_the_clear() {
+        let (client_side, server_side) = duplex(1 << 16);
+        let server = tokio::spawn(serve(server_side, vec![Step::S("+OK ready\r\n")]));
+        let client = Client::new(client_side, false, Timeouts::default())
+            .await
+            .unwrap();
+        let err = client
+            .auth_xoauth2("a@b.test", &SecretString::from("t"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::PlaintextAuthRefused));
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn xoauth2_not_offered_is_reported_before_sending_anything() {
+        let (client_side, server_side) = duplex(1 << 16);
+        let server = tokio::spawn(serve(
+            server_side,
+            vec![
+                Step::S("+OK ready\r\n"),
+                c("CAPA"),
+                Step::S("+OK\r\nUIDL\r\nSASL PLAIN\r\n.\r\n"),
+            ],
+        ));
+        let mut client = Client::new(client_side, true, Timeouts::default())
+            .await
+            .unwrap();
+        client.capa().await.unwrap();
+        let err = client
+            .auth_xoauth2("a@b.test", &SecretString::from("t"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NotSupported { .. }), "{err:?}");
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn transaction_commands_transcript() {
+        let (client_side, server_side) = duplex(1 << 16);
+        let server = tokio::spawn(serve(
+            server_side,
+            vec![
+                Step::S("+OK ready\r\n"),
+                c("USER agent@contoso.test"),
+                Step::S("+OK\r\n"),
+                c("PASS s3cret"),
+                Step::S("+OK logged in\r\n"),
+                c("UIDL"),
+                Step::S("+OK\r\n1 AAA1\r\n2 AAA2\r\n.\r\n"),
+                c("UIDL 2"),
+                Step::S("+OK 2 AAA2\r\n"),
+                c("LIST"),
+                Step::S("+OK 2 messages\r\n1 120\r\n2 4000\r\n.\r\n"),
+                c("LIST 1"),
+                Step::S("+OK 1 120\r\n"),
+                c("TOP 1 0"),
+                Step::S("+OK\r\nSubject: hi\r\n\r\n.\r\n"),
+                c("RETR 1"),
+                Step::S("+OK 120 octets\r\nSubject: hi\r\n\r\n..dot\r\n.\r\n"),
+                c("RETR 2"),
+                Step::S("+OK\r\n0123456789012345678901234567890123456789\r\n.\r\n"),
+                c("DELE 1"),
+                Step::S("+OK\r\n"),
+                c("RETR 1"),
+                Step::S("-ERR Message 1 has been deleted.\r\n"),
+                c("RSET"),
+                Step::S("+OK\r\n"),
+                c("NOOP"),
+                Step::S("+OK\r\n"),
+                c("DELE 1"),
+                Step::S("+OK\r\n"),
+                c("QUIT"),
+                Step::S("+OK bye\r\n"),
+            ],
+        ));
+        let client = Client::new(client_side, true, Timeouts::default())
+            .await
+            .unwrap();
+        let mut s = client
+            .auth_user_pass("agent@contoso.test", &SecretString::from("s3cret"))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.uidl_all().await.unwrap(),
+            vec![(1, "AAA1".to_owned()), (2, "AAA2".to_owned())]
+        );
+        assert_eq!(s.uidl(2).await.unwrap(), "AAA2");
+        assert_eq!(s.list_all().await.unwrap(), vec![(1, 120), (2, 4000)]);
+        assert_eq!(s.list(1).await.unwrap(), 120);
+        assert_eq!(s.top(1, 0, 1000).await.unwrap(), b"Subject: hi\r\n\r\n");
+        assert_eq!(
+            s.retr(1, 1000).await.unwrap(),
+            b"Subject: hi\r\n\r\n.dot\r\n"
+        );
+        let err = s.retr(2, 10).await.unwrap_err();
+        assert!(matches!(
+            err,
+            Error::TooLarge {
+                limit: 10,
+                received: 42
+            }
+        ));
+        s.dele(1).await.unwrap();
+        let err = s.retr(1, 1000).await.unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Server {
+                command: "RETR",
+                ..
+            }
+        ));
+        assert!(!s.is_poisoned());
+        s.rset().await.unwrap();
+        s.noop().await.unwrap();
+        s.dele(1).await.unwrap();
+        s.quit().await.unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn transient_server_codes() {
+        let (client_side, server_side) = duplex(1 << 16);
+        let server = tokio::spawn(serve(
+            server_side,
+            vec![
+                Step::S("+OK ready\r\n"),
+                c("USER u"),
+                Step::S("-ERR [IN-USE] Mailbox locked by another session\r\n"),
+            ],
+        ));
+        let client = Client::new(client_side, true, Timeouts::default())
+            .await
+            .unwrap();
+        let err = client
+            .auth_user_pass("u", &SecretString::from("p"))
+            .await
+            .unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        assert!(!err.is_permanent());
+        server.await.unwrap();
+        let e = Error::Server {
+            command: "STAT",
+            code: None,
+            text: "Server Unavailable. 21".into(),
+        };
+        assert!(e.is_transient());
+        let e = Error::Server {
+            command: "RETR",
+            code: Some("SYS/PERM".into()),
+            text: "x".into(),
+        };
+        assert!(e.is_permanent());
+    }
+
+    #[tokio::test]
+    async fn negative_greeting_is_an_error() {
+        let (client_side, server_side) = duplex(1 << 16);
+        let server = tokio::spawn(serve(
+            server_side,
+            vec![Step::S("-ERR [SYS/TEMP] try later\r\n")],
+        ));
+        let err = Client::new(client_side, true, Timeouts::default())
+            .await
+            .unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        server.await.unwrap();
+    }
+}
