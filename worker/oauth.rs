@@ -154,7 +154,7 @@ pub enum OAuthError {
     #[error("token endpoint {url} answered HTTP {status} without an OAuth error body")]
     Http { url: String, status: u16 },
     #[error("{}", entra_message(.0))]
-    Entra(EntraError),
+    Entra(Box<EntraError>),
     #[error("token endpoint answer could not be read: {0}")]
     Malformed(String),
     #[error("invalid app settings: {0}")]
@@ -479,14 +479,14 @@ pub fn parse_token_response(
                 .unwrap_or("")
                 .trim()
                 .to_owned();
-            Err(OAuthError::Entra(EntraError {
+            Err(OAuthError::Entra(Box::new(EntraError {
                 http_status: status,
                 error: err.error,
                 codes: err.error_codes,
                 description,
                 trace_id: err.trace_id,
                 correlation_id: err.correlation_id,
-            }))
+            })))
         }
         Err(_) => Err(OAuthError::Http {
             url: url.to_owned(),
