@@ -107,9 +107,8 @@ impl std::fmt::Debug for Attachment {
     }
 }
 
-/// How many multipart containers are checked for a closing boundary. Each check scans the
-/// container's bytes, so nested containers would make the work quadratic without a cap.
-const MAX_BOUNDARY_CHECKS: usize = 64;
+/// How many defects are listed; a hostile message could otherwise produce one per part.
+const MAX_DEFECTS: usize = 20;
 
 /// Parses `raw`. See the module documentation.
 pub fn parse(raw: &[u8]) -> ParsedMail {
@@ -265,7 +264,8 @@ fn content_type(part: &MessagePart<'_>) -> String {
 
 fn attachment(input: &[u8], part: &MessagePart<'_>) -> Attachment {
     let content_type = content_type(part);
-    let mut filename = non_empty(part.attachment_name());
+    let mut filename =
+        rfc2231_continued_filename(input, part).or_else(|| non_empty(part.attachment_name()));
     let bytes = match &part.body {
         PartType::Message(nested) => {
             if filename.is_none() {
@@ -303,6 +303,124 @@ fn attachment(input: &[u8], part: &MessagePart<'_>) -> Attachment {
         inline: part.content_disposition().is_some_and(|d| d.is_inline()),
         bytes,
     }
+}
+
+/// RFC 2231 §3-4 file name split into `filename*0*`, `filename*1*` … continuations.
+///
+/// mail-parser decodes each continuation separately, so a UTF-8 character split across two
+/// pieces (some clients split by byte count) turns into U+FFFD. The RFC says to join the
+/// percent-decoded bytes first and decode the charset once; this does that from the raw
+/// header. Returns `None` when the part has no such continuation.
+fn rfc2231_continued_filename(input: &[u8], part: &MessagePart<'_>) -> Option<String> {
+    [
+        (HeaderName::ContentDisposition, "filename"),
+        (HeaderName::ContentType, "name"),
+    ]
+    .into_iter()
+    .find_map(|(header, param)| {
+        let header = part.headers.iter().rev().find(|h| h.name == header)?;
+        let raw = slice(input, header.offset_start, header.offset_end)?;
+        join_continuations(&String::from_utf8_lossy(raw), param)
+    })
+}
+
+fn join_continuations(value: &str, param: &str) -> Option<String> {
+    let unfolded: String = value.chars().filter(|&c| c != '\r' && c != '\n').collect();
+    let mut pieces: Vec<(usize, bool, String)> = Vec::new();
+    for item in split_params(&unfolded) {
+        let Some((key, val)) = item.split_once('=') else {
+            continue;
+        };
+        let key = key.trim().to_ascii_lowercase();
+        let Some(rest) = key.strip_prefix(param).and_then(|r| r.strip_prefix('*')) else {
+            continue;
+        };
+        let (index, encoded) = match rest.strip_suffix('*') {
+            Some(index) => (index, true),
+            None => (rest, false),
+        };
+        let Ok(index) = index.parse::<usize>() else {
+            continue;
+        };
+        let val = val.trim();
+        let val = val
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(val);
+        pieces.push((index, encoded, val.to_owned()));
+    }
+    if pieces.len() < 2 {
+        return None;
+    }
+    pieces.sort_by_key(|(index, _, _)| *index);
+    let mut charset = None;
+    let mut bytes = Vec::new();
+    for (position, (_, encoded, val)) in pieces.iter().enumerate() {
+        let mut val = val.as_str();
+        if position == 0 && *encoded {
+            // charset'language'value
+            let mut fields = val.splitn(3, '\'');
+            if let (Some(cs), Some(_), Some(rest)) = (fields.next(), fields.next(), fields.next()) {
+                charset = Some(cs.to_owned());
+                val = rest;
+            }
+        }
+        if *encoded {
+            bytes.extend(percent_decode(val));
+        } else {
+            bytes.extend_from_slice(val.as_bytes());
+        }
+    }
+    let text = match charset
+        .as_deref()
+        .and_then(|cs| charset_decoder(cs.as_bytes()))
+    {
+        Some(decode) => decode(&bytes),
+        None => String::from_utf8_lossy(&bytes).into_owned(),
+    };
+    non_empty(Some(&text))
+}
+
+/// Splits `type/sub; a=b; c="d;e"` at semicolons outside quotes.
+fn split_params(value: &str) -> Vec<&str> {
+    let mut items = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, c) in value.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ';' if !quoted => {
+                items.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&value[start..]);
+    items
+}
+
+fn percent_decode(value: &str) -> Vec<u8> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| {
+            std::str::from_utf8(h)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        });
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 fn salvage_base64(part: &MessagePart<'_>) -> Option<Vec<u8>> {
@@ -354,36 +472,49 @@ fn eml_name(subject: &str) -> Option<String> {
 
 fn defects(input: &[u8], message: &Message<'_>) -> Vec<String> {
     let mut found = Vec::new();
-    let mut checked = 0;
+    // Closing delimiters of every multipart, checked in one pass over the lines so the cost
+    // stays linear however deeply the multiparts nest.
+    let mut closings: Vec<(usize, Vec<u8>)> = Vec::new();
     for (index, part) in message.parts.iter().enumerate() {
         if part.is_encoding_problem && index != 0 {
             found.push(format!(
-                "part {index} ({}): its content could not be decoded completely (truncated or invalid transfer encoding)",
+                "part {index} ({}): its content could not be decoded completely (truncated or \
+                 invalid transfer encoding)",
                 content_type(part)
             ));
         }
-        if part.is_multipart() && checked < MAX_BOUNDARY_CHECKS {
-            checked += 1;
-            let boundary = part
-                .content_type()
-                .and_then(|ct| ct.attribute("boundary"))
-                .unwrap_or_default();
-            let closing = format!("--{boundary}--");
-            let body = input.get(part.offset_body as usize..).unwrap_or_default();
-            if !boundary.is_empty() && !contains(body, closing.as_bytes()) {
-                found.push(format!(
-                    "part {index} ({}): the closing boundary is missing, the message may be \
-                     truncated",
-                    content_type(part)
-                ));
-            }
+        if part.is_multipart()
+            && let Some(boundary) = part.content_type().and_then(|ct| ct.attribute("boundary"))
+        {
+            closings.push((index, format!("--{boundary}--").into_bytes()));
         }
     }
+    let wanted: HashSet<&[u8]> = closings.iter().map(|(_, c)| c.as_slice()).collect();
+    let mut seen: HashSet<&[u8]> = HashSet::new();
+    for line in input.split(|&b| b == b'\n') {
+        let line = line.trim_ascii_end();
+        if line.starts_with(b"--") && line.ends_with(b"--") && wanted.contains(line) {
+            seen.insert(line);
+        }
+    }
+    for (index, closing) in &closings {
+        if !seen.contains(closing.as_slice()) {
+            found.push(format!(
+                "part {index} ({}): the closing boundary is missing, the message may be truncated",
+                message
+                    .parts
+                    .get(*index)
+                    .map(content_type)
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    if found.len() > MAX_DEFECTS {
+        let more = found.len() - MAX_DEFECTS;
+        found.truncate(MAX_DEFECTS);
+        found.push(format!("… and {more} more problems of the same kinds"));
+    }
     found
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// RFC 5322 §2.2: a header field is a name of printable ASCII except `:` followed by `:`.
@@ -599,6 +730,28 @@ mod tests {
         );
         assert!(parsed.attachments[1].bytes.starts_with(b"%PDF-1.7\n"));
         assert!(parsed.attachments[1].bytes.ends_with(b"%%EOF\n"));
+    }
+
+    #[test]
+    fn rfc2231_continuation_split_inside_a_utf8_character_is_joined_first() {
+        let raw = b"From: a@example.com\r\nSubject: split\r\nMIME-Version: 1.0\r\n\
+Content-Type: multipart/mixed; boundary=\"s\"\r\n\r\n--s\r\n\
+Content-Type: text/plain\r\n\r\nsee file\r\n--s\r\n\
+Content-Type: application/pdf\r\n\
+Content-Disposition: attachment;\r\n\tfilename*0*=utf-8''%D0%A1%D1%87%D1%91%D1%82-%D1%84%D0%B0%D0;\r\n\tfilename*1*=%BA%D1%82%D1%83%D1%80%D0%B0.pdf\r\n\r\n%PDF\r\n--s--\r\n";
+        let parsed = parse(raw);
+        assert_eq!(
+            parsed.attachments[0].filename.as_deref(),
+            Some("Счёт-фактура.pdf")
+        );
+        assert_eq!(
+            join_continuations("attachment; filename=\"a;b.txt\"", "filename"),
+            None
+        );
+        assert_eq!(
+            join_continuations("x; name*0=\"plain \"; name*1=\"name.txt\"", "name").as_deref(),
+            Some("plain name.txt")
+        );
     }
 
     #[test]
