@@ -72,12 +72,22 @@ pub struct MailGen {
     rng: fastrand::Rng,
     seed: u64,
     counter: u64,
-    /// Recent (Message-ID, subject) pairs that replies point at.
-    thread: Vec<(String, String)>,
+    /// Recent messages that replies point at.
+    thread: Vec<Earlier>,
 }
 
 /// How many earlier messages a reply may point at.
 const THREAD_MEMORY: usize = 16;
+/// How many ids a `References` field keeps (the thread root and the latest ones).
+const MAX_REFERENCES: usize = 8;
+
+/// A generated message a later reply may answer.
+#[derive(Clone)]
+struct Earlier {
+    message_id: String,
+    subject: String,
+    references: Vec<String>,
+}
 /// [`MailGen::bench_mix`]: total size of the common (about 90 %) messages, 5–50 KiB.
 pub const BENCH_SMALL_BYTES: std::ops::RangeInclusive<usize> = 5 * 1024..=50 * 1024;
 /// Targets stay a little inside the range: padding lands within one sentence of the target.
@@ -324,30 +334,34 @@ impl MailGen {
         };
 
         let mut reply_headers = String::new();
+        let mut references = Vec::new();
         let subject = match kind {
             Kind::Reply if !self.thread.is_empty() => {
                 let pick = self.rng.usize(0..self.thread.len());
-                let (parent_id, parent_subject) = self.thread[pick].clone();
-                let refs: Vec<String> = self.thread[..=pick]
-                    .iter()
-                    .rev()
-                    .take(3)
-                    .rev()
-                    .map(|(id, _)| format!("<{id}>"))
-                    .collect();
+                let parent = self.thread[pick].clone();
+                // RFC 5322 §3.6.4: the parent's References followed by the parent's id.
+                let mut refs = parent.references.clone();
+                refs.push(parent.message_id.clone());
+                if refs.len() > MAX_REFERENCES {
+                    refs.drain(1..refs.len() - (MAX_REFERENCES - 1));
+                }
+                let listed: Vec<String> = refs.iter().map(|id| format!("<{id}>")).collect();
                 reply_headers = format!(
-                    "In-Reply-To: <{parent_id}>\r\nReferences: {}\r\n",
-                    refs.join("\r\n ")
+                    "In-Reply-To: <{}>\r\nReferences: {}\r\n",
+                    parent.message_id,
+                    listed.join("\r\n ")
                 );
-                if parent_subject.starts_with("Re: ") {
-                    parent_subject
+                references = refs;
+                if parent.subject.starts_with("Re: ") {
+                    parent.subject
                 } else {
-                    format!("Re: {parent_subject}")
+                    format!("Re: {}", parent.subject)
                 }
             }
             Kind::Reply => {
                 let parent = format!("{:x}.0.thread@mailgen.ccmail.test", self.seed);
                 reply_headers = format!("In-Reply-To: <{parent}>\r\nReferences: <{parent}>\r\n");
+                references = vec![parent];
                 format!("Re: {}", SUBJECTS[self.rng.usize(0..SUBJECTS.len())])
             }
             Kind::International => INTL_SUBJECTS[self.rng.usize(0..INTL_SUBJECTS.len())].into(),
@@ -452,7 +466,11 @@ impl MailGen {
 
         let mut raw = head.into_bytes();
         raw.extend_from_slice(body.as_bytes());
-        self.thread.push((message_id.clone(), subject.clone()));
+        self.thread.push(Earlier {
+            message_id: message_id.clone(),
+            subject: subject.clone(),
+            references,
+        });
         if self.thread.len() > THREAD_MEMORY {
             self.thread.remove(0);
         }
@@ -882,7 +900,8 @@ mod tests {
                     Kind::Reply => {
                         assert!(g.subject.starts_with("Re: "));
                         assert_eq!(parsed.in_reply_to.len(), 1);
-                        assert!(parsed.references.contains(&parsed.in_reply_to[0]));
+                        assert_eq!(parsed.references.last(), Some(&parsed.in_reply_to[0]));
+                        assert!(parsed.references.len() <= MAX_REFERENCES);
                     }
                     Kind::Alternative | Kind::InlineImage | Kind::Attachments => {
                         assert!(parsed.html_body.is_some(), "{context}");
@@ -916,6 +935,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn replies_build_threads_with_growing_references() {
+        let mut mail = MailGen::new(21);
+        let mut longest = 0;
+        let mut known = HashSet::new();
+        for _ in 0..300 {
+            let g = mail.generate(TO, Kind::Reply);
+            let parsed = parse(&g.raw);
+            // Every referenced id except a synthetic thread root was generated before.
+            for id in parsed.references.iter().skip(1) {
+                assert!(known.contains(id), "unknown reference {id}");
+            }
+            longest = longest.max(parsed.references.len());
+            known.insert(g.message_id);
+        }
+        assert_eq!(longest, MAX_REFERENCES);
     }
 
     #[test]
