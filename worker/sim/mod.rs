@@ -2,3 +2,4 @@
 //! the tests. They listen on 127.0.0.1 only.
 
 pub mod cert;
+pub mod mailgen;
