@@ -79,7 +79,9 @@ pub enum SecretError {
          (or is not valid UTF-8); set it in the worker's environment"
     )]
     EnvMissing { name: String },
-    #[error("cannot read secret file {path} named by the credential: {source}; check the path and its permissions")]
+    #[error(
+        "cannot read secret file {path} named by the credential: {source}; check the path and its permissions"
+    )]
     FileUnreadable {
         path: PathBuf,
         source: std::io::Error,
@@ -175,7 +177,8 @@ impl MasterKey {
     }
 
     fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(self.key.expose_secret()))
+        let key: Key<Aes256Gcm> = (*self.key.expose_secret()).into();
+        Aes256Gcm::new(&key)
     }
 
     /// Seals `plaintext` as `enc:v1:<key id>:<base64 nonce||ciphertext>` with a fresh random
@@ -206,12 +209,21 @@ impl MasterKey {
                 configured: self.id.clone(),
             });
         }
-        let (nonce, ciphertext) = blob.split_at(NONCE_LEN);
+        // `SecretRef::Sealed` can be built by hand, so the length is checked here as well.
+        let (nonce, ciphertext) =
+            blob.split_at_checked(NONCE_LEN)
+                .ok_or(SecretError::MalformedSealed {
+                    reason: "the data is too short to hold a nonce and a tag",
+                })?;
+        let nonce: [u8; NONCE_LEN] =
+            nonce.try_into().map_err(|_| SecretError::MalformedSealed {
+                reason: "the data is too short to hold a nonce and a tag",
+            })?;
         let header = format!("{SEALED_PREFIX}{key_id}");
         let plain = self
             .cipher()
             .decrypt(
-                Nonce::from_slice(nonce),
+                &Nonce::from(nonce),
                 Payload {
                     msg: ciphertext,
                     aad: header.as_bytes(),
@@ -305,9 +317,8 @@ impl SecretRef {
                 });
             }
             SecretRef::Env(name) => {
-                let value = std::env::var(name).map_err(|_| SecretError::EnvMissing {
-                    name: name.clone(),
-                })?;
+                let value = std::env::var(name)
+                    .map_err(|_| SecretError::EnvMissing { name: name.clone() })?;
                 (trim_newline(value), format!("environment variable {name}"))
             }
             SecretRef::File(path) => {
@@ -317,7 +328,10 @@ impl SecretRef {
                 })?;
                 let text = String::from_utf8(bytes)
                     .map_err(|_| SecretError::FileNotUtf8 { path: path.clone() })?;
-                (trim_newline(text), format!("secret file {}", path.display()))
+                (
+                    trim_newline(text),
+                    format!("secret file {}", path.display()),
+                )
             }
         };
         non_empty(SecretString::from(secret.0), || secret.1)
@@ -516,9 +530,15 @@ mod tests {
         ));
 
         let err = resolve(&format!("{head}:AAAA"), Some(&key)).unwrap_err();
-        assert!(matches!(err, SecretError::MalformedSealed { .. }), "{err:?}");
+        assert!(
+            matches!(err, SecretError::MalformedSealed { .. }),
+            "{err:?}"
+        );
         let err = resolve(&format!("{head}:@@@"), Some(&key)).unwrap_err();
-        assert!(matches!(err, SecretError::MalformedSealed { .. }), "{err:?}");
+        assert!(
+            matches!(err, SecretError::MalformedSealed { .. }),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -647,9 +667,7 @@ mod tests {
     fn every_error_variant_is_free_of_secret_material() {
         let key = MasterKey::generate();
         let errors = vec![
-            SecretError::InvalidKey {
-                reason: "x".into(),
-            },
+            SecretError::InvalidKey { reason: "x".into() },
             SecretError::KeyFile {
                 path: "/k".into(),
                 source: std::io::Error::other("denied"),
