@@ -30,8 +30,8 @@ pub enum KnownUidl {
     Failing { attempts: u32 },
 }
 
-/// One downloaded message, ready to be stored.
-#[derive(Debug, Clone, Copy)]
+/// One downloaded message, ready to be stored. `Debug` shows sizes, not mail content.
+#[derive(Clone, Copy)]
 pub struct NewMessage<'a> {
     pub pilot_id: i64,
     /// Queue of the pilot, copied onto the work item.
@@ -45,6 +45,20 @@ pub struct NewMessage<'a> {
     /// Work-item flags such as `oversize` or `fetch_failed`; `parse_error` is added
     /// automatically when `parsed.parse_error` is set.
     pub flags: &'a [&'a str],
+}
+
+impl std::fmt::Debug for NewMessage<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewMessage")
+            .field("pilot_id", &self.pilot_id)
+            .field("queue", &self.queue)
+            .field("uidl", &self.uidl)
+            .field("raw_len", &self.raw.len())
+            .field("attachments", &self.parsed.attachments.len())
+            .field("headers_only", &self.headers_only)
+            .field("flags", &self.flags)
+            .finish_non_exhaustive()
+    }
 }
 
 /// PostgreSQL `text` and `jsonb` cannot hold U+0000; mail can. Replace it rather than fail.
