@@ -7,6 +7,7 @@
 pub mod ingest;
 pub mod oauth;
 pub mod pop3;
+pub mod secrets;
 pub mod sim;
 pub mod store;
 pub mod tls;

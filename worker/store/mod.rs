@@ -1,1 +1,311 @@
 //! Every SQL statement ccmail runs lives in this module.
+//!
+//! Conventions, so that the ingest path can compose one transaction and replicas can share a
+//! database safely:
+//! - runtime queries (`sqlx::query`, `query_as` with `FromRow`), lowercase SQL, only bound
+//!   parameters; every statement is exercised by a test against a real PostgreSQL;
+//! - functions take `&mut PgConnection` (a pooled connection or a transaction: both deref to
+//!   it), so the caller decides the transaction boundaries;
+//! - uniqueness is enforced by the database, not by check-then-insert; state changes are
+//!   guarded in their `where` clause and check `rows_affected()`;
+//! - `synchronous_commit` is never turned off: a POP3 `DELE` is taken on the strength of a
+//!   commit, so the commit must be durable.
+
+mod config;
+mod error;
+mod ingest;
+mod queue;
+pub mod testing;
+#[cfg(test)]
+mod tests;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::ConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+pub use sqlx::{PgPool, Postgres, Transaction};
+
+pub use config::{
+    AppRow, DEFAULT_AUTHORITY, DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLL_INTERVAL,
+    DEFAULT_PORT, DEFAULT_SCOPE, NewApp, NewPilot, PilotAuth, PilotRow, TlsMode,
+    enabled_pilots_with_apps, get_app, get_app_by_name, get_pilot, insert_app, insert_pilot,
+    list_apps, list_pilots, record_poll_error, record_poll_success, set_app_credential,
+    set_pilot_enabled,
+};
+pub use error::StoreError;
+pub use ingest::{
+    FLAG_PARSE_ERROR, KnownUidl, NewMessage, clear_fetch_failure, insert_message, known_uidls,
+    mark_deleted, record_fetch_failure,
+};
+pub use queue::{QueueCount, WorkItemView, oldest_queued_age, queue_counts, recent_work_items};
+
+use error::{db_error, sqlstate};
+
+/// The LISTEN/NOTIFY channel on which a trigger announces changes to pilots and OAuth apps.
+/// The payload is JSON `{"table": "...", "op": "insert|update|delete", "id": n}`; it is a
+/// wake-up hint only, the periodic re-read stays the truth.
+pub const CONFIG_CHANNEL: &str = "ccmail_config";
+
+/// How long to wait for a pooled connection (and for the first connection at start-up).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Parses a database URL into connect options, without echoing the URL (it may hold a password).
+fn parse_url(url: &str) -> Result<PgConnectOptions, StoreError> {
+    // sqlx ignores the scheme; a mysql:// or http:// URL is almost certainly a mistake.
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(StoreError::InvalidUrl {
+            reason: "the scheme must be postgres:// or postgresql://".to_owned(),
+        });
+    }
+    PgConnectOptions::from_str(url).map_err(|err| StoreError::InvalidUrl {
+        // sqlx's URL errors describe the syntax problem, not the URL itself.
+        reason: err.to_string(),
+    })
+}
+
+/// `user@host:port/database`, for messages: never the password.
+fn describe_target(options: &PgConnectOptions) -> String {
+    let database = options
+        .get_database()
+        .unwrap_or(options.get_username())
+        .to_owned();
+    let place = match options.get_socket() {
+        Some(socket) => socket.display().to_string(),
+        None => format!("{}:{}", options.get_host(), options.get_port()),
+    };
+    format!("{}@{place}/{database}", options.get_username())
+}
+
+/// Turns a failed first connection into an error that says which server and what to check.
+fn connect_error(err: sqlx::Error, target: String) -> StoreError {
+    if let Some((_, code)) = db_error(&err) {
+        match code.as_str() {
+            sqlstate::INVALID_CATALOG_NAME => return StoreError::DatabaseMissing { target },
+            sqlstate::INVALID_PASSWORD | sqlstate::INVALID_AUTHORIZATION => {
+                return StoreError::LoginRefused {
+                    target,
+                    source: err,
+                };
+            }
+            _ => {}
+        }
+    }
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::Protocol(_) => StoreError::Unreachable {
+            target,
+            source: err,
+        },
+        other => StoreError::Database(other),
+    }
+}
+
+/// Opens a connection pool of at most `max_connections` and checks that the server answers.
+///
+/// When nothing answers, the error names `user@host:port/database` (never the password).
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
+    if max_connections == 0 {
+        return Err(StoreError::InvalidInput {
+            field: "max_connections",
+            reason: "must be at least 1".to_owned(),
+        });
+    }
+    let options = parse_url(url)?;
+    let target = describe_target(&options);
+    // One direct connection first: the pool would retry a refused connection until its
+    // acquire timeout and then report only "timed out", hiding the cause.
+    let probe = options
+        .connect()
+        .await
+        .map_err(|err| connect_error(err, target))?;
+    // A failed close of a healthy probe only costs a server-side session cleanup.
+    let _ = sqlx::Connection::close(probe).await;
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_lazy_with(options))
+}
+
+/// Applies the migrations in `migrations/` that are not applied yet. Safe to run from several
+/// replicas at once (sqlx takes an advisory lock) and a no-op when the schema is current.
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::migrate!("./migrations").run(pool).await?;
+    Ok(())
+}
+
+/// Creates the database named in `url` if it does not exist, connecting to the `postgres`
+/// maintenance database of the same server. Returns true when it created the database.
+/// Losing a creation race to another process counts as "already existed".
+pub async fn ensure_database(url: &str) -> Result<bool, StoreError> {
+    let options = parse_url(url)?;
+    let name = options
+        .get_database()
+        .unwrap_or(options.get_username())
+        .to_owned();
+    let admin = options.clone().database("postgres");
+    let target = describe_target(&admin);
+    let mut conn = admin
+        .connect()
+        .await
+        .map_err(|err| connect_error(err, target))?;
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await?;
+    if exists {
+        return Ok(false);
+    }
+    match create_database(&mut conn, &name).await {
+        Ok(()) => Ok(true),
+        Err(err) => match db_error(&err) {
+            // Another process created it between the check and the create.
+            Some((_, code))
+                if code == sqlstate::DUPLICATE_DATABASE || code == sqlstate::UNIQUE_VIOLATION =>
+            {
+                Ok(false)
+            }
+            _ => Err(StoreError::Database(err)),
+        },
+    }
+}
+
+/// Quotes an SQL identifier: utility statements such as `create database` take no bound
+/// parameters, so the name is quoted (embedded quotes doubled) instead.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+async fn create_database(conn: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
+    let statement = format!("create database {}", quote_ident(name));
+    sqlx::query(sqlx::AssertSqlSafe(statement))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Drops a database, terminating its sessions first (PostgreSQL 13+ `with (force)`).
+async fn drop_database(conn: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
+    let statement = format!("drop database if exists {} with (force)", quote_ident(name));
+    sqlx::query(sqlx::AssertSqlSafe(statement))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod setup_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::testing::TestDb;
+    use super::*;
+
+    #[tokio::test]
+    async fn migrations_apply_on_an_empty_database_and_twice_is_a_no_op() {
+        let db = TestDb::new().await.unwrap();
+        let applied: i64 = sqlx::query_scalar("select count(*) from _sqlx_migrations")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert!(applied >= 1);
+        migrate(db.pool()).await.unwrap();
+        let again: i64 = sqlx::query_scalar("select count(*) from _sqlx_migrations")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(applied, again);
+        let tables: Vec<String> = sqlx::query_scalar(
+            "select table_name::text from information_schema.tables \
+             where table_schema = 'public' and table_name <> '_sqlx_migrations' order by 1",
+        )
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            tables,
+            [
+                "attachments",
+                "fetch_failures",
+                "messages",
+                "oauth_apps",
+                "pilots",
+                "work_items"
+            ]
+        );
+        db.drop_db().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn connect_names_the_target_without_password_when_nothing_answers() {
+        // Port 1 on loopback: nothing listens there, the connection is refused at once.
+        let err = connect("postgres://ccmail:hunter2secret@127.0.0.1:1/ccmail_x", 1)
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, StoreError::Unreachable { .. }), "{err:?}");
+        assert!(text.contains("ccmail@127.0.0.1:1/ccmail_x"), "{text}");
+        assert!(
+            text.to_lowercase().contains("refused"),
+            "the cause is kept: {text}"
+        );
+        assert!(!text.contains("hunter2secret"), "{text}");
+        assert!(!format!("{err:?}").contains("hunter2secret"));
+        assert!(err.is_transient());
+    }
+
+    #[tokio::test]
+    async fn connect_reports_a_missing_database() {
+        let base = testing::admin_url();
+        let mut options = parse_url(&base).unwrap();
+        options = options.database("ccmail_t_does_not_exist_42");
+        let url = options.to_url_lossy().to_string();
+        let err = connect(&url, 1).await.unwrap_err();
+        assert!(matches!(err, StoreError::DatabaseMissing { .. }), "{err:?}");
+        assert!(err.to_string().contains("ccmail_t_does_not_exist_42"));
+    }
+
+    #[tokio::test]
+    async fn ensure_database_creates_once() {
+        let name = format!("ccmail_t_ensure_{}", fastrand::u64(..));
+        let options = parse_url(&testing::admin_url()).unwrap().database(&name);
+        let url = options.to_url_lossy().to_string();
+        assert!(ensure_database(&url).await.unwrap());
+        assert!(!ensure_database(&url).await.unwrap());
+        let pool = connect(&url, 1).await.unwrap();
+        migrate(&pool).await.unwrap();
+        pool.close().await;
+        let mut admin = parse_url(&testing::admin_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        drop_database(&mut admin, &name).await.unwrap();
+        let exists: bool =
+            sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+                .bind(&name)
+                .fetch_one(&mut admin)
+                .await
+                .unwrap();
+        assert!(!exists);
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn invalid_urls_are_refused_without_echo() {
+        for url in [
+            "mysql://root:pw@host/db",
+            "postgres://root:pw@host:notaport/db",
+        ] {
+            let err = parse_url(url).unwrap_err();
+            assert!(matches!(err, StoreError::InvalidUrl { .. }), "{url}");
+            assert!(!err.to_string().contains("pw"), "{err}");
+        }
+    }
+}

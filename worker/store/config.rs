@@ -1,0 +1,686 @@
+//! OAuth app registrations and mailbox pilots: the configuration admins change at runtime.
+//!
+//! Invariants: credentials reach this layer already sealed or as references (`env:`, `file:`);
+//! the database refuses anything else. A pilot's auth columns always agree with its auth kind
+//! (check constraint `pilots_auth_consistent`); `(lower(mailbox), lower(host))` is unique.
+//! Status writes from pollers (`record_poll_*`) do not bump `updated_at` and do not fire the
+//! configuration NOTIFY.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::error::{StoreError, db_error, map_check, sqlstate};
+use crate::secrets::{SecretRef, describe_stored};
+
+/// Entra ID authority of the global cloud.
+pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
+/// The scope of an app-only token for Exchange Online POP.
+pub const DEFAULT_SCOPE: &str = "https://outlook.office365.com/.default";
+/// Exchange Online's POP3S host.
+pub const DEFAULT_HOST: &str = "outlook.office365.com";
+/// POP3 over implicit TLS (RFC 8314).
+pub const DEFAULT_PORT: u16 = 995;
+/// How often a mailbox is polled unless configured otherwise.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(60);
+/// Largest message downloaded in full (50 MiB); larger ones are stored as headers only.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 50 * 1024 * 1024;
+
+macro_rules! app_columns {
+    () => {
+        "id, name, tenant, client_id, authority, scope, credential, secret_expires_at, \
+         created_at, updated_at"
+    };
+}
+
+macro_rules! pilot_columns {
+    () => {
+        "id, queue, mailbox, host, port, tls, auth, app_id, username, password_credential, \
+         ca_bundle, poll_interval_secs, keep_on_server, max_message_bytes, enabled, \
+         last_success_at, last_error, last_error_hint, last_error_at, created_at, updated_at"
+    };
+}
+
+/// A new OAuth app registration (one Entra ID application in one tenant).
+#[derive(Clone)]
+pub struct NewApp {
+    /// Unique human handle, used by the CLI (`--app support-app`).
+    pub name: String,
+    /// Tenant GUID or verified domain (never `common` for client credentials).
+    pub tenant: String,
+    /// Application (client) id.
+    pub client_id: String,
+    /// Token authority, e.g. [`DEFAULT_AUTHORITY`].
+    pub authority: String,
+    /// Token scope, e.g. [`DEFAULT_SCOPE`].
+    pub scope: String,
+    /// The client secret, already sealed (`enc:v1:…`) or a reference (`env:`/`file:`).
+    pub credential: String,
+    /// When the client secret expires (Entra shows it; at most 24 months), for alerting.
+    pub secret_expires_at: Option<DateTime<Utc>>,
+}
+
+impl NewApp {
+    /// An app in the global cloud with the Exchange Online scope.
+    pub fn new(name: &str, tenant: &str, client_id: &str, credential: String) -> NewApp {
+        NewApp {
+            name: name.to_owned(),
+            tenant: tenant.to_owned(),
+            client_id: client_id.to_owned(),
+            authority: DEFAULT_AUTHORITY.to_owned(),
+            scope: DEFAULT_SCOPE.to_owned(),
+            credential,
+            secret_expires_at: None,
+        }
+    }
+}
+
+impl fmt::Debug for NewApp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewApp")
+            .field("name", &self.name)
+            .field("tenant", &self.tenant)
+            .field("client_id", &self.client_id)
+            .field("authority", &self.authority)
+            .field("scope", &self.scope)
+            .field("credential", &describe_stored(&self.credential))
+            .field("secret_expires_at", &self.secret_expires_at)
+            .finish()
+    }
+}
+
+/// A stored OAuth app registration.
+#[derive(Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AppRow {
+    pub id: i64,
+    pub name: String,
+    pub tenant: String,
+    pub client_id: String,
+    pub authority: String,
+    pub scope: String,
+    /// Sealed or a reference; resolve with [`crate::secrets::resolve`].
+    pub credential: String,
+    pub secret_expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl fmt::Debug for AppRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppRow")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("tenant", &self.tenant)
+            .field("client_id", &self.client_id)
+            .field("authority", &self.authority)
+            .field("scope", &self.scope)
+            .field("credential", &describe_stored(&self.credential))
+            .field("secret_expires_at", &self.secret_expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a pilot's POP3 connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// TLS from the first byte (port 995). Exchange Online's documented mode.
+    Implicit,
+    /// Plain connection upgraded with `STLS` (port 110).
+    StartTls,
+    /// No TLS at all: credentials and mail cross the network readable. Tests and labs only.
+    DangerousPlaintext,
+}
+
+impl TlsMode {
+    /// The value stored in `pilots.tls`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Implicit => "implicit",
+            TlsMode::StartTls => "starttls",
+            TlsMode::DangerousPlaintext => "dangerous_plaintext",
+        }
+    }
+}
+
+impl fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TlsMode {
+    type Err = StoreError;
+
+    fn from_str(value: &str) -> Result<TlsMode, StoreError> {
+        match value {
+            "implicit" => Ok(TlsMode::Implicit),
+            "starttls" => Ok(TlsMode::StartTls),
+            "dangerous_plaintext" => Ok(TlsMode::DangerousPlaintext),
+            other => Err(StoreError::InvalidInput {
+                field: "tls",
+                reason: format!("{other:?} is not one of implicit, starttls, dangerous_plaintext"),
+            }),
+        }
+    }
+}
+
+/// How a pilot logs in.
+#[derive(Clone, PartialEq, Eq)]
+pub enum PilotAuth {
+    /// SASL XOAUTH2 with an app-only token of the given OAuth app.
+    XOAuth2 { app_id: i64 },
+    /// `USER`/`PASS` (servers other than Exchange Online); the password is sealed or a reference.
+    UserPass {
+        username: String,
+        credential: String,
+    },
+}
+
+impl fmt::Debug for PilotAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PilotAuth::XOAuth2 { app_id } => {
+                f.debug_struct("XOAuth2").field("app_id", app_id).finish()
+            }
+            PilotAuth::UserPass {
+                username,
+                credential,
+            } => f
+                .debug_struct("UserPass")
+                .field("username", username)
+                .field("credential", &describe_stored(credential))
+                .finish(),
+        }
+    }
+}
+
+/// A new mailbox pilot.
+#[derive(Debug, Clone)]
+pub struct NewPilot {
+    /// Contact-center queue the work items go to.
+    pub queue: String,
+    /// Mailbox address; also the XOAUTH2 `user=`.
+    pub mailbox: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub auth: PilotAuth,
+    /// Path of an extra PEM CA bundle to trust for this server.
+    pub ca_bundle: Option<String>,
+    /// Whole seconds, at least one.
+    pub poll_interval: Duration,
+    /// Leave messages on the server after storing them (no `DELE`).
+    pub keep_on_server: bool,
+    pub max_message_bytes: u64,
+    pub enabled: bool,
+}
+
+impl NewPilot {
+    /// An enabled Exchange Online pilot with the documented defaults.
+    pub fn new(queue: &str, mailbox: &str, auth: PilotAuth) -> NewPilot {
+        NewPilot {
+            queue: queue.to_owned(),
+            mailbox: mailbox.to_owned(),
+            host: DEFAULT_HOST.to_owned(),
+            port: DEFAULT_PORT,
+            tls: TlsMode::Implicit,
+            auth,
+            ca_bundle: None,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            keep_on_server: false,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            enabled: true,
+        }
+    }
+}
+
+/// A stored mailbox pilot with its last poll outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PilotRow {
+    pub id: i64,
+    pub queue: String,
+    pub mailbox: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub auth: PilotAuth,
+    pub ca_bundle: Option<String>,
+    pub poll_interval: Duration,
+    pub keep_on_server: bool,
+    pub max_message_bytes: u64,
+    pub enabled: bool,
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub last_error_hint: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The row as PostgreSQL returns it, before the typed conversion.
+#[derive(sqlx::FromRow)]
+struct PilotRecord {
+    id: i64,
+    queue: String,
+    mailbox: String,
+    host: String,
+    port: i32,
+    tls: String,
+    auth: String,
+    app_id: Option<i64>,
+    username: Option<String>,
+    password_credential: Option<String>,
+    ca_bundle: Option<String>,
+    poll_interval_secs: i32,
+    keep_on_server: bool,
+    max_message_bytes: i64,
+    enabled: bool,
+    last_success_at: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+    last_error_hint: Option<String>,
+    last_error_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<PilotRecord> for PilotRow {
+    type Error = StoreError;
+
+    fn try_from(r: PilotRecord) -> Result<PilotRow, StoreError> {
+        let unexpected =
+            |column: &'static str, value: String| StoreError::UnexpectedValue { column, value };
+        let auth = match (r.auth.as_str(), r.app_id, r.username, r.password_credential) {
+            ("xoauth2", Some(app_id), None, None) => PilotAuth::XOAuth2 { app_id },
+            ("user_pass", None, Some(username), Some(credential)) => PilotAuth::UserPass {
+                username,
+                credential,
+            },
+            (kind, ..) => return Err(unexpected("pilots.auth", kind.to_owned())),
+        };
+        Ok(PilotRow {
+            id: r.id,
+            port: u16::try_from(r.port)
+                .map_err(|_| unexpected("pilots.port", r.port.to_string()))?,
+            tls: r
+                .tls
+                .parse()
+                .map_err(|_| unexpected("pilots.tls", r.tls.clone()))?,
+            auth,
+            poll_interval: u64::try_from(r.poll_interval_secs)
+                .map(Duration::from_secs)
+                .map_err(|_| {
+                    unexpected(
+                        "pilots.poll_interval_secs",
+                        r.poll_interval_secs.to_string(),
+                    )
+                })?,
+            max_message_bytes: u64::try_from(r.max_message_bytes).map_err(|_| {
+                unexpected("pilots.max_message_bytes", r.max_message_bytes.to_string())
+            })?,
+            queue: r.queue,
+            mailbox: r.mailbox,
+            host: r.host,
+            ca_bundle: r.ca_bundle,
+            keep_on_server: r.keep_on_server,
+            enabled: r.enabled,
+            last_success_at: r.last_success_at,
+            last_error: r.last_error,
+            last_error_hint: r.last_error_hint,
+            last_error_at: r.last_error_at,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+/// Refuses credentials in no recognised form before they reach the database, with the
+/// explanation of the three accepted forms (the database refuses them too).
+fn check_credential(field: &'static str, stored: &str) -> Result<(), StoreError> {
+    SecretRef::parse(stored)
+        .map(|_| ())
+        .map_err(|err| StoreError::InvalidInput {
+            field,
+            reason: err.to_string(),
+        })
+}
+
+/// Stores a new OAuth app. A taken name, or an app with the same authority, tenant, client id
+/// and scope, gives [`StoreError::Duplicate`] naming the field.
+pub async fn insert_app(conn: &mut PgConnection, app: &NewApp) -> Result<AppRow, StoreError> {
+    check_credential("credential", &app.credential)?;
+    sqlx::query_as(concat!(
+        "insert into oauth_apps (name, tenant, client_id, authority, scope, credential, \
+         secret_expires_at) values ($1, $2, $3, $4, $5, $6, $7) returning ",
+        app_columns!()
+    ))
+    .bind(&app.name)
+    .bind(&app.tenant)
+    .bind(&app.client_id)
+    .bind(&app.authority)
+    .bind(&app.scope)
+    .bind(&app.credential)
+    .bind(app.secret_expires_at)
+    .fetch_one(conn)
+    .await
+    .map_err(|err| {
+        if let Some((db, code)) = db_error(&err)
+            && code == sqlstate::UNIQUE_VIOLATION
+        {
+            match db.constraint() {
+                Some("oauth_apps_name_key") => {
+                    return StoreError::Duplicate {
+                        entity: "OAuth app",
+                        field: "name",
+                        value: format!("{:?}", app.name),
+                    };
+                }
+                Some("oauth_apps_identity_key") => {
+                    return StoreError::Duplicate {
+                        entity: "OAuth app",
+                        field: "authority, tenant, client id and scope",
+                        value: format!(
+                            "{} / {} / {} / {}",
+                            app.authority, app.tenant, app.client_id, app.scope
+                        ),
+                    };
+                }
+                _ => {}
+            }
+        }
+        map_check(err, "OAuth app")
+    })
+}
+
+/// All OAuth apps, by name.
+pub async fn list_apps(conn: &mut PgConnection) -> Result<Vec<AppRow>, StoreError> {
+    Ok(sqlx::query_as(concat!(
+        "select ",
+        app_columns!(),
+        " from oauth_apps order by name"
+    ))
+    .fetch_all(conn)
+    .await?)
+}
+
+/// The OAuth app with this id, or [`StoreError::NotFound`].
+pub async fn get_app(conn: &mut PgConnection, id: i64) -> Result<AppRow, StoreError> {
+    sqlx::query_as(concat!(
+        "select ",
+        app_columns!(),
+        " from oauth_apps where id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(|| StoreError::NotFound {
+        entity: "OAuth app",
+        key: format!("id {id}"),
+    })
+}
+
+/// The OAuth app with this name, or [`StoreError::NotFound`].
+pub async fn get_app_by_name(conn: &mut PgConnection, name: &str) -> Result<AppRow, StoreError> {
+    sqlx::query_as(concat!(
+        "select ",
+        app_columns!(),
+        " from oauth_apps where name = $1"
+    ))
+    .bind(name)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(|| StoreError::NotFound {
+        entity: "OAuth app",
+        key: format!("named {name:?}"),
+    })
+}
+
+/// Replaces an app's credential (a new client secret, or a re-seal under a new master key)
+/// and its expiry.
+pub async fn set_app_credential(
+    conn: &mut PgConnection,
+    id: i64,
+    credential: &str,
+    secret_expires_at: Option<DateTime<Utc>>,
+) -> Result<(), StoreError> {
+    check_credential("credential", credential)?;
+    let done = sqlx::query(
+        "update oauth_apps set credential = $2, secret_expires_at = $3, updated_at = now() \
+         where id = $1",
+    )
+    .bind(id)
+    .bind(credential)
+    .bind(secret_expires_at)
+    .execute(conn)
+    .await
+    .map_err(|err| map_check(err, "OAuth app"))?;
+    if done.rows_affected() == 0 {
+        return Err(StoreError::NotFound {
+            entity: "OAuth app",
+            key: format!("id {id}"),
+        });
+    }
+    Ok(())
+}
+
+/// Stores a new pilot. The same mailbox on the same host (case-insensitively) gives
+/// [`StoreError::Duplicate`]; an unknown app id gives [`StoreError::NotFound`]; values the
+/// schema refuses (port 0, …) give [`StoreError::Constraint`].
+pub async fn insert_pilot(
+    conn: &mut PgConnection,
+    pilot: &NewPilot,
+) -> Result<PilotRow, StoreError> {
+    let poll_secs = i32::try_from(pilot.poll_interval.as_secs())
+        .ok()
+        .filter(|secs| *secs > 0)
+        .ok_or_else(|| StoreError::InvalidInput {
+            field: "poll_interval",
+            reason: format!(
+                "{:?} must be between 1 second and {} seconds",
+                pilot.poll_interval,
+                i32::MAX
+            ),
+        })?;
+    let max_bytes =
+        i64::try_from(pilot.max_message_bytes).map_err(|_| StoreError::InvalidInput {
+            field: "max_message_bytes",
+            reason: format!("{} is too large", pilot.max_message_bytes),
+        })?;
+    let (kind, app_id, username, credential) = match &pilot.auth {
+        PilotAuth::XOAuth2 { app_id } => ("xoauth2", Some(*app_id), None, None),
+        PilotAuth::UserPass {
+            username,
+            credential,
+        } => {
+            check_credential("password credential", credential)?;
+            (
+                "user_pass",
+                None,
+                Some(username.as_str()),
+                Some(credential.as_str()),
+            )
+        }
+    };
+    let record: PilotRecord = sqlx::query_as(concat!(
+        "insert into pilots (queue, mailbox, host, port, tls, auth, app_id, username, \
+         password_credential, ca_bundle, poll_interval_secs, keep_on_server, max_message_bytes, \
+         enabled) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) returning ",
+        pilot_columns!()
+    ))
+    .bind(&pilot.queue)
+    .bind(&pilot.mailbox)
+    .bind(&pilot.host)
+    .bind(i32::from(pilot.port))
+    .bind(pilot.tls.as_str())
+    .bind(kind)
+    .bind(app_id)
+    .bind(username)
+    .bind(credential)
+    .bind(&pilot.ca_bundle)
+    .bind(poll_secs)
+    .bind(pilot.keep_on_server)
+    .bind(max_bytes)
+    .bind(pilot.enabled)
+    .fetch_one(conn)
+    .await
+    .map_err(|err| {
+        if let Some((db, code)) = db_error(&err) {
+            if code == sqlstate::UNIQUE_VIOLATION
+                && db.constraint() == Some("pilots_mailbox_host_key")
+            {
+                return StoreError::Duplicate {
+                    entity: "pilot",
+                    field: "mailbox and host",
+                    value: format!("{} on {}", pilot.mailbox, pilot.host),
+                };
+            }
+            if code == sqlstate::FOREIGN_KEY_VIOLATION {
+                return StoreError::NotFound {
+                    entity: "OAuth app",
+                    key: format!("id {}", app_id.unwrap_or_default()),
+                };
+            }
+        }
+        map_check(err, "pilot")
+    })?;
+    record.try_into()
+}
+
+/// All pilots, by id.
+pub async fn list_pilots(conn: &mut PgConnection) -> Result<Vec<PilotRow>, StoreError> {
+    let records: Vec<PilotRecord> = sqlx::query_as(concat!(
+        "select ",
+        pilot_columns!(),
+        " from pilots order by id"
+    ))
+    .fetch_all(conn)
+    .await?;
+    records.into_iter().map(PilotRow::try_from).collect()
+}
+
+/// The pilot with this id, or [`StoreError::NotFound`].
+pub async fn get_pilot(conn: &mut PgConnection, id: i64) -> Result<PilotRow, StoreError> {
+    let record: PilotRecord = sqlx::query_as(concat!(
+        "select ",
+        pilot_columns!(),
+        " from pilots where id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(|| StoreError::NotFound {
+        entity: "pilot",
+        key: format!("id {id}"),
+    })?;
+    record.try_into()
+}
+
+/// Every enabled pilot, by id, with the OAuth app it logs in with (`None` for `user_pass`).
+/// What the supervisor reads to decide which pollers to run.
+pub async fn enabled_pilots_with_apps(
+    conn: &mut PgConnection,
+) -> Result<Vec<(PilotRow, Option<AppRow>)>, StoreError> {
+    let records: Vec<PilotRecord> = sqlx::query_as(concat!(
+        "select ",
+        pilot_columns!(),
+        " from pilots where enabled order by id"
+    ))
+    .fetch_all(&mut *conn)
+    .await?;
+    let pilots = records
+        .into_iter()
+        .map(PilotRow::try_from)
+        .collect::<Result<Vec<_>, _>>()?;
+    let app_ids: Vec<i64> = pilots
+        .iter()
+        .filter_map(|p| match p.auth {
+            PilotAuth::XOAuth2 { app_id } => Some(app_id),
+            PilotAuth::UserPass { .. } => None,
+        })
+        .collect();
+    let apps: Vec<AppRow> = sqlx::query_as(concat!(
+        "select ",
+        app_columns!(),
+        " from oauth_apps where id = any($1)"
+    ))
+    .bind(&app_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    pilots
+        .into_iter()
+        .map(|pilot| match pilot.auth {
+            PilotAuth::XOAuth2 { app_id } => {
+                // The foreign key (on delete restrict) keeps the app while a pilot uses it.
+                let app = apps
+                    .iter()
+                    .find(|a| a.id == app_id)
+                    .cloned()
+                    .ok_or_else(|| StoreError::NotFound {
+                        entity: "OAuth app",
+                        key: format!("id {app_id} (used by pilot {})", pilot.id),
+                    })?;
+                Ok((pilot, Some(app)))
+            }
+            PilotAuth::UserPass { .. } => Ok((pilot, None)),
+        })
+        .collect()
+}
+
+/// Enables or disables a pilot; [`StoreError::NotFound`] if there is no such pilot.
+pub async fn set_pilot_enabled(
+    conn: &mut PgConnection,
+    id: i64,
+    enabled: bool,
+) -> Result<(), StoreError> {
+    let done = sqlx::query("update pilots set enabled = $2, updated_at = now() where id = $1")
+        .bind(id)
+        .bind(enabled)
+        .execute(conn)
+        .await?;
+    pilot_touched(done.rows_affected(), id)
+}
+
+fn pilot_touched(rows: u64, id: i64) -> Result<(), StoreError> {
+    if rows == 0 {
+        return Err(StoreError::NotFound {
+            entity: "pilot",
+            key: format!("id {id}"),
+        });
+    }
+    Ok(())
+}
+
+/// Records a successful poll and clears the last error.
+pub async fn record_poll_success(conn: &mut PgConnection, pilot_id: i64) -> Result<(), StoreError> {
+    let done = sqlx::query(
+        "update pilots set last_success_at = now(), last_error = null, last_error_hint = null, \
+         last_error_at = null where id = $1",
+    )
+    .bind(pilot_id)
+    .execute(conn)
+    .await?;
+    pilot_touched(done.rows_affected(), pilot_id)
+}
+
+/// Records a failed poll: the error (never containing a secret: callers pass redacted text)
+/// and an optional hint telling the admin what to fix. `last_success_at` is kept, so "failing
+/// since" stays visible.
+pub async fn record_poll_error(
+    conn: &mut PgConnection,
+    pilot_id: i64,
+    error: &str,
+    hint: Option<&str>,
+) -> Result<(), StoreError> {
+    let done = sqlx::query(
+        "update pilots set last_error = $2, last_error_hint = $3, last_error_at = now() \
+         where id = $1",
+    )
+    .bind(pilot_id)
+    .bind(error)
+    .bind(hint)
+    .execute(conn)
+    .await?;
+    pilot_touched(done.rows_affected(), pilot_id)
+}

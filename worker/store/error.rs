@@ -1,0 +1,192 @@
+//! The store layer's one error type and its retry predicate.
+//!
+//! Invariants: messages name what is wrong and how to fix it; they never contain a database
+//! password (connection targets are printed as `user@host:port/database`) nor a stored
+//! credential. Whether an error is worth retrying is decided here, once.
+
+use sqlx::error::DatabaseError;
+
+/// PostgreSQL SQLSTATE codes the store reacts to (Appendix A of the PostgreSQL manual).
+pub(crate) mod sqlstate {
+    pub const UNIQUE_VIOLATION: &str = "23505";
+    pub const FOREIGN_KEY_VIOLATION: &str = "23503";
+    pub const CHECK_VIOLATION: &str = "23514";
+    pub const SERIALIZATION_FAILURE: &str = "40001";
+    pub const DEADLOCK_DETECTED: &str = "40P01";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const CRASH_SHUTDOWN: &str = "57P02";
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    pub const DUPLICATE_DATABASE: &str = "42P04";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    /// Class 08: connection exceptions.
+    pub const CONNECTION_EXCEPTION_CLASS: &str = "08";
+}
+
+/// Everything that can go wrong in the store layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database URL is invalid: {reason}; expected postgres://user@host:port/database")]
+    InvalidUrl { reason: String },
+    #[error(
+        "cannot reach PostgreSQL at {target}: {source}; check that the server is running and \
+         that the database URL names the right host and port"
+    )]
+    Unreachable {
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error(
+        "PostgreSQL at {target} refused the login: {source}; check the user name and password \
+         in the database URL and pg_hba.conf"
+    )]
+    LoginRefused {
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database does not exist at {target}; create it with `ccmail migrate`")]
+    DatabaseMissing { target: String },
+    #[error("database migration failed: {0}; the schema is left at the last applied migration")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "{entity} with {field} {value} already exists; choose another {field} or change the existing {entity}"
+    )]
+    Duplicate {
+        entity: &'static str,
+        field: &'static str,
+        value: String,
+    },
+    #[error("{entity} {key} not found")]
+    NotFound { entity: &'static str, key: String },
+    #[error("{entity} is invalid: {explanation} (constraint {constraint})")]
+    Constraint {
+        entity: &'static str,
+        constraint: String,
+        explanation: &'static str,
+    },
+    #[error("{field} is invalid: {reason}")]
+    InvalidInput { field: &'static str, reason: String },
+    #[error(
+        "column {column} holds an unexpected value {value:?}; the schema and ccmail disagree, run `ccmail migrate` with a matching version"
+    )]
+    UnexpectedValue { column: &'static str, value: String },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl StoreError {
+    /// True when retrying the same operation later may succeed: the connection dropped or
+    /// timed out, the pool had no free connection, the server is shutting down or starting,
+    /// or the transaction lost a serialization race. Everything else needs a change first.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Unreachable { .. } => true,
+            StoreError::Database(err) => sqlx_is_transient(err),
+            StoreError::Migrate(sqlx::migrate::MigrateError::Execute(err)) => {
+                sqlx_is_transient(err)
+            }
+            _ => false,
+        }
+    }
+
+    /// The opposite of [`StoreError::is_transient`].
+    pub fn is_permanent(&self) -> bool {
+        !self.is_transient()
+    }
+}
+
+fn sqlx_is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            matches!(
+                code,
+                sqlstate::SERIALIZATION_FAILURE
+                    | sqlstate::DEADLOCK_DETECTED
+                    | sqlstate::ADMIN_SHUTDOWN
+                    | sqlstate::CRASH_SHUTDOWN
+                    | sqlstate::CANNOT_CONNECT_NOW
+                    | sqlstate::TOO_MANY_CONNECTIONS
+            ) || code.starts_with(sqlstate::CONNECTION_EXCEPTION_CLASS)
+        }
+        _ => false,
+    }
+}
+
+/// The SQLSTATE and constraint name of a database error, if it is one.
+pub(crate) fn db_error(err: &sqlx::Error) -> Option<(&dyn DatabaseError, String)> {
+    let db = err.as_database_error()?;
+    let code = db.code()?.into_owned();
+    Some((db, code))
+}
+
+/// What a violated constraint means, for messages an admin can act on.
+pub(crate) fn explain_constraint(name: &str) -> &'static str {
+    match name {
+        "pilots_port_range" => "port must be between 1 and 65535",
+        "pilots_tls_mode" => "tls must be implicit, starttls or dangerous_plaintext",
+        "pilots_auth_kind" => "auth must be xoauth2 or user_pass",
+        "pilots_auth_consistent" => {
+            "xoauth2 pilots need an app and no username/password; user_pass pilots need a \
+             username and a password credential and no app"
+        }
+        "pilots_password_not_plaintext" | "oauth_apps_credential_not_plaintext" => {
+            "credentials must be sealed (enc:v1:...) or a reference (env:NAME, file:PATH), \
+             never plaintext"
+        }
+        "pilots_poll_interval_positive" => "poll interval must be at least one second",
+        "pilots_max_message_bytes_positive" => "max message size must be positive",
+        "pilots_queue_not_blank" => "queue must not be blank",
+        "pilots_mailbox_not_blank" => "mailbox must not be blank",
+        "pilots_host_not_blank" => "host must not be blank",
+        "oauth_apps_name_not_blank" => "name must not be blank",
+        "oauth_apps_tenant_not_blank" => "tenant must not be blank",
+        "oauth_apps_client_id_not_blank" => "client id must not be blank",
+        "work_items_status" => "status must be queued, assigned or done",
+        _ => "see the constraint definition in migrations/",
+    }
+}
+
+/// Maps a check violation to [`StoreError::Constraint`]; other errors pass through.
+pub(crate) fn map_check(err: sqlx::Error, entity: &'static str) -> StoreError {
+    if let Some((db, code)) = db_error(&err)
+        && code == sqlstate::CHECK_VIOLATION
+    {
+        let constraint = db.constraint().unwrap_or("unknown").to_owned();
+        let explanation = explain_constraint(&constraint);
+        return StoreError::Constraint {
+            entity,
+            constraint,
+            explanation,
+        };
+    }
+    StoreError::Database(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_and_permanent_are_classified_once() {
+        let io = StoreError::Database(sqlx::Error::Io(std::io::Error::other("reset")));
+        assert!(io.is_transient());
+        assert!(StoreError::Database(sqlx::Error::PoolTimedOut).is_transient());
+        assert!(!StoreError::Database(sqlx::Error::RowNotFound).is_transient());
+        let dup = StoreError::Duplicate {
+            entity: "app",
+            field: "name",
+            value: "\"x\"".into(),
+        };
+        assert!(dup.is_permanent());
+    }
+}

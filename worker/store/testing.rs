@@ -1,0 +1,122 @@
+//! Test support: a fresh, migrated PostgreSQL database per test.
+//!
+//! Lives in the library (not behind `cfg(test)`) so integration tests and the demo can use it.
+//! The server is taken from `CCMAIL_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`); each [`TestDb`] creates `ccmail_t_<random>`
+//! on it and drops it again, by [`TestDb::drop_db`] or, best effort, when dropped.
+//! It never reconfigures or restarts the server.
+
+use sqlx::ConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use super::{StoreError, connect_error, create_database, describe_target, drop_database, migrate};
+
+/// Server used when `CCMAIL_TEST_DATABASE_URL` is not set.
+pub const DEFAULT_TEST_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Connections in a test database's pool; tests that need more open their own.
+const POOL_SIZE: u32 = 8;
+
+/// URL of the maintenance database test databases are created from.
+pub fn admin_url() -> String {
+    std::env::var("CCMAIL_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_owned())
+}
+
+/// A freshly created and migrated database that is dropped at the end of the test.
+pub struct TestDb {
+    pool: PgPool,
+    url: String,
+    name: String,
+    admin: PgConnectOptions,
+    dropped: bool,
+}
+
+impl TestDb {
+    /// Creates `ccmail_t_<random>`, applies the migrations and opens a small pool on it.
+    pub async fn new() -> Result<TestDb, StoreError> {
+        let admin = super::parse_url(&admin_url())?;
+        let name = format!("ccmail_t_{:016x}", fastrand::u64(..));
+        let mut conn = admin
+            .connect()
+            .await
+            .map_err(|err| connect_error(err, describe_target(&admin)))?;
+        create_database(&mut conn, &name).await?;
+        // A failed close only leaks a session of the maintenance database.
+        let _ = sqlx::Connection::close(conn).await;
+
+        let options = admin.clone().database(&name);
+        let url = options.to_url_lossy().to_string();
+        let db = TestDb {
+            pool: PgPoolOptions::new()
+                .max_connections(POOL_SIZE)
+                .connect_lazy_with(options),
+            url,
+            name,
+            admin,
+            dropped: false,
+        };
+        // From here on, Drop removes the database if migrating fails.
+        migrate(&db.pool).await?;
+        Ok(db)
+    }
+
+    /// The pool of the test database.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The URL of the test database, for code that opens its own connections.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The database's name (`ccmail_t_…`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Closes the pool and drops the database, ending any session still connected to it.
+    pub async fn drop_db(mut self) -> Result<(), StoreError> {
+        self.pool.close().await;
+        let mut conn = self
+            .admin
+            .connect()
+            .await
+            .map_err(|err| connect_error(err, describe_target(&self.admin)))?;
+        drop_database(&mut conn, &self.name).await?;
+        self.dropped = true;
+        let _ = sqlx::Connection::close(conn).await;
+        Ok(())
+    }
+}
+
+impl Drop for TestDb {
+    /// Best-effort cleanup when a test ends without `drop_db` (or panics). Drop cannot await,
+    /// and blocking on the test's own runtime would deadlock, so a separate thread with its
+    /// own small runtime does the work while this one waits for it.
+    fn drop(&mut self) {
+        if self.dropped {
+            return;
+        }
+        let admin = self.admin.clone();
+        let name = self.name.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|err| err.to_string())?;
+            runtime.block_on(async {
+                let mut conn = admin.connect().await.map_err(|err| err.to_string())?;
+                drop_database(&mut conn, &name)
+                    .await
+                    .map_err(|err| err.to_string())
+            })
+        });
+        match cleanup.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => eprintln!("could not drop test database {}: {err}", self.name),
+            Err(_) => eprintln!("test database cleanup of {} panicked", self.name),
+        }
+    }
+}

@@ -1,0 +1,1040 @@
+//! Store tests against a real PostgreSQL: one fresh database per test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::Barrier;
+
+use super::testing::TestDb;
+use super::*;
+use crate::ingest::parse::{Address, Attachment, ParsedMail};
+use crate::secrets::MasterKey;
+
+/// Generous upper bound for a notification to arrive; it normally takes milliseconds.
+const NOTIFY_DEADLINE: Duration = Duration::from_secs(10);
+
+fn sealed(key: &MasterKey, secret: &str) -> String {
+    key.seal(&SecretString::from(secret.to_owned())).unwrap()
+}
+
+async fn app(conn: &mut PgConnection, name: &str) -> AppRow {
+    let key = MasterKey::generate();
+    let new = NewApp::new(
+        name,
+        "contoso.onmicrosoft.com",
+        name,
+        sealed(&key, "s3cr3t"),
+    );
+    insert_app(conn, &new).await.unwrap()
+}
+
+async fn pilot(conn: &mut PgConnection, queue: &str, mailbox: &str, app_id: i64) -> PilotRow {
+    let new = NewPilot::new(queue, mailbox, PilotAuth::XOAuth2 { app_id });
+    insert_pilot(conn, &new).await.unwrap()
+}
+
+fn parsed_mail() -> ParsedMail {
+    ParsedMail {
+        message_id: Some("<m1@contoso.com>".into()),
+        subject: Some("Order 42 is late".into()),
+        from: vec![Address {
+            name: Some("Ann Customer".into()),
+            email: Some("ann@example.com".into()),
+        }],
+        to: vec![Address {
+            name: None,
+            email: Some("support@contoso.com".into()),
+        }],
+        cc: vec![],
+        reply_to: vec![],
+        date: Some(chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap()),
+        in_reply_to: vec!["<m0@contoso.com>".into()],
+        references: vec!["<m-1@contoso.com>".into(), "<m0@contoso.com>".into()],
+        text_body: Some("Where is my order?".into()),
+        html_body: Some("<p>Where is my order?</p>".into()),
+        attachments: vec![
+            Attachment {
+                filename: Some("invoice.pdf".into()),
+                content_type: "application/pdf".into(),
+                content_id: None,
+                inline: false,
+                bytes: b"%PDF-1.4 fake".to_vec(),
+            },
+            Attachment {
+                filename: None,
+                content_type: "image/png".into(),
+                content_id: Some("<logo>".into()),
+                inline: true,
+                bytes: vec![0x89, b'P', b'N', b'G'],
+            },
+        ],
+        parse_error: None,
+    }
+}
+
+async fn count(conn: &mut PgConnection, table: &'static str) -> i64 {
+    let sql = format!("select count(*) from {table}");
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+fn message<'a>(pilot: &'a PilotRow, uidl: &'a str, parsed: &'a ParsedMail) -> NewMessage<'a> {
+    NewMessage {
+        pilot_id: pilot.id,
+        queue: &pilot.queue,
+        uidl,
+        raw: b"Subject: Order 42 is late\r\n\r\nWhere is my order?\r\n",
+        parsed,
+        headers_only: false,
+        flags: &[],
+    }
+}
+
+#[tokio::test]
+async fn apps_insert_list_get_and_refuse_duplicates() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let key = MasterKey::generate();
+    let mut new = NewApp::new(
+        "support-app",
+        "contoso.onmicrosoft.com",
+        "cid-1",
+        sealed(&key, "v"),
+    );
+    new.secret_expires_at = Some(chrono::DateTime::from_timestamp(1_900_000_000, 0).unwrap());
+    let row = insert_app(&mut conn, &new).await.unwrap();
+    assert_eq!(row.name, "support-app");
+    assert_eq!(row.authority, DEFAULT_AUTHORITY);
+    assert_eq!(row.scope, DEFAULT_SCOPE);
+    assert_eq!(row.credential, new.credential);
+    assert_eq!(row.secret_expires_at, new.secret_expires_at);
+    let env_app = NewApp::new(
+        "env-app",
+        "fabrikam.com",
+        "cid-2",
+        "env:FABRIKAM_SECRET".into(),
+    );
+    insert_app(&mut conn, &env_app).await.unwrap();
+
+    let names: Vec<String> = list_apps(&mut conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    assert_eq!(names, ["env-app", "support-app"]);
+    assert_eq!(get_app(&mut conn, row.id).await.unwrap(), row);
+    assert_eq!(
+        get_app_by_name(&mut conn, "support-app").await.unwrap(),
+        row
+    );
+    assert!(matches!(
+        get_app(&mut conn, row.id + 100).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let err = get_app_by_name(&mut conn, "nope").await.unwrap_err();
+    assert!(err.to_string().contains("\"nope\""), "{err}");
+
+    // Same name, different identity.
+    let mut same_name = NewApp::new("support-app", "other", "cid-9", "env:X".into());
+    same_name.scope = DEFAULT_SCOPE.into();
+    let err = insert_app(&mut conn, &same_name).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Duplicate { field: "name", .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("support-app"), "{err}");
+    // Same identity, different name.
+    let same_identity = NewApp::new(
+        "other-name",
+        "contoso.onmicrosoft.com",
+        "cid-1",
+        "env:X".into(),
+    );
+    let err = insert_app(&mut conn, &same_identity).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Duplicate {
+                field: "authority, tenant, client id and scope",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(list_apps(&mut conn).await.unwrap().len(), 2);
+
+    // Debug shows the key id, never the ciphertext.
+    let data = row.credential.rsplit_once(':').unwrap().1.to_owned();
+    let debug = format!("{row:?} {new:?}");
+    assert!(!debug.contains(&data), "{debug}");
+    assert!(debug.contains(key.key_id()), "{debug}");
+
+    // New credential and expiry; guarded by id.
+    let other = MasterKey::generate();
+    let resealed = crate::secrets::reseal(&row.credential, &key, &other).unwrap();
+    set_app_credential(&mut conn, row.id, &resealed, None)
+        .await
+        .unwrap();
+    let updated = get_app(&mut conn, row.id).await.unwrap();
+    assert_eq!(updated.credential, resealed);
+    assert_eq!(updated.secret_expires_at, None);
+    assert!(updated.updated_at >= row.updated_at);
+    assert!(matches!(
+        set_app_credential(&mut conn, row.id + 100, &resealed, None).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn plaintext_credentials_are_refused_by_code_and_by_schema() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let new = NewApp::new("a", "t", "c", "my-plain-secret".into());
+    let err = insert_app(&mut conn, &new).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::InvalidInput {
+                field: "credential",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!err.to_string().contains("my-plain-secret"));
+
+    // Bypassing the code, the check constraint still refuses it.
+    let err = sqlx::query(
+        "insert into oauth_apps (name, tenant, client_id, credential) values ('a', 't', 'c', $1)",
+    )
+    .bind("my-plain-secret")
+    .execute(&mut *conn)
+    .await
+    .unwrap_err();
+    let db_err = err.as_database_error().unwrap();
+    assert_eq!(
+        db_err.constraint(),
+        Some("oauth_apps_credential_not_plaintext")
+    );
+
+    let mut user_pass = NewPilot::new(
+        "q",
+        "u@x",
+        PilotAuth::UserPass {
+            username: "u".into(),
+            credential: "hunter2".into(),
+        },
+    );
+    let err = insert_pilot(&mut conn, &user_pass).await.unwrap_err();
+    assert!(matches!(err, StoreError::InvalidInput { .. }), "{err:?}");
+    assert!(!err.to_string().contains("hunter2"));
+    user_pass.auth = PilotAuth::UserPass {
+        username: "u".into(),
+        credential: "file:/run/pw".into(),
+    };
+    insert_pilot(&mut conn, &user_pass).await.unwrap();
+    let err =
+        sqlx::query("update pilots set password_credential = 'hunter2' where auth = 'user_pass'")
+            .execute(&mut *conn)
+            .await
+            .unwrap_err();
+    assert_eq!(
+        err.as_database_error().unwrap().constraint(),
+        Some("pilots_password_not_plaintext")
+    );
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn pilots_insert_list_and_refuse_case_insensitive_duplicates() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let app = app(&mut conn, "support-app").await;
+    let xo = pilot(&mut conn, "support", "Support@Contoso.com", app.id).await;
+    assert_eq!(xo.host, DEFAULT_HOST);
+    assert_eq!(xo.port, 995);
+    assert_eq!(xo.tls, TlsMode::Implicit);
+    assert_eq!(xo.auth, PilotAuth::XOAuth2 { app_id: app.id });
+    assert_eq!(xo.poll_interval, Duration::from_secs(60));
+    assert_eq!(xo.max_message_bytes, 50 * 1024 * 1024);
+    assert!(xo.enabled && !xo.keep_on_server);
+    assert_eq!(xo.last_success_at, None);
+
+    let mut up = NewPilot::new(
+        "lab",
+        "lab@dovecot.test",
+        PilotAuth::UserPass {
+            username: "lab".into(),
+            credential: "env:LAB_PASSWORD".into(),
+        },
+    );
+    up.host = "127.0.0.1".into();
+    up.port = 10995;
+    up.tls = TlsMode::StartTls;
+    up.ca_bundle = Some("/etc/ccmail/lab-ca.pem".into());
+    up.poll_interval = Duration::from_secs(5);
+    up.keep_on_server = true;
+    up.max_message_bytes = 1024;
+    up.enabled = false;
+    let up_row = insert_pilot(&mut conn, &up).await.unwrap();
+    assert_eq!(up_row.port, 10995);
+    assert_eq!(up_row.tls, TlsMode::StartTls);
+    assert_eq!(up_row.ca_bundle.as_deref(), Some("/etc/ccmail/lab-ca.pem"));
+    assert_eq!(up_row.poll_interval, Duration::from_secs(5));
+    assert!(up_row.keep_on_server && !up_row.enabled);
+    assert_eq!(up_row.max_message_bytes, 1024);
+    // References are shown (they are not secrets); sealed data never is.
+    assert!(format!("{up_row:?}").contains("env:LAB_PASSWORD"));
+    let key = MasterKey::generate();
+    let sealed_password = sealed(&key, "pw");
+    let sealed_auth = PilotAuth::UserPass {
+        username: "lab".into(),
+        credential: sealed_password.clone(),
+    };
+    let debug = format!("{sealed_auth:?}");
+    assert!(
+        !debug.contains(sealed_password.rsplit_once(':').unwrap().1),
+        "{debug}"
+    );
+    assert!(debug.contains(key.key_id()), "{debug}");
+
+    let listed = list_pilots(&mut conn).await.unwrap();
+    assert_eq!(listed, vec![xo.clone(), up_row.clone()]);
+    assert_eq!(get_pilot(&mut conn, up_row.id).await.unwrap(), up_row);
+    assert!(matches!(
+        get_pilot(&mut conn, 9999).await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    // Same mailbox and host in another case: refused, with a message naming both.
+    let mut dup = NewPilot::new(
+        "sales",
+        "support@contoso.COM",
+        PilotAuth::XOAuth2 { app_id: app.id },
+    );
+    dup.host = "Outlook.Office365.com".into();
+    let err = insert_pilot(&mut conn, &dup).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Duplicate {
+                entity: "pilot",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("support@contoso.COM") && text.contains("mailbox and host"),
+        "{text}"
+    );
+    assert_eq!(count(&mut conn, "pilots").await, 2);
+
+    // Same mailbox on another host is a different pilot.
+    dup.host = "pop.contoso.com".into();
+    insert_pilot(&mut conn, &dup).await.unwrap();
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn pilot_check_constraints_and_unknown_app_are_reported() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let app = app(&mut conn, "a").await;
+
+    let mut bad_port = NewPilot::new("q", "p0@x", PilotAuth::XOAuth2 { app_id: app.id });
+    bad_port.port = 0;
+    let err = insert_pilot(&mut conn, &bad_port).await.unwrap_err();
+    match &err {
+        StoreError::Constraint { constraint, .. } => assert_eq!(constraint, "pilots_port_range"),
+        other => panic!("expected a constraint error, got {other:?}"),
+    }
+    assert!(err.to_string().contains("between 1 and 65535"), "{err}");
+
+    let mut zero_poll = NewPilot::new("q", "p1@x", PilotAuth::XOAuth2 { app_id: app.id });
+    zero_poll.poll_interval = Duration::from_millis(500);
+    assert!(matches!(
+        insert_pilot(&mut conn, &zero_poll).await,
+        Err(StoreError::InvalidInput {
+            field: "poll_interval",
+            ..
+        })
+    ));
+
+    let mut blank = NewPilot::new(" ", "p2@x", PilotAuth::XOAuth2 { app_id: app.id });
+    blank.max_message_bytes = 0;
+    assert!(matches!(
+        insert_pilot(&mut conn, &blank).await,
+        Err(StoreError::Constraint { .. })
+    ));
+
+    let orphan = NewPilot::new(
+        "q",
+        "p3@x",
+        PilotAuth::XOAuth2 {
+            app_id: app.id + 1000,
+        },
+    );
+    let err = insert_pilot(&mut conn, &orphan).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::NotFound {
+                entity: "OAuth app",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    // The typed API cannot express an inconsistent auth; the schema refuses it anyway.
+    for (auth, app_id, username, password) in [
+        ("xoauth2", None, None, None),
+        ("xoauth2", Some(app.id), Some("u"), None),
+        ("user_pass", Some(app.id), Some("u"), Some("env:P")),
+        ("user_pass", None, None, Some("env:P")),
+    ] {
+        let err = sqlx::query(
+            "insert into pilots (queue, mailbox, auth, app_id, username, password_credential) \
+             values ('q', 'raw@x', $1, $2, $3, $4)",
+        )
+        .bind(auth)
+        .bind(app_id)
+        .bind(username)
+        .bind(password)
+        .execute(&mut *conn)
+        .await
+        .unwrap_err();
+        assert_eq!(
+            err.as_database_error().unwrap().constraint(),
+            Some("pilots_auth_consistent"),
+            "{auth} {app_id:?} {username:?}"
+        );
+    }
+    let err = sqlx::query("update pilots set tls = 'ssl3'")
+        .execute(&mut *conn)
+        .await;
+    // No pilot exists yet, so the update touches nothing; insert one and retry.
+    assert_eq!(err.unwrap().rows_affected(), 0);
+    pilot(&mut conn, "q", "ok@x", app.id).await;
+    let err = sqlx::query("update pilots set tls = 'ssl3'")
+        .execute(&mut *conn)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_database_error().unwrap().constraint(),
+        Some("pilots_tls_mode")
+    );
+    assert_eq!(count(&mut conn, "pilots").await, 1);
+
+    // An app in use cannot be deleted from under its pilots.
+    let err = sqlx::query("delete from oauth_apps where id = $1")
+        .bind(app.id)
+        .execute(&mut *conn)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_database_error().unwrap().code().as_deref(),
+        Some("23503")
+    );
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn enabled_pilots_come_with_their_apps_and_status_is_recorded() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let app_a = app(&mut conn, "a").await;
+    let app_b = app(&mut conn, "b").await;
+    let p1 = pilot(&mut conn, "support", "s@x", app_a.id).await;
+    let p2 = pilot(&mut conn, "sales", "sales@x", app_b.id).await;
+    let p3 = pilot(&mut conn, "billing", "b@x", app_a.id).await;
+    let lab = NewPilot::new(
+        "lab",
+        "lab@x",
+        PilotAuth::UserPass {
+            username: "lab".into(),
+            credential: "env:P".into(),
+        },
+    );
+    let p4 = insert_pilot(&mut conn, &lab).await.unwrap();
+    set_pilot_enabled(&mut conn, p2.id, false).await.unwrap();
+
+    let enabled = enabled_pilots_with_apps(&mut conn).await.unwrap();
+    let summary: Vec<(i64, Option<i64>)> = enabled
+        .iter()
+        .map(|(p, a)| (p.id, a.as_ref().map(|a| a.id)))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (p1.id, Some(app_a.id)),
+            (p3.id, Some(app_a.id)),
+            (p4.id, None)
+        ]
+    );
+    assert_eq!(enabled[0].1.as_ref().unwrap().name, "a");
+
+    assert!(matches!(
+        set_pilot_enabled(&mut conn, 9999, true).await,
+        Err(StoreError::NotFound {
+            entity: "pilot",
+            ..
+        })
+    ));
+
+    record_poll_error(
+        &mut conn,
+        p1.id,
+        "-ERR Authentication failure",
+        Some("grant POP.AccessAsApp"),
+    )
+    .await
+    .unwrap();
+    let failed = get_pilot(&mut conn, p1.id).await.unwrap();
+    assert_eq!(
+        failed.last_error.as_deref(),
+        Some("-ERR Authentication failure")
+    );
+    assert_eq!(
+        failed.last_error_hint.as_deref(),
+        Some("grant POP.AccessAsApp")
+    );
+    assert!(failed.last_error_at.is_some());
+    assert_eq!(
+        failed.updated_at, p1.updated_at,
+        "status writes are not config changes"
+    );
+
+    record_poll_success(&mut conn, p1.id).await.unwrap();
+    let ok = get_pilot(&mut conn, p1.id).await.unwrap();
+    assert!(ok.last_success_at.is_some());
+    assert_eq!(
+        (ok.last_error, ok.last_error_hint, ok.last_error_at),
+        (None, None, None)
+    );
+
+    assert!(matches!(
+        record_poll_success(&mut conn, 9999).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        record_poll_error(&mut conn, 9999, "e", None).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn insert_message_stores_everything_once() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let app = app(&mut conn, "a").await;
+    let p = pilot(&mut conn, "support", "s@x", app.id).await;
+    let parsed = parsed_mail();
+    let new = message(&p, "UID-1", &parsed);
+
+    let mut tx = conn.begin().await.unwrap();
+    let item = insert_message(&mut tx, &new).await.unwrap();
+    tx.commit().await.unwrap();
+    let item = item.expect("first insert creates a work item");
+
+    type Stored = (
+        String,
+        Vec<u8>,
+        Vec<u8>,
+        Option<String>,
+        Option<String>,
+        sqlx::types::Json<Vec<Address>>,
+    );
+    let row: Stored = sqlx::query_as(
+        "select m.uidl, m.raw, m.sha256, m.subject, m.message_id, m.from_addrs from messages m \
+         join work_items w on w.message_id = m.id where w.id = $1",
+    )
+    .bind(item)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(row.0, "UID-1");
+    assert_eq!(row.1, new.raw);
+    use sha2::Digest;
+    assert_eq!(row.2, sha2::Sha256::digest(new.raw).to_vec());
+    assert_eq!(row.3.as_deref(), Some("Order 42 is late"));
+    assert_eq!(row.4.as_deref(), Some("<m1@contoso.com>"));
+    assert_eq!(row.5.0, parsed.from);
+    let threading: (
+        Vec<String>,
+        Vec<String>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        i64,
+        bool,
+    ) = sqlx::query_as(
+        "select in_reply_to, \"references\", sent_at, size, headers_only from messages",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(threading.0, parsed.in_reply_to);
+    assert_eq!(threading.1, parsed.references);
+    assert_eq!(threading.2, parsed.date);
+    assert_eq!(threading.3, new.raw.len() as i64);
+    assert!(!threading.4);
+    type AttachmentRow = (
+        i32,
+        Option<String>,
+        String,
+        i64,
+        Option<String>,
+        bool,
+        Vec<u8>,
+    );
+    let attachments: Vec<AttachmentRow> = sqlx::query_as(
+        "select ordinal, filename, content_type, size, content_id, inline, bytes \
+             from attachments order by ordinal",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(attachments.len(), 2);
+    assert_eq!(attachments[0].1.as_deref(), Some("invoice.pdf"));
+    assert_eq!(attachments[0].6, parsed.attachments[0].bytes);
+    assert_eq!(attachments[1].0, 1);
+    assert_eq!(attachments[1].4.as_deref(), Some("<logo>"));
+    assert!(attachments[1].5);
+    assert_eq!(attachments[1].3, 4);
+    let work: (String, String, Vec<String>) =
+        sqlx::query_as("select queue, status, flags from work_items where id = $1")
+            .bind(item)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(work, ("support".into(), "queued".into(), vec![]));
+
+    // The same (pilot, uidl) again: nothing at all is added.
+    let mut tx = conn.begin().await.unwrap();
+    assert_eq!(insert_message(&mut tx, &new).await.unwrap(), None);
+    tx.commit().await.unwrap();
+    assert_eq!(count(&mut conn, "messages").await, 1);
+    assert_eq!(count(&mut conn, "attachments").await, 2);
+    assert_eq!(count(&mut conn, "work_items").await, 1);
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn unparsable_oversize_and_nul_laden_messages_are_still_stored() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let app = app(&mut conn, "a").await;
+    let p = pilot(&mut conn, "support", "s@x", app.id).await;
+
+    let broken = ParsedMail {
+        subject: Some("bad\0subject".into()),
+        text_body: Some("body with \0 NUL".into()),
+        from: vec![Address {
+            name: Some("N\0L".into()),
+            email: Some("n@x".into()),
+        }],
+        parse_error: Some("no header/body separator".into()),
+        ..ParsedMail::default()
+    };
+    let mut new = message(&p, "UID-broken", &broken);
+    new.raw = b"\0\0garbage";
+    new.flags = &["oversize", "parse_error"];
+    new.headers_only = true;
+    let item = insert_message(&mut conn, &new).await.unwrap().unwrap();
+    let (flags, subject, body, from, headers_only): (
+        Vec<String>,
+        String,
+        String,
+        sqlx::types::Json<Vec<Address>>,
+        bool,
+    ) = sqlx::query_as(
+        "select w.flags, m.subject, m.text_body, m.from_addrs, m.headers_only \
+             from work_items w join messages m on m.id = w.message_id where w.id = $1",
+    )
+    .bind(item)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(flags, ["oversize", "parse_error"], "flags are deduplicated");
+    assert_eq!(subject, "bad\u{FFFD}subject");
+    assert_eq!(body, "body with \u{FFFD} NUL");
+    assert_eq!(from.0[0].name.as_deref(), Some("N\u{FFFD}L"));
+    assert!(headers_only);
+
+    // parse_error is flagged even when the caller passes no flags.
+    let mut plain = message(&p, "UID-broken-2", &broken);
+    plain.flags = &[];
+    let item = insert_message(&mut conn, &plain).await.unwrap().unwrap();
+    let flags: Vec<String> = sqlx::query_scalar("select flags from work_items where id = $1")
+        .bind(item)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(flags, [FLAG_PARSE_ERROR]);
+
+    // A message for a pilot that does not exist is refused with a clear error.
+    let ghost = PilotRow {
+        id: 9999,
+        ..p.clone()
+    };
+    let err = insert_message(&mut conn, &message(&ghost, "U", &broken))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::NotFound {
+                entity: "pilot",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn fifty_concurrent_inserts_of_one_uidl_store_exactly_one_message() {
+    const RACERS: usize = 50;
+    let db = TestDb::new().await.unwrap();
+    let p = {
+        let mut conn = db.pool().acquire().await.unwrap();
+        let app = app(&mut conn, "a").await;
+        pilot(&mut conn, "support", "s@x", app.id).await
+    };
+    // Separate connections, opened up front so the race starts with all of them ready.
+    let mut connections = Vec::with_capacity(RACERS);
+    for _ in 0..RACERS {
+        connections.push(PgConnection::connect(db.url()).await.unwrap());
+    }
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let parsed = Arc::new(parsed_mail());
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut conn in connections {
+        let barrier = Arc::clone(&barrier);
+        let parsed = Arc::clone(&parsed);
+        let p = p.clone();
+        tasks.spawn(async move {
+            let mut tx = conn.begin().await.unwrap();
+            barrier.wait().await;
+            let result = insert_message(&mut tx, &message(&p, "UID-race", &parsed))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            conn.close().await.unwrap();
+            result
+        });
+    }
+    let mut created = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        if let Some(id) = result.unwrap() {
+            created.push(id);
+        }
+    }
+    assert_eq!(created.len(), 1, "exactly one racer creates the work item");
+    let mut conn = db.pool().acquire().await.unwrap();
+    assert_eq!(count(&mut conn, "messages").await, 1);
+    assert_eq!(count(&mut conn, "work_items").await, 1);
+    assert_eq!(count(&mut conn, "attachments").await, 2);
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn known_uidls_mark_deleted_and_fetch_failures() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let app = app(&mut conn, "a").await;
+    let p = pilot(&mut conn, "support", "s@x", app.id).await;
+    let other = pilot(&mut conn, "sales", "sales@x", app.id).await;
+    let parsed = parsed_mail();
+    insert_message(&mut conn, &message(&p, "A", &parsed))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut headers = message(&p, "B", &parsed);
+    headers.headers_only = true;
+    insert_message(&mut conn, &headers).await.unwrap().unwrap();
+    // Same UIDL on another pilot is a different message.
+    insert_message(&mut conn, &message(&other, "C", &parsed))
+        .await
+        .unwrap()
+        .unwrap();
+
+    assert_eq!(
+        record_fetch_failure(&mut conn, p.id, "D", "connection reset")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        record_fetch_failure(&mut conn, p.id, "D", "timed out")
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        record_fetch_failure(&mut conn, p.id, "D", "timed out again")
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        record_fetch_failure(&mut conn, p.id, "E", "reset")
+            .await
+            .unwrap(),
+        1
+    );
+    let last: (String, i32) =
+        sqlx::query_as("select last_error, attempts from fetch_failures where uidl = 'D'")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(last, ("timed out again".into(), 3));
+    assert!(matches!(
+        record_fetch_failure(&mut conn, 9999, "X", "e").await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    let asked: Vec<String> = ["A", "B", "C", "D", "Z"].map(String::from).to_vec();
+    let known = known_uidls(&mut conn, p.id, &asked).await.unwrap();
+    assert_eq!(known.len(), 3);
+    assert_eq!(
+        known["A"],
+        KnownUidl::Stored {
+            headers_only: false,
+            deleted: false
+        }
+    );
+    assert_eq!(
+        known["B"],
+        KnownUidl::Stored {
+            headers_only: true,
+            deleted: false
+        }
+    );
+    assert_eq!(known["D"], KnownUidl::Failing { attempts: 3 });
+    assert!(!known.contains_key("C"), "C belongs to another pilot");
+
+    // Deletion is recorded once; repeating it (or naming unknown UIDLs) changes nothing.
+    let to_delete: Vec<String> = ["A", "B", "Z"].map(String::from).to_vec();
+    assert_eq!(mark_deleted(&mut conn, p.id, &to_delete).await.unwrap(), 2);
+    assert_eq!(mark_deleted(&mut conn, p.id, &to_delete).await.unwrap(), 0);
+    assert_eq!(
+        mark_deleted(&mut conn, other.id, &to_delete).await.unwrap(),
+        0
+    );
+    let known = known_uidls(&mut conn, p.id, &asked).await.unwrap();
+    assert_eq!(
+        known["A"],
+        KnownUidl::Stored {
+            headers_only: false,
+            deleted: true
+        }
+    );
+
+    // A failing message that finally downloads: the failure record goes with the insert.
+    insert_message(&mut conn, &message(&p, "D", &parsed))
+        .await
+        .unwrap()
+        .unwrap();
+    let known = known_uidls(&mut conn, p.id, &asked).await.unwrap();
+    assert_eq!(
+        known["D"],
+        KnownUidl::Stored {
+            headers_only: false,
+            deleted: false
+        }
+    );
+    assert_eq!(count(&mut conn, "fetch_failures").await, 1);
+
+    assert!(clear_fetch_failure(&mut conn, p.id, "E").await.unwrap());
+    assert!(!clear_fetch_failure(&mut conn, p.id, "E").await.unwrap());
+    assert_eq!(count(&mut conn, "fetch_failures").await, 0);
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn queue_views_count_and_age_work_items() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    assert!(queue_counts(&mut conn).await.unwrap().is_empty());
+    assert!(oldest_queued_age(&mut conn).await.unwrap().is_empty());
+    let app = app(&mut conn, "a").await;
+    let support = pilot(&mut conn, "support", "s@x", app.id).await;
+    let sales = pilot(&mut conn, "sales", "sales@x", app.id).await;
+    let parsed = parsed_mail();
+    let mut items = Vec::new();
+    for uidl in ["1", "2", "3"] {
+        items.push(
+            insert_message(&mut conn, &message(&support, uidl, &parsed))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let sales_item = insert_message(&mut conn, &message(&sales, "1", &parsed))
+        .await
+        .unwrap()
+        .unwrap();
+    // Make ages deterministic: the oldest queued support item waited 5 minutes, sales 1 minute.
+    sqlx::query("update work_items set enqueued_at = now() - interval '5 minutes' where id = $1")
+        .bind(items[1])
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("update work_items set enqueued_at = now() - interval '1 hour', status = 'done' where id = $1")
+        .bind(items[0])
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("update work_items set enqueued_at = now() - interval '1 minute' where id = $1")
+        .bind(sales_item)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+
+    let counts = queue_counts(&mut conn).await.unwrap();
+    let counts: Vec<(&str, &str, i64)> = counts
+        .iter()
+        .map(|c| (c.queue.as_str(), c.status.as_str(), c.count))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("sales", "queued", 1),
+            ("support", "done", 1),
+            ("support", "queued", 2)
+        ]
+    );
+
+    let ages = oldest_queued_age(&mut conn).await.unwrap();
+    assert_eq!(ages.len(), 2);
+    assert_eq!(ages[0].0, "sales");
+    assert!(
+        ages[0].1 >= Duration::from_secs(60) && ages[0].1 < Duration::from_secs(120),
+        "{ages:?}"
+    );
+    assert_eq!(ages[1].0, "support");
+    // The done item is older but no longer queued: it does not count.
+    assert!(
+        ages[1].1 >= Duration::from_secs(300) && ages[1].1 < Duration::from_secs(360),
+        "{ages:?}"
+    );
+
+    let recent = recent_work_items(&mut conn, 2).await.unwrap();
+    assert_eq!(recent.len(), 2);
+    assert_eq!(recent[0].id, items[2], "newest first");
+    assert_eq!(recent[0].queue, "support");
+    assert_eq!(recent[0].status, "queued");
+    assert_eq!(recent[0].subject.as_deref(), Some("Order 42 is late"));
+    assert_eq!(recent[0].from, parsed.from);
+    assert_eq!(recent[0].attachments, 2);
+    assert_eq!(recent[1].id, sales_item);
+    assert_eq!(recent_work_items(&mut conn, 10).await.unwrap().len(), 4);
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+async fn next_notification(listener: &mut PgListener) -> serde_json::Value {
+    let n = tokio::time::timeout(NOTIFY_DEADLINE, listener.recv())
+        .await
+        .expect("a notification within the deadline")
+        .unwrap();
+    assert_eq!(n.channel(), CONFIG_CHANNEL);
+    serde_json::from_str(n.payload()).unwrap()
+}
+
+#[tokio::test]
+async fn config_changes_notify_listeners_but_poll_status_does_not() {
+    let db = TestDb::new().await.unwrap();
+    let mut listener = PgListener::connect(db.url()).await.unwrap();
+    listener.listen(CONFIG_CHANNEL).await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+
+    let app = app(&mut conn, "a").await;
+    let payload = next_notification(&mut listener).await;
+    assert_eq!(
+        payload,
+        serde_json::json!({"table": "oauth_apps", "op": "insert", "id": app.id})
+    );
+
+    let p = pilot(&mut conn, "support", "s@x", app.id).await;
+    let payload = next_notification(&mut listener).await;
+    assert_eq!(
+        payload,
+        serde_json::json!({"table": "pilots", "op": "insert", "id": p.id})
+    );
+
+    // Status writes happen on every poll; they must not wake every worker. Notifications are
+    // delivered in commit order, so if these had notified, they would arrive before the next.
+    record_poll_success(&mut conn, p.id).await.unwrap();
+    record_poll_error(&mut conn, p.id, "e", None).await.unwrap();
+    set_pilot_enabled(&mut conn, p.id, false).await.unwrap();
+    let payload = next_notification(&mut listener).await;
+    assert_eq!(
+        payload,
+        serde_json::json!({"table": "pilots", "op": "update", "id": p.id})
+    );
+
+    sqlx::query("delete from pilots where id = $1")
+        .bind(p.id)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let payload = next_notification(&mut listener).await;
+    assert_eq!(
+        payload,
+        serde_json::json!({"table": "pilots", "op": "delete", "id": p.id})
+    );
+    drop(conn);
+    drop(listener);
+    db.drop_db().await.unwrap();
+}
+
+async fn database_exists(name: &str) -> bool {
+    let mut admin = PgConnection::connect(&testing::admin_url()).await.unwrap();
+    sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+        .bind(name)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn test_databases_are_removed_explicitly_and_on_drop() {
+    let db = TestDb::new().await.unwrap();
+    let name = db.name().to_owned();
+    assert!(name.starts_with("ccmail_t_"));
+    assert!(database_exists(&name).await);
+    db.drop_db().await.unwrap();
+    assert!(!database_exists(&name).await);
+
+    let db = TestDb::new().await.unwrap();
+    let name = db.name().to_owned();
+    let held = db.pool().acquire().await.unwrap();
+    assert!(database_exists(&name).await);
+    // The session still open is terminated by the cleanup, not waited for.
+    drop(db);
+    assert!(!database_exists(&name).await);
+    drop(held);
+}
