@@ -1055,3 +1055,581 @@ fn parse_plain(bytes: &[u8]) -> Option<(String, String)> {
     }
     Some((authcid.to_owned(), password.to_owned()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::entra::SimApp;
+    use anyhow::{Context as _, bail, ensure};
+    use rustls::pki_types::ServerName;
+
+    const DOMAIN: &str = "contoso.example";
+    const MAILBOX: &str = "support@contoso.example";
+    const OTHER: &str = "sales@fabrikam.example";
+
+    struct Fixture {
+        ca: TestCa,
+        pop: Pop3Sim,
+    }
+
+    async fn fixture() -> anyhow::Result<Fixture> {
+        crate::tls::install_crypto_provider();
+        let ca = TestCa::new("pop3 sim test CA")?;
+        let entra = EntraSim::start(&ca).await?;
+        entra.register_app(SimApp {
+            tenant: "3b9f7c1e-0000-4000-8000-000000000001".to_owned(),
+            tenant_domain: DOMAIN.to_owned(),
+            client_id: "app-1".to_owned(),
+            client_secret: "secret-1".to_owned(),
+            secret_expired: false,
+        });
+        let pop = Pop3Sim::start(&ca, entra).await?;
+        pop.add_mailbox(MAILBOX);
+        pop.add_mailbox(OTHER);
+        Ok(Fixture { ca, pop })
+    }
+
+    impl Fixture {
+        /// A token from the simulated token endpoint, fetched over HTTPS.
+        async fn token(&self) -> anyhow::Result<String> {
+            let http = reqwest::Client::builder()
+                .tls_backend_preconfigured(crate::tls::client_config_owned(&[self
+                    .ca
+                    .cert_der()
+                    .clone()])?)
+                .build()?;
+            let json: serde_json::Value = http
+                .post(self.pop.entra().token_url(DOMAIN))
+                .form(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", "app-1"),
+                    ("client_secret", "secret-1"),
+                    ("scope", "https://outlook.office365.com/.default"),
+                ])
+                .send()
+                .await?
+                .json()
+                .await?;
+            Ok(json["access_token"]
+                .as_str()
+                .context("no access_token")?
+                .to_owned())
+        }
+
+        async fn tls(&self) -> anyhow::Result<Client> {
+            let tcp = tokio::net::TcpStream::connect(self.pop.tls_addr()).await?;
+            Client::over_tls(Box::new(tcp), &self.ca).await
+        }
+
+        async fn plain(&self) -> anyhow::Result<Client> {
+            let tcp = tokio::net::TcpStream::connect(self.pop.plain_addr()).await?;
+            Ok(Client {
+                stream: Box::new(tcp),
+                buf: Vec::new(),
+            })
+        }
+
+        /// A TLS session logged into `mailbox` with XOAUTH2, greeting consumed.
+        async fn login(&self, mailbox: &str) -> anyhow::Result<Client> {
+            let token = self.token().await?;
+            let mut c = self.tls().await?;
+            c.line().await?;
+            ensure!(c.cmd("AUTH XOAUTH2").await? == "+ ");
+            let reply = c.cmd(&xoauth2(mailbox, &token)).await?;
+            ensure!(reply == AUTH_SUCCESS, "login failed: {reply}");
+            Ok(c)
+        }
+    }
+
+    fn xoauth2(user: &str, token: &str) -> String {
+        STANDARD.encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"))
+    }
+
+    /// A deliberately dumb POP3 client: raw lines in, raw lines out.
+    struct Client {
+        stream: Box<dyn Stream>,
+        buf: Vec<u8>,
+    }
+
+    impl Client {
+        async fn over_tls(stream: Box<dyn Stream>, ca: &TestCa) -> anyhow::Result<Client> {
+            let config = crate::tls::client_config(&[ca.cert_der().clone()])?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(ServerName::try_from("localhost")?, stream)
+                .await?;
+            Ok(Client {
+                stream: Box::new(tls),
+                buf: Vec::new(),
+            })
+        }
+
+        async fn send(&mut self, line: &str) -> anyhow::Result<()> {
+            self.stream
+                .write_all(format!("{line}\r\n").as_bytes())
+                .await?;
+            self.stream.flush().await?;
+            Ok(())
+        }
+
+        /// One line without its CRLF; a line must end with CRLF.
+        async fn line(&mut self) -> anyhow::Result<String> {
+            let mut chunk = [0u8; 4096];
+            loop {
+                if let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    let line: Vec<u8> = self.buf.drain(..pos + 2).collect();
+                    return Ok(String::from_utf8(line[..pos].to_vec())?);
+                }
+                let n = self.stream.read(&mut chunk).await?;
+                if n == 0 {
+                    bail!("connection closed");
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+
+        async fn cmd(&mut self, line: &str) -> anyhow::Result<String> {
+            self.send(line).await?;
+            self.line().await
+        }
+
+        /// The lines of a multi-line body as sent (still dot-stuffed), without the terminator.
+        async fn body(&mut self) -> anyhow::Result<Vec<String>> {
+            let mut lines = Vec::new();
+            loop {
+                let line = self.line().await?;
+                if line == "." {
+                    return Ok(lines);
+                }
+                lines.push(line);
+            }
+        }
+
+        /// Everything until the server closes; `Ok` also for an abrupt (TLS) close.
+        async fn rest(&mut self) -> Vec<u8> {
+            let mut out = std::mem::take(&mut self.buf);
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = self.stream.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&chunk[..n]);
+            }
+            out
+        }
+    }
+
+    #[tokio::test]
+    async fn greeting_and_capa_on_both_ports_and_stls() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        let mut c = fx.tls().await?;
+        let greeting = c.line().await?;
+        assert!(
+            greeting.starts_with(&format!("{GREETING_PREFIX} [")),
+            "{greeting}"
+        );
+        assert!(greeting.ends_with(']'));
+        assert_eq!(c.cmd("CAPA").await?, "+OK");
+        assert_eq!(
+            c.body().await?,
+            ["TOP", "UIDL", "SASL PLAIN XOAUTH2", "USER"]
+        );
+
+        let mut p = fx.plain().await?;
+        assert!(p.line().await?.starts_with(GREETING_PREFIX));
+        assert_eq!(p.cmd("CAPA").await?, "+OK");
+        assert_eq!(
+            p.body().await?,
+            ["TOP", "UIDL", "SASL PLAIN XOAUTH2", "USER", "STLS"]
+        );
+        assert!(
+            p.cmd("AUTH XOAUTH2").await?.starts_with("-ERR"),
+            "no login in clear"
+        );
+        assert_eq!(p.cmd("STLS").await?, "+OK Begin TLS negotiation.");
+        let mut p = Client::over_tls(p.stream, &fx.ca).await?;
+        assert_eq!(p.cmd("CAPA").await?, "+OK");
+        assert_eq!(
+            p.body().await?,
+            ["TOP", "UIDL", "SASL PLAIN XOAUTH2", "USER"]
+        );
+        assert!(p.cmd("STLS").await?.starts_with("-ERR"));
+        let token = fx.token().await?;
+        assert_eq!(p.cmd("AUTH XOAUTH2").await?, "+ ");
+        assert_eq!(p.cmd(&xoauth2(MAILBOX, &token)).await?, AUTH_SUCCESS);
+        assert_eq!(fx.pop.sessions(), 2);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn one_line_xoauth2_is_refused_and_the_connection_closed() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        let token = fx.token().await?;
+        let mut c = fx.tls().await?;
+        c.line().await?;
+        let blob = xoauth2(MAILBOX, &token);
+        assert_eq!(
+            c.cmd(&format!("AUTH XOAUTH2 {blob}")).await?,
+            ONE_LINE_AUTH_ERROR
+        );
+        assert!(c.rest().await.is_empty(), "closed after the error");
+        assert_eq!(fx.pop.logins(), 0);
+        let commands = fx.pop.commands();
+        assert_eq!(commands, ["AUTH XOAUTH2 <redacted>"]);
+        assert!(!commands.concat().contains(&token));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn two_step_xoauth2_logs_in_with_a_token_from_the_endpoint() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        let token = fx.token().await?;
+        let mut c = fx.login(MAILBOX).await?;
+        assert_eq!(c.cmd("STAT").await?, "+OK 0 0");
+        assert_eq!(fx.pop.logins(), 1);
+        let commands = fx.pop.commands();
+        assert_eq!(commands, ["AUTH XOAUTH2", "<redacted>", "STAT"]);
+        assert!(!commands.concat().contains(&token));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn bad_tokens_and_foreign_mailboxes_get_the_exchange_failure_line() -> anyhow::Result<()>
+    {
+        let fx = fixture().await?;
+        let token = fx.token().await?;
+        let mut c = fx.tls().await?;
+        c.line().await?;
+        let attempts = [
+            xoauth2(MAILBOX, "forged-token"),
+            // A good token for contoso does not open a fabrikam mailbox.
+            xoauth2(OTHER, &token),
+            // Nor a mailbox that does not exist in its own domain.
+            xoauth2("nobody@contoso.example", &token),
+            "not base64!".to_owned(),
+        ];
+        for blob in attempts {
+            assert_eq!(c.cmd("AUTH XOAUTH2").await?, "+ ");
+            assert_eq!(c.cmd(&blob).await?, AUTH_FAILURE);
+        }
+        // The connection stays open, as on Exchange; `*` cancels an exchange.
+        assert_eq!(c.cmd("AUTH XOAUTH2").await?, "+ ");
+        assert!(c.cmd("*").await?.starts_with("-ERR"));
+        assert!(
+            c.cmd("STAT").await?.starts_with("-ERR"),
+            "still not logged in"
+        );
+        assert_eq!(fx.pop.auth_failures(), 4);
+
+        fx.pop.entra().revoke_all();
+        assert_eq!(c.cmd("AUTH XOAUTH2").await?, "+ ");
+        assert_eq!(c.cmd(&xoauth2(MAILBOX, &token)).await?, AUTH_FAILURE);
+        assert_eq!(fx.pop.logins(), 0);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn user_pass_and_auth_plain_check_the_mailbox_password() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        fx.pop.set_password(MAILBOX, "hunter2");
+        let mut c = fx.tls().await?;
+        c.line().await?;
+        assert_eq!(c.cmd(&format!("USER {MAILBOX}")).await?, "+OK");
+        assert!(c.cmd("PASS wrong").await?.starts_with("-ERR"));
+        assert_eq!(c.cmd(&format!("USER {MAILBOX}")).await?, "+OK");
+        assert_eq!(
+            c.cmd("PASS hunter2").await?,
+            "+OK User successfully logged on."
+        );
+
+        let plain = STANDARD.encode(format!("\0{MAILBOX}\0hunter2"));
+        let mut c = fx.tls().await?;
+        c.line().await?;
+        assert_eq!(c.cmd(&format!("AUTH PLAIN {plain}")).await?, AUTH_SUCCESS);
+        let mut c = fx.tls().await?;
+        c.line().await?;
+        assert_eq!(c.cmd("AUTH PLAIN").await?, "+ ");
+        assert_eq!(
+            c.cmd(&STANDARD.encode(format!("\0{MAILBOX}\0nope")))
+                .await?,
+            AUTH_FAILURE
+        );
+        assert_eq!(fx.pop.logins(), 2);
+        let commands = fx.pop.commands();
+        assert!(!commands.concat().contains("hunter2"), "{commands:?}");
+        assert!(commands.contains(&"PASS <redacted>".to_owned()));
+        assert!(commands.contains(&"AUTH PLAIN <redacted>".to_owned()));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn retr_serves_crlf_dot_stuffed_messages_with_estimated_sizes() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        let raw = b"Subject: dots\nFrom: a@b.example\n\n.leading dot\n..two dots\nlast".to_vec();
+        let uidl = fx.pop.deliver(MAILBOX, raw.clone());
+        assert!(uidl.len() <= 70 && uidl.bytes().all(|b| b.is_ascii_graphic()));
+        let crlf_len = to_crlf(&raw).len();
+
+        let mut c = fx.login(MAILBOX).await?;
+        let stat = c.cmd("STAT").await?;
+        let size: usize = stat.rsplit(' ').next().context("size")?.parse()?;
+        assert!(stat.starts_with("+OK 1 "));
+        assert!(
+            size > crlf_len,
+            "LIST/STAT sizes are estimates, never exact"
+        );
+        assert_eq!(c.cmd("LIST 1").await?, format!("+OK 1 {size}"));
+        assert_eq!(c.cmd("UIDL").await?, "+OK");
+        assert_eq!(c.body().await?, [format!("1 {uidl}")]);
+
+        c.send("RETR 1").await?;
+        let mut wire = Vec::new();
+        loop {
+            let line = c.line().await?;
+            let end = line == ".";
+            wire.extend_from_slice(line.as_bytes());
+            wire.extend_from_slice(b"\r\n");
+            if end {
+                break;
+            }
+        }
+        assert_eq!(
+            String::from_utf8(wire)?,
+            "+OK\r\nSubject: dots\r\nFrom: a@b.example\r\n\r\n..leading dot\r\n...two dots\r\nlast\r\n.\r\n"
+        );
+        assert_eq!(c.cmd("TOP 1 1").await?, "+OK");
+        assert_eq!(
+            c.body().await?,
+            ["Subject: dots", "From: a@b.example", "", "..leading dot"]
+        );
+        assert!(c.cmd("RETR 2").await?.starts_with("-ERR"));
+        assert!(c.cmd("RETR x").await?.starts_with("-ERR"));
+        assert!(c.cmd("FROB").await?.starts_with("-ERR"));
+        assert!(
+            c.cmd(&"X".repeat(300)).await?.starts_with("-ERR"),
+            "over 255 octets"
+        );
+        assert_eq!(c.cmd("NOOP").await?, "+OK");
+        assert_eq!(
+            fx.pop.messages(MAILBOX),
+            [(uidl, raw)],
+            "stored as delivered"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn only_quit_applies_dele() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        let first = fx
+            .pop
+            .deliver(MAILBOX, b"Subject: 1\r\n\r\none\r\n".to_vec());
+        let second = fx
+            .pop
+            .deliver(MAILBOX, b"Subject: 2\r\n\r\ntwo\r\n".to_vec());
+
+        // DELE, then the connection just ends: nothing is removed.
+        let mut c = fx.login(MAILBOX).await?;
+        assert_eq!(c.cmd("DELE 1").await?, "+OK");
+        assert!(
+            c.cmd("RETR 1").await?.starts_with("-ERR"),
+            "deleted is gone"
+        );
+        assert!(c.cmd("DELE 1").await?.starts_with("-ERR"));
+        drop(c);
+        let mut c = fx.login(MAILBOX).await?;
+        assert_eq!(c.cmd("UIDL").await?, "+OK");
+        assert_eq!(
+            c.body().await?,
+            [format!("1 {first}"), format!("2 {second}")]
+        );
+
+        // RSET unmarks; DELE + QUIT removes.
+        assert_eq!(c.cmd("DELE 2").await?, "+OK");
+        assert_eq!(c.cmd("RSET").await?, "+OK");
+        assert_eq!(c.cmd("DELE 1").await?, "+OK");
+        // Delivered during the session: not in this session's maildrop, kept by QUIT.
+        let third = fx.pop.deliver(MAILBOX, b"Subject: 3\n\nthree\n".to_vec());
+        assert!(c.cmd("RETR 3").await?.starts_with("-ERR"));
+        assert!(c.cmd("QUIT").await?.starts_with("+OK"));
+        let left: Vec<String> = fx.pop.messages(MAILBOX).into_iter().map(|m| m.0).collect();
+        assert_eq!(left, [second.clone(), third.clone()]);
+
+        let mut c = fx.login(MAILBOX).await?;
+        assert_eq!(c.cmd("UIDL").await?, "+OK");
+        assert_eq!(
+            c.body().await?,
+            [format!("1 {second}"), format!("2 {third}")]
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn quit_faults_decide_whether_deletions_happen() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        let uidl = fx.pop.deliver(MAILBOX, b"Subject: q\r\n\r\nq\r\n".to_vec());
+        fx.pop.set_fault(Some(Fault::DropAfterCommand {
+            command: "quit".to_owned(),
+        }));
+        let mut c = fx.login(MAILBOX).await?;
+        assert_eq!(c.cmd("DELE 1").await?, "+OK");
+        c.send("QUIT").await?;
+        assert!(c.rest().await.is_empty());
+        assert_eq!(fx.pop.messages(MAILBOX).len(), 1, "dropped before QUIT ran");
+
+        fx.pop.set_fault(Some(Fault::DropBeforeReply {
+            command: "QUIT".to_owned(),
+        }));
+        let mut c = fx.login(MAILBOX).await?;
+        assert_eq!(c.cmd("DELE 1").await?, "+OK");
+        c.send("QUIT").await?;
+        assert!(c.rest().await.is_empty(), "no +OK for the QUIT");
+        assert!(
+            fx.pop.messages(MAILBOX).is_empty(),
+            "QUIT ran: {uidl} is gone"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn err_and_retr_faults() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        let one = fx.pop.deliver(MAILBOX, b"Subject: 1\r\n\r\n1\r\n".to_vec());
+        fx.pop.deliver(MAILBOX, b"Subject: 2\r\n\r\n2\r\n".to_vec());
+        fx.pop.fail_retr(&one, 2);
+        fx.pop.set_fault(Some(Fault::Err {
+            command: "RETR 2".to_owned(),
+            line: "-ERR [IN-USE] Mailbox in use.".to_owned(),
+        }));
+        let mut c = fx.login(MAILBOX).await?;
+        assert_eq!(c.cmd("RETR 1").await?, RETR_FAILURE);
+        assert_eq!(c.cmd("RETR 1").await?, RETR_FAILURE);
+        assert_eq!(c.cmd("RETR 1").await?, "+OK");
+        assert_eq!(c.body().await?, ["Subject: 1", "", "1"]);
+        assert_eq!(c.cmd("RETR 2").await?, "-ERR [IN-USE] Mailbox in use.");
+        assert_eq!(c.cmd("RETR 2").await?, "-ERR [IN-USE] Mailbox in use.");
+
+        fx.pop.clear_faults();
+        let mut c = fx.login(MAILBOX).await?;
+        assert_eq!(c.cmd("RETR 2").await?, "+OK", "cleared faults do not apply");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn drop_after_retr_bytes_cuts_the_message() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        fx.pop.deliver(
+            MAILBOX,
+            format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(5000)).into_bytes(),
+        );
+        fx.pop.set_fault(Some(Fault::DropAfterRetrBytes(1000)));
+        let mut c = fx.login(MAILBOX).await?;
+        c.send("RETR 1").await?;
+        let got = c.rest().await;
+        assert_eq!(got.len(), 1000);
+        assert!(got.starts_with(b"+OK\r\nSubject: big\r\n"));
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hang_never_answers_and_ends_on_shutdown() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        fx.pop.set_fault(Some(Fault::Hang {
+            command: "UIDL".to_owned(),
+        }));
+        let mut c = fx.login(MAILBOX).await?;
+        c.send("UIDL").await?;
+        let waited = tokio::time::timeout(Duration::from_secs(3600), c.line()).await;
+        assert!(waited.is_err(), "no answer within an hour");
+
+        // Another session is served meanwhile.
+        fx.pop.clear_faults();
+        let mut other = fx.login(MAILBOX).await?;
+        assert_eq!(other.cmd("STAT").await?, "+OK 0 0");
+
+        fx.pop.shutdown();
+        assert!(
+            c.rest().await.is_empty(),
+            "the hung session ends with the simulator"
+        );
+        fx.pop.stopped().await;
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_writes_in_delayed_chunks() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        fx.pop.set_fault(Some(Fault::Slow {
+            chunk: 10,
+            delay: Duration::from_secs(1),
+        }));
+        let started = tokio::time::Instant::now();
+        let mut c = fx.tls().await?;
+        let greeting = c.line().await?;
+        assert!(greeting.starts_with(GREETING_PREFIX));
+        let chunks = (greeting.len() + 2).div_ceil(10) as u64;
+        assert!(started.elapsed() >= Duration::from_secs(chunks));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn shutdown_and_drop_end_listeners_and_sessions() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        let mut c = fx.login(MAILBOX).await?;
+        let (tls, plain) = (fx.pop.tls_addr(), fx.pop.plain_addr());
+        fx.pop.clone().shutdown();
+        assert!(tokio::net::TcpStream::connect(tls).await.is_err());
+        assert!(tokio::net::TcpStream::connect(plain).await.is_err());
+        assert!(c.rest().await.is_empty());
+        fx.pop.stopped().await;
+
+        let fx = fixture().await?;
+        let addr = fx.pop.tls_addr();
+        let life = fx.pop.shared.life.clone();
+        let mut c = fx.login(MAILBOX).await?;
+        drop(fx);
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+        assert!(c.rest().await.is_empty());
+        life.stopped().await;
+        Ok(())
+    }
+
+    #[test]
+    fn microsofts_documented_xoauth2_blob_parses() -> anyhow::Result<()> {
+        let blob = "dXNlcj10ZXN0QGNvbnRvc28ub25taWNyb3NvZnQuY29tAWF1dGg9QmVhcmVyIEV3QkFBbDNCQUFVRkZwVUFvN0ozVmUwYmpMQldaV0NjbFJDM0VvQUEBAQ==";
+        let parsed = decode_base64(blob).and_then(|b| parse_xoauth2(&b));
+        assert_eq!(
+            parsed,
+            Some((
+                "test@contoso.onmicrosoft.com".to_owned(),
+                "EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA".to_owned()
+            ))
+        );
+        assert_eq!(parse_xoauth2(b"user=a@b\x01auth=Bearer t\x01"), None);
+        Ok(())
+    }
+
+    #[test]
+    fn fault_commands_match_whole_words() {
+        let retr = Fault::Err {
+            command: "RETR".to_owned(),
+            line: "-ERR".to_owned(),
+        };
+        assert!(retr.matches("retr 1"));
+        assert!(retr.matches("RETR"));
+        assert!(!retr.matches("RETRX 1"));
+        let retr2 = Fault::Hang {
+            command: "RETR 2".to_owned(),
+        };
+        assert!(retr2.matches("RETR 2"));
+        assert!(!retr2.matches("RETR 20"));
+        assert!(!Fault::DropAfterRetrBytes(3).matches("RETR 1"));
+    }
+
+    #[test]
+    fn uidls_are_unique_and_exchange_shaped() {
+        let a = new_uidl(1);
+        let b = new_uidl(2);
+        assert_ne!(a, b);
+        assert!(a.starts_with("AAQkAD") && a.len() <= 70);
+    }
+}
