@@ -911,7 +911,9 @@ mod tests {
         let good = form(CLIENT, Some(SECRET), SCOPE);
         let mut bad_grant = good.clone();
         bad_grant[0] = ("grant_type", "password");
-        let cases: Vec<(&str, Vec<(&str, &str)>, u16, &str, u32)> = vec![
+        // (tenant, form, status, error, AADSTS code)
+        type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, &'a str, u32);
+        let cases: Vec<Case> = vec![
             ("common", good.clone(), 400, "invalid_request", 9001023),
             (
                 "organizations",
