@@ -4,6 +4,9 @@
 //! tokens, [`ingest`] parses messages and moves them into PostgreSQL through [`store`];
 //! [`sim`] plays Exchange Online and Entra ID for the demo and the tests.
 
+pub mod bench;
+pub mod config;
+pub mod demo;
 pub mod ingest;
 pub mod oauth;
 pub mod pop3;

@@ -1,3 +1,5 @@
 //! Ingest: parsing messages and moving them from a maildrop into PostgreSQL.
 
 pub mod parse;
+pub mod poller;
+pub mod supervisor;

@@ -21,16 +21,21 @@ use super::connection::{Connection, Stream, Timeouts};
 use super::{Error, sasl};
 
 /// How the connection is protected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TlsMode {
     /// TLS from the first byte (port 995). Exchange Online's documented mode.
     Implicit,
     /// Plain connect, then `STLS` (RFC 2595) before any credential is sent.
-    Starttls,
+    StartTls,
     /// No TLS at all, credentials in clear text. Only for local test servers; never use it
     /// across a network.
     DangerousPlaintext,
+}
+
+impl std::fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl TlsMode {
@@ -38,16 +43,16 @@ impl TlsMode {
     pub fn as_str(self) -> &'static str {
         match self {
             TlsMode::Implicit => "implicit",
-            TlsMode::Starttls => "starttls",
+            TlsMode::StartTls => "starttls",
             TlsMode::DangerousPlaintext => "dangerous_plaintext",
         }
     }
 
-    /// Parses [`TlsMode::as_str`]'s names.
+    /// Parses [`TlsMode::as_str`]'s names (as stored in `pilots.tls`).
     pub fn parse(s: &str) -> Option<TlsMode> {
         match s {
             "implicit" => Some(TlsMode::Implicit),
-            "starttls" => Some(TlsMode::Starttls),
+            "starttls" => Some(TlsMode::StartTls),
             "dangerous_plaintext" => Some(TlsMode::DangerousPlaintext),
             _ => None,
         }
@@ -150,7 +155,7 @@ impl Client<Stream> {
                 client.capa().await?;
                 Ok(client)
             }
-            TlsMode::Starttls => {
+            TlsMode::StartTls => {
                 let conn = Connection::new(Stream::Plain(tcp), false, t);
                 let mut client = Client::from_connection(conn, false).await?;
                 let offers_stls = client.capa().await?.is_some_and(|c| c.has("STLS"));

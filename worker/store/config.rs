@@ -7,7 +7,6 @@
 //! configuration NOTIFY.
 
 use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -123,49 +122,7 @@ impl fmt::Debug for AppRow {
     }
 }
 
-/// How a pilot's POP3 connection is secured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TlsMode {
-    /// TLS from the first byte (port 995). Exchange Online's documented mode.
-    Implicit,
-    /// Plain connection upgraded with `STLS` (port 110).
-    StartTls,
-    /// No TLS at all: credentials and mail cross the network readable. Tests and labs only.
-    DangerousPlaintext,
-}
-
-impl TlsMode {
-    /// The value stored in `pilots.tls`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TlsMode::Implicit => "implicit",
-            TlsMode::StartTls => "starttls",
-            TlsMode::DangerousPlaintext => "dangerous_plaintext",
-        }
-    }
-}
-
-impl fmt::Display for TlsMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for TlsMode {
-    type Err = StoreError;
-
-    fn from_str(value: &str) -> Result<TlsMode, StoreError> {
-        match value {
-            "implicit" => Ok(TlsMode::Implicit),
-            "starttls" => Ok(TlsMode::StartTls),
-            "dangerous_plaintext" => Ok(TlsMode::DangerousPlaintext),
-            other => Err(StoreError::InvalidInput {
-                field: "tls",
-                reason: format!("{other:?} is not one of implicit, starttls, dangerous_plaintext"),
-            }),
-        }
-    }
-}
+pub use crate::pop3::TlsMode;
 
 /// How a pilot logs in.
 #[derive(Clone, PartialEq, Eq)]
@@ -304,10 +261,7 @@ impl TryFrom<PilotRecord> for PilotRow {
             id: r.id,
             port: u16::try_from(r.port)
                 .map_err(|_| unexpected("pilots.port", r.port.to_string()))?,
-            tls: r
-                .tls
-                .parse()
-                .map_err(|_| unexpected("pilots.tls", r.tls.clone()))?,
+            tls: TlsMode::parse(&r.tls).ok_or_else(|| unexpected("pilots.tls", r.tls.clone()))?,
             auth,
             poll_interval: u64::try_from(r.poll_interval_secs)
                 .map(Duration::from_secs)

@@ -300,3 +300,18 @@ pub async fn clear_fetch_failure(
         .await?;
     Ok(done.rows_affected() > 0)
 }
+
+/// The first 16 KiB of every stored message of these pilots (the header section, in practice):
+/// enough for checks that read a header, without loading whole messages.
+pub async fn message_heads(
+    conn: &mut PgConnection,
+    pilot_ids: &[i64],
+) -> Result<Vec<Vec<u8>>, StoreError> {
+    let rows: Vec<(Vec<u8>,)> = sqlx::query_as(
+        "select substring(raw from 1 for 16384) from messages where pilot_id = any($1) order by id",
+    )
+    .bind(pilot_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().map(|(head,)| head).collect())
+}

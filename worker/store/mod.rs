@@ -36,7 +36,7 @@ pub use config::{
 pub use error::StoreError;
 pub use ingest::{
     FLAG_PARSE_ERROR, KnownUidl, NewMessage, clear_fetch_failure, insert_message, known_uidls,
-    mark_deleted, record_fetch_failure,
+    mark_deleted, message_heads, record_fetch_failure,
 };
 pub use queue::{QueueCount, WorkItemView, oldest_queued_age, queue_counts, recent_work_items};
 
@@ -75,6 +75,14 @@ fn describe_target(options: &PgConnectOptions) -> String {
         None => format!("{}:{}", options.get_host(), options.get_port()),
     };
     format!("{}@{place}/{database}", options.get_username())
+}
+
+/// `user@host:port/database` of a database URL, safe to print (never the password).
+pub fn redacted_url(url: &str) -> String {
+    match parse_url(url) {
+        Ok(options) => describe_target(&options),
+        Err(_) => "<invalid database URL>".to_owned(),
+    }
 }
 
 /// Turns a failed first connection into an error that says which server and what to check.

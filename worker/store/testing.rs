@@ -35,7 +35,12 @@ pub struct TestDb {
 impl TestDb {
     /// Creates `ccmail_t_<random>`, applies the migrations and opens a small pool on it.
     pub async fn new() -> Result<TestDb, StoreError> {
-        let admin = super::parse_url(&admin_url())?;
+        TestDb::on_server(&admin_url()).await
+    }
+
+    /// Creates `ccmail_t_<random>` on the server of `url` (any database URL of that server).
+    pub async fn on_server(url: &str) -> Result<TestDb, StoreError> {
+        let admin = super::parse_url(url)?;
         let name = format!("ccmail_t_{:016x}", fastrand::u64(..));
         let mut conn = admin
             .connect()

@@ -40,6 +40,7 @@ async fn pilot(conn: &mut PgConnection, queue: &str, mailbox: &str, app_id: i64)
 
 fn parsed_mail() -> ParsedMail {
     ParsedMail {
+        defects: Vec::new(),
         message_id: Some("<m1@contoso.com>".into()),
         subject: Some("Order 42 is late".into()),
         from: vec![Address {

@@ -1,0 +1,485 @@
+//! Typed settings, loaded once at start-up and passed down explicitly.
+//!
+//! Sources, later ones win: built-in defaults, the TOML file (`--config`, else
+//! `config/ccmail.toml` when it exists), then environment variables `CCMAIL_<SECTION>_<KEY>`
+//! (for example `CCMAIL_WORKER_MAX_MESSAGES_PER_POLL=200`) and `DATABASE_URL`. Unknown keys are
+//! errors that name the key and where it came from. This is the only module that reads the
+//! environment (besides secret references resolved in `secrets.rs`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where the settings file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "config/ccmail.toml";
+/// The database the demo and a bare `ccmail run` use when nothing else is configured.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/ccmail";
+/// Environment variable holding the base64 master key that seals stored secrets.
+pub const MASTER_KEY_ENV: &str = "CCMAIL_MASTER_KEY";
+
+/// All settings.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub worker: WorkerConfig,
+    pub pop3: Pop3Config,
+    pub oauth: OAuthConfig,
+    pub secrets: SecretsConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL; `DATABASE_URL` overrides it.
+    pub url: String,
+    pub max_connections: u32,
+}
+
+/// `[worker]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Messages downloaded per poll at most; when more are waiting the pilot polls again at once.
+    pub max_messages_per_poll: usize,
+    /// Messages stored per transaction at most (DELE follows each commit).
+    pub batch_messages: usize,
+    /// Octets of messages held before a commit at most.
+    pub batch_bytes: usize,
+    /// A message whose RETR fails this many times is skipped and flagged.
+    pub max_retr_attempts: u32,
+    /// Re-read pilots from the database this often (NOTIFY wakes the worker sooner).
+    pub reload_interval_secs: u64,
+    /// On SIGTERM/SIGINT, wait this long for pollers to finish their current message and QUIT.
+    pub shutdown_grace_secs: u64,
+    /// Random spread added to each poll interval, as a fraction of it (0.1 = up to 10 %).
+    pub poll_jitter: f64,
+    /// Backoff after a transient failure starts here and doubles up to `max_backoff_secs`.
+    pub initial_backoff_secs: u64,
+    pub max_backoff_secs: u64,
+    /// Wait after a permanent failure (configuration error) before trying again.
+    pub permanent_retry_secs: u64,
+}
+
+/// `[pop3]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pop3Config {
+    pub connect_timeout_secs: u64,
+    pub tls_timeout_secs: u64,
+    pub command_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+}
+
+/// `[oauth]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OAuthConfig {
+    pub connect_timeout_secs: u64,
+    pub total_timeout_secs: u64,
+    /// Ask for a new token this long before the current one expires.
+    pub refresh_ahead_secs: u64,
+    /// Extra PEM CA bundle trusted for the token endpoint (a TLS-inspecting proxy).
+    pub extra_ca_file: Option<PathBuf>,
+}
+
+/// `[secrets]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    /// File holding the master key (base64 text or 32 raw bytes). `CCMAIL_MASTER_KEY` wins.
+    pub master_key_file: Option<PathBuf>,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the /metrics, /healthz and /readyz listener.
+    pub listen: String,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `ccmail=debug,info`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database: DatabaseConfig::default(),
+            worker: WorkerConfig::default(),
+            pop3: Pop3Config::default(),
+            oauth: OAuthConfig::default(),
+            secrets: SecretsConfig::default(),
+            http: HttpConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: DEFAULT_DATABASE_URL.to_owned(),
+            max_connections: 10,
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            max_messages_per_poll: 500,
+            batch_messages: 50,
+            batch_bytes: 16 * 1024 * 1024,
+            max_retr_attempts: 5,
+            reload_interval_secs: 30,
+            shutdown_grace_secs: 30,
+            poll_jitter: 0.1,
+            initial_backoff_secs: 5,
+            max_backoff_secs: 300,
+            permanent_retry_secs: 900,
+        }
+    }
+}
+
+impl Default for Pop3Config {
+    fn default() -> Self {
+        Pop3Config {
+            connect_timeout_secs: 15,
+            tls_timeout_secs: 15,
+            command_timeout_secs: 60,
+            idle_timeout_secs: 60,
+        }
+    }
+}
+
+impl Default for OAuthConfig {
+    fn default() -> Self {
+        OAuthConfig {
+            connect_timeout_secs: 10,
+            total_timeout_secs: 30,
+            refresh_ahead_secs: 300,
+            extra_ca_file: None,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:9898".to_owned(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Json,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// A settings problem, naming the key and its source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read settings file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("settings file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+const SECTIONS: [&str; 7] = [
+    "database", "worker", "pop3", "oauth", "secrets", "http", "log",
+];
+
+impl Config {
+    /// Loads defaults, then `path` (or [`DEFAULT_CONFIG_PATH`] if present), then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let (table, origin) = match path {
+            Some(p) => (read_table(p)?, p.display().to_string()),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => (
+                read_table(Path::new(DEFAULT_CONFIG_PATH))?,
+                DEFAULT_CONFIG_PATH.to_owned(),
+            ),
+            None => (toml::Table::new(), "defaults".to_owned()),
+        };
+        Config::from_sources(table, &origin, &env)
+    }
+
+    /// Builds settings from a parsed file and a list of environment variables (testable
+    /// without touching the process environment).
+    pub fn from_sources(
+        mut table: toml::Table,
+        origin: &str,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        for (var, value) in env {
+            if var == "DATABASE_URL" {
+                set(
+                    &mut table,
+                    "database",
+                    "url",
+                    toml::Value::String(value.clone()),
+                );
+                continue;
+            }
+            let Some(rest) = var.strip_prefix("CCMAIL_") else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            let Some(section) = SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) else {
+                continue; // CCMAIL_MASTER_KEY and test variables are not settings
+            };
+            let key = &rest[section.len() + 1..];
+            set(&mut table, section, key, env_value(value));
+        }
+        let config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let message = e.to_string();
+            if origin == "defaults" || message.contains("CCMAIL_") {
+                ConfigError::Env {
+                    var: "CCMAIL_*".to_owned(),
+                    message: message.trim().to_owned(),
+                }
+            } else {
+                ConfigError::File {
+                    path: origin.to_owned(),
+                    message: format!("{} (or a CCMAIL_* variable overriding it)", message.trim()),
+                }
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            (
+                "worker.max_messages_per_poll",
+                self.worker.max_messages_per_poll,
+            ),
+            ("worker.batch_messages", self.worker.batch_messages),
+            ("worker.batch_bytes", self.worker.batch_bytes),
+            (
+                "database.max_connections",
+                self.database.max_connections as usize,
+            ),
+            (
+                "worker.max_retr_attempts",
+                self.worker.max_retr_attempts as usize,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "must be at least 1".to_owned(),
+                });
+            }
+        }
+        if !(0.0..=1.0).contains(&self.worker.poll_jitter) {
+            return Err(ConfigError::Invalid {
+                key: "worker.poll_jitter",
+                message: "must be between 0 and 1".to_owned(),
+            });
+        }
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                key: "http.listen",
+                message: format!(
+                    "{:?} is not an address like 127.0.0.1:9898",
+                    self.http.listen
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// POP3 deadlines.
+    pub fn pop3_timeouts(&self) -> crate::pop3::Timeouts {
+        crate::pop3::Timeouts {
+            connect: Duration::from_secs(self.pop3.connect_timeout_secs),
+            tls: Duration::from_secs(self.pop3.tls_timeout_secs),
+            command: Duration::from_secs(self.pop3.command_timeout_secs),
+            idle: Duration::from_secs(self.pop3.idle_timeout_secs),
+        }
+    }
+
+    /// The master key from `CCMAIL_MASTER_KEY` or `secrets.master_key_file`, if configured.
+    pub fn master_key(&self) -> Result<Option<crate::secrets::MasterKey>, ConfigError> {
+        if let Ok(value) = std::env::var(MASTER_KEY_ENV) {
+            return crate::secrets::MasterKey::from_base64(value.trim())
+                .map(Some)
+                .map_err(|e| ConfigError::Env {
+                    var: MASTER_KEY_ENV.to_owned(),
+                    message: e.to_string(),
+                });
+        }
+        match &self.secrets.master_key_file {
+            Some(path) => crate::secrets::MasterKey::from_file(path)
+                .map(Some)
+                .map_err(|e| ConfigError::Invalid {
+                    key: "secrets.master_key_file",
+                    message: e.to_string(),
+                }),
+            None => Ok(None),
+        }
+    }
+}
+
+fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    text.parse::<toml::Table>().map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        message: e.to_string().trim().to_owned(),
+    })
+}
+
+fn set(table: &mut toml::Table, section: &str, key: &str, value: toml::Value) {
+    let entry = table
+        .entry(section.to_owned())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(t) = entry {
+        t.insert(key.to_owned(), value);
+    }
+}
+
+/// Environment values are strings; numbers and booleans are recognised so they fit typed keys.
+fn env_value(value: &str) -> toml::Value {
+    if let Ok(i) = value.parse::<i64>() {
+        toml::Value::Integer(i)
+    } else if let Ok(f) = value.parse::<f64>() {
+        toml::Value::Float(f)
+    } else if let Ok(b) = value.parse::<bool>() {
+        toml::Value::Boolean(b)
+    } else {
+        toml::Value::String(value.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_file_then_env() {
+        let table: toml::Table = "[worker]\nmax_messages_per_poll = 42\n[log]\nformat = \"text\"\n"
+            .parse()
+            .unwrap();
+        let c = Config::from_sources(
+            table,
+            "test.toml",
+            &env(&[
+                ("CCMAIL_WORKER_BATCH_MESSAGES", "7"),
+                ("DATABASE_URL", "postgres://db/x"),
+                ("CCMAIL_MASTER_KEY", "ignored-here"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.worker.max_messages_per_poll, 42);
+        assert_eq!(c.worker.batch_messages, 7);
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.database.url, "postgres://db/x");
+        assert_eq!(c.pop3, Pop3Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let table: toml::Table = "[worker]\nmax_mesages_per_poll = 1\n".parse().unwrap();
+        let e = Config::from_sources(table, "ccmail.toml", &[]).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("ccmail.toml") && text.contains("max_mesages_per_poll"),
+            "{text}"
+        );
+
+        let e = Config::from_sources(
+            toml::Table::new(),
+            "defaults",
+            &env(&[("CCMAIL_WORKER_NOPE", "1")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let e = Config::from_sources(
+            toml::Table::new(),
+            "defaults",
+            &env(&[("CCMAIL_WORKER_BATCH_MESSAGES", "0")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("worker.batch_messages"), "{e}");
+        let e = Config::from_sources(
+            toml::Table::new(),
+            "defaults",
+            &env(&[("CCMAIL_HTTP_LISTEN", "nowhere")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("http.listen"), "{e}");
+    }
+
+    #[test]
+    fn example_file_is_complete_and_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/ccmail.example.toml");
+        let table = read_table(&path).unwrap();
+        let c = Config::from_sources(table.clone(), "example", &[]).unwrap();
+        // The example documents every setting with its default value (optional settings
+        // without a default are documented as comments and not serialised).
+        assert_eq!(c, Config::default());
+        let toml::Value::Table(defaults) = toml::Value::try_from(Config::default()).unwrap() else {
+            panic!("settings do not serialise to a table")
+        };
+        for (section, keys) in defaults {
+            let toml::Value::Table(keys) = keys else {
+                continue;
+            };
+            for key in keys.keys() {
+                let present = table
+                    .get(&section)
+                    .and_then(|s| s.as_table())
+                    .is_some_and(|s| s.contains_key(key));
+                assert!(present, "config/ccmail.example.toml lacks {section}.{key}");
+            }
+        }
+    }
+}

@@ -1,0 +1,479 @@
+//! Runs one poller task per enabled pilot and keeps that set in step with the database.
+//!
+//! Pilots and apps are data: the supervisor reads them at start, again whenever PostgreSQL
+//! sends a `ccmail_config` notification (a wake-up hint), and every `reload_interval` (the
+//! truth, in case a notification was missed). A pilot whose row or app changed is restarted
+//! between polls; a disabled or removed one is stopped.
+//!
+//! Shutdown: cancelling the token stops every poller between two messages; each finishes the
+//! message in hand, commits, sends DELE and QUIT, and exits. The supervisor waits for them at
+//! most `shutdown_grace`, then returns anyway (a poller cut off there loses nothing: it never
+//! sent QUIT, so the server deleted nothing).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ingest::poller::{self, IngestLimits, Pilot, PilotAuth, PollReport};
+use crate::oauth::{self, AppCredentials, AppKey, TokenCache};
+use crate::pop3::{ServerSpec, Timeouts};
+use crate::secrets::{self, MasterKey};
+use crate::store::{self, AppRow, PilotRow};
+
+/// Pacing and limits for every poller.
+#[derive(Debug, Clone)]
+pub struct SupervisorSettings {
+    pub limits: IngestLimits,
+    pub timeouts: Timeouts,
+    pub reload_interval: Duration,
+    pub poll_jitter: f64,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub permanent_retry: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl SupervisorSettings {
+    /// From the loaded settings.
+    pub fn from_config(config: &crate::config::Config) -> SupervisorSettings {
+        let w = &config.worker;
+        SupervisorSettings {
+            limits: IngestLimits {
+                max_messages_per_poll: w.max_messages_per_poll,
+                batch_messages: w.batch_messages,
+                batch_bytes: w.batch_bytes,
+                max_retr_attempts: w.max_retr_attempts,
+            },
+            timeouts: config.pop3_timeouts(),
+            reload_interval: Duration::from_secs(w.reload_interval_secs.max(1)),
+            poll_jitter: w.poll_jitter,
+            initial_backoff: Duration::from_secs(w.initial_backoff_secs.max(1)),
+            max_backoff: Duration::from_secs(w.max_backoff_secs.max(1)),
+            permanent_retry: Duration::from_secs(w.permanent_retry_secs.max(1)),
+            shutdown_grace: Duration::from_secs(w.shutdown_grace_secs),
+        }
+    }
+}
+
+/// The latest outcome of each pilot, for the demo, `/metrics` and tests.
+#[derive(Debug, Clone, Default)]
+pub struct PilotStatus {
+    pub polls: u64,
+    pub last_report: Option<PollReport>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: u32,
+}
+
+/// Shared view of the pollers' progress.
+pub type StatusBoard = Arc<Mutex<HashMap<i64, PilotStatus>>>;
+
+/// Owns the poller tasks.
+pub struct Supervisor {
+    pool: PgPool,
+    tokens: Arc<TokenCache>,
+    settings: SupervisorSettings,
+    master_key: Option<MasterKey>,
+    /// Only these pilots (the demo runs its own pilots beside any others in the database).
+    only: Option<HashSet<i64>>,
+    status: StatusBoard,
+}
+
+struct Running {
+    fingerprint: String,
+    cancel: CancellationToken,
+}
+
+impl Supervisor {
+    /// A supervisor over the pilots in `pool`.
+    pub fn new(
+        pool: PgPool,
+        tokens: Arc<TokenCache>,
+        settings: SupervisorSettings,
+        master_key: Option<MasterKey>,
+    ) -> Supervisor {
+        Supervisor {
+            pool,
+            tokens,
+            settings,
+            master_key,
+            only: None,
+            status: StatusBoard::default(),
+        }
+    }
+
+    /// Restricts the supervisor to these pilot ids.
+    pub fn only_pilots(mut self, ids: impl IntoIterator<Item = i64>) -> Supervisor {
+        self.only = Some(ids.into_iter().collect());
+        self
+    }
+
+    /// The progress board, readable while [`Supervisor::run`] runs.
+    pub fn status(&self) -> StatusBoard {
+        self.status.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains the pollers (bounded by the grace).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let mut running: HashMap<i64, Running> = HashMap::new();
+        let mut listener = self.listen().await;
+        loop {
+            if let Err(e) = self.reconcile(&tracker, &shutdown, &mut running).await {
+                tracing::warn!(error = %e, "could not read pilots; keeping the current set");
+            }
+            let wait = tokio::time::sleep(self.settings.reload_interval);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = wait => {}
+                notified = recv(&mut listener) => {
+                    if !notified {
+                        // The listening connection broke; periodic reloads still work.
+                        listener = self.listen().await;
+                    }
+                }
+            }
+        }
+        for r in running.values() {
+            r.cancel.cancel();
+        }
+        tracker.close();
+        let grace = self.settings.shutdown_grace;
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                grace_s = grace.as_secs(),
+                "pollers still busy after the shutdown grace; exiting without their QUIT (nothing is deleted)"
+            );
+        } else {
+            tracing::info!("all pollers stopped");
+        }
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let result = async {
+            let mut l = PgListener::connect_with(&self.pool).await?;
+            l.listen(store::CONFIG_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        }
+        .await;
+        match result {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot LISTEN for pilot changes; relying on periodic reloads");
+                None
+            }
+        }
+    }
+
+    async fn reconcile(
+        &self,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+        running: &mut HashMap<i64, Running>,
+    ) -> Result<(), store::StoreError> {
+        let rows = {
+            let mut conn = self.pool.acquire().await?;
+            store::enabled_pilots_with_apps(&mut conn).await?
+        };
+        let mut wanted: HashMap<i64, (String, PilotRow, Option<AppRow>)> = HashMap::new();
+        for (pilot, app) in rows {
+            if self.only.as_ref().is_some_and(|o| !o.contains(&pilot.id)) {
+                continue;
+            }
+            let fingerprint = fingerprint(&pilot, app.as_ref());
+            wanted.insert(pilot.id, (fingerprint, pilot, app));
+        }
+        running.retain(|id, r| {
+            let keep = wanted.get(id).is_some_and(|(f, ..)| *f == r.fingerprint);
+            if !keep {
+                tracing::info!(
+                    pilot = id,
+                    "stopping poller (pilot changed, disabled or removed)"
+                );
+                r.cancel.cancel();
+            }
+            keep
+        });
+        for (id, (fingerprint, row, app)) in wanted {
+            if running.contains_key(&id) {
+                continue;
+            }
+            let pilot = match resolve_pilot(
+                &row,
+                app.as_ref(),
+                self.master_key.as_ref(),
+                self.settings.timeouts,
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(pilot = id, error = %e, "pilot cannot start");
+                    let mut conn = self.pool.acquire().await?;
+                    store::record_poll_error(&mut conn, id, &e.to_string(), e.hint()).await?;
+                    // Remember the fingerprint so the error is not rewritten every reload.
+                    running.insert(
+                        id,
+                        Running {
+                            fingerprint,
+                            cancel: CancellationToken::new(),
+                        },
+                    );
+                    continue;
+                }
+            };
+            let cancel = shutdown.child_token();
+            tracing::info!(pilot = id, queue = %pilot.queue, "starting poller");
+            tracker.spawn(pilot_loop(
+                pilot,
+                self.pool.clone(),
+                self.tokens.clone(),
+                self.settings.clone(),
+                cancel.clone(),
+                self.status.clone(),
+            ));
+            running.insert(
+                id,
+                Running {
+                    fingerprint,
+                    cancel,
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Waits for a notification; `false` when the listener is gone or broken.
+async fn recv(listener: &mut Option<PgListener>) -> bool {
+    match listener {
+        Some(l) => match l.recv().await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "pilot change listener failed");
+                false
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Everything that, when changed, means the poller must restart.
+fn fingerprint(pilot: &PilotRow, app: Option<&AppRow>) -> String {
+    format!(
+        "{}|{}|{:?}",
+        pilot.updated_at.timestamp_micros(),
+        app.map(|a| a.updated_at.timestamp_micros()).unwrap_or(0),
+        app.map(|a| a.id)
+    )
+}
+
+/// Why a pilot cannot be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("pilot {pilot} uses XOAUTH2 but its app is missing")]
+    MissingApp { pilot: i64 },
+    #[error("secret of {what}: {source}")]
+    Secret {
+        what: String,
+        source: secrets::SecretError,
+    },
+    #[error("CA bundle of pilot {pilot}: {source}")]
+    CaBundle {
+        pilot: i64,
+        source: crate::tls::TlsConfigError,
+    },
+    #[error("pilot {pilot}: {source}")]
+    Server {
+        pilot: i64,
+        source: crate::pop3::Error,
+    },
+}
+
+impl ResolveError {
+    /// The fix to record on the pilot.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            ResolveError::MissingApp { .. } => {
+                Some("add the app with `ccmail app add` and point the pilot at it")
+            }
+            ResolveError::Secret { .. } => Some(
+                "set CCMAIL_MASTER_KEY (or secrets.master_key_file) to the key the secret was sealed with, or store the secret again",
+            ),
+            ResolveError::CaBundle { .. } => {
+                Some("point ca_bundle at a readable PEM file, or clear it")
+            }
+            ResolveError::Server { .. } => None,
+        }
+    }
+}
+
+/// Builds the runtime pilot from its rows: decrypts secrets, loads the CA bundle.
+pub fn resolve_pilot(
+    row: &PilotRow,
+    app: Option<&AppRow>,
+    key: Option<&MasterKey>,
+    timeouts: Timeouts,
+) -> Result<Pilot, ResolveError> {
+    let auth = match &row.auth {
+        store::PilotAuth::XOAuth2 { .. } => {
+            let app = app.ok_or(ResolveError::MissingApp { pilot: row.id })?;
+            let client_secret =
+                secrets::resolve(&app.credential, key).map_err(|source| ResolveError::Secret {
+                    what: format!("app {}", app.name),
+                    source,
+                })?;
+            PilotAuth::XOAuth2(AppCredentials {
+                key: AppKey {
+                    authority: app.authority.clone(),
+                    tenant: app.tenant.clone(),
+                    client_id: app.client_id.clone(),
+                    scope: app.scope.clone(),
+                },
+                client_secret,
+            })
+        }
+        store::PilotAuth::UserPass {
+            username,
+            credential,
+        } => PilotAuth::UserPass {
+            username: username.clone(),
+            password: secrets::resolve(credential, key).map_err(|source| ResolveError::Secret {
+                what: format!("pilot {}", row.id),
+                source,
+            })?,
+        },
+    };
+    let extra_roots: Vec<CertificateDer<'static>> = match &row.ca_bundle {
+        Some(path) => {
+            crate::tls::read_pem_bundle(std::path::Path::new(path)).map_err(|source| {
+                ResolveError::CaBundle {
+                    pilot: row.id,
+                    source,
+                }
+            })?
+        }
+        None => Vec::new(),
+    };
+    let server = ServerSpec::new(row.host.clone(), row.port, row.tls, &extra_roots, timeouts)
+        .map_err(|source| ResolveError::Server {
+            pilot: row.id,
+            source,
+        })?;
+    Ok(Pilot {
+        id: row.id,
+        queue: row.queue.clone(),
+        mailbox: row.mailbox.clone(),
+        server,
+        auth,
+        keep_on_server: row.keep_on_server,
+        max_message_bytes: usize::try_from(row.max_message_bytes).unwrap_or(usize::MAX),
+        poll_interval: row.poll_interval,
+    })
+}
+
+/// Polls one pilot until cancelled: interval with jitter after success, at once when the
+/// per-poll cap left messages behind, exponential backoff after transient errors, a slow retry
+/// after permanent ones (with the error and its fix recorded on the pilot).
+async fn pilot_loop(
+    pilot: Pilot,
+    pool: PgPool,
+    tokens: Arc<TokenCache>,
+    settings: SupervisorSettings,
+    cancel: CancellationToken,
+    status: StatusBoard,
+) {
+    let mut failures: u32 = 0;
+    while !cancel.is_cancelled() {
+        let span = tracing::info_span!("poll", pilot = pilot.id, queue = %pilot.queue);
+        let result = {
+            let _enter = span.enter();
+            poller::poll_once(&pilot, &pool, &tokens, &settings.limits, &cancel).await
+        };
+        let delay = match result {
+            Ok(report) => {
+                failures = 0;
+                if report.stored > 0 || report.deleted > 0 {
+                    tracing::info!(
+                        pilot = pilot.id,
+                        stored = report.stored,
+                        deleted = report.deleted,
+                        oversize = report.oversize,
+                        parse_errors = report.parse_errors,
+                        skipped = report.skipped,
+                        on_server = report.on_server,
+                        "poll done"
+                    );
+                }
+                record(&pool, pilot.id, None).await;
+                let again = report.more_waiting;
+                update(&status, pilot.id, |s| {
+                    s.last_report = Some(report);
+                    s.last_error = None;
+                    s.consecutive_failures = 0;
+                });
+                if again {
+                    Duration::ZERO
+                } else {
+                    jittered(pilot.poll_interval, settings.poll_jitter)
+                }
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let delay = if e.is_permanent() {
+                    settings.permanent_retry
+                } else {
+                    oauth::backoff(settings.initial_backoff, settings.max_backoff, failures)
+                };
+                tracing::warn!(
+                    pilot = pilot.id,
+                    error = %e,
+                    fix = e.hint().unwrap_or(""),
+                    permanent = e.is_permanent(),
+                    retry_in_s = delay.as_secs(),
+                    "poll failed"
+                );
+                record(&pool, pilot.id, Some(&e)).await;
+                let text = e.to_string();
+                update(&status, pilot.id, |s| {
+                    s.last_error = Some(text);
+                    s.consecutive_failures = failures;
+                });
+                delay
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    tracing::info!(pilot = pilot.id, "poller stopped");
+}
+
+fn update(status: &StatusBoard, id: i64, f: impl FnOnce(&mut PilotStatus)) {
+    let mut board = status.lock().unwrap_or_else(|p| p.into_inner());
+    let entry = board.entry(id).or_default();
+    entry.polls += 1;
+    f(entry);
+}
+
+async fn record(pool: &PgPool, id: i64, error: Option<&poller::PollError>) {
+    let result = async {
+        let mut conn = pool.acquire().await?;
+        match error {
+            None => store::record_poll_success(&mut conn, id).await,
+            Some(e) => store::record_poll_error(&mut conn, id, &e.to_string(), e.hint()).await,
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(pilot = id, error = %e, "could not record the poll outcome");
+    }
+}
+
+fn jittered(interval: Duration, jitter: f64) -> Duration {
+    interval + interval.mul_f64(jitter * fastrand::f64())
+}
