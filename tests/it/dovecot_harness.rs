@@ -315,6 +315,36 @@ fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// PIDs of live processes in process group `pgid` (the master leads its instance's group),
+/// read from `/proc/<pid>/stat`: `pid (comm) state ppid pgrp …`. Zombies are dead already
+/// (an orphan's zombie waits for init to reap it), so they do not count.
+fn group_members(pgid: u32) -> anyhow::Result<Vec<u32>> {
+    let mut members = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may exit between read_dir and read: that is simply not a member.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((_, after_comm)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let fields: Vec<&str> = after_comm.split_whitespace().collect();
+        let zombie = matches!(fields.first(), Some(&"Z") | Some(&"X"));
+        if !zombie && fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid) {
+            members.push(pid);
+        }
+    }
+    Ok(members)
+}
+
 const MSG_ONE: &[u8] = b"From: Customer <c@example.net>\nTo: support@contoso.test\nSubject: one\n\nfirst line\n.a line that starts with a dot\n..two dots\nlast line\n";
 const MSG_TWO: &[u8] = b"From: Other <o@example.net>\r\nTo: support@contoso.test\r\nSubject: two\r\n\r\nalready CRLF\r\n.\r\nend\r\n";
 
@@ -342,10 +372,7 @@ async fn dovecot_greets_and_accepts_user_pass_on_pop3s_and_stls() -> anyhow::Res
         let mut plain = Pop3::new(connect_tcp(dovecot.pop3_addr()).await?);
         expect_greeting(&mut plain).await?;
         let capa = String::from_utf8(plain.ok_multiline("CAPA").await?)?;
-        ensure!(
-            capa.lines().any(|l| l == "STLS"),
-            "CAPA lacks STLS: {capa}"
-        );
+        ensure!(capa.lines().any(|l| l == "STLS"), "CAPA lacks STLS: {capa}");
         plain.ok("STLS").await?;
         let tcp = plain.into_inner();
         let tls = tls_connector(&dovecot)?
@@ -355,7 +382,8 @@ async fn dovecot_greets_and_accepts_user_pass_on_pop3s_and_stls() -> anyhow::Res
         let mut pop = Pop3::new(tls);
         let capa = String::from_utf8(pop.ok_multiline("CAPA").await?)?;
         ensure!(
-            capa.lines().any(|l| l.starts_with("SASL") && l.contains("XOAUTH2")),
+            capa.lines()
+                .any(|l| l.starts_with("SASL") && l.contains("XOAUTH2")),
             "CAPA after STLS lacks SASL XOAUTH2: {capa}"
         );
         ensure!(
@@ -437,7 +465,11 @@ async fn dovecot_uidl_and_retr_return_the_delivered_bytes() -> anyhow::Result<()
 async fn dovecot_xoauth2_one_domain_token_opens_every_mailbox_of_that_domain() -> anyhow::Result<()>
 {
     let (dovecot, introspection) = start(true).await?;
-    for user in ["support@contoso.test", "sales@contoso.test", "eve@fabrikam.test"] {
+    for user in [
+        "support@contoso.test",
+        "sales@contoso.test",
+        "eve@fabrikam.test",
+    ] {
         dovecot.add_user(user, "unused-password")?;
     }
     dovecot.deliver("sales@contoso.test", MSG_TWO)?;
@@ -573,10 +605,25 @@ async fn dovecot_stop_and_drop_leave_no_master_process() -> anyhow::Result<()> {
     let pid = dovecot.master_pid();
     let root = dovecot.root_dir().to_path_buf();
     ensure!(process_exists(pid), "master {pid} not running after start");
+    // A login and a mail session are running when it stops.
+    dovecot.add_user("alice@contoso.test", "s3cret")?;
+    let mut session = connect_pop3s(&dovecot).await?;
+    session.login("alice@contoso.test", "s3cret").await?;
+    let members = group_members(pid)?;
+    ensure!(
+        members.len() > 2,
+        "expected master and its services in group {pid}, found {members:?}"
+    );
     let pid_file = std::fs::read_to_string(root.join("run/master.pid"))?;
-    ensure!(pid_file.trim() == pid.to_string(), "master.pid is {pid_file:?}");
+    ensure!(
+        pid_file.trim() == pid.to_string(),
+        "master.pid is {pid_file:?}"
+    );
     dovecot.stop();
     ensure!(!process_exists(pid), "master {pid} survived stop()");
+    let left = group_members(pid)?;
+    ensure!(left.is_empty(), "stop() left processes {left:?}");
+    drop(session);
     ensure!(!root.exists(), "stop() left {}", root.display());
 
     let (dovecot, _introspection) = start(false).await?;
@@ -585,6 +632,8 @@ async fn dovecot_stop_and_drop_leave_no_master_process() -> anyhow::Result<()> {
     ensure!(process_exists(pid), "second master {pid} not running");
     drop(dovecot);
     ensure!(!process_exists(pid), "master {pid} survived drop");
+    let left = group_members(pid)?;
+    ensure!(left.is_empty(), "drop left processes {left:?}");
     ensure!(!root.exists(), "drop left {}", root.display());
     Ok(())
 }

@@ -15,8 +15,9 @@
 //!   owned by that user and the instance directory is world-traversable (0755).
 //! - [`Dovecot::start`] returns only once the instance answers its own greeting (which names
 //!   the instance, so a foreign server that grabbed the port is never mistaken for ours).
-//! - Dropping a [`Dovecot`] stops the master (SIGTERM, then SIGKILL after a grace period),
-//!   waits for it and removes the directory, exactly like [`Dovecot::stop`].
+//! - The master leads its own process group, which holds every process of the instance.
+//!   Dropping a [`Dovecot`] stops that group (SIGTERM, then SIGKILL after a grace period),
+//!   reaps the master and removes the directory, exactly like [`Dovecot::stop`].
 //!
 //! Authentication: an `oauth2` passdb (XOAUTH2 / OAUTHBEARER) that validates every token by
 //! POST introspection, and a `passwd-file` passdb for USER/PASS and SASL PLAIN. With
@@ -32,15 +33,17 @@ use std::fs;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::os::unix::fs::{PermissionsExt, chown};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use ccmail::sim::cert::TestCa;
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::Pid;
 use tokio::io::AsyncBufReadExt;
 
@@ -62,6 +65,10 @@ const START_DEADLINE: Duration = Duration::from_secs(30);
 const PROBE_INTERVAL: Duration = Duration::from_millis(25);
 /// How long the master gets to shut down after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How often SIGTERM is repeated to the instance's process group while it shuts down.
+const SIGTERM_REPEAT: Duration = Duration::from_millis(200);
+/// Poll interval while waiting for killed instance processes to terminate.
+const SIGKILL_POLL: Duration = Duration::from_millis(10);
 /// Start attempts when a chosen port was taken by someone else in the meantime.
 const PORT_ATTEMPTS: usize = 5;
 
@@ -147,7 +154,11 @@ impl Dovecot {
         let leaf = ca
             .server_cert(&["localhost", "127.0.0.1"])
             .context("issuing the Dovecot server certificate")?;
-        write_file(&paths.root.join("cert.pem"), leaf.cert_pem.as_bytes(), 0o644)?;
+        write_file(
+            &paths.root.join("cert.pem"),
+            leaf.cert_pem.as_bytes(),
+            0o644,
+        )?;
         write_file(&paths.root.join("key.pem"), leaf.key_pem.as_bytes(), 0o600)?;
         write_file(&paths.passwd, b"", 0o644)?;
         write_file(
@@ -259,7 +270,7 @@ impl Dovecot {
             .duration_since(std::time::UNIX_EPOCH)
             .context("system clock is before 1970")?;
         let name = format!(
-            "{}.M{}P{}Q{}.ccmail-it",
+            "{}.M{:06}P{}Q{}.ccmail-it",
             now.as_secs(),
             now.subsec_micros(),
             std::process::id(),
@@ -306,8 +317,8 @@ impl Dovecot {
         read_logs(&self.paths)
     }
 
-    /// Stops the master (SIGTERM, a grace period, then SIGKILL), waits for it to exit and
-    /// removes the instance directory.
+    /// Stops the master and every process of this instance (SIGTERM to its process group, a
+    /// grace period, then SIGKILL), reaps the master and removes the instance directory.
     pub fn stop(mut self) {
         self.shutdown();
     }
@@ -559,8 +570,10 @@ async fn start_attempt(
         .try_clone()
         .context("duplicating the console file handle")
         .map_err(AttemptError::Fatal)?;
-    // Foreground (-F) keeps the master our child, so stop() can reap it.
+    // Foreground (-F) keeps the master our child, so stop() can reap it; its own process
+    // group lets stop() end every Dovecot process of this instance, and only those.
     let mut child = Command::new(dovecot)
+        .process_group(0)
         .arg("-F")
         .arg("-c")
         .arg(&paths.config)
@@ -568,7 +581,13 @@ async fn start_attempt(
         .stdout(console)
         .stderr(console_err)
         .spawn()
-        .with_context(|| format!("spawning {} -F -c {}", dovecot.display(), paths.config.display()))
+        .with_context(|| {
+            format!(
+                "spawning {} -F -c {}",
+                dovecot.display(),
+                paths.config.display()
+            )
+        })
         .map_err(AttemptError::Fatal)?;
 
     match wait_ready(&mut child, paths, instance, pop3, pop3s).await {
@@ -663,7 +682,15 @@ async fn probe(
     Ok(())
 }
 
-/// SIGTERM, wait up to [`STOP_GRACE`], then SIGKILL, and always reap the child.
+/// Stops the whole instance: SIGTERM to the master's process group (master, log, auth,
+/// login and mail processes), repeated until the master exits, SIGKILL to the group after
+/// [`STOP_GRACE`], a final SIGKILL sweep while the exited master still reserves the group id,
+/// then reap.
+///
+/// Why the group and the repeats: a login process that was being forked when the SIGTERM
+/// came can miss it (the signal lands in the master's handler copied into the child before
+/// exec); it then outlives the master, which waits about 6 s for it and exits leaving it
+/// orphaned. A repeated SIGTERM reaches it once it runs.
 fn terminate(mut child: Child) {
     let Ok(raw) = i32::try_from(child.id()) else {
         // A PID beyond i32 cannot be signalled; fall back to the standard library's SIGKILL.
@@ -671,23 +698,73 @@ fn terminate(mut child: Child) {
         let _ = child.wait();
         return;
     };
-    let pid = Pid::from_raw(raw);
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    // ESRCH here only means it is already gone; the wait below reaps it either way.
-    let _ = kill(pid, Signal::SIGTERM);
-    // wait() blocks, so it runs on a thread and we wait on a channel with a deadline.
-    let (tx, rx) = mpsc::channel::<std::io::Result<ExitStatus>>();
+    let group = Pid::from_raw(raw);
+    // waitid blocks, so it runs on a thread and we wait on a channel with a deadline.
+    // WNOWAIT leaves the master a zombie, so its PID (= the group id) cannot be reused
+    // before the sweep below.
+    let (tx, rx) = mpsc::channel::<()>();
     let waiter = std::thread::spawn(move || {
-        let _ = tx.send(child.wait());
+        while let Err(nix::errno::Errno::EINTR) =
+            waitid(Id::Pid(group), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT)
+        {}
+        let _ = tx.send(());
     });
-    if rx.recv_timeout(STOP_GRACE).is_err() {
-        eprintln!("Dovecot master {raw} ignored SIGTERM for {STOP_GRACE:?}; sending SIGKILL");
-        let _ = kill(pid, Signal::SIGKILL);
-        let _ = rx.recv();
+    let deadline = Instant::now() + STOP_GRACE;
+    loop {
+        // ESRCH only means everything is already gone; the reaping below happens either way.
+        let _ = killpg(group, Signal::SIGTERM);
+        match rx.recv_timeout(SIGTERM_REPEAT) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                eprintln!(
+                    "Dovecot master {raw} ignored SIGTERM for {STOP_GRACE:?}; sending SIGKILL"
+                );
+                let _ = killpg(group, Signal::SIGKILL);
+                let _ = rx.recv();
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
     }
     let _ = waiter.join();
+    // The master has exited but is not reaped yet, so the group id cannot be reused: make
+    // sure no process of the instance outlives it (a mail process busy in the kernel may
+    // take a moment to act on its signal).
+    let sweep_deadline = Instant::now() + STOP_GRACE;
+    loop {
+        let alive = live_group_members(raw);
+        if alive.iter().all(|&pid| pid == raw) {
+            break;
+        }
+        if Instant::now() >= sweep_deadline {
+            eprintln!("Dovecot processes {alive:?} of group {raw} survived SIGKILL");
+            break;
+        }
+        let _ = killpg(group, Signal::SIGKILL);
+        std::thread::sleep(SIGKILL_POLL);
+    }
+    let _ = child.wait();
+}
+
+/// Processes of group `pgid` that have not terminated (zombies are dead already; whoever
+/// parents them reaps them), from `/proc/<pid>/stat`: `pid (comm) state ppid pgrp …`.
+fn live_group_members(pgid: i32) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            // The process may be gone between read_dir and read: then it is not alive.
+            let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(") ")?;
+            let mut fields = rest.split_whitespace();
+            let state = fields.next()?;
+            let group: i32 = fields.nth(1)?.parse().ok()?;
+            (group == pgid && state != "Z" && state != "X").then_some(pid)
+        })
+        .collect()
 }
 
 fn read_logs(paths: &Paths) -> String {
@@ -705,7 +782,8 @@ fn read_logs(paths: &Paths) -> String {
 }
 
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    let mut file = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut file =
+        fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     file.write_all(bytes)
         .with_context(|| format!("writing {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
