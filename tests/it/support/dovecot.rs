@@ -265,6 +265,8 @@ impl Dovecot {
         if !maildir.join("new").is_dir() {
             bail!("no Maildir for {user}: call add_user(\"{user}\", …) before deliver");
         }
+        // The Maildir name (seconds, zero-padded microseconds, pid, sequence) is unique and
+        // sorts in delivery order, which Dovecot follows when it numbers new messages.
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -789,4 +791,67 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting permissions on {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dovecot_missing_binary_names_the_apt_get_command() {
+        let Err(e) = find_binary("ccmail-no-such-dovecot-binary", &[]) else {
+            panic!("a binary that does not exist was found");
+        };
+        let message = e.to_string();
+        assert!(
+            message.contains("apt-get install -y dovecot-core dovecot-pop3d"),
+            "{message}"
+        );
+        assert!(
+            message.contains("ccmail-no-such-dovecot-binary"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn dovecot_config_validation_reports_doveconfs_complaint() -> anyhow::Result<()> {
+        let doveconf = find_binary("doveconf", &["/usr/bin/doveconf", "/usr/sbin/doveconf"])?;
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("dovecot.conf");
+        fs::write(&config, "protocols = pop3\nno_such_setting_here = 1\n")?;
+        let Err(e) = validate_config(&doveconf, &config) else {
+            panic!("doveconf accepted an unknown setting");
+        };
+        let message = format!("{e:#}");
+        assert!(message.contains("no_such_setting_here"), "{message}");
+        Ok(())
+    }
+
+    #[test]
+    fn dovecot_users_must_be_full_safe_addresses() {
+        assert_eq!(
+            normalise_user("Alice@Contoso.TEST").ok().as_deref(),
+            Some("alice@contoso.test")
+        );
+        for bad in [
+            "alice",
+            "@contoso.test",
+            "a:b@contoso.test",
+            "../x@contoso.test",
+            "a@b/c",
+        ] {
+            assert!(normalise_user(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn dovecot_reserved_ports_are_distinct_across_calls() -> anyhow::Result<()> {
+        let mut seen = HashSet::new();
+        for _ in 0..20 {
+            for port in reserve_ports(2)? {
+                assert!(seen.insert(port), "port {port} handed out twice");
+            }
+        }
+        Ok(())
+    }
 }
