@@ -574,7 +574,7 @@ async fn start_attempt(
         .map_err(AttemptError::Fatal)?;
     // Foreground (-F) keeps the master our child, so stop() can reap it; its own process
     // group lets stop() end every Dovecot process of this instance, and only those.
-    let mut child = Command::new(dovecot)
+    let child = Command::new(dovecot)
         .process_group(0)
         .arg("-F")
         .arg("-c")
@@ -592,17 +592,42 @@ async fn start_attempt(
         })
         .map_err(AttemptError::Fatal)?;
 
-    match wait_ready(&mut child, paths, instance, pop3, pop3s).await {
-        Ok(()) => Ok(child),
-        Err(e) => {
+    // From here on, an error or a dropped `start` future stops the master.
+    let mut guard = StartingMaster(Some(child));
+    let ready = match guard.0.as_mut() {
+        Some(child) => wait_ready(child, paths, instance, pop3, pop3s).await,
+        None => Err(anyhow!(
+            "the Dovecot master handle vanished during start-up"
+        )),
+    };
+    let failure = match ready {
+        Ok(()) => match guard.0.take() {
+            Some(child) => return Ok(child),
+            None => anyhow!("the Dovecot master handle vanished during start-up"),
+        },
+        Err(e) => e,
+    };
+    drop(guard);
+    let logs = read_logs(paths);
+    let conflict = [&logs, &format!("{failure:#}")]
+        .iter()
+        .any(|text| text.contains("Address already in use") || text.contains("Address in use"));
+    let e = failure.context(format!("Dovecot log:\n{logs}"));
+    if conflict {
+        Err(AttemptError::PortConflict(e))
+    } else {
+        Err(AttemptError::Fatal(e))
+    }
+}
+
+/// Owns the master while it starts; dropping it (on error, or when the `start` future is
+/// dropped mid-way) stops and reaps the master, so an abandoned start leaks no process.
+struct StartingMaster(Option<Child>);
+
+impl Drop for StartingMaster {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.take() {
             terminate(child);
-            let logs = read_logs(paths);
-            let e = e.context(format!("Dovecot log:\n{logs}"));
-            if logs.contains("Address already in use") || logs.contains("Address in use") {
-                Err(AttemptError::PortConflict(e))
-            } else {
-                Err(AttemptError::Fatal(e))
-            }
         }
     }
 }
