@@ -230,7 +230,9 @@ impl Dovecot {
 
     /// Adds (or replaces) a passwd-file entry for USER/PASS and SASL PLAIN, and creates the
     /// user's Maildir. `user` is a full address (`alice@contoso.test`); Dovecot lowercases
-    /// login names, so it is stored lowercased.
+    /// login names, so it is stored lowercased. Mailboxes used only with XOAUTH2 need this
+    /// too (any password): it creates the Maildir, which Dovecot cannot create itself under
+    /// the root-owned domain directory.
     pub fn add_user(&self, user: &str, password: &str) -> anyhow::Result<()> {
         let user = normalise_user(user)?;
         if password.is_empty() || password.contains([':', '\n', '\r', '\0']) {
