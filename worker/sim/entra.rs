@@ -679,8 +679,9 @@ async fn introspection_endpoint(
                 .unwrap_or(0);
             serde_json::json!({
                 "active": true,
-                // Dovecot runs with username_format = %d: the domain is the "user".
-                "username": grant.tenant_domain,
+                // Dovecot runs with username_format = %d and applies it to this name too, so
+                // it must carry the tenant's domain: the app "user" of that domain.
+                "username": format!("{}@{}", grant.client_id, grant.tenant_domain),
                 "client_id": grant.client_id,
                 "token_type": "Bearer",
                 "scope": format!("{EXCHANGE_RESOURCE}/.default"),
@@ -1124,7 +1125,7 @@ mod tests {
         };
         let active = ask(token.clone()).await?;
         assert_eq!(active["active"], true);
-        assert_eq!(active["username"], DOMAIN);
+        assert_eq!(active["username"], format!("{CLIENT}@{DOMAIN}"));
         assert_eq!(active["client_id"], CLIENT);
         assert!(active["exp"].as_u64().context("exp")? > 0);
         assert_eq!(
