@@ -50,6 +50,8 @@ pub struct WorkerConfig {
     pub batch_messages: usize,
     /// Octets of messages held before a commit at most.
     pub batch_bytes: usize,
+    /// Batches parsed and committed in the background while the next one downloads.
+    pub commit_concurrency: usize,
     /// A message whose RETR fails this many times is skipped and flagged.
     pub max_retr_attempts: u32,
     /// Re-read pilots from the database this often (NOTIFY wakes the worker sooner).
@@ -149,6 +151,7 @@ impl Default for WorkerConfig {
             max_messages_per_poll: 500,
             batch_messages: 50,
             batch_bytes: 16 * 1024 * 1024,
+            commit_concurrency: 2,
             max_retr_attempts: 5,
             reload_interval_secs: 30,
             shutdown_grace_secs: 30,
@@ -287,6 +290,7 @@ impl Config {
             ),
             ("worker.batch_messages", self.worker.batch_messages),
             ("worker.batch_bytes", self.worker.batch_bytes),
+            ("worker.commit_concurrency", self.worker.commit_concurrency),
             (
                 "database.max_connections",
                 self.database.max_connections as usize,
