@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod dovecot_harness;
+mod oauth_sim;
 mod pop3_sim;
 mod support;
