@@ -2,5 +2,6 @@
 
 mod dovecot_harness;
 mod oauth_sim;
+mod pop3_dovecot;
 mod pop3_sim;
 mod support;
