@@ -1,2 +1,8 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod dovecot_harness;
+mod log_secrets;
+mod oauth_sim;
+mod pop3_dovecot;
+mod pop3_sim;
 mod support;
