@@ -1,2 +1,5 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod dovecot_harness;
+mod ingest;
 mod support;
