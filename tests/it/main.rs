@@ -2,4 +2,5 @@
 
 mod dovecot_harness;
 mod ingest;
+mod ingest_dovecot;
 mod support;
