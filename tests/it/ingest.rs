@@ -145,7 +145,11 @@ async fn two_pilots_sharing_one_app_store_500_messages_exactly_once() -> anyhow:
         .into_iter()
         .map(|(u, _)| u)
         .collect();
-    assert_eq!(left, [oversize_uidl.clone()], "only the oversize message stays");
+    assert_eq!(
+        left,
+        [oversize_uidl.as_str()],
+        "only the oversize message stays"
+    );
 
     let stored = world.stored(&pilots).await?;
     assert_eq!(stored.len(), 500);
@@ -200,7 +204,13 @@ fn fill(
 ) -> anyhow::Result<Vec<String>> {
     let mut mails = MailGen::new(seed);
     (0..count)
-        .map(|i| ledger.deliver(&world.pop, mailbox, mails.message(mailbox, Kind::ALL[i % 8])))
+        .map(|i| {
+            ledger.deliver(
+                &world.pop,
+                mailbox,
+                mails.message(mailbox, Kind::ALL[i % 8]),
+            )
+        })
         .collect()
 }
 
@@ -221,7 +231,10 @@ async fn crash_then_recover(
 
     world.pop.set_fault(Some(fault.clone()));
     let crashed = world.poll(&pilot, &limits).await;
-    assert!(crashed.is_err(), "{fault:?} must fail the poll: {crashed:?}");
+    assert!(
+        crashed.is_err(),
+        "{fault:?} must fail the poll: {crashed:?}"
+    );
     assert_eq!(
         world.work_items().await?,
         stored_at_crash as i64,
@@ -324,7 +337,7 @@ async fn a_message_whose_retr_always_fails_is_flagged_after_max_attempts_without
         .into_iter()
         .map(|(u, _)| u)
         .collect();
-    assert_eq!(left, [failing.clone()]);
+    assert_eq!(left, [failing.as_str()]);
     assert_eq!(world.work_items().await?, 4);
 
     // Attempts 2..max: each poll tries once more; the last one gives up and stores the headers.
@@ -336,7 +349,10 @@ async fn a_message_whose_retr_always_fails_is_flagged_after_max_attempts_without
         assert_eq!(report.skipped, usize::from(expect_skip), "{report:?}");
         assert_eq!(report.stored, usize::from(expect_skip), "{report:?}");
     }
-    assert_eq!(failures, max, "RETR is tried exactly max_retr_attempts times");
+    assert_eq!(
+        failures, max,
+        "RETR is tried exactly max_retr_attempts times"
+    );
     assert_eq!(world.work_items().await?, 5);
     let stored = world.stored(&[row.id]).await?;
     let flagged = stored
@@ -345,8 +361,15 @@ async fn a_message_whose_retr_always_fails_is_flagged_after_max_attempts_without
         .context("the failing message has a work item")?;
     assert!(flagged.headers_only, "{flagged:?}");
     assert_eq!(flagged.flags, ["fetch_failed"], "{flagged:?}");
-    assert!(flagged.size > 0, "its headers were fetched with TOP: {flagged:?}");
-    assert_eq!(world.pop.messages(&row.mailbox).len(), 1, "it stays on the server");
+    assert!(
+        flagged.size > 0,
+        "its headers were fetched with TOP: {flagged:?}"
+    );
+    assert_eq!(
+        world.pop.messages(&row.mailbox).len(),
+        1,
+        "it stays on the server"
+    );
     ledger
         .check(&world.heads(&[row.id]).await?)
         .assert_exactly_once()?;
@@ -357,7 +380,10 @@ async fn a_message_whose_retr_always_fails_is_flagged_after_max_attempts_without
         let report = world.poll(&pilot, &limits).await?;
         assert_eq!((report.stored, report.already_stored), (0, 1), "{report:?}");
     }
-    assert_eq!(count_commands(&world, "RETR") + count_commands(&world, "TOP"), 0);
+    assert_eq!(
+        count_commands(&world, "RETR") + count_commands(&world, "TOP"),
+        0
+    );
     assert_eq!(count_commands(&world, "DELE"), 0);
     assert_eq!(world.work_items().await?, 5);
     world.finish().await
@@ -414,7 +440,10 @@ async fn an_oversize_message_becomes_one_flagged_headers_only_work_item_and_stay
             "{report:?}"
         );
     }
-    assert_eq!(count_commands(&world, "RETR") + count_commands(&world, "TOP"), 0);
+    assert_eq!(
+        count_commands(&world, "RETR") + count_commands(&world, "TOP"),
+        0
+    );
     let left: Vec<String> = world
         .pop
         .messages(&row.mailbox)
@@ -429,7 +458,9 @@ async fn an_oversize_message_becomes_one_flagged_headers_only_work_item_and_stay
 #[tokio::test]
 async fn a_keep_on_server_pilot_stores_once_and_deletes_nothing() -> anyhow::Result<()> {
     let world = SimWorld::start().await?;
-    let row = world.add_pilot("archive", |p| p.keep_on_server = true).await?;
+    let row = world
+        .add_pilot("archive", |p| p.keep_on_server = true)
+        .await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();
     fill(&world, &mut ledger, &row.mailbox, 4, 17)?;
@@ -444,7 +475,11 @@ async fn a_keep_on_server_pilot_stores_once_and_deletes_nothing() -> anyhow::Res
         "{second:?}"
     );
     assert_eq!(count_commands(&world, "DELE"), 0);
-    assert_eq!(count_commands(&world, "RETR"), 4, "each message downloaded once");
+    assert_eq!(
+        count_commands(&world, "RETR"),
+        4,
+        "each message downloaded once"
+    );
     assert_eq!(world.pop.messages(&row.mailbox).len(), 4);
     assert_eq!(world.work_items().await?, 4);
     ledger

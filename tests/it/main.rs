@@ -4,3 +4,4 @@ mod dovecot_harness;
 mod ingest;
 mod ingest_dovecot;
 mod support;
+mod worker_process;

@@ -1,2 +1,3 @@
+pub mod child;
 pub mod dovecot;
 pub mod sim_world;

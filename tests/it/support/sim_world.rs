@@ -56,7 +56,6 @@ pub fn small_limits() -> IngestLimits {
 /// See the module documentation.
 pub struct SimWorld {
     pub db: TestDb,
-    pub ca: TestCa,
     pub entra: EntraSim,
     pub pop: Pop3Sim,
     pub key: MasterKey,
@@ -109,7 +108,6 @@ impl SimWorld {
         ));
         Ok(SimWorld {
             db,
-            ca,
             entra,
             pop,
             key,
@@ -122,7 +120,9 @@ impl SimWorld {
 
     /// A copy of the master key the app's secret is sealed with (for a supervisor).
     pub fn master_key(&self) -> anyhow::Result<MasterKey> {
-        Ok(MasterKey::from_base64(self.key.to_base64().expose_secret())?)
+        Ok(MasterKey::from_base64(
+            self.key.to_base64().expose_secret(),
+        )?)
     }
 
     /// The PEM file of the CA that signed both simulators' certificates.
@@ -271,7 +271,12 @@ impl Ledger {
     }
 
     /// Delivers `raw` to `mailbox` on `pop`, records it, and returns its UIDL.
-    pub fn deliver(&mut self, pop: &Pop3Sim, mailbox: &str, raw: Vec<u8>) -> anyhow::Result<String> {
+    pub fn deliver(
+        &mut self,
+        pop: &Pop3Sim,
+        mailbox: &str,
+        raw: Vec<u8>,
+    ) -> anyhow::Result<String> {
         self.note(&raw)?;
         Ok(pop.deliver(mailbox, raw))
     }
