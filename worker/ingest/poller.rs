@@ -57,6 +57,8 @@ pub struct IngestLimits {
     pub max_messages_per_poll: usize,
     pub batch_messages: usize,
     pub batch_bytes: usize,
+    /// Failed RETRs (counted across polls) after which a message is given up on: the poll
+    /// that sees the last failure stores its headers as a `fetch_failed` work item.
     pub max_retr_attempts: u32,
     /// Batches being committed while the next one downloads.
     pub commit_concurrency: usize,
@@ -287,11 +289,11 @@ pub async fn poll_once(
                 }
                 Err(e) => {
                     report.retr_failures += 1;
-                    {
+                    let attempts = {
                         let mut conn = pool.acquire().await.map_err(StoreError::from)?;
                         store::record_fetch_failure(&mut conn, pilot.id, &uidl, &e.to_string())
-                            .await?;
-                    }
+                            .await?
+                    };
                     if e.poisons_connection() {
                         // The connection is gone. What is already downloaded is stored (no
                         // DELE: that needs a live session), so the next poll makes progress.
@@ -299,8 +301,15 @@ pub async fn poll_once(
                         commits.finish_without_dele(&mut report).await?;
                         return Err(e.into());
                     }
-                    tracing::warn!(pilot = pilot.id, uidl = %uidl, error = %e, "RETR failed; continuing with the next message");
-                    continue;
+                    if attempts < limits.max_retr_attempts {
+                        tracing::warn!(pilot = pilot.id, uidl = %uidl, error = %e, attempts, "RETR failed; continuing with the next message");
+                        continue;
+                    }
+                    // That was the last allowed attempt: give up now, while the session is
+                    // alive, rather than costing the message one more poll.
+                    report.skipped += 1;
+                    tracing::warn!(pilot = pilot.id, uidl = %uidl, error = %e, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
+                    headers_only(&mut session, pilot, number, uidl, "fetch_failed").await?
                 }
             }
         };

@@ -81,10 +81,7 @@ fn parsed_mail() -> ParsedMail {
 
 async fn count(conn: &mut PgConnection, table: &'static str) -> i64 {
     let sql = format!("select count(*) from {table}");
-    sqlx::query_scalar(&sql)
-        .fetch_one(conn)
-        .await
-        .unwrap()
+    sqlx::query_scalar(&sql).fetch_one(conn).await.unwrap()
 }
 
 fn message<'a>(pilot: &'a PilotRow, uidl: &'a str, parsed: &'a ParsedMail) -> NewMessage<'a> {
