@@ -243,90 +243,101 @@ pub async fn poll_once(
     let mut batch_bytes = 0usize;
     let mut fetched = 0usize;
 
-    for (number, uidl) in listing {
-        if cancel.is_cancelled() {
-            break;
-        }
-        // DELE what finished committing meanwhile (never before its commit).
-        commits.dele_finished(&mut session, &mut report).await?;
-        let mut attempts = 0;
-        match known.get(&uidl) {
-            Some(KnownUidl::Stored { headers_only, .. }) => {
-                // Stored by an earlier poll that ended before QUIT: delete without
-                // downloading. Flagged headers-only messages stay on the server for a person.
-                if !headers_only && !pilot.keep_on_server {
-                    to_delete.push((number, uidl));
+    let transfer: Result<(), PollError> = async {
+        for (number, uidl) in listing {
+            if cancel.is_cancelled() {
+                break;
+            }
+            // DELE what finished committing meanwhile (never before its commit).
+            commits.dele_finished(&mut session, &mut report).await?;
+            let mut attempts = 0;
+            match known.get(&uidl) {
+                Some(KnownUidl::Stored { headers_only, .. }) => {
+                    // Stored by an earlier poll that ended before QUIT: delete without
+                    // downloading. Flagged headers-only messages stay on the server for a person.
+                    if !headers_only && !pilot.keep_on_server {
+                        to_delete.push((number, uidl));
+                    }
+                    report.already_stored += 1;
+                    continue;
                 }
-                report.already_stored += 1;
+                Some(KnownUidl::Failing { attempts: n }) => attempts = *n,
+                None => {}
+            }
+            if fetched >= limits.max_messages_per_poll {
+                report.more_waiting = true;
                 continue;
             }
-            Some(KnownUidl::Failing { attempts: n }) => attempts = *n,
-            None => {}
-        }
-        if fetched >= limits.max_messages_per_poll {
-            report.more_waiting = true;
-            continue;
-        }
-        fetched += 1;
-        let item = if attempts >= limits.max_retr_attempts {
-            report.skipped += 1;
-            tracing::warn!(pilot = pilot.id, uidl = %uidl, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
-            headers_only(&mut session, pilot, number, uidl, "fetch_failed").await?
-        } else {
-            match session.retr(number, pilot.max_message_bytes).await {
-                Ok(raw) => Fetched {
-                    number,
-                    uidl,
-                    raw,
-                    parsed: None,
-                    flag: None,
-                    headers_only: false,
-                },
-                Err(pop3::Error::TooLarge { limit, received }) => {
-                    report.oversize += 1;
-                    tracing::warn!(pilot = pilot.id, uidl = %uidl, received, limit, "message over the size limit; storing its headers and leaving it on the server");
-                    headers_only(&mut session, pilot, number, uidl, "oversize").await?
-                }
-                Err(e) => {
-                    report.retr_failures += 1;
-                    let attempts = {
-                        let mut conn = pool.acquire().await.map_err(StoreError::from)?;
-                        store::record_fetch_failure(&mut conn, pilot.id, &uidl, &e.to_string())
-                            .await?
-                    };
-                    if e.poisons_connection() {
-                        // The connection is gone. What is already downloaded is stored (no
-                        // DELE: that needs a live session), so the next poll makes progress.
-                        commits.spawn(std::mem::take(&mut batch));
-                        commits.finish_without_dele(&mut report).await?;
-                        return Err(e.into());
+            fetched += 1;
+            let item = if attempts >= limits.max_retr_attempts {
+                report.skipped += 1;
+                tracing::warn!(pilot = pilot.id, uidl = %uidl, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
+                headers_only(&mut session, pilot, number, uidl, "fetch_failed").await?
+            } else {
+                match session.retr(number, pilot.max_message_bytes).await {
+                    Ok(raw) => Fetched {
+                        number,
+                        uidl,
+                        raw,
+                        parsed: None,
+                        flag: None,
+                        headers_only: false,
+                    },
+                    Err(pop3::Error::TooLarge { limit, received }) => {
+                        report.oversize += 1;
+                        tracing::warn!(pilot = pilot.id, uidl = %uidl, received, limit, "message over the size limit; storing its headers and leaving it on the server");
+                        headers_only(&mut session, pilot, number, uidl, "oversize").await?
                     }
-                    if attempts < limits.max_retr_attempts {
-                        tracing::warn!(pilot = pilot.id, uidl = %uidl, error = %e, attempts, "RETR failed; continuing with the next message");
-                        continue;
+                    Err(e) => {
+                        report.retr_failures += 1;
+                        let attempts = {
+                            let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+                            store::record_fetch_failure(&mut conn, pilot.id, &uidl, &e.to_string())
+                                .await?
+                        };
+                        if e.poisons_connection() {
+                            // The connection is gone. What is already downloaded is stored (no
+                            // DELE: that needs a live session), so the next poll makes progress.
+                            commits.spawn(std::mem::take(&mut batch));
+                            return Err(e.into());
+                        }
+                        if attempts < limits.max_retr_attempts {
+                            tracing::warn!(pilot = pilot.id, uidl = %uidl, error = %e, attempts, "RETR failed; continuing with the next message");
+                            continue;
+                        }
+                        // That was the last allowed attempt: give up now, while the session is
+                        // alive, rather than costing the message one more poll.
+                        report.skipped += 1;
+                        tracing::warn!(pilot = pilot.id, uidl = %uidl, error = %e, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
+                        headers_only(&mut session, pilot, number, uidl, "fetch_failed").await?
                     }
-                    // That was the last allowed attempt: give up now, while the session is
-                    // alive, rather than costing the message one more poll.
-                    report.skipped += 1;
-                    tracing::warn!(pilot = pilot.id, uidl = %uidl, error = %e, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
-                    headers_only(&mut session, pilot, number, uidl, "fetch_failed").await?
                 }
+            };
+            batch_bytes += item.raw.len();
+            batch.push(item);
+            if batch.len() >= limits.batch_messages || batch_bytes >= limits.batch_bytes {
+                commits
+                    .spawn_bounded(std::mem::take(&mut batch), &mut session, &mut report)
+                    .await?;
+                batch_bytes = 0;
             }
-        };
-        batch_bytes += item.raw.len();
-        batch.push(item);
-        if batch.len() >= limits.batch_messages || batch_bytes >= limits.batch_bytes {
-            commits
-                .spawn_bounded(std::mem::take(&mut batch), &mut session, &mut report)
-                .await?;
-            batch_bytes = 0;
         }
+        commits.spawn(batch);
+        commits.finish(&mut session, &mut report).await?;
+        for (number, uidl) in to_delete {
+            session.dele(number).await?;
+            commits.deleted.push(uidl);
+        }
+        Ok(())
     }
-    commits.spawn(batch);
-    commits.finish(&mut session, &mut report).await?;
-    for (number, uidl) in to_delete {
-        session.dele(number).await?;
-        commits.deleted.push(uidl);
+    .await;
+    if let Err(e) = transfer {
+        // Let batches already handed to a committer finish (stored, not deleted) rather than
+        // abort them mid-transaction; the connection is dropped without QUIT.
+        if let Err(drain) = commits.finish_without_dele(&mut report).await {
+            tracing::warn!(pilot = pilot.id, error = %drain, "a background commit failed too");
+        }
+        return Err(e);
     }
     // Deletions take effect only now (RFC 1939 §6).
     session.quit().await?;
