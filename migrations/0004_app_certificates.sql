@@ -1,4 +1,4 @@
--- ccmail schema, version 2: certificate credentials for OAuth apps, and a clear refusal when a
+-- ccmail schema, version 4: certificate credentials for OAuth apps, and a clear refusal when a
 -- pilot with stored mail is removed.
 --
 -- An app authenticates either with a client secret (`credential` holds the sealed secret or a
