@@ -387,7 +387,13 @@ mod tests {
             let err = validate_tenant(alias).unwrap_err();
             assert!(err.to_string().contains("AADSTS9001023"), "{err}");
         }
-        for bad in ["", "contoso", "8f2c1a9e-1111-4222-8333", "a b.com", "-x.com"] {
+        for bad in [
+            "",
+            "contoso",
+            "8f2c1a9e-1111-4222-8333",
+            "a b.com",
+            "-x.com",
+        ] {
             assert!(
                 matches!(validate_tenant(bad), Err(AdminError::BadTenant(_))),
                 "{bad}"
@@ -401,9 +407,15 @@ mod tests {
         for bad in ["support", "@contoso.com", "a@b", "a b@c.com", "a@@c.com"] {
             assert!(validate_mailbox(bad).is_err(), "{bad}");
         }
-        assert_eq!(validate_scope("https://outlook.office365.com/.default"), Ok(()));
+        assert_eq!(
+            validate_scope("https://outlook.office365.com/.default"),
+            Ok(())
+        );
         assert!(validate_scope("https://outlook.office365.com/POP.AccessAsApp").is_err());
-        assert_eq!(validate_authority("https://login.microsoftonline.us"), Ok(()));
+        assert_eq!(
+            validate_authority("https://login.microsoftonline.us"),
+            Ok(())
+        );
         assert!(validate_authority("http://login.microsoftonline.com").is_err());
         assert!(validate_client_id("a b").is_err());
     }
@@ -420,7 +432,10 @@ mod tests {
             "expired"
         );
         assert_eq!(
-            expiry_status(Some(now + chrono::Duration::days(10) + chrono::Duration::hours(1)), now),
+            expiry_status(
+                Some(now + chrono::Duration::days(10) + chrono::Duration::hours(1)),
+                now
+            ),
             "expires in 10 days"
         );
         assert_eq!(

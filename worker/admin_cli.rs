@@ -21,8 +21,8 @@ use crate::{
     SecretSource, init_logs, stored_secret,
 };
 
+/// Opens the database (logging is set up once by each command's handler).
 async fn open(config: &Config) -> anyhow::Result<PgPool> {
-    init_logs(config, LogFormat::Text);
     let pool = store::connect(&config.database.url, 2).await?;
     store::migrate(&pool).await?;
     Ok(pool)
@@ -34,7 +34,8 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 }
 
 fn midnight(date: Option<chrono::NaiveDate>) -> Option<chrono::DateTime<chrono::Utc>> {
-    date.and_then(|d| d.and_hms_opt(0, 0, 0)).map(|d| d.and_utc())
+    date.and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|d| d.and_utc())
 }
 
 /// Authority and scope from `--cloud` / `--authority` / `--scope` over `current`.
@@ -60,7 +61,13 @@ fn resolve_cloud(args: &CloudArgs, current: (&str, &str)) -> anyhow::Result<(Str
 fn certificate_credential(
     config: &Config,
     source: &CertificateSource,
-) -> anyhow::Result<Option<(String, store::StoredCertificate, Arc<oauth::CertificateCredential>)>> {
+) -> anyhow::Result<
+    Option<(
+        String,
+        store::StoredCertificate,
+        Arc<oauth::CertificateCredential>,
+    )>,
+> {
     let (Some(cert_path), Some(key_path)) = (&source.certificate, &source.private_key_file) else {
         return Ok(None);
     };
@@ -125,6 +132,7 @@ async fn find_pilot(conn: &mut sqlx::PgConnection, key: &str) -> anyhow::Result<
 }
 
 pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Result<()> {
+    init_logs(config, LogFormat::Text);
     let pool = open(config).await?;
     let mut conn = pool.acquire().await?;
     match cmd {
@@ -197,7 +205,17 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
             print!(
                 "{}",
                 table(
-                    &["id", "name", "tenant", "client id", "cloud", "credential", "expires", "status", "pilots"],
+                    &[
+                        "id",
+                        "name",
+                        "tenant",
+                        "client id",
+                        "cloud",
+                        "credential",
+                        "expires",
+                        "status",
+                        "pilots"
+                    ],
                     &rows
                 )
             );
@@ -239,7 +257,12 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
             secret_expires,
         } => {
             let row = find_app(&mut conn, &app).await?;
-            let mut new = store::NewApp::new(&row.name, &row.tenant, &row.client_id, row.credential.clone());
+            let mut new = store::NewApp::new(
+                &row.name,
+                &row.tenant,
+                &row.client_id,
+                row.credential.clone(),
+            );
             if let Some(n) = name {
                 admin::validate_non_empty("name", &n)?;
                 new.name = n;
@@ -257,7 +280,10 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
             new.scope = scope;
             new.secret_expires_at = midnight(secret_expires).or(row.secret_expires_at);
             let updated = store::update_app(&mut conn, row.id, &new).await?;
-            println!("app {} updated (id {}); running workers restart its pilots", updated.name, updated.id);
+            println!(
+                "app {} updated (id {}); running workers restart its pilots",
+                updated.name, updated.id
+            );
             Ok(())
         }
         AppCommand::RotateSecret {
@@ -290,7 +316,9 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
                 println!("app {}: client secret replaced", row.name);
             }
             if expires.is_none() {
-                eprintln!("warning: no --secret-expires given; expiry warnings need the date Entra shows");
+                eprintln!(
+                    "warning: no --secret-expires given; expiry warnings need the date Entra shows"
+                );
             }
             Ok(())
         }
@@ -306,7 +334,10 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
 fn warn_expiry(app: &store::AppRow) {
     let status = admin::expiry_status(app.secret_expires_at, chrono::Utc::now());
     if status == "expired" || status.starts_with("expires in") {
-        eprintln!("warning: the credential of app {} {status}; rotate it with `ccmail app rotate-secret`", app.name);
+        eprintln!(
+            "warning: the credential of app {} {status}; rotate it with `ccmail app rotate-secret`",
+            app.name
+        );
     }
 }
 
@@ -352,6 +383,7 @@ fn new_pilot_from_row(row: &store::PilotRow) -> store::NewPilot {
 }
 
 pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow::Result<()> {
+    init_logs(config, LogFormat::Text);
     let pool = open(config).await?;
     let mut conn = pool.acquire().await?;
     match cmd {
@@ -396,16 +428,25 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             };
             let mut pilot = store::NewPilot::new(&queue, &mailbox, auth);
             // The app's cloud decides the default POP host (US Gov, China).
-            if let Some(cloud) = app_row.as_ref().and_then(|a| Cloud::of_authority(&a.authority)) {
+            if let Some(cloud) = app_row
+                .as_ref()
+                .and_then(|a| Cloud::of_authority(&a.authority))
+            {
                 pilot.host = cloud.preset().pop_host.to_owned();
             }
             apply_settings(&mut pilot, &settings)?;
             pilot.enabled = !disabled;
             let existing = store::find_pilots_by_mailbox(&mut conn, &mailbox).await?;
-            if let Some(dup) = existing.iter().find(|p| p.host.eq_ignore_ascii_case(&pilot.host)) {
+            if let Some(dup) = existing
+                .iter()
+                .find(|p| p.host.eq_ignore_ascii_case(&pilot.host))
+            {
                 bail!(
                     "pilot {} already polls {} on {}; change it with `ccmail pilot update {}`",
-                    dup.id, dup.mailbox, dup.host, dup.id
+                    dup.id,
+                    dup.mailbox,
+                    dup.host,
+                    dup.id
                 );
             }
             if check {
@@ -460,7 +501,16 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             print!(
                 "{}",
                 table(
-                    &["id", "queue", "mailbox", "server", "login", "enabled", "last success", "last error"],
+                    &[
+                        "id",
+                        "queue",
+                        "mailbox",
+                        "server",
+                        "login",
+                        "enabled",
+                        "last success",
+                        "last error"
+                    ],
                     &rows
                 )
             );
@@ -488,7 +538,10 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
                     ("keep on server", v.keep_on_server.to_string()),
                     ("max message", format!("{} octets", v.max_message_bytes)),
                     ("enabled", v.enabled.to_string()),
-                    ("last success", or_dash(v.last_success_at.map(|t| t.to_rfc3339()))),
+                    (
+                        "last success",
+                        or_dash(v.last_success_at.map(|t| t.to_rfc3339()))
+                    ),
                     ("last error", or_dash(v.last_error.clone())),
                     ("fix", or_dash(v.last_error_hint.clone())),
                 ])
@@ -517,7 +570,10 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             if let Some(name) = app {
                 let app = find_app(&mut conn, &name).await?;
                 if !matches!(row.auth, store::PilotAuth::XOAuth2 { .. }) {
-                    bail!("pilot {} logs in with USER/PASS; --app applies to XOAUTH2 pilots", row.id);
+                    bail!(
+                        "pilot {} logs in with USER/PASS; --app applies to XOAUTH2 pilots",
+                        row.id
+                    );
                 }
                 new.auth = store::PilotAuth::XOAuth2 { app_id: app.id };
             }
@@ -527,11 +583,17 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             apply_settings(&mut new, &settings)?;
             if has_secret(&secret) {
                 let store::PilotAuth::UserPass { username, .. } = &new.auth else {
-                    bail!("pilot {} logs in with XOAUTH2; rotate the app's secret with `ccmail app rotate-secret`", row.id);
+                    bail!(
+                        "pilot {} logs in with XOAUTH2; rotate the app's secret with `ccmail app rotate-secret`",
+                        row.id
+                    );
                 };
                 let username = username.clone();
                 if let Some(credential) = stored_secret(config, &secret, "password")? {
-                    new.auth = store::PilotAuth::UserPass { username, credential };
+                    new.auth = store::PilotAuth::UserPass {
+                        username,
+                        credential,
+                    };
                 }
             }
             let updated = store::update_pilot(&mut conn, row.id, &new).await?;
@@ -552,14 +614,22 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
     }
 }
 
-async fn set_enabled(conn: &mut sqlx::PgConnection, key: &str, enabled: bool) -> anyhow::Result<()> {
+async fn set_enabled(
+    conn: &mut sqlx::PgConnection,
+    key: &str,
+    enabled: bool,
+) -> anyhow::Result<()> {
     let row = find_pilot(conn, key).await?;
     store::set_pilot_enabled(conn, row.id, enabled).await?;
     println!(
         "pilot {} ({}) {}",
         row.id,
         row.mailbox,
-        if enabled { "enabled" } else { "disabled; its stored mail stays" }
+        if enabled {
+            "enabled"
+        } else {
+            "disabled; its stored mail stays"
+        }
     );
     Ok(())
 }
@@ -592,7 +662,13 @@ fn pilot_target(
             expires_at: app.secret_expires_at,
         },
         (store::PilotAuth::XOAuth2 { app_id }, None) => bail!("app id {app_id} not found"),
-        (store::PilotAuth::UserPass { username, credential }, _) => Login::UserPass {
+        (
+            store::PilotAuth::UserPass {
+                username,
+                credential,
+            },
+            _,
+        ) => Login::UserPass {
             username: username.clone(),
             password: ccmail::secrets::resolve(credential, master.as_ref())?,
         },
@@ -647,7 +723,9 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
         return pilot_target(config, &pilot, app.as_ref(), args.retr, args.timeout);
     }
     let Some(mailbox) = &args.mailbox else {
-        bail!("name what to check: --pilot ID|MAILBOX, or --mailbox with --app NAME or --tenant/--client-id and a credential");
+        bail!(
+            "name what to check: --pilot ID|MAILBOX, or --mailbox with --app NAME or --tenant/--client-id and a credential"
+        );
     };
     admin::validate_mailbox(mailbox)?;
     let mut app_row = None;
@@ -659,7 +737,10 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
         app_row = Some(row);
         (auth, None)
     } else if let (Some(tenant), Some(client_id)) = (&args.tenant, &args.client_id) {
-        let (authority, scope) = resolve_cloud(&args.cloud, (oauth::DEFAULT_AUTHORITY, oauth::DEFAULT_SCOPE))?;
+        let (authority, scope) = resolve_cloud(
+            &args.cloud,
+            (oauth::DEFAULT_AUTHORITY, oauth::DEFAULT_SCOPE),
+        )?;
         let credential = match certificate_source_loaded(&args.certificate)? {
             Some(cert) => Credential::Certificate(cert),
             None => Credential::Secret(read_secret(&args.secret)?.context(
@@ -677,22 +758,38 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
         };
         (
             store::PilotAuth::XOAuth2 { app_id: 0 },
-            Some(Login::XOAuth2 { app, name: None, expires_at: None }),
+            Some(Login::XOAuth2 {
+                app,
+                name: None,
+                expires_at: None,
+            }),
         )
     } else if let Some(username) = &args.username {
-        let password = read_secret(&args.secret)?
-            .context("USER/PASS needs the password: --secret-stdin, --secret-file PATH or --secret-env NAME")?;
+        let password = read_secret(&args.secret)?.context(
+            "USER/PASS needs the password: --secret-stdin, --secret-file PATH or --secret-env NAME",
+        )?;
         (
-            store::PilotAuth::UserPass { username: username.clone(), credential: String::new() },
-            Some(Login::UserPass { username: username.clone(), password }),
+            store::PilotAuth::UserPass {
+                username: username.clone(),
+                credential: String::new(),
+            },
+            Some(Login::UserPass {
+                username: username.clone(),
+                password,
+            }),
         )
     } else {
-        bail!("name the login: --app NAME, --tenant and --client-id with a credential, or --username with a password");
+        bail!(
+            "name the login: --app NAME, --tenant and --client-id with a credential, or --username with a password"
+        );
     };
     let mut pilot = store::NewPilot::new("doctor", mailbox, auth);
     if let Some(cloud) = args.cloud.cloud {
         pilot.host = cloud.preset().pop_host.to_owned();
-    } else if let Some(cloud) = app_row.as_ref().and_then(|a| Cloud::of_authority(&a.authority)) {
+    } else if let Some(cloud) = app_row
+        .as_ref()
+        .and_then(|a| Cloud::of_authority(&a.authority))
+    {
         pilot.host = cloud.preset().pop_host.to_owned();
     }
     apply_settings(&mut pilot, &args.settings)?;
@@ -709,11 +806,22 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
             let mut timeouts = config.pop3_timeouts();
             if let Some(secs) = args.timeout {
                 let t = Duration::from_secs(secs);
-                timeouts = ccmail::pop3::Timeouts { connect: t, tls: t, command: t, idle: t };
+                timeouts = ccmail::pop3::Timeouts {
+                    connect: t,
+                    tls: t,
+                    command: t,
+                    idle: t,
+                };
             }
             Ok(Target {
                 mailbox: pilot.mailbox.clone(),
-                server: ServerSpec::new(pilot.host.clone(), pilot.port, pilot.tls, &roots, timeouts)?,
+                server: ServerSpec::new(
+                    pilot.host.clone(),
+                    pilot.port,
+                    pilot.tls,
+                    &roots,
+                    timeouts,
+                )?,
                 login,
                 retr: args.retr,
                 max_message_bytes: usize::try_from(pilot.max_message_bytes).unwrap_or(usize::MAX),
@@ -734,7 +842,9 @@ fn certificate_source_loaded(
         std::fs::read_to_string(key_path)
             .with_context(|| format!("reading the private key {}", key_path.display()))?,
     );
-    Ok(Some(Arc::new(oauth::CertificateCredential::from_pem(&pem, &key, source.alg)?)))
+    Ok(Some(Arc::new(oauth::CertificateCredential::from_pem(
+        &pem, &key, source.alg,
+    )?)))
 }
 
 /// A secret for immediate use (doctor): read, never stored.
@@ -746,18 +856,25 @@ fn read_secret(source: &SecretSource) -> anyhow::Result<Option<SecretString>> {
         );
     }
     if let Some(name) = &source.secret_env {
-        return Ok(Some(ccmail::secrets::resolve(&format!("env:{name}"), None)?));
+        return Ok(Some(ccmail::secrets::resolve(
+            &format!("env:{name}"),
+            None,
+        )?));
     }
     if source.secret_stdin {
         let mut line = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut line)
             .context("reading the secret from standard input")?;
-        return Ok(Some(SecretString::from(line.trim_end_matches(['\r', '\n']).to_owned())));
+        return Ok(Some(SecretString::from(
+            line.trim_end_matches(['\r', '\n']).to_owned(),
+        )));
     }
     if let Some(path) = &source.secret_file {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the secret from {}", path.display()))?;
-        return Ok(Some(SecretString::from(text.trim_end_matches(['\r', '\n']).to_owned())));
+        return Ok(Some(SecretString::from(
+            text.trim_end_matches(['\r', '\n']).to_owned(),
+        )));
     }
     Ok(None)
 }

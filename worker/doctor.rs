@@ -258,7 +258,9 @@ pub fn aadsts_meaning(code: u32) -> Option<&'static str> {
         1002012 => "the scope must end in /.default",
         700022 => "the scope names several resources",
         500011 => "the resource principal (Exchange Online) was not found in the tenant",
-        700027 => "the client assertion's certificate is not registered or its signature is invalid",
+        700027 => {
+            "the client assertion's certificate is not registered or its signature is invalid"
+        }
         50012 => "the client assertion was refused (audience, issuer or validity)",
         7000112 => "the application is disabled",
         53003 => "blocked by Conditional Access",
@@ -385,10 +387,9 @@ pub async fn diagnose(target: &Target, token_options: &TokenSourceOptions) -> Re
         "login",
         Verdict::Pass,
         match &target.login {
-            Login::XOAuth2 { .. } => format!(
-                "XOAUTH2 (two-step) accepted for user={}",
-                target.mailbox
-            ),
+            Login::XOAuth2 { .. } => {
+                format!("XOAUTH2 (two-step) accepted for user={}", target.mailbox)
+            }
             Login::UserPass { username, .. } => format!("USER/PASS accepted for {username}"),
         },
     );
@@ -708,12 +709,7 @@ fn connect_failure(report: &mut Report, target: &Target, e: &pop3::Error) {
     report.fail("connect", class, summary, fix);
 }
 
-fn login_failure(
-    report: &mut Report,
-    target: &Target,
-    e: &pop3::Error,
-    token_len: Option<usize>,
-) {
+fn login_failure(report: &mut Report, target: &Target, e: &pop3::Error, token_len: Option<usize>) {
     match (e, &target.login) {
         (pop3::Error::Timeout { during, after }, _) => report.fail(
             "login",

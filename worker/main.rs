@@ -13,10 +13,10 @@ use clap::{Args, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
+use ccmail::admin::Cloud;
 use ccmail::config::{Config, LogFormat};
 use ccmail::ingest::supervisor::{Supervisor, SupervisorSettings};
 use ccmail::oauth::{self, CachePolicy, TokenCache, TokenSource, TokenSourceOptions};
-use ccmail::admin::Cloud;
 use ccmail::pop3::TlsMode;
 use ccmail::secrets::MasterKey;
 use ccmail::store;
@@ -513,4 +513,3 @@ fn stored_secret(
     };
     Ok(Some(key.seal(&SecretString::from(secret))?))
 }
-

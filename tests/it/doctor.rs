@@ -107,7 +107,9 @@ impl Sims {
 
 fn failed(report: &Report, step: &str, class: Failure) -> (String, String) {
     assert_eq!(report.failure, Some(class), "{}", report.render());
-    let check = report.check(step).unwrap_or_else(|| panic!("no {step} step"));
+    let check = report
+        .check(step)
+        .unwrap_or_else(|| panic!("no {step} step"));
     assert_eq!(check.verdict, Verdict::Fail, "{}", report.render());
     assert_eq!(
         report.checks.last().map(|c| c.step),
@@ -147,9 +149,21 @@ async fn a_good_setup_passes_every_step_and_retr_leaves_the_message() {
             report.render()
         );
     }
-    assert!(report.check("capabilities").unwrap().summary.contains("XOAUTH2"));
+    assert!(
+        report
+            .check("capabilities")
+            .unwrap()
+            .summary
+            .contains("XOAUTH2")
+    );
     assert_eq!(report.messages, Some(2));
-    assert!(report.check("retr").unwrap().summary.contains("left on the server"));
+    assert!(
+        report
+            .check("retr")
+            .unwrap()
+            .summary
+            .contains("left on the server")
+    );
     // Nothing was deleted.
     assert_eq!(s.pop.messages(MAILBOX).len(), 2);
     let receipts = report.check("read-receipts").unwrap();
@@ -160,7 +174,10 @@ async fn a_good_setup_passes_every_step_and_retr_leaves_the_message() {
     // The two-step login was used.
     let commands = s.pop.commands();
     assert!(commands.iter().any(|c| c == "AUTH XOAUTH2"), "{commands:?}");
-    assert!(!commands.iter().any(|c| c.starts_with("DELE")), "{commands:?}");
+    assert!(
+        !commands.iter().any(|c| c.starts_with("DELE")),
+        "{commands:?}"
+    );
     // No secret and no token in what is printed.
     assert!(!report.render().contains(SECRET));
 }
@@ -175,7 +192,10 @@ async fn wrong_secret_is_aadsts7000215_with_the_value_not_the_id() {
     assert!(summary.contains("AADSTS7000215"), "{summary}");
     assert!(summary.contains("invalid client secret"), "{summary}");
     assert!(fix.contains("Value, not its Secret ID"), "{fix}");
-    assert!(fix.contains("ccmail app rotate-secret support-app"), "{fix}");
+    assert!(
+        fix.contains("ccmail app rotate-secret support-app"),
+        "{fix}"
+    );
     assert_eq!(report.exit_code(), 10);
 }
 
@@ -214,7 +234,11 @@ async fn a_secret_expiring_within_30_days_warns_but_passes() {
     assert_eq!(report.failure, None, "{}", report.render());
     let settings = report.check("settings").unwrap();
     assert_eq!(settings.verdict, Verdict::Warn);
-    assert!(settings.summary.contains("expires in 12 days"), "{}", settings.summary);
+    assert!(
+        settings.summary.contains("expires in 12 days"),
+        "{}",
+        settings.summary
+    );
     assert!(settings.fix[0].contains("ccmail app rotate-secret"));
 }
 
@@ -222,7 +246,9 @@ async fn a_secret_expiring_within_30_days_warns_but_passes() {
 async fn unknown_app_is_aadsts700016() {
     let s = sims().await;
     let other = "11111111-2222-4333-8444-555555555555";
-    let report = s.diagnose(&s.target(MAILBOX, s.app(TENANT, other, SECRET))).await;
+    let report = s
+        .diagnose(&s.target(MAILBOX, s.app(TENANT, other, SECRET)))
+        .await;
     let (summary, fix) = failed(&report, "token", Failure::TokenRefused);
     assert!(summary.contains("AADSTS700016"), "{summary}");
     assert!(summary.contains("not found in the tenant"), "{summary}");
@@ -239,7 +265,10 @@ async fn unknown_tenant_is_aadsts90002() {
     let (summary, fix) = failed(&report, "token", Failure::TokenRefused);
     assert!(summary.contains("AADSTS90002"), "{summary}");
     assert!(fix.contains("check the tenant id"), "{fix}");
-    assert!(fix.contains("ccmail app update support-app --tenant"), "{fix}");
+    assert!(
+        fix.contains("ccmail app update support-app --tenant"),
+        "{fix}"
+    );
 }
 
 #[tokio::test]
@@ -259,7 +288,9 @@ async fn a_scope_without_default_is_aadsts1002012() {
 #[tokio::test]
 async fn the_tenant_common_is_refused_before_any_request() {
     let s = sims().await;
-    let report = s.diagnose(&s.target(MAILBOX, s.app("common", CLIENT, SECRET))).await;
+    let report = s
+        .diagnose(&s.target(MAILBOX, s.app("common", CLIENT, SECRET)))
+        .await;
     let (summary, _) = failed(&report, "settings", Failure::Settings);
     assert!(summary.contains("AADSTS9001023"), "{summary}");
     assert_eq!(s.entra.token_requests(), 0);
@@ -270,7 +301,9 @@ async fn the_tenant_common_is_refused_before_any_request() {
 async fn an_unreachable_token_endpoint_is_its_own_class() {
     let s = sims().await;
     s.entra.fail_next(1, TokenFailure::Status(503));
-    let report = s.diagnose(&s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET))).await;
+    let report = s
+        .diagnose(&s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET)))
+        .await;
     let (summary, fix) = failed(&report, "token", Failure::TokenUnreachable);
     assert!(summary.contains("503"), "{summary}");
     assert!(fix.contains("proxy"), "{fix}");
@@ -283,7 +316,9 @@ async fn auth_rejected_at_pop_prints_the_checklist_with_this_apps_ids() {
     // A mailbox the app has no access to: Exchange's one generic failure line.
     let outsider = "sales@fabrikam.example";
     s.pop.add_mailbox(outsider);
-    let report = s.diagnose(&s.target(outsider, s.app(TENANT, CLIENT, SECRET))).await;
+    let report = s
+        .diagnose(&s.target(outsider, s.app(TENANT, CLIENT, SECRET)))
+        .await;
     let (summary, fix) = failed(&report, "login", Failure::LoginRejected);
     assert!(
         summary.contains("Authentication failure: unknown user name or bad password"),
@@ -294,7 +329,9 @@ async fn auth_rejected_at_pop_prints_the_checklist_with_this_apps_ids() {
     let order = [
         "POP.AccessAsApp",
         &format!("New-ServicePrincipal -AppId {CLIENT} -ObjectId $sp.Id"),
-        &format!("Add-MailboxPermission -Identity {outsider} -User $sp.Id -AccessRights FullAccess"),
+        &format!(
+            "Add-MailboxPermission -Identity {outsider} -User $sp.Id -AccessRights FullAccess"
+        ),
         &format!("user={outsider}"),
         "https://outlook.office365.com/.default",
         &format!("Get-CASMailbox -Identity {outsider} | Format-List PopEnabled"),
@@ -306,7 +343,10 @@ async fn auth_rejected_at_pop_prints_the_checklist_with_this_apps_ids() {
             .unwrap_or_else(|| panic!("{needle:?} missing or out of order in:\n{fix}"));
         at += found;
     }
-    assert!(fix.contains(&format!("Connect-MgGraph -TenantId {TENANT}")), "{fix}");
+    assert!(
+        fix.contains(&format!("Connect-MgGraph -TenantId {TENANT}")),
+        "{fix}"
+    );
     assert!(fix.contains("Enterprise Application's object id"), "{fix}");
     assert_eq!(report.exit_code(), 30);
 }
@@ -359,8 +399,14 @@ async fn a_closed_port_is_unreachable() {
         .local_addr()
         .unwrap()
         .port();
-    target.server =
-        ServerSpec::new("127.0.0.1", port, TlsMode::Implicit, &[], Timeouts::default()).unwrap();
+    target.server = ServerSpec::new(
+        "127.0.0.1",
+        port,
+        TlsMode::Implicit,
+        &[],
+        Timeouts::default(),
+    )
+    .unwrap();
     let report = s.diagnose(&target).await;
     let (summary, fix) = failed(&report, "connect", Failure::ServerUnreachable);
     assert!(summary.contains("cannot connect"), "{summary}");
@@ -376,11 +422,17 @@ async fn thousands_of_waiting_messages_warn() {
             format!("Subject: m{i}\r\nFrom: a@b.example\r\n\r\nbody\r\n").into_bytes(),
         );
     }
-    let report = s.diagnose(&s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET))).await;
+    let report = s
+        .diagnose(&s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET)))
+        .await;
     assert_eq!(report.failure, None, "{}", report.render());
     let mailbox = report.check("mailbox").unwrap();
     assert_eq!(mailbox.verdict, Verdict::Warn);
-    assert!(mailbox.summary.starts_with("1000 messages waiting"), "{}", mailbox.summary);
+    assert!(
+        mailbox.summary.starts_with("1000 messages waiting"),
+        "{}",
+        mailbox.summary
+    );
     assert!(mailbox.fix[0].contains("thousands"), "{:?}", mailbox.fix);
 }
 
@@ -408,7 +460,11 @@ async fn certificate_assertions_rs256_and_ps256_are_accepted_by_the_verifying_si
             .await;
         assert_eq!(report.failure, None, "{alg}: {}", report.render());
         let settings = report.check("settings").unwrap();
-        assert!(settings.summary.contains(alg.as_str()), "{}", settings.summary);
+        assert!(
+            settings.summary.contains(alg.as_str()),
+            "{}",
+            settings.summary
+        );
         assert_eq!(report.check("login").unwrap().verdict, Verdict::Pass);
     }
 }

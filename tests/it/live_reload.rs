@@ -73,7 +73,10 @@ impl Worker {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(tokio::time::Instant::now() < until, "worker ignored SIGTERM");
+            assert!(
+                tokio::time::Instant::now() < until,
+                "worker ignored SIGTERM"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -192,14 +195,30 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
         &env,
         dir.path(),
         &[
-            "pilot", "add", "--queue", "support", "--mailbox", support, "--app", "support-app",
-            "--host", "127.0.0.1", "--port", &port_b, "--ca-bundle", &ca_arg, "--poll-interval",
+            "pilot",
+            "add",
+            "--queue",
+            "support",
+            "--mailbox",
+            support,
+            "--app",
+            "support-app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port_b,
+            "--ca-bundle",
+            &ca_arg,
+            "--poll-interval",
             "1",
         ],
     );
     let support_id = {
         let mut conn = db.pool().acquire().await.unwrap();
-        store::find_pilots_by_mailbox(&mut conn, support).await.unwrap()[0].id
+        store::find_pilots_by_mailbox(&mut conn, support)
+            .await
+            .unwrap()[0]
+            .id
     };
 
     let worker = Worker::start(&env, dir.path());
@@ -216,8 +235,21 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
         &env,
         dir.path(),
         &[
-            "pilot", "add", "--queue", "sales", "--mailbox", sales, "--app", "support-app",
-            "--host", "127.0.0.1", "--port", &port_a, "--ca-bundle", &ca_arg, "--poll-interval",
+            "pilot",
+            "add",
+            "--queue",
+            "sales",
+            "--mailbox",
+            sales,
+            "--app",
+            "support-app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port_a,
+            "--ca-bundle",
+            &ca_arg,
+            "--poll-interval",
             "1",
         ],
     );
@@ -227,7 +259,11 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
     .await;
 
     // 2. Disabled while running: its poller stops, no new session on its server.
-    cli(&env, dir.path(), &["pilot", "disable", &support_id.to_string()]);
+    cli(
+        &env,
+        dir.path(),
+        &["pilot", "disable", &support_id.to_string()],
+    );
     let stopped = format!("\"pilot\":{support_id}");
     wait_until("the disabled pilot's poller stops", &worker, || {
         let done = worker.logged(&["poller stopped", &stopped]);
@@ -260,12 +296,20 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
         &env,
         dir.path(),
         &[
-            "pilot", "update", sales, "--port", &port_b, "--queue", "sales-vip",
+            "pilot",
+            "update",
+            sales,
+            "--port",
+            &port_b,
+            "--queue",
+            "sales-vip",
         ],
     );
-    wait_until("the updated pilot polls its new server into its new queue", &worker, || async {
-        work_items(&db, "sales-vip").await == 1 && pop_b.messages(sales).is_empty()
-    })
+    wait_until(
+        "the updated pilot polls its new server into its new queue",
+        &worker,
+        || async { work_items(&db, "sales-vip").await == 1 && pop_b.messages(sales).is_empty() },
+    )
     .await;
     assert_eq!(work_items(&db, "sales").await, 5);
     assert_eq!(pop_b.messages(support).len(), 1, "still disabled");

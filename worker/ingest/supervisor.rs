@@ -329,16 +329,17 @@ pub fn app_credentials(
     let credential = match app.certificate() {
         None => oauth::Credential::Secret(secret),
         Some(cert) => {
-            let alg = oauth::AssertionAlg::parse(&cert.alg).ok_or_else(|| {
-                ResolveError::Certificate {
+            let alg =
+                oauth::AssertionAlg::parse(&cert.alg).ok_or_else(|| ResolveError::Certificate {
                     app: app.name.clone(),
                     reason: format!("unknown assertion algorithm {:?}", cert.alg),
-                }
-            })?;
-            let loaded = oauth::CertificateCredential::from_pem(&cert.pem, &secret, alg)
-                .map_err(|e| ResolveError::Certificate {
-                    app: app.name.clone(),
-                    reason: e.to_string(),
+                })?;
+            let loaded =
+                oauth::CertificateCredential::from_pem(&cert.pem, &secret, alg).map_err(|e| {
+                    ResolveError::Certificate {
+                        app: app.name.clone(),
+                        reason: e.to_string(),
+                    }
                 })?;
             oauth::Credential::Certificate(Arc::new(loaded))
         }

@@ -34,10 +34,10 @@ use tokio_rustls::TlsAcceptor;
 
 use super::SimError;
 use super::cert::TestCa;
-use crate::oauth::{CLIENT_ASSERTION_TYPE, thumbprint_sha1, thumbprint_sha256};
 use super::net::{
     ClosableListener, Guarded, Lifecycle, StopOnDrop, accept_backoff, lock as lock_mutex,
 };
+use crate::oauth::{CLIENT_ASSERTION_TYPE, thumbprint_sha1, thumbprint_sha256};
 
 /// The only resource this simulator issues tokens for (Exchange Online).
 pub const EXCHANGE_RESOURCE: &str = "https://outlook.office365.com";
@@ -570,24 +570,24 @@ fn check_assertion(
     let signature = URL_SAFE_NO_PAD
         .decode(signature_b64)
         .map_err(|_| invalid("The client assertion signature is not base64url."))?;
-    let (thumbprint_of, named, verifier): (fn(&[u8]) -> String, _, _) =
-        match header["alg"].as_str() {
-            Some("RS256") => (
-                thumbprint_sha1 as fn(&[u8]) -> String,
-                header["x5t"].as_str(),
-                webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA256,
-            ),
-            Some("PS256") => (
-                thumbprint_sha256 as fn(&[u8]) -> String,
-                header["x5t#S256"].as_str(),
-                webpki::aws_lc_rs::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
-            ),
-            other => {
-                return Err(invalid(&format!(
-                    "The client assertion algorithm {other:?} is not supported; use RS256 or PS256."
-                )));
-            }
-        };
+    let (thumbprint_of, named, verifier): (fn(&[u8]) -> String, _, _) = match header["alg"].as_str()
+    {
+        Some("RS256") => (
+            thumbprint_sha1 as fn(&[u8]) -> String,
+            header["x5t"].as_str(),
+            webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA256,
+        ),
+        Some("PS256") => (
+            thumbprint_sha256 as fn(&[u8]) -> String,
+            header["x5t#S256"].as_str(),
+            webpki::aws_lc_rs::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+        ),
+        other => {
+            return Err(invalid(&format!(
+                "The client assertion algorithm {other:?} is not supported; use RS256 or PS256."
+            )));
+        }
+    };
     let not_registered = |named: &str| {
         AadError::new(
             401,

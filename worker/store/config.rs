@@ -459,12 +459,11 @@ pub async fn delete_app(conn: &mut PgConnection, id: i64) -> Result<(), StoreErr
         Ok(_) => Ok(()),
         Err(err) => match db_error(&err) {
             Some((_, code)) if code == sqlstate::FOREIGN_KEY_VIOLATION => {
-                let users: Vec<String> = sqlx::query_scalar(
-                    "select mailbox from pilots where app_id = $1 order by id",
-                )
-                .bind(id)
-                .fetch_all(&mut *conn)
-                .await?;
+                let users: Vec<String> =
+                    sqlx::query_scalar("select mailbox from pilots where app_id = $1 order by id")
+                        .bind(id)
+                        .fetch_all(&mut *conn)
+                        .await?;
                 Err(StoreError::InUse {
                     entity: "OAuth app",
                     key: format!("id {id}"),
