@@ -154,7 +154,7 @@ impl SimChild {
                 client_id: self.info.client_id.clone(),
                 scope: crate::oauth::DEFAULT_SCOPE.to_owned(),
             },
-            client_secret: SecretString::from(self.info.client_secret.clone()),
+            credential: SecretString::from(self.info.client_secret.clone()).into(),
         }
     }
 

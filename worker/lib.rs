@@ -4,9 +4,11 @@
 //! tokens, [`ingest`] parses messages and moves them into PostgreSQL through [`store`];
 //! [`sim`] plays Exchange Online and Entra ID for the demo and the tests.
 
+pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod demo;
+pub mod doctor;
 pub mod ingest;
 pub mod oauth;
 pub mod pop3;

@@ -6,11 +6,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod admin_cli;
+
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
+use ccmail::admin::Cloud;
 use ccmail::config::{Config, LogFormat};
 use ccmail::ingest::supervisor::{Supervisor, SupervisorSettings};
 use ccmail::oauth::{self, CachePolicy, TokenCache, TokenSource, TokenSourceOptions};
@@ -60,6 +63,8 @@ enum Command {
     /// Mailbox pilots.
     #[command(subcommand)]
     Pilot(PilotCommand),
+    /// Check a pilot, an app or explicit settings step by step, with the fix for each failure.
+    Doctor(Box<DoctorArgs>),
     /// Master key for secrets stored in the database.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -89,11 +94,41 @@ struct SecretSource {
     secret: Option<String>,
 }
 
-// Parsed once per run: the size difference between variants costs nothing.
-#[allow(clippy::large_enum_variant)]
+/// A certificate credential instead of a client secret (EXCHANGE.md, "Certificate credentials").
+#[derive(Args, Debug)]
+struct CertificateSource {
+    /// PEM certificate uploaded to the app registration (Certificates & secrets).
+    #[arg(long, value_name = "PEM", requires = "private_key_file")]
+    certificate: Option<PathBuf>,
+    /// PEM private key of the certificate (PKCS#8 or PKCS#1 RSA); sealed into the database.
+    #[arg(long, value_name = "PEM", requires = "certificate")]
+    private_key_file: Option<PathBuf>,
+    /// Client-assertion signature: RS256 (header x5t = SHA-1 thumbprint) or PS256 (x5t#S256).
+    #[arg(long, default_value = "RS256", value_parser = parse_alg)]
+    alg: oauth::AssertionAlg,
+}
+
+fn parse_alg(s: &str) -> Result<oauth::AssertionAlg, String> {
+    oauth::AssertionAlg::parse(s).ok_or_else(|| format!("{s:?}: use RS256 or PS256"))
+}
+
+/// Where the token endpoint is.
+#[derive(Args, Debug, Default)]
+struct CloudArgs {
+    /// Microsoft cloud: sets the authority, scope and POP host presets.
+    #[arg(long, value_enum)]
+    cloud: Option<Cloud>,
+    /// Token authority (overrides the cloud preset), e.g. https://login.microsoftonline.com.
+    #[arg(long)]
+    authority: Option<String>,
+    /// Token scope (overrides the cloud preset); must end in /.default.
+    #[arg(long)]
+    scope: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum AppCommand {
-    /// Register an app (tenant + client id + client secret).
+    /// Register an app: tenant + client id + a client secret or a certificate.
     Add {
         /// A short unique name to refer to the app.
         #[arg(long)]
@@ -104,25 +139,89 @@ enum AppCommand {
         /// Application (client) id.
         #[arg(long)]
         client_id: String,
-        #[arg(long, default_value = oauth::DEFAULT_AUTHORITY)]
-        authority: String,
-        #[arg(long, default_value = oauth::DEFAULT_SCOPE)]
-        scope: String,
-        /// When the client secret expires (YYYY-MM-DD), for the expiry alert.
+        #[command(flatten)]
+        cloud: CloudArgs,
+        /// When the client secret (or certificate) expires (YYYY-MM-DD), for the expiry warnings.
         #[arg(long, value_name = "DATE")]
         secret_expires: Option<chrono::NaiveDate>,
         #[command(flatten)]
         secret: SecretSource,
+        #[command(flatten)]
+        certificate: CertificateSource,
     },
-    /// List apps (secrets are never shown).
-    List,
+    /// List apps (credentials are never shown).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one app (by name or id).
+    Show {
+        app: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change an app's name, tenant, client id, cloud, authority, scope or expiry date.
+    Update {
+        app: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        client_id: Option<String>,
+        #[command(flatten)]
+        cloud: CloudArgs,
+        #[arg(long, value_name = "DATE")]
+        secret_expires: Option<chrono::NaiveDate>,
+    },
+    /// Store a new client secret, or switch to (or renew) a certificate credential.
+    RotateSecret {
+        app: String,
+        #[arg(long, value_name = "DATE")]
+        secret_expires: Option<chrono::NaiveDate>,
+        #[command(flatten)]
+        secret: SecretSource,
+        #[command(flatten)]
+        certificate: CertificateSource,
+    },
+    /// Remove an app that no pilot uses.
+    Remove { app: String },
 }
 
-// Parsed once per run: the size difference between variants costs nothing.
-#[allow(clippy::large_enum_variant)]
+/// Pilot settings shared by `add` and `update` (all optional for `update`).
+#[derive(Args, Debug)]
+struct PilotSettings {
+    /// POP3 server (default: the app's cloud POP host, outlook.office365.com).
+    #[arg(long)]
+    host: Option<String>,
+    /// POP3 port (default 995).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    port: Option<u16>,
+    /// implicit (port 995, the default), starttls, or dangerous_plaintext (tests only).
+    #[arg(long, value_parser = parse_tls)]
+    tls: Option<TlsMode>,
+    /// Extra PEM CA bundle for this server (on-premises, private CA).
+    #[arg(long, value_name = "PEM")]
+    ca_bundle: Option<PathBuf>,
+    /// Seconds between polls (default 60).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    poll_interval: Option<u64>,
+    /// Leave messages on the server after storing them (true/false; default false).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    keep_on_server: Option<bool>,
+    /// Largest message downloaded whole, in octets (default 50 MiB); larger ones are stored
+    /// as headers and flagged.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_message_bytes: Option<u64>,
+}
+
+fn parse_tls(s: &str) -> Result<TlsMode, String> {
+    TlsMode::parse(s).ok_or_else(|| format!("{s:?}: use implicit, starttls or dangerous_plaintext"))
+}
+
 #[derive(Subcommand)]
 enum PilotCommand {
-    /// Add a mailbox pilot.
+    /// Add a mailbox pilot (Exchange Online defaults: outlook.office365.com:995, implicit TLS).
     Add {
         /// Queue its work items go to.
         #[arg(long)]
@@ -133,33 +232,110 @@ enum PilotCommand {
         /// App name for XOAUTH2 (Exchange Online). Without it, USER/PASS is used.
         #[arg(long)]
         app: Option<String>,
-        #[arg(long, default_value = store::DEFAULT_HOST)]
-        host: String,
-        #[arg(long, default_value_t = store::DEFAULT_PORT)]
-        port: u16,
-        /// implicit (port 995), starttls, or dangerous_plaintext (tests only).
-        #[arg(long, default_value = "implicit")]
-        tls: String,
-        /// Extra PEM CA bundle for this server (on-premises, private CA).
-        #[arg(long)]
-        ca_bundle: Option<PathBuf>,
         /// USER/PASS login name (defaults to the mailbox).
         #[arg(long)]
         username: Option<String>,
-        #[arg(long, default_value_t = 60)]
-        poll_interval: u64,
-        /// Leave messages on the server after storing them.
-        #[arg(long)]
-        keep_on_server: bool,
-        #[arg(long, default_value_t = store::DEFAULT_MAX_MESSAGE_BYTES)]
-        max_message_bytes: u64,
+        #[command(flatten)]
+        settings: PilotSettings,
         /// Password source for USER/PASS.
         #[command(flatten)]
         secret: SecretSource,
+        /// Run `ccmail doctor` against the pilot first and save it only if every step passes.
+        #[arg(long)]
+        check: bool,
+        /// Save it disabled.
+        #[arg(long)]
+        disabled: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// List pilots with their last poll outcome.
-    List,
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one pilot (by id or mailbox).
+    Show {
+        pilot: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a pilot; a running worker restarts its poller within seconds.
+    Update {
+        pilot: String,
+        #[arg(long)]
+        queue: Option<String>,
+        #[arg(long)]
+        mailbox: Option<String>,
+        /// Log in with this app (XOAUTH2 pilots).
+        #[arg(long)]
+        app: Option<String>,
+        /// Forget the pilot's CA bundle.
+        #[arg(long, conflicts_with = "ca_bundle")]
+        no_ca_bundle: bool,
+        #[command(flatten)]
+        settings: PilotSettings,
+        /// New password source (USER/PASS pilots).
+        #[command(flatten)]
+        secret: SecretSource,
+    },
+    /// Start polling a pilot again.
+    Enable { pilot: String },
+    /// Stop polling a pilot (its stored mail stays).
+    Disable { pilot: String },
+    /// Remove a pilot that has no stored mail (disable it otherwise).
+    Remove { pilot: String },
 }
+
+#[derive(Args)]
+#[command(after_help = ccmail::doctor::EXIT_CODES)]
+struct DoctorArgs {
+    /// Check this stored pilot (id or mailbox).
+    #[arg(long, conflicts_with_all = ["app", "tenant"])]
+    pilot: Option<String>,
+    /// Use this stored app (with --mailbox and the server flags).
+    #[arg(long, conflicts_with = "tenant")]
+    app: Option<String>,
+    /// Explicit app: tenant id or domain (with --client-id and a secret or certificate).
+    #[arg(long, requires = "client_id")]
+    tenant: Option<String>,
+    #[arg(long)]
+    client_id: Option<String>,
+    #[command(flatten)]
+    cloud: CloudArgs,
+    #[command(flatten)]
+    secret: SecretSource,
+    #[command(flatten)]
+    certificate: CertificateSource,
+    /// Mailbox to log into (required unless --pilot).
+    #[arg(long)]
+    mailbox: Option<String>,
+    /// USER/PASS login name instead of XOAUTH2 (with a password source).
+    #[arg(long)]
+    username: Option<String>,
+    #[command(flatten)]
+    settings: PilotSettings,
+    /// Fetch and parse message N after login, without deleting it.
+    #[arg(long, value_name = "N")]
+    retr: Option<u32>,
+    /// Seconds to wait for each network step (default: the [pop3] settings).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: Option<u64>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Ends the process with this exit code after the output is written (doctor, `pilot add --check`).
+#[derive(Debug)]
+struct ExitWith(u8);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitWith {}
 
 fn main() -> ExitCode {
     ccmail::tls::install_crypto_provider();
@@ -176,10 +352,14 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<ExitWith>() {
+            // The command printed its own report; only the code is left to pass on.
+            Some(ExitWith(code)) => ExitCode::from(*code),
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -205,8 +385,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(args) => ccmail::bench::run(&config, &args).await,
         Command::SimServe { messages, seed } => ccmail::bench::serve_sim(messages, seed).await,
-        Command::App(cmd) => app_command(&config, cmd).await,
-        Command::Pilot(cmd) => pilot_command(&config, cmd).await,
+        Command::App(cmd) => admin_cli::app_command(&config, cmd).await,
+        Command::Pilot(cmd) => admin_cli::pilot_command(&config, cmd).await,
+        Command::Doctor(args) => admin_cli::doctor_command(&config, *args).await,
         Command::Key(KeyCommand::Generate) => {
             println!("{}", MasterKey::generate().to_base64().expose_secret());
             Ok(())
@@ -331,139 +512,4 @@ fn stored_secret(
         );
     };
     Ok(Some(key.seal(&SecretString::from(secret))?))
-}
-
-async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Result<()> {
-    init_logs(config, LogFormat::Text);
-    let pool = store::connect(&config.database.url, 1).await?;
-    store::migrate(&pool).await?;
-    let mut conn = pool.acquire().await?;
-    match cmd {
-        AppCommand::Add {
-            name,
-            tenant,
-            client_id,
-            authority,
-            scope,
-            secret_expires,
-            secret,
-        } => {
-            let Some(credential) = stored_secret(config, &secret, "client secret")? else {
-                bail!(
-                    "the app needs its client secret: pass --secret-stdin, --secret-file PATH or --secret-env NAME"
-                );
-            };
-            let mut app = store::NewApp::new(&name, &tenant, &client_id, credential);
-            app.authority = authority;
-            app.scope = scope;
-            app.secret_expires_at = secret_expires
-                .and_then(|d| d.and_hms_opt(0, 0, 0))
-                .map(|d| d.and_utc());
-            let row = store::insert_app(&mut conn, &app).await?;
-            println!("app {} added (id {})", row.name, row.id);
-            Ok(())
-        }
-        AppCommand::List => {
-            println!(
-                "{:<5} {:<20} {:<38} {:<38} {:<12}",
-                "id", "name", "tenant", "client id", "secret expires"
-            );
-            for a in store::list_apps(&mut conn).await? {
-                println!(
-                    "{:<5} {:<20} {:<38} {:<38} {:<12}",
-                    a.id,
-                    a.name,
-                    a.tenant,
-                    a.client_id,
-                    a.secret_expires_at
-                        .map(|d| d.date_naive().to_string())
-                        .unwrap_or_else(|| "-".to_owned())
-                );
-            }
-            Ok(())
-        }
-    }
-}
-
-async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow::Result<()> {
-    init_logs(config, LogFormat::Text);
-    let pool = store::connect(&config.database.url, 1).await?;
-    store::migrate(&pool).await?;
-    let mut conn = pool.acquire().await?;
-    match cmd {
-        PilotCommand::Add {
-            queue,
-            mailbox,
-            app,
-            host,
-            port,
-            tls,
-            ca_bundle,
-            username,
-            poll_interval,
-            keep_on_server,
-            max_message_bytes,
-            secret,
-        } => {
-            let tls = TlsMode::parse(&tls).with_context(|| {
-                format!("--tls {tls:?}: use implicit, starttls or dangerous_plaintext")
-            })?;
-            let auth = match app {
-                Some(name) => {
-                    let app = store::get_app_by_name(&mut conn, &name).await?;
-                    store::PilotAuth::XOAuth2 { app_id: app.id }
-                }
-                None => {
-                    let Some(credential) = stored_secret(config, &secret, "password")? else {
-                        bail!(
-                            "a pilot without --app logs in with USER/PASS and needs a password: \
-                             --secret-stdin, --secret-file PATH or --secret-env NAME"
-                        );
-                    };
-                    store::PilotAuth::UserPass {
-                        username: username.unwrap_or_else(|| mailbox.clone()),
-                        credential,
-                    }
-                }
-            };
-            if let Some(path) = &ca_bundle {
-                ccmail::tls::read_pem_bundle(path)?;
-            }
-            let mut pilot = store::NewPilot::new(&queue, &mailbox, auth);
-            pilot.host = host;
-            pilot.port = port;
-            pilot.tls = tls;
-            pilot.ca_bundle = ca_bundle.map(|p| p.display().to_string());
-            pilot.poll_interval = Duration::from_secs(poll_interval);
-            pilot.keep_on_server = keep_on_server;
-            pilot.max_message_bytes = max_message_bytes;
-            let row = store::insert_pilot(&mut conn, &pilot).await?;
-            println!(
-                "pilot {} added (id {}): {} -> queue {}",
-                row.mailbox, row.id, row.host, row.queue
-            );
-            Ok(())
-        }
-        PilotCommand::List => {
-            println!(
-                "{:<5} {:<12} {:<34} {:<26} {:<8} {:<20} last error",
-                "id", "queue", "mailbox", "server", "enabled", "last success"
-            );
-            for p in store::list_pilots(&mut conn).await? {
-                println!(
-                    "{:<5} {:<12} {:<34} {:<26} {:<8} {:<20} {}",
-                    p.id,
-                    p.queue,
-                    p.mailbox,
-                    format!("{}:{}", p.host, p.port),
-                    if p.enabled { "yes" } else { "no" },
-                    p.last_success_at
-                        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-                        .unwrap_or_else(|| "never".to_owned()),
-                    p.last_error.as_deref().unwrap_or("")
-                );
-            }
-            Ok(())
-        }
-    }
 }

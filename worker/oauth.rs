@@ -23,6 +23,12 @@ use rustls::pki_types::CertificateDer;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 
+mod certificate;
+pub use certificate::{
+    AssertionAlg, CLIENT_ASSERTION_TYPE, CertificateCredential, CertificateError, thumbprint_sha1,
+    thumbprint_sha256,
+};
+
 /// Global Entra ID authority.
 pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
 /// The scope that yields a token for Exchange Online POP/IMAP.
@@ -54,19 +60,45 @@ impl fmt::Display for AppKey {
     }
 }
 
-/// An app registration and its client secret.
-#[derive(Clone)]
+/// An app registration and how it proves its identity.
+#[derive(Clone, Debug)]
 pub struct AppCredentials {
     pub key: AppKey,
-    pub client_secret: SecretString,
+    pub credential: Credential,
 }
 
-impl fmt::Debug for AppCredentials {
+impl AppCredentials {
+    /// An app that authenticates with a client secret.
+    pub fn with_secret(key: AppKey, client_secret: SecretString) -> AppCredentials {
+        AppCredentials {
+            key,
+            credential: Credential::Secret(client_secret),
+        }
+    }
+}
+
+/// How an app authenticates to the token endpoint (EXCHANGE.md §1).
+#[derive(Clone)]
+pub enum Credential {
+    /// `client_secret`: the secret's Value.
+    Secret(SecretString),
+    /// `client_assertion`: a JWT signed with the private key of a certificate registered on
+    /// the app (private_key_jwt).
+    Certificate(Arc<CertificateCredential>),
+}
+
+impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AppCredentials")
-            .field("key", &self.key)
-            .field("client_secret", &"<redacted>")
-            .finish()
+        match self {
+            Credential::Secret(_) => f.write_str("Secret(<redacted>)"),
+            Credential::Certificate(c) => f.debug_tuple("Certificate").field(c).finish(),
+        }
+    }
+}
+
+impl From<SecretString> for Credential {
+    fn from(secret: SecretString) -> Credential {
+        Credential::Secret(secret)
     }
 }
 
@@ -345,12 +377,24 @@ impl TokenSource {
                 app.key.authority
             )));
         }
-        let form = [
+        // A fresh assertion per request: it is short-lived and its `jti` must be unique.
+        let assertion = match &app.credential {
+            Credential::Secret(_) => None,
+            Credential::Certificate(cert) => Some(cert.assertion(&app.key.client_id, &url)?),
+        };
+        let mut form = vec![
             ("grant_type", "client_credentials"),
             ("client_id", app.key.client_id.as_str()),
-            ("client_secret", app.client_secret.expose_secret()),
             ("scope", app.key.scope.as_str()),
         ];
+        match (&app.credential, &assertion) {
+            (Credential::Secret(secret), _) => form.push(("client_secret", secret.expose_secret())),
+            (Credential::Certificate(_), Some(jwt)) => {
+                form.push(("client_assertion_type", CLIENT_ASSERTION_TYPE));
+                form.push(("client_assertion", jwt.expose_secret()));
+            }
+            (Credential::Certificate(_), None) => {}
+        }
         let response = self
             .http
             .post(&url)
@@ -857,7 +901,7 @@ mod tests {
                 client_id: client.into(),
                 scope: DEFAULT_SCOPE.into(),
             },
-            client_secret: SecretString::from("s"),
+            credential: Credential::Secret(SecretString::from("s")),
         }
     }
 
@@ -984,7 +1028,7 @@ mod tests {
     #[test]
     fn debug_output_hides_secrets() {
         let mut a = app("one");
-        a.client_secret = SecretString::from("very-secret-value");
+        a.credential = Credential::Secret(SecretString::from("very-secret-value"));
         assert!(!format!("{a:?}").contains("very-secret-value"));
         let t = AccessToken::new(
             SecretString::from("supersecrettoken"),

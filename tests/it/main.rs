@@ -1,8 +1,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin;
+mod doctor;
 mod dovecot_harness;
 mod ingest;
 mod ingest_dovecot;
+mod live_reload;
 mod log_secrets;
 mod oauth_sim;
 mod pop3_dovecot;

@@ -282,6 +282,8 @@ pub enum ResolveError {
         what: String,
         source: secrets::SecretError,
     },
+    #[error("certificate credential of app {app}: {reason}")]
+    Certificate { app: String, reason: String },
     #[error("CA bundle of pilot {pilot}: {source}")]
     CaBundle {
         pilot: i64,
@@ -304,12 +306,54 @@ impl ResolveError {
             ResolveError::Secret { .. } => Some(
                 "set CCMAIL_MASTER_KEY (or secrets.master_key_file) to the key the secret was sealed with, or store the secret again",
             ),
+            ResolveError::Certificate { .. } => Some(
+                "store the certificate and its private key again with `ccmail app rotate-secret --certificate PEM --private-key-file PEM`",
+            ),
             ResolveError::CaBundle { .. } => {
                 Some("point ca_bundle at a readable PEM file, or clear it")
             }
             ResolveError::Server { .. } => None,
         }
     }
+}
+
+/// An app's token-request credentials from its row: the client secret, or the certificate
+/// and its private key, unsealed with `key`.
+pub fn app_credentials(
+    app: &AppRow,
+    key: Option<&MasterKey>,
+) -> Result<AppCredentials, ResolveError> {
+    let secret = secrets::resolve(&app.credential, key).map_err(|source| ResolveError::Secret {
+        what: format!("app {}", app.name),
+        source,
+    })?;
+    let credential = match app.certificate() {
+        None => oauth::Credential::Secret(secret),
+        Some(cert) => {
+            let alg =
+                oauth::AssertionAlg::parse(&cert.alg).ok_or_else(|| ResolveError::Certificate {
+                    app: app.name.clone(),
+                    reason: format!("unknown assertion algorithm {:?}", cert.alg),
+                })?;
+            let loaded =
+                oauth::CertificateCredential::from_pem(&cert.pem, &secret, alg).map_err(|e| {
+                    ResolveError::Certificate {
+                        app: app.name.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+            oauth::Credential::Certificate(Arc::new(loaded))
+        }
+    };
+    Ok(AppCredentials {
+        key: AppKey {
+            authority: app.authority.clone(),
+            tenant: app.tenant.clone(),
+            client_id: app.client_id.clone(),
+            scope: app.scope.clone(),
+        },
+        credential,
+    })
 }
 
 /// Builds the runtime pilot from its rows: decrypts secrets, loads the CA bundle.
@@ -322,20 +366,7 @@ pub fn resolve_pilot(
     let auth = match &row.auth {
         store::PilotAuth::XOAuth2 { .. } => {
             let app = app.ok_or(ResolveError::MissingApp { pilot: row.id })?;
-            let client_secret =
-                secrets::resolve(&app.credential, key).map_err(|source| ResolveError::Secret {
-                    what: format!("app {}", app.name),
-                    source,
-                })?;
-            PilotAuth::XOAuth2(AppCredentials {
-                key: AppKey {
-                    authority: app.authority.clone(),
-                    tenant: app.tenant.clone(),
-                    client_id: app.client_id.clone(),
-                    scope: app.scope.clone(),
-                },
-                client_secret,
-            })
+            PilotAuth::XOAuth2(app_credentials(app, key)?)
         }
         store::PilotAuth::UserPass {
             username,

@@ -28,6 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
@@ -36,6 +37,7 @@ use super::cert::TestCa;
 use super::net::{
     ClosableListener, Guarded, Lifecycle, StopOnDrop, accept_backoff, lock as lock_mutex,
 };
+use crate::oauth::{CLIENT_ASSERTION_TYPE, thumbprint_sha1, thumbprint_sha256};
 
 /// The only resource this simulator issues tokens for (Exchange Online).
 pub const EXCHANGE_RESOURCE: &str = "https://outlook.office365.com";
@@ -132,6 +134,8 @@ struct Shared {
 
 struct Directory {
     apps: Vec<SimApp>,
+    /// Certificates registered per client id (lower-cased), for client assertions.
+    certificates: HashMap<String, Vec<CertificateDer<'static>>>,
     tokens: HashMap<String, Grant>,
     expires_in: u64,
     expires_in_as_string: bool,
@@ -154,6 +158,7 @@ impl EntraSim {
             life: life.clone(),
             state: Mutex::new(Directory {
                 apps: Vec::new(),
+                certificates: HashMap::new(),
                 tokens: HashMap::new(),
                 expires_in: DEFAULT_EXPIRES_IN,
                 expires_in_as_string: false,
@@ -204,6 +209,17 @@ impl EntraSim {
             !(a.client_id == app.client_id && a.tenant.eq_ignore_ascii_case(&app.tenant))
         });
         state.apps.push(app);
+    }
+
+    /// Registers a certificate (DER) on the app `client_id`: client assertions signed with its
+    /// key and naming it by `x5t` (SHA-1) or `x5t#S256` are accepted from then on.
+    pub fn register_certificate(&self, client_id: &str, certificate: CertificateDer<'static>) {
+        self.shared
+            .lock()
+            .certificates
+            .entry(client_id.to_ascii_lowercase())
+            .or_default()
+            .push(certificate);
     }
 
     /// Sets `expires_in` (seconds) for tokens issued from now on; `0` issues tokens that are
@@ -298,7 +314,11 @@ impl Shared {
     /// The normal (fault-free) answer to a token request.
     fn issue(&self, tenant: &str, form: &HashMap<String, String>) -> Result<Issued, AadError> {
         let mut state = self.lock();
-        let app = check_request(&state.apps, tenant, form)?;
+        let audience = format!(
+            "https://127.0.0.1:{}/{tenant}/oauth2/v2.0/token",
+            self.https_addr.port()
+        );
+        let app = check_request(&state.apps, &state.certificates, &audience, tenant, form)?;
         let client_id = app.client_id.clone();
         let tenant_domain = app.tenant_domain.clone();
         let expires_in = state.expires_in;
@@ -366,6 +386,8 @@ impl AadError {
 /// tenant, client, credential, scope.
 fn check_request<'a>(
     apps: &'a [SimApp],
+    certificates: &HashMap<String, Vec<CertificateDer<'static>>>,
+    audience: &str,
     tenant: &str,
     form: &HashMap<String, String>,
 ) -> Result<&'a SimApp, AadError> {
@@ -428,6 +450,23 @@ fn check_request<'a>(
                 ),
             )
         })?;
+    if let Some(assertion) = param("client_assertion") {
+        let kind = param("client_assertion_type").unwrap_or("");
+        if kind != CLIENT_ASSERTION_TYPE {
+            return Err(AadError::new(
+                400,
+                "invalid_request",
+                50012,
+                format!("Invalid client_assertion_type '{kind}'."),
+            ));
+        }
+        let registered = certificates
+            .get(&app.client_id.to_ascii_lowercase())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        check_assertion(assertion, registered, &app.client_id, audience)?;
+        return check_scope(app, tenant, param("scope"));
+    }
     let secret = param("client_secret").ok_or_else(|| {
         AadError::new(
             401,
@@ -464,7 +503,16 @@ fn check_request<'a>(
             ),
         ));
     }
-    let scope = param("scope").ok_or_else(|| AadError::missing("scope"))?;
+    check_scope(app, tenant, param("scope"))
+}
+
+/// Entra's scope rules for client credentials: `<resource>/.default`, Exchange Online only.
+fn check_scope<'a>(
+    app: &'a SimApp,
+    tenant: &str,
+    scope: Option<&str>,
+) -> Result<&'a SimApp, AadError> {
+    let scope = scope.ok_or_else(|| AadError::missing("scope"))?;
     let Some(resource) = scope.strip_suffix("/.default") else {
         return Err(AadError::new(
             400,
@@ -491,6 +539,151 @@ fn check_request<'a>(
         ));
     }
     Ok(app)
+}
+
+/// Verifies a client assertion the way Entra does: the certificate named by `x5t` (SHA-1) or
+/// `x5t#S256` must be registered on the app (else AADSTS700027), the signature must verify with
+/// it (700027), `aud` must be the token URL, `iss` and `sub` the client id, and the assertion
+/// must be inside its validity window of at most ten minutes (50012).
+fn check_assertion(
+    assertion: &str,
+    registered: &[CertificateDer<'static>],
+    client_id: &str,
+    audience: &str,
+) -> Result<(), AadError> {
+    let invalid = |message: &str| AadError::new(401, "invalid_client", 50012, message);
+    let mut parts = assertion.split('.');
+    let (Some(header_b64), Some(claims_b64), Some(signature_b64), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(invalid("The client assertion is not a signed JWT."));
+    };
+    let decode = |part: &str| -> Result<serde_json::Value, AadError> {
+        URL_SAFE_NO_PAD
+            .decode(part)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .ok_or_else(|| invalid("The client assertion could not be decoded."))
+    };
+    let header = decode(header_b64)?;
+    let claims = decode(claims_b64)?;
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature_b64)
+        .map_err(|_| invalid("The client assertion signature is not base64url."))?;
+    let (thumbprint_of, named, verifier): (fn(&[u8]) -> String, _, _) = match header["alg"].as_str()
+    {
+        Some("RS256") => (
+            thumbprint_sha1 as fn(&[u8]) -> String,
+            header["x5t"].as_str(),
+            webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA256,
+        ),
+        Some("PS256") => (
+            thumbprint_sha256 as fn(&[u8]) -> String,
+            header["x5t#S256"].as_str(),
+            webpki::aws_lc_rs::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+        ),
+        other => {
+            return Err(invalid(&format!(
+                "The client assertion algorithm {other:?} is not supported; use RS256 or PS256."
+            )));
+        }
+    };
+    let not_registered = |named: &str| {
+        AadError::new(
+            401,
+            "invalid_client",
+            700027,
+            format!(
+                "The certificate with identifier used to sign the client assertion is not \
+                 registered on application. [Reason - The key was not found., Thumbprint of key \
+                 used by client: '{named}', Please visit the Azure Portal, Graph Explorer or \
+                 directly use MS Graph to see configured keys for app Id '{client_id}'.]"
+            ),
+        )
+    };
+    let named = named.unwrap_or("");
+    let certificate = registered
+        .iter()
+        .find(|c| thumbprint_of(c) == named)
+        .ok_or_else(|| not_registered(named))?;
+    let signed = &assertion[..header_b64.len() + 1 + claims_b64.len()];
+    let verified = webpki::EndEntityCert::try_from(certificate)
+        .ok()
+        .is_some_and(|cert| {
+            cert.verify_signature(verifier, signed.as_bytes(), &signature)
+                .is_ok()
+        });
+    if !verified {
+        return Err(AadError::new(
+            401,
+            "invalid_client",
+            700027,
+            "Client assertion failed signature validation.",
+        ));
+    }
+    if claims["aud"].as_str() != Some(audience) {
+        return Err(invalid(
+            "Client assertion audience claim does not match Realm issuer.",
+        ));
+    }
+    if claims["iss"].as_str() != Some(client_id) || claims["sub"].as_str() != Some(client_id) {
+        return Err(invalid(
+            "The iss and sub claims of the client assertion must be the client id.",
+        ));
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // Five minutes of clock skew, as Entra allows.
+    const SKEW: u64 = 300;
+    let exp = claims["exp"].as_u64().unwrap_or(0);
+    let nbf = claims["nbf"].as_u64().unwrap_or(now);
+    if exp + SKEW < now || nbf > now + SKEW || exp.saturating_sub(nbf) > 600 {
+        return Err(invalid(
+            "Client assertion is not within its valid time range (at most ten minutes).",
+        ));
+    }
+    Ok(())
+}
+
+/// An RSA key and a self-signed certificate, as an admin makes for a certificate credential
+/// (`openssl req -x509 -newkey rsa:2048`) and uploads to the app registration.
+pub struct AppCertificate {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: CertificateDer<'static>,
+}
+
+impl std::fmt::Debug for AppCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppCertificate")
+            .field("x5t", &thumbprint_sha1(&self.der))
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl AppCertificate {
+    /// A fresh 2048-bit RSA key and a certificate for it, valid from now for a year.
+    pub fn generate(common_name: &str) -> Result<AppCertificate, SimError> {
+        let rsa = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+            .map_err(|_| SimError::Certificate(rcgen::Error::KeyGenerationUnavailable))?;
+        let pkcs8 = aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&rsa)
+            .map_err(|_| SimError::Certificate(rcgen::Error::KeyGenerationUnavailable))?;
+        let pkcs8 = rustls::pki_types::PrivatePkcs8KeyDer::from(pkcs8.as_ref().to_vec());
+        let key = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_RSA_SHA256)?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        let cert = params.self_signed(&key)?;
+        Ok(AppCertificate {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        })
+    }
 }
 
 /// The message Entra puts after `AADSTSnnnn:` for a code a test injects.

@@ -31,7 +31,7 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 50 * 1024 * 1024;
 macro_rules! app_columns {
     () => {
         "id, name, tenant, client_id, authority, scope, credential, secret_expires_at, \
-         created_at, updated_at"
+         certificate_pem, assertion_alg, created_at, updated_at"
     };
 }
 
@@ -60,6 +60,18 @@ pub struct NewApp {
     pub credential: String,
     /// When the client secret expires (Entra shows it; at most 24 months), for alerting.
     pub secret_expires_at: Option<DateTime<Utc>>,
+    /// For a certificate credential: the PEM certificate (then `credential` is its private
+    /// key) and the assertion algorithm (`RS256` or `PS256`).
+    pub certificate: Option<StoredCertificate>,
+}
+
+/// The public half of a certificate credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCertificate {
+    /// The certificate uploaded to the app registration, PEM.
+    pub pem: String,
+    /// `RS256` or `PS256`.
+    pub alg: String,
 }
 
 impl NewApp {
@@ -73,6 +85,7 @@ impl NewApp {
             scope: DEFAULT_SCOPE.to_owned(),
             credential,
             secret_expires_at: None,
+            certificate: None,
         }
     }
 }
@@ -103,8 +116,25 @@ pub struct AppRow {
     /// Sealed or a reference; resolve with [`crate::secrets::resolve`].
     pub credential: String,
     pub secret_expires_at: Option<DateTime<Utc>>,
+    /// Set for a certificate credential (then `credential` holds the private key).
+    pub certificate_pem: Option<String>,
+    /// `RS256` or `PS256` for a certificate credential.
+    pub assertion_alg: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl AppRow {
+    /// The certificate credential's public half, if the app uses one.
+    pub fn certificate(&self) -> Option<StoredCertificate> {
+        match (&self.certificate_pem, &self.assertion_alg) {
+            (Some(pem), Some(alg)) => Some(StoredCertificate {
+                pem: pem.clone(),
+                alg: alg.clone(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Debug for AppRow {
@@ -118,6 +148,7 @@ impl fmt::Debug for AppRow {
             .field("scope", &self.scope)
             .field("credential", &describe_stored(&self.credential))
             .field("secret_expires_at", &self.secret_expires_at)
+            .field("assertion_alg", &self.assertion_alg)
             .finish_non_exhaustive()
     }
 }
@@ -307,7 +338,8 @@ pub async fn insert_app(conn: &mut PgConnection, app: &NewApp) -> Result<AppRow,
     check_credential("credential", &app.credential)?;
     sqlx::query_as(concat!(
         "insert into oauth_apps (name, tenant, client_id, authority, scope, credential, \
-         secret_expires_at) values ($1, $2, $3, $4, $5, $6, $7) returning ",
+         secret_expires_at, certificate_pem, assertion_alg) \
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9) returning ",
         app_columns!()
     ))
     .bind(&app.name)
@@ -317,35 +349,133 @@ pub async fn insert_app(conn: &mut PgConnection, app: &NewApp) -> Result<AppRow,
     .bind(&app.scope)
     .bind(&app.credential)
     .bind(app.secret_expires_at)
+    .bind(app.certificate.as_ref().map(|c| c.pem.as_str()))
+    .bind(app.certificate.as_ref().map(|c| c.alg.as_str()))
     .fetch_one(conn)
     .await
-    .map_err(|err| {
-        if let Some((db, code)) = db_error(&err)
-            && code == sqlstate::UNIQUE_VIOLATION
-        {
-            match db.constraint() {
-                Some("oauth_apps_name_key") => {
-                    return StoreError::Duplicate {
-                        entity: "OAuth app",
-                        field: "name",
-                        value: format!("{:?}", app.name),
-                    };
-                }
-                Some("oauth_apps_identity_key") => {
-                    return StoreError::Duplicate {
-                        entity: "OAuth app",
-                        field: "authority, tenant, client id and scope",
-                        value: format!(
-                            "{} / {} / {} / {}",
-                            app.authority, app.tenant, app.client_id, app.scope
-                        ),
-                    };
-                }
-                _ => {}
+    .map_err(|err| app_write_error(err, app))
+}
+
+/// Maps a failed insert or update of an app to the error naming the clashing field.
+fn app_write_error(err: sqlx::Error, app: &NewApp) -> StoreError {
+    if let Some((db, code)) = db_error(&err)
+        && code == sqlstate::UNIQUE_VIOLATION
+    {
+        match db.constraint() {
+            Some("oauth_apps_name_key") => {
+                return StoreError::Duplicate {
+                    entity: "OAuth app",
+                    field: "name",
+                    value: format!("{:?}", app.name),
+                };
             }
+            Some("oauth_apps_identity_key") => {
+                return StoreError::Duplicate {
+                    entity: "OAuth app",
+                    field: "authority, tenant, client id and scope",
+                    value: format!(
+                        "{} / {} / {} / {}",
+                        app.authority, app.tenant, app.client_id, app.scope
+                    ),
+                };
+            }
+            _ => {}
         }
-        map_check(err, "OAuth app")
+    }
+    map_check(err, "OAuth app")
+}
+
+/// Changes an app's identity fields (name, tenant, client id, authority, scope, expiry) to
+/// those of `app`; the credential columns are left alone (see [`set_app_credential`] and
+/// [`set_app_certificate`]). Returns the updated row; running workers restart its pilots.
+pub async fn update_app(
+    conn: &mut PgConnection,
+    id: i64,
+    app: &NewApp,
+) -> Result<AppRow, StoreError> {
+    sqlx::query_as(concat!(
+        "update oauth_apps set name = $2, tenant = $3, client_id = $4, authority = $5, \
+         scope = $6, secret_expires_at = $7, updated_at = now() where id = $1 returning ",
+        app_columns!()
+    ))
+    .bind(id)
+    .bind(&app.name)
+    .bind(&app.tenant)
+    .bind(&app.client_id)
+    .bind(&app.authority)
+    .bind(&app.scope)
+    .bind(app.secret_expires_at)
+    .fetch_optional(conn)
+    .await
+    .map_err(|err| app_write_error(err, app))?
+    .ok_or_else(|| StoreError::NotFound {
+        entity: "OAuth app",
+        key: format!("id {id}"),
     })
+}
+
+/// Replaces an app's credential with a certificate credential: `private_key` (sealed or a
+/// reference), the PEM certificate and the assertion algorithm, with the certificate's expiry.
+pub async fn set_app_certificate(
+    conn: &mut PgConnection,
+    id: i64,
+    private_key: &str,
+    certificate: &StoredCertificate,
+    expires_at: Option<DateTime<Utc>>,
+) -> Result<(), StoreError> {
+    check_credential("private key", private_key)?;
+    let done = sqlx::query(
+        "update oauth_apps set credential = $2, certificate_pem = $3, assertion_alg = $4, \
+         secret_expires_at = $5, updated_at = now() where id = $1",
+    )
+    .bind(id)
+    .bind(private_key)
+    .bind(&certificate.pem)
+    .bind(&certificate.alg)
+    .bind(expires_at)
+    .execute(conn)
+    .await
+    .map_err(|err| map_check(err, "OAuth app"))?;
+    if done.rows_affected() == 0 {
+        return Err(StoreError::NotFound {
+            entity: "OAuth app",
+            key: format!("id {id}"),
+        });
+    }
+    Ok(())
+}
+
+/// Removes an app. Refused with [`StoreError::InUse`] while pilots log in with it.
+pub async fn delete_app(conn: &mut PgConnection, id: i64) -> Result<(), StoreError> {
+    let done = sqlx::query("delete from oauth_apps where id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await;
+    match done {
+        Ok(done) if done.rows_affected() == 0 => Err(StoreError::NotFound {
+            entity: "OAuth app",
+            key: format!("id {id}"),
+        }),
+        Ok(_) => Ok(()),
+        Err(err) => match db_error(&err) {
+            Some((_, code)) if code == sqlstate::FOREIGN_KEY_VIOLATION => {
+                let users: Vec<String> =
+                    sqlx::query_scalar("select mailbox from pilots where app_id = $1 order by id")
+                        .bind(id)
+                        .fetch_all(&mut *conn)
+                        .await?;
+                Err(StoreError::InUse {
+                    entity: "OAuth app",
+                    key: format!("id {id}"),
+                    detail: format!(
+                        "pilots {} log in with it; remove them or point them at another app first",
+                        users.join(", ")
+                    ),
+                })
+            }
+            _ => Err(StoreError::Database(err)),
+        },
+    }
 }
 
 /// All OAuth apps, by name.
@@ -400,9 +530,10 @@ pub async fn set_app_credential(
     secret_expires_at: Option<DateTime<Utc>>,
 ) -> Result<(), StoreError> {
     check_credential("credential", credential)?;
+    // Back to a client secret: a certificate credential's public half goes with it.
     let done = sqlx::query(
-        "update oauth_apps set credential = $2, secret_expires_at = $3, updated_at = now() \
-         where id = $1",
+        "update oauth_apps set credential = $2, secret_expires_at = $3, certificate_pem = null, \
+         assertion_alg = null, updated_at = now() where id = $1",
     )
     .bind(id)
     .bind(credential)
@@ -426,37 +557,7 @@ pub async fn insert_pilot(
     conn: &mut PgConnection,
     pilot: &NewPilot,
 ) -> Result<PilotRow, StoreError> {
-    let poll_secs = i32::try_from(pilot.poll_interval.as_secs())
-        .ok()
-        .filter(|secs| *secs > 0)
-        .ok_or_else(|| StoreError::InvalidInput {
-            field: "poll_interval",
-            reason: format!(
-                "{:?} must be between 1 second and {} seconds",
-                pilot.poll_interval,
-                i32::MAX
-            ),
-        })?;
-    let max_bytes =
-        i64::try_from(pilot.max_message_bytes).map_err(|_| StoreError::InvalidInput {
-            field: "max_message_bytes",
-            reason: format!("{} is too large", pilot.max_message_bytes),
-        })?;
-    let (kind, app_id, username, credential) = match &pilot.auth {
-        PilotAuth::XOAuth2 { app_id } => ("xoauth2", Some(*app_id), None, None),
-        PilotAuth::UserPass {
-            username,
-            credential,
-        } => {
-            check_credential("password credential", credential)?;
-            (
-                "user_pass",
-                None,
-                Some(username.as_str()),
-                Some(credential.as_str()),
-            )
-        }
-    };
+    let values = PilotValues::of(pilot)?;
     let record: PilotRecord = sqlx::query_as(concat!(
         "insert into pilots (queue, mailbox, host, port, tls, auth, app_id, username, \
          password_credential, ca_bundle, poll_interval_secs, keep_on_server, max_message_bytes, \
@@ -468,38 +569,182 @@ pub async fn insert_pilot(
     .bind(&pilot.host)
     .bind(i32::from(pilot.port))
     .bind(pilot.tls.as_str())
-    .bind(kind)
-    .bind(app_id)
-    .bind(username)
-    .bind(credential)
+    .bind(values.kind)
+    .bind(values.app_id)
+    .bind(values.username)
+    .bind(values.credential)
     .bind(&pilot.ca_bundle)
-    .bind(poll_secs)
+    .bind(values.poll_secs)
     .bind(pilot.keep_on_server)
-    .bind(max_bytes)
+    .bind(values.max_bytes)
     .bind(pilot.enabled)
     .fetch_one(conn)
     .await
-    .map_err(|err| {
-        if let Some((db, code)) = db_error(&err) {
-            if code == sqlstate::UNIQUE_VIOLATION
-                && db.constraint() == Some("pilots_mailbox_host_key")
-            {
-                return StoreError::Duplicate {
-                    entity: "pilot",
-                    field: "mailbox and host",
-                    value: format!("{} on {}", pilot.mailbox, pilot.host),
-                };
-            }
-            if code == sqlstate::FOREIGN_KEY_VIOLATION {
-                return StoreError::NotFound {
-                    entity: "OAuth app",
-                    key: format!("id {}", app_id.unwrap_or_default()),
-                };
-            }
-        }
-        map_check(err, "pilot")
-    })?;
+    .map_err(|err| pilot_write_error(err, pilot, values.app_id))?;
     record.try_into()
+}
+
+/// A [`NewPilot`]'s values in their column types, checked.
+struct PilotValues<'a> {
+    kind: &'static str,
+    app_id: Option<i64>,
+    username: Option<&'a str>,
+    credential: Option<&'a str>,
+    poll_secs: i32,
+    max_bytes: i64,
+}
+
+impl<'a> PilotValues<'a> {
+    fn of(pilot: &'a NewPilot) -> Result<PilotValues<'a>, StoreError> {
+        let poll_secs = i32::try_from(pilot.poll_interval.as_secs())
+            .ok()
+            .filter(|secs| *secs > 0)
+            .ok_or_else(|| StoreError::InvalidInput {
+                field: "poll_interval",
+                reason: format!(
+                    "{:?} must be between 1 second and {} seconds",
+                    pilot.poll_interval,
+                    i32::MAX
+                ),
+            })?;
+        let max_bytes =
+            i64::try_from(pilot.max_message_bytes).map_err(|_| StoreError::InvalidInput {
+                field: "max_message_bytes",
+                reason: format!("{} is too large", pilot.max_message_bytes),
+            })?;
+        let (kind, app_id, username, credential) = match &pilot.auth {
+            PilotAuth::XOAuth2 { app_id } => ("xoauth2", Some(*app_id), None, None),
+            PilotAuth::UserPass {
+                username,
+                credential,
+            } => {
+                check_credential("password credential", credential)?;
+                (
+                    "user_pass",
+                    None,
+                    Some(username.as_str()),
+                    Some(credential.as_str()),
+                )
+            }
+        };
+        Ok(PilotValues {
+            kind,
+            app_id,
+            username,
+            credential,
+            poll_secs,
+            max_bytes,
+        })
+    }
+}
+
+/// Maps a failed insert or update of a pilot to the error naming the clashing field.
+fn pilot_write_error(err: sqlx::Error, pilot: &NewPilot, app_id: Option<i64>) -> StoreError {
+    if let Some((db, code)) = db_error(&err) {
+        if code == sqlstate::UNIQUE_VIOLATION && db.constraint() == Some("pilots_mailbox_host_key")
+        {
+            return StoreError::Duplicate {
+                entity: "pilot",
+                field: "mailbox and host",
+                value: format!("{} on {}", pilot.mailbox, pilot.host),
+            };
+        }
+        if code == sqlstate::FOREIGN_KEY_VIOLATION {
+            return StoreError::NotFound {
+                entity: "OAuth app",
+                key: format!("id {}", app_id.unwrap_or_default()),
+            };
+        }
+    }
+    map_check(err, "pilot")
+}
+
+/// Changes every configurable field of pilot `id` to those of `pilot` (`enabled` included).
+/// The same errors as [`insert_pilot`], plus [`StoreError::NotFound`] for an unknown id.
+/// Running workers restart the pilot's poller with the new settings.
+pub async fn update_pilot(
+    conn: &mut PgConnection,
+    id: i64,
+    pilot: &NewPilot,
+) -> Result<PilotRow, StoreError> {
+    let values = PilotValues::of(pilot)?;
+    let record: Option<PilotRecord> = sqlx::query_as(concat!(
+        "update pilots set queue = $2, mailbox = $3, host = $4, port = $5, tls = $6, auth = $7, \
+         app_id = $8, username = $9, password_credential = $10, ca_bundle = $11, \
+         poll_interval_secs = $12, keep_on_server = $13, max_message_bytes = $14, enabled = $15, \
+         updated_at = now() where id = $1 returning ",
+        pilot_columns!()
+    ))
+    .bind(id)
+    .bind(&pilot.queue)
+    .bind(&pilot.mailbox)
+    .bind(&pilot.host)
+    .bind(i32::from(pilot.port))
+    .bind(pilot.tls.as_str())
+    .bind(values.kind)
+    .bind(values.app_id)
+    .bind(values.username)
+    .bind(values.credential)
+    .bind(&pilot.ca_bundle)
+    .bind(values.poll_secs)
+    .bind(pilot.keep_on_server)
+    .bind(values.max_bytes)
+    .bind(pilot.enabled)
+    .fetch_optional(conn)
+    .await
+    .map_err(|err| pilot_write_error(err, pilot, values.app_id))?;
+    record
+        .ok_or_else(|| StoreError::NotFound {
+            entity: "pilot",
+            key: format!("id {id}"),
+        })?
+        .try_into()
+}
+
+/// Removes a pilot that has no stored messages. A pilot with stored mail is refused with
+/// [`StoreError::InUse`]: its messages and work items must stay; disable it instead.
+pub async fn delete_pilot(conn: &mut PgConnection, id: i64) -> Result<(), StoreError> {
+    let done = sqlx::query("delete from pilots where id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await;
+    match done {
+        Ok(done) => pilot_touched(done.rows_affected(), id),
+        Err(err) => match db_error(&err) {
+            Some((_, code)) if code == sqlstate::FOREIGN_KEY_VIOLATION => {
+                let messages: i64 =
+                    sqlx::query_scalar("select count(*) from messages where pilot_id = $1")
+                        .bind(id)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                Err(StoreError::InUse {
+                    entity: "pilot",
+                    key: format!("id {id}"),
+                    detail: format!(
+                        "{messages} stored messages (and their work items) belong to it; \
+                         disable it with `ccmail pilot disable {id}` instead"
+                    ),
+                })
+            }
+            _ => Err(StoreError::Database(err)),
+        },
+    }
+}
+
+/// Pilots whose mailbox is `mailbox` (case-insensitive; one per host), by id.
+pub async fn find_pilots_by_mailbox(
+    conn: &mut PgConnection,
+    mailbox: &str,
+) -> Result<Vec<PilotRow>, StoreError> {
+    let records: Vec<PilotRecord> = sqlx::query_as(concat!(
+        "select ",
+        pilot_columns!(),
+        " from pilots where lower(mailbox) = lower($1) order by id"
+    ))
+    .bind(mailbox)
+    .fetch_all(conn)
+    .await?;
+    records.into_iter().map(PilotRow::try_from).collect()
 }
 
 /// All pilots, by id.

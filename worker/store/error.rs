@@ -62,6 +62,13 @@ pub enum StoreError {
     },
     #[error("{entity} {key} not found")]
     NotFound { entity: &'static str, key: String },
+    #[error("{entity} {key} is still in use: {detail}")]
+    InUse {
+        entity: &'static str,
+        key: String,
+        /// Who uses it and what to do instead.
+        detail: String,
+    },
     #[error("{entity} is invalid: {explanation} (constraint {constraint})")]
     Constraint {
         entity: &'static str,
@@ -151,6 +158,9 @@ pub(crate) fn explain_constraint(name: &str) -> &'static str {
         "oauth_apps_name_not_blank" => "name must not be blank",
         "oauth_apps_tenant_not_blank" => "tenant must not be blank",
         "oauth_apps_client_id_not_blank" => "client id must not be blank",
+        "oauth_apps_certificate_consistent" => {
+            "a certificate credential needs both the certificate and its algorithm (RS256 or PS256)"
+        }
         "work_items_status" => "status must be queued, assigned or done",
         _ => "see the constraint definition in migrations/",
     }

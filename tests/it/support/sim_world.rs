@@ -127,15 +127,15 @@ pub fn app_credentials(
     client_id: &str,
     secret: &str,
 ) -> AppCredentials {
-    AppCredentials {
-        key: AppKey {
+    AppCredentials::with_secret(
+        AppKey {
             authority: entra.authority(),
             tenant: tenant.to_owned(),
             client_id: client_id.to_owned(),
             scope: DEFAULT_SCOPE.to_owned(),
         },
-        client_secret: SecretString::from(secret.to_owned()),
-    }
+        SecretString::from(secret.to_owned()),
+    )
 }
 
 /// The real HTTP token source with `options`, trusting `ca` in addition.

@@ -1,0 +1,580 @@
+//! The `ccmail app` and `ccmail pilot` commands, run as the binary against a fresh database:
+//! secrets never on the command line, precise validation messages, tables and `--json`,
+//! update / rotate / enable / disable / remove, certificate credentials, and `pilot add --check`.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use secrecy::ExposeSecret;
+
+use ccmail::secrets::MasterKey;
+use ccmail::sim::cert::TestCa;
+use ccmail::sim::entra::{AppCertificate, EntraSim, SimApp};
+use ccmail::sim::pop3::Pop3Sim;
+use ccmail::store::testing::TestDb;
+
+const TENANT: &str = "8f2c1a9e-1111-4222-8333-944455556666";
+const CLIENT: &str = "0a1b2c3d-aaaa-4bbb-8ccc-ddddeeeeffff";
+const SECRET: &str = "cli~secret~value-42";
+
+struct Cli {
+    env: Vec<(String, String)>,
+    dir: tempfile::TempDir,
+}
+
+impl Cli {
+    fn new(db: &TestDb) -> Cli {
+        Cli {
+            env: vec![
+                ("DATABASE_URL".into(), db.url().to_owned()),
+                (
+                    "CCMAIL_MASTER_KEY".into(),
+                    MasterKey::generate().to_base64().expose_secret().to_owned(),
+                ),
+            ],
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ccmail"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_clear()
+            .envs(self.env.iter().cloned())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.run(args, stdin);
+        assert!(
+            out.status.success(),
+            "ccmail {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs a command that must fail; returns (exit code, stderr).
+    fn fails(&self, args: &[&str], stdin: Option<&str>) -> (i32, String) {
+        let out = self.run(args, stdin);
+        assert!(!out.status.success(), "ccmail {args:?} succeeded");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args, None)).unwrap()
+    }
+
+    fn path(&self, name: &str, content: &str) -> String {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        p.display().to_string()
+    }
+}
+
+fn add_app(cli: &Cli, name: &str) {
+    cli.ok(
+        &[
+            "app",
+            "add",
+            "--name",
+            name,
+            "--tenant",
+            TENANT,
+            "--client-id",
+            CLIENT,
+            "--secret-stdin",
+            "--secret-expires",
+            "2099-01-31",
+        ],
+        Some(&format!("{SECRET}\n")),
+    );
+}
+
+#[tokio::test]
+async fn a_secret_on_the_command_line_is_refused_with_how_to_pass_it() {
+    let db = TestDb::new().await.unwrap();
+    let cli = Cli::new(&db);
+    let (_, err) = cli.fails(
+        &[
+            "app",
+            "add",
+            "--name",
+            "a",
+            "--tenant",
+            TENANT,
+            "--client-id",
+            CLIENT,
+            "--secret",
+            SECRET,
+        ],
+        None,
+    );
+    assert!(
+        err.contains("refusing a client secret on the command line"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--secret-stdin")
+            && err.contains("--secret-file")
+            && err.contains("--secret-env"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(SECRET),
+        "the refused secret is not echoed: {err}"
+    );
+    assert_eq!(cli.json(&["app", "list", "--json"]), serde_json::json!([]));
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn apps_are_added_listed_shown_updated_rotated_and_removed() {
+    let db = TestDb::new().await.unwrap();
+    let cli = Cli::new(&db);
+    add_app(&cli, "support-app");
+    let list = cli.json(&["app", "list", "--json"]);
+    assert_eq!(list[0]["name"], "support-app");
+    assert_eq!(list[0]["cloud"], "global");
+    assert_eq!(list[0]["credential"], "client-secret");
+    assert_eq!(list[0]["scope"], "https://outlook.office365.com/.default");
+    assert_eq!(list[0]["expiry_status"], "ok");
+    let table = cli.ok(&["app", "list"], None);
+    assert!(table.starts_with("id  name"), "{table}");
+    assert!(
+        table.contains("support-app") && table.contains(TENANT),
+        "{table}"
+    );
+    let shown = cli.ok(&["app", "show", "support-app"], None);
+    assert!(shown.contains("sealed"), "{shown}");
+    for text in [&table, &shown, &list.to_string()] {
+        assert!(!text.contains(SECRET));
+    }
+
+    // Validation with precise messages.
+    let (_, err) = cli.fails(
+        &["app", "update", "support-app", "--tenant", "common"],
+        None,
+    );
+    assert!(
+        err.contains("AADSTS9001023") && err.contains("tenant id"),
+        "{err}"
+    );
+    let (_, err) = cli.fails(
+        &[
+            "app",
+            "update",
+            "support-app",
+            "--scope",
+            "https://outlook.office365.com/POP.AccessAsApp",
+        ],
+        None,
+    );
+    assert!(err.contains("must end in /.default"), "{err}");
+    let (_, err) = cli.fails(
+        &[
+            "app",
+            "add",
+            "--name",
+            "x",
+            "--tenant",
+            "contoso",
+            "--client-id",
+            CLIENT,
+            "--secret-env",
+            "X",
+        ],
+        None,
+    );
+    assert!(err.contains("neither a GUID"), "{err}");
+
+    // National cloud preset.
+    cli.ok(&["app", "update", "support-app", "--cloud", "us-gov"], None);
+    let shown = cli.json(&["app", "show", "support-app", "--json"]);
+    assert_eq!(shown["cloud"], "us-gov");
+    assert_eq!(shown["authority"], "https://login.microsoftonline.us");
+    assert_eq!(shown["scope"], "https://outlook.office365.us/.default");
+
+    // A pilot of a US Gov app defaults to that cloud's POP host.
+    cli.ok(
+        &[
+            "pilot",
+            "add",
+            "--queue",
+            "support",
+            "--mailbox",
+            "support@contoso.us",
+            "--app",
+            "support-app",
+        ],
+        None,
+    );
+    let pilot = cli.json(&["pilot", "show", "support@contoso.us", "--json"]);
+    assert_eq!(pilot["host"], "outlook.office365.us");
+    // The app cannot be removed while the pilot uses it.
+    let (_, err) = cli.fails(&["app", "remove", "support-app"], None);
+    assert!(
+        err.contains("still in use") && err.contains("support@contoso.us"),
+        "{err}"
+    );
+
+    // Rotation: a reference instead of a sealed secret, with a near expiry date.
+    let soon = (chrono::Utc::now() + chrono::Duration::days(10))
+        .date_naive()
+        .to_string();
+    cli.ok(
+        &[
+            "app",
+            "rotate-secret",
+            "support-app",
+            "--secret-env",
+            "SUPPORT_APP_SECRET",
+            "--secret-expires",
+            &soon,
+        ],
+        None,
+    );
+    let shown = cli.json(&["app", "show", "support-app", "--json"]);
+    assert_eq!(shown["stored_as"], "env:SUPPORT_APP_SECRET");
+    assert!(
+        shown["expiry_status"]
+            .as_str()
+            .unwrap()
+            .starts_with("expires in"),
+        "{shown}"
+    );
+
+    cli.ok(&["pilot", "remove", "support@contoso.us"], None);
+    cli.ok(&["app", "remove", "support-app"], None);
+    assert_eq!(cli.json(&["app", "list", "--json"]), serde_json::json!([]));
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_certificate_credential_is_checked_and_stored() {
+    let db = TestDb::new().await.unwrap();
+    let cli = Cli::new(&db);
+    let cert = AppCertificate::generate("ccmail cli").unwrap();
+    let other = AppCertificate::generate("other").unwrap();
+    let cert_path = cli.path("app.crt", &cert.cert_pem);
+    let key_path = cli.path("app.key", &cert.key_pem);
+    let wrong_key = cli.path("other.key", &other.key_pem);
+    let (_, err) = cli.fails(
+        &[
+            "app",
+            "add",
+            "--name",
+            "cert-app",
+            "--tenant",
+            TENANT,
+            "--client-id",
+            CLIENT,
+            "--certificate",
+            &cert_path,
+            "--private-key-file",
+            &wrong_key,
+        ],
+        None,
+    );
+    assert!(err.contains("does not belong to the certificate"), "{err}");
+    cli.ok(
+        &[
+            "app",
+            "add",
+            "--name",
+            "cert-app",
+            "--tenant",
+            TENANT,
+            "--client-id",
+            CLIENT,
+            "--certificate",
+            &cert_path,
+            "--private-key-file",
+            &key_path,
+            "--alg",
+            "PS256",
+        ],
+        None,
+    );
+    let shown = cli.json(&["app", "show", "cert-app", "--json"]);
+    assert_eq!(shown["credential"], "certificate PS256");
+    assert!(!shown.to_string().contains("PRIVATE KEY"));
+    // Back to a client secret.
+    cli.ok(
+        &["app", "rotate-secret", "cert-app", "--secret-stdin"],
+        Some(SECRET),
+    );
+    assert_eq!(
+        cli.json(&["app", "show", "cert-app", "--json"])["credential"],
+        "client-secret"
+    );
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn pilots_are_validated_listed_updated_enabled_disabled_and_removed() {
+    let db = TestDb::new().await.unwrap();
+    let cli = Cli::new(&db);
+    add_app(&cli, "support-app");
+
+    let (_, err) = cli.fails(
+        &[
+            "pilot",
+            "add",
+            "--queue",
+            "support",
+            "--mailbox",
+            "support",
+            "--app",
+            "support-app",
+        ],
+        None,
+    );
+    assert!(err.contains("is not an e-mail address"), "{err}");
+    let (_, err) = cli.fails(
+        &[
+            "pilot",
+            "add",
+            "--queue",
+            "support",
+            "--mailbox",
+            "support@contoso.com",
+            "--app",
+            "nope",
+        ],
+        None,
+    );
+    assert!(
+        err.contains("must exist") && err.contains("ccmail app add"),
+        "{err}"
+    );
+    let (code, err) = cli.fails(
+        &[
+            "pilot",
+            "add",
+            "--queue",
+            "q",
+            "--mailbox",
+            "support@contoso.com",
+            "--app",
+            "support-app",
+            "--port",
+            "0",
+        ],
+        None,
+    );
+    assert_eq!(code, 2, "usage error");
+    assert!(err.contains("--port"), "{err}");
+    let (_, err) = cli.fails(
+        &[
+            "pilot",
+            "add",
+            "--queue",
+            "q",
+            "--mailbox",
+            "support@contoso.com",
+            "--password",
+            "x",
+        ],
+        None,
+    );
+    assert!(err.contains("--password"), "{err}");
+
+    let added = cli.json(&[
+        "pilot",
+        "add",
+        "--queue",
+        "support",
+        "--mailbox",
+        "support@contoso.com",
+        "--app",
+        "support-app",
+        "--json",
+    ]);
+    // The Exchange Online defaults of the seed walk-through.
+    assert_eq!(added["host"], "outlook.office365.com");
+    assert_eq!(added["port"], 995);
+    assert_eq!(added["tls"], "implicit");
+    assert_eq!(added["auth"], "xoauth2");
+    assert_eq!(added["app"], "support-app");
+    assert_eq!(added["poll_interval_secs"], 60);
+    assert_eq!(added["keep_on_server"], false);
+    assert_eq!(added["enabled"], true);
+    let id = added["id"].as_i64().unwrap().to_string();
+
+    let (_, err) = cli.fails(
+        &[
+            "pilot",
+            "add",
+            "--queue",
+            "other",
+            "--mailbox",
+            "Support@Contoso.com",
+            "--app",
+            "support-app",
+        ],
+        None,
+    );
+    assert!(
+        err.contains("already polls") && err.contains("pilot update"),
+        "{err}"
+    );
+
+    cli.ok(
+        &[
+            "pilot",
+            "update",
+            &id,
+            "--port",
+            "1995",
+            "--queue",
+            "vip",
+            "--poll-interval",
+            "30",
+            "--keep-on-server",
+            "--max-message-bytes",
+            "1048576",
+        ],
+        None,
+    );
+    let shown = cli.json(&["pilot", "show", &id, "--json"]);
+    assert_eq!(shown["port"], 1995);
+    assert_eq!(shown["queue"], "vip");
+    assert_eq!(shown["poll_interval_secs"], 30);
+    assert_eq!(shown["keep_on_server"], true);
+    assert_eq!(shown["max_message_bytes"], 1_048_576);
+
+    cli.ok(&["pilot", "disable", "support@contoso.com"], None);
+    assert_eq!(
+        cli.json(&["pilot", "show", &id, "--json"])["enabled"],
+        false
+    );
+    let table = cli.ok(&["pilot", "list"], None);
+    assert!(
+        table.contains("support@contoso.com") && table.contains("no"),
+        "{table}"
+    );
+    cli.ok(&["pilot", "enable", &id], None);
+    assert_eq!(cli.json(&["pilot", "list", "--json"])[0]["enabled"], true);
+
+    cli.ok(&["pilot", "remove", &id], None);
+    assert_eq!(
+        cli.json(&["pilot", "list", "--json"]),
+        serde_json::json!([])
+    );
+    let (_, err) = cli.fails(&["pilot", "show", &id], None);
+    assert!(err.contains("not found"), "{err}");
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pilot_add_check_runs_doctor_and_saves_only_what_passes() {
+    ccmail::tls::install_crypto_provider();
+    let db = TestDb::new().await.unwrap();
+    let mut cli = Cli::new(&db);
+    let ca = TestCa::new("admin CLI CA").unwrap();
+    let entra = EntraSim::start(&ca).await.unwrap();
+    entra.register_app(SimApp {
+        tenant: TENANT.to_owned(),
+        tenant_domain: "contoso.example".to_owned(),
+        client_id: CLIENT.to_owned(),
+        client_secret: SECRET.to_owned(),
+        secret_expired: false,
+    });
+    let pop = Pop3Sim::start(&ca, entra.clone()).await.unwrap();
+    pop.add_mailbox("support@contoso.example");
+    pop.add_mailbox("sales@fabrikam.example");
+    let ca_path = cli.path("ca.pem", ca.cert_pem());
+    cli.env
+        .push(("CCMAIL_OAUTH_EXTRA_CA_FILE".into(), ca_path.clone()));
+    let authority = entra.authority();
+    cli.ok(
+        &[
+            "app",
+            "add",
+            "--name",
+            "sim-app",
+            "--tenant",
+            TENANT,
+            "--client-id",
+            CLIENT,
+            "--authority",
+            &authority,
+            "--secret-stdin",
+        ],
+        Some(SECRET),
+    );
+    let port = pop.tls_addr().port().to_string();
+    let common = [
+        "--app",
+        "sim-app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--ca-bundle",
+        &ca_path,
+        "--check",
+    ];
+    // Outside the app's tenant: Exchange's generic failure, the checklist, exit code 30.
+    let mut args = vec![
+        "pilot",
+        "add",
+        "--queue",
+        "sales",
+        "--mailbox",
+        "sales@fabrikam.example",
+    ];
+    args.extend(common);
+    let out = cli.run(&args, None);
+    assert_eq!(out.status.code(), Some(30));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("[FAIL] login"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("New-ServicePrincipal -AppId {CLIENT}")),
+        "{stdout}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pilot not saved"));
+    assert_eq!(
+        cli.json(&["pilot", "list", "--json"]),
+        serde_json::json!([])
+    );
+
+    let mut args = vec![
+        "pilot",
+        "add",
+        "--queue",
+        "support",
+        "--mailbox",
+        "support@contoso.example",
+    ];
+    args.extend(common);
+    let stdout = cli.ok(&args, None);
+    assert!(stdout.contains("[PASS] login"), "{stdout}");
+    assert!(
+        stdout.contains("pilot support@contoso.example added"),
+        "{stdout}"
+    );
+
+    // doctor on the stored pilot, as JSON for scripts.
+    let report = cli.json(&["doctor", "--pilot", "support@contoso.example", "--json"]);
+    assert_eq!(report["failure"], serde_json::Value::Null);
+    assert_eq!(report["messages"], 0);
+    pop.shutdown();
+    entra.shutdown();
+    db.drop_db().await.unwrap();
+}

@@ -1,0 +1,502 @@
+//! `ccmail doctor` diagnoses, one test per failure the issue lists, against the Entra and
+//! Exchange simulators: each asserts the verdict, the failure class (exit code) and the hint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use secrecy::SecretString;
+
+use ccmail::doctor::{self, Failure, Login, Report, Target, Verdict};
+use ccmail::oauth::{
+    AppCredentials, AppKey, AssertionAlg, CertificateCredential, Credential, DEFAULT_SCOPE,
+    TokenSourceOptions,
+};
+use ccmail::pop3::{ServerSpec, Timeouts, TlsMode};
+use ccmail::sim::cert::TestCa;
+use ccmail::sim::entra::{AppCertificate, EntraSim, SimApp, TokenFailure};
+use ccmail::sim::mailgen::MailGen;
+use ccmail::sim::pop3::{Fault, Pop3Sim};
+
+const TENANT: &str = "8f2c1a9e-1111-4222-8333-944455556666";
+const DOMAIN: &str = "contoso.example";
+const CLIENT: &str = "0a1b2c3d-aaaa-4bbb-8ccc-ddddeeeeffff";
+const SECRET: &str = "s3cr3t~value.for-doctor";
+const MAILBOX: &str = "support@contoso.example";
+
+struct Sims {
+    ca: TestCa,
+    entra: EntraSim,
+    pop: Pop3Sim,
+}
+
+async fn sims() -> Sims {
+    ccmail::tls::install_crypto_provider();
+    let ca = TestCa::new("doctor test CA").unwrap();
+    let entra = EntraSim::start(&ca).await.unwrap();
+    entra.register_app(SimApp {
+        tenant: TENANT.to_owned(),
+        tenant_domain: DOMAIN.to_owned(),
+        client_id: CLIENT.to_owned(),
+        client_secret: SECRET.to_owned(),
+        secret_expired: false,
+    });
+    let pop = Pop3Sim::start(&ca, entra.clone()).await.unwrap();
+    pop.add_mailbox(MAILBOX);
+    Sims { ca, entra, pop }
+}
+
+impl Sims {
+    fn app(&self, tenant: &str, client: &str, secret: &str) -> AppCredentials {
+        AppCredentials::with_secret(
+            AppKey {
+                authority: self.entra.authority(),
+                tenant: tenant.to_owned(),
+                client_id: client.to_owned(),
+                scope: DEFAULT_SCOPE.to_owned(),
+            },
+            SecretString::from(secret.to_owned()),
+        )
+    }
+
+    fn server(&self, trust_ca: bool, timeouts: Timeouts) -> ServerSpec {
+        let roots = if trust_ca {
+            vec![self.ca.cert_der().clone()]
+        } else {
+            Vec::new()
+        };
+        let addr = self.pop.tls_addr();
+        ServerSpec::new(
+            addr.ip().to_string(),
+            addr.port(),
+            TlsMode::Implicit,
+            &roots,
+            timeouts,
+        )
+        .unwrap()
+    }
+
+    fn target(&self, mailbox: &str, app: AppCredentials) -> Target {
+        Target {
+            mailbox: mailbox.to_owned(),
+            server: self.server(true, Timeouts::default()),
+            login: Login::XOAuth2 {
+                app,
+                name: Some("support-app".to_owned()),
+                expires_at: None,
+            },
+            retr: None,
+            max_message_bytes: 10 * 1024 * 1024,
+        }
+    }
+
+    fn token_options(&self) -> TokenSourceOptions {
+        TokenSourceOptions {
+            extra_roots: vec![self.ca.cert_der().clone()],
+            ..TokenSourceOptions::default()
+        }
+    }
+
+    async fn diagnose(&self, target: &Target) -> Report {
+        let report = doctor::diagnose(target, &self.token_options()).await;
+        // What the admin sees; kept in the test output for failures.
+        println!("{}", report.render());
+        report
+    }
+}
+
+fn failed(report: &Report, step: &str, class: Failure) -> (String, String) {
+    assert_eq!(report.failure, Some(class), "{}", report.render());
+    let check = report
+        .check(step)
+        .unwrap_or_else(|| panic!("no {step} step"));
+    assert_eq!(check.verdict, Verdict::Fail, "{}", report.render());
+    assert_eq!(
+        report.checks.last().map(|c| c.step),
+        Some(step),
+        "the run stops at the failing step"
+    );
+    assert_eq!(report.exit_code(), class.exit_code());
+    (check.summary.clone(), check.fix.join("\n"))
+}
+
+#[tokio::test]
+async fn a_good_setup_passes_every_step_and_retr_leaves_the_message() {
+    let s = sims().await;
+    let mut mail = MailGen::new(7);
+    s.pop.deliver(MAILBOX, mail.mixed(MAILBOX));
+    s.pop.deliver(MAILBOX, mail.mixed(MAILBOX));
+    let mut target = s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET));
+    target.retr = Some(1);
+    let report = s.diagnose(&target).await;
+    assert_eq!(report.failure, None, "{}", report.render());
+    assert_eq!(report.exit_code(), 0);
+    for step in [
+        "settings",
+        "token",
+        "connect",
+        "greeting",
+        "capabilities",
+        "login",
+        "mailbox",
+        "retr",
+        "quit",
+    ] {
+        assert_eq!(
+            report.check(step).map(|c| c.verdict),
+            Some(Verdict::Pass),
+            "{step}: {}",
+            report.render()
+        );
+    }
+    assert!(
+        report
+            .check("capabilities")
+            .unwrap()
+            .summary
+            .contains("XOAUTH2")
+    );
+    assert_eq!(report.messages, Some(2));
+    assert!(
+        report
+            .check("retr")
+            .unwrap()
+            .summary
+            .contains("left on the server")
+    );
+    // Nothing was deleted.
+    assert_eq!(s.pop.messages(MAILBOX).len(), 2);
+    let receipts = report.check("read-receipts").unwrap();
+    assert_eq!(receipts.verdict, Verdict::Warn);
+    assert!(receipts.fix[0].contains(&format!(
+        "Set-CASMailbox -Identity {MAILBOX} -PopUseProtocolDefaults $false -PopSuppressReadReceipt $true"
+    )));
+    // The two-step login was used.
+    let commands = s.pop.commands();
+    assert!(commands.iter().any(|c| c == "AUTH XOAUTH2"), "{commands:?}");
+    assert!(
+        !commands.iter().any(|c| c.starts_with("DELE")),
+        "{commands:?}"
+    );
+    // No secret and no token in what is printed.
+    assert!(!report.render().contains(SECRET));
+}
+
+#[tokio::test]
+async fn wrong_secret_is_aadsts7000215_with_the_value_not_the_id() {
+    let s = sims().await;
+    let report = s
+        .diagnose(&s.target(MAILBOX, s.app(TENANT, CLIENT, "the-secret-id-guid")))
+        .await;
+    let (summary, fix) = failed(&report, "token", Failure::TokenRefused);
+    assert!(summary.contains("AADSTS7000215"), "{summary}");
+    assert!(summary.contains("invalid client secret"), "{summary}");
+    assert!(fix.contains("Value, not its Secret ID"), "{fix}");
+    assert!(
+        fix.contains("ccmail app rotate-secret support-app"),
+        "{fix}"
+    );
+    assert_eq!(report.exit_code(), 10);
+}
+
+#[tokio::test]
+async fn expired_secret_is_aadsts7000222_and_the_expiry_date_warns_first() {
+    let s = sims().await;
+    s.entra.register_app(SimApp {
+        tenant: TENANT.to_owned(),
+        tenant_domain: DOMAIN.to_owned(),
+        client_id: CLIENT.to_owned(),
+        client_secret: SECRET.to_owned(),
+        secret_expired: true,
+    });
+    let mut target = s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET));
+    if let Login::XOAuth2 { expires_at, .. } = &mut target.login {
+        *expires_at = Some(Utc::now() - chrono::Duration::days(3));
+    }
+    let report = s.diagnose(&target).await;
+    let settings = report.check("settings").unwrap();
+    assert_eq!(settings.verdict, Verdict::Warn);
+    assert!(settings.summary.contains("EXPIRED"), "{}", settings.summary);
+    let (summary, fix) = failed(&report, "token", Failure::TokenRefused);
+    assert!(summary.contains("AADSTS7000222"), "{summary}");
+    assert!(summary.contains("expired"), "{summary}");
+    assert!(fix.contains("create a new secret"), "{fix}");
+}
+
+#[tokio::test]
+async fn a_secret_expiring_within_30_days_warns_but_passes() {
+    let s = sims().await;
+    let mut target = s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET));
+    if let Login::XOAuth2 { expires_at, .. } = &mut target.login {
+        *expires_at = Some(Utc::now() + chrono::Duration::days(12) + chrono::Duration::hours(1));
+    }
+    let report = s.diagnose(&target).await;
+    assert_eq!(report.failure, None, "{}", report.render());
+    let settings = report.check("settings").unwrap();
+    assert_eq!(settings.verdict, Verdict::Warn);
+    assert!(
+        settings.summary.contains("expires in 12 days"),
+        "{}",
+        settings.summary
+    );
+    assert!(settings.fix[0].contains("ccmail app rotate-secret"));
+}
+
+#[tokio::test]
+async fn unknown_app_is_aadsts700016() {
+    let s = sims().await;
+    let other = "11111111-2222-4333-8444-555555555555";
+    let report = s
+        .diagnose(&s.target(MAILBOX, s.app(TENANT, other, SECRET)))
+        .await;
+    let (summary, fix) = failed(&report, "token", Failure::TokenRefused);
+    assert!(summary.contains("AADSTS700016"), "{summary}");
+    assert!(summary.contains("not found in the tenant"), "{summary}");
+    assert!(fix.contains("check the client id and the tenant"), "{fix}");
+    assert!(fix.contains(other) && fix.contains(TENANT), "{fix}");
+}
+
+#[tokio::test]
+async fn unknown_tenant_is_aadsts90002() {
+    let s = sims().await;
+    let report = s
+        .diagnose(&s.target(MAILBOX, s.app("fabrikam.example", CLIENT, SECRET)))
+        .await;
+    let (summary, fix) = failed(&report, "token", Failure::TokenRefused);
+    assert!(summary.contains("AADSTS90002"), "{summary}");
+    assert!(fix.contains("check the tenant id"), "{fix}");
+    assert!(
+        fix.contains("ccmail app update support-app --tenant"),
+        "{fix}"
+    );
+}
+
+#[tokio::test]
+async fn a_scope_without_default_is_aadsts1002012() {
+    let s = sims().await;
+    let mut app = s.app(TENANT, CLIENT, SECRET);
+    app.key.scope = "https://outlook.office365.com/POP.AccessAsApp".to_owned();
+    let report = s.diagnose(&s.target(MAILBOX, app)).await;
+    let (summary, fix) = failed(&report, "token", Failure::TokenRefused);
+    assert!(summary.contains("AADSTS1002012"), "{summary}");
+    assert!(
+        fix.contains("use exactly https://outlook.office365.com/.default"),
+        "{fix}"
+    );
+}
+
+#[tokio::test]
+async fn the_tenant_common_is_refused_before_any_request() {
+    let s = sims().await;
+    let report = s
+        .diagnose(&s.target(MAILBOX, s.app("common", CLIENT, SECRET)))
+        .await;
+    let (summary, _) = failed(&report, "settings", Failure::Settings);
+    assert!(summary.contains("AADSTS9001023"), "{summary}");
+    assert_eq!(s.entra.token_requests(), 0);
+    assert_eq!(report.exit_code(), 3);
+}
+
+#[tokio::test]
+async fn an_unreachable_token_endpoint_is_its_own_class() {
+    let s = sims().await;
+    s.entra.fail_next(1, TokenFailure::Status(503));
+    let report = s
+        .diagnose(&s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET)))
+        .await;
+    let (summary, fix) = failed(&report, "token", Failure::TokenUnreachable);
+    assert!(summary.contains("503"), "{summary}");
+    assert!(fix.contains("proxy"), "{fix}");
+    assert_eq!(report.exit_code(), 11);
+}
+
+#[tokio::test]
+async fn auth_rejected_at_pop_prints_the_checklist_with_this_apps_ids() {
+    let s = sims().await;
+    // A mailbox the app has no access to: Exchange's one generic failure line.
+    let outsider = "sales@fabrikam.example";
+    s.pop.add_mailbox(outsider);
+    let report = s
+        .diagnose(&s.target(outsider, s.app(TENANT, CLIENT, SECRET)))
+        .await;
+    let (summary, fix) = failed(&report, "login", Failure::LoginRejected);
+    assert!(
+        summary.contains("Authentication failure: unknown user name or bad password"),
+        "{summary}"
+    );
+    assert!(summary.contains("token length"), "{summary}");
+    // The ordered checklist, filled in.
+    let order = [
+        "POP.AccessAsApp",
+        &format!("New-ServicePrincipal -AppId {CLIENT} -ObjectId $sp.Id"),
+        &format!(
+            "Add-MailboxPermission -Identity {outsider} -User $sp.Id -AccessRights FullAccess"
+        ),
+        &format!("user={outsider}"),
+        "https://outlook.office365.com/.default",
+        &format!("Get-CASMailbox -Identity {outsider} | Format-List PopEnabled"),
+    ];
+    let mut at = 0;
+    for needle in order {
+        let found = fix[at..]
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} missing or out of order in:\n{fix}"));
+        at += found;
+    }
+    assert!(
+        fix.contains(&format!("Connect-MgGraph -TenantId {TENANT}")),
+        "{fix}"
+    );
+    assert!(fix.contains("Enterprise Application's object id"), "{fix}");
+    assert_eq!(report.exit_code(), 30);
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_named() {
+    let s = sims().await;
+    let mut target = s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET));
+    target.server = s.server(false, Timeouts::default());
+    let report = s.diagnose(&target).await;
+    let (summary, fix) = failed(&report, "connect", Failure::Tls);
+    assert!(summary.contains("not trusted"), "{summary}");
+    assert!(summary.to_lowercase().contains("issuer"), "{summary}");
+    assert!(fix.contains("not signed by a trusted CA"), "{fix}");
+    assert!(fix.contains("ca_bundle"), "{fix}");
+    assert_eq!(report.exit_code(), 21);
+}
+
+#[tokio::test]
+async fn a_server_that_stops_answering_is_a_timeout() {
+    let s = sims().await;
+    s.pop.set_fault(Some(Fault::Hang {
+        command: "CAPA".to_owned(),
+    }));
+    let short = Duration::from_millis(700);
+    let mut target = s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET));
+    target.server = s.server(
+        true,
+        Timeouts {
+            connect: short,
+            tls: short,
+            command: short,
+            idle: short,
+        },
+    );
+    let report = s.diagnose(&target).await;
+    let (summary, fix) = failed(&report, "connect", Failure::Timeout);
+    assert!(summary.contains("did not answer within"), "{summary}");
+    assert!(fix.contains("firewall"), "{fix}");
+    assert_eq!(report.exit_code(), 22);
+}
+
+#[tokio::test]
+async fn a_closed_port_is_unreachable() {
+    let s = sims().await;
+    let mut target = s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET));
+    // Bind and drop: a loopback port with nothing listening.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    target.server = ServerSpec::new(
+        "127.0.0.1",
+        port,
+        TlsMode::Implicit,
+        &[],
+        Timeouts::default(),
+    )
+    .unwrap();
+    let report = s.diagnose(&target).await;
+    let (summary, fix) = failed(&report, "connect", Failure::ServerUnreachable);
+    assert!(summary.contains("cannot connect"), "{summary}");
+    assert!(fix.contains("outlook.office365.com:995"), "{fix}");
+}
+
+#[tokio::test]
+async fn thousands_of_waiting_messages_warn() {
+    let s = sims().await;
+    for i in 0..doctor::LARGE_MAILDROP {
+        s.pop.deliver(
+            MAILBOX,
+            format!("Subject: m{i}\r\nFrom: a@b.example\r\n\r\nbody\r\n").into_bytes(),
+        );
+    }
+    let report = s
+        .diagnose(&s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET)))
+        .await;
+    assert_eq!(report.failure, None, "{}", report.render());
+    let mailbox = report.check("mailbox").unwrap();
+    assert_eq!(mailbox.verdict, Verdict::Warn);
+    assert!(
+        mailbox.summary.starts_with("1000 messages waiting"),
+        "{}",
+        mailbox.summary
+    );
+    assert!(mailbox.fix[0].contains("thousands"), "{:?}", mailbox.fix);
+}
+
+fn certificate_app(s: &Sims, cert: &AppCertificate, alg: AssertionAlg) -> AppCredentials {
+    let loaded = CertificateCredential::from_pem(
+        &cert.cert_pem,
+        &SecretString::from(cert.key_pem.clone()),
+        alg,
+    )
+    .unwrap();
+    AppCredentials {
+        key: s.app(TENANT, CLIENT, "").key,
+        credential: Credential::Certificate(Arc::new(loaded)),
+    }
+}
+
+#[tokio::test]
+async fn certificate_assertions_rs256_and_ps256_are_accepted_by_the_verifying_sim() {
+    let s = sims().await;
+    let cert = AppCertificate::generate("ccmail-doctor").unwrap();
+    s.entra.register_certificate(CLIENT, cert.der.clone());
+    for alg in [AssertionAlg::Rs256, AssertionAlg::Ps256] {
+        let report = s
+            .diagnose(&s.target(MAILBOX, certificate_app(&s, &cert, alg)))
+            .await;
+        assert_eq!(report.failure, None, "{alg}: {}", report.render());
+        let settings = report.check("settings").unwrap();
+        assert!(
+            settings.summary.contains(alg.as_str()),
+            "{}",
+            settings.summary
+        );
+        assert_eq!(report.check("login").unwrap().verdict, Verdict::Pass);
+    }
+}
+
+#[tokio::test]
+async fn an_unregistered_certificate_is_aadsts700027_with_its_thumbprint() {
+    let s = sims().await;
+    let registered = AppCertificate::generate("registered").unwrap();
+    let other = AppCertificate::generate("not registered").unwrap();
+    s.entra.register_certificate(CLIENT, registered.der.clone());
+    let app = certificate_app(&s, &other, AssertionAlg::Rs256);
+    let Credential::Certificate(loaded) = &app.credential else {
+        unreachable!()
+    };
+    let thumbprint = loaded.portal_thumbprint();
+    let report = s.diagnose(&s.target(MAILBOX, app.clone())).await;
+    let (summary, fix) = failed(&report, "token", Failure::TokenRefused);
+    assert!(summary.contains("AADSTS700027"), "{summary}");
+    assert!(fix.contains("x5t must be the SHA-1 thumbprint"), "{fix}");
+    assert!(fix.contains(&thumbprint), "{fix}");
+}
+
+#[tokio::test]
+async fn a_key_that_does_not_match_its_certificate_is_refused_when_loaded() {
+    let a = AppCertificate::generate("a").unwrap();
+    let b = AppCertificate::generate("b").unwrap();
+    let err = CertificateCredential::from_pem(
+        &a.cert_pem,
+        &SecretString::from(b.key_pem.clone()),
+        AssertionAlg::Rs256,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("does not belong"), "{err}");
+    assert!(!err.to_string().contains("PRIVATE KEY-----\n"), "{err}");
+}

@@ -1,0 +1,880 @@
+//! Handlers of `ccmail app …`, `ccmail pilot …` and `ccmail doctor` (part of the binary; the
+//! validation, views and diagnosis live in the library's `admin` and `doctor` modules).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use secrecy::SecretString;
+
+use ccmail::admin::{self, AppView, Cloud, PilotView, key_values, or_dash, table};
+use ccmail::config::{Config, LogFormat};
+use ccmail::doctor::{self, Login, Target};
+use ccmail::ingest::supervisor;
+use ccmail::oauth::{self, AppCredentials, AppKey, Credential, TokenSourceOptions};
+use ccmail::pop3::ServerSpec;
+use ccmail::store::{self, PgPool};
+
+use crate::{
+    AppCommand, CertificateSource, CloudArgs, DoctorArgs, ExitWith, PilotCommand, PilotSettings,
+    SecretSource, init_logs, stored_secret,
+};
+
+/// Opens the database (logging is set up once by each command's handler).
+async fn open(config: &Config) -> anyhow::Result<PgPool> {
+    let pool = store::connect(&config.database.url, 2).await?;
+    store::migrate(&pool).await?;
+    Ok(pool)
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn midnight(date: Option<chrono::NaiveDate>) -> Option<chrono::DateTime<chrono::Utc>> {
+    date.and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|d| d.and_utc())
+}
+
+/// Authority and scope from `--cloud` / `--authority` / `--scope` over `current`.
+fn resolve_cloud(args: &CloudArgs, current: (&str, &str)) -> anyhow::Result<(String, String)> {
+    let preset = args.cloud.map(Cloud::preset);
+    let authority = args
+        .authority
+        .clone()
+        .or(preset.map(|p| p.authority.to_owned()))
+        .unwrap_or_else(|| current.0.to_owned());
+    let scope = args
+        .scope
+        .clone()
+        .or(preset.map(|p| p.scope.to_owned()))
+        .unwrap_or_else(|| current.1.to_owned());
+    admin::validate_authority(&authority)?;
+    admin::validate_scope(&scope)?;
+    Ok((authority, scope))
+}
+
+/// Reads and checks a certificate credential; returns the stored private key (sealed) and the
+/// certificate's public half.
+fn certificate_credential(
+    config: &Config,
+    source: &CertificateSource,
+) -> anyhow::Result<
+    Option<(
+        String,
+        store::StoredCertificate,
+        Arc<oauth::CertificateCredential>,
+    )>,
+> {
+    let (Some(cert_path), Some(key_path)) = (&source.certificate, &source.private_key_file) else {
+        return Ok(None);
+    };
+    let pem = std::fs::read_to_string(cert_path)
+        .with_context(|| format!("reading the certificate {}", cert_path.display()))?;
+    let key = SecretString::from(
+        std::fs::read_to_string(key_path)
+            .with_context(|| format!("reading the private key {}", key_path.display()))?,
+    );
+    let loaded = oauth::CertificateCredential::from_pem(&pem, &key, source.alg)?;
+    let Some(master) = config.master_key()? else {
+        bail!(
+            "no master key to seal the private key with: create one with `ccmail key generate` and set {}",
+            ccmail::config::MASTER_KEY_ENV
+        );
+    };
+    let sealed = master.seal(&key)?;
+    Ok(Some((
+        sealed,
+        store::StoredCertificate {
+            pem,
+            alg: source.alg.as_str().to_owned(),
+        },
+        Arc::new(loaded),
+    )))
+}
+
+fn has_secret(source: &SecretSource) -> bool {
+    source.secret_stdin
+        || source.secret_file.is_some()
+        || source.secret_env.is_some()
+        || source.secret.is_some()
+}
+
+async fn find_app(conn: &mut sqlx::PgConnection, key: &str) -> anyhow::Result<store::AppRow> {
+    match store::get_app_by_name(conn, key).await {
+        Ok(app) => Ok(app),
+        Err(store::StoreError::NotFound { .. }) if key.parse::<i64>().is_ok() => {
+            Ok(store::get_app(conn, key.parse()?).await?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn find_pilot(conn: &mut sqlx::PgConnection, key: &str) -> anyhow::Result<store::PilotRow> {
+    if let Ok(id) = key.parse::<i64>() {
+        return Ok(store::get_pilot(conn, id).await?);
+    }
+    let mut found = store::find_pilots_by_mailbox(conn, key).await?;
+    match found.len() {
+        0 => bail!("no pilot for mailbox {key}; `ccmail pilot list` shows them"),
+        1 => Ok(found.remove(0)),
+        _ => bail!(
+            "mailbox {key} has pilots on several hosts ({}); name one by id",
+            found
+                .iter()
+                .map(|p| format!("{} on {}", p.id, p.host))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Result<()> {
+    init_logs(config, LogFormat::Text);
+    let pool = open(config).await?;
+    let mut conn = pool.acquire().await?;
+    match cmd {
+        AppCommand::Add {
+            name,
+            tenant,
+            client_id,
+            cloud,
+            secret_expires,
+            secret,
+            certificate,
+        } => {
+            admin::validate_non_empty("name", &name)?;
+            admin::validate_tenant(&tenant)?;
+            admin::validate_client_id(&client_id)?;
+            let (authority, scope) =
+                resolve_cloud(&cloud, (oauth::DEFAULT_AUTHORITY, oauth::DEFAULT_SCOPE))?;
+            if has_secret(&secret) && certificate.certificate.is_some() {
+                bail!("pass either a client secret or --certificate, not both");
+            }
+            let mut app;
+            if let Some((key, cert, loaded)) = certificate_credential(config, &certificate)? {
+                app = store::NewApp::new(&name, &tenant, &client_id, key);
+                app.certificate = Some(cert);
+                eprintln!(
+                    "certificate thumbprint {} ({}): it must be listed under Certificates & secrets of the app",
+                    loaded.portal_thumbprint(),
+                    loaded.alg()
+                );
+            } else {
+                let Some(credential) = stored_secret(config, &secret, "client secret")? else {
+                    bail!(
+                        "the app needs a credential: a client secret with --secret-stdin, --secret-file PATH or --secret-env NAME, \
+                         or a certificate with --certificate PEM --private-key-file PEM"
+                    );
+                };
+                app = store::NewApp::new(&name, &tenant, &client_id, credential);
+            }
+            app.authority = authority;
+            app.scope = scope;
+            app.secret_expires_at = midnight(secret_expires);
+            let row = store::insert_app(&mut conn, &app).await?;
+            println!("app {} added (id {})", row.name, row.id);
+            warn_expiry(&row);
+            Ok(())
+        }
+        AppCommand::List { json } => {
+            let apps = store::list_apps(&mut conn).await?;
+            let pilots = store::list_pilots(&mut conn).await?;
+            let views: Vec<AppView> = apps.iter().map(|a| AppView::new(a, &pilots)).collect();
+            if json {
+                return print_json(&views);
+            }
+            let rows: Vec<Vec<String>> = views
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.id.to_string(),
+                        v.name.clone(),
+                        v.tenant.clone(),
+                        v.client_id.clone(),
+                        v.cloud.clone(),
+                        v.credential.clone(),
+                        or_dash(v.expires_at.map(|d| d.date_naive())),
+                        v.expiry_status.clone(),
+                        v.pilots.len().to_string(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "id",
+                        "name",
+                        "tenant",
+                        "client id",
+                        "cloud",
+                        "credential",
+                        "expires",
+                        "status",
+                        "pilots"
+                    ],
+                    &rows
+                )
+            );
+            Ok(())
+        }
+        AppCommand::Show { app, json } => {
+            let row = find_app(&mut conn, &app).await?;
+            let pilots = store::list_pilots(&mut conn).await?;
+            let v = AppView::new(&row, &pilots);
+            if json {
+                return print_json(&v);
+            }
+            print!(
+                "{}",
+                key_values(&[
+                    ("id", v.id.to_string()),
+                    ("name", v.name.clone()),
+                    ("tenant", v.tenant.clone()),
+                    ("client id", v.client_id.clone()),
+                    ("cloud", v.cloud.clone()),
+                    ("authority", v.authority.clone()),
+                    ("scope", v.scope.clone()),
+                    ("credential", v.credential.clone()),
+                    ("stored as", v.stored_as.clone()),
+                    ("expires", or_dash(v.expires_at.map(|d| d.date_naive()))),
+                    ("expiry", v.expiry_status.clone()),
+                    ("pilots", v.pilots.join(", ")),
+                    ("updated", v.updated_at.to_rfc3339()),
+                ])
+            );
+            Ok(())
+        }
+        AppCommand::Update {
+            app,
+            name,
+            tenant,
+            client_id,
+            cloud,
+            secret_expires,
+        } => {
+            let row = find_app(&mut conn, &app).await?;
+            let mut new = store::NewApp::new(
+                &row.name,
+                &row.tenant,
+                &row.client_id,
+                row.credential.clone(),
+            );
+            if let Some(n) = name {
+                admin::validate_non_empty("name", &n)?;
+                new.name = n;
+            }
+            if let Some(t) = tenant {
+                admin::validate_tenant(&t)?;
+                new.tenant = t;
+            }
+            if let Some(c) = client_id {
+                admin::validate_client_id(&c)?;
+                new.client_id = c;
+            }
+            let (authority, scope) = resolve_cloud(&cloud, (&row.authority, &row.scope))?;
+            new.authority = authority;
+            new.scope = scope;
+            new.secret_expires_at = midnight(secret_expires).or(row.secret_expires_at);
+            let updated = store::update_app(&mut conn, row.id, &new).await?;
+            println!(
+                "app {} updated (id {}); running workers restart its pilots",
+                updated.name, updated.id
+            );
+            Ok(())
+        }
+        AppCommand::RotateSecret {
+            app,
+            secret_expires,
+            secret,
+            certificate,
+        } => {
+            let row = find_app(&mut conn, &app).await?;
+            let expires = midnight(secret_expires);
+            if has_secret(&secret) && certificate.certificate.is_some() {
+                bail!("pass either a client secret or --certificate, not both");
+            }
+            if let Some((key, cert, loaded)) = certificate_credential(config, &certificate)? {
+                store::set_app_certificate(&mut conn, row.id, &key, &cert, expires).await?;
+                println!(
+                    "app {}: now uses certificate {} ({})",
+                    row.name,
+                    loaded.portal_thumbprint(),
+                    loaded.alg()
+                );
+            } else {
+                let Some(credential) = stored_secret(config, &secret, "client secret")? else {
+                    bail!(
+                        "pass the new client secret with --secret-stdin, --secret-file PATH or --secret-env NAME, \
+                         or a certificate with --certificate PEM --private-key-file PEM"
+                    );
+                };
+                store::set_app_credential(&mut conn, row.id, &credential, expires).await?;
+                println!("app {}: client secret replaced", row.name);
+            }
+            if expires.is_none() {
+                eprintln!(
+                    "warning: no --secret-expires given; expiry warnings need the date Entra shows"
+                );
+            }
+            Ok(())
+        }
+        AppCommand::Remove { app } => {
+            let row = find_app(&mut conn, &app).await?;
+            store::delete_app(&mut conn, row.id).await?;
+            println!("app {} removed", row.name);
+            Ok(())
+        }
+    }
+}
+
+fn warn_expiry(app: &store::AppRow) {
+    let status = admin::expiry_status(app.secret_expires_at, chrono::Utc::now());
+    if status == "expired" || status.starts_with("expires in") {
+        eprintln!(
+            "warning: the credential of app {} {status}; rotate it with `ccmail app rotate-secret`",
+            app.name
+        );
+    }
+}
+
+/// Applies `settings` over `pilot`.
+fn apply_settings(pilot: &mut store::NewPilot, settings: &PilotSettings) -> anyhow::Result<()> {
+    if let Some(host) = &settings.host {
+        admin::validate_non_empty("host", host)?;
+        pilot.host = host.clone();
+    }
+    if let Some(port) = settings.port {
+        pilot.port = port;
+    }
+    if let Some(tls) = settings.tls {
+        pilot.tls = tls;
+    }
+    if let Some(path) = &settings.ca_bundle {
+        ccmail::tls::read_pem_bundle(path)?;
+        pilot.ca_bundle = Some(path.display().to_string());
+    }
+    if let Some(secs) = settings.poll_interval {
+        pilot.poll_interval = Duration::from_secs(secs);
+    }
+    if let Some(keep) = settings.keep_on_server {
+        pilot.keep_on_server = keep;
+    }
+    if let Some(max) = settings.max_message_bytes {
+        pilot.max_message_bytes = max;
+    }
+    Ok(())
+}
+
+fn new_pilot_from_row(row: &store::PilotRow) -> store::NewPilot {
+    let mut p = store::NewPilot::new(&row.queue, &row.mailbox, row.auth.clone());
+    p.host = row.host.clone();
+    p.port = row.port;
+    p.tls = row.tls;
+    p.ca_bundle = row.ca_bundle.clone();
+    p.poll_interval = row.poll_interval;
+    p.keep_on_server = row.keep_on_server;
+    p.max_message_bytes = row.max_message_bytes;
+    p.enabled = row.enabled;
+    p
+}
+
+pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow::Result<()> {
+    init_logs(config, LogFormat::Text);
+    let pool = open(config).await?;
+    let mut conn = pool.acquire().await?;
+    match cmd {
+        PilotCommand::Add {
+            queue,
+            mailbox,
+            app,
+            username,
+            settings,
+            secret,
+            check,
+            disabled,
+            json,
+        } => {
+            admin::validate_non_empty("queue", &queue)?;
+            admin::validate_mailbox(&mailbox)?;
+            let mut app_row = None;
+            let auth = match &app {
+                Some(name) => {
+                    if has_secret(&secret) {
+                        bail!("an XOAUTH2 pilot takes no password: the app's credential is used");
+                    }
+                    let row = find_app(&mut conn, name).await.with_context(|| {
+                        format!("the app {name:?} must exist: add it with `ccmail app add` first")
+                    })?;
+                    let auth = store::PilotAuth::XOAuth2 { app_id: row.id };
+                    app_row = Some(row);
+                    auth
+                }
+                None => {
+                    let Some(credential) = stored_secret(config, &secret, "password")? else {
+                        bail!(
+                            "a pilot without --app logs in with USER/PASS and needs a password: \
+                             --secret-stdin, --secret-file PATH or --secret-env NAME"
+                        );
+                    };
+                    store::PilotAuth::UserPass {
+                        username: username.clone().unwrap_or_else(|| mailbox.clone()),
+                        credential,
+                    }
+                }
+            };
+            let mut pilot = store::NewPilot::new(&queue, &mailbox, auth);
+            // The app's cloud decides the default POP host (US Gov, China).
+            if let Some(cloud) = app_row
+                .as_ref()
+                .and_then(|a| Cloud::of_authority(&a.authority))
+            {
+                pilot.host = cloud.preset().pop_host.to_owned();
+            }
+            apply_settings(&mut pilot, &settings)?;
+            pilot.enabled = !disabled;
+            let existing = store::find_pilots_by_mailbox(&mut conn, &mailbox).await?;
+            if let Some(dup) = existing
+                .iter()
+                .find(|p| p.host.eq_ignore_ascii_case(&pilot.host))
+            {
+                bail!(
+                    "pilot {} already polls {} on {}; change it with `ccmail pilot update {}`",
+                    dup.id,
+                    dup.mailbox,
+                    dup.host,
+                    dup.id
+                );
+            }
+            if check {
+                let target = pilot_target(config, &pilot, app_row.as_ref(), None, None)?;
+                let report = doctor::diagnose(&target, &token_options(config)?).await;
+                print!("{}", report.render());
+                if report.failure.is_some() {
+                    eprintln!("pilot not saved: fix the failing step and run the command again");
+                    return Err(ExitWith(report.exit_code()).into());
+                }
+            }
+            let row = store::insert_pilot(&mut conn, &pilot).await?;
+            if json {
+                let apps = store::list_apps(&mut conn).await?;
+                return print_json(&PilotView::new(&row, &apps));
+            }
+            println!(
+                "pilot {} added (id {}): {}:{} -> queue {}{}",
+                row.mailbox,
+                row.id,
+                row.host,
+                row.port,
+                row.queue,
+                if row.enabled { "" } else { " (disabled)" }
+            );
+            Ok(())
+        }
+        PilotCommand::List { json } => {
+            let pilots = store::list_pilots(&mut conn).await?;
+            let apps = store::list_apps(&mut conn).await?;
+            let views: Vec<PilotView> = pilots.iter().map(|p| PilotView::new(p, &apps)).collect();
+            if json {
+                return print_json(&views);
+            }
+            let rows: Vec<Vec<String>> = views
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.id.to_string(),
+                        v.queue.clone(),
+                        v.mailbox.clone(),
+                        format!("{}:{}", v.host, v.port),
+                        v.app.clone().or(v.username.clone()).unwrap_or_default(),
+                        if v.enabled { "yes" } else { "no" }.to_owned(),
+                        v.last_success_at
+                            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                            .unwrap_or_else(|| "never".to_owned()),
+                        v.last_error.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "id",
+                        "queue",
+                        "mailbox",
+                        "server",
+                        "login",
+                        "enabled",
+                        "last success",
+                        "last error"
+                    ],
+                    &rows
+                )
+            );
+            Ok(())
+        }
+        PilotCommand::Show { pilot, json } => {
+            let row = find_pilot(&mut conn, &pilot).await?;
+            let apps = store::list_apps(&mut conn).await?;
+            let v = PilotView::new(&row, &apps);
+            if json {
+                return print_json(&v);
+            }
+            print!(
+                "{}",
+                key_values(&[
+                    ("id", v.id.to_string()),
+                    ("queue", v.queue.clone()),
+                    ("mailbox", v.mailbox.clone()),
+                    ("server", format!("{}:{} ({})", v.host, v.port, v.tls)),
+                    ("auth", v.auth.clone()),
+                    ("app", or_dash(v.app.clone())),
+                    ("username", or_dash(v.username.clone())),
+                    ("ca bundle", or_dash(v.ca_bundle.clone())),
+                    ("poll interval", format!("{} s", v.poll_interval_secs)),
+                    ("keep on server", v.keep_on_server.to_string()),
+                    ("max message", format!("{} octets", v.max_message_bytes)),
+                    ("enabled", v.enabled.to_string()),
+                    (
+                        "last success",
+                        or_dash(v.last_success_at.map(|t| t.to_rfc3339()))
+                    ),
+                    ("last error", or_dash(v.last_error.clone())),
+                    ("fix", or_dash(v.last_error_hint.clone())),
+                ])
+            );
+            Ok(())
+        }
+        PilotCommand::Update {
+            pilot,
+            queue,
+            mailbox,
+            app,
+            no_ca_bundle,
+            settings,
+            secret,
+        } => {
+            let row = find_pilot(&mut conn, &pilot).await?;
+            let mut new = new_pilot_from_row(&row);
+            if let Some(q) = queue {
+                admin::validate_non_empty("queue", &q)?;
+                new.queue = q;
+            }
+            if let Some(m) = mailbox {
+                admin::validate_mailbox(&m)?;
+                new.mailbox = m;
+            }
+            if let Some(name) = app {
+                let app = find_app(&mut conn, &name).await?;
+                if !matches!(row.auth, store::PilotAuth::XOAuth2 { .. }) {
+                    bail!(
+                        "pilot {} logs in with USER/PASS; --app applies to XOAUTH2 pilots",
+                        row.id
+                    );
+                }
+                new.auth = store::PilotAuth::XOAuth2 { app_id: app.id };
+            }
+            if no_ca_bundle {
+                new.ca_bundle = None;
+            }
+            apply_settings(&mut new, &settings)?;
+            if has_secret(&secret) {
+                let store::PilotAuth::UserPass { username, .. } = &new.auth else {
+                    bail!(
+                        "pilot {} logs in with XOAUTH2; rotate the app's secret with `ccmail app rotate-secret`",
+                        row.id
+                    );
+                };
+                let username = username.clone();
+                if let Some(credential) = stored_secret(config, &secret, "password")? {
+                    new.auth = store::PilotAuth::UserPass {
+                        username,
+                        credential,
+                    };
+                }
+            }
+            let updated = store::update_pilot(&mut conn, row.id, &new).await?;
+            println!(
+                "pilot {} updated: {}:{} -> queue {}; a running worker picks it up within seconds",
+                updated.id, updated.host, updated.port, updated.queue
+            );
+            Ok(())
+        }
+        PilotCommand::Enable { pilot } => set_enabled(&mut conn, &pilot, true).await,
+        PilotCommand::Disable { pilot } => set_enabled(&mut conn, &pilot, false).await,
+        PilotCommand::Remove { pilot } => {
+            let row = find_pilot(&mut conn, &pilot).await?;
+            store::delete_pilot(&mut conn, row.id).await?;
+            println!("pilot {} ({}) removed", row.id, row.mailbox);
+            Ok(())
+        }
+    }
+}
+
+async fn set_enabled(
+    conn: &mut sqlx::PgConnection,
+    key: &str,
+    enabled: bool,
+) -> anyhow::Result<()> {
+    let row = find_pilot(conn, key).await?;
+    store::set_pilot_enabled(conn, row.id, enabled).await?;
+    println!(
+        "pilot {} ({}) {}",
+        row.id,
+        row.mailbox,
+        if enabled {
+            "enabled"
+        } else {
+            "disabled; its stored mail stays"
+        }
+    );
+    Ok(())
+}
+
+fn token_options(config: &Config) -> anyhow::Result<TokenSourceOptions> {
+    let mut options = TokenSourceOptions {
+        connect_timeout: Duration::from_secs(config.oauth.connect_timeout_secs),
+        total_timeout: Duration::from_secs(config.oauth.total_timeout_secs),
+        ..TokenSourceOptions::default()
+    };
+    if let Some(path) = &config.oauth.extra_ca_file {
+        options.extra_roots = ccmail::tls::read_pem_bundle(path)?;
+    }
+    Ok(options)
+}
+
+/// The doctor target of a (possibly unsaved) pilot.
+fn pilot_target(
+    config: &Config,
+    pilot: &store::NewPilot,
+    app: Option<&store::AppRow>,
+    retr: Option<u32>,
+    timeout: Option<u64>,
+) -> anyhow::Result<Target> {
+    let master = config.master_key()?;
+    let login = match (&pilot.auth, app) {
+        (store::PilotAuth::XOAuth2 { .. }, Some(app)) => Login::XOAuth2 {
+            app: supervisor::app_credentials(app, master.as_ref())?,
+            name: Some(app.name.clone()),
+            expires_at: app.secret_expires_at,
+        },
+        (store::PilotAuth::XOAuth2 { app_id }, None) => bail!("app id {app_id} not found"),
+        (
+            store::PilotAuth::UserPass {
+                username,
+                credential,
+            },
+            _,
+        ) => Login::UserPass {
+            username: username.clone(),
+            password: ccmail::secrets::resolve(credential, master.as_ref())?,
+        },
+    };
+    let roots = match &pilot.ca_bundle {
+        Some(path) => ccmail::tls::read_pem_bundle(Path::new(path))?,
+        None => Vec::new(),
+    };
+    let mut timeouts = config.pop3_timeouts();
+    if let Some(secs) = timeout {
+        let t = Duration::from_secs(secs);
+        timeouts.connect = t;
+        timeouts.tls = t;
+        timeouts.command = t;
+        timeouts.idle = t;
+    }
+    Ok(Target {
+        mailbox: pilot.mailbox.clone(),
+        server: ServerSpec::new(pilot.host.clone(), pilot.port, pilot.tls, &roots, timeouts)?,
+        login,
+        retr,
+        max_message_bytes: usize::try_from(pilot.max_message_bytes).unwrap_or(usize::MAX),
+    })
+}
+
+pub(crate) async fn doctor_command(config: &Config, args: DoctorArgs) -> anyhow::Result<()> {
+    init_logs(config, LogFormat::Text);
+    let target = doctor_target(config, &args).await?;
+    let report = doctor::diagnose(&target, &token_options(config)?).await;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", report.render());
+    }
+    match report.exit_code() {
+        0 => Ok(()),
+        code => Err(ExitWith(code).into()),
+    }
+}
+
+async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Target> {
+    if let Some(key) = &args.pilot {
+        let pool = open(config).await?;
+        let mut conn = pool.acquire().await?;
+        let row = find_pilot(&mut conn, key).await?;
+        let app = match row.auth {
+            store::PilotAuth::XOAuth2 { app_id } => Some(store::get_app(&mut conn, app_id).await?),
+            store::PilotAuth::UserPass { .. } => None,
+        };
+        let mut pilot = new_pilot_from_row(&row);
+        apply_settings(&mut pilot, &args.settings)?;
+        return pilot_target(config, &pilot, app.as_ref(), args.retr, args.timeout);
+    }
+    let Some(mailbox) = &args.mailbox else {
+        bail!(
+            "name what to check: --pilot ID|MAILBOX, or --mailbox with --app NAME or --tenant/--client-id and a credential"
+        );
+    };
+    admin::validate_mailbox(mailbox)?;
+    let mut app_row = None;
+    let (auth, login) = if let Some(name) = &args.app {
+        let pool = open(config).await?;
+        let mut conn = pool.acquire().await?;
+        let row = find_app(&mut conn, name).await?;
+        let auth = store::PilotAuth::XOAuth2 { app_id: row.id };
+        app_row = Some(row);
+        (auth, None)
+    } else if let (Some(tenant), Some(client_id)) = (&args.tenant, &args.client_id) {
+        let (authority, scope) = resolve_cloud(
+            &args.cloud,
+            (oauth::DEFAULT_AUTHORITY, oauth::DEFAULT_SCOPE),
+        )?;
+        let credential = match certificate_source_loaded(&args.certificate)? {
+            Some(cert) => Credential::Certificate(cert),
+            None => Credential::Secret(read_secret(&args.secret)?.context(
+                "pass the client secret with --secret-stdin, --secret-file PATH or --secret-env NAME, or --certificate and --private-key-file",
+            )?),
+        };
+        let app = AppCredentials {
+            key: AppKey {
+                authority,
+                tenant: tenant.clone(),
+                client_id: client_id.clone(),
+                scope,
+            },
+            credential,
+        };
+        (
+            store::PilotAuth::XOAuth2 { app_id: 0 },
+            Some(Login::XOAuth2 {
+                app,
+                name: None,
+                expires_at: None,
+            }),
+        )
+    } else if let Some(username) = &args.username {
+        let password = read_secret(&args.secret)?.context(
+            "USER/PASS needs the password: --secret-stdin, --secret-file PATH or --secret-env NAME",
+        )?;
+        (
+            store::PilotAuth::UserPass {
+                username: username.clone(),
+                credential: String::new(),
+            },
+            Some(Login::UserPass {
+                username: username.clone(),
+                password,
+            }),
+        )
+    } else {
+        bail!(
+            "name the login: --app NAME, --tenant and --client-id with a credential, or --username with a password"
+        );
+    };
+    let mut pilot = store::NewPilot::new("doctor", mailbox, auth);
+    if let Some(cloud) = args.cloud.cloud {
+        pilot.host = cloud.preset().pop_host.to_owned();
+    } else if let Some(cloud) = app_row
+        .as_ref()
+        .and_then(|a| Cloud::of_authority(&a.authority))
+    {
+        pilot.host = cloud.preset().pop_host.to_owned();
+    }
+    apply_settings(&mut pilot, &args.settings)?;
+    match login {
+        None => pilot_target(config, &pilot, app_row.as_ref(), args.retr, args.timeout),
+        Some(login) => {
+            // Explicit credentials: build the target around them (nothing stored is read).
+            let mut explicit = pilot.clone();
+            explicit.auth = store::PilotAuth::XOAuth2 { app_id: 0 };
+            let roots = match &pilot.ca_bundle {
+                Some(path) => ccmail::tls::read_pem_bundle(Path::new(path))?,
+                None => Vec::new(),
+            };
+            let mut timeouts = config.pop3_timeouts();
+            if let Some(secs) = args.timeout {
+                let t = Duration::from_secs(secs);
+                timeouts = ccmail::pop3::Timeouts {
+                    connect: t,
+                    tls: t,
+                    command: t,
+                    idle: t,
+                };
+            }
+            Ok(Target {
+                mailbox: pilot.mailbox.clone(),
+                server: ServerSpec::new(
+                    pilot.host.clone(),
+                    pilot.port,
+                    pilot.tls,
+                    &roots,
+                    timeouts,
+                )?,
+                login,
+                retr: args.retr,
+                max_message_bytes: usize::try_from(pilot.max_message_bytes).unwrap_or(usize::MAX),
+            })
+        }
+    }
+}
+
+fn certificate_source_loaded(
+    source: &CertificateSource,
+) -> anyhow::Result<Option<Arc<oauth::CertificateCredential>>> {
+    let (Some(cert_path), Some(key_path)) = (&source.certificate, &source.private_key_file) else {
+        return Ok(None);
+    };
+    let pem = std::fs::read_to_string(cert_path)
+        .with_context(|| format!("reading the certificate {}", cert_path.display()))?;
+    let key = SecretString::from(
+        std::fs::read_to_string(key_path)
+            .with_context(|| format!("reading the private key {}", key_path.display()))?,
+    );
+    Ok(Some(Arc::new(oauth::CertificateCredential::from_pem(
+        &pem, &key, source.alg,
+    )?)))
+}
+
+/// A secret for immediate use (doctor): read, never stored.
+fn read_secret(source: &SecretSource) -> anyhow::Result<Option<SecretString>> {
+    if source.secret.is_some() {
+        bail!(
+            "refusing a secret on the command line (it would stay in shell history and process lists); \
+             pass it with --secret-stdin, --secret-file PATH, or --secret-env NAME"
+        );
+    }
+    if let Some(name) = &source.secret_env {
+        return Ok(Some(ccmail::secrets::resolve(
+            &format!("env:{name}"),
+            None,
+        )?));
+    }
+    if source.secret_stdin {
+        let mut line = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut line)
+            .context("reading the secret from standard input")?;
+        return Ok(Some(SecretString::from(
+            line.trim_end_matches(['\r', '\n']).to_owned(),
+        )));
+    }
+    if let Some(path) = &source.secret_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the secret from {}", path.display()))?;
+        return Ok(Some(SecretString::from(
+            text.trim_end_matches(['\r', '\n']).to_owned(),
+        )));
+    }
+    Ok(None)
+}
