@@ -8,6 +8,7 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod ingest;
+pub mod metrics;
 pub mod oauth;
 pub mod pop3;
 pub mod secrets;
