@@ -22,6 +22,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::parse::{self, ParsedMail};
+use crate::metrics;
 use crate::oauth::{AppCredentials, OAuthError, TokenCache};
 use crate::pop3::{self, Client, ServerSpec, Session, Stream};
 use crate::store::{self, KnownUidl, StoreError};
@@ -194,8 +195,13 @@ async fn open_session(pilot: &Pilot, tokens: &TokenCache) -> Result<Session<Stre
             // Why first: an unauthenticated POP3 connection is dropped by Exchange after about
             // a minute, and a token request may take up to its own deadline.
             let token = tokens.token(app).await?;
-            let client = Client::connect(&pilot.server).await?;
-            let session = client.auth_xoauth2(&pilot.mailbox, token.secret()).await;
+            let client = timed(pilot, "connect", Client::connect(&pilot.server)).await?;
+            let session = timed(
+                pilot,
+                "auth",
+                client.auth_xoauth2(&pilot.mailbox, token.secret()),
+            )
+            .await;
             if let Err(pop3::Error::AuthRejected { .. }) = &session {
                 tracing::warn!(
                     pilot = pilot.id,
@@ -206,8 +212,8 @@ async fn open_session(pilot: &Pilot, tokens: &TokenCache) -> Result<Session<Stre
             Ok(session?)
         }
         PilotAuth::UserPass { username, password } => {
-            let client = Client::connect(&pilot.server).await?;
-            Ok(client.auth_user_pass(username, password).await?)
+            let client = timed(pilot, "connect", Client::connect(&pilot.server)).await?;
+            Ok(timed(pilot, "auth", client.auth_user_pass(username, password)).await?)
         }
     }
 }
@@ -223,14 +229,14 @@ pub async fn poll_once(
 ) -> Result<PollReport, PollError> {
     let mut session = open_session(pilot, tokens).await?;
     let mut report = PollReport::default();
-    let (count, octets) = session.stat().await?;
+    let (count, octets) = timed(pilot, "stat", session.stat()).await?;
     report.on_server = count as usize;
     report.server_octets = octets;
     if count == 0 {
-        session.quit().await?;
+        timed(pilot, "quit", session.quit()).await?;
         return Ok(report);
     }
-    let listing = session.uidl_all().await?;
+    let listing = timed(pilot, "uidl", session.uidl_all()).await?;
     let uidls: Vec<String> = listing.iter().map(|(_, u)| u.clone()).collect();
     let known = {
         let mut conn = pool.acquire().await.map_err(StoreError::from)?;
@@ -271,7 +277,7 @@ pub async fn poll_once(
             let why = format!("RETR failed {attempts} times; left on the server");
             headers_only(&mut session, pilot, number, uidl, "fetch_failed", why).await?
         } else {
-            match session.retr(number, pilot.max_message_bytes).await {
+            match timed(pilot, "retr", session.retr(number, pilot.max_message_bytes)).await {
                 Ok(raw) => {
                     let (raw, parsed) = parse_message(raw).await;
                     let mut flags = Vec::new();
@@ -297,6 +303,7 @@ pub async fn poll_once(
                 }
                 Err(e) => {
                     report.retr_failures += 1;
+                    metrics::global().ingest_error(pilot.id, "retr");
                     {
                         let mut conn = pool.acquire().await.map_err(StoreError::from)?;
                         store::record_fetch_failure(&mut conn, pilot.id, &uidl, &e.to_string())
@@ -324,11 +331,11 @@ pub async fn poll_once(
     let committed = commit_batch(pool, pilot, &mut batch, &mut report).await?;
     dele_all(&mut session, pilot, committed, &mut deleted_uidls).await?;
     for (number, uidl) in to_delete {
-        session.dele(number).await?;
+        timed(pilot, "dele", session.dele(number)).await?;
         deleted_uidls.push(uidl);
     }
     // Deletions take effect only now (RFC 1939 §6).
-    session.quit().await?;
+    timed(pilot, "quit", session.quit()).await?;
     if !deleted_uidls.is_empty() {
         let mut conn = pool.acquire().await.map_err(StoreError::from)?;
         store::mark_deleted(&mut conn, pilot.id, &deleted_uidls).await?;
@@ -348,7 +355,7 @@ async fn headers_only(
 ) -> Result<Fetched, PollError> {
     const HEADER_LIMIT: usize = 1024 * 1024;
     let limit = HEADER_LIMIT.min(pilot.max_message_bytes.max(64 * 1024));
-    let (raw, parsed) = match session.top(number, 0, limit).await {
+    let (raw, parsed) = match timed(pilot, "top", session.top(number, 0, limit)).await {
         Ok(headers) => parse_message(headers).await,
         Err(e) if !e.poisons_connection() => (
             Vec::new(),
@@ -388,6 +395,7 @@ async fn commit_batch(
     let mut deletable = Vec::new();
     let mut stored = 0;
     let mut octets = 0u64;
+    let (mut parse_errors, mut oversize) = (0, 0);
     for m in batch.iter() {
         let flags: Vec<&str> = m.flags.to_vec();
         let inserted = store::insert_message(
@@ -406,6 +414,8 @@ async fn commit_batch(
         if inserted.is_some() {
             stored += 1;
             octets += m.raw.len() as u64;
+            parse_errors += usize::from(m.flags.contains(&"parse_error"));
+            oversize += usize::from(m.flags.contains(&"oversize"));
         }
         if !m.headers_only && !pilot.keep_on_server {
             deletable.push((m.number, m.uidl.clone()));
@@ -413,6 +423,8 @@ async fn commit_batch(
     }
     // Why before DELE: a DELE is an external action; it may only follow a durable commit.
     tx.commit().await.map_err(StoreError::from)?;
+    // Counted here, at the commit, so a poll that fails later neither loses nor doubles them.
+    metrics::global().messages_stored(pilot.id, stored, octets, parse_errors, oversize);
     report.stored += stored;
     report.stored_octets += octets;
     batch.clear();
@@ -429,8 +441,18 @@ async fn dele_all(
         return Ok(());
     }
     for (number, uidl) in committed {
-        session.dele(number).await?;
+        timed(pilot, "dele", session.dele(number)).await?;
         deleted.push(uidl);
     }
     Ok(())
+}
+
+/// Runs one POP3 step and records its latency under `command` (one of
+/// [`metrics::POP3_COMMANDS`]). Measured here rather than in the sans-IO client so the
+/// protocol layers stay free of metrics and the pilot label is at hand.
+async fn timed<T>(pilot: &Pilot, command: &str, step: impl Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = step.await;
+    metrics::global().pop3_command(pilot.id, command, started.elapsed());
+    out
 }
