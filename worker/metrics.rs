@@ -366,6 +366,7 @@ impl Metrics {
             state: Mutex::new(State::default()),
         };
         m.set(&BUILD_INFO, &[env!("CARGO_PKG_VERSION")], 1.0);
+        m.touch(&REFRESH_ERRORS, &[]);
         m
     }
 
