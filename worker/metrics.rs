@@ -864,11 +864,11 @@ pub async fn serve(
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error(
-        "cannot connect to the ccmail HTTP listener at {addr}: {source} (is `ccmail run` running, and is http.listen the same address?)"
+        "cannot connect to the ccmail HTTP listener at {addr}: {reason} (is `ccmail run` running, and is http.listen the same address?)"
     )]
     Connect {
         addr: String,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("the ccmail HTTP listener at {addr} did not answer within {after:?}")]
     Timeout { addr: String, after: Duration },
@@ -905,14 +905,14 @@ pub async fn probe(addr: &str, path: &str, timeout: Duration) -> Result<String, 
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(addr)
             .await
-            .map_err(|source| ProbeError::Connect {
+            .map_err(|reason| ProbeError::Connect {
                 addr: addr.to_owned(),
-                source,
+                reason,
             })?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        let io = |source| ProbeError::Connect {
+        let io = |reason| ProbeError::Connect {
             addr: addr.to_owned(),
-            source,
+            reason,
         };
         stream.write_all(request.as_bytes()).await.map_err(io)?;
         let mut answer = Vec::new();
