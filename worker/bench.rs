@@ -289,6 +289,7 @@ async fn pipeline(sim: &SimChild, config: &Config, url: &str) -> anyhow::Result<
         batch_messages: config.worker.batch_messages,
         batch_bytes: config.worker.batch_bytes,
         max_retr_attempts: config.worker.max_retr_attempts,
+        commit_concurrency: config.worker.commit_concurrency,
     };
     let tokens = sim.tokens()?;
     let cancel = CancellationToken::new();

@@ -19,7 +19,7 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/ccmai
 pub const MASTER_KEY_ENV: &str = "CCMAIL_MASTER_KEY";
 
 /// All settings.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub database: DatabaseConfig,
@@ -50,6 +50,8 @@ pub struct WorkerConfig {
     pub batch_messages: usize,
     /// Octets of messages held before a commit at most.
     pub batch_bytes: usize,
+    /// Batches parsed and committed in the background while the next one downloads.
+    pub commit_concurrency: usize,
     /// A message whose RETR fails this many times is skipped and flagged.
     pub max_retr_attempts: u32,
     /// Re-read pilots from the database this often (NOTIFY wakes the worker sooner).
@@ -120,20 +122,6 @@ pub struct LogConfig {
     pub level: String,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            database: DatabaseConfig::default(),
-            worker: WorkerConfig::default(),
-            pop3: Pop3Config::default(),
-            oauth: OAuthConfig::default(),
-            secrets: SecretsConfig::default(),
-            http: HttpConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
-}
-
 impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
@@ -149,6 +137,7 @@ impl Default for WorkerConfig {
             max_messages_per_poll: 500,
             batch_messages: 50,
             batch_bytes: 16 * 1024 * 1024,
+            commit_concurrency: 2,
             max_retr_attempts: 5,
             reload_interval_secs: 30,
             shutdown_grace_secs: 30,
@@ -287,6 +276,7 @@ impl Config {
             ),
             ("worker.batch_messages", self.worker.batch_messages),
             ("worker.batch_bytes", self.worker.batch_bytes),
+            ("worker.commit_concurrency", self.worker.commit_concurrency),
             (
                 "database.max_connections",
                 self.database.max_connections as usize,

@@ -1,6 +1,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod dovecot_harness;
+mod ingest;
+mod ingest_dovecot;
+mod log_secrets;
 mod metrics;
+mod oauth_sim;
+mod pop3_dovecot;
+mod pop3_sim;
 mod prometheus;
 mod support;
+mod worker_process;

@@ -83,8 +83,12 @@ pub struct ParsedMail {
     pub references: Vec<String>,
     /// All inline text parts joined; derived from the HTML when there is no text part.
     pub text_body: Option<String>,
-    /// All inline `text/html` parts joined; `None` for text-only mail.
+    /// All inline `text/html` parts joined, as received; `None` for text-only mail.
     pub html_body: Option<String>,
+    /// `html_body` sanitised for display to agents (ammonia: no scripts, no event handlers,
+    /// no styles that can exfiltrate; `cid:` links to inline parts kept).
+    #[serde(default)]
+    pub html_sanitized: Option<String>,
     /// Every part that is not the chosen body, in MIME order.
     pub attachments: Vec<Attachment>,
     /// Set when the bytes could not be parsed as a message; the raw bytes are still stored.
@@ -134,6 +138,19 @@ pub fn parse(raw: &[u8]) -> ParsedMail {
             ..ParsedMail::default()
         },
     }
+}
+
+/// Sanitises HTML for display: ammonia's allow-list, plus `cid:` URLs so inline images that
+/// reference their MIME part still resolve.
+pub fn sanitize_html(html: &str) -> String {
+    let mut schemes = std::collections::HashSet::new();
+    for scheme in ["http", "https", "mailto", "tel", "cid"] {
+        schemes.insert(scheme);
+    }
+    ammonia::Builder::default()
+        .url_schemes(schemes)
+        .clean(html)
+        .to_string()
 }
 
 fn parse_checked(raw: &[u8]) -> ParsedMail {
@@ -188,7 +205,9 @@ fn parse_checked(raw: &[u8]) -> ParsedMail {
         })
         .collect();
     if !htmls.is_empty() {
-        parsed.html_body = Some(htmls.join("\n"));
+        let html = htmls.join("\n");
+        parsed.html_sanitized = Some(sanitize_html(&html));
+        parsed.html_body = Some(html);
     }
 
     for &id in &message.attachments {
@@ -897,5 +916,23 @@ Content-Disposition: attachment; filename=\"f{i}.bin\"\r\n\r\npart {i}\r\n"
             .any(|a| a.bytes.windows(4).any(|w| w == b"deep"));
         assert!(in_body || in_part);
         assert!(!parsed.defects.is_empty());
+    }
+
+    #[test]
+    fn html_is_kept_as_received_and_sanitised_for_display() {
+        let raw = b"From: a@example.com\r\nSubject: x\r\nMIME-Version: 1.0\r\n\
+Content-Type: text/html; charset=utf-8\r\n\r\n\
+<p onclick=\"steal()\">Hi<script>alert(1)</script><img src=\"cid:logo\"> \
+<a href=\"javascript:evil()\">x</a></p>\r\n";
+        let parsed = parse(raw);
+        let html = parsed.html_body.unwrap();
+        assert!(html.contains("<script>") && html.contains("onclick"));
+        let safe = parsed.html_sanitized.unwrap();
+        assert!(
+            !safe.contains("script") && !safe.contains("onclick"),
+            "{safe}"
+        );
+        assert!(!safe.contains("javascript:"), "{safe}");
+        assert!(safe.contains("cid:logo"), "{safe}");
     }
 }

@@ -58,7 +58,11 @@ pub struct IngestLimits {
     pub max_messages_per_poll: usize,
     pub batch_messages: usize,
     pub batch_bytes: usize,
+    /// Failed RETRs (counted across polls) after which a message is given up on: the poll
+    /// that sees the last failure stores its headers as a `fetch_failed` work item.
     pub max_retr_attempts: u32,
+    /// Batches being committed while the next one downloads.
+    pub commit_concurrency: usize,
 }
 
 impl Default for IngestLimits {
@@ -68,6 +72,7 @@ impl Default for IngestLimits {
             batch_messages: 50,
             batch_bytes: 16 * 1024 * 1024,
             max_retr_attempts: 5,
+            commit_concurrency: 2,
         }
     }
 }
@@ -108,6 +113,9 @@ pub enum PollError {
     Pop3(#[from] pop3::Error),
     #[error("database: {0}")]
     Store(#[from] StoreError),
+    /// A background parse or commit task died (a bug); the poll is retried.
+    #[error("ingest task failed: {0}")]
+    Task(String),
 }
 
 impl PollError {
@@ -117,6 +125,7 @@ impl PollError {
             PollError::Token(e) => e.is_transient(),
             PollError::Pop3(e) => e.is_transient(),
             PollError::Store(e) => e.is_transient(),
+            PollError::Task(_) => true,
         }
     }
 
@@ -126,6 +135,7 @@ impl PollError {
             PollError::Token(e) => e.is_permanent(),
             PollError::Pop3(e) => e.is_permanent(),
             PollError::Store(e) => !e.is_transient(),
+            PollError::Task(_) => false,
         }
     }
 
@@ -134,7 +144,7 @@ impl PollError {
         match self {
             PollError::Token(e) => e.fix(),
             PollError::Pop3(e) => e.hint(),
-            PollError::Store(_) => None,
+            PollError::Store(_) | PollError::Task(_) => None,
         }
     }
 
@@ -148,6 +158,7 @@ impl PollError {
             | PollError::Pop3(pop3::Error::TlsHandshake { .. }) => "tls",
             PollError::Pop3(_) => "pop3",
             PollError::Store(_) => "database",
+            PollError::Task(_) => "internal",
         }
     }
 }
@@ -157,35 +168,19 @@ struct Fetched {
     number: u32,
     uidl: String,
     raw: Vec<u8>,
-    parsed: ParsedMail,
-    flags: Vec<&'static str>,
+    /// Already parsed (headers-only items); `None`: the committer parses it.
+    parsed: Option<ParsedMail>,
+    flag: Option<&'static str>,
     headers_only: bool,
 }
 
-/// Parses off the async threads when the message is big enough to matter.
-async fn parse_message(raw: Vec<u8>) -> (Vec<u8>, ParsedMail) {
-    const INLINE_LIMIT: usize = 64 * 1024;
-    if raw.len() <= INLINE_LIMIT {
-        let parsed = parse::parse(&raw);
-        return (raw, parsed);
-    }
-    match tokio::task::spawn_blocking(move || {
-        let parsed = parse::parse(&raw);
-        (raw, parsed)
-    })
-    .await
-    {
-        Ok(done) => done,
-        // The parser panicked (it must not; mail-parser is defensive). The raw bytes are gone
-        // with the task, so the message is simply fetched again on the next poll.
-        Err(e) => (
-            Vec::new(),
-            ParsedMail {
-                parse_error: Some(format!("parser crashed: {e}")),
-                ..ParsedMail::default()
-            },
-        ),
-    }
+/// What a committed batch allows and reports.
+struct Committed {
+    /// (message number, UIDL) of messages that may now be deleted from the server.
+    deletable: Vec<(u32, String)>,
+    stored: usize,
+    stored_octets: u64,
+    parse_errors: usize,
 }
 
 /// Logs in as the pilot says. The token comes first, before any connection exists.
@@ -220,6 +215,11 @@ async fn open_session(pilot: &Pilot, tokens: &TokenCache) -> Result<Session<Stre
 
 /// One poll of `pilot`. Cancellation is honoured between messages, never inside a command:
 /// what was downloaded is committed, deleted and QUIT before returning.
+///
+/// Downloading and storing overlap: while batch k is parsed and committed by a background
+/// task (on its own database connection), batch k+1 is downloaded. At most
+/// `limits.commit_concurrency` batches are in flight, which bounds memory to about
+/// `(commit_concurrency + 1) × batch_bytes` plus one message.
 pub async fn poll_once(
     pilot: &Pilot,
     pool: &PgPool,
@@ -244,103 +244,115 @@ pub async fn poll_once(
     };
 
     let mut to_delete: Vec<(u32, String)> = Vec::new();
+    let mut commits = Commits::new(pool, pilot, limits.commit_concurrency);
     let mut batch: Vec<Fetched> = Vec::new();
     let mut batch_bytes = 0usize;
     let mut fetched = 0usize;
-    let mut deleted_uidls: Vec<String> = Vec::new();
 
-    for (number, uidl) in listing {
-        if cancel.is_cancelled() {
-            break;
-        }
-        let mut attempts = 0;
-        match known.get(&uidl) {
-            Some(KnownUidl::Stored { headers_only, .. }) => {
-                // Stored by an earlier poll that ended before QUIT: delete without
-                // downloading. Flagged headers-only messages stay on the server for a person.
-                if !headers_only && !pilot.keep_on_server {
-                    to_delete.push((number, uidl));
+    let transfer: Result<(), PollError> = async {
+        for (number, uidl) in listing {
+            if cancel.is_cancelled() {
+                break;
+            }
+            // DELE what finished committing meanwhile (never before its commit).
+            commits.dele_finished(&mut session, &mut report).await?;
+            let mut attempts = 0;
+            match known.get(&uidl) {
+                Some(KnownUidl::Stored { headers_only, .. }) => {
+                    // Stored by an earlier poll that ended before QUIT: delete without
+                    // downloading. Flagged headers-only messages stay on the server for a person.
+                    if !headers_only && !pilot.keep_on_server {
+                        to_delete.push((number, uidl));
+                    }
+                    report.already_stored += 1;
+                    continue;
                 }
-                report.already_stored += 1;
+                Some(KnownUidl::Failing { attempts: n }) => attempts = *n,
+                None => {}
+            }
+            if fetched >= limits.max_messages_per_poll {
+                report.more_waiting = true;
                 continue;
             }
-            Some(KnownUidl::Failing { attempts: n }) => attempts = *n,
-            None => {}
-        }
-        if fetched >= limits.max_messages_per_poll {
-            report.more_waiting = true;
-            continue;
-        }
-        fetched += 1;
-        let item = if attempts >= limits.max_retr_attempts {
-            report.skipped += 1;
-            let why = format!("RETR failed {attempts} times; left on the server");
-            headers_only(&mut session, pilot, number, uidl, "fetch_failed", why).await?
-        } else {
-            match timed(pilot, "retr", session.retr(number, pilot.max_message_bytes)).await {
-                Ok(raw) => {
-                    let (raw, parsed) = parse_message(raw).await;
-                    let mut flags = Vec::new();
-                    if parsed.parse_error.is_some() {
-                        flags.push("parse_error");
-                        report.parse_errors += 1;
-                    }
-                    Fetched {
+            fetched += 1;
+            let item = if attempts >= limits.max_retr_attempts {
+                report.skipped += 1;
+                tracing::warn!(pilot = pilot.id, uidl = %uidl, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
+                headers_only(&mut session, pilot, number, uidl, "fetch_failed").await?
+            } else {
+                match timed(pilot, "retr", session.retr(number, pilot.max_message_bytes)).await {
+                    Ok(raw) => Fetched {
                         number,
                         uidl,
                         raw,
-                        parsed,
-                        flags,
+                        parsed: None,
+                        flag: None,
                         headers_only: false,
+                    },
+                    Err(pop3::Error::TooLarge { limit, received }) => {
+                        report.oversize += 1;
+                        tracing::warn!(pilot = pilot.id, uidl = %uidl, received, limit, "message over the size limit; storing its headers and leaving it on the server");
+                        headers_only(&mut session, pilot, number, uidl, "oversize").await?
+                    }
+                    Err(e) => {
+                        report.retr_failures += 1;
+                        metrics::global().ingest_error(pilot.id, "retr");
+                        let attempts = {
+                            let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+                            store::record_fetch_failure(&mut conn, pilot.id, &uidl, &e.to_string())
+                                .await?
+                        };
+                        if e.poisons_connection() {
+                            // The connection is gone. What is already downloaded is stored (no
+                            // DELE: that needs a live session), so the next poll makes progress.
+                            commits.spawn(std::mem::take(&mut batch));
+                            return Err(e.into());
+                        }
+                        if attempts < limits.max_retr_attempts {
+                            tracing::warn!(pilot = pilot.id, uidl = %uidl, error = %e, attempts, "RETR failed; continuing with the next message");
+                            continue;
+                        }
+                        // That was the last allowed attempt: give up now, while the session is
+                        // alive, rather than costing the message one more poll.
+                        report.skipped += 1;
+                        tracing::warn!(pilot = pilot.id, uidl = %uidl, error = %e, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
+                        headers_only(&mut session, pilot, number, uidl, "fetch_failed").await?
                     }
                 }
-                Err(pop3::Error::TooLarge { limit, received }) => {
-                    report.oversize += 1;
-                    let why = format!(
-                        "message of {received} octets exceeds the pilot's limit of {limit}; left on the server"
-                    );
-                    headers_only(&mut session, pilot, number, uidl, "oversize", why).await?
-                }
-                Err(e) => {
-                    report.retr_failures += 1;
-                    metrics::global().ingest_error(pilot.id, "retr");
-                    {
-                        let mut conn = pool.acquire().await.map_err(StoreError::from)?;
-                        store::record_fetch_failure(&mut conn, pilot.id, &uidl, &e.to_string())
-                            .await?;
-                    }
-                    if e.poisons_connection() {
-                        // The connection is gone. What is already downloaded is stored (no
-                        // DELE: that needs a live session), so the next poll makes progress.
-                        commit_batch(pool, pilot, &mut batch, &mut report).await?;
-                        return Err(e.into());
-                    }
-                    tracing::warn!(pilot = pilot.id, uidl = %uidl, error = %e, "RETR failed; continuing with the next message");
-                    continue;
-                }
+            };
+            batch_bytes += item.raw.len();
+            batch.push(item);
+            if batch.len() >= limits.batch_messages || batch_bytes >= limits.batch_bytes {
+                commits
+                    .spawn_bounded(std::mem::take(&mut batch), &mut session, &mut report)
+                    .await?;
+                batch_bytes = 0;
             }
-        };
-        batch_bytes += item.raw.len();
-        batch.push(item);
-        if batch.len() >= limits.batch_messages || batch_bytes >= limits.batch_bytes {
-            let committed = commit_batch(pool, pilot, &mut batch, &mut report).await?;
-            batch_bytes = 0;
-            dele_all(&mut session, pilot, committed, &mut deleted_uidls).await?;
         }
+        commits.spawn(batch);
+        commits.finish(&mut session, &mut report).await?;
+        for (number, uidl) in to_delete {
+            timed(pilot, "dele", session.dele(number)).await?;
+            commits.deleted.push(uidl);
+        }
+        Ok(())
     }
-    let committed = commit_batch(pool, pilot, &mut batch, &mut report).await?;
-    dele_all(&mut session, pilot, committed, &mut deleted_uidls).await?;
-    for (number, uidl) in to_delete {
-        timed(pilot, "dele", session.dele(number)).await?;
-        deleted_uidls.push(uidl);
+    .await;
+    if let Err(e) = transfer {
+        // Let batches already handed to a committer finish (stored, not deleted) rather than
+        // abort them mid-transaction; the connection is dropped without QUIT.
+        if let Err(drain) = commits.finish_without_dele(&mut report).await {
+            tracing::warn!(pilot = pilot.id, error = %drain, "a background commit failed too");
+        }
+        return Err(e);
     }
     // Deletions take effect only now (RFC 1939 §6).
     timed(pilot, "quit", session.quit()).await?;
-    if !deleted_uidls.is_empty() {
+    if !commits.deleted.is_empty() {
         let mut conn = pool.acquire().await.map_err(StoreError::from)?;
-        store::mark_deleted(&mut conn, pilot.id, &deleted_uidls).await?;
+        store::mark_deleted(&mut conn, pilot.id, &commits.deleted).await?;
     }
-    report.deleted = deleted_uidls.len();
+    report.deleted = commits.deleted.len();
     Ok(report)
 }
 
@@ -351,12 +363,14 @@ async fn headers_only(
     number: u32,
     uidl: String,
     flag: &'static str,
-    why: String,
 ) -> Result<Fetched, PollError> {
     const HEADER_LIMIT: usize = 1024 * 1024;
     let limit = HEADER_LIMIT.min(pilot.max_message_bytes.max(64 * 1024));
     let (raw, parsed) = match timed(pilot, "top", session.top(number, 0, limit)).await {
-        Ok(headers) => parse_message(headers).await,
+        Ok(headers) => {
+            let parsed = parse::parse(&headers);
+            (headers, parsed)
+        }
         Err(e) if !e.poisons_connection() => (
             Vec::new(),
             ParsedMail {
@@ -366,85 +380,187 @@ async fn headers_only(
         ),
         Err(e) => return Err(e.into()),
     };
-    // The body is missing by design, not broken: the flag says why, parse_error stays for
-    // real parse failures of the headers.
-    tracing::warn!(pilot = pilot.id, uidl = %uidl, flag, "{why}");
     Ok(Fetched {
         number,
         uidl,
         raw,
-        parsed,
-        flags: vec![flag],
+        parsed: Some(parsed),
+        flag: Some(flag),
         headers_only: true,
     })
 }
 
-/// Stores the batch in one transaction. Returns the (number, uidl) of messages that may now be
-/// deleted from the server. An error here means the commit's outcome is unknown: the caller
-/// must not DELE anything from this batch.
-async fn commit_batch(
-    pool: &PgPool,
-    pilot: &Pilot,
-    batch: &mut Vec<Fetched>,
-    report: &mut PollReport,
-) -> Result<Vec<(u32, String)>, PollError> {
-    if batch.is_empty() {
-        return Ok(Vec::new());
+/// The batches being parsed and committed in the background, and what may be deleted.
+struct Commits<'a> {
+    pool: &'a PgPool,
+    pilot: &'a Pilot,
+    concurrency: usize,
+    inflight: tokio::task::JoinSet<Result<Committed, PollError>>,
+    /// UIDLs marked with DELE in this session (deleted at QUIT).
+    deleted: Vec<String>,
+}
+
+impl<'a> Commits<'a> {
+    fn new(pool: &'a PgPool, pilot: &'a Pilot, concurrency: usize) -> Commits<'a> {
+        Commits {
+            pool,
+            pilot,
+            concurrency: concurrency.max(1),
+            inflight: tokio::task::JoinSet::new(),
+            deleted: Vec::new(),
+        }
     }
+
+    fn spawn(&mut self, batch: Vec<Fetched>) {
+        if batch.is_empty() {
+            return;
+        }
+        let pool = self.pool.clone();
+        let pilot_id = self.pilot.id;
+        let queue = self.pilot.queue.clone();
+        let keep = self.pilot.keep_on_server;
+        self.inflight
+            .spawn(commit_batch(pool, pilot_id, queue, keep, batch));
+    }
+
+    /// Waits for a free slot (DELE-ing what finishes), then starts committing `batch`.
+    async fn spawn_bounded(
+        &mut self,
+        batch: Vec<Fetched>,
+        session: &mut Session<Stream>,
+        report: &mut PollReport,
+    ) -> Result<(), PollError> {
+        while self.inflight.len() >= self.concurrency {
+            if let Some(done) = self.inflight.join_next().await {
+                self.settle(done, Some(&mut *session), report).await?;
+            }
+        }
+        self.spawn(batch);
+        Ok(())
+    }
+
+    /// DELE the batches that have committed so far, without waiting for the others.
+    async fn dele_finished(
+        &mut self,
+        session: &mut Session<Stream>,
+        report: &mut PollReport,
+    ) -> Result<(), PollError> {
+        while let Some(done) = self.inflight.try_join_next() {
+            self.settle(done, Some(&mut *session), report).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every batch and DELEs them.
+    async fn finish(
+        &mut self,
+        session: &mut Session<Stream>,
+        report: &mut PollReport,
+    ) -> Result<(), PollError> {
+        while let Some(done) = self.inflight.join_next().await {
+            self.settle(done, Some(&mut *session), report).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every batch after the connection failed: stored, but no DELE.
+    async fn finish_without_dele(&mut self, report: &mut PollReport) -> Result<(), PollError> {
+        while let Some(done) = self.inflight.join_next().await {
+            self.settle(done, None, report).await?;
+        }
+        Ok(())
+    }
+
+    async fn settle(
+        &mut self,
+        done: Result<Result<Committed, PollError>, tokio::task::JoinError>,
+        session: Option<&mut Session<Stream>>,
+        report: &mut PollReport,
+    ) -> Result<(), PollError> {
+        // An error means the commit's outcome is unknown: nothing of that batch is deleted,
+        // and returning drops the connection without QUIT (the other DELEs are void too).
+        let committed = done.map_err(|e| PollError::Task(e.to_string()))??;
+        report.stored += committed.stored;
+        report.stored_octets += committed.stored_octets;
+        report.parse_errors += committed.parse_errors;
+        if let Some(session) = session {
+            for (number, uidl) in committed.deletable {
+                // Why here: the batch's commit has been acknowledged.
+                timed(self.pilot, "dele", session.dele(number)).await?;
+                self.deleted.push(uidl);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses and stores a batch in one transaction. An error means the commit's outcome is
+/// unknown: the caller must not DELE anything from this batch.
+async fn commit_batch(
+    pool: PgPool,
+    pilot_id: i64,
+    queue: String,
+    keep_on_server: bool,
+    batch: Vec<Fetched>,
+) -> Result<Committed, PollError> {
+    // Parsing is CPU work: keep it off the async worker threads.
+    let parsed = tokio::task::spawn_blocking(move || {
+        batch
+            .into_iter()
+            .map(|mut m| {
+                let parsed = m.parsed.take().unwrap_or_else(|| parse::parse(&m.raw));
+                (m, parsed)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| PollError::Task(e.to_string()))?;
     let mut tx = pool.begin().await.map_err(StoreError::from)?;
-    let mut deletable = Vec::new();
-    let mut stored = 0;
-    let mut octets = 0u64;
-    let (mut parse_errors, mut oversize) = (0, 0);
-    for m in batch.iter() {
-        let flags: Vec<&str> = m.flags.to_vec();
+    let mut out = Committed {
+        deletable: Vec::new(),
+        stored: 0,
+        stored_octets: 0,
+        parse_errors: 0,
+    };
+    let mut oversize = 0;
+    for (m, parsed) in &parsed {
+        let flags: Vec<&str> = m.flag.into_iter().collect();
         let inserted = store::insert_message(
             &mut tx,
             &store::NewMessage {
-                pilot_id: pilot.id,
-                queue: &pilot.queue,
+                pilot_id,
+                queue: &queue,
                 uidl: &m.uidl,
                 raw: &m.raw,
-                parsed: &m.parsed,
+                parsed,
                 headers_only: m.headers_only,
                 flags: &flags,
             },
         )
         .await?;
         if inserted.is_some() {
-            stored += 1;
-            octets += m.raw.len() as u64;
-            parse_errors += usize::from(m.flags.contains(&"parse_error"));
-            oversize += usize::from(m.flags.contains(&"oversize"));
+            out.stored += 1;
+            out.stored_octets += m.raw.len() as u64;
+            if parsed.parse_error.is_some() && !m.headers_only {
+                out.parse_errors += 1;
+            }
+            oversize += usize::from(m.flag == Some("oversize"));
         }
-        if !m.headers_only && !pilot.keep_on_server {
-            deletable.push((m.number, m.uidl.clone()));
+        if !m.headers_only && !keep_on_server {
+            out.deletable.push((m.number, m.uidl.clone()));
         }
     }
     // Why before DELE: a DELE is an external action; it may only follow a durable commit.
     tx.commit().await.map_err(StoreError::from)?;
     // Counted here, at the commit, so a poll that fails later neither loses nor doubles them.
-    metrics::global().messages_stored(pilot.id, stored, octets, parse_errors, oversize);
-    report.stored += stored;
-    report.stored_octets += octets;
-    batch.clear();
-    Ok(deletable)
-}
-
-async fn dele_all(
-    session: &mut Session<Stream>,
-    pilot: &Pilot,
-    committed: Vec<(u32, String)>,
-    deleted: &mut Vec<String>,
-) -> Result<(), PollError> {
-    if pilot.keep_on_server {
-        return Ok(());
-    }
-    for (number, uidl) in committed {
-        timed(pilot, "dele", session.dele(number)).await?;
-        deleted.push(uidl);
-    }
-    Ok(())
+    metrics::global().messages_stored(
+        pilot_id,
+        out.stored,
+        out.stored_octets,
+        out.parse_errors,
+        oversize,
+    );
+    Ok(out)
 }
 
 /// Runs one POP3 step and records its latency under `command` (one of

@@ -51,6 +51,7 @@ impl SupervisorSettings {
                 batch_messages: w.batch_messages,
                 batch_bytes: w.batch_bytes,
                 max_retr_attempts: w.max_retr_attempts,
+                commit_concurrency: w.commit_concurrency,
             },
             timeouts: config.pop3_timeouts(),
             reload_interval: Duration::from_secs(w.reload_interval_secs.max(1)),

@@ -112,8 +112,9 @@ pub async fn insert_message(
     let message_id: Option<i64> = sqlx::query_scalar(
         "insert into messages (pilot_id, uidl, raw, sha256, message_id, subject, from_addrs, \
          to_addrs, cc_addrs, reply_to_addrs, sent_at, in_reply_to, \"references\", text_body, \
-         html_body, parse_error, size, headers_only) \
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+         html_body, parse_error, size, headers_only, html_sanitized) \
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+         $19) \
          on conflict (pilot_id, uidl) do nothing returning id",
     )
     .bind(message.pilot_id)
@@ -134,6 +135,7 @@ pub async fn insert_message(
     .bind(pg_opt(&parsed.parse_error))
     .bind(size)
     .bind(message.headers_only)
+    .bind(pg_opt(&parsed.html_sanitized))
     .fetch_optional(&mut *conn)
     .await
     .map_err(|err| unknown_pilot(err, message.pilot_id))?;

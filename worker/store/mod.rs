@@ -216,18 +216,14 @@ fn quote_ident(name: &str) -> String {
 
 async fn create_database(conn: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
     let statement = format!("create database {}", quote_ident(name));
-    sqlx::query(sqlx::AssertSqlSafe(statement))
-        .execute(conn)
-        .await?;
+    sqlx::query(&statement).execute(conn).await?;
     Ok(())
 }
 
 /// Drops a database, terminating its sessions first (PostgreSQL 13+ `with (force)`).
 async fn drop_database(conn: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
     let statement = format!("drop database if exists {} with (force)", quote_ident(name));
-    sqlx::query(sqlx::AssertSqlSafe(statement))
-        .execute(conn)
-        .await?;
+    sqlx::query(&statement).execute(conn).await?;
     Ok(())
 }
 

@@ -4,7 +4,8 @@
 //! The server is taken from `CCMAIL_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`); each [`TestDb`] creates `ccmail_t_<random>`
 //! on it and drops it again, by [`TestDb::drop_db`] or, best effort, when dropped.
-//! It never reconfigures or restarts the server.
+//! It never reconfigures or restarts the server. [`stored_messages`] and [`work_item_count`]
+//! are read-only views for end-to-end tests (exactly-once and flag checks).
 
 use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -124,4 +125,50 @@ impl Drop for TestDb {
             Err(_) => eprintln!("test database cleanup of {} panicked", self.name),
         }
     }
+}
+
+/// One stored message with its work item, as end-to-end tests check it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StoredMessage {
+    pub pilot_id: i64,
+    pub uidl: String,
+    /// SHA-256 of the stored bytes (the whole message, or only its headers when `headers_only`).
+    pub sha256: Vec<u8>,
+    pub size: i64,
+    pub headers_only: bool,
+    pub parse_error: Option<String>,
+    /// Flags of the message's work item (empty when it has none, which must never happen).
+    pub flags: Vec<String>,
+    /// Work items pointing at this message (the schema allows at most one).
+    pub work_items: i64,
+    pub attachments: i64,
+    /// Whether a poll recorded the message as deleted from the server (after its QUIT).
+    pub deleted_from_server: bool,
+}
+
+/// Every stored message of these pilots with its work item, oldest first. Read-only; for tests
+/// that check "exactly once" and flags without loading whole messages.
+pub async fn stored_messages(
+    conn: &mut sqlx::PgConnection,
+    pilot_ids: &[i64],
+) -> Result<Vec<StoredMessage>, StoreError> {
+    Ok(sqlx::query_as(
+        "select m.pilot_id, m.uidl, m.sha256, m.size, m.headers_only, m.parse_error, \
+         coalesce((select w.flags from work_items w where w.message_id = m.id limit 1), '{}') \
+           as flags, \
+         (select count(*) from work_items w where w.message_id = m.id) as work_items, \
+         (select count(*) from attachments a where a.message_id = m.id) as attachments, \
+         m.deleted_from_server_at is not null as deleted_from_server \
+         from messages m where m.pilot_id = any($1) order by m.id",
+    )
+    .bind(pilot_ids)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Number of work items in the whole database.
+pub async fn work_item_count(conn: &mut sqlx::PgConnection) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar("select count(*) from work_items")
+        .fetch_one(conn)
+        .await?)
 }

@@ -1,1 +1,4 @@
+pub mod child;
 pub mod dovecot;
+pub mod pipeline;
+pub mod sim_world;

@@ -1,0 +1,93 @@
+//! The real `ccmail` binary as a child process of a test, with its output captured to a file
+//! and a guard that kills it (SIGKILL, by PID) when the test ends without having reaped it,
+//! including when an assertion fails halfway.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// A running `ccmail` child. Dropping it kills the process if it is still running.
+pub struct CcmailChild {
+    child: tokio::process::Child,
+    output: PathBuf,
+}
+
+impl CcmailChild {
+    /// Starts `ccmail args…` in `dir` with `env` added to the test's environment (minus
+    /// `RUST_LOG`, so the settings decide the log level). Stdout and stderr go to
+    /// `dir/<name>.log`.
+    pub fn spawn(
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<CcmailChild> {
+        let output = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&output)
+            .with_context(|| format!("creating {}", output.display()))?;
+        let err = out.try_clone()?;
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccmail"));
+        command
+            .args(args)
+            .current_dir(dir)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            // Belt and braces: tokio kills it too if the guard's handle is dropped.
+            .kill_on_drop(true);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().context("starting the ccmail binary")?;
+        Ok(CcmailChild { child, output })
+    }
+
+    /// Everything the child printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+
+    /// Fails (with the child's output) if the child has already exited.
+    pub fn assert_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "ccmail exited early with {status}; its output:\n{}",
+                self.output()
+            );
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM, as a service manager does to stop the worker.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("the child was already reaped")?;
+        let pid = i32::try_from(pid).context("PID out of range")?;
+        kill(Pid::from_raw(pid), Signal::SIGTERM).context("sending SIGTERM")?;
+        Ok(())
+    }
+
+    /// Waits for the child to exit, at most `deadline`.
+    pub async fn wait(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
+        match tokio::time::timeout(deadline, self.child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => bail!(
+                "ccmail did not exit within {deadline:?}; its output:\n{}",
+                self.output()
+            ),
+        }
+    }
+}
+
+impl Drop for CcmailChild {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SIGKILL to this PID only; tokio reaps it in the background.
+            let _ = self.child.start_kill();
+        }
+    }
+}

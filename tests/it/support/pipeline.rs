@@ -1,0 +1,333 @@
+//! The whole ingest pipeline wired the way `ccmail run` wires it, against the in-repo
+//! simulators: a fresh migrated database ([`TestDb`]), an [`EntraSim`] token endpoint, an
+//! Exchange-like [`Pop3Sim`], one OAuth app whose client secret is sealed with a [`MasterKey`],
+//! and a shared [`TokenCache`]. Pilots are inserted through `ccmail::store` and turned into
+//! runtime pilots by the supervisor's own `resolve_pilot`, so the tests exercise the same path
+//! as production (sealed secret → decrypt → token → XOAUTH2).
+//!
+//! [`Ledger`] remembers every delivered message's `X-Ccmail-Marker` and bytes, and checks what
+//! the database holds: each marker stored exactly once, full messages byte-identical.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use ccmail::ingest::poller::{self, IngestLimits, Pilot, PollError, PollReport};
+use ccmail::ingest::supervisor::resolve_pilot;
+use ccmail::oauth::{CachePolicy, TokenCache, TokenSource, TokenSourceOptions};
+use ccmail::pop3::{Timeouts, TlsMode};
+use ccmail::secrets::MasterKey;
+use ccmail::sim::cert::TestCa;
+use ccmail::sim::entra::{EntraSim, SimApp};
+use ccmail::sim::mailgen;
+use ccmail::sim::pop3::Pop3Sim;
+use ccmail::store::testing::{StoredMessage, TestDb, stored_messages, work_item_count};
+use ccmail::store::{self, AppRow, NewPilot, PilotRow};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+/// The simulated tenant's verified domain: its app token opens every `*@DOMAIN` mailbox.
+pub const DOMAIN: &str = "contoso.test";
+
+/// Deadlines short enough that a hang fails a test in seconds, long enough for a busy machine.
+pub fn test_timeouts() -> Timeouts {
+    Timeouts {
+        connect: Duration::from_secs(10),
+        tls: Duration::from_secs(10),
+        command: Duration::from_secs(20),
+        idle: Duration::from_secs(20),
+    }
+}
+
+/// Small limits so that batching, the per-poll cap and the retry cap are all reached by a
+/// handful of messages.
+pub fn small_limits() -> IngestLimits {
+    IngestLimits {
+        max_messages_per_poll: 500,
+        batch_messages: 2,
+        batch_bytes: 16 * 1024 * 1024,
+        max_retr_attempts: 3,
+        commit_concurrency: 2,
+    }
+}
+
+/// See the module documentation.
+pub struct SimWorld {
+    pub db: TestDb,
+    pub entra: EntraSim,
+    pub pop: Pop3Sim,
+    pub key: MasterKey,
+    pub app: AppRow,
+    pub tokens: Arc<TokenCache>,
+    /// The client secret registered with the EntraSim (for "never logged" checks).
+    pub client_secret: String,
+    /// Holds the CA bundle file the pilots point at.
+    dir: tempfile::TempDir,
+}
+
+impl SimWorld {
+    /// Starts the simulators, creates the database and registers one app.
+    pub async fn start() -> anyhow::Result<SimWorld> {
+        ccmail::tls::install_crypto_provider();
+        let db = TestDb::new().await.context("creating the test database")?;
+        let ca = TestCa::new("ccmail it CA")?;
+        let entra = EntraSim::start(&ca).await?;
+        let pop = Pop3Sim::start(&ca, entra.clone()).await?;
+        let tenant = "6f2c1d7e-1b2a-4c3d-8e4f-5a6b7c8d9e0f".to_owned();
+        let client_id = format!("it-app-{:08x}", fastrand::u32(..));
+        let client_secret = format!("it~secret~{:032x}", fastrand::u128(..));
+        entra.register_app(SimApp {
+            tenant: tenant.clone(),
+            tenant_domain: DOMAIN.to_owned(),
+            client_id: client_id.clone(),
+            client_secret: client_secret.clone(),
+            secret_expired: false,
+        });
+        let key = MasterKey::generate();
+        let mut new_app = store::NewApp::new(
+            "it-app",
+            &tenant,
+            &client_id,
+            key.seal(&SecretString::from(client_secret.clone()))?,
+        );
+        new_app.authority = entra.authority();
+        let app = {
+            let mut conn = db.pool().acquire().await?;
+            store::insert_app(&mut conn, &new_app).await?
+        };
+        let dir = tempfile::Builder::new().prefix("ccmail-it-").tempdir()?;
+        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem())?;
+        let tokens = Arc::new(TokenCache::new(
+            Arc::new(TokenSource::new(TokenSourceOptions {
+                extra_roots: vec![ca.cert_der().clone()],
+                ..TokenSourceOptions::default()
+            })?),
+            CachePolicy::default(),
+        ));
+        Ok(SimWorld {
+            db,
+            entra,
+            pop,
+            key,
+            app,
+            tokens,
+            client_secret,
+            dir,
+        })
+    }
+
+    /// A copy of the master key the app's secret is sealed with (for a supervisor).
+    pub fn master_key(&self) -> anyhow::Result<MasterKey> {
+        Ok(MasterKey::from_base64(
+            self.key.to_base64().expose_secret(),
+        )?)
+    }
+
+    /// The PEM file of the CA that signed both simulators' certificates.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// The temporary directory of this world (removed with it).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A new XOAUTH2 pilot for `local@DOMAIN` on the simulator's implicit-TLS port, polled
+    /// every second; `edit` adjusts it before it is stored. The mailbox is created on the sim.
+    pub async fn add_pilot(
+        &self,
+        local: &str,
+        edit: impl FnOnce(&mut NewPilot),
+    ) -> anyhow::Result<PilotRow> {
+        let mailbox = format!("{local}@{DOMAIN}");
+        self.pop.add_mailbox(&mailbox);
+        let mut pilot = NewPilot::new(
+            local,
+            &mailbox,
+            store::PilotAuth::XOAuth2 {
+                app_id: self.app.id,
+            },
+        );
+        let addr = self.pop.tls_addr();
+        pilot.host = addr.ip().to_string();
+        pilot.port = addr.port();
+        pilot.tls = TlsMode::Implicit;
+        pilot.ca_bundle = Some(self.ca_path().display().to_string());
+        pilot.poll_interval = Duration::from_secs(1);
+        edit(&mut pilot);
+        let mut conn = self.db.pool().acquire().await?;
+        Ok(store::insert_pilot(&mut conn, &pilot).await?)
+    }
+
+    /// The runtime pilot, resolved exactly as the supervisor does (secret unsealed, CA loaded).
+    pub async fn resolve(&self, row: &PilotRow) -> anyhow::Result<Pilot> {
+        let app = {
+            let mut conn = self.db.pool().acquire().await?;
+            store::get_app(&mut conn, self.app.id).await?
+        };
+        Ok(resolve_pilot(
+            row,
+            Some(&app),
+            Some(&self.key),
+            test_timeouts(),
+        )?)
+    }
+
+    /// One poll of `pilot`, nothing cancelled.
+    pub async fn poll(
+        &self,
+        pilot: &Pilot,
+        limits: &IngestLimits,
+    ) -> Result<PollReport, PollError> {
+        poller::poll_once(
+            pilot,
+            self.db.pool(),
+            &self.tokens,
+            limits,
+            &CancellationToken::new(),
+        )
+        .await
+    }
+
+    /// Every stored message of these pilots with its work item.
+    pub async fn stored(&self, pilot_ids: &[i64]) -> anyhow::Result<Vec<StoredMessage>> {
+        let mut conn = self.db.pool().acquire().await?;
+        Ok(stored_messages(&mut conn, pilot_ids).await?)
+    }
+
+    /// Work items in the database.
+    pub async fn work_items(&self) -> anyhow::Result<i64> {
+        let mut conn = self.db.pool().acquire().await?;
+        Ok(work_item_count(&mut conn).await?)
+    }
+
+    /// The first bytes of every stored message of these pilots.
+    pub async fn heads(&self, pilot_ids: &[i64]) -> anyhow::Result<Vec<Vec<u8>>> {
+        let mut conn = self.db.pool().acquire().await?;
+        Ok(store::message_heads(&mut conn, pilot_ids).await?)
+    }
+
+    /// Stops the simulators and drops the database.
+    pub async fn finish(self) -> anyhow::Result<()> {
+        self.pop.shutdown();
+        self.entra.shutdown();
+        self.pop.stopped().await;
+        self.entra.stopped().await;
+        self.db.drop_db().await?;
+        Ok(())
+    }
+}
+
+/// What was delivered, by marker, to check what was stored.
+#[derive(Default)]
+pub struct Ledger {
+    /// marker -> SHA-256 of the delivered bytes.
+    delivered: HashMap<String, Vec<u8>>,
+    /// The same digests, for lookups by digest.
+    digests: HashSet<Vec<u8>>,
+}
+
+/// The outcome of [`Ledger::check`].
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub stored_once: usize,
+    pub lost: Vec<String>,
+    pub duplicated: Vec<String>,
+    /// Stored messages whose marker was never delivered through this ledger.
+    pub unknown: usize,
+}
+
+impl Tally {
+    /// Fails with the lists of lost and duplicated markers unless every delivered message
+    /// was stored exactly once.
+    pub fn assert_exactly_once(&self) -> anyhow::Result<()> {
+        if !self.lost.is_empty() || !self.duplicated.is_empty() || self.unknown > 0 {
+            bail!(
+                "exactly-once violated: lost {:?}, duplicated {:?}, unknown {}",
+                self.lost,
+                self.duplicated,
+                self.unknown
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Ledger {
+    /// Records `raw` as delivered; it must carry a marker no other delivered message has.
+    pub fn note(&mut self, raw: &[u8]) -> anyhow::Result<()> {
+        let Some(marker) = mailgen::marker(raw) else {
+            bail!("a delivered test message has no X-Ccmail-Marker header");
+        };
+        let digest = Sha256::digest(raw).to_vec();
+        self.digests.insert(digest.clone());
+        if self.delivered.insert(marker.clone(), digest).is_some() {
+            bail!("marker {marker} delivered twice: the test's messages must be unique");
+        }
+        Ok(())
+    }
+
+    /// Delivers `raw` to `mailbox` on `pop`, records it, and returns its UIDL.
+    pub fn deliver(
+        &mut self,
+        pop: &Pop3Sim,
+        mailbox: &str,
+        raw: Vec<u8>,
+    ) -> anyhow::Result<String> {
+        self.note(&raw)?;
+        Ok(pop.deliver(mailbox, raw))
+    }
+
+    /// Number of messages delivered.
+    pub fn len(&self) -> usize {
+        self.delivered.len()
+    }
+
+    /// Counts the stored heads (from [`store::message_heads`]) per delivered marker.
+    pub fn check(&self, heads: &[Vec<u8>]) -> Tally {
+        let mut counts: HashMap<&str, usize> =
+            self.delivered.keys().map(|m| (m.as_str(), 0)).collect();
+        let mut tally = Tally::default();
+        for head in heads {
+            match mailgen::marker(head).and_then(|m| counts.get_mut(m.as_str()).map(|c| *c += 1)) {
+                Some(()) => {}
+                None => tally.unknown += 1,
+            }
+        }
+        for (marker, count) in counts {
+            match count {
+                0 => tally.lost.push(marker.to_owned()),
+                1 => tally.stored_once += 1,
+                _ => tally.duplicated.push(marker.to_owned()),
+            }
+        }
+        tally.lost.sort();
+        tally.duplicated.sort();
+        tally
+    }
+
+    /// Whether `sha256` is the digest of a delivered message (a full download must be
+    /// byte-identical: dot-stuffing undone, nothing added or lost).
+    pub fn is_delivered_digest(&self, sha256: &[u8]) -> bool {
+        self.digests.contains(sha256)
+    }
+}
+
+/// A message with raw 8-bit (Latin-1) bytes in its headers, as old mailers send, carrying
+/// `marker`.
+pub fn eight_bit_header_message(to: &str, marker: &str) -> Vec<u8> {
+    let mut raw = Vec::new();
+    raw.extend_from_slice(b"From: J\xfcrgen Gr\xf6\xdfmann <juergen@beispiel.de>\r\n");
+    raw.extend_from_slice(format!("To: {to}\r\n").as_bytes());
+    raw.extend_from_slice(b"Subject: Lieferung besch\xe4digt \xb7 R\xfcckruf\r\n");
+    raw.extend_from_slice(b"Date: Tue, 04 Jun 2024 09:12:00 +0200\r\n");
+    raw.extend_from_slice(format!("Message-ID: <{marker}@beispiel.de>\r\n").as_bytes());
+    raw.extend_from_slice(format!("X-Ccmail-Marker: {marker}\r\n").as_bytes());
+    raw.extend_from_slice(b"Content-Type: text/plain\r\n\r\n");
+    raw.extend_from_slice(b"Gr\xfc\xdfe aus K\xf6ln.\r\n.\r\n..\r\n. leading dot\r\n");
+    raw
+}
