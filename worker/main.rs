@@ -275,6 +275,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 config.http.listen
             )
         })?;
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(listen = %addr, "serving /metrics, /healthz and /readyz"),
+        Err(e) => tracing::warn!(error = %e, "HTTP listener has no local address"),
+    }
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(ccmail::metrics::serve(
         listener,
@@ -286,7 +290,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Duration::from_secs(15),
         http_stop.clone(),
     ));
-    tracing::info!(listen = %config.http.listen, "serving /metrics, /healthz and /readyz");
     store::migrate(&pool).await?;
     let master_key = config.master_key()?;
     let mut options = TokenSourceOptions {
