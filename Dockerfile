@@ -5,7 +5,7 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # The manifest names the integration-test target, so tests/ comes along (cargo checks target
 # paths); only the ccmail binary is built.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY worker ./worker
 COPY migrations ./migrations
 COPY tests ./tests
