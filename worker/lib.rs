@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod doctor;
 pub mod ingest;
+pub mod metrics;
 pub mod oauth;
 pub mod pop3;
 pub mod secrets;

@@ -68,6 +68,17 @@ enum Command {
     /// Master key for secrets stored in the database.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Probe a running worker's HTTP listener (container health checks): exit 0 when healthy.
+    Healthcheck {
+        /// Probe /readyz (database reachable, migrations applied) instead of /healthz.
+        #[arg(long)]
+        ready: bool,
+        /// Address to probe (default: http.listen; 0.0.0.0 is probed on 127.0.0.1).
+        #[arg(long)]
+        addr: Option<String>,
+        #[arg(long, default_value_t = 5)]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -388,6 +399,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::App(cmd) => admin_cli::app_command(&config, cmd).await,
         Command::Pilot(cmd) => admin_cli::pilot_command(&config, cmd).await,
         Command::Doctor(args) => admin_cli::doctor_command(&config, *args).await,
+        Command::Healthcheck {
+            ready,
+            addr,
+            timeout_secs,
+        } => {
+            let addr = addr.unwrap_or_else(|| ccmail::metrics::probe_address(&config.http.listen));
+            let path = if ready { "/readyz" } else { "/healthz" };
+            let body =
+                ccmail::metrics::probe(&addr, path, Duration::from_secs(timeout_secs)).await?;
+            println!("{body}");
+            Ok(())
+        }
         Command::Key(KeyCommand::Generate) => {
             println!("{}", MasterKey::generate().to_base64().expose_secret());
             Ok(())
@@ -423,6 +446,31 @@ fn init_logs(config: &Config, interactive_format: LogFormat) {
 async fn run(config: Config) -> anyhow::Result<()> {
     init_logs(&config, config.log.format);
     let pool = store::connect(&config.database.url, config.database.max_connections).await?;
+    // Bound before migrating so a container probe sees the process alive during a long
+    // migration, and a port conflict is reported before any work starts.
+    let listener = tokio::net::TcpListener::bind(&config.http.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for /metrics, /healthz and /readyz (set http.listen or CCMAIL_HTTP_LISTEN to a free address)",
+                config.http.listen
+            )
+        })?;
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(listen = %addr, "serving /metrics, /healthz and /readyz"),
+        Err(e) => tracing::warn!(error = %e, "HTTP listener has no local address"),
+    }
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(ccmail::metrics::serve(
+        listener,
+        pool.clone(),
+        http_stop.clone(),
+    ));
+    tokio::spawn(ccmail::metrics::refresh_loop(
+        pool.clone(),
+        Duration::from_secs(15),
+        http_stop.clone(),
+    ));
     store::migrate(&pool).await?;
     let master_key = config.master_key()?;
     let mut options = TokenSourceOptions {
@@ -453,6 +501,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     });
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "ccmail worker started");
     supervisor.run(shutdown).await;
+    // Metrics stay available until the pollers have drained.
+    http_stop.cancel();
+    match http.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "HTTP listener failed"),
+        Err(e) => tracing::warn!(error = %e, "HTTP listener task failed"),
+    }
     Ok(())
 }
 

@@ -688,6 +688,11 @@ impl TokenCache {
                 slot.last_error = None;
                 slot.failures = 0;
                 slot.next_attempt = None;
+                crate::metrics::global().token_request(
+                    &app.key,
+                    crate::metrics::TokenOutcome::Issued(token.expires_at_wall),
+                    0,
+                );
                 Ok(token)
             }
             Err(error) => {
@@ -699,6 +704,13 @@ impl TokenCache {
                 };
                 let wait = backoff(base, self.policy.max_backoff, slot.failures);
                 slot.next_attempt = Some(Instant::now() + wait);
+                crate::metrics::global().token_request(
+                    &app.key,
+                    crate::metrics::TokenOutcome::Failed {
+                        transient: error.is_transient(),
+                    },
+                    slot.failures,
+                );
                 tracing::warn!(
                     app = %app.key,
                     error = %error,

@@ -22,6 +22,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::parse::{self, ParsedMail};
+use crate::metrics;
 use crate::oauth::{AppCredentials, OAuthError, TokenCache};
 use crate::pop3::{self, Client, ServerSpec, Session, Stream};
 use crate::store::{self, KnownUidl, StoreError};
@@ -189,8 +190,13 @@ async fn open_session(pilot: &Pilot, tokens: &TokenCache) -> Result<Session<Stre
             // Why first: an unauthenticated POP3 connection is dropped by Exchange after about
             // a minute, and a token request may take up to its own deadline.
             let token = tokens.token(app).await?;
-            let client = Client::connect(&pilot.server).await?;
-            let session = client.auth_xoauth2(&pilot.mailbox, token.secret()).await;
+            let client = timed(pilot, "connect", Client::connect(&pilot.server)).await?;
+            let session = timed(
+                pilot,
+                "auth",
+                client.auth_xoauth2(&pilot.mailbox, token.secret()),
+            )
+            .await;
             if let Err(pop3::Error::AuthRejected { .. }) = &session {
                 tracing::warn!(
                     pilot = pilot.id,
@@ -201,8 +207,8 @@ async fn open_session(pilot: &Pilot, tokens: &TokenCache) -> Result<Session<Stre
             Ok(session?)
         }
         PilotAuth::UserPass { username, password } => {
-            let client = Client::connect(&pilot.server).await?;
-            Ok(client.auth_user_pass(username, password).await?)
+            let client = timed(pilot, "connect", Client::connect(&pilot.server)).await?;
+            Ok(timed(pilot, "auth", client.auth_user_pass(username, password)).await?)
         }
     }
 }
@@ -223,14 +229,14 @@ pub async fn poll_once(
 ) -> Result<PollReport, PollError> {
     let mut session = open_session(pilot, tokens).await?;
     let mut report = PollReport::default();
-    let (count, octets) = session.stat().await?;
+    let (count, octets) = timed(pilot, "stat", session.stat()).await?;
     report.on_server = count as usize;
     report.server_octets = octets;
     if count == 0 {
-        session.quit().await?;
+        timed(pilot, "quit", session.quit()).await?;
         return Ok(report);
     }
-    let listing = session.uidl_all().await?;
+    let listing = timed(pilot, "uidl", session.uidl_all()).await?;
     let uidls: Vec<String> = listing.iter().map(|(_, u)| u.clone()).collect();
     let known = {
         let mut conn = pool.acquire().await.map_err(StoreError::from)?;
@@ -274,7 +280,7 @@ pub async fn poll_once(
                 tracing::warn!(pilot = pilot.id, uidl = %uidl, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
                 headers_only(&mut session, pilot, number, uidl, "fetch_failed").await?
             } else {
-                match session.retr(number, pilot.max_message_bytes).await {
+                match timed(pilot, "retr", session.retr(number, pilot.max_message_bytes)).await {
                     Ok(raw) => Fetched {
                         number,
                         uidl,
@@ -290,6 +296,7 @@ pub async fn poll_once(
                     }
                     Err(e) => {
                         report.retr_failures += 1;
+                        metrics::global().ingest_error(pilot.id, "retr");
                         let attempts = {
                             let mut conn = pool.acquire().await.map_err(StoreError::from)?;
                             store::record_fetch_failure(&mut conn, pilot.id, &uidl, &e.to_string())
@@ -325,7 +332,7 @@ pub async fn poll_once(
         commits.spawn(batch);
         commits.finish(&mut session, &mut report).await?;
         for (number, uidl) in to_delete {
-            session.dele(number).await?;
+            timed(pilot, "dele", session.dele(number)).await?;
             commits.deleted.push(uidl);
         }
         Ok(())
@@ -340,7 +347,7 @@ pub async fn poll_once(
         return Err(e);
     }
     // Deletions take effect only now (RFC 1939 §6).
-    session.quit().await?;
+    timed(pilot, "quit", session.quit()).await?;
     if !commits.deleted.is_empty() {
         let mut conn = pool.acquire().await.map_err(StoreError::from)?;
         store::mark_deleted(&mut conn, pilot.id, &commits.deleted).await?;
@@ -359,7 +366,7 @@ async fn headers_only(
 ) -> Result<Fetched, PollError> {
     const HEADER_LIMIT: usize = 1024 * 1024;
     let limit = HEADER_LIMIT.min(pilot.max_message_bytes.max(64 * 1024));
-    let (raw, parsed) = match session.top(number, 0, limit).await {
+    let (raw, parsed) = match timed(pilot, "top", session.top(number, 0, limit)).await {
         Ok(headers) => {
             let parsed = parse::parse(&headers);
             (headers, parsed)
@@ -479,7 +486,7 @@ impl<'a> Commits<'a> {
         if let Some(session) = session {
             for (number, uidl) in committed.deletable {
                 // Why here: the batch's commit has been acknowledged.
-                session.dele(number).await?;
+                timed(self.pilot, "dele", session.dele(number)).await?;
                 self.deleted.push(uidl);
             }
         }
@@ -515,6 +522,7 @@ async fn commit_batch(
         stored_octets: 0,
         parse_errors: 0,
     };
+    let mut oversize = 0;
     for (m, parsed) in &parsed {
         let flags: Vec<&str> = m.flag.into_iter().collect();
         let inserted = store::insert_message(
@@ -536,6 +544,7 @@ async fn commit_batch(
             if parsed.parse_error.is_some() && !m.headers_only {
                 out.parse_errors += 1;
             }
+            oversize += usize::from(m.flag == Some("oversize"));
         }
         if !m.headers_only && !keep_on_server {
             out.deletable.push((m.number, m.uidl.clone()));
@@ -543,5 +552,23 @@ async fn commit_batch(
     }
     // Why before DELE: a DELE is an external action; it may only follow a durable commit.
     tx.commit().await.map_err(StoreError::from)?;
+    // Counted here, at the commit, so a poll that fails later neither loses nor doubles them.
+    metrics::global().messages_stored(
+        pilot_id,
+        out.stored,
+        out.stored_octets,
+        out.parse_errors,
+        oversize,
+    );
     Ok(out)
+}
+
+/// Runs one POP3 step and records its latency under `command` (one of
+/// [`metrics::POP3_COMMANDS`]). Measured here rather than in the sans-IO client so the
+/// protocol layers stay free of metrics and the pilot label is at hand.
+async fn timed<T>(pilot: &Pilot, command: &str, step: impl Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = step.await;
+    metrics::global().pop3_command(pilot.id, command, started.elapsed());
+    out
 }

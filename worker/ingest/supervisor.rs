@@ -19,8 +19,10 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::ingest::poller::{self, IngestLimits, Pilot, PilotAuth, PollReport};
+use crate::metrics;
 use crate::oauth::{self, AppCredentials, AppKey, TokenCache};
 use crate::pop3::{ServerSpec, Timeouts};
 use crate::secrets::{self, MasterKey};
@@ -187,8 +189,18 @@ impl Supervisor {
                 continue;
             }
             let fingerprint = fingerprint(&pilot, app.as_ref());
+            // Series exist from the moment the pilot is loaded, even if it cannot start.
+            metrics::global().pilot_loaded(
+                pilot.id,
+                &pilot.queue,
+                pilot.last_success_at.map(std::time::SystemTime::from),
+            );
+            if let Some(app) = &app {
+                metrics::global().app_loaded(&app_key(app), &app.name);
+            }
             wanted.insert(pilot.id, (fingerprint, pilot, app));
         }
+        metrics::global().retain_pilots(&wanted.keys().copied().collect());
         running.retain(|id, r| {
             let keep = wanted.get(id).is_some_and(|(f, ..)| *f == r.fingerprint);
             if !keep {
@@ -213,6 +225,7 @@ impl Supervisor {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(pilot = id, error = %e, "pilot cannot start");
+                    metrics::global().ingest_error(id, "config");
                     let mut conn = self.pool.acquire().await?;
                     store::record_poll_error(&mut conn, id, &e.to_string(), e.hint()).await?;
                     // Remember the fingerprint so the error is not rewritten every reload.
@@ -346,14 +359,19 @@ pub fn app_credentials(
         }
     };
     Ok(AppCredentials {
-        key: AppKey {
-            authority: app.authority.clone(),
-            tenant: app.tenant.clone(),
-            client_id: app.client_id.clone(),
-            scope: app.scope.clone(),
-        },
+        key: app_key(app),
         credential,
     })
+}
+
+/// The token-cache key of a stored app.
+fn app_key(app: &AppRow) -> AppKey {
+    AppKey {
+        authority: app.authority.clone(),
+        tenant: app.tenant.clone(),
+        client_id: app.client_id.clone(),
+        scope: app.scope.clone(),
+    }
 }
 
 /// Builds the runtime pilot from its rows: decrypts secrets, loads the CA bundle.
@@ -420,13 +438,16 @@ async fn pilot_loop(
 ) {
     let mut failures: u32 = 0;
     while !cancel.is_cancelled() {
+        // Instrumented, not entered: a guard held across an await would tag other tasks' logs.
         let span = tracing::info_span!("poll", pilot = pilot.id, queue = %pilot.queue);
-        let result = {
-            let _enter = span.enter();
-            poller::poll_once(&pilot, &pool, &tokens, &settings.limits, &cancel).await
-        };
+        let started = std::time::Instant::now();
+        let result = poller::poll_once(&pilot, &pool, &tokens, &settings.limits, &cancel)
+            .instrument(span)
+            .await;
+        let took = started.elapsed();
         let delay = match result {
             Ok(report) => {
+                metrics::global().poll_finished(pilot.id, took, Some(report.on_server), None);
                 failures = 0;
                 if report.stored > 0 || report.deleted > 0 {
                     tracing::info!(
@@ -454,6 +475,7 @@ async fn pilot_loop(
                 }
             }
             Err(e) => {
+                metrics::global().poll_finished(pilot.id, took, None, Some(e.reason()));
                 failures = failures.saturating_add(1);
                 let delay = if e.is_permanent() {
                     settings.permanent_retry

@@ -145,6 +145,33 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Versions of the embedded migrations that the database has not applied successfully (or
+/// applied with a different checksum), in order; empty when the schema is current. Answers
+/// `/readyz` without taking the migration lock.
+pub async fn pending_migrations(conn: &mut PgConnection) -> Result<Vec<i64>, StoreError> {
+    let migrator = sqlx::migrate!("./migrations");
+    let table: Option<String> = sqlx::query_scalar("select to_regclass('_sqlx_migrations')::text")
+        .fetch_one(&mut *conn)
+        .await?;
+    let applied: Vec<(i64, Vec<u8>)> = if table.is_some() {
+        sqlx::query_as("select version, checksum from _sqlx_migrations where success")
+            .fetch_all(&mut *conn)
+            .await?
+    } else {
+        Vec::new()
+    };
+    Ok(migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .filter(|m| {
+            !applied
+                .iter()
+                .any(|(v, sum)| *v == m.version && sum.as_slice() == &*m.checksum)
+        })
+        .map(|m| m.version)
+        .collect())
+}
+
 /// Creates the database named in `url` if it does not exist, connecting to the `postgres`
 /// maintenance database of the same server. Returns true when it created the database.
 /// Losing a creation race to another process counts as "already existed".
