@@ -180,41 +180,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Sends one command and reads its status line, within the command deadline.
     pub async fn command(&mut self, cmd: &Command<'_>) -> Result<StatusLine, Error> {
-        self.ensure_usable()?;
-        tracing::trace!(command = ?cmd, "pop3 send");
-        let bytes = match cmd.encode() {
-            Ok(b) => b,
-            Err(e) => return Err(Error::InvalidRequest(e.to_string())),
-        };
-        let after = self.timeouts.command;
-        let result = match timeout(after, async {
-            self.write_all(&bytes).await?;
-            self.read_status_inner().await
-        })
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(Error::Timeout {
-                during: cmd.name(),
-                after,
-            }),
-        };
-        drop(bytes);
-        self.check(result)
+        let status = self.exchange(cmd, codec::decode_status).await?;
+        tracing::trace!(status = ?status, "pop3 recv");
+        Ok(status)
     }
 
     /// Sends one SASL line and reads the server's reply (continuation or final status).
     pub async fn sasl_step(&mut self, cmd: &Command<'_>) -> Result<AuthReply, Error> {
+        let reply = self.exchange(cmd, codec::decode_auth_reply).await?;
+        tracing::trace!(reply = ?redact_continuation(&reply), "pop3 recv");
+        Ok(reply)
+    }
+
+    /// Writes `cmd` and decodes one reply line with `decode`, both within the command
+    /// deadline; poisons the connection on failure.
+    async fn exchange<T>(
+        &mut self,
+        cmd: &Command<'_>,
+        decode: fn(&[u8], usize) -> Result<Decode<T>, codec::CodecError>,
+    ) -> Result<T, Error> {
         self.ensure_usable()?;
         tracing::trace!(command = ?cmd, "pop3 send");
-        let bytes = match cmd.encode() {
-            Ok(b) => b,
-            Err(e) => return Err(Error::InvalidRequest(e.to_string())),
-        };
+        // The encoded line may hold a credential: it lives only until the write is done.
+        let bytes = cmd
+            .encode()
+            .map_err(|e| Error::InvalidRequest(e.to_string()))?;
         let after = self.timeouts.command;
         let result = match timeout(after, async {
             self.write_all(&bytes).await?;
-            self.read_frame(codec::decode_auth_reply).await
+            self.read_frame(decode).await
         })
         .await
         {
@@ -225,9 +219,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }),
         };
         drop(bytes);
-        if let Ok(reply) = &result {
-            tracing::trace!(reply = ?redact_continuation(reply), "pop3 recv");
-        }
         self.check(result)
     }
 
@@ -235,17 +226,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub async fn read_status(&mut self, during: &'static str) -> Result<StatusLine, Error> {
         self.ensure_usable()?;
         let after = self.timeouts.command;
-        let result = match timeout(after, self.read_status_inner()).await {
+        let result = match timeout(after, self.read_frame(codec::decode_status)).await {
             Ok(r) => r,
             Err(_) => Err(Error::Timeout { during, after }),
         };
+        if let Ok(status) = &result {
+            tracing::trace!(status = ?status, "pop3 recv");
+        }
         self.check(result)
-    }
-
-    async fn read_status_inner(&mut self) -> Result<StatusLine, Error> {
-        let status = self.read_frame(codec::decode_status).await?;
-        tracing::trace!(status = ?status, "pop3 recv");
-        Ok(status)
     }
 
     /// Reads the body of a multi-line response, keeping at most `limit` octets. Over the limit

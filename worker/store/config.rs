@@ -558,29 +558,16 @@ pub async fn insert_pilot(
     pilot: &NewPilot,
 ) -> Result<PilotRow, StoreError> {
     let values = PilotValues::of(pilot)?;
-    let record: PilotRecord = sqlx::query_as(concat!(
+    let query = sqlx::query_as(concat!(
         "insert into pilots (queue, mailbox, host, port, tls, auth, app_id, username, \
          password_credential, ca_bundle, poll_interval_secs, keep_on_server, max_message_bytes, \
          enabled) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) returning ",
         pilot_columns!()
-    ))
-    .bind(&pilot.queue)
-    .bind(&pilot.mailbox)
-    .bind(&pilot.host)
-    .bind(i32::from(pilot.port))
-    .bind(pilot.tls.as_str())
-    .bind(values.kind)
-    .bind(values.app_id)
-    .bind(values.username)
-    .bind(values.credential)
-    .bind(&pilot.ca_bundle)
-    .bind(values.poll_secs)
-    .bind(pilot.keep_on_server)
-    .bind(values.max_bytes)
-    .bind(pilot.enabled)
-    .fetch_one(conn)
-    .await
-    .map_err(|err| pilot_write_error(err, pilot, values.app_id))?;
+    ));
+    let record: PilotRecord = bind_pilot(query, pilot, &values)
+        .fetch_one(conn)
+        .await
+        .map_err(|err| pilot_write_error(err, pilot, values.app_id))?;
     record.try_into()
 }
 
@@ -638,6 +625,33 @@ impl<'a> PilotValues<'a> {
     }
 }
 
+type PilotQuery<'q> =
+    sqlx::query::QueryAs<'q, sqlx::Postgres, PilotRecord, sqlx::postgres::PgArguments>;
+
+/// Binds a pilot's settings as parameters $1..$14, in the column order of `insert_pilot` and
+/// `update_pilot`.
+fn bind_pilot<'q>(
+    query: PilotQuery<'q>,
+    pilot: &'q NewPilot,
+    values: &PilotValues<'q>,
+) -> PilotQuery<'q> {
+    query
+        .bind(&pilot.queue)
+        .bind(&pilot.mailbox)
+        .bind(&pilot.host)
+        .bind(i32::from(pilot.port))
+        .bind(pilot.tls.as_str())
+        .bind(values.kind)
+        .bind(values.app_id)
+        .bind(values.username)
+        .bind(values.credential)
+        .bind(&pilot.ca_bundle)
+        .bind(values.poll_secs)
+        .bind(pilot.keep_on_server)
+        .bind(values.max_bytes)
+        .bind(pilot.enabled)
+}
+
 /// Maps a failed insert or update of a pilot to the error naming the clashing field.
 fn pilot_write_error(err: sqlx::Error, pilot: &NewPilot, app_id: Option<i64>) -> StoreError {
     if let Some((db, code)) = db_error(&err) {
@@ -668,31 +682,18 @@ pub async fn update_pilot(
     pilot: &NewPilot,
 ) -> Result<PilotRow, StoreError> {
     let values = PilotValues::of(pilot)?;
-    let record: Option<PilotRecord> = sqlx::query_as(concat!(
-        "update pilots set queue = $2, mailbox = $3, host = $4, port = $5, tls = $6, auth = $7, \
-         app_id = $8, username = $9, password_credential = $10, ca_bundle = $11, \
-         poll_interval_secs = $12, keep_on_server = $13, max_message_bytes = $14, enabled = $15, \
-         updated_at = now() where id = $1 returning ",
+    let query = sqlx::query_as(concat!(
+        "update pilots set queue = $1, mailbox = $2, host = $3, port = $4, tls = $5, auth = $6, \
+         app_id = $7, username = $8, password_credential = $9, ca_bundle = $10, \
+         poll_interval_secs = $11, keep_on_server = $12, max_message_bytes = $13, enabled = $14, \
+         updated_at = now() where id = $15 returning ",
         pilot_columns!()
-    ))
-    .bind(id)
-    .bind(&pilot.queue)
-    .bind(&pilot.mailbox)
-    .bind(&pilot.host)
-    .bind(i32::from(pilot.port))
-    .bind(pilot.tls.as_str())
-    .bind(values.kind)
-    .bind(values.app_id)
-    .bind(values.username)
-    .bind(values.credential)
-    .bind(&pilot.ca_bundle)
-    .bind(values.poll_secs)
-    .bind(pilot.keep_on_server)
-    .bind(values.max_bytes)
-    .bind(pilot.enabled)
-    .fetch_optional(conn)
-    .await
-    .map_err(|err| pilot_write_error(err, pilot, values.app_id))?;
+    ));
+    let record: Option<PilotRecord> = bind_pilot(query, pilot, &values)
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+        .map_err(|err| pilot_write_error(err, pilot, values.app_id))?;
     record
         .ok_or_else(|| StoreError::NotFound {
             entity: "pilot",
