@@ -187,7 +187,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Migrate => {
-            init_logs(&config, LogFormat::Text);
+            init_logs(&config, true);
             store::ensure_database(&config.database.url).await?;
             let pool = store::connect(&config.database.url, 1).await?;
             store::migrate(&pool).await?;
@@ -196,7 +196,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run => run(config).await,
         Command::Demo { messages } => {
-            init_logs(&config, LogFormat::Text);
+            init_logs(&config, true);
             let options = ccmail::demo::DemoOptions {
                 messages_per_mailbox: messages,
                 ..Default::default()
@@ -214,25 +214,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Logs go to stderr. `run` logs JSON unless the settings say text; the interactive commands
-/// default to text (warnings only unless RUST_LOG says otherwise).
-fn init_logs(config: &Config, interactive_format: LogFormat) {
-    let interactive = interactive_format == LogFormat::Text;
-    let level = if interactive {
-        "warn"
+/// Logs go to stderr. `run` (the service) logs at the settings' level in the settings' format;
+/// the interactive commands log text, warnings only unless RUST_LOG says otherwise.
+fn init_logs(config: &Config, interactive: bool) {
+    let (level, format) = if interactive {
+        ("warn", LogFormat::Text)
     } else {
-        config.log.level.as_str()
+        (config.log.level.as_str(), config.log.format)
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let format = if interactive {
-        LogFormat::Text
-    } else {
-        config.log.format
-    };
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -240,7 +234,7 @@ fn init_logs(config: &Config, interactive_format: LogFormat) {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    init_logs(&config, config.log.format);
+    init_logs(&config, false);
     let pool = store::connect(&config.database.url, config.database.max_connections).await?;
     store::migrate(&pool).await?;
     let master_key = config.master_key()?;
@@ -334,7 +328,7 @@ fn stored_secret(
 }
 
 async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Result<()> {
-    init_logs(config, LogFormat::Text);
+    init_logs(config, true);
     let pool = store::connect(&config.database.url, 1).await?;
     store::migrate(&pool).await?;
     let mut conn = pool.acquire().await?;
@@ -386,7 +380,7 @@ async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Result<()> {
 }
 
 async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow::Result<()> {
-    init_logs(config, LogFormat::Text);
+    init_logs(config, true);
     let pool = store::connect(&config.database.url, 1).await?;
     store::migrate(&pool).await?;
     let mut conn = pool.acquire().await?;
