@@ -133,6 +133,8 @@ struct Shared {
 struct Directory {
     apps: Vec<SimApp>,
     tokens: HashMap<String, Grant>,
+    /// Every token ever issued, oldest first (kept after expiry or revocation).
+    issued: Vec<String>,
     expires_in: u64,
     expires_in_as_string: bool,
     /// Pending faults with how many requests each still applies to.
@@ -155,6 +157,7 @@ impl EntraSim {
             state: Mutex::new(Directory {
                 apps: Vec::new(),
                 tokens: HashMap::new(),
+                issued: Vec::new(),
                 expires_in: DEFAULT_EXPIRES_IN,
                 expires_in_as_string: false,
                 failures: VecDeque::new(),
@@ -251,6 +254,12 @@ impl EntraSim {
         self.shared.validate(token)
     }
 
+    /// Every access token issued since start, oldest first, including expired and revoked
+    /// ones: what a "no token in the logs" check must search for.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.shared.lock().issued.clone()
+    }
+
     /// Invalidates every token issued so far (as a tenant-wide revocation would).
     pub fn revoke_all(&self) {
         self.shared.lock().tokens.clear();
@@ -305,6 +314,7 @@ impl Shared {
         let now = SystemTime::now();
         state.tokens.retain(|_, g| g.expires_at > now);
         let access_token = new_access_token();
+        state.issued.push(access_token.clone());
         state.tokens.insert(
             access_token.clone(),
             Grant {
