@@ -46,6 +46,9 @@ enum Command {
     },
     /// Measure the pipeline against a raw POP3 download of the same mail.
     Bench(ccmail::bench::BenchArgs),
+    /// Kill the worker with SIGKILL at random moments while mail keeps arriving, then check
+    /// every delivered message was stored exactly once (uses a fresh database, dropped after).
+    Soak(SoakArgs),
     /// Serve a filled simulator for `bench` (internal).
     #[command(hide = true)]
     SimServe {
@@ -63,6 +66,26 @@ enum Command {
     /// Master key for secrets stored in the database.
     #[command(subcommand)]
     Key(KeyCommand),
+}
+
+/// `ccmail soak` options (the defaults are the CI short form).
+#[derive(Args)]
+struct SoakArgs {
+    /// Messages delivered while the worker is being killed.
+    #[arg(long, default_value_t = 300)]
+    messages: usize,
+    /// SIGKILLs, each followed by a restart.
+    #[arg(long, default_value_t = 5)]
+    kills: usize,
+    /// Seed of the mail and of the kill schedule (replay a failure with the same seed).
+    #[arg(long, default_value_t = 0x50A4)]
+    seed: u64,
+    /// The worker's log filter; `trace` also proves no secret reaches a trace-level log.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Keep the worker logs in this directory.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -204,6 +227,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             ccmail::demo::run(&config, &options).await.map(drop)
         }
         Command::Bench(args) => ccmail::bench::run(&config, &args).await,
+        Command::Soak(args) => soak(&config, args).await,
         Command::SimServe { messages, seed } => ccmail::bench::serve_sim(messages, seed).await,
         Command::App(cmd) => app_command(&config, cmd).await,
         Command::Pilot(cmd) => pilot_command(&config, cmd).await,
@@ -270,6 +294,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "ccmail worker started");
     supervisor.run(shutdown).await;
     Ok(())
+}
+
+async fn soak(config: &Config, args: SoakArgs) -> anyhow::Result<()> {
+    init_logs(config, true);
+    let exe = std::env::current_exe().context("locating the ccmail binary")?;
+    let mut options = ccmail::soak::SoakOptions::short(exe, config.database.url.clone());
+    options.messages = args.messages;
+    options.kills = args.kills;
+    options.seed = args.seed;
+    options.log_level = args.log_level;
+    options.log_dir = args.log_dir;
+    let report = ccmail::soak::run(&options).await?;
+    println!("{}", report.summary());
+    println!("{}", report.kill_points_line());
+    report.check()
 }
 
 async fn wait_for_signal() {

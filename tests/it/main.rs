@@ -7,5 +7,6 @@ mod log_secrets;
 mod oauth_sim;
 mod pop3_dovecot;
 mod pop3_sim;
+mod soak;
 mod support;
 mod worker_process;
