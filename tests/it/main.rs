@@ -7,6 +7,7 @@ mod log_secrets;
 mod oauth_sim;
 mod pop3_dovecot;
 mod pop3_sim;
+mod properties;
 mod soak;
 mod support;
 mod worker_process;
