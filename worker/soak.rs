@@ -10,8 +10,8 @@
 //! The fault schedule is drawn from a seeded RNG, so a failing seed can be replayed. A kill is
 //! only sent after the worker has made progress since its last start (or there is nothing left
 //! to do), so K kills are K interrupted runs rather than K kills of a process still starting.
-//! About half of the kills wait a random delay; the others wait until the server has just
-//! received a chosen command (`AUTH`, `UIDL`, `RETR`, `DELE`, `QUIT`), which puts kills into
+//! A third of the kills wait a random delay; the others wait until the server has just
+//! received a chosen command (`AUTH`, `STAT`, `UIDL`, `RETR`, `DELE`, `QUIT`), which puts kills into
 //! the narrow windows around commit, DELE and QUIT on purpose.
 //!
 //! A negative control ([`NegativeControl`]) makes the mail source itself lose or duplicate
@@ -42,6 +42,8 @@ const DOMAIN: &str = "contoso.test";
 const CHECK_EVERY: Duration = Duration::from_millis(5);
 /// The worker's shutdown grace in the soak settings.
 const GRACE: Duration = Duration::from_secs(10);
+/// How long a targeted kill waits for its command (polls start every second).
+const TARGET_WAIT: Duration = Duration::from_secs(3);
 /// Commands a targeted kill waits for (the server has just received one of them).
 const TARGETS: [&str; 6] = ["AUTH", "STAT", "UIDL", "RETR", "DELE", "QUIT"];
 
@@ -116,7 +118,7 @@ impl SoakOptions {
             seed: 0x50A4,
             burst: 8,
             delivery_interval: Duration::from_millis(100),
-            max_kill_delay: Duration::from_millis(1500),
+            max_kill_delay: Duration::from_millis(400),
             deadline: Duration::from_secs(60),
             log_level: "info".to_owned(),
             log_dir: None,
@@ -454,15 +456,15 @@ async fn drive(
             },
         )
         .await?;
-        let point = if rng.bool() {
+        // A third of the kills at a random moment, the rest aimed at a protocol step.
+        let point = if rng.u32(0..3) == 0 {
             let delay = options.max_kill_delay.mul_f64(rng.f64());
             tokio::time::sleep(delay).await;
             format!("after {}", last_command(pop))
         } else {
             let target = TARGETS[rng.usize(..TARGETS.len())];
             pop.clear_commands();
-            let seen =
-                wait_for_command(&mut worker, pop, target, options.max_kill_delay * 4).await?;
+            let seen = wait_for_command(&mut worker, pop, target, TARGET_WAIT).await?;
             match seen {
                 Some(command) => format!("at {command}"),
                 // Nothing of the kind came (e.g. no RETR: nothing new was waiting).

@@ -1,6 +1,6 @@
 //! The kill -9 soak (`ccmail::soak`, also `ccmail soak`), short form: the real `ccmail run`
 //! binary ingests from the POP3 simulator in this test process while a generator keeps
-//! delivering marked mail; it is SIGKILLed five times at random moments (about half of them
+//! delivering marked mail; it is SIGKILLed five times at random moments (two thirds of them
 //! right after the server received AUTH, STAT, UIDL, RETR, DELE or QUIT) and restarted; then
 //! the mailbox is drained, the worker stopped with SIGTERM, and every delivered marker must be
 //! stored exactly once. The worker logs at TRACE level throughout, and every log is searched
