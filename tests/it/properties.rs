@@ -297,7 +297,7 @@ fn generated(seed: u64, kind: usize) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(cases(512))]
+    #![proptest_config(cases(4096))]
 
     /// A status or SASL line decoder never panics, never reports more than it was given, and
     /// never accepts a line at or over its limit.
@@ -408,7 +408,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(cases(256))]
+    #![proptest_config(cases(1024))]
 
     /// A server answering with arbitrary bytes or a real conversation with random edits, cut
     /// into arbitrary segments, either closing
