@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use secrecy::SecretString;
 
 use ccmail::admin::{self, AppView, Cloud, PilotView, key_values, or_dash, table};
-use ccmail::config::{Config, LogFormat};
+use ccmail::config::Config;
 use ccmail::doctor::{self, Login, Target};
 use ccmail::ingest::supervisor;
 use ccmail::oauth::{self, AppCredentials, AppKey, Credential, TokenSourceOptions};
@@ -132,7 +132,7 @@ async fn find_pilot(conn: &mut sqlx::PgConnection, key: &str) -> anyhow::Result<
 }
 
 pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Result<()> {
-    init_logs(config, LogFormat::Text);
+    init_logs(config, true);
     let pool = open(config).await?;
     let mut conn = pool.acquire().await?;
     match cmd {
@@ -383,7 +383,7 @@ fn new_pilot_from_row(row: &store::PilotRow) -> store::NewPilot {
 }
 
 pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow::Result<()> {
-    init_logs(config, LogFormat::Text);
+    init_logs(config, true);
     let pool = open(config).await?;
     let mut conn = pool.acquire().await?;
     match cmd {
@@ -695,7 +695,7 @@ fn pilot_target(
 }
 
 pub(crate) async fn doctor_command(config: &Config, args: DoctorArgs) -> anyhow::Result<()> {
-    init_logs(config, LogFormat::Text);
+    init_logs(config, true);
     let target = doctor_target(config, &args).await?;
     let report = doctor::diagnose(&target, &token_options(config)?).await;
     if args.json {

@@ -15,5 +15,6 @@ pub mod oauth;
 pub mod pop3;
 pub mod secrets;
 pub mod sim;
+pub mod soak;
 pub mod store;
 pub mod tls;

@@ -49,6 +49,9 @@ enum Command {
     },
     /// Measure the pipeline against a raw POP3 download of the same mail.
     Bench(ccmail::bench::BenchArgs),
+    /// Kill the worker with SIGKILL at random moments while mail keeps arriving, then check
+    /// every delivered message was stored exactly once (uses a fresh database, dropped after).
+    Soak(SoakArgs),
     /// Serve a filled simulator for `bench` (internal).
     #[command(hide = true)]
     SimServe {
@@ -79,6 +82,26 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         timeout_secs: u64,
     },
+}
+
+/// `ccmail soak` options (the defaults are the CI short form).
+#[derive(Args)]
+struct SoakArgs {
+    /// Messages delivered while the worker is being killed.
+    #[arg(long, default_value_t = 300)]
+    messages: usize,
+    /// SIGKILLs, each followed by a restart.
+    #[arg(long, default_value_t = 5)]
+    kills: usize,
+    /// Seed of the mail and of the kill schedule (replay a failure with the same seed).
+    #[arg(long, default_value_t = 0x50A4)]
+    seed: u64,
+    /// The worker's log filter; `trace` also proves no secret reaches a trace-level log.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Keep the worker logs in this directory.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -378,7 +401,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Migrate => {
-            init_logs(&config, LogFormat::Text);
+            init_logs(&config, true);
             store::ensure_database(&config.database.url).await?;
             let pool = store::connect(&config.database.url, 1).await?;
             store::migrate(&pool).await?;
@@ -387,7 +410,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run => run(config).await,
         Command::Demo { messages } => {
-            init_logs(&config, LogFormat::Text);
+            init_logs(&config, true);
             let options = ccmail::demo::DemoOptions {
                 messages_per_mailbox: messages,
                 ..Default::default()
@@ -395,6 +418,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             ccmail::demo::run(&config, &options).await.map(drop)
         }
         Command::Bench(args) => ccmail::bench::run(&config, &args).await,
+        Command::Soak(args) => soak(&config, args).await,
         Command::SimServe { messages, seed } => ccmail::bench::serve_sim(messages, seed).await,
         Command::App(cmd) => admin_cli::app_command(&config, cmd).await,
         Command::Pilot(cmd) => admin_cli::pilot_command(&config, cmd).await,
@@ -418,25 +442,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Logs go to stderr. `run` logs JSON unless the settings say text; the interactive commands
-/// default to text (warnings only unless RUST_LOG says otherwise).
-fn init_logs(config: &Config, interactive_format: LogFormat) {
-    let interactive = interactive_format == LogFormat::Text;
-    let level = if interactive {
-        "warn"
+/// Logs go to stderr. `run` (the service) logs at the settings' level in the settings' format;
+/// the interactive commands log text, warnings only unless RUST_LOG says otherwise.
+fn init_logs(config: &Config, interactive: bool) {
+    let (level, format) = if interactive {
+        ("warn", LogFormat::Text)
     } else {
-        config.log.level.as_str()
+        (config.log.level.as_str(), config.log.format)
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colours only on a terminal: escape codes in a journal or a log file get in the way of
+    // anyone searching it.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    let format = if interactive {
-        LogFormat::Text
-    } else {
-        config.log.format
-    };
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -444,7 +465,7 @@ fn init_logs(config: &Config, interactive_format: LogFormat) {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    init_logs(&config, config.log.format);
+    init_logs(&config, false);
     let pool = store::connect(&config.database.url, config.database.max_connections).await?;
     // Bound before migrating so a container probe sees the process alive during a long
     // migration, and a port conflict is reported before any work starts.
@@ -509,6 +530,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "HTTP listener task failed"),
     }
     Ok(())
+}
+
+async fn soak(config: &Config, args: SoakArgs) -> anyhow::Result<()> {
+    init_logs(config, true);
+    let exe = std::env::current_exe().context("locating the ccmail binary")?;
+    let mut options = ccmail::soak::SoakOptions::short(exe, config.database.url.clone());
+    options.messages = args.messages;
+    options.kills = args.kills;
+    options.seed = args.seed;
+    options.log_level = args.log_level;
+    options.log_dir = args.log_dir;
+    let report = ccmail::soak::run(&options).await?;
+    println!("{}", report.summary());
+    println!("{}", report.kill_points_line());
+    report.check()
 }
 
 async fn wait_for_signal() {

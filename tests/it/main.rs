@@ -12,5 +12,7 @@ mod oauth_sim;
 mod pop3_dovecot;
 mod pop3_sim;
 mod prometheus;
+mod properties;
+mod soak;
 mod support;
 mod worker_process;

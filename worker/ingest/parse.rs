@@ -268,9 +268,9 @@ fn ids(value: &HeaderValue<'_>) -> Vec<String> {
 fn content_type(part: &MessagePart<'_>) -> String {
     match part.content_type() {
         Some(ct) => {
-            let main = ct.ctype().to_ascii_lowercase();
+            let main = clean(&ct.ctype().to_ascii_lowercase());
             match ct.subtype() {
-                Some(sub) => format!("{main}/{}", sub.to_ascii_lowercase()),
+                Some(sub) => format!("{main}/{}", clean(&sub.to_ascii_lowercase())),
                 None if main == "text" => "text/plain".to_owned(),
                 None => "application/octet-stream".to_owned(),
             }

@@ -137,6 +137,8 @@ struct Directory {
     /// Certificates registered per client id (lower-cased), for client assertions.
     certificates: HashMap<String, Vec<CertificateDer<'static>>>,
     tokens: HashMap<String, Grant>,
+    /// Every token ever issued, oldest first (kept after expiry or revocation).
+    issued: Vec<String>,
     expires_in: u64,
     expires_in_as_string: bool,
     /// Pending faults with how many requests each still applies to.
@@ -160,6 +162,7 @@ impl EntraSim {
                 apps: Vec::new(),
                 certificates: HashMap::new(),
                 tokens: HashMap::new(),
+                issued: Vec::new(),
                 expires_in: DEFAULT_EXPIRES_IN,
                 expires_in_as_string: false,
                 failures: VecDeque::new(),
@@ -267,6 +270,12 @@ impl EntraSim {
         self.shared.validate(token)
     }
 
+    /// Every access token issued since start, oldest first, including expired and revoked
+    /// ones: what a "no token in the logs" check must search for.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.shared.lock().issued.clone()
+    }
+
     /// Invalidates every token issued so far (as a tenant-wide revocation would).
     pub fn revoke_all(&self) {
         self.shared.lock().tokens.clear();
@@ -325,6 +334,7 @@ impl Shared {
         let now = SystemTime::now();
         state.tokens.retain(|_, g| g.expires_at > now);
         let access_token = new_access_token();
+        state.issued.push(access_token.clone());
         state.tokens.insert(
             access_token.clone(),
             Grant {

@@ -1,3 +1,4 @@
+pub mod awkward;
 pub mod child;
 pub mod dovecot;
 pub mod pipeline;

@@ -1,0 +1,685 @@
+//! `ccmail soak`: the real worker as a child process, killed with SIGKILL at random moments
+//! while a generator keeps delivering mail; at the end every delivered message must be stored
+//! exactly once.
+//!
+//! The simulators (Exchange-like POP3S, Entra-like token endpoint) live in *this* process, so
+//! they survive every kill: only the worker dies, exactly as when a host or container is
+//! killed. Each delivered message carries a unique `X-Ccmail-Marker`; the final check counts the
+//! markers in the database.
+//!
+//! The fault schedule is drawn from a seeded RNG, so a failing seed can be replayed. A kill is
+//! only sent after the worker has made progress since its last start (or there is nothing left
+//! to do), so K kills are K interrupted runs rather than K kills of a process still starting.
+//! A third of the kills wait a random delay; the others wait until the server has just
+//! received a chosen command (`AUTH`, `STAT`, `UIDL`, `RETR`, `DELE`, `QUIT`), which puts kills into
+//! the narrow windows around commit, DELE and QUIT on purpose.
+//!
+//! A negative control ([`NegativeControl`]) makes the mail source itself lose or duplicate
+//! messages behind the worker's back, to show that the final check detects both.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use secrecy::{ExposeSecret, SecretString};
+use tokio_util::sync::CancellationToken;
+
+use crate::pop3::TlsMode;
+use crate::secrets::MasterKey;
+use crate::sim::cert::TestCa;
+use crate::sim::entra::{EntraSim, SimApp};
+use crate::sim::mailgen::{self, MailGen};
+use crate::sim::pop3::Pop3Sim;
+use crate::store::{self, testing::TestDb};
+
+/// The simulated tenant's domain.
+const DOMAIN: &str = "contoso.test";
+/// How often conditions (progress, a command seen, a drained mailbox) are checked.
+const CHECK_EVERY: Duration = Duration::from_millis(5);
+/// The worker's shutdown grace in the soak settings.
+const GRACE: Duration = Duration::from_secs(10);
+/// How long a targeted kill waits for its command (polls start every second).
+const TARGET_WAIT: Duration = Duration::from_secs(3);
+/// Commands a targeted kill waits for (the server has just received one of them).
+const TARGETS: [&str; 6] = ["AUTH", "STAT", "UIDL", "RETR", "DELE", "QUIT"];
+
+/// A mail source that misbehaves on purpose, to prove the final check catches it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NegativeControl {
+    /// Every n-th generated message is recorded as delivered but never reaches the mailbox.
+    pub drop_every: Option<usize>,
+    /// Every n-th generated message reaches the mailbox twice (two UIDLs, same bytes).
+    pub duplicate_every: Option<usize>,
+}
+
+impl NegativeControl {
+    fn applies(every: Option<usize>, index: usize) -> bool {
+        every.is_some_and(|n| n > 0 && (index + 1).is_multiple_of(n))
+    }
+
+    /// Messages out of `messages` this control drops (dropping wins over duplicating).
+    pub fn dropped(&self, messages: usize) -> usize {
+        (0..messages)
+            .filter(|i| Self::applies(self.drop_every, *i))
+            .count()
+    }
+
+    /// Messages out of `messages` this control duplicates.
+    pub fn duplicated(&self, messages: usize) -> usize {
+        (0..messages)
+            .filter(|i| {
+                !Self::applies(self.drop_every, *i) && Self::applies(self.duplicate_every, *i)
+            })
+            .count()
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct SoakOptions {
+    /// The `ccmail` binary that runs as the worker (`ccmail run`).
+    pub worker_exe: PathBuf,
+    /// Any database URL of the PostgreSQL server; a fresh `ccmail_t_…` database is created on
+    /// it for the soak and dropped afterwards.
+    pub database_url: String,
+    /// Messages the generator delivers.
+    pub messages: usize,
+    /// SIGKILLs (each followed by a restart).
+    pub kills: usize,
+    /// Seed of the mail, the delivery pace and the kill schedule.
+    pub seed: u64,
+    /// The generator delivers 1..=`burst` messages every `delivery_interval`.
+    pub burst: usize,
+    pub delivery_interval: Duration,
+    /// Upper bound of a random kill delay (after progress was seen).
+    pub max_kill_delay: Duration,
+    /// How long one wait (progress, a targeted command, the final drain) may take.
+    pub deadline: Duration,
+    /// The worker's log filter (`info`, `trace`, …).
+    pub log_level: String,
+    /// Where the worker's logs go (`worker-N.log` per run); a temporary directory if `None`.
+    pub log_dir: Option<PathBuf>,
+    /// Misbehaviour injected into the mail source (none by default).
+    pub control: NegativeControl,
+}
+
+impl SoakOptions {
+    /// The short form that runs in CI: 300 messages, 5 kills.
+    pub fn short(worker_exe: PathBuf, database_url: String) -> SoakOptions {
+        SoakOptions {
+            worker_exe,
+            database_url,
+            messages: 300,
+            kills: 5,
+            seed: 0x50A4,
+            burst: 8,
+            delivery_interval: Duration::from_millis(100),
+            max_kill_delay: Duration::from_millis(400),
+            deadline: Duration::from_secs(60),
+            log_level: "info".to_owned(),
+            log_dir: None,
+            control: NegativeControl::default(),
+        }
+    }
+}
+
+/// What a soak found.
+#[derive(Debug, Clone, Default)]
+pub struct SoakReport {
+    /// Messages the generator recorded as delivered (distinct markers).
+    pub delivered: usize,
+    /// Messages stored for the soak's pilot (rows, duplicates included).
+    pub stored: usize,
+    /// Delivered markers stored exactly once.
+    pub stored_once: usize,
+    /// Delivered markers never stored.
+    pub lost: usize,
+    /// Delivered markers stored more than once.
+    pub duplicated: usize,
+    /// Stored messages whose marker was never delivered.
+    pub unknown: usize,
+    /// SIGKILLs sent.
+    pub kills: usize,
+    /// Where each kill landed: `at RETR` (a targeted kill sent as soon as the server had
+    /// received that command) or `after QUIT` (a random kill; the last command the server had
+    /// received, `none` if the worker had not yet logged in), with counts.
+    pub kill_points: BTreeMap<String, usize>,
+    /// Worker processes started.
+    pub worker_runs: usize,
+    /// POP3 sessions the server accepted.
+    pub sessions: u64,
+    /// Token requests the token endpoint answered.
+    pub token_requests: u64,
+    /// Octets of worker log written.
+    pub log_bytes: u64,
+    /// Secrets found in the worker's logs (what, and which log); must stay empty.
+    pub leaks: Vec<String>,
+    /// Wall-clock duration of the soak.
+    pub elapsed: Duration,
+}
+
+impl SoakReport {
+    /// The one-line summary: `soak: delivered=N stored=N lost=0 duplicated=0 kills=K seconds=S`.
+    pub fn summary(&self) -> String {
+        format!(
+            "soak: delivered={} stored={} lost={} duplicated={} kills={} seconds={:.1}",
+            self.delivered,
+            self.stored,
+            self.lost,
+            self.duplicated,
+            self.kills,
+            self.elapsed.as_secs_f64()
+        )
+    }
+
+    /// Where the kills landed, e.g. `kill points: at DELE=2 after QUIT=1 …`.
+    pub fn kill_points_line(&self) -> String {
+        let points: Vec<String> = self
+            .kill_points
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        format!(
+            "kill points: {}; worker runs={} sessions={} token requests={}",
+            points.join(" "),
+            self.worker_runs,
+            self.sessions,
+            self.token_requests
+        )
+    }
+
+    /// Fails unless every delivered message was stored exactly once and no secret was logged.
+    pub fn check(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.lost == 0 && self.duplicated == 0 && self.unknown == 0,
+            "exactly-once violated: {} lost, {} duplicated, {} unknown ({})",
+            self.lost,
+            self.duplicated,
+            self.unknown,
+            self.summary()
+        );
+        ensure!(
+            self.leaks.is_empty(),
+            "secrets in the worker's logs: {}",
+            self.leaks.join("; ")
+        );
+        Ok(())
+    }
+}
+
+/// Runs a soak. The database it creates is dropped at the end, and every worker process it
+/// starts is gone when this returns, whatever the outcome.
+pub async fn run(options: &SoakOptions) -> anyhow::Result<SoakReport> {
+    crate::tls::install_crypto_provider();
+    let db = TestDb::on_server(&options.database_url)
+        .await
+        .context("creating the soak database")?;
+    let ca = TestCa::new("ccmail soak CA")?;
+    let entra = EntraSim::start(&ca).await?;
+    let pop = Pop3Sim::start(&ca, entra.clone()).await?;
+    let temp = tempfile::Builder::new().prefix("ccmail-soak-").tempdir()?;
+    let log_dir = options
+        .log_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+
+    let world = World::set_up(&db, &entra, &pop, &ca, temp.path(), &log_dir).await?;
+    world.write_config(&options.log_level)?;
+    let result = drive(options, &world, &db, &pop).await;
+
+    pop.shutdown();
+    entra.shutdown();
+    let mut report = result?;
+    report.sessions = pop.sessions();
+    report.token_requests = entra.token_requests();
+    let (log_bytes, leaks) = scan_logs(&log_dir, &world, &entra.issued_tokens())?;
+    report.log_bytes = log_bytes;
+    report.leaks = leaks;
+    db.drop_db().await?;
+    Ok(report)
+}
+
+/// The registered app, pilot and worker settings of one soak.
+struct World {
+    mailbox: String,
+    pilot_id: i64,
+    config: PathBuf,
+    /// The CA of both simulators (the pilot's bundle and the token endpoint's extra root).
+    ca_path: PathBuf,
+    key: SecretString,
+    client_secret: String,
+    log_dir: PathBuf,
+}
+
+impl World {
+    async fn set_up(
+        db: &TestDb,
+        entra: &EntraSim,
+        pop: &Pop3Sim,
+        ca: &TestCa,
+        dir: &Path,
+        log_dir: &Path,
+    ) -> anyhow::Result<World> {
+        let tenant = "0c5d1e2f-3a4b-4c5d-8e6f-7a8b9c0d1e2f".to_owned();
+        let client_id = format!("soak-app-{:08x}", fastrand::u32(..));
+        let client_secret = format!("soak~secret~{:032x}", fastrand::u128(..));
+        entra.register_app(SimApp {
+            tenant: tenant.clone(),
+            tenant_domain: DOMAIN.to_owned(),
+            client_id: client_id.clone(),
+            client_secret: client_secret.clone(),
+            secret_expired: false,
+        });
+        let key = MasterKey::generate();
+        let ca_path = dir.join("ca.pem");
+        std::fs::write(&ca_path, ca.cert_pem())?;
+
+        let mut conn = db.pool().acquire().await?;
+        let mut app = store::NewApp::new(
+            "soak-app",
+            &tenant,
+            &client_id,
+            key.seal(&SecretString::from(client_secret.clone()))?,
+        );
+        app.authority = entra.authority();
+        let app = store::insert_app(&mut conn, &app).await?;
+        let mailbox = format!("soak@{DOMAIN}");
+        pop.add_mailbox(&mailbox);
+        let mut pilot = store::NewPilot::new(
+            "soak",
+            &mailbox,
+            store::PilotAuth::XOAuth2 { app_id: app.id },
+        );
+        let addr = pop.tls_addr();
+        pilot.host = addr.ip().to_string();
+        pilot.port = addr.port();
+        pilot.tls = TlsMode::Implicit;
+        pilot.ca_bundle = Some(ca_path.display().to_string());
+        pilot.poll_interval = Duration::from_secs(1);
+        let pilot = store::insert_pilot(&mut conn, &pilot).await?;
+
+        Ok(World {
+            config: dir.join("ccmail-soak.toml"),
+            ca_path,
+            mailbox,
+            pilot_id: pilot.id,
+            key: key.to_base64(),
+            client_secret,
+            log_dir: log_dir.to_path_buf(),
+        })
+    }
+
+    fn write_config(&self, log_level: &str) -> anyhow::Result<()> {
+        // Small batches so one poll holds many commit → DELE steps for the kills to hit;
+        // short backoffs so a restarted worker gets going at once.
+        let text = format!(
+            "[worker]\nreload_interval_secs = 1\nshutdown_grace_secs = {}\n\
+             initial_backoff_secs = 1\nmax_backoff_secs = 2\npoll_jitter = 0.0\n\
+             batch_messages = 5\n\n\
+             [oauth]\nextra_ca_file = {:?}\n\n[log]\nformat = \"text\"\nlevel = {:?}\n",
+            GRACE.as_secs(),
+            self.ca_path.display().to_string(),
+            log_level
+        );
+        std::fs::write(&self.config, text)
+            .with_context(|| format!("writing {}", self.config.display()))
+    }
+}
+
+/// A running worker; dropping it kills the process (SIGKILL to its PID).
+struct Worker {
+    child: tokio::process::Child,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn spawn(
+        options: &SoakOptions,
+        world: &World,
+        run: usize,
+        db_url: &str,
+    ) -> anyhow::Result<Worker> {
+        let log = world.log_dir.join(format!("worker-{run}.log"));
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let config = world.config.display().to_string();
+        let child = tokio::process::Command::new(&options.worker_exe)
+            .args(["--config", &config, "run"])
+            // Only what the soak decides: no CCMAIL_* or RUST_LOG of the caller's shell.
+            .env_clear()
+            .env("DATABASE_URL", db_url)
+            .env(crate::config::MASTER_KEY_ENV, world.key.expose_secret())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", options.worker_exe.display()))?;
+        Ok(Worker { child, log })
+    }
+
+    fn pid(&self) -> anyhow::Result<Pid> {
+        let pid = self.child.id().context("the worker was already reaped")?;
+        Ok(Pid::from_raw(
+            i32::try_from(pid).context("PID out of range")?,
+        ))
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails with the worker's log if it has exited.
+    fn ensure_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "the worker exited by itself with {status}; its log ({}):\n{}",
+                self.log.display(),
+                tail(&self.output())
+            );
+        }
+        Ok(())
+    }
+
+    async fn signal_and_wait(
+        &mut self,
+        signal: Signal,
+        deadline: Duration,
+    ) -> anyhow::Result<ExitStatus> {
+        kill(self.pid()?, signal).with_context(|| format!("sending {signal} to the worker"))?;
+        match tokio::time::timeout(deadline, self.child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => bail!(
+                "the worker did not exit within {deadline:?} of {signal}; its log:\n{}",
+                tail(&self.output())
+            ),
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SIGKILL to this PID only; tokio reaps it.
+            let _ = self.child.start_kill();
+        }
+    }
+}
+
+fn tail(log: &str) -> &str {
+    let start = log.len().saturating_sub(4000);
+    let start = (start..log.len())
+        .find(|i| log.is_char_boundary(*i))
+        .unwrap_or(log.len());
+    &log[start..]
+}
+
+async fn drive(
+    options: &SoakOptions,
+    world: &World,
+    db: &TestDb,
+    pop: &Pop3Sim,
+) -> anyhow::Result<SoakReport> {
+    let started = Instant::now();
+    let mut rng = fastrand::Rng::with_seed(options.seed ^ 0x6b11_5eed);
+    let stop_generator = CancellationToken::new();
+    let generator = tokio::spawn(generate(
+        options.clone(),
+        pop.clone(),
+        world.mailbox.clone(),
+        stop_generator.clone(),
+    ));
+    // Stop the generator on every way out of this function.
+    let _stop = stop_generator.clone().drop_guard();
+
+    let mut report = SoakReport::default();
+    let mut runs = 0;
+    let mut worker = Worker::spawn(options, world, runs, db.url())?;
+    runs += 1;
+    for _ in 0..options.kills {
+        let stored_at_start = stored_count(db).await?;
+        // Progress since this worker started, or nothing left to do.
+        wait_for(
+            &mut worker,
+            options.deadline,
+            "progress after a restart",
+            async || {
+                let stored = stored_count(db).await?;
+                Ok(stored > stored_at_start
+                    || (generator.is_finished() && pop.messages(&world.mailbox).is_empty()))
+            },
+        )
+        .await?;
+        // A third of the kills at a random moment, the rest aimed at a protocol step.
+        let point = if rng.u32(0..3) == 0 {
+            let delay = options.max_kill_delay.mul_f64(rng.f64());
+            tokio::time::sleep(delay).await;
+            format!("after {}", last_command(pop))
+        } else {
+            let target = TARGETS[rng.usize(..TARGETS.len())];
+            pop.clear_commands();
+            let seen = wait_for_command(&mut worker, pop, target, TARGET_WAIT).await?;
+            match seen {
+                Some(command) => format!("at {command}"),
+                // Nothing of the kind came (e.g. no RETR: nothing new was waiting).
+                None => format!("after {} (no {target} came)", last_command(pop)),
+            }
+        };
+        worker
+            .signal_and_wait(Signal::SIGKILL, Duration::from_secs(10))
+            .await?;
+        *report.kill_points.entry(point).or_default() += 1;
+        report.kills += 1;
+        pop.clear_commands();
+        worker = Worker::spawn(options, world, runs, db.url())?;
+        runs += 1;
+    }
+
+    let delivered = match generator.await {
+        Ok(result) => result?,
+        Err(e) => bail!("the mail generator task failed: {e}"),
+    };
+    wait_for(
+        &mut worker,
+        options.deadline,
+        "the mailbox to drain",
+        async || Ok(pop.messages(&world.mailbox).is_empty()),
+    )
+    .await?;
+    let status = worker
+        .signal_and_wait(Signal::SIGTERM, GRACE + Duration::from_secs(5))
+        .await?;
+    ensure!(
+        status.success(),
+        "the worker exited with {status} after SIGTERM; its log:\n{}",
+        tail(&worker.output())
+    );
+    report.worker_runs = runs;
+    report.elapsed = started.elapsed();
+    tally(db, world.pilot_id, &delivered, &mut report).await?;
+    Ok(report)
+}
+
+/// Delivers the soak's mail at its pace; returns every marker recorded as delivered.
+async fn generate(
+    options: SoakOptions,
+    pop: Pop3Sim,
+    mailbox: String,
+    stop: CancellationToken,
+) -> anyhow::Result<Vec<String>> {
+    let mut mails = MailGen::new(options.seed);
+    let mut rng = fastrand::Rng::with_seed(options.seed.wrapping_add(1));
+    let mut markers = Vec::with_capacity(options.messages);
+    let mut index = 0;
+    while index < options.messages {
+        let burst = rng.usize(1..=options.burst.max(1));
+        for _ in 0..burst.min(options.messages - index) {
+            // Mostly the contact-center mix, sometimes a message with broken MIME.
+            let raw = if index % 25 == 24 {
+                mails.malformed(&mailbox)
+            } else {
+                mails.mixed(&mailbox)
+            };
+            let marker = mailgen::marker(&raw).context("a generated message without a marker")?;
+            markers.push(marker);
+            let control = options.control;
+            if NegativeControl::applies(control.drop_every, index) {
+                // Negative control: recorded as delivered, never reaches the mailbox.
+            } else if NegativeControl::applies(control.duplicate_every, index) {
+                pop.deliver(&mailbox, raw.clone());
+                pop.deliver(&mailbox, raw);
+            } else {
+                pop.deliver(&mailbox, raw);
+            }
+            index += 1;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(options.delivery_interval) => {}
+        }
+    }
+    Ok(markers)
+}
+
+/// Waits until `done` holds while the worker keeps running.
+async fn wait_for(
+    worker: &mut Worker,
+    deadline: Duration,
+    what: &str,
+    mut done: impl AsyncFnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if done().await? {
+            return Ok(());
+        }
+        worker.ensure_running()?;
+        if tokio::time::Instant::now() >= until {
+            bail!(
+                "waited {deadline:?} for {what}; the worker's log:\n{}",
+                tail(&worker.output())
+            );
+        }
+        tokio::time::sleep(CHECK_EVERY).await;
+    }
+}
+
+/// Waits until the server receives a command named `target`; `None` if it does not within
+/// `deadline` (e.g. no RETR because nothing is waiting), which still makes a kill point.
+async fn wait_for_command(
+    worker: &mut Worker,
+    pop: &Pop3Sim,
+    target: &str,
+    deadline: Duration,
+) -> anyhow::Result<Option<String>> {
+    let until = tokio::time::Instant::now() + deadline;
+    while tokio::time::Instant::now() < until {
+        if let Some(seen) = pop
+            .commands()
+            .iter()
+            .rev()
+            .find(|c| command_name(c) == target)
+        {
+            return Ok(Some(command_name(seen).to_owned()));
+        }
+        worker.ensure_running()?;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(None)
+}
+
+fn command_name(line: &str) -> &str {
+    line.split(' ').next().unwrap_or(line)
+}
+
+fn last_command(pop: &Pop3Sim) -> String {
+    pop.commands()
+        .last()
+        .map(|c| command_name(c).to_owned())
+        .unwrap_or_else(|| "none".to_owned())
+}
+
+async fn stored_count(db: &TestDb) -> anyhow::Result<i64> {
+    let mut conn = db.pool().acquire().await?;
+    Ok(store::testing::work_item_count(&mut conn).await?)
+}
+
+/// Counts the stored markers against the delivered ones.
+async fn tally(
+    db: &TestDb,
+    pilot_id: i64,
+    delivered: &[String],
+    report: &mut SoakReport,
+) -> anyhow::Result<()> {
+    let mut counts: HashMap<&str, usize> = delivered.iter().map(|m| (m.as_str(), 0)).collect();
+    let heads = {
+        let mut conn = db.pool().acquire().await?;
+        store::message_heads(&mut conn, &[pilot_id]).await?
+    };
+    report.delivered = counts.len();
+    report.stored = heads.len();
+    for head in &heads {
+        match mailgen::marker(head).and_then(|m| counts.get_mut(m.as_str()).map(|c| *c += 1)) {
+            Some(()) => {}
+            None => report.unknown += 1,
+        }
+    }
+    for count in counts.values() {
+        match count {
+            0 => report.lost += 1,
+            1 => report.stored_once += 1,
+            _ => report.duplicated += 1,
+        }
+    }
+    Ok(())
+}
+
+/// Searches every worker log for the client secret, the master key, each token the token
+/// endpoint issued and each XOAUTH2 blob made from them. Returns the log size and the leaks.
+fn scan_logs(
+    log_dir: &Path,
+    world: &World,
+    tokens: &[String],
+) -> anyhow::Result<(u64, Vec<String>)> {
+    let mut secrets: Vec<(String, String)> = vec![
+        ("client secret".to_owned(), world.client_secret.clone()),
+        (
+            "master key".to_owned(),
+            world.key.expose_secret().to_owned(),
+        ),
+    ];
+    for (i, token) in tokens.iter().enumerate() {
+        secrets.push((format!("access token #{i}"), token.clone()));
+        let blob =
+            crate::pop3::sasl::xoauth2_response(&world.mailbox, &SecretString::from(token.clone()));
+        secrets.push((
+            format!("XOAUTH2 blob of token #{i}"),
+            blob.expose_secret().to_owned(),
+        ));
+    }
+    let mut bytes = 0u64;
+    let mut leaks = Vec::new();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(log_dir)
+        .with_context(|| format!("listing {}", log_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    entries.sort();
+    for path in entries {
+        let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        bytes += text.len() as u64;
+        let text = String::from_utf8_lossy(&text);
+        for (what, secret) in &secrets {
+            if !secret.is_empty() && text.contains(secret.as_str()) {
+                leaks.push(format!("{what} in {}", path.display()));
+            }
+        }
+    }
+    Ok((bytes, leaks))
+}
