@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod dovecot_harness;
+mod faults_net;
 mod ingest;
 mod ingest_dovecot;
 mod log_secrets;
