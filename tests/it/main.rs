@@ -2,6 +2,7 @@
 
 mod dovecot_harness;
 mod faults_net;
+mod faults_pg;
 mod ingest;
 mod ingest_dovecot;
 mod log_secrets;

@@ -129,6 +129,25 @@ impl PgCluster {
         self.start_server().await
     }
 
+    /// Stops (SIGSTOP) the cluster's WAL writer process, so asynchronous commits stay in
+    /// shared memory until the next stop; [`PgCluster::stop_immediate`] then kills it (the
+    /// postmaster SIGKILLs children that ignore its SIGQUIT for 5 s). For negative controls.
+    pub async fn freeze_wal_writer(&mut self) -> anyhow::Result<()> {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.url()).await?;
+        let pid: i32 =
+            sqlx::query_scalar("select pid from pg_stat_activity where backend_type = 'walwriter'")
+                .fetch_one(&mut conn)
+                .await
+                .context("finding the WAL writer")?;
+        let _ = sqlx::Connection::close(conn).await;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .context("stopping the WAL writer")?;
+        Ok(())
+    }
+
     /// The server's log so far (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
