@@ -334,7 +334,7 @@ async fn commit_outcome_unknown(cut: CommitCut, name: &str) -> anyhow::Result<()
     for (number, uidl) in &in_cut {
         let dele = format!("DELE {number}");
         ensure!(
-            !commands.iter().any(|c| *c == dele),
+            !commands.contains(&dele),
             "{name}: {dele} ({uidl}) sent although its commit's outcome was unknown: {commands:?}"
         );
     }
@@ -366,7 +366,7 @@ async fn commit_outcome_unknown(cut: CommitCut, name: &str) -> anyhow::Result<()
     for (number, uidl) in &in_cut {
         let retr = format!("RETR {number}");
         ensure!(
-            commands.iter().any(|c| *c == retr) != expect_stored,
+            commands.contains(&retr) != expect_stored,
             "{name}: {uidl} must be downloaded again iff its commit was lost: {commands:?}"
         );
     }

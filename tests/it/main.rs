@@ -3,6 +3,7 @@
 mod dovecot_harness;
 mod faults_net;
 mod faults_pg;
+mod faults_token;
 mod ingest;
 mod ingest_dovecot;
 mod log_secrets;

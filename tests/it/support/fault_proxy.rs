@@ -136,11 +136,6 @@ impl FaultProxy {
         self.shared.lock().commit_cut = Some(cut);
     }
 
-    /// Whether an armed commit cut is still waiting for its `COMMIT`.
-    pub fn commit_cut_armed(&self) -> bool {
-        self.shared.lock().commit_cut.is_some()
-    }
-
     /// The client's bytes of every transaction whose commit was cut, oldest first.
     pub fn cut_transactions(&self) -> Vec<Vec<u8>> {
         self.shared.lock().cut_transactions.clone()

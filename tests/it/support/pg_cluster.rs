@@ -8,7 +8,6 @@
 //!
 //! Dropping the cluster stops it (immediate) and removes its directory.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -76,11 +75,6 @@ impl PgCluster {
 
     fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
-    }
-
-    /// `127.0.0.1:port`.
-    pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
     /// URL of the cluster's `postgres` maintenance database (trust authentication).
