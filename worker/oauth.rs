@@ -112,6 +112,8 @@ pub struct AccessToken {
     pub expires_at_wall: SystemTime,
     /// When the cache should start asking for a new one.
     pub refresh_at: Instant,
+    /// How long it was valid for when issued (capped).
+    lifetime: Duration,
 }
 
 impl fmt::Debug for AccessToken {
@@ -140,6 +142,7 @@ impl AccessToken {
             expires_at: now + lifetime,
             expires_at_wall: SystemTime::now() + lifetime,
             refresh_at: now + refresh_after,
+            lifetime,
         }
     }
 
@@ -156,6 +159,13 @@ impl AccessToken {
     /// Whether the token is empty (never true for a token from [`TokenSource`]).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether it may still be handed out when callers need it valid `min_validity` longer.
+    /// A token that never lived that long (a tiny `expires_in`) is usable for the first half
+    /// of its life instead: otherwise every caller would fetch its own, one request per poll.
+    pub fn usable(&self, min_validity: Duration) -> bool {
+        self.valid_for(min_validity.min(self.lifetime / 2))
     }
 
     /// Whether it will still be valid `margin` from now.
@@ -642,7 +652,7 @@ impl TokenCache {
         let usable = slot
             .token
             .as_ref()
-            .filter(|t| t.valid_for(self.policy.min_validity));
+            .filter(|t| t.usable(self.policy.min_validity));
         if let Some(t) = usable
             && (now < t.refresh_at || in_flight_elsewhere)
         {
@@ -723,7 +733,7 @@ impl TokenCache {
                 match slot
                     .token
                     .as_ref()
-                    .filter(|t| t.valid_for(self.policy.min_validity))
+                    .filter(|t| t.usable(self.policy.min_validity))
                 {
                     Some(old) => Ok(old.clone()),
                     None => Err(error),

@@ -3,6 +3,9 @@
 mod admin;
 mod doctor;
 mod dovecot_harness;
+mod faults_net;
+mod faults_pg;
+mod faults_token;
 mod ingest;
 mod ingest_dovecot;
 mod live_reload;

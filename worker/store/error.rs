@@ -17,6 +17,12 @@ pub(crate) mod sqlstate {
     pub const CRASH_SHUTDOWN: &str = "57P02";
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    /// `statement_timeout` (or a cancel request) ended the statement.
+    pub const QUERY_CANCELED: &str = "57014";
+    /// `lock_timeout` expired, or `NOWAIT` found the lock taken.
+    pub const LOCK_NOT_AVAILABLE: &str = "55P03";
+    /// `idle_in_transaction_session_timeout` ended the session.
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     pub const INVALID_CATALOG_NAME: &str = "3D000";
     pub const DUPLICATE_DATABASE: &str = "42P04";
     pub const INVALID_PASSWORD: &str = "28P01";
@@ -88,7 +94,8 @@ pub enum StoreError {
 impl StoreError {
     /// True when retrying the same operation later may succeed: the connection dropped or
     /// timed out, the pool had no free connection, the server is shutting down or starting,
-    /// or the transaction lost a serialization race. Everything else needs a change first.
+    /// a statement or lock wait ran into its timeout (a busy or locked table clears), or the
+    /// transaction lost a serialization race. Everything else needs a change first.
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Unreachable { .. } => true,
@@ -123,6 +130,9 @@ fn sqlx_is_transient(err: &sqlx::Error) -> bool {
                     | sqlstate::CRASH_SHUTDOWN
                     | sqlstate::CANNOT_CONNECT_NOW
                     | sqlstate::TOO_MANY_CONNECTIONS
+                    | sqlstate::QUERY_CANCELED
+                    | sqlstate::LOCK_NOT_AVAILABLE
+                    | sqlstate::IDLE_IN_TRANSACTION_TIMEOUT
             ) || code.starts_with(sqlstate::CONNECTION_EXCEPTION_CLASS)
         }
         _ => false,

@@ -71,8 +71,20 @@ pub struct SimWorld {
 impl SimWorld {
     /// Starts the simulators, creates the database and registers one app.
     pub async fn start() -> anyhow::Result<SimWorld> {
+        SimWorld::start_with(TestDb::new().await.context("creating the test database")?).await
+    }
+
+    /// As [`SimWorld::start`], with the test database created on the server of `url` (any
+    /// database URL of that server, e.g. a private cluster's).
+    pub async fn start_on(url: &str) -> anyhow::Result<SimWorld> {
+        let db = TestDb::on_server(url)
+            .await
+            .with_context(|| format!("creating a test database on {}", store::redacted_url(url)))?;
+        SimWorld::start_with(db).await
+    }
+
+    async fn start_with(db: TestDb) -> anyhow::Result<SimWorld> {
         ccmail::tls::install_crypto_provider();
-        let db = TestDb::new().await.context("creating the test database")?;
         let ca = TestCa::new("ccmail it CA")?;
         let entra = EntraSim::start(&ca).await?;
         let pop = Pop3Sim::start(&ca, entra.clone()).await?;
@@ -126,6 +138,12 @@ impl SimWorld {
         )?)
     }
 
+    /// The CA that signed both simulators' certificates, as DER (for a token source of a
+    /// test's own).
+    pub fn ca_der(&self) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+        Ok(ccmail::tls::read_pem_bundle(&self.ca_path())?)
+    }
+
     /// The PEM file of the CA that signed both simulators' certificates.
     pub fn ca_path(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
@@ -165,16 +183,16 @@ impl SimWorld {
 
     /// The runtime pilot, resolved exactly as the supervisor does (secret unsealed, CA loaded).
     pub async fn resolve(&self, row: &PilotRow) -> anyhow::Result<Pilot> {
+        self.resolve_with(row, test_timeouts()).await
+    }
+
+    /// As [`SimWorld::resolve`], with these POP3 deadlines.
+    pub async fn resolve_with(&self, row: &PilotRow, timeouts: Timeouts) -> anyhow::Result<Pilot> {
         let app = {
             let mut conn = self.db.pool().acquire().await?;
             store::get_app(&mut conn, self.app.id).await?
         };
-        Ok(resolve_pilot(
-            row,
-            Some(&app),
-            Some(&self.key),
-            test_timeouts(),
-        )?)
+        Ok(resolve_pilot(row, Some(&app), Some(&self.key), timeouts)?)
     }
 
     /// One poll of `pilot`, nothing cancelled.

@@ -1,0 +1,75 @@
+//! Shared pieces of the fault-injection scenarios (`faults_*.rs`): fast supervisor settings,
+//! waiting on a condition with a deadline, counting POP3 commands, and the one summary line
+//! each scenario prints:
+//!
+//! `scenario=<name> faults=<n> messages=<n> lost=<n> duplicated=<n>`
+
+use std::future::Future;
+use std::time::Duration;
+
+use ccmail::ingest::poller::IngestLimits;
+use ccmail::ingest::supervisor::SupervisorSettings;
+
+use super::pipeline::{Tally, test_timeouts};
+
+/// How often conditions are re-checked.
+pub const CHECK_EVERY: Duration = Duration::from_millis(25);
+
+/// Supervisor settings that retry fast, so a scenario's recovery takes seconds.
+pub fn fast_settings(limits: IngestLimits) -> SupervisorSettings {
+    SupervisorSettings {
+        limits,
+        timeouts: test_timeouts(),
+        reload_interval: Duration::from_secs(1),
+        poll_jitter: 0.0,
+        initial_backoff: Duration::from_secs(1),
+        max_backoff: Duration::from_secs(2),
+        permanent_retry: Duration::from_secs(1),
+        shutdown_grace: Duration::from_secs(10),
+    }
+}
+
+/// Re-checks `done` every [`CHECK_EVERY`] until it holds; fails after `deadline` naming `what`
+/// and whatever `context` says about the state at that moment.
+pub async fn wait_for<F, Fut>(
+    what: &str,
+    deadline: Duration,
+    mut done: F,
+    context: impl Fn() -> String,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if done().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > until {
+            anyhow::bail!("{what} did not happen within {deadline:?}; {}", context());
+        }
+        tokio::time::sleep(CHECK_EVERY).await;
+    }
+}
+
+/// Command lines of `commands` whose verb is `verb` (`"DELE"`, `"RETR"` …).
+pub fn with_verb<'a>(commands: &'a [String], verb: &str) -> Vec<&'a String> {
+    commands
+        .iter()
+        .filter(|c| {
+            c.split(' ')
+                .next()
+                .is_some_and(|v| v.eq_ignore_ascii_case(verb))
+        })
+        .collect()
+}
+
+/// Prints the scenario's summary line (visible with `cargo nextest run --no-capture`).
+pub fn summary(name: &str, faults: u64, messages: usize, tally: &Tally) {
+    eprintln!(
+        "scenario={name} faults={faults} messages={messages} lost={} duplicated={}",
+        tally.lost.len(),
+        tally.duplicated.len()
+    );
+}
