@@ -108,6 +108,13 @@ struct SoakArgs {
 enum KeyCommand {
     /// Print a new random master key (base64); keep it in CCMAIL_MASTER_KEY or a key file.
     Generate,
+    /// Re-seal every stored secret from the configured master key to a new one, in one
+    /// transaction. Stop the workers first; start them again with the new key.
+    Rotate {
+        /// File holding the new key (base64 text or 32 raw bytes), e.g. from `key generate`.
+        #[arg(long, value_name = "PATH")]
+        new_key_file: PathBuf,
+    },
 }
 
 /// Where a secret comes from. Never the command line: it would land in shell history and `ps`.
@@ -437,6 +444,30 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Key(KeyCommand::Generate) => {
             println!("{}", MasterKey::generate().to_base64().expose_secret());
+            Ok(())
+        }
+        Command::Key(KeyCommand::Rotate { new_key_file }) => {
+            init_logs(&config, true);
+            let Some(old) = config.master_key()? else {
+                bail!(
+                    "no current master key: set {} (or secrets.master_key_file) to the key the secrets are sealed with",
+                    ccmail::config::MASTER_KEY_ENV
+                );
+            };
+            let new = MasterKey::from_file(&new_key_file)?;
+            let pool = store::connect(&config.database.url, 1).await?;
+            store::migrate(&pool).await?;
+            let mut tx = pool.begin().await?;
+            let changed = store::reseal_credentials(&mut tx, |stored| {
+                ccmail::secrets::reseal(stored, &old, &new).map_err(|e| e.to_string())
+            })
+            .await?;
+            tx.commit().await?;
+            println!(
+                "{changed} secret(s) re-sealed from key {} to key {}; start the workers with the new key",
+                old.key_id(),
+                new.key_id()
+            );
             Ok(())
         }
     }

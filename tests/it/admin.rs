@@ -578,3 +578,82 @@ async fn pilot_add_check_runs_doctor_and_saves_only_what_passes() {
     entra.shutdown();
     db.drop_db().await.unwrap();
 }
+
+#[tokio::test]
+async fn key_rotate_reseals_every_secret_under_the_new_key() {
+    let db = TestDb::new().await.unwrap();
+    let mut cli = Cli::new(&db);
+    add_app(&cli, "rotating");
+    cli.ok(
+        &[
+            "pilot",
+            "add",
+            "--queue",
+            "billing",
+            "--mailbox",
+            "billing@mail.example",
+            "--host",
+            "pop.mail.example",
+            "--secret-stdin",
+        ],
+        Some("pilot-password-7\n"),
+    );
+    let old = MasterKey::from_base64(&cli.env[1].1).unwrap();
+    let new = MasterKey::generate();
+    let new_file = cli.dir.path().join("new.key");
+    std::fs::write(&new_file, new.to_base64().expose_secret()).unwrap();
+
+    let out = cli.ok(
+        &[
+            "key",
+            "rotate",
+            "--new-key-file",
+            new_file.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(out.contains("2 secret(s) re-sealed"), "{out}");
+    assert!(out.contains(new.key_id()), "{out}");
+
+    let mut conn = db.pool().acquire().await.unwrap();
+    let app = ccmail::store::get_app_by_name(&mut conn, "rotating")
+        .await
+        .unwrap();
+    let pilot = &ccmail::store::list_pilots(&mut conn).await.unwrap()[0];
+    let ccmail::store::PilotAuth::UserPass { credential, .. } = &pilot.auth else {
+        panic!("a USER/PASS pilot was added")
+    };
+    for (stored, plain) in [(&app.credential, SECRET), (credential, "pilot-password-7")] {
+        assert!(stored.contains(new.key_id()), "{stored}");
+        let opened = ccmail::secrets::resolve(stored, Some(&new)).unwrap();
+        assert_eq!(opened.expose_secret(), plain);
+        assert!(ccmail::secrets::resolve(stored, Some(&old)).is_err());
+    }
+
+    // An interrupted rotation can simply be run again: what is already under the new key
+    // stays as it is.
+    let out = cli.ok(
+        &[
+            "key",
+            "rotate",
+            "--new-key-file",
+            new_file.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(out.contains("0 secret(s) re-sealed"), "{out}");
+    // With the new key configured, rotating to the same key is a no-op.
+    cli.env[1].1 = new.to_base64().expose_secret().to_owned();
+    let out = cli.ok(
+        &[
+            "key",
+            "rotate",
+            "--new-key-file",
+            new_file.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(out.contains("0 secret(s) re-sealed"), "{out}");
+    drop(conn);
+    db.drop_db().await.unwrap();
+}

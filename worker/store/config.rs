@@ -550,6 +550,60 @@ pub async fn set_app_credential(
     Ok(())
 }
 
+/// Rewrites every stored credential (app secrets and private keys, pilot passwords) through
+/// `reseal`, for master-key rotation. References (`env:`, `file:`) pass through unchanged when
+/// `reseal` returns them as they are. Call it inside a transaction so a failure changes nothing.
+/// Returns how many credentials changed.
+pub async fn reseal_credentials(
+    conn: &mut PgConnection,
+    mut reseal: impl FnMut(&str) -> Result<String, String>,
+) -> Result<u64, StoreError> {
+    let mut changed = 0;
+    let apps: Vec<(i64, String)> =
+        sqlx::query_as("select id, credential from oauth_apps order by id")
+            .fetch_all(&mut *conn)
+            .await?;
+    let pilots: Vec<(i64, String)> = sqlx::query_as(
+        "select id, password_credential from pilots where password_credential is not null order by id",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for (table, rows) in [("oauth_apps", apps), ("pilots", pilots)] {
+        for (id, stored) in rows {
+            let fresh = reseal(&stored).map_err(|reason| StoreError::InvalidInput {
+                field: "credential",
+                reason: format!("{table} id {id}: {reason}"),
+            })?;
+            if fresh == stored {
+                continue;
+            }
+            check_credential("credential", &fresh)?;
+            // Guarded on the old value: a concurrent change makes this rotation fail loudly.
+            let statement = if table == "oauth_apps" {
+                "update oauth_apps set credential = $2, updated_at = now() \
+                 where id = $1 and credential = $3"
+            } else {
+                "update pilots set password_credential = $2, updated_at = now() \
+                 where id = $1 and password_credential = $3"
+            };
+            let done = sqlx::query(statement)
+                .bind(id)
+                .bind(&fresh)
+                .bind(&stored)
+                .execute(&mut *conn)
+                .await?;
+            if done.rows_affected() != 1 {
+                return Err(StoreError::InvalidInput {
+                    field: "credential",
+                    reason: format!("{table} id {id} changed during the rotation; run it again"),
+                });
+            }
+            changed += 1;
+        }
+    }
+    Ok(changed)
+}
+
 /// Stores a new pilot. The same mailbox on the same host (case-insensitively) gives
 /// [`StoreError::Duplicate`]; an unknown app id gives [`StoreError::NotFound`]; values the
 /// schema refuses (port 0, …) give [`StoreError::Constraint`].
