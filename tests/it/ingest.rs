@@ -260,6 +260,12 @@ async fn crash_then_recover(
     let again = world.poll(&pilot, &limits).await?;
     assert_eq!((again.on_server, again.stored), (0, 0), "{again:?}");
     assert_eq!(world.work_items().await?, 5);
+    // Bookkeeping caught up too, even where the QUIT's reply was lost.
+    let stored = world.stored(&[row.id]).await?;
+    assert!(
+        stored.iter().all(|m| m.deleted_from_server),
+        "{fault:?}: {stored:?}"
+    );
     world.finish().await
 }
 

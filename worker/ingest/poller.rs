@@ -234,12 +234,20 @@ pub async fn poll_once(
     report.server_octets = octets;
     if count == 0 {
         timed(pilot, "quit", session.quit()).await?;
+        if !pilot.keep_on_server {
+            let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+            store::mark_vanished(&mut conn, pilot.id, &[]).await?;
+        }
         return Ok(report);
     }
     let listing = timed(pilot, "uidl", session.uidl_all()).await?;
     let uidls: Vec<String> = listing.iter().map(|(_, u)| u.clone()).collect();
     let known = {
         let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+        if !pilot.keep_on_server {
+            // Bookkeeping only: a QUIT applied without its reply left rows unmarked.
+            store::mark_vanished(&mut conn, pilot.id, &uidls).await?;
+        }
         store::known_uidls(&mut conn, pilot.id, &uidls).await?
     };
 
@@ -368,7 +376,13 @@ async fn headers_only(
     let limit = HEADER_LIMIT.min(pilot.max_message_bytes.max(64 * 1024));
     let (raw, parsed) = match timed(pilot, "top", session.top(number, 0, limit)).await {
         Ok(headers) => {
-            let parsed = parse::parse(&headers);
+            let mut parsed = parse::parse(&headers);
+            // Only the header section was fetched: whatever the parser made of the missing
+            // body (an empty part, a derived text) is not the message's content.
+            parsed.attachments.clear();
+            parsed.text_body = None;
+            parsed.html_body = None;
+            parsed.html_sanitized = None;
             (headers, parsed)
         }
         Err(e) if !e.poisons_connection() => (

@@ -261,6 +261,27 @@ pub async fn mark_deleted(
     Ok(done.rows_affected())
 }
 
+/// Marks as deleted the stored, unmarked messages of a pilot that are no longer on the server
+/// (`present` is the server's current UIDL listing): their QUIT was applied but its reply never
+/// arrived, or someone removed them. Headers-only messages are never deleted by ccmail and stay
+/// unmarked. Returns how many were marked.
+pub async fn mark_vanished(
+    conn: &mut PgConnection,
+    pilot_id: i64,
+    present: &[String],
+) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "update messages set deleted_from_server_at = now() \
+         where pilot_id = $1 and deleted_from_server_at is null and not headers_only \
+         and uidl <> all($2)",
+    )
+    .bind(pilot_id)
+    .bind(present)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Counts one more failed download of `uidl` and returns the number of attempts so far, so
 /// the poller can give up on a message that keeps failing (and store its headers instead).
 pub async fn record_fetch_failure(

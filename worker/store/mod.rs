@@ -37,7 +37,7 @@ pub use config::{
 pub use error::StoreError;
 pub use ingest::{
     FLAG_PARSE_ERROR, KnownUidl, NewMessage, clear_fetch_failure, insert_message, known_uidls,
-    mark_deleted, message_heads, record_fetch_failure,
+    mark_deleted, mark_vanished, message_heads, record_fetch_failure,
 };
 pub use queue::{QueueCount, WorkItemView, oldest_queued_age, queue_counts, recent_work_items};
 
