@@ -436,6 +436,29 @@ async fn thousands_of_waiting_messages_warn() {
     assert!(mailbox.fix[0].contains("thousands"), "{:?}", mailbox.fix);
 }
 
+#[tokio::test]
+async fn a_token_over_4000_characters_warns_but_passes() {
+    let s = sims().await;
+    s.entra.set_token_length(doctor::LONG_TOKEN + 200);
+    let report = s
+        .diagnose(&s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET)))
+        .await;
+    assert_eq!(report.failure, None, "{}", report.render());
+    let token = report.check("token").unwrap();
+    assert_eq!(token.verdict, Verdict::Warn, "{}", report.render());
+    assert!(
+        token.fix[0].contains("longer than 4000 characters"),
+        "{:?}",
+        token.fix
+    );
+    // A normal token passes without the warning.
+    s.entra.set_token_length(1200);
+    let report = s
+        .diagnose(&s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET)))
+        .await;
+    assert_eq!(report.check("token").unwrap().verdict, Verdict::Pass);
+}
+
 fn certificate_app(s: &Sims, cert: &AppCertificate, alg: AssertionAlg) -> AppCredentials {
     let loaded = CertificateCredential::from_pem(
         &cert.cert_pem,

@@ -42,6 +42,9 @@ use crate::oauth::{CLIENT_ASSERTION_TYPE, thumbprint_sha1, thumbprint_sha256};
 /// The only resource this simulator issues tokens for (Exchange Online).
 pub const EXCHANGE_RESOURCE: &str = "https://outlook.office365.com";
 
+/// Random bytes in an access token by default (about 130 characters).
+const DEFAULT_TOKEN_BYTES: usize = 96;
+
 /// Token lifetime when none is configured: what Entra usually sends for client credentials.
 const DEFAULT_EXPIRES_IN: u64 = 3599;
 
@@ -141,6 +144,8 @@ struct Directory {
     issued: Vec<String>,
     expires_in: u64,
     expires_in_as_string: bool,
+    /// Random bytes in each access token (its base64 is about 4/3 as long).
+    token_bytes: usize,
     /// Pending faults with how many requests each still applies to.
     failures: VecDeque<(TokenFailure, usize)>,
 }
@@ -165,6 +170,7 @@ impl EntraSim {
                 issued: Vec::new(),
                 expires_in: DEFAULT_EXPIRES_IN,
                 expires_in_as_string: false,
+                token_bytes: DEFAULT_TOKEN_BYTES,
                 failures: VecDeque::new(),
             }),
             token_requests: AtomicU64::new(0),
@@ -234,6 +240,12 @@ impl EntraSim {
     /// Sends `expires_in` / `ext_expires_in` as JSON strings (`"3599"`), which Entra has done.
     pub fn set_expires_in_as_string(&self, as_string: bool) {
         self.shared.lock().expires_in_as_string = as_string;
+    }
+
+    /// Makes issued tokens about `chars` characters long (Entra's grow with group claims and
+    /// permissions; Exchange Online has rejected tokens over 4096 characters).
+    pub fn set_token_length(&self, chars: usize) {
+        self.shared.lock().token_bytes = (chars * 3 / 4).max(16);
     }
 
     /// Makes the next `n` token requests fail with `failure` (queued after any pending faults;
@@ -333,7 +345,7 @@ impl Shared {
         let expires_in = state.expires_in;
         let now = SystemTime::now();
         state.tokens.retain(|_, g| g.expires_at > now);
-        let access_token = new_access_token();
+        let access_token = new_access_token(state.token_bytes);
         state.issued.push(access_token.clone());
         state.tokens.insert(
             access_token.clone(),
@@ -708,8 +720,8 @@ fn injected_message(code: u32) -> &'static str {
 }
 
 /// A random opaque access token (clients must not parse it).
-fn new_access_token() -> String {
-    let bytes: Vec<u8> = (0..96).map(|_| fastrand::u8(..)).collect();
+fn new_access_token(len: usize) -> String {
+    let bytes: Vec<u8> = (0..len).map(|_| fastrand::u8(..)).collect();
     format!("EwB{}", URL_SAFE_NO_PAD.encode(bytes))
 }
 
