@@ -18,7 +18,7 @@ use ccmail::store::{self, PgPool};
 
 use crate::{
     AppCommand, CertificateSource, CloudArgs, DoctorArgs, ExitWith, PilotCommand, PilotSettings,
-    SecretSource, init_logs, stored_secret,
+    SecretSource, init_logs, read_secret, stored_secret,
 };
 
 /// Opens the database (logging is set up once by each command's handler).
@@ -743,7 +743,7 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
         )?;
         let credential = match certificate_source_loaded(&args.certificate)? {
             Some(cert) => Credential::Certificate(cert),
-            None => Credential::Secret(read_secret(&args.secret)?.context(
+            None => Credential::Secret(read_secret(&args.secret, "client secret")?.context(
                 "pass the client secret with --secret-stdin, --secret-file PATH or --secret-env NAME, or --certificate and --private-key-file",
             )?),
         };
@@ -765,7 +765,7 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
             }),
         )
     } else if let Some(username) = &args.username {
-        let password = read_secret(&args.secret)?.context(
+        let password = read_secret(&args.secret, "password")?.context(
             "USER/PASS needs the password: --secret-stdin, --secret-file PATH or --secret-env NAME",
         )?;
         (
@@ -845,36 +845,4 @@ fn certificate_source_loaded(
     Ok(Some(Arc::new(oauth::CertificateCredential::from_pem(
         &pem, &key, source.alg,
     )?)))
-}
-
-/// A secret for immediate use (doctor): read, never stored.
-fn read_secret(source: &SecretSource) -> anyhow::Result<Option<SecretString>> {
-    if source.secret.is_some() {
-        bail!(
-            "refusing a secret on the command line (it would stay in shell history and process lists); \
-             pass it with --secret-stdin, --secret-file PATH, or --secret-env NAME"
-        );
-    }
-    if let Some(name) = &source.secret_env {
-        return Ok(Some(ccmail::secrets::resolve(
-            &format!("env:{name}"),
-            None,
-        )?));
-    }
-    if source.secret_stdin {
-        let mut line = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut line)
-            .context("reading the secret from standard input")?;
-        return Ok(Some(SecretString::from(
-            line.trim_end_matches(['\r', '\n']).to_owned(),
-        )));
-    }
-    if let Some(path) = &source.secret_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the secret from {}", path.display()))?;
-        return Ok(Some(SecretString::from(
-            text.trim_end_matches(['\r', '\n']).to_owned(),
-        )));
-    }
-    Ok(None)
 }

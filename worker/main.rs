@@ -594,12 +594,15 @@ async fn wait_for_signal() {
     }
 }
 
-/// Turns a [`SecretSource`] into what is stored: sealed with the master key, or a reference.
-fn stored_secret(
-    config: &Config,
-    source: &SecretSource,
-    what: &str,
-) -> anyhow::Result<Option<String>> {
+/// What a [`SecretSource`] gave: a reference to keep as it is, or the secret itself.
+enum SecretInput {
+    Reference(String),
+    Value(SecretString),
+}
+
+/// Reads a [`SecretSource`]: refuses a secret on the command line, reads stdin or a file
+/// (trailing newline dropped), or names an environment variable. `None` when none was given.
+fn secret_input(source: &SecretSource, what: &str) -> anyhow::Result<Option<SecretInput>> {
     if source.secret.is_some() {
         bail!(
             "refusing a {what} on the command line (it would stay in shell history and process lists); \
@@ -607,7 +610,7 @@ fn stored_secret(
         );
     }
     if let Some(name) = &source.secret_env {
-        return Ok(Some(format!("env:{name}")));
+        return Ok(Some(SecretInput::Reference(format!("env:{name}"))));
     }
     let secret = if source.secret_stdin {
         let mut line = String::new();
@@ -626,6 +629,20 @@ fn stored_secret(
     if secret.is_empty() {
         bail!("the {what} is empty");
     }
+    Ok(Some(SecretInput::Value(SecretString::from(secret))))
+}
+
+/// Turns a [`SecretSource`] into what is stored: sealed with the master key, or a reference.
+fn stored_secret(
+    config: &Config,
+    source: &SecretSource,
+    what: &str,
+) -> anyhow::Result<Option<String>> {
+    let secret = match secret_input(source, what)? {
+        None => return Ok(None),
+        Some(SecretInput::Reference(reference)) => return Ok(Some(reference)),
+        Some(SecretInput::Value(secret)) => secret,
+    };
     let Some(key) = config.master_key()? else {
         bail!(
             "no master key to seal the {what} with: create one with `ccmail key generate` and set \
@@ -633,5 +650,16 @@ fn stored_secret(
             ccmail::config::MASTER_KEY_ENV
         );
     };
-    Ok(Some(key.seal(&SecretString::from(secret))?))
+    Ok(Some(key.seal(&secret)?))
+}
+
+/// A secret for immediate use (doctor): read or resolved, never stored.
+fn read_secret(source: &SecretSource, what: &str) -> anyhow::Result<Option<SecretString>> {
+    Ok(match secret_input(source, what)? {
+        None => None,
+        Some(SecretInput::Reference(reference)) => {
+            Some(ccmail::secrets::resolve(&reference, None)?)
+        }
+        Some(SecretInput::Value(secret)) => Some(secret),
+    })
 }

@@ -610,15 +610,7 @@ impl Metrics {
         {
             let mut state = self.lock();
             for a in apps {
-                state.apps.insert(
-                    AppKey {
-                        authority: a.authority.clone(),
-                        tenant: a.tenant.clone(),
-                        client_id: a.client_id.clone(),
-                        scope: a.scope.clone(),
-                    },
-                    a.name.clone(),
-                );
+                state.apps.insert(a.token_key(), a.name.clone());
                 if let Some(at) = a.secret_expires_at {
                     expiries.insert(
                         vec![a.name.clone()],

@@ -23,7 +23,7 @@ use tracing::Instrument as _;
 
 use crate::ingest::poller::{self, IngestLimits, Pilot, PilotAuth, PollReport};
 use crate::metrics;
-use crate::oauth::{self, AppCredentials, AppKey, TokenCache};
+use crate::oauth::{self, AppCredentials, TokenCache};
 use crate::pop3::{ServerSpec, Timeouts};
 use crate::secrets::{self, MasterKey};
 use crate::store::{self, AppRow, PilotRow};
@@ -196,7 +196,7 @@ impl Supervisor {
                 pilot.last_success_at.map(std::time::SystemTime::from),
             );
             if let Some(app) = &app {
-                metrics::global().app_loaded(&app_key(app), &app.name);
+                metrics::global().app_loaded(&app.token_key(), &app.name);
             }
             wanted.insert(pilot.id, (fingerprint, pilot, app));
         }
@@ -359,19 +359,9 @@ pub fn app_credentials(
         }
     };
     Ok(AppCredentials {
-        key: app_key(app),
+        key: app.token_key(),
         credential,
     })
-}
-
-/// The token-cache key of a stored app.
-fn app_key(app: &AppRow) -> AppKey {
-    AppKey {
-        authority: app.authority.clone(),
-        tenant: app.tenant.clone(),
-        client_id: app.client_id.clone(),
-        scope: app.scope.clone(),
-    }
 }
 
 /// Builds the runtime pilot from its rows: decrypts secrets, loads the CA bundle.

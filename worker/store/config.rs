@@ -137,6 +137,18 @@ impl AppRow {
     }
 }
 
+impl AppRow {
+    /// The token-cache key of this app: pilots of apps with equal keys share one token.
+    pub fn token_key(&self) -> crate::oauth::AppKey {
+        crate::oauth::AppKey {
+            authority: self.authority.clone(),
+            tenant: self.tenant.clone(),
+            client_id: self.client_id.clone(),
+            scope: self.scope.clone(),
+        }
+    }
+}
+
 impl fmt::Debug for AppRow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AppRow")
