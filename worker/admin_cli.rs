@@ -12,7 +12,7 @@ use ccmail::admin::{self, AppView, Cloud, PilotView, key_values, or_dash, table}
 use ccmail::config::Config;
 use ccmail::doctor::{self, Login, Target};
 use ccmail::ingest::supervisor;
-use ccmail::oauth::{self, AppCredentials, AppKey, Credential, TokenSourceOptions};
+use ccmail::oauth::{self, AppCredentials, AppKey, Credential};
 use ccmail::pop3::ServerSpec;
 use ccmail::store::{self, PgPool};
 
@@ -451,7 +451,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             }
             if check {
                 let target = pilot_target(config, &pilot, app_row.as_ref(), None, None)?;
-                let report = doctor::diagnose(&target, &token_options(config)?).await;
+                let report = doctor::diagnose(&target, &config.token_source_options()?).await;
                 print!("{}", report.render());
                 if report.failure.is_some() {
                     eprintln!("pilot not saved: fix the failing step and run the command again");
@@ -634,18 +634,6 @@ async fn set_enabled(
     Ok(())
 }
 
-fn token_options(config: &Config) -> anyhow::Result<TokenSourceOptions> {
-    let mut options = TokenSourceOptions {
-        connect_timeout: Duration::from_secs(config.oauth.connect_timeout_secs),
-        total_timeout: Duration::from_secs(config.oauth.total_timeout_secs),
-        ..TokenSourceOptions::default()
-    };
-    if let Some(path) = &config.oauth.extra_ca_file {
-        options.extra_roots = ccmail::tls::read_pem_bundle(path)?;
-    }
-    Ok(options)
-}
-
 /// The doctor target of a (possibly unsaved) pilot.
 fn pilot_target(
     config: &Config,
@@ -697,7 +685,7 @@ fn pilot_target(
 pub(crate) async fn doctor_command(config: &Config, args: DoctorArgs) -> anyhow::Result<()> {
     init_logs(config, true);
     let target = doctor_target(config, &args).await?;
-    let report = doctor::diagnose(&target, &token_options(config)?).await;
+    let report = doctor::diagnose(&target, &config.token_source_options()?).await;
     if args.json {
         print_json(&report)?;
     } else {

@@ -322,6 +322,23 @@ impl Config {
         }
     }
 
+    /// Token endpoint settings: deadlines, refresh lead time and the extra CA bundle.
+    pub fn token_source_options(&self) -> Result<crate::oauth::TokenSourceOptions, ConfigError> {
+        let extra_roots = match &self.oauth.extra_ca_file {
+            Some(path) => crate::tls::read_pem_bundle(path).map_err(|e| ConfigError::Invalid {
+                key: "oauth.extra_ca_file",
+                message: e.to_string(),
+            })?,
+            None => Vec::new(),
+        };
+        Ok(crate::oauth::TokenSourceOptions {
+            connect_timeout: Duration::from_secs(self.oauth.connect_timeout_secs),
+            total_timeout: Duration::from_secs(self.oauth.total_timeout_secs),
+            refresh_ahead: Duration::from_secs(self.oauth.refresh_ahead_secs),
+            extra_roots,
+        })
+    }
+
     /// The master key from `CCMAIL_MASTER_KEY` or `secrets.master_key_file`, if configured.
     pub fn master_key(&self) -> Result<Option<crate::secrets::MasterKey>, ConfigError> {
         if let Ok(value) = std::env::var(MASTER_KEY_ENV) {

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use ccmail::admin::Cloud;
 use ccmail::config::{Config, LogFormat};
 use ccmail::ingest::supervisor::{Supervisor, SupervisorSettings};
-use ccmail::oauth::{self, CachePolicy, TokenCache, TokenSource, TokenSourceOptions};
+use ccmail::oauth::{self, CachePolicy, TokenCache, TokenSource};
 use ccmail::pop3::TlsMode;
 use ccmail::secrets::MasterKey;
 use ccmail::store;
@@ -525,17 +525,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ));
     store::migrate(&pool).await?;
     let master_key = config.master_key()?;
-    let mut options = TokenSourceOptions {
-        connect_timeout: Duration::from_secs(config.oauth.connect_timeout_secs),
-        total_timeout: Duration::from_secs(config.oauth.total_timeout_secs),
-        refresh_ahead: Duration::from_secs(config.oauth.refresh_ahead_secs),
-        ..TokenSourceOptions::default()
-    };
-    if let Some(path) = &config.oauth.extra_ca_file {
-        options.extra_roots = ccmail::tls::read_pem_bundle(path)?;
-    }
     let tokens = Arc::new(TokenCache::new(
-        Arc::new(TokenSource::new(options)?),
+        Arc::new(TokenSource::new(config.token_source_options()?)?),
         CachePolicy::default(),
     ));
     let supervisor = Supervisor::new(
