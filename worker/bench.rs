@@ -290,6 +290,7 @@ async fn pipeline(sim: &SimChild, config: &Config, url: &str) -> anyhow::Result<
         batch_bytes: config.worker.batch_bytes,
         max_retr_attempts: config.worker.max_retr_attempts,
         commit_concurrency: config.worker.commit_concurrency,
+        ..IngestLimits::default()
     };
     let tokens = sim.tokens()?;
     let cancel = CancellationToken::new();

@@ -50,8 +50,14 @@ pub struct WorkerConfig {
     pub batch_messages: usize,
     /// Octets of messages held before a commit at most.
     pub batch_bytes: usize,
-    /// Batches parsed and committed in the background while the next one downloads.
+    /// Batches committed in the background while the next one downloads.
     pub commit_concurrency: usize,
+    /// Messages parsed (on parser threads) while the next one downloads.
+    pub parse_ahead: usize,
+    /// A poll stops taking new messages after this many seconds, then commits, deletes and QUITs.
+    pub max_poll_secs: u64,
+    /// UIDL listing entries looked at per poll; a larger maildrop drains over several polls.
+    pub max_listing_entries: usize,
     /// A message whose RETR fails this many times is skipped and flagged.
     pub max_retr_attempts: u32,
     /// Re-read pilots from the database this often (NOTIFY wakes the worker sooner).
@@ -138,6 +144,9 @@ impl Default for WorkerConfig {
             batch_messages: 50,
             batch_bytes: 16 * 1024 * 1024,
             commit_concurrency: 2,
+            parse_ahead: 2,
+            max_poll_secs: 15 * 60,
+            max_listing_entries: 100_000,
             max_retr_attempts: 5,
             reload_interval_secs: 30,
             shutdown_grace_secs: 30,
@@ -277,6 +286,11 @@ impl Config {
             ("worker.batch_messages", self.worker.batch_messages),
             ("worker.batch_bytes", self.worker.batch_bytes),
             ("worker.commit_concurrency", self.worker.commit_concurrency),
+            ("worker.max_poll_secs", self.worker.max_poll_secs as usize),
+            (
+                "worker.max_listing_entries",
+                self.worker.max_listing_entries,
+            ),
             (
                 "database.max_connections",
                 self.database.max_connections as usize,

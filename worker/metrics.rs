@@ -141,7 +141,7 @@ pub const INGEST_ERRORS: MetricDef = MetricDef {
     name: "ccmail_ingest_errors_total",
     kind: Kind::Counter,
     unit: "",
-    help: "Failed polls and failed message downloads, by reason (token, auth, timeout, tls, pop3, database, retr, config).",
+    help: "Failed polls and failed message downloads, by reason (token, auth, timeout, tls, pop3, database, retr, config); untrusted_uidl: a message the server lists with a malformed, shared or reused UIDL (handled by its identity); store: a message whose parsed fields could not be stored (kept raw and flagged).",
     labels: &[L_PILOT, L_QUEUE, "reason"],
     buckets: &[],
 };
@@ -280,7 +280,16 @@ pub const ALL: &[&MetricDef] = &[
 /// [`crate::ingest::poller::PollError::reason`], `retr` for one message's failed download, and
 /// `config` for a pilot that cannot start (missing app, unreadable secret or CA bundle).
 pub const ERROR_REASONS: &[&str] = &[
-    "token", "auth", "timeout", "tls", "pop3", "database", "retr", "config",
+    "token",
+    "auth",
+    "timeout",
+    "tls",
+    "pop3",
+    "database",
+    "retr",
+    "config",
+    "untrusted_uidl",
+    "store",
 ];
 /// Values of the `command` label of [`POP3_COMMAND_DURATION`].
 pub const POP3_COMMANDS: &[&str] = &[

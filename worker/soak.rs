@@ -355,6 +355,8 @@ impl Worker {
             .env_clear()
             .env("DATABASE_URL", db_url)
             .env(crate::config::MASTER_KEY_ENV, world.key.expose_secret())
+            // Any free port: another worker on this machine may hold the default one.
+            .env("CCMAIL_HTTP_LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))

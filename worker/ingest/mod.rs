@@ -1,5 +1,6 @@
 //! Ingest: parsing messages and moving them from a maildrop into PostgreSQL.
 
+pub mod identity;
 pub mod parse;
 pub mod poller;
 pub mod supervisor;

@@ -14,18 +14,36 @@
 //! A message over the size limit gets a work item with its headers (`TOP n 0`) and stays on the
 //! server; a message whose RETR keeps failing is flagged the same way after
 //! `max_retr_attempts`. Neither blocks the rest of the mailbox.
+//!
+//! The server is not trusted to name messages truthfully:
+//! - a message is deleted only when this session stored it, or found it stored with the same
+//!   bytes or the same identity (`ingest::identity`); a stored message found again after an
+//!   interrupted poll is checked with `TOP n 0` before its DELE, so a server that gives a stored
+//!   message's UIDL to new mail cannot make ccmail delete that mail;
+//! - a message whose UIDL is malformed or shared with another listed message is known by its
+//!   identity instead (stored under a derived key that no UIDL can equal); a listing line that
+//!   cannot be read affects only its message;
+//! - a message whose parsed fields the database refuses is stored raw and flagged, and the rest
+//!   of its batch is stored as usual;
+//! - the whole poll has a deadline, after which it stops between messages (and the session is
+//!   cut if a server keeps it in one response).
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
+use bytes::Bytes;
 use secrecy::SecretString;
+use sha2::{Digest, Sha256};
 use sqlx::PgPool;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::ingest::identity::{self, Identity};
 use crate::ingest::parse::{self, ParsedMail};
 use crate::metrics;
 use crate::oauth::{AppCredentials, OAuthError, TokenCache};
 use crate::pop3::{self, Client, ServerSpec, Session, Stream};
-use crate::store::{self, KnownUidl, StoreError};
+use crate::store::{self, Inserted, KnownUidl, StoreError, StoredCopy};
 
 /// How a pilot logs in.
 #[derive(Debug, Clone)]
@@ -63,6 +81,13 @@ pub struct IngestLimits {
     pub max_retr_attempts: u32,
     /// Batches being committed while the next one downloads.
     pub commit_concurrency: usize,
+    /// Messages being parsed (on parser threads) while the next one downloads.
+    pub parse_ahead: usize,
+    /// A poll stops taking new messages after this long (it commits, deletes and QUITs what it
+    /// has); a server that holds it in one response is cut off a little later.
+    pub max_poll_duration: Duration,
+    /// UIDL listing entries looked at per poll; a larger maildrop drains over several polls.
+    pub max_listing_entries: usize,
 }
 
 impl Default for IngestLimits {
@@ -73,6 +98,9 @@ impl Default for IngestLimits {
             batch_bytes: 16 * 1024 * 1024,
             max_retr_attempts: 5,
             commit_concurrency: 2,
+            parse_ahead: 2,
+            max_poll_duration: Duration::from_secs(15 * 60),
+            max_listing_entries: 100_000,
         }
     }
 }
@@ -100,8 +128,16 @@ pub struct PollReport {
     pub retr_failures: usize,
     /// Messages given up on after repeated RETR failures (stored as headers and flagged).
     pub skipped: usize,
-    /// The per-poll cap left new messages behind: poll again at once.
+    /// The per-poll cap (or the poll deadline) left new messages behind: poll again at once.
     pub more_waiting: bool,
+    /// Messages whose UIDL could not be trusted (malformed, shared with another message, or
+    /// reused for a message other than the one stored under it): handled by their identity.
+    pub untrusted_uidls: usize,
+    /// Listing lines without a usable message number: those messages cannot be addressed and
+    /// stay on the server.
+    pub unaddressable: usize,
+    /// Messages whose parsed fields the database refused: stored raw and flagged.
+    pub store_fallbacks: usize,
 }
 
 /// Why a poll stopped early. The connection has been dropped without QUIT.
@@ -163,24 +199,81 @@ impl PollError {
     }
 }
 
-/// A downloaded message waiting for its batch to be committed.
+/// A downloaded message on its way to a batch.
 struct Fetched {
     number: u32,
-    uidl: String,
-    raw: Vec<u8>,
-    /// Already parsed (headers-only items); `None`: the committer parses it.
+    /// The key it is stored under: its UIDL, or a derived key when the UIDL is not trusted.
+    key: String,
+    raw: Bytes,
+    identity: Option<Identity>,
+    /// Already parsed (headers-only items); `None`: parsed before it joins a batch.
     parsed: Option<ParsedMail>,
     flag: Option<&'static str>,
     headers_only: bool,
+    /// The UIDL was not trusted: if the key turns out to be taken by other mail, the message
+    /// is not stored under a second derived key.
+    untrusted: bool,
+}
+
+/// A message parsed and ready to be stored.
+struct Ready {
+    fetched: Fetched,
+    parsed: ParsedMail,
+    sha256: [u8; 32],
+}
+
+impl Ready {
+    /// Bytes this message holds in memory: what a batch's budget counts.
+    fn footprint(&self) -> usize {
+        self.fetched.raw.len() + parsed_bytes(&self.parsed)
+    }
+}
+
+/// Bytes a parsed message holds (until the parser reports it itself).
+fn parsed_bytes(p: &ParsedMail) -> usize {
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    text(&p.text_body)
+        + text(&p.html_body)
+        + text(&p.html_sanitized)
+        + text(&p.subject)
+        + p.attachments
+            .iter()
+            .map(|a| a.bytes.len() + 64)
+            .sum::<usize>()
 }
 
 /// What a committed batch allows and reports.
 struct Committed {
-    /// (message number, UIDL) of messages that may now be deleted from the server.
+    /// (message number, key) of messages that may now be deleted from the server.
     deletable: Vec<(u32, String)>,
     stored: usize,
     stored_octets: u64,
     parse_errors: usize,
+    oversize: usize,
+    store_fallbacks: usize,
+}
+
+/// How one listed message is handled in this poll.
+enum Plan {
+    /// Not stored yet: download it and store it under its UIDL (`attempts` downloads of it
+    /// failed in earlier polls).
+    Fetch { uidl: String, attempts: u32 },
+    /// Stored by an earlier poll that ended before QUIT: check that the server still holds
+    /// that message, then delete it.
+    Verify { uidl: String, copy: StoredCopy },
+    /// The server's UIDL for it cannot be trusted (malformed, or shared with another listed
+    /// message): it is known by its identity.
+    Untrusted { why: String },
+}
+
+/// What `TOP n 0` and the store say about a message whose UIDL is not trusted.
+enum Resolution {
+    /// Stored already (whole): delete it.
+    Delete { key: String },
+    /// Stored already as headers only, or kept on the server: leave it.
+    Leave,
+    /// Not stored: download it and store it under this key (`None`: derived from the bytes).
+    Fetch { key: Option<String> },
 }
 
 /// Logs in as the pilot says. The token comes first, before any connection exists.
@@ -213,13 +306,89 @@ async fn open_session(pilot: &Pilot, tokens: &TokenCache) -> Result<Session<Stre
     }
 }
 
+/// The listing as this poll sees it: every usable entry with its plan, in server order.
+struct Listed {
+    plans: Vec<(u32, Plan)>,
+    /// The listing was cut at `max_listing_entries`.
+    truncated: bool,
+}
+
+/// Reads the UIDL listing and decides, per message, what this poll does with it.
+async fn plan_listing(
+    session: &mut Session<Stream>,
+    pilot: &Pilot,
+    pool: &PgPool,
+    limits: &IngestLimits,
+    report: &mut PollReport,
+) -> Result<Listed, PollError> {
+    let listing = timed(pilot, "uidl", listing(session, limits.max_listing_entries)).await?;
+    report.unaddressable = listing.unreadable_lines;
+    if listing.unreadable_lines > 0 {
+        tracing::warn!(
+            pilot = pilot.id,
+            lines = listing.unreadable_lines,
+            "UIDL listing lines without a usable message number; those messages stay on the server"
+        );
+    }
+    let present: Vec<String> = listing
+        .entries
+        .iter()
+        .filter_map(|e| match &e.uidl {
+            shim::ListedUidl::Unique(u) => Some(u.clone()),
+            _ => None,
+        })
+        .collect();
+    let known = {
+        let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+        if !pilot.keep_on_server && !listing.truncated {
+            // Bookkeeping only: a QUIT applied without its reply left rows unmarked.
+            store::mark_vanished(&mut conn, pilot.id, &present).await?;
+        }
+        store::known_uidls(&mut conn, pilot.id, &present).await?
+    };
+    let mut plans = Vec::with_capacity(listing.entries.len());
+    for entry in listing.entries {
+        let plan = match entry.uidl {
+            shim::ListedUidl::Unique(uidl) => match known.get(&uidl) {
+                Some(KnownUidl::Stored { copy, .. }) => {
+                    report.already_stored += 1;
+                    // Flagged headers-only messages stay on the server for a person.
+                    if copy.headers_only || pilot.keep_on_server {
+                        continue;
+                    }
+                    Plan::Verify { uidl, copy: *copy }
+                }
+                Some(KnownUidl::Failing { attempts }) => Plan::Fetch {
+                    uidl,
+                    attempts: *attempts,
+                },
+                None => Plan::Fetch { uidl, attempts: 0 },
+            },
+            shim::ListedUidl::Shared(uidl) => Plan::Untrusted {
+                why: format!("UIDL {uidl:?} is listed for more than one message"),
+            },
+            shim::ListedUidl::Invalid { reason, excerpt } => Plan::Untrusted {
+                why: format!("unusable UIDL line ({reason}): {excerpt}"),
+            },
+        };
+        plans.push((entry.number, plan));
+    }
+    Ok(Listed {
+        plans,
+        truncated: listing.truncated,
+    })
+}
+
 /// One poll of `pilot`. Cancellation is honoured between messages, never inside a command:
 /// what was downloaded is committed, deleted and QUIT before returning.
 ///
-/// Downloading and storing overlap: while batch k is parsed and committed by a background
-/// task (on its own database connection), batch k+1 is downloaded. At most
-/// `limits.commit_concurrency` batches are in flight, which bounds memory to about
-/// `(commit_concurrency + 1) × batch_bytes` plus one message.
+/// Downloading, parsing and storing overlap: while message n+1 downloads, message n is parsed
+/// on a parser thread and batch k is committed by a background task (on its own database
+/// connection). Memory is bounded by the budgets, counted in parsed bytes (raw message plus
+/// what parsing made of it): `limits.parse_ahead` messages being parsed, one batch filling up
+/// to `batch_bytes`, and at most `limits.commit_concurrency` batches committing. A message
+/// whose footprint exceeds half a batch is committed alone, after everything else in flight,
+/// so one huge message never shares memory with full batches.
 pub async fn poll_once(
     pilot: &Pilot,
     pool: &PgPool,
@@ -227,7 +396,11 @@ pub async fn poll_once(
     limits: &IngestLimits,
     cancel: &CancellationToken,
 ) -> Result<PollReport, PollError> {
+    let deadline = Instant::now() + limits.max_poll_duration;
     let mut session = open_session(pilot, tokens).await?;
+    // Past the deadline the poll stops between messages; a server that keeps it inside one
+    // response longer than that is cut off (the connection is dropped without QUIT).
+    // (set on the session once the client supports it)
     let mut report = PollReport::default();
     let (count, octets) = timed(pilot, "stat", session.stat()).await?;
     report.on_server = count as usize;
@@ -240,44 +413,64 @@ pub async fn poll_once(
         }
         return Ok(report);
     }
-    let listing = timed(pilot, "uidl", session.uidl_all()).await?;
-    let uidls: Vec<String> = listing.iter().map(|(_, u)| u.clone()).collect();
-    let known = {
-        let mut conn = pool.acquire().await.map_err(StoreError::from)?;
-        if !pilot.keep_on_server {
-            // Bookkeeping only: a QUIT applied without its reply left rows unmarked.
-            store::mark_vanished(&mut conn, pilot.id, &uidls).await?;
-        }
-        store::known_uidls(&mut conn, pilot.id, &uidls).await?
-    };
+    let listed = plan_listing(&mut session, pilot, pool, limits, &mut report).await?;
+    if listed.truncated {
+        report.more_waiting = true;
+        tracing::info!(
+            pilot = pilot.id,
+            looked_at = listed.plans.len(),
+            "the UIDL listing is longer than worker.max_listing_entries; the rest waits for later polls"
+        );
+    }
 
+    let mut pipeline = Pipeline::new(pool, pilot, limits);
     let mut to_delete: Vec<(u32, String)> = Vec::new();
-    let mut commits = Commits::new(pool, pilot, limits.commit_concurrency);
-    let mut batch: Vec<Fetched> = Vec::new();
-    let mut batch_bytes = 0usize;
     let mut fetched = 0usize;
 
     let transfer: Result<(), PollError> = async {
-        for (number, uidl) in listing {
+        for (number, plan) in listed.plans {
             if cancel.is_cancelled() {
                 break;
             }
-            // DELE what finished committing meanwhile (never before its commit).
-            commits.dele_finished(&mut session, &mut report).await?;
-            let mut attempts = 0;
-            match known.get(&uidl) {
-                Some(KnownUidl::Stored { headers_only, .. }) => {
-                    // Stored by an earlier poll that ended before QUIT: delete without
-                    // downloading. Flagged headers-only messages stay on the server for a person.
-                    if !headers_only && !pilot.keep_on_server {
-                        to_delete.push((number, uidl));
-                    }
-                    report.already_stored += 1;
-                    continue;
-                }
-                Some(KnownUidl::Failing { attempts: n }) => attempts = *n,
-                None => {}
+            if Instant::now() >= deadline {
+                report.more_waiting = true;
+                tracing::warn!(pilot = pilot.id, "poll deadline reached; the rest waits for the next poll");
+                break;
             }
+            // DELE what finished committing meanwhile (never before its commit).
+            pipeline.dele_finished(&mut session, &mut report).await?;
+            let (key, attempts, untrusted) = match plan {
+                Plan::Fetch { uidl, attempts } => (Some(uidl), attempts, false),
+                Plan::Verify { uidl, copy } => {
+                    match verify_stored(&mut session, pilot, pool, number, &uidl, &copy).await? {
+                        Some(true) => {
+                            to_delete.push((number, uidl));
+                            continue;
+                        }
+                        // Could not tell: leave it on the server.
+                        None => continue,
+                        Some(false) => {
+                            report.untrusted_uidls += 1;
+                            metrics::global().ingest_error(pilot.id, "untrusted_uidl");
+                            tracing::warn!(pilot = pilot.id, uidl = %uidl, "the server lists a stored message's UIDL for different mail; storing that mail by its identity");
+                            (None, 0, true)
+                        }
+                    }
+                }
+                Plan::Untrusted { why } => {
+                    report.untrusted_uidls += 1;
+                    metrics::global().ingest_error(pilot.id, "untrusted_uidl");
+                    tracing::warn!(pilot = pilot.id, message = number, problem = %why, "UIDL not trusted; the message is known by its identity");
+                    match resolve_untrusted(&mut session, pilot, pool, number).await? {
+                        Resolution::Delete { key } => {
+                            to_delete.push((number, key));
+                            continue;
+                        }
+                        Resolution::Leave => continue,
+                        Resolution::Fetch { key } => (key, 0, true),
+                    }
+                }
+            };
             if fetched >= limits.max_messages_per_poll {
                 report.more_waiting = true;
                 continue;
@@ -285,83 +478,181 @@ pub async fn poll_once(
             fetched += 1;
             let item = if attempts >= limits.max_retr_attempts {
                 report.skipped += 1;
-                tracing::warn!(pilot = pilot.id, uidl = %uidl, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
-                headers_only(&mut session, pilot, number, uidl, "fetch_failed").await?
+                tracing::warn!(pilot = pilot.id, key = ?key, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
+                headers_only(&mut session, pilot, number, key, "fetch_failed", untrusted).await?
             } else {
                 match timed(pilot, "retr", session.retr(number, pilot.max_message_bytes)).await {
-                    Ok(raw) => Fetched {
-                        number,
-                        uidl,
-                        raw,
-                        parsed: None,
-                        flag: None,
-                        headers_only: false,
-                    },
+                    Ok(raw) => {
+                        let identity = identity::identity(&raw);
+                        let raw = Bytes::from(raw);
+                        let key = key.unwrap_or_else(|| content_key(identity.as_ref(), &raw));
+                        Fetched {
+                            number,
+                            key,
+                            raw,
+                            identity,
+                            parsed: None,
+                            flag: None,
+                            headers_only: false,
+                            untrusted,
+                        }
+                    }
                     Err(pop3::Error::TooLarge { limit, received }) => {
                         report.oversize += 1;
-                        tracing::warn!(pilot = pilot.id, uidl = %uidl, received, limit, "message over the size limit; storing its headers and leaving it on the server");
-                        headers_only(&mut session, pilot, number, uidl, "oversize").await?
+                        tracing::warn!(pilot = pilot.id, key = ?key, received, limit, "message over the size limit; storing its headers and leaving it on the server");
+                        headers_only(&mut session, pilot, number, key, "oversize", untrusted).await?
                     }
                     Err(e) => {
                         report.retr_failures += 1;
                         metrics::global().ingest_error(pilot.id, "retr");
-                        let attempts = {
-                            let mut conn = pool.acquire().await.map_err(StoreError::from)?;
-                            store::record_fetch_failure(&mut conn, pilot.id, &uidl, &e.to_string())
-                                .await?
+                        let attempts = match &key {
+                            Some(key) => {
+                                let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+                                store::record_fetch_failure(&mut conn, pilot.id, key, &e.to_string())
+                                    .await?
+                            }
+                            // Its key depends on its bytes: nothing to count the failure under.
+                            None => 1,
                         };
                         if e.poisons_connection() {
                             // The connection is gone. What is already downloaded is stored (no
                             // DELE: that needs a live session), so the next poll makes progress.
-                            commits.spawn(std::mem::take(&mut batch));
+                            pipeline.flush_without_session().await?;
                             return Err(e.into());
                         }
                         if attempts < limits.max_retr_attempts {
-                            tracing::warn!(pilot = pilot.id, uidl = %uidl, error = %e, attempts, "RETR failed; continuing with the next message");
+                            tracing::warn!(pilot = pilot.id, key = ?key, error = %e, attempts, "RETR failed; continuing with the next message");
                             continue;
                         }
                         // That was the last allowed attempt: give up now, while the session is
                         // alive, rather than costing the message one more poll.
                         report.skipped += 1;
-                        tracing::warn!(pilot = pilot.id, uidl = %uidl, error = %e, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
-                        headers_only(&mut session, pilot, number, uidl, "fetch_failed").await?
+                        tracing::warn!(pilot = pilot.id, key = ?key, error = %e, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
+                        headers_only(&mut session, pilot, number, key, "fetch_failed", untrusted).await?
                     }
                 }
             };
-            batch_bytes += item.raw.len();
-            batch.push(item);
-            if batch.len() >= limits.batch_messages || batch_bytes >= limits.batch_bytes {
-                commits
-                    .spawn_bounded(std::mem::take(&mut batch), &mut session, &mut report)
-                    .await?;
-                batch_bytes = 0;
-            }
+            pipeline.push(item, &mut session, &mut report).await?;
         }
-        commits.spawn(batch);
-        commits.finish(&mut session, &mut report).await?;
-        for (number, uidl) in to_delete {
+        pipeline.finish(&mut session, &mut report).await?;
+        for (number, key) in to_delete {
             timed(pilot, "dele", session.dele(number)).await?;
-            commits.deleted.push(uidl);
+            pipeline.deleted.push(key);
         }
         Ok(())
     }
     .await;
     if let Err(e) = transfer {
-        // Let batches already handed to a committer finish (stored, not deleted) rather than
-        // abort them mid-transaction; the connection is dropped without QUIT.
-        if let Err(drain) = commits.finish_without_dele(&mut report).await {
+        // Let what is already downloaded be stored (not deleted) rather than abort it
+        // mid-transaction; the connection is dropped without QUIT.
+        if let Err(drain) = pipeline.finish_without_dele(&mut report).await {
             tracing::warn!(pilot = pilot.id, error = %drain, "a background commit failed too");
         }
         return Err(e);
     }
     // Deletions take effect only now (RFC 1939 §6).
     timed(pilot, "quit", session.quit()).await?;
-    if !commits.deleted.is_empty() {
+    if !pipeline.deleted.is_empty() {
         let mut conn = pool.acquire().await.map_err(StoreError::from)?;
-        store::mark_deleted(&mut conn, pilot.id, &commits.deleted).await?;
+        store::mark_deleted(&mut conn, pilot.id, &pipeline.deleted).await?;
     }
-    report.deleted = commits.deleted.len();
+    report.deleted = pipeline.deleted.len();
     Ok(report)
+}
+
+/// The key of a message whose UIDL is not trusted, from what was downloaded: its identity, or
+/// the hash of its bytes when its header section names nothing.
+fn content_key(identity: Option<&Identity>, raw: &[u8]) -> String {
+    match identity {
+        Some(identity) => identity::derived_key(identity),
+        None => identity::derived_key(&Sha256::digest(raw).into()),
+    }
+}
+
+/// Whether the message listed as `number` is the one stored under `uidl`: `Some(true)` the
+/// same (its identity, or when neither has one, its bytes), `Some(false)` different mail under
+/// a reused UIDL, `None` when it cannot be told (an `-ERR`, or too large to compare): the
+/// message is then left on the server.
+async fn verify_stored(
+    session: &mut Session<Stream>,
+    pilot: &Pilot,
+    pool: &PgPool,
+    number: u32,
+    uidl: &str,
+    copy: &StoredCopy,
+) -> Result<Option<bool>, PollError> {
+    let stored_identity = match copy.identity {
+        Some(identity) => Some(identity),
+        // Stored before identities were recorded: compute it from the stored header section.
+        None => {
+            let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+            store::stored_head(&mut conn, pilot.id, uidl, identity::MAX_HEADER_BYTES)
+                .await?
+                .and_then(|head| identity::identity(&head))
+        }
+    };
+    if let Some(stored_identity) = stored_identity {
+        return Ok(match top_identity(session, pilot, number).await? {
+            Some(Some(now)) => Some(now == stored_identity),
+            // The header section on the server names nothing: not the stored message.
+            Some(None) => Some(false),
+            None => None,
+        });
+    }
+    // Neither names itself: compare the bytes.
+    match timed(pilot, "retr", session.retr(number, pilot.max_message_bytes)).await {
+        Ok(raw) => Ok(Some(<[u8; 32]>::from(Sha256::digest(&raw)) == copy.sha256)),
+        Err(e) if !e.poisons_connection() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `TOP n 0` and the identity of its header section: `None` when the server refused it.
+async fn top_identity(
+    session: &mut Session<Stream>,
+    pilot: &Pilot,
+    number: u32,
+) -> Result<Option<Option<Identity>>, PollError> {
+    match timed(pilot, "top", session.top(number, 0, header_limit(pilot))).await {
+        Ok(head) => Ok(Some(identity::identity(&head))),
+        Err(e) if !e.poisons_connection() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Decides what to do with a message whose UIDL is not trusted, from its identity.
+async fn resolve_untrusted(
+    session: &mut Session<Stream>,
+    pilot: &Pilot,
+    pool: &PgPool,
+    number: u32,
+) -> Result<Resolution, PollError> {
+    let Some(top) = top_identity(session, pilot, number).await? else {
+        return Ok(Resolution::Leave);
+    };
+    let Some(identity) = top else {
+        // Nothing to know it by before downloading it: its bytes decide its key.
+        return Ok(Resolution::Fetch { key: None });
+    };
+    let stored = {
+        let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+        store::stored_identities(&mut conn, pilot.id, &[identity]).await?
+    };
+    Ok(match stored.get(&identity) {
+        Some(false) if !pilot.keep_on_server => Resolution::Delete {
+            key: identity::derived_key(&identity),
+        },
+        Some(_) => Resolution::Leave,
+        None => Resolution::Fetch {
+            key: Some(identity::derived_key(&identity)),
+        },
+    })
+}
+
+/// How much `TOP n 0` may return.
+fn header_limit(pilot: &Pilot) -> usize {
+    const HEADER_LIMIT: usize = 1024 * 1024;
+    HEADER_LIMIT.min(pilot.max_message_bytes.max(64 * 1024))
 }
 
 /// Headers via `TOP n 0` for a message that is not downloaded whole; flagged, kept on server.
@@ -369,14 +660,15 @@ async fn headers_only(
     session: &mut Session<Stream>,
     pilot: &Pilot,
     number: u32,
-    uidl: String,
+    key: Option<String>,
     flag: &'static str,
+    untrusted: bool,
 ) -> Result<Fetched, PollError> {
-    const HEADER_LIMIT: usize = 1024 * 1024;
-    let limit = HEADER_LIMIT.min(pilot.max_message_bytes.max(64 * 1024));
-    let (raw, parsed) = match timed(pilot, "top", session.top(number, 0, limit)).await {
+    let (raw, parsed) = match timed(pilot, "top", session.top(number, 0, header_limit(pilot))).await
+    {
         Ok(headers) => {
-            let mut parsed = parse::parse(&headers);
+            let headers = Bytes::from(headers);
+            let mut parsed = parse_message(headers.clone()).await;
             // Only the header section was fetched: whatever the parser made of the missing
             // body (an empty part, a derived text) is not the message's content.
             parsed.attachments.clear();
@@ -386,7 +678,7 @@ async fn headers_only(
             (headers, parsed)
         }
         Err(e) if !e.poisons_connection() => (
-            Vec::new(),
+            Bytes::new(),
             ParsedMail {
                 parse_error: Some(format!("headers unavailable: {e}")),
                 ..ParsedMail::default()
@@ -394,62 +686,164 @@ async fn headers_only(
         ),
         Err(e) => return Err(e.into()),
     };
+    let identity = identity::identity(&raw);
+    let key = key.unwrap_or_else(|| content_key(identity.as_ref(), &raw));
     Ok(Fetched {
         number,
-        uidl,
+        key,
         raw,
+        identity,
         parsed: Some(parsed),
         flag: Some(flag),
         headers_only: true,
+        untrusted,
     })
 }
 
-/// The batches being parsed and committed in the background, and what may be deleted.
-struct Commits<'a> {
+/// Parses a message off the async worker threads.
+async fn parse_message(raw: Bytes) -> ParsedMail {
+    match tokio::task::spawn_blocking(move || parse::parse(&raw)).await {
+        Ok(parsed) => parsed,
+        Err(e) => ParsedMail {
+            parse_error: Some(format!(
+                "the parser did not finish ({e}); the raw message is kept"
+            )),
+            ..ParsedMail::default()
+        },
+    }
+}
+
+/// The messages being parsed, the batch filling up, the batches being committed, and what may
+/// be deleted. See [`poll_once`] for the memory rule.
+struct Pipeline<'a> {
     pool: &'a PgPool,
     pilot: &'a Pilot,
-    concurrency: usize,
+    limits: &'a IngestLimits,
+    parsing: VecDeque<(Fetched, Option<tokio::task::JoinHandle<ParsedMail>>)>,
+    batch: Vec<Ready>,
+    batch_bytes: usize,
     inflight: tokio::task::JoinSet<Result<Committed, PollError>>,
-    /// UIDLs marked with DELE in this session (deleted at QUIT).
+    /// Keys marked with DELE in this session (deleted at QUIT).
     deleted: Vec<String>,
 }
 
-impl<'a> Commits<'a> {
-    fn new(pool: &'a PgPool, pilot: &'a Pilot, concurrency: usize) -> Commits<'a> {
-        Commits {
+impl<'a> Pipeline<'a> {
+    fn new(pool: &'a PgPool, pilot: &'a Pilot, limits: &'a IngestLimits) -> Pipeline<'a> {
+        Pipeline {
             pool,
             pilot,
-            concurrency: concurrency.max(1),
+            limits,
+            parsing: VecDeque::new(),
+            batch: Vec::new(),
+            batch_bytes: 0,
             inflight: tokio::task::JoinSet::new(),
             deleted: Vec::new(),
         }
     }
 
-    fn spawn(&mut self, batch: Vec<Fetched>) {
-        if batch.is_empty() {
-            return;
-        }
-        let pool = self.pool.clone();
-        let pilot_id = self.pilot.id;
-        let queue = self.pilot.queue.clone();
-        let keep = self.pilot.keep_on_server;
-        self.inflight
-            .spawn(commit_batch(pool, pilot_id, queue, keep, batch));
-    }
-
-    /// Waits for a free slot (DELE-ing what finishes), then starts committing `batch`.
-    async fn spawn_bounded(
+    /// Takes a downloaded message: parsing starts at once; the oldest parsed message joins the
+    /// batch when more than `parse_ahead` are waiting.
+    async fn push(
         &mut self,
-        batch: Vec<Fetched>,
+        fetched: Fetched,
         session: &mut Session<Stream>,
         report: &mut PollReport,
     ) -> Result<(), PollError> {
-        while self.inflight.len() >= self.concurrency {
+        let task = fetched
+            .parsed
+            .is_none()
+            .then(|| tokio::spawn(parse_message(fetched.raw.clone())));
+        self.parsing.push_back((fetched, task));
+        while self.parsing.len() > self.limits.parse_ahead {
+            self.take_parsed(Some(&mut *session), report).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves the oldest parsed message into the batch, committing the batch when full.
+    async fn take_parsed(
+        &mut self,
+        mut session: Option<&mut Session<Stream>>,
+        report: &mut PollReport,
+    ) -> Result<(), PollError> {
+        let Some((mut fetched, task)) = self.parsing.pop_front() else {
+            return Ok(());
+        };
+        let parsed = match (fetched.parsed.take(), task) {
+            (Some(parsed), _) => parsed,
+            (None, Some(task)) => task.await.unwrap_or_else(|e| ParsedMail {
+                parse_error: Some(format!(
+                    "the parser did not finish ({e}); the raw message is kept"
+                )),
+                ..ParsedMail::default()
+            }),
+            (None, None) => ParsedMail::default(),
+        };
+        let sha256 = Sha256::digest(&fetched.raw).into();
+        let ready = Ready {
+            fetched,
+            parsed,
+            sha256,
+        };
+        let size = ready.footprint();
+        let budget = self.limits.batch_bytes.max(1);
+        if size > budget / 2 {
+            // A huge message is committed alone, once nothing else holds memory.
+            self.commit_batch(session.as_deref_mut(), report).await?;
+            self.drain(session.as_deref_mut(), report).await?;
+            self.spawn(vec![ready]);
+            return self.drain(session, report).await;
+        }
+        if !self.batch.is_empty() && self.batch_bytes + size > budget {
+            self.commit_batch(session.as_deref_mut(), report).await?;
+        }
+        self.batch_bytes += size;
+        self.batch.push(ready);
+        if self.batch.len() >= self.limits.batch_messages {
+            self.commit_batch(session, report).await?;
+        }
+        Ok(())
+    }
+
+    /// Hands the batch to a committer, after waiting for a free slot (DELE-ing what finishes).
+    async fn commit_batch(
+        &mut self,
+        mut session: Option<&mut Session<Stream>>,
+        report: &mut PollReport,
+    ) -> Result<(), PollError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        while self.inflight.len() >= self.limits.commit_concurrency.max(1) {
             if let Some(done) = self.inflight.join_next().await {
-                self.settle(done, Some(&mut *session), report).await?;
+                self.settle(done, session.as_deref_mut(), report).await?;
             }
         }
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
         self.spawn(batch);
+        Ok(())
+    }
+
+    fn spawn(&mut self, batch: Vec<Ready>) {
+        let pool = self.pool.clone();
+        let target = Target {
+            pilot_id: self.pilot.id,
+            queue: self.pilot.queue.clone(),
+            keep_on_server: self.pilot.keep_on_server,
+        };
+        self.inflight.spawn(commit_batch(pool, target, batch));
+    }
+
+    /// Waits for every batch in flight, DELE-ing each as it commits (when there is a session).
+    async fn drain(
+        &mut self,
+        mut session: Option<&mut Session<Stream>>,
+        report: &mut PollReport,
+    ) -> Result<(), PollError> {
+        while let Some(done) = self.inflight.join_next().await {
+            self.settle(done, session.as_deref_mut(), report).await?;
+        }
         Ok(())
     }
 
@@ -465,24 +859,35 @@ impl<'a> Commits<'a> {
         Ok(())
     }
 
-    /// Waits for every batch and DELEs them.
+    /// Parses and stores everything downloaded, DELE-ing each batch after its commit.
     async fn finish(
         &mut self,
         session: &mut Session<Stream>,
         report: &mut PollReport,
     ) -> Result<(), PollError> {
-        while let Some(done) = self.inflight.join_next().await {
-            self.settle(done, Some(&mut *session), report).await?;
+        while !self.parsing.is_empty() {
+            self.take_parsed(Some(&mut *session), report).await?;
         }
-        Ok(())
+        self.commit_batch(Some(&mut *session), report).await?;
+        self.drain(Some(session), report).await
     }
 
-    /// Waits for every batch after the connection failed: stored, but no DELE.
-    async fn finish_without_dele(&mut self, report: &mut PollReport) -> Result<(), PollError> {
-        while let Some(done) = self.inflight.join_next().await {
-            self.settle(done, None, report).await?;
+    /// The connection is gone: store everything downloaded so far, delete nothing.
+    async fn flush_without_session(&mut self) -> Result<(), PollError> {
+        let mut report = PollReport::default();
+        while !self.parsing.is_empty() {
+            self.take_parsed(None, &mut report).await?;
         }
-        Ok(())
+        self.commit_batch(None, &mut report).await
+    }
+
+    /// After a failure: let what is downloaded be stored, delete nothing.
+    async fn finish_without_dele(&mut self, report: &mut PollReport) -> Result<(), PollError> {
+        while !self.parsing.is_empty() {
+            self.take_parsed(None, report).await?;
+        }
+        self.commit_batch(None, report).await?;
+        self.drain(None, report).await
     }
 
     async fn settle(
@@ -497,84 +902,284 @@ impl<'a> Commits<'a> {
         report.stored += committed.stored;
         report.stored_octets += committed.stored_octets;
         report.parse_errors += committed.parse_errors;
+        report.store_fallbacks += committed.store_fallbacks;
         if let Some(session) = session {
-            for (number, uidl) in committed.deletable {
+            for (number, key) in committed.deletable {
                 // Why here: the batch's commit has been acknowledged.
                 timed(self.pilot, "dele", session.dele(number)).await?;
-                self.deleted.push(uidl);
+                self.deleted.push(key);
             }
         }
         Ok(())
     }
 }
 
-/// Parses and stores a batch in one transaction. An error means the commit's outcome is
-/// unknown: the caller must not DELE anything from this batch.
-async fn commit_batch(
-    pool: PgPool,
+/// Where a batch goes.
+struct Target {
     pilot_id: i64,
     queue: String,
     keep_on_server: bool,
-    batch: Vec<Fetched>,
+}
+
+/// Stores a batch in one transaction. An error means the commit's outcome is unknown: the
+/// caller must not DELE anything from this batch.
+///
+/// A message the database refuses (a value it cannot index or hold) would fail the whole batch
+/// on every poll. So when a batch fails with such an error, it is stored again with a savepoint
+/// per message: a refused message is stored raw and flagged `store_error`, the others as usual.
+/// The first attempt has no savepoints, so the common case costs nothing extra.
+async fn commit_batch(
+    pool: PgPool,
+    target: Target,
+    batch: Vec<Ready>,
 ) -> Result<Committed, PollError> {
-    // Parsing is CPU work: keep it off the async worker threads.
-    let parsed = tokio::task::spawn_blocking(move || {
-        batch
-            .into_iter()
-            .map(|mut m| {
-                let parsed = m.parsed.take().unwrap_or_else(|| parse::parse(&m.raw));
-                (m, parsed)
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .map_err(|e| PollError::Task(e.to_string()))?;
+    let committed = match store_batch(&pool, &target, &batch, false).await {
+        Err(PollError::Store(e)) if !e.is_transient() => {
+            tracing::warn!(pilot = target.pilot_id, error = %e, "a message of the batch was refused by the database; storing the batch message by message");
+            store_batch(&pool, &target, &batch, true).await?
+        }
+        other => other?,
+    };
+    // Counted here, at the commit, so a poll that fails later neither loses nor doubles them.
+    metrics::global().messages_stored(
+        target.pilot_id,
+        committed.stored,
+        committed.stored_octets,
+        committed.parse_errors,
+        committed.oversize,
+    );
+    Ok(committed)
+}
+
+async fn store_batch(
+    pool: &PgPool,
+    target: &Target,
+    batch: &[Ready],
+    isolate: bool,
+) -> Result<Committed, PollError> {
     let mut tx = pool.begin().await.map_err(StoreError::from)?;
     let mut out = Committed {
         deletable: Vec::new(),
         stored: 0,
         stored_octets: 0,
         parse_errors: 0,
+        oversize: 0,
+        store_fallbacks: 0,
     };
-    let mut oversize = 0;
-    for (m, parsed) in &parsed {
-        let flags: Vec<&str> = m.flag.into_iter().collect();
-        let inserted = store::insert_message(
-            &mut tx,
-            &store::NewMessage {
-                pilot_id,
-                queue: &queue,
-                uidl: &m.uidl,
-                raw: &m.raw,
-                parsed,
-                headers_only: m.headers_only,
-                flags: &flags,
-            },
-        )
-        .await?;
-        if inserted.is_some() {
-            out.stored += 1;
-            out.stored_octets += m.raw.len() as u64;
-            if parsed.parse_error.is_some() && !m.headers_only {
-                out.parse_errors += 1;
+    for ready in batch {
+        let outcome = if isolate {
+            let mut savepoint = sqlx::Connection::begin(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+            match store_one(&mut savepoint, target, ready).await {
+                Ok(outcome) => {
+                    savepoint.commit().await.map_err(StoreError::from)?;
+                    outcome
+                }
+                Err(e) if !e.is_transient() => {
+                    savepoint.rollback().await.map_err(StoreError::from)?;
+                    out.store_fallbacks += 1;
+                    metrics::global().ingest_error(target.pilot_id, "store");
+                    tracing::warn!(pilot = target.pilot_id, key = %ready.fetched.key, error = %e, "the database refused this message's parsed fields; storing it raw and flagged");
+                    store_raw(&mut tx, target, ready, &e).await?
+                }
+                Err(e) => return Err(e.into()),
             }
-            oversize += usize::from(m.flag == Some("oversize"));
+        } else {
+            store_one(&mut tx, target, ready).await?
+        };
+        let m = &ready.fetched;
+        match outcome {
+            Stored::New => {
+                out.stored += 1;
+                out.stored_octets += m.raw.len() as u64;
+                if ready.parsed.parse_error.is_some() && !m.headers_only {
+                    out.parse_errors += 1;
+                }
+                out.oversize += usize::from(m.flag == Some("oversize"));
+            }
+            Stored::Already => {}
+            Stored::Refused => continue,
         }
-        if !m.headers_only && !keep_on_server {
-            out.deletable.push((m.number, m.uidl.clone()));
+        if let Stored::New | Stored::Already = outcome
+            && !m.headers_only
+            && !target.keep_on_server
+        {
+            out.deletable.push((m.number, m.key.clone()));
         }
     }
     // Why before DELE: a DELE is an external action; it may only follow a durable commit.
     tx.commit().await.map_err(StoreError::from)?;
-    // Counted here, at the commit, so a poll that fails later neither loses nor doubles them.
-    metrics::global().messages_stored(
-        pilot_id,
-        out.stored,
-        out.stored_octets,
-        out.parse_errors,
-        oversize,
-    );
     Ok(out)
+}
+
+/// What storing one message came to.
+enum Stored {
+    /// Stored now.
+    New,
+    /// This very message was stored already (same bytes or identity): it may be deleted.
+    Already,
+    /// Not stored: the key holds other mail. It stays on the server.
+    Refused,
+}
+
+/// Stores one message under its key. When the key already holds *other* mail (the server gave
+/// a stored message's UIDL to a new one), the new one is stored under its derived key instead.
+async fn store_one(
+    conn: &mut sqlx::PgConnection,
+    target: &Target,
+    ready: &Ready,
+) -> Result<Stored, StoreError> {
+    let m = &ready.fetched;
+    let flags: Vec<&str> = m.flag.into_iter().collect();
+    let mut new = store::NewMessage {
+        pilot_id: target.pilot_id,
+        queue: &target.queue,
+        uidl: &m.key,
+        raw: &m.raw,
+        parsed: &ready.parsed,
+        headers_only: m.headers_only,
+        flags: &flags,
+        identity: m.identity,
+    };
+    let copy = match store::insert_message(conn, &new).await? {
+        Inserted::New { .. } => return Ok(Stored::New),
+        Inserted::Existing(copy) => copy,
+    };
+    if copy.matches(&ready.sha256, m.identity.as_ref()) || m.untrusted {
+        return Ok(already(&copy, ready));
+    }
+    tracing::warn!(pilot = target.pilot_id, key = %m.key, "this UIDL is stored for different mail; storing the message by its identity");
+    let derived = content_key(m.identity.as_ref(), &m.raw);
+    new.uidl = &derived;
+    Ok(match store::insert_message(conn, &new).await? {
+        Inserted::New { .. } => Stored::New,
+        Inserted::Existing(copy) => already(&copy, ready),
+    })
+}
+
+/// A stored copy was found for `ready`: it is this message only if it matches, and only a
+/// whole stored copy makes the message deletable.
+fn already(copy: &StoredCopy, ready: &Ready) -> Stored {
+    let m = &ready.fetched;
+    if !copy.matches(&ready.sha256, m.identity.as_ref()) || (copy.headers_only && !m.headers_only) {
+        Stored::Refused
+    } else {
+        Stored::Already
+    }
+}
+
+/// Stores `ready` with only its raw bytes (and the error that kept its parsed fields out),
+/// flagged `store_error`. Returns `Refused` if even that fails: the message then stays on the
+/// server and its failure is recorded.
+async fn store_raw(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    target: &Target,
+    ready: &Ready,
+    error: &StoreError,
+) -> Result<Stored, PollError> {
+    let m = &ready.fetched;
+    let parsed = ParsedMail {
+        parse_error: Some(format!(
+            "the database refused this message's parsed fields ({error}); the raw message is \
+             stored whole: open it to read the message"
+        )),
+        ..ParsedMail::default()
+    };
+    let raw_only = Ready {
+        fetched: Fetched {
+            number: m.number,
+            key: m.key.clone(),
+            raw: m.raw.clone(),
+            identity: m.identity,
+            parsed: None,
+            flag: Some("store_error"),
+            headers_only: m.headers_only,
+            untrusted: m.untrusted,
+        },
+        parsed,
+        sha256: ready.sha256,
+    };
+    let mut savepoint = sqlx::Connection::begin(&mut **tx)
+        .await
+        .map_err(StoreError::from)?;
+    match store_one(&mut savepoint, target, &raw_only).await {
+        Ok(outcome) => {
+            savepoint.commit().await.map_err(StoreError::from)?;
+            Ok(outcome)
+        }
+        Err(e) if !e.is_transient() => {
+            savepoint.rollback().await.map_err(StoreError::from)?;
+            tracing::error!(pilot = target.pilot_id, key = %m.key, error = %e, "the database refused this message even raw; it stays on the server");
+            store::record_fetch_failure(tx, target.pilot_id, &m.key, &e.to_string()).await?;
+            Ok(Stored::Refused)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The UIDL listing, entry by entry.
+async fn listing(
+    session: &mut Session<Stream>,
+    max_entries: usize,
+) -> Result<shim::Listing, pop3::Error> {
+    shim::uidl_listing(session, max_entries).await
+}
+
+/// Until the POP3 client reads listings line by line.
+mod shim {
+    use crate::pop3::{Error, Session, Stream};
+
+    pub struct Listing {
+        pub entries: Vec<ListingEntry>,
+        pub truncated: bool,
+        pub unreadable_lines: usize,
+    }
+    pub struct ListingEntry {
+        pub number: u32,
+        pub uidl: ListedUidl,
+    }
+    pub enum ListedUidl {
+        Unique(String),
+        Shared(String),
+        Invalid {
+            reason: &'static str,
+            excerpt: String,
+        },
+    }
+
+    pub async fn uidl_listing(
+        session: &mut Session<Stream>,
+        max_entries: usize,
+    ) -> Result<Listing, Error> {
+        let all = session.uidl_all().await?;
+        let mut seen = std::collections::HashMap::<String, usize>::new();
+        for (_, u) in &all {
+            *seen.entry(u.clone()).or_default() += 1;
+        }
+        let truncated = all.len() > max_entries;
+        let entries = all
+            .into_iter()
+            .take(max_entries)
+            .map(|(number, u)| ListingEntry {
+                number,
+                uidl: if seen[&u] > 1 {
+                    ListedUidl::Shared(u)
+                } else {
+                    ListedUidl::Unique(u)
+                },
+            })
+            .collect();
+        let _ = ListedUidl::Invalid {
+            reason: "",
+            excerpt: String::new(),
+        };
+        Ok(Listing {
+            entries,
+            truncated,
+            unreadable_lines: 0,
+        })
+    }
 }
 
 /// Runs one POP3 step and records its latency under `command` (one of

@@ -19,13 +19,37 @@ use crate::ingest::parse::{Address, ParsedMail};
 
 /// Work-item flag added when the message could not be parsed.
 pub const FLAG_PARSE_ERROR: &str = "parse_error";
+/// Work-item flag added when a header value was longer than the store keeps (the raw message
+/// is stored whole; see [`limits`]).
+pub const FLAG_HEADER_TRUNCATED: &str = "header_truncated";
+
+/// What the store keeps of sender-written header values. The raw message is always stored
+/// whole; these bound the parsed copies that are indexed, listed and shown, so that no sender
+/// can make a row too large for an index or a page unreadable.
+pub mod limits {
+    /// `Message-ID`, each `In-Reply-To` / `References` id (RFC 5322 §2.1.1's line limit).
+    pub const ID_BYTES: usize = 998;
+    /// `In-Reply-To` ids kept (the first ones).
+    pub const IN_REPLY_TO_IDS: usize = 20;
+    /// `References` ids kept: the first (the thread's root) and the newest.
+    pub const REFERENCES_IDS: usize = 100;
+    /// The subject.
+    pub const SUBJECT_BYTES: usize = 4 * 1024;
+    /// A display name or an address.
+    pub const ADDRESS_PART_BYTES: usize = 998;
+    /// Addresses kept per field (`From`, `To`, `Cc`, `Reply-To`).
+    pub const ADDRESSES: usize = 1_000;
+    /// An attachment's file name, content type or content id.
+    pub const ATTACHMENT_FIELD_BYTES: usize = 998;
+}
 
 /// What the store already knows about a UIDL of a pilot's maildrop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KnownUidl {
-    /// The message is stored: do not download it again; delete it from the server unless
-    /// `deleted` (already done) or the pilot keeps mail on the server.
-    Stored { headers_only: bool, deleted: bool },
+    /// The message is stored: do not download it again; delete it from the server (once its
+    /// identity is checked) unless `deleted` (already done) or the pilot keeps mail on the
+    /// server.
+    Stored { copy: StoredCopy, deleted: bool },
     /// Not stored; downloading it has failed `attempts` times so far.
     Failing { attempts: u32 },
 }
@@ -45,6 +69,49 @@ pub struct NewMessage<'a> {
     /// Work-item flags such as `oversize` or `fetch_failed`; `parse_error` is added
     /// automatically when `parsed.parse_error` is set.
     pub flags: &'a [&'a str],
+    /// The message's identity (`ingest::identity`), when its header section has one.
+    pub identity: Option<[u8; 32]>,
+}
+
+/// What [`insert_message`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    /// Stored now, with this work item.
+    New { work_item_id: i64 },
+    /// This `(pilot, key)` was already stored (an earlier poll, or a concurrent poller);
+    /// nothing was written. What is stored, so the caller can tell the same message from a
+    /// different one under a reused UIDL.
+    Existing(StoredCopy),
+}
+
+impl Inserted {
+    /// The new work item, if one was created.
+    pub fn work_item(&self) -> Option<i64> {
+        match self {
+            Inserted::New { work_item_id } => Some(*work_item_id),
+            Inserted::Existing(_) => None,
+        }
+    }
+}
+
+/// The stored copy of a message, as far as identity checks need it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredCopy {
+    /// SHA-256 of the stored bytes (the header section only when `headers_only`).
+    pub sha256: [u8; 32],
+    /// Its identity, when known (`None` for rows older than identities, and for messages whose
+    /// header section names nothing).
+    pub identity: Option<[u8; 32]>,
+    pub headers_only: bool,
+}
+
+impl StoredCopy {
+    /// Whether downloaded bytes `raw` with identity `identity` are this stored message: the same
+    /// bytes, or the same identity (a server that renders MIME on download may change the bytes
+    /// of one message, never its identity fields).
+    pub fn matches(&self, sha256: &[u8; 32], identity: Option<&[u8; 32]>) -> bool {
+        self.sha256 == *sha256 || (identity.is_some() && self.identity.as_ref() == identity)
+    }
 }
 
 impl std::fmt::Debug for NewMessage<'_> {
@@ -57,6 +124,7 @@ impl std::fmt::Debug for NewMessage<'_> {
             .field("attachments", &self.parsed.attachments.len())
             .field("headers_only", &self.headers_only)
             .field("flags", &self.flags)
+            .field("identity", &self.identity.map(hex::encode))
             .finish_non_exhaustive()
     }
 }
@@ -74,17 +142,62 @@ fn pg_opt(text: &Option<String>) -> Option<String> {
     text.as_deref().map(|t| pg_text(t).into_owned())
 }
 
-fn pg_vec(items: &[String]) -> Vec<String> {
-    items.iter().map(|t| pg_text(t).into_owned()).collect()
+/// Keeps at most `max` bytes of `text` (on a character boundary), NUL replaced; notes in
+/// `cut` when anything was dropped.
+fn capped(text: &str, max: usize, cut: &mut bool) -> String {
+    let mut end = text.len();
+    if end > max {
+        *cut = true;
+        end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+    }
+    pg_text(&text[..end]).into_owned()
 }
 
-fn pg_addresses(addresses: &[Address]) -> Json<Vec<Address>> {
+fn capped_opt(text: &Option<String>, max: usize, cut: &mut bool) -> Option<String> {
+    text.as_deref().map(|t| capped(t, max, cut))
+}
+
+/// At most `max` ids, each capped; for `References` the first and the newest are kept, since
+/// threading looks for the root and the latest replies.
+fn capped_ids(
+    ids: &[String],
+    max: usize,
+    keep_first_and_last: bool,
+    cut: &mut bool,
+) -> Vec<String> {
+    let picked: Vec<&String> = if ids.len() <= max {
+        ids.iter().collect()
+    } else {
+        *cut = true;
+        if keep_first_and_last && max > 1 {
+            ids[..1]
+                .iter()
+                .chain(&ids[ids.len() - (max - 1)..])
+                .collect()
+        } else {
+            ids[..max].iter().collect()
+        }
+    };
+    picked
+        .into_iter()
+        .map(|id| capped(id, limits::ID_BYTES, cut))
+        .collect()
+}
+
+fn pg_addresses(addresses: &[Address], cut: &mut bool) -> Json<Vec<Address>> {
+    if addresses.len() > limits::ADDRESSES {
+        *cut = true;
+    }
     Json(
         addresses
             .iter()
+            .take(limits::ADDRESSES)
             .map(|a| Address {
-                name: pg_opt(&a.name),
-                email: pg_opt(&a.email),
+                name: capped_opt(&a.name, limits::ADDRESS_PART_BYTES, cut),
+                email: capped_opt(&a.email, limits::ADDRESS_PART_BYTES, cut),
             })
             .collect(),
     )
@@ -98,50 +211,88 @@ fn too_large(field: &'static str, len: usize) -> StoreError {
 }
 
 /// Stores a message, its attachments and its work item, and forgets any recorded fetch
-/// failures of that UIDL. Returns the work item id, or `None` when this `(pilot, uidl)` is
-/// already stored, in which case nothing at all is written.
+/// failures of that key. Returns [`Inserted::New`] with the work item, or
+/// [`Inserted::Existing`] when this `(pilot, uidl)` is already stored, in which case nothing at
+/// all is written and the stored copy is described so the caller can compare.
+///
+/// Messages whose UIDL the poller does not trust are stored under a derived key (`~ <hex>`) and
+/// known by their identity: such a message is also `Existing` when its identity is stored under
+/// any key, and a message with a trusted UIDL is `Existing` when its identity is stored under a
+/// derived key. (Two copies with trusted UIDLs and the same identity are two work items, as
+/// when someone moves a handled message back into the inbox.)
+///
+/// Header values longer than [`limits`] are cut (the work item is flagged
+/// [`FLAG_HEADER_TRUNCATED`]); the raw bytes are stored whole.
 ///
 /// Call it inside the caller's transaction and `DELE` only after that transaction commits.
 pub async fn insert_message(
     conn: &mut PgConnection,
     message: &NewMessage<'_>,
-) -> Result<Option<i64>, StoreError> {
+) -> Result<Inserted, StoreError> {
     let parsed = message.parsed;
     let size = i64::try_from(message.raw.len()).map_err(|_| too_large("raw", message.raw.len()))?;
-    let sha256 = Sha256::digest(message.raw).to_vec();
-    let message_id: Option<i64> = sqlx::query_scalar(
+    let sha256: [u8; 32] = Sha256::digest(message.raw).into();
+    let mut cut = false;
+    let message_id = capped_opt(&parsed.message_id, limits::ID_BYTES, &mut cut);
+    let subject = capped_opt(&parsed.subject, limits::SUBJECT_BYTES, &mut cut);
+    let from = pg_addresses(&parsed.from, &mut cut);
+    let to = pg_addresses(&parsed.to, &mut cut);
+    let cc = pg_addresses(&parsed.cc, &mut cut);
+    let reply_to = pg_addresses(&parsed.reply_to, &mut cut);
+    let in_reply_to = capped_ids(
+        &parsed.in_reply_to,
+        limits::IN_REPLY_TO_IDS,
+        false,
+        &mut cut,
+    );
+    let references = capped_ids(&parsed.references, limits::REFERENCES_IDS, true, &mut cut);
+    let message_row: Option<i64> = sqlx::query_scalar(
         "insert into messages (pilot_id, uidl, raw, sha256, message_id, subject, from_addrs, \
          to_addrs, cc_addrs, reply_to_addrs, sent_at, in_reply_to, \"references\", text_body, \
-         html_body, parse_error, size, headers_only, html_sanitized) \
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-         $19) \
+         html_body, parse_error, size, headers_only, html_sanitized, identity) \
+         select $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+         $19, $20 \
+         where not exists (select 1 from messages where pilot_id = $1 and identity = $20 \
+                           and ($2 like '~ %' or uidl like '~ %')) \
          on conflict (pilot_id, uidl) do nothing returning id",
     )
     .bind(message.pilot_id)
     .bind(message.uidl)
     .bind(message.raw)
-    .bind(sha256)
-    .bind(pg_opt(&parsed.message_id))
-    .bind(pg_opt(&parsed.subject))
-    .bind(pg_addresses(&parsed.from))
-    .bind(pg_addresses(&parsed.to))
-    .bind(pg_addresses(&parsed.cc))
-    .bind(pg_addresses(&parsed.reply_to))
+    .bind(&sha256[..])
+    .bind(message_id)
+    .bind(subject)
+    .bind(from)
+    .bind(to)
+    .bind(cc)
+    .bind(reply_to)
     .bind(parsed.date)
-    .bind(pg_vec(&parsed.in_reply_to))
-    .bind(pg_vec(&parsed.references))
+    .bind(in_reply_to)
+    .bind(references)
     .bind(pg_opt(&parsed.text_body))
     .bind(pg_opt(&parsed.html_body))
     .bind(pg_opt(&parsed.parse_error))
     .bind(size)
     .bind(message.headers_only)
     .bind(pg_opt(&parsed.html_sanitized))
+    .bind(message.identity.as_ref().map(|i| &i[..]))
     .fetch_optional(&mut *conn)
     .await
     .map_err(|err| unknown_pilot(err, message.pilot_id))?;
-    let Some(message_id) = message_id else {
+    let Some(message_row) = message_row else {
         // Already stored by an earlier poll or a concurrent poller: nothing else to write.
-        return Ok(None);
+        let mut stored = stored_copy(conn, message.pilot_id, message.uidl).await?;
+        if stored.is_none()
+            && let Some(identity) = &message.identity
+        {
+            stored = stored_copy_by_identity(conn, message.pilot_id, identity).await?;
+        }
+        return Ok(Inserted::Existing(stored.ok_or_else(|| {
+            StoreError::UnexpectedValue {
+                column: "messages.uidl",
+                value: "a conflicting row that cannot be read back".to_owned(),
+            }
+        })?));
     };
 
     for (index, attachment) in parsed.attachments.iter().enumerate() {
@@ -152,21 +303,40 @@ pub async fn insert_message(
             "insert into attachments (message_id, ordinal, filename, content_type, size, \
              content_id, inline, bytes) values ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
-        .bind(message_id)
+        .bind(message_row)
         .bind(ordinal)
-        .bind(pg_opt(&attachment.filename))
-        .bind(pg_text(&attachment.content_type).as_ref())
+        .bind(capped_opt(
+            &attachment.filename,
+            limits::ATTACHMENT_FIELD_BYTES,
+            &mut cut,
+        ))
+        .bind(capped(
+            &attachment.content_type,
+            limits::ATTACHMENT_FIELD_BYTES,
+            &mut cut,
+        ))
         .bind(size)
-        .bind(pg_opt(&attachment.content_id))
+        .bind(capped_opt(
+            &attachment.content_id,
+            limits::ATTACHMENT_FIELD_BYTES,
+            &mut cut,
+        ))
         .bind(attachment.inline)
         .bind(&attachment.bytes)
         .execute(&mut *conn)
         .await?;
     }
 
-    let mut flags: Vec<String> = Vec::with_capacity(message.flags.len() + 1);
+    let mut flags: Vec<String> = Vec::with_capacity(message.flags.len() + 2);
     let parse_flag = parsed.parse_error.is_some().then_some(FLAG_PARSE_ERROR);
-    for flag in message.flags.iter().copied().chain(parse_flag) {
+    let cut_flag = cut.then_some(FLAG_HEADER_TRUNCATED);
+    for flag in message
+        .flags
+        .iter()
+        .copied()
+        .chain(parse_flag)
+        .chain(cut_flag)
+    {
         if !flags.iter().any(|f| f == flag) {
             flags.push(pg_text(flag).into_owned());
         }
@@ -174,7 +344,7 @@ pub async fn insert_message(
     let work_item_id: i64 = sqlx::query_scalar(
         "insert into work_items (message_id, queue, flags) values ($1, $2, $3) returning id",
     )
-    .bind(message_id)
+    .bind(message_row)
     .bind(message.queue)
     .bind(&flags)
     .fetch_one(&mut *conn)
@@ -185,7 +355,104 @@ pub async fn insert_message(
         .bind(message.uidl)
         .execute(&mut *conn)
         .await?;
-    Ok(Some(work_item_id))
+    Ok(Inserted::New { work_item_id })
+}
+
+/// The stored copy under `(pilot, key)`, if any.
+pub async fn stored_copy(
+    conn: &mut PgConnection,
+    pilot_id: i64,
+    key: &str,
+) -> Result<Option<StoredCopy>, StoreError> {
+    let row: Option<(Vec<u8>, Option<Vec<u8>>, bool)> = sqlx::query_as(
+        "select sha256, identity, headers_only from messages where pilot_id = $1 and uidl = $2",
+    )
+    .bind(pilot_id)
+    .bind(key)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|(sha256, identity, headers_only)| {
+        Ok(StoredCopy {
+            sha256: digest(sha256, "messages.sha256")?,
+            identity: identity
+                .map(|i| digest(i, "messages.identity"))
+                .transpose()?,
+            headers_only,
+        })
+    })
+    .transpose()
+}
+
+/// A stored copy with this identity, of this pilot, preferring whole copies.
+async fn stored_copy_by_identity(
+    conn: &mut PgConnection,
+    pilot_id: i64,
+    identity: &[u8; 32],
+) -> Result<Option<StoredCopy>, StoreError> {
+    let row: Option<(Vec<u8>, bool)> = sqlx::query_as(
+        "select sha256, headers_only from messages where pilot_id = $1 and identity = $2 \
+         order by headers_only, id limit 1",
+    )
+    .bind(pilot_id)
+    .bind(&identity[..])
+    .fetch_optional(conn)
+    .await?;
+    row.map(|(sha256, headers_only)| {
+        Ok(StoredCopy {
+            sha256: digest(sha256, "messages.sha256")?,
+            identity: Some(*identity),
+            headers_only,
+        })
+    })
+    .transpose()
+}
+
+fn digest(bytes: Vec<u8>, column: &'static str) -> Result<[u8; 32], StoreError> {
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| StoreError::UnexpectedValue {
+        column,
+        value: format!("{} bytes", bytes.len()),
+    })
+}
+
+/// Which of these identities this pilot has stored, under any key, and whether that copy holds
+/// only the headers. Serves the messages whose UIDL cannot be trusted: they are known by their
+/// identity instead.
+pub async fn stored_identities(
+    conn: &mut PgConnection,
+    pilot_id: i64,
+    identities: &[[u8; 32]],
+) -> Result<HashMap<[u8; 32], bool>, StoreError> {
+    let wanted: Vec<&[u8]> = identities.iter().map(|i| &i[..]).collect();
+    let rows: Vec<(Vec<u8>, bool)> = sqlx::query_as(
+        "select identity, bool_and(headers_only) from messages \
+         where pilot_id = $1 and identity = any($2) group by identity",
+    )
+    .bind(pilot_id)
+    .bind(&wanted)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|(identity, headers_only)| Ok((digest(identity, "messages.identity")?, headers_only)))
+        .collect()
+}
+
+/// The first `max_bytes` of a stored message (its header section, in practice), to compute
+/// the identity of rows stored before identities were recorded.
+pub async fn stored_head(
+    conn: &mut PgConnection,
+    pilot_id: i64,
+    key: &str,
+    max_bytes: usize,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let max = i32::try_from(max_bytes).unwrap_or(i32::MAX);
+    Ok(sqlx::query_scalar(
+        "select substring(raw from 1 for $3) from messages where pilot_id = $1 and uidl = $2",
+    )
+    .bind(pilot_id)
+    .bind(key)
+    .bind(max)
+    .fetch_optional(conn)
+    .await?)
 }
 
 fn unknown_pilot(err: sqlx::Error, pilot_id: i64) -> StoreError {
@@ -214,9 +481,11 @@ pub async fn known_uidls(
     .bind(uidls)
     .fetch_all(&mut *conn)
     .await?;
-    let stored: Vec<(String, bool, bool)> = sqlx::query_as(
-        "select uidl, headers_only, deleted_from_server_at is not null from messages \
-         where pilot_id = $1 and uidl = any($2)",
+    /// uidl, sha256, identity, headers_only, deleted
+    type Row = (String, Vec<u8>, Option<Vec<u8>>, bool, bool);
+    let stored: Vec<Row> = sqlx::query_as(
+        "select uidl, sha256, identity, headers_only, deleted_from_server_at is not null \
+         from messages where pilot_id = $1 and uidl = any($2)",
     )
     .bind(pilot_id)
     .bind(uidls)
@@ -231,14 +500,15 @@ pub async fn known_uidls(
         known.insert(uidl, KnownUidl::Failing { attempts });
     }
     // A stored message wins over a failure record of the same UIDL.
-    for (uidl, headers_only, deleted) in stored {
-        known.insert(
-            uidl,
-            KnownUidl::Stored {
-                headers_only,
-                deleted,
-            },
-        );
+    for (uidl, sha256, identity, headers_only, deleted) in stored {
+        let copy = StoredCopy {
+            sha256: digest(sha256, "messages.sha256")?,
+            identity: identity
+                .map(|i| digest(i, "messages.identity"))
+                .transpose()?,
+            headers_only,
+        };
+        known.insert(uidl, KnownUidl::Stored { copy, deleted });
     }
     Ok(known)
 }
@@ -264,7 +534,8 @@ pub async fn mark_deleted(
 /// Marks as deleted the stored, unmarked messages of a pilot that are no longer on the server
 /// (`present` is the server's current UIDL listing): their QUIT was applied but its reply never
 /// arrived, or someone removed them. Headers-only messages are never deleted by ccmail and stay
-/// unmarked. Returns how many were marked.
+/// unmarked, and so do messages stored under a derived key (they are never listed by UIDL).
+/// Returns how many were marked.
 pub async fn mark_vanished(
     conn: &mut PgConnection,
     pilot_id: i64,
@@ -273,7 +544,7 @@ pub async fn mark_vanished(
     let done = sqlx::query(
         "update messages set deleted_from_server_at = now() \
          where pilot_id = $1 and deleted_from_server_at is null and not headers_only \
-         and uidl <> all($2)",
+         and uidl <> all($2) and uidl not like '~ %'",
     )
     .bind(pilot_id)
     .bind(present)

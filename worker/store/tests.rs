@@ -93,6 +93,7 @@ fn message<'a>(pilot: &'a PilotRow, uidl: &'a str, parsed: &'a ParsedMail) -> Ne
         parsed,
         headers_only: false,
         flags: &[],
+        identity: None,
     }
 }
 
@@ -551,7 +552,7 @@ async fn insert_message_stores_everything_once() {
     let mut tx = conn.begin().await.unwrap();
     let item = insert_message(&mut tx, &new).await.unwrap();
     tx.commit().await.unwrap();
-    let item = item.expect("first insert creates a work item");
+    let item = item.work_item().expect("first insert creates a work item");
 
     type Stored = (
         String,
@@ -634,7 +635,10 @@ async fn insert_message_stores_everything_once() {
 
     // The same (pilot, uidl) again: nothing at all is added.
     let mut tx = conn.begin().await.unwrap();
-    assert_eq!(insert_message(&mut tx, &new).await.unwrap(), None);
+    assert_eq!(
+        insert_message(&mut tx, &new).await.unwrap().work_item(),
+        None
+    );
     tx.commit().await.unwrap();
     assert_eq!(count(&mut conn, "messages").await, 1);
     assert_eq!(count(&mut conn, "attachments").await, 2);
@@ -664,7 +668,11 @@ async fn unparsable_oversize_and_nul_laden_messages_are_still_stored() {
     new.raw = b"\0\0garbage";
     new.flags = &["oversize", "parse_error"];
     new.headers_only = true;
-    let item = insert_message(&mut conn, &new).await.unwrap().unwrap();
+    let item = insert_message(&mut conn, &new)
+        .await
+        .unwrap()
+        .work_item()
+        .unwrap();
     let (flags, subject, body, from, headers_only): (
         Vec<String>,
         String,
@@ -688,7 +696,11 @@ async fn unparsable_oversize_and_nul_laden_messages_are_still_stored() {
     // parse_error is flagged even when the caller passes no flags.
     let mut plain = message(&p, "UID-broken-2", &broken);
     plain.flags = &[];
-    let item = insert_message(&mut conn, &plain).await.unwrap().unwrap();
+    let item = insert_message(&mut conn, &plain)
+        .await
+        .unwrap()
+        .work_item()
+        .unwrap();
     let flags: Vec<String> = sqlx::query_scalar("select flags from work_items where id = $1")
         .bind(item)
         .fetch_one(&mut *conn)
@@ -752,7 +764,7 @@ async fn fifty_concurrent_inserts_of_one_uidl_store_exactly_one_message() {
     }
     let mut created = Vec::new();
     while let Some(result) = tasks.join_next().await {
-        if let Some(id) = result.unwrap() {
+        if let Some(id) = result.unwrap().work_item() {
             created.push(id);
         }
     }
@@ -776,14 +788,20 @@ async fn known_uidls_mark_deleted_and_fetch_failures() {
     insert_message(&mut conn, &message(&p, "A", &parsed))
         .await
         .unwrap()
+        .work_item()
         .unwrap();
     let mut headers = message(&p, "B", &parsed);
     headers.headers_only = true;
-    insert_message(&mut conn, &headers).await.unwrap().unwrap();
+    insert_message(&mut conn, &headers)
+        .await
+        .unwrap()
+        .work_item()
+        .unwrap();
     // Same UIDL on another pilot is a different message.
     insert_message(&mut conn, &message(&other, "C", &parsed))
         .await
         .unwrap()
+        .work_item()
         .unwrap();
 
     assert_eq!(
@@ -824,20 +842,26 @@ async fn known_uidls_mark_deleted_and_fetch_failures() {
     let asked: Vec<String> = ["A", "B", "C", "D", "Z"].map(String::from).to_vec();
     let known = known_uidls(&mut conn, p.id, &asked).await.unwrap();
     assert_eq!(known.len(), 3);
-    assert_eq!(
+    assert!(matches!(
         known["A"],
         KnownUidl::Stored {
-            headers_only: false,
+            copy: StoredCopy {
+                headers_only: false,
+                ..
+            },
             deleted: false
         }
-    );
-    assert_eq!(
+    ));
+    assert!(matches!(
         known["B"],
         KnownUidl::Stored {
-            headers_only: true,
+            copy: StoredCopy {
+                headers_only: true,
+                ..
+            },
             deleted: false
         }
-    );
+    ));
     assert_eq!(known["D"], KnownUidl::Failing { attempts: 3 });
     assert!(!known.contains_key("C"), "C belongs to another pilot");
 
@@ -850,27 +874,34 @@ async fn known_uidls_mark_deleted_and_fetch_failures() {
         0
     );
     let known = known_uidls(&mut conn, p.id, &asked).await.unwrap();
-    assert_eq!(
+    assert!(matches!(
         known["A"],
         KnownUidl::Stored {
-            headers_only: false,
+            copy: StoredCopy {
+                headers_only: false,
+                ..
+            },
             deleted: true
         }
-    );
+    ));
 
     // A failing message that finally downloads: the failure record goes with the insert.
     insert_message(&mut conn, &message(&p, "D", &parsed))
         .await
         .unwrap()
+        .work_item()
         .unwrap();
     let known = known_uidls(&mut conn, p.id, &asked).await.unwrap();
-    assert_eq!(
+    assert!(matches!(
         known["D"],
         KnownUidl::Stored {
-            headers_only: false,
+            copy: StoredCopy {
+                headers_only: false,
+                ..
+            },
             deleted: false
         }
-    );
+    ));
     assert_eq!(count(&mut conn, "fetch_failures").await, 1);
 
     assert!(clear_fetch_failure(&mut conn, p.id, "E").await.unwrap());
@@ -896,12 +927,14 @@ async fn queue_views_count_and_age_work_items() {
             insert_message(&mut conn, &message(&support, uidl, &parsed))
                 .await
                 .unwrap()
+                .work_item()
                 .unwrap(),
         );
     }
     let sales_item = insert_message(&mut conn, &message(&sales, "1", &parsed))
         .await
         .unwrap()
+        .work_item()
         .unwrap();
     // Make ages deterministic: the oldest queued support item waited 5 minutes, sales 1 minute.
     sqlx::query("update work_items set enqueued_at = now() - interval '5 minutes' where id = $1")

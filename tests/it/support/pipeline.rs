@@ -51,6 +51,7 @@ pub fn small_limits() -> IngestLimits {
         batch_bytes: 16 * 1024 * 1024,
         max_retr_attempts: 3,
         commit_concurrency: 2,
+        ..IngestLimits::default()
     }
 }
 
