@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::SecretString;
+use sha2::Digest as _;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::Barrier;
@@ -1077,4 +1078,126 @@ async fn test_databases_are_removed_explicitly_and_on_drop() {
     drop(db);
     assert!(!database_exists(&name).await);
     drop(held);
+}
+
+#[tokio::test]
+async fn an_existing_copy_is_described_and_derived_keys_meet_by_identity() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let app = app(&mut conn, "a").await;
+    let p = pilot(&mut conn, "support", "s@x", app.id).await;
+    let parsed = parsed_mail();
+    let identity = [7u8; 32];
+    let mut first = message(&p, "U1", &parsed);
+    first.identity = Some(identity);
+    assert!(
+        insert_message(&mut conn, &first)
+            .await
+            .unwrap()
+            .work_item()
+            .is_some()
+    );
+
+    // The same key again: nothing written, the stored copy described.
+    let again = insert_message(&mut conn, &first).await.unwrap();
+    let Inserted::Existing(copy) = again else {
+        panic!("expected the existing copy, got {again:?}");
+    };
+    let sha: [u8; 32] = sha2::Sha256::digest(first.raw).into();
+    assert_eq!(
+        (copy.sha256, copy.identity, copy.headers_only),
+        (sha, Some(identity), false)
+    );
+    assert!(copy.matches(&sha, None));
+    assert!(copy.matches(&[0; 32], Some(&identity)));
+    assert!(!copy.matches(&[0; 32], Some(&[8; 32])));
+    assert!(!copy.matches(&[0; 32], None));
+
+    // A derived key is known by its identity, under whatever key that identity is stored.
+    let derived_key = format!("~ {}", hex::encode(identity));
+    let mut derived = message(&p, &derived_key, &parsed);
+    derived.identity = Some(identity);
+    assert!(matches!(
+        insert_message(&mut conn, &derived).await.unwrap(),
+        Inserted::Existing(StoredCopy { identity: Some(i), .. }) if i == identity
+    ));
+    // A new identity under a derived key is stored; a trusted UIDL with that identity then
+    // meets it.
+    let other = [9u8; 32];
+    let other_key = format!("~ {}", hex::encode(other));
+    let mut derived = message(&p, &other_key, &parsed);
+    derived.identity = Some(other);
+    assert!(
+        insert_message(&mut conn, &derived)
+            .await
+            .unwrap()
+            .work_item()
+            .is_some()
+    );
+    let mut trusted = message(&p, "U2", &parsed);
+    trusted.identity = Some(other);
+    assert!(matches!(
+        insert_message(&mut conn, &trusted).await.unwrap(),
+        Inserted::Existing(_)
+    ));
+    // Two trusted UIDLs with one identity are two work items (a handled message moved back
+    // into the inbox is work again).
+    let mut copy_back = message(&p, "U3", &parsed);
+    copy_back.identity = Some(identity);
+    assert!(
+        insert_message(&mut conn, &copy_back)
+            .await
+            .unwrap()
+            .work_item()
+            .is_some()
+    );
+    assert_eq!(count(&mut conn, "work_items").await, 3);
+    let found = stored_identities(&mut conn, p.id, &[identity, other, [1; 32]])
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 2);
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn header_values_beyond_the_limits_are_cut_and_flagged() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let app = app(&mut conn, "a").await;
+    let p = pilot(&mut conn, "support", "s@x", app.id).await;
+    let mut parsed = parsed_mail();
+    parsed.message_id = Some(format!("{}@x", "é".repeat(3_000)));
+    parsed.subject = Some("s".repeat(1_000_000));
+    parsed.to = (0..100_000)
+        .map(|i| Address {
+            name: None,
+            email: Some(format!("u{i}@example.com")),
+        })
+        .collect();
+    parsed.references = (0..5_000).map(|i| format!("r{i}@x")).collect();
+    let item = insert_message(&mut conn, &message(&p, "U", &parsed))
+        .await
+        .unwrap()
+        .work_item()
+        .unwrap();
+    type Row = (String, String, i32, Vec<String>, Vec<String>);
+    let row: Row = sqlx::query_as(
+        "select m.message_id, m.subject, jsonb_array_length(m.to_addrs), m.\"references\", \
+         w.flags from messages m join work_items w on w.message_id = m.id where w.id = $1",
+    )
+    .bind(item)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert!(row.0.len() <= limits::ID_BYTES && row.0.starts_with('é'));
+    assert_eq!(row.1.len(), limits::SUBJECT_BYTES);
+    assert_eq!(row.2 as usize, limits::ADDRESSES);
+    assert_eq!(row.3.len(), limits::REFERENCES_IDS);
+    // The thread's root and the newest references are the ones kept.
+    assert_eq!(row.3.first().map(String::as_str), Some("r0@x"));
+    assert_eq!(row.3.last().map(String::as_str), Some("r4999@x"));
+    assert_eq!(row.4, [FLAG_HEADER_TRUNCATED]);
+    drop(conn);
+    db.drop_db().await.unwrap();
 }
