@@ -37,6 +37,7 @@ const TIMEOUTS: Timeouts = Timeouts {
     tls: Duration::from_secs(5),
     command: Duration::from_secs(5),
     idle: Duration::from_secs(5),
+    ..Timeouts::DEFAULT
 };
 /// If a client conversation is still running after this much (virtual) time, it hangs.
 const HANG: Duration = Duration::from_secs(3600);
@@ -44,6 +45,12 @@ const HANG: Duration = Duration::from_secs(3600);
 const RETR_LIMIT: usize = 4096;
 /// The client's read chunk and status-line bound (connection.rs, codec.rs).
 const READ_CHUNK: usize = 16 * 1024;
+
+/// Characters that must never reach a terminal or a log raw.
+fn is_dangerous(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+}
 
 fn cases(n: u32) -> Config {
     Config {
@@ -338,12 +345,12 @@ proptest! {
         limit in 0usize..512,
     ) {
         let mut whole = MultiLine::new(limit);
-        let all = whole.decode(&buf);
+        let all = whole.decode(&buf).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let mut chunked = MultiLine::new(limit);
         let mut consumed = 0;
         let mut done = false;
         for chunk in split_into_chunks(&buf, &sizes) {
-            let p = chunked.decode(&chunk);
+            let p = chunked.decode(&chunk).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert!(p.consumed <= chunk.len());
             consumed += p.consumed;
             if p.done {
@@ -384,26 +391,43 @@ proptest! {
         }
         wire.extend_from_slice(b".\r\n");
         let mut decoder = MultiLine::new(body.len());
-        let progress = decoder.decode(&wire);
+        let progress = decoder.decode(&wire).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert!(progress.done);
         prop_assert_eq!(progress.consumed, wire.len());
         prop_assert_eq!(decoder.finish().ok(), Some(body));
     }
 
-    /// SASL challenges: whatever the server sends, decoding is short, printable, never panics;
-    /// base64 of text gives that text back (control characters removed).
+    /// SASL challenges: whatever the server sends, decoding is bounded, never panics and
+    /// never lets a control or bidi character through raw; base64 of text gives that text back
+    /// (cut, and escaped).
     #[test]
     fn sasl_challenges_decode_safely(text in ".{0,600}", bytes in prop::collection::vec(any::<u8>(), 0..600)) {
         use base64::Engine;
+        use ccmail::pop3::sasl::{decode_challenge, MAX_CHALLENGE_CHARS};
         for challenge in [text.clone(), base64::engine::general_purpose::STANDARD.encode(&bytes), base64::engine::general_purpose::STANDARD.encode(text.as_bytes())] {
-            if let Some(decoded) = ccmail::pop3::sasl::decode_challenge(&challenge) {
-                prop_assert!(decoded.chars().count() <= 512);
-                prop_assert!(!decoded.chars().any(char::is_control));
+            if let Some(decoded) = decode_challenge(&challenge) {
+                // An escape is at most 10 characters (`\u{10ffff}`).
+                prop_assert!(decoded.chars().count() <= 10 * MAX_CHALLENGE_CHARS);
+                prop_assert!(!decoded.chars().any(is_dangerous), "{:?}", decoded);
             }
         }
         let encoded = base64::engine::general_purpose::STANDARD.encode(text.as_bytes());
-        let expected: String = text.chars().filter(|c| !c.is_control()).take(512).collect();
-        prop_assert_eq!(ccmail::pop3::sasl::decode_challenge(&encoded), Some(expected));
+        let cut: String = text.chars().take(MAX_CHALLENGE_CHARS).collect();
+        prop_assert_eq!(decode_challenge(&encoded), Some(codec::escape_controls(&cut)));
+    }
+
+    /// Status text: whatever the server sends, no control or bidi character survives raw, and
+    /// text without any is kept as it came.
+    #[test]
+    fn status_text_never_carries_controls(text in "\\PC{0,80}|[\\x00-\\x7f\\u{80}-\\u{9f}\\u{202a}-\\u{202e}\\u{2066}-\\u{2069}a-z ]{0,80}") {
+        let line = format!("-ERR {text}\r\n");
+        if let Ok(Decode::Complete { frame, .. }) = codec::decode_status(line.as_bytes(), 1024) {
+            prop_assert!(!frame.text.chars().any(is_dangerous), "{:?}", frame.text);
+            prop_assert_eq!(frame.escaped, text.trim().chars().any(is_dangerous));
+            if !frame.escaped && frame.code.is_none() {
+                prop_assert_eq!(frame.text, text.trim());
+            }
+        }
     }
 }
 
