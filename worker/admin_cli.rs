@@ -799,6 +799,7 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
                     tls: t,
                     command: t,
                     idle: t,
+                    ..ccmail::pop3::Timeouts::DEFAULT
                 };
             }
             Ok(Target {

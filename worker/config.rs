@@ -333,6 +333,7 @@ impl Config {
             tls: Duration::from_secs(self.pop3.tls_timeout_secs),
             command: Duration::from_secs(self.pop3.command_timeout_secs),
             idle: Duration::from_secs(self.pop3.idle_timeout_secs),
+            ..crate::pop3::Timeouts::DEFAULT
         }
     }
 

@@ -380,6 +380,7 @@ async fn a_server_that_stops_answering_is_a_timeout() {
             tls: short,
             command: short,
             idle: short,
+            ..Timeouts::DEFAULT
         },
     );
     let report = s.diagnose(&target).await;

@@ -38,6 +38,7 @@ fn short_timeouts() -> Timeouts {
         tls: Duration::from_secs(5),
         command: Duration::from_secs(2),
         idle: Duration::from_secs(1),
+        ..Timeouts::DEFAULT
     }
 }
 

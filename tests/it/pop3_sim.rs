@@ -2,11 +2,17 @@
 //! simulated Entra ID through the real HTTP token source and the cache: the two-step XOAUTH2
 //! login (never the one-line form), Exchange's auth-failure text, implicit TLS and STLS,
 //! certificate verification, transient server answers, and deadlines that poison the session.
+//!
+//! Against the simulator's hostile mode: endless and 1-byte-a-second answers end with a typed
+//! error in bounded time, a session deadline cuts a hanging command, a bad listing line spoils
+//! only its message, shared UIDLs identify no message, 700 000 entries are listed (whole or
+//! capped) with the session still usable, and terminal escapes in error text are escaped.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use ccmail::pop3::{Client, Error, Timeouts, TlsMode};
+use ccmail::pop3::codec::MAX_LISTING_BYTES;
+use ccmail::pop3::{Client, Error, ListedUidl, ListingEntry, Timeouts, TlsMode};
 use ccmail::sim::cert::TestCa;
 use ccmail::sim::pop3::{AUTH_FAILURE, Fault, RETR_FAILURE};
 use secrecy::SecretString;
@@ -364,4 +370,331 @@ async fn a_hung_stat_times_out_and_poisons_the_session() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_hung_retr_times_out_and_poisons_the_session() -> anyhow::Result<()> {
     hang_poisons("RETR").await
+}
+
+// ---------------------------------------------------------------------------------------------
+// A hostile server: endless and trickled answers, malformed listings.
+// ---------------------------------------------------------------------------------------------
+
+/// Short deadlines for the hostile-server tests: a response must start within `command`, and
+/// after that grace keep up with the default minimum rate.
+fn hostile_timeouts() -> Timeouts {
+    Timeouts {
+        command: Duration::from_secs(2),
+        idle: Duration::from_secs(2),
+        ..relaxed_timeouts()
+    }
+}
+
+/// "It did not hang": far above every bound these tests expect, far below forever.
+const GENEROUS: Duration = Duration::from_secs(25);
+
+async fn login(
+    world: &SimWorld,
+    timeouts: Timeouts,
+) -> anyhow::Result<ccmail::pop3::Session<ccmail::pop3::Stream>> {
+    let token = within("token", world.cache()?.token(&world.app())).await??;
+    let client = within(
+        "connect",
+        Client::connect(&world.spec(TlsMode::Implicit, timeouts)?),
+    )
+    .await??;
+    Ok(within("login", client.auth_xoauth2(MAILBOX, token.secret())).await??)
+}
+
+/// An endless multi-line answer at full speed ends with an error, in bounded time, and the
+/// session is poisoned (the rest of that answer is never read as the next one).
+#[tokio::test]
+async fn endless_capa_uidl_and_retr_end_with_an_error_not_a_hang() -> anyhow::Result<()> {
+    let world = SimWorld::start().await?;
+    world
+        .pop
+        .deliver(MAILBOX, b"Subject: a\r\n\r\nbody\r\n".to_vec());
+
+    world.pop.set_fault(Some(Fault::Endless {
+        command: "CAPA".to_owned(),
+    }));
+    let started = Instant::now();
+    let spec = world.spec(TlsMode::Implicit, hostile_timeouts())?;
+    let connected = within("connect with an endless CAPA", Client::connect(&spec)).await?;
+    let err = match connected {
+        Ok(_) => bail!("an endless CAPA was accepted"),
+        Err(e) => e,
+    };
+    assert!(started.elapsed() < GENEROUS, "{:?}", started.elapsed());
+    ensure!(
+        matches!(err, Error::ResponseTooLong { during: "CAPA", .. }),
+        "{err:?}"
+    );
+    assert!(err.poisons_connection() && err.is_transient(), "{err:?}");
+
+    for command in ["UIDL", "RETR", "TOP"] {
+        world.pop.set_fault(Some(Fault::Endless {
+            command: command.to_owned(),
+        }));
+        let mut session = login(&world, hostile_timeouts()).await?;
+        let started = Instant::now();
+        let result = match command {
+            "UIDL" => within("endless UIDL", session.uidl_listing(1000))
+                .await?
+                .map(drop),
+            "TOP" => within("endless TOP", session.top(1, 0, 64 * 1024))
+                .await?
+                .map(drop),
+            _ => within("endless RETR", session.retr(1, RETR_LIMIT))
+                .await?
+                .map(drop),
+        };
+        let err = match result {
+            Ok(()) => bail!("an endless {command} was accepted"),
+            Err(e) => e,
+        };
+        assert!(
+            started.elapsed() < GENEROUS,
+            "{command}: {:?}",
+            started.elapsed()
+        );
+        match (&err, command) {
+            (Error::ListingTooLarge { command: c, limit }, "UIDL") => {
+                assert_eq!((*c, *limit), ("UIDL", MAX_LISTING_BYTES));
+                assert!(err.to_string().contains("UIDL listing"), "{err}");
+                assert!(!err.to_string().contains("message"), "{err}");
+            }
+            (Error::ResponseTooLong { during, .. }, "RETR" | "TOP") => {
+                assert_eq!(*during, command)
+            }
+            _ => bail!("{command}: unexpected {err:?}"),
+        }
+        assert!(session.is_poisoned(), "{command}: {err:?}");
+    }
+    world.stop().await
+}
+
+/// A session deadline (the poller's per-poll deadline) cuts a command the server never
+/// answers, long before the command's own deadline, and nothing more is written.
+#[tokio::test]
+async fn a_session_deadline_cuts_a_hanging_command() -> anyhow::Result<()> {
+    let world = SimWorld::start().await?;
+    world
+        .pop
+        .deliver(MAILBOX, b"Subject: a\r\n\r\nbody\r\n".to_vec());
+    world.pop.set_fault(Some(Fault::Hang {
+        command: "RETR".to_owned(),
+    }));
+    // The command deadline alone would wait far beyond the test's patience.
+    let timeouts = Timeouts {
+        command: Duration::from_secs(3600),
+        ..relaxed_timeouts()
+    };
+    let mut session = login(&world, timeouts).await?;
+    let started = Instant::now();
+    session.set_deadline(Some(
+        tokio::time::Instant::now() + Duration::from_millis(500),
+    ));
+    let err = match within("RETR", session.retr(1, RETR_LIMIT)).await? {
+        Ok(_) => bail!("RETR answered despite the hang"),
+        Err(e) => e,
+    };
+    ensure!(
+        matches!(err, Error::Timeout { during: "RETR", .. }),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < GENEROUS, "{:?}", started.elapsed());
+    assert!(session.is_poisoned());
+    wait_for_command(&world, "RETR 1").await?;
+    let before = world.pop.commands();
+    let quit = within("QUIT", session.quit()).await?;
+    ensure!(matches!(quit, Err(Error::Poisoned)), "{quit:?}");
+    assert_eq!(world.pop.commands(), before, "written after the deadline");
+    assert_eq!(world.pop.messages(MAILBOX).len(), 1);
+    world.stop().await
+}
+
+/// A body trickled at 1 byte a second keeps the per-read idle deadline happy forever; the
+/// minimum average rate ends it soon after the grace period.
+#[tokio::test]
+async fn a_one_byte_per_second_answer_times_out() -> anyhow::Result<()> {
+    let world = SimWorld::start().await?;
+    let big = format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(64 * 1024));
+    world.pop.deliver(MAILBOX, big.into_bytes());
+    for command in ["CAPA", "UIDL", "RETR"] {
+        world.pop.set_fault(Some(Fault::Trickle {
+            command: command.to_owned(),
+            bytes_per_second: 1,
+        }));
+        let started = Instant::now();
+        let result = if command == "CAPA" {
+            let spec = world.spec(TlsMode::Implicit, hostile_timeouts())?;
+            within("connect with a trickled CAPA", Client::connect(&spec))
+                .await?
+                .map(drop)
+        } else {
+            let mut session = login(&world, hostile_timeouts()).await?;
+            let result = match command {
+                "UIDL" => within("trickled UIDL", session.uidl_all()).await?.map(drop),
+                _ => within("trickled RETR", session.retr(1, RETR_LIMIT))
+                    .await?
+                    .map(drop),
+            };
+            assert!(result.is_err() == session.is_poisoned(), "{command}");
+            result
+        };
+        let elapsed = started.elapsed();
+        match result {
+            Err(Error::Timeout { during, .. }) => assert_eq!(during, command),
+            other => bail!("{command}: expected a Timeout, got {other:?}"),
+        }
+        assert!(elapsed < GENEROUS, "{command}: {elapsed:?}");
+    }
+    world.stop().await
+}
+
+/// Messages whose listing lines are fine are listed; each bad line costs only its message.
+#[tokio::test]
+async fn one_bad_listing_line_spoils_only_its_own_message() -> anyhow::Result<()> {
+    let world = SimWorld::start().await?;
+    let mail = |i: usize| format!("Subject: {i}\r\n\r\n{i}\r\n").into_bytes();
+    let good1 = world.pop.deliver(MAILBOX, mail(1));
+    world
+        .pop
+        .deliver_with_uidl(MAILBOX, "esc\x1b[31mred\x07", mail(2));
+    world
+        .pop
+        .deliver_with_uidl(MAILBOX, &"L".repeat(4096), mail(3));
+    world.pop.deliver_with_uidl(MAILBOX, "abc def", mail(4));
+    let good5 = world.pop.deliver(MAILBOX, mail(5));
+    world.pop.set_fault(Some(Fault::ListingLine {
+        command: "UIDL".to_owned(),
+        at: 2,
+        line: b"no-number-at-all".to_vec(),
+    }));
+    let mut session = login(&world, relaxed_timeouts()).await?;
+    let listing = within("UIDL", session.uidl_all()).await??;
+    assert_eq!(listing, vec![(1, good1.clone()), (5, good5.clone())]);
+    // `1 abc def` is not UIDL `abc`.
+    assert!(!listing.iter().any(|(_, u)| u == "abc"));
+
+    let listing = within("UIDL", session.uidl_listing(100)).await??;
+    assert!(!listing.truncated);
+    assert_eq!(listing.unreadable_lines, 1, "the line without a number");
+    let verdicts: Vec<(u32, Result<&str, &str>)> = listing
+        .entries
+        .iter()
+        .map(|e| match &e.uidl {
+            ListedUidl::Unique(u) => (e.number, Ok(u.as_str())),
+            ListedUidl::Invalid { reason, .. } => (e.number, Err(*reason)),
+            ListedUidl::Shared(u) => (e.number, Err(u.as_str())),
+        })
+        .collect();
+    assert_eq!(verdicts.len(), 5, "{verdicts:?}");
+    assert_eq!(verdicts[0], (1, Ok(good1.as_str())));
+    assert_eq!(verdicts[4], (5, Ok(good5.as_str())));
+    for (i, why) in [(1, "control"), (2, "longer than 512"), (3, "space")] {
+        let (number, verdict) = &verdicts[i];
+        assert_eq!(*number as usize, i + 1);
+        assert!(
+            verdict.is_err_and(|r| r.contains(why)),
+            "message {number}: {verdict:?}"
+        );
+    }
+    // Excerpts are escaped and short: they may be shown to a person.
+    for entry in &listing.entries {
+        if let ListedUidl::Invalid { excerpt, .. } = &entry.uidl {
+            assert!(
+                !excerpt.contains('\x1b') && excerpt.chars().count() <= 65,
+                "{excerpt:?}"
+            );
+        }
+    }
+    within("NOOP", session.noop()).await??;
+    world.stop().await
+}
+
+/// RFC 1939 §7 lets identical copies share a UIDL, and a hostile server may lie: a UIDL
+/// listed for two messages identifies neither.
+#[tokio::test]
+async fn a_uidl_listed_twice_identifies_neither_message() -> anyhow::Result<()> {
+    let world = SimWorld::start().await?;
+    let mail = |i: usize| format!("Subject: {i}\r\n\r\n{i}\r\n").into_bytes();
+    world.pop.deliver_with_uidl(MAILBOX, "SAME", mail(1));
+    let unique = world.pop.deliver(MAILBOX, mail(2));
+    world.pop.deliver_with_uidl(MAILBOX, "SAME", mail(3));
+    world.pop.add_fault(Fault::ListingLine {
+        command: "UIDL".to_owned(),
+        at: 99,
+        line: format!("2 {unique}").into_bytes(),
+    });
+    let mut session = login(&world, relaxed_timeouts()).await?;
+    let listing = within("UIDL", session.uidl_all()).await??;
+    assert!(listing.is_empty(), "{listing:?}");
+    let listing = within("UIDL", session.uidl_listing(100)).await??;
+    let shared = |n: u32| ListingEntry {
+        number: n,
+        uidl: ListedUidl::Shared("SAME".to_owned()),
+    };
+    assert_eq!(listing.entries.len(), 4);
+    assert_eq!(listing.entries[0], shared(1));
+    assert_eq!(listing.entries[2], shared(3));
+    // Message 2 is listed twice (the second time by the server's lie): it cannot be trusted.
+    for entry in [&listing.entries[1], &listing.entries[3]] {
+        assert_eq!(entry.number, 2);
+        assert!(
+            matches!(&entry.uidl, ListedUidl::Invalid { reason, .. } if reason.contains("more than once")),
+            "{entry:?}"
+        );
+    }
+    world.stop().await
+}
+
+/// 700 000 messages (a 40 MB listing, above the old 32 MiB cap) are listed, whole or capped
+/// to the entries a poll can use, and the session goes on.
+#[tokio::test]
+async fn a_maildrop_of_700_000_messages_is_listed() -> anyhow::Result<()> {
+    let world = SimWorld::start().await?;
+    let first = world
+        .pop
+        .deliver(MAILBOX, b"Subject: real\r\n\r\nreal\r\n".to_vec());
+    world
+        .pop
+        .set_fault(Some(Fault::VirtualEntries { count: 700_000 }));
+    let mut session = login(&world, relaxed_timeouts()).await?;
+    let listing = within("UIDL", session.uidl_all()).await??;
+    assert_eq!(listing.len(), 700_001);
+    assert_eq!(listing[0], (1, first.clone()));
+    drop(listing);
+
+    let listing = within("UIDL", session.uidl_listing(1000)).await??;
+    assert!(listing.truncated);
+    assert_eq!(listing.entries.len(), 1000);
+    assert_eq!(listing.entries[0].uidl.unique(), Some(first.as_str()));
+    assert_eq!(listing.entries[999].number, 1000);
+    assert!(listing.entries.iter().all(|e| e.uidl.unique().is_some()));
+    // The discarded 699 001 lines were read: the next answer is the next command's.
+    let body = within("RETR", session.retr(1, RETR_LIMIT)).await??;
+    assert!(body.ends_with(b"real\r\n"));
+    within("QUIT", session.quit()).await??;
+    world.stop().await
+}
+
+/// Terminal escapes and bidi controls in a server's error text never reach a person raw.
+#[tokio::test]
+async fn escapes_in_server_error_text_are_made_visible() -> anyhow::Result<()> {
+    let world = SimWorld::start().await?;
+    world.pop.set_fault(Some(Fault::Err {
+        command: "STAT".to_owned(),
+        line: "-ERR [SYS/TEMP] \x1b[2J\x1b[31mPAY NOW\x1b[0m \u{202e}exe.gnp\u{7}".to_owned(),
+    }));
+    let mut session = login(&world, relaxed_timeouts()).await?;
+    let err = match within("STAT", session.stat()).await? {
+        Ok(_) => bail!("STAT succeeded despite the fault"),
+        Err(e) => e,
+    };
+    let shown = err.to_string();
+    for raw in ['\x1b', '\u{202e}', '\u{7}'] {
+        assert!(!shown.contains(raw), "{raw:?} raw in {shown:?}");
+    }
+    assert!(shown.contains(r"\x1b[31mPAY NOW"), "{shown}");
+    assert!(shown.contains(r"\u{202e}exe.gnp\x07"), "{shown}");
+    assert!(err.is_transient(), "the response code survives: {err:?}");
+    world.stop().await
 }

@@ -3,7 +3,9 @@
 //! error — never a panic, a hang or unbounded memory.
 //!
 //! - POP3 codec: arbitrary server bytes at arbitrary chunk sizes; status lines stay within
-//!   their limit, multi-line bodies within theirs, and chunking never changes a result.
+//!   their limit, multi-line bodies within theirs (kept and on the wire), listings within their
+//!   entry cap with every accepted UIDL valid, server text never carries a raw control or
+//!   bidi character, and chunking never changes a result.
 //! - POP3 client over `tokio::io::duplex` (current-thread runtime, paused clock, short
 //!   deadlines): a server answering with arbitrary bytes — garbage, valid lines in odd
 //!   orders, SASL challenges — makes every step return `Ok` or a typed `Err`, and an endless
@@ -20,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ccmail::ingest::parse::{ParsedMail, parse};
-use ccmail::pop3::codec::{self, AuthReply, Decode, MultiLine};
+use ccmail::pop3::codec::{self, AuthReply, Decode, ListedUidl, ListingDecoder, MultiLine};
 use ccmail::pop3::{Client, Error, Timeouts};
 use ccmail::sim::mailgen::{Kind, MailGen};
 use proptest::prelude::*;
@@ -37,6 +39,7 @@ const TIMEOUTS: Timeouts = Timeouts {
     tls: Duration::from_secs(5),
     command: Duration::from_secs(5),
     idle: Duration::from_secs(5),
+    ..Timeouts::DEFAULT
 };
 /// If a client conversation is still running after this much (virtual) time, it hangs.
 const HANG: Duration = Duration::from_secs(3600);
@@ -44,6 +47,12 @@ const HANG: Duration = Duration::from_secs(3600);
 const RETR_LIMIT: usize = 4096;
 /// The client's read chunk and status-line bound (connection.rs, codec.rs).
 const READ_CHUNK: usize = 16 * 1024;
+
+/// Characters that must never reach a terminal or a log raw.
+fn is_dangerous(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+}
 
 fn cases(n: u32) -> Config {
     Config {
@@ -77,6 +86,26 @@ fn server_bytes() -> impl Strategy<Value = Vec<u8>> {
         2 => prop::collection::vec(any::<u8>(), 0..64),
     ];
     prop::collection::vec(piece, 0..24).prop_map(|pieces| pieces.concat())
+}
+
+/// A listing body from a hostile server: good lines, duplicates, numbers listed twice, spaces,
+/// controls, over-long lines, garbage, and sometimes the terminator.
+fn listing_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        4 => (1u32..20, "[!-~]{1,12}").prop_map(|(n, u)| format!("{n} {u}\r\n").into_bytes()),
+        1 => Just(b"1 SAME\r\n".to_vec()),
+        1 => Just(b"2 SAME\n".to_vec()),
+        1 => Just(b"3 abc def\r\n".to_vec()),
+        1 => Just(b"4 esc\x1b[31m\x07\r\n".to_vec()),
+        1 => Just(format!("5 {}\r\n", "L".repeat(600)).into_bytes()),
+        1 => Just(b"no-number\r\n".to_vec()),
+        1 => Just(b"0 zero\r\n".to_vec()),
+        1 => Just(b"..6 stuffed\r\n".to_vec()),
+        1 => Just(b"\r\n".to_vec()),
+        1 => Just(b".\r\n".to_vec()),
+        2 => prop::collection::vec(any::<u8>(), 0..64),
+    ];
+    prop::collection::vec(piece, 0..30).prop_map(|pieces| pieces.concat())
 }
 
 /// A whole successful conversation as Exchange Online would send it (greeting, CAPA, the
@@ -338,12 +367,12 @@ proptest! {
         limit in 0usize..512,
     ) {
         let mut whole = MultiLine::new(limit);
-        let all = whole.decode(&buf);
+        let all = whole.decode(&buf).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let mut chunked = MultiLine::new(limit);
         let mut consumed = 0;
         let mut done = false;
         for chunk in split_into_chunks(&buf, &sizes) {
-            let p = chunked.decode(&chunk);
+            let p = chunked.decode(&chunk).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert!(p.consumed <= chunk.len());
             consumed += p.consumed;
             if p.done {
@@ -368,6 +397,79 @@ proptest! {
         }
     }
 
+    /// A multi-line body never takes more wire octets than its wire limit, whatever arrives.
+    #[test]
+    fn multiline_bodies_stop_at_their_wire_limit(
+        buf in server_bytes(),
+        sizes in prop::collection::vec(1usize..64, 1..8),
+        wire_limit in 0u64..256,
+    ) {
+        let mut decoder = MultiLine::with_wire_limit(64, wire_limit);
+        let mut taken = 0u64;
+        for chunk in split_into_chunks(&buf, &sizes) {
+            match decoder.decode(&chunk) {
+                Ok(p) => {
+                    taken += p.consumed as u64;
+                    prop_assert!(taken <= wire_limit);
+                    if p.done {
+                        break;
+                    }
+                }
+                Err(codec::CodecError::ResponseTooLong { limit }) => {
+                    prop_assert_eq!(limit, wire_limit);
+                    prop_assert!(buf.len() as u64 > wire_limit);
+                    break;
+                }
+                Err(e) => prop_assert!(false, "unexpected {}", e),
+            }
+        }
+    }
+
+    /// A listing decoded chunk by chunk gives the same listing as in one piece; it keeps at
+    /// most its entry cap, accepts only RFC 1939 unique-ids, shows only short escaped excerpts,
+    /// and stops consuming at the terminator.
+    #[test]
+    fn listings_are_bounded_and_chunking_is_invisible(
+        buf in listing_bytes(),
+        sizes in prop::collection::vec(1usize..64, 1..8),
+        max_entries in 0usize..12,
+    ) {
+        let mut whole = ListingDecoder::new(max_entries, codec::MAX_LISTING_BYTES);
+        let all = whole.decode(&buf).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut chunked = ListingDecoder::new(max_entries, codec::MAX_LISTING_BYTES);
+        let mut consumed = 0;
+        for chunk in split_into_chunks(&buf, &sizes) {
+            let p = chunked.decode(&chunk).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(p.consumed <= chunk.len());
+            consumed += p.consumed;
+            if p.done {
+                break;
+            }
+        }
+        prop_assert_eq!(consumed, all.consumed);
+        if all.done {
+            prop_assert!(buf[..all.consumed].ends_with(b".\r\n") || buf[..all.consumed].ends_with(b".\n"));
+        }
+        let (a, b) = (whole.finish(), chunked.finish());
+        prop_assert_eq!(&a, &b);
+        prop_assert!(a.entries.len() <= max_entries);
+        for entry in &a.entries {
+            prop_assert!(entry.number > 0);
+            match &entry.uidl {
+                ListedUidl::Unique(u) | ListedUidl::Shared(u) => prop_assert!(codec::valid_uidl(u), "{:?}", u),
+                ListedUidl::Invalid { excerpt, .. } => {
+                    prop_assert!(excerpt.chars().count() <= 10 * 64 + 1);
+                    prop_assert!(!excerpt.chars().any(is_dangerous), "{:?}", excerpt);
+                }
+            }
+        }
+        // A UIDL kept as unique appears once among the kept entries.
+        let mut seen = std::collections::HashSet::new();
+        for u in a.entries.iter().filter_map(|e| e.uidl.unique()) {
+            prop_assert!(seen.insert(u), "{} listed twice yet unique", u);
+        }
+    }
+
     /// Byte-stuffing round trip: any body (CRLF lines) stuffed by a server comes back whole.
     #[test]
     fn dot_stuffed_bodies_round_trip(lines in prop::collection::vec(prop::collection::vec(any::<u8>().prop_filter("no line breaks", |b| *b != b'\r' && *b != b'\n'), 0..40), 0..30)) {
@@ -384,26 +486,43 @@ proptest! {
         }
         wire.extend_from_slice(b".\r\n");
         let mut decoder = MultiLine::new(body.len());
-        let progress = decoder.decode(&wire);
+        let progress = decoder.decode(&wire).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert!(progress.done);
         prop_assert_eq!(progress.consumed, wire.len());
         prop_assert_eq!(decoder.finish().ok(), Some(body));
     }
 
-    /// SASL challenges: whatever the server sends, decoding is short, printable, never panics;
-    /// base64 of text gives that text back (control characters removed).
+    /// SASL challenges: whatever the server sends, decoding is bounded, never panics and
+    /// never lets a control or bidi character through raw; base64 of text gives that text back
+    /// (cut, and escaped).
     #[test]
     fn sasl_challenges_decode_safely(text in ".{0,600}", bytes in prop::collection::vec(any::<u8>(), 0..600)) {
         use base64::Engine;
+        use ccmail::pop3::sasl::{decode_challenge, MAX_CHALLENGE_CHARS};
         for challenge in [text.clone(), base64::engine::general_purpose::STANDARD.encode(&bytes), base64::engine::general_purpose::STANDARD.encode(text.as_bytes())] {
-            if let Some(decoded) = ccmail::pop3::sasl::decode_challenge(&challenge) {
-                prop_assert!(decoded.chars().count() <= 512);
-                prop_assert!(!decoded.chars().any(char::is_control));
+            if let Some(decoded) = decode_challenge(&challenge) {
+                // An escape is at most 10 characters (`\u{10ffff}`).
+                prop_assert!(decoded.chars().count() <= 10 * MAX_CHALLENGE_CHARS);
+                prop_assert!(!decoded.chars().any(is_dangerous), "{:?}", decoded);
             }
         }
         let encoded = base64::engine::general_purpose::STANDARD.encode(text.as_bytes());
-        let expected: String = text.chars().filter(|c| !c.is_control()).take(512).collect();
-        prop_assert_eq!(ccmail::pop3::sasl::decode_challenge(&encoded), Some(expected));
+        let cut: String = text.chars().take(MAX_CHALLENGE_CHARS).collect();
+        prop_assert_eq!(decode_challenge(&encoded), Some(codec::escape_controls(&cut)));
+    }
+
+    /// Status text: whatever the server sends, no control or bidi character survives raw, and
+    /// text without any is kept as it came.
+    #[test]
+    fn status_text_never_carries_controls(text in "\\PC{0,80}|[\\x00-\\x09\\x0b\\x0c\\x0e-\\x7f\\u{80}-\\u{9f}\\u{202a}-\\u{202e}\\u{2066}-\\u{2069}a-z ]{0,80}") {
+        let line = format!("-ERR {text}\r\n");
+        if let Ok(Decode::Complete { frame, .. }) = codec::decode_status(line.as_bytes(), 1024) {
+            prop_assert!(!frame.text.chars().any(is_dangerous), "{:?}", frame.text);
+            prop_assert_eq!(frame.escaped, text.trim().chars().any(is_dangerous));
+            if !frame.escaped && frame.code.is_none() {
+                prop_assert_eq!(frame.text, text.trim());
+            }
+        }
     }
 }
 

@@ -7,6 +7,11 @@
 //! Order rules that matter (RFC 1939 §6): deletions happen only when QUIT is answered in the
 //! TRANSACTION state. Dropping a [`Session`] without calling [`Session::quit`] closes the socket
 //! and the server deletes nothing, which is what callers want after any failure.
+//!
+//! Nothing the server sends is trusted: every answer is bounded in size and time (see
+//! `connection.rs`), listings are judged line by line ([`Session::uidl_listing`]), and a UIDL
+//! that does not identify exactly one message is reported as such, never passed on as if it
+//! did.
 
 use std::sync::Arc;
 
@@ -14,9 +19,12 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use secrecy::SecretString;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 
-use super::codec::{self, AuthReply, Capabilities, Command, StatusLine};
+use super::codec::{
+    self, AuthReply, BodyDecoder, Capabilities, CodecError, Command, LineDecoder, Listing,
+    ListingDecoder, MultiLine, Progress, StatusLine,
+};
 use super::connection::{Connection, Stream, Timeouts};
 use super::{Error, sasl};
 
@@ -116,8 +124,12 @@ pub struct Session<S> {
     conn: Connection<S>,
 }
 
-/// Upper bound for UIDL / LIST / CAPA bodies: about 300 000 messages' worth of listing.
-const LISTING_LIMIT: usize = 32 * 1024 * 1024;
+/// Upper bound of a CAPA body: real ones are a few hundred octets.
+const CAPA_LIMIT: usize = 64 * 1024;
+
+/// Most entries [`Session::uidl_all`] and [`Session::list_all`] return; a larger maildrop needs
+/// [`Session::uidl_listing`] with a cap.
+pub const LIST_ALL_MAX_ENTRIES: usize = 1_000_000;
 
 impl Client<Stream> {
     /// Connects, performs TLS as the spec says, reads the greeting and asks CAPA. Each step has
@@ -313,14 +325,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         self.conn.is_secure()
     }
 
+    /// Sets (or lifts) a hard deadline over every later wait of this connection, kept by the
+    /// [`Session`] after login; see [`Session::set_deadline`].
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.conn.set_deadline(deadline);
+    }
+
     /// RFC 2449 §5: asks CAPA. A server without CAPA answers `-ERR`: that is `Ok(None)`.
+    /// A body over 64 KiB is not a capability list: [`Error::ResponseTooLong`].
     pub async fn capa(&mut self) -> Result<Option<&Capabilities>, Error> {
         let status = self.conn.command(&Command::Capa).await?;
         if !status.ok {
             self.capabilities = None;
             return Ok(None);
         }
-        let body = self.conn.read_multiline(LISTING_LIMIT, "CAPA").await?;
+        let mut decoder = MultiLine::with_wire_limit(CAPA_LIMIT, CAPA_LIMIT as u64);
+        self.conn.read_body(&mut decoder, "CAPA").await?;
+        // Bare LFs decode to CRLF, so the kept body can outgrow the wire limit.
+        let body = decoder.finish().map_err(|_| Error::ResponseTooLong {
+            during: "CAPA",
+            limit: CAPA_LIMIT as u64,
+        })?;
         self.capabilities = Some(Capabilities::parse(&body));
         Ok(self.capabilities.as_ref())
     }
@@ -411,6 +436,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.conn.is_poisoned()
     }
 
+    /// Sets (or with `None` lifts) a hard deadline over every later wait: each command's own
+    /// deadline becomes the earlier of its own and this one. A wait cut by it fails with
+    /// [`Error::Timeout`] and poisons the session; after it, every command fails at once
+    /// without writing anything, QUIT included (lift or move it first to still QUIT).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.conn.set_deadline(deadline);
+    }
+
+    /// The hard deadline, if one is set.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.conn.deadline()
+    }
+
     async fn simple(&mut self, cmd: Command<'_>) -> Result<StatusLine, Error> {
         let name = cmd.name();
         let status = self.conn.command(&cmd).await?;
@@ -434,27 +472,93 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .ok_or_else(|| Error::Protocol(format!("unreadable STAT answer {:?}", status.text)))
     }
 
-    /// `UIDL` for every message: (message number, unique id), in server order.
-    pub async fn uidl_all(&mut self) -> Result<Vec<(u32, String)>, Error> {
-        let body = self.multiline(Command::Uidl(None), LISTING_LIMIT).await?;
-        parse_listing(&body, "UIDL", |v| {
-            codec::valid_uidl(v).then(|| v.to_owned())
-        })
+    /// `UIDL` (RFC 1939 §7): the unique-id listing, judged line by line, with at most
+    /// `max_entries` entries kept (the rest is read and discarded, `truncated` says so). A bad
+    /// line spoils only its own entry; a UIDL listed for several messages is
+    /// [`ListedUidl::Shared`](codec::ListedUidl::Shared). Memory is O(`max_entries`); the
+    /// listing may take [`codec::MAX_LISTING_BYTES`] on the wire (beyond:
+    /// [`Error::ListingTooLarge`], the session is poisoned). The session stays usable after a
+    /// listing read to its end, truncated or not.
+    pub async fn uidl_listing(&mut self, max_entries: usize) -> Result<Listing, Error> {
+        self.simple(Command::Uidl(None)).await?;
+        let mut decoder = ListingDecoder::new(max_entries, codec::MAX_LISTING_BYTES);
+        self.conn.read_body(&mut decoder, "UIDL").await?;
+        let listing = decoder.finish();
+        tracing::trace!(
+            entries = listing.entries.len(),
+            truncated = listing.truncated,
+            unreadable = listing.unreadable_lines,
+            "pop3 recv UIDL listing"
+        );
+        Ok(listing)
     }
 
-    /// `UIDL n`.
+    /// `UIDL` for every message whose UIDL identifies it alone: (message number, unique id),
+    /// in server order. Messages with a shared or malformed UIDL, and lines without a message
+    /// number, are left out (and counted in a warning): they cannot be told apart safely. Use
+    /// [`Session::uidl_listing`] to see them. More than [`LIST_ALL_MAX_ENTRIES`] entries:
+    /// [`Error::TooManyEntries`].
+    pub async fn uidl_all(&mut self) -> Result<Vec<(u32, String)>, Error> {
+        let listing = self.uidl_listing(LIST_ALL_MAX_ENTRIES).await?;
+        if listing.truncated {
+            return Err(Error::TooManyEntries {
+                command: "UIDL",
+                limit: LIST_ALL_MAX_ENTRIES,
+            });
+        }
+        let listed = listing.entries.len();
+        let unique: Vec<(u32, String)> = listing
+            .entries
+            .into_iter()
+            .filter_map(|e| match e.uidl {
+                codec::ListedUidl::Unique(uidl) => Some((e.number, uidl)),
+                _ => None,
+            })
+            .collect();
+        let left_out = listed - unique.len();
+        if left_out > 0 || listing.unreadable_lines > 0 {
+            tracing::warn!(
+                left_out,
+                unreadable_lines = listing.unreadable_lines,
+                "UIDL listing: messages with a shared or malformed unique-id were left out"
+            );
+        }
+        Ok(unique)
+    }
+
+    /// `UIDL n`. The whole rest of the answer is the unique-id (RFC 1939 §7); one that is not
+    /// 1–70 printable characters is an error.
     pub async fn uidl(&mut self, n: u32) -> Result<String, Error> {
         let status = self.simple(Command::Uidl(Some(n))).await?;
-        codec::parse_listing_line(&status.text)
-            .filter(|(_, v)| codec::valid_uidl(v))
-            .map(|(_, v)| v.to_owned())
-            .ok_or_else(|| Error::Protocol(format!("unreadable UIDL answer {:?}", status.text)))
+        let unreadable =
+            |why: &str| Error::Protocol(format!("unreadable UIDL answer {:?}: {why}", status.text));
+        if status.escaped {
+            return Err(unreadable("it contains control characters"));
+        }
+        match codec::parse_uidl_answer(&status.text) {
+            Ok((_, uidl)) => Ok(uidl.to_owned()),
+            Err(why) => Err(unreadable(why)),
+        }
     }
 
-    /// `LIST` for every message: (message number, size in octets as the server estimates it).
+    /// `LIST` for every message: (message number, size in octets as the server estimates it),
+    /// read line by line; lines without a number and size are left out. More than
+    /// [`LIST_ALL_MAX_ENTRIES`] entries: [`Error::TooManyEntries`].
     pub async fn list_all(&mut self) -> Result<Vec<(u32, u64)>, Error> {
-        let body = self.multiline(Command::List(None), LISTING_LIMIT).await?;
-        parse_listing(&body, "LIST", |v| v.parse().ok())
+        self.simple(Command::List(None)).await?;
+        let mut decoder = ScanListing {
+            lines: LineDecoder::new(codec::MAX_LISTING_LINE, codec::MAX_LISTING_BYTES),
+            entries: Vec::new(),
+            more: false,
+        };
+        self.conn.read_body(&mut decoder, "LIST").await?;
+        if decoder.more {
+            return Err(Error::TooManyEntries {
+                command: "LIST",
+                limit: LIST_ALL_MAX_ENTRIES,
+            });
+        }
+        Ok(decoder.entries)
     }
 
     /// `LIST n`.
@@ -499,26 +603,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
-fn parse_listing<T>(
-    body: &[u8],
-    command: &str,
-    value: impl Fn(&str) -> Option<T>,
-) -> Result<Vec<(u32, T)>, Error> {
-    let text = String::from_utf8_lossy(body);
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            codec::parse_listing_line(line)
-                .and_then(|(n, v)| value(v).map(|v| (n, v)))
-                .ok_or_else(|| Error::Protocol(format!("unreadable {command} line {line:?}")))
+/// A scan listing (RFC 1939 §5 LIST) decoded line by line into (number, size) pairs.
+struct ScanListing {
+    lines: LineDecoder,
+    entries: Vec<(u32, u64)>,
+    more: bool,
+}
+
+impl BodyDecoder for ScanListing {
+    fn decode_body(&mut self, buf: &[u8]) -> Result<Progress, CodecError> {
+        let ScanListing {
+            lines,
+            entries,
+            more,
+        } = self;
+        lines.decode(buf, |line, _| {
+            let Ok(line) = std::str::from_utf8(line) else {
+                return;
+            };
+            let Some((n, size)) =
+                codec::parse_listing_line(line).and_then(|(n, v)| Some((n, v.parse().ok()?)))
+            else {
+                return;
+            };
+            if entries.len() < LIST_ALL_MAX_ENTRIES {
+                entries.push((n, size));
+            } else {
+                *more = true;
+            }
         })
-        .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use secrecy::ExposeSecret;
+    use std::time::Duration;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, duplex};
 
     /// One scripted exchange: what the client must write (exactly), and what the server
@@ -801,6 +922,140 @@ mod tests {
         s.dele(1).await.unwrap();
         s.quit().await.unwrap();
         server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn uidl_listing_judges_each_line_and_leaves_the_session_usable() {
+        let (client_side, server_side) = duplex(1 << 16);
+        let server = tokio::spawn(serve(
+            server_side,
+            vec![
+                Step::S("+OK ready\r\n"),
+                c("USER u"),
+                Step::S("+OK\r\n"),
+                c("PASS p"),
+                Step::S("+OK\r\n"),
+                c("UIDL"),
+                Step::S(
+                    "+OK\r\n1 AAA\r\n2 abc def\r\n3 SAME\r\n4 SAME\r\n5 esc\x1b[0m\r\ngarbage\r\n6 ZZZ\r\n7 YYY\r\n.\r\n",
+                ),
+                c("UIDL"),
+                Step::S("+OK\r\n1 AAA\r\n2 abc def\r\n3 SAME\r\n4 SAME\r\n.\r\n"),
+                c("UIDL 2"),
+                Step::S("+OK 2 abc def\r\n"),
+                c("UIDL 5"),
+                Step::S("+OK 5 esc\x1b[0m\r\n"),
+                c("LIST"),
+                Step::S("+OK\r\n1 120\r\nnonsense\r\n2 4000 extra words\r\n.\r\n"),
+                c("NOOP"),
+                Step::S("+OK\r\n"),
+            ],
+        ));
+        let client = Client::new(client_side, true, Timeouts::default())
+            .await
+            .unwrap();
+        let mut s = client
+            .auth_user_pass("u", &SecretString::from("p"))
+            .await
+            .unwrap();
+        let listing = s.uidl_listing(6).await.unwrap();
+        assert!(listing.truncated, "entry 7 was read and dropped");
+        assert_eq!(listing.unreadable_lines, 1);
+        let verdicts: Vec<(u32, Option<&str>, bool)> = listing
+            .entries
+            .iter()
+            .map(|e| {
+                let shared = matches!(e.uidl, codec::ListedUidl::Shared(_));
+                (e.number, e.uidl.unique(), shared)
+            })
+            .collect();
+        assert_eq!(
+            verdicts,
+            [
+                (1, Some("AAA"), false),
+                (2, None, false),
+                (3, None, true),
+                (4, None, true),
+                (5, None, false),
+                (6, Some("ZZZ"), false),
+            ]
+        );
+        match &listing.entries[4].uidl {
+            codec::ListedUidl::Invalid { excerpt, .. } => assert_eq!(excerpt, "5 esc\\x1b[0m"),
+            other => panic!("{other:?}"),
+        }
+        // The legacy form keeps only what identifies one message; `abc` is not a UIDL here.
+        assert_eq!(s.uidl_all().await.unwrap(), vec![(1, "AAA".to_owned())]);
+        assert!(matches!(s.uidl(2).await, Err(Error::Protocol(_))));
+        assert!(matches!(s.uidl(5).await, Err(Error::Protocol(_))));
+        assert_eq!(s.list_all().await.unwrap(), vec![(1, 120), (2, 4000)]);
+        s.noop().await.unwrap();
+        assert!(!s.is_poisoned());
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn escapes_in_err_text_are_escaped_in_the_error() {
+        let (client_side, server_side) = duplex(1 << 16);
+        let server = tokio::spawn(serve(
+            server_side,
+            vec![
+                Step::S("+OK ready\r\n"),
+                c("USER u"),
+                Step::S("+OK\r\n"),
+                c("PASS p"),
+                Step::S("+OK\r\n"),
+                c("STAT"),
+                Step::S("-ERR [SYS/TEMP] \x1b]0;owned\x07\u{202e}txt.exe\r\n"),
+            ],
+        ));
+        let client = Client::new(client_side, true, Timeouts::default())
+            .await
+            .unwrap();
+        let mut s = client
+            .auth_user_pass("u", &SecretString::from("p"))
+            .await
+            .unwrap();
+        let err = s.stat().await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r"STAT refused by the server: -ERR [SYS/TEMP] \x1b]0;owned\x07\u{202e}txt.exe"
+        );
+        assert!(err.is_transient());
+        server.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_deadline_cuts_a_hanging_command() {
+        let (client_side, mut server_side) = duplex(1 << 16);
+        // Answers the greeting, USER and PASS, then never again (the stream stays open).
+        server_side
+            .write_all(b"+OK ready\r\n+OK\r\n+OK\r\n")
+            .await
+            .unwrap();
+        let mut client = Client::new(client_side, true, Timeouts::default())
+            .await
+            .unwrap();
+        let start = Instant::now();
+        client.set_deadline(Some(start + Duration::from_secs(5)));
+        let mut s = client
+            .auth_user_pass("u", &SecretString::from("p"))
+            .await
+            .unwrap();
+        assert_eq!(s.deadline(), Some(start + Duration::from_secs(5)));
+        let err = s.retr(1, 1000).await.unwrap_err();
+        assert!(
+            matches!(err, Error::Timeout { during: "RETR", .. }),
+            "{err:?}"
+        );
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(5),
+            "not the 60 s command deadline"
+        );
+        assert!(s.is_poisoned());
+        assert!(matches!(s.quit().await, Err(Error::Poisoned)));
+        drop(server_side);
     }
 
     #[tokio::test]

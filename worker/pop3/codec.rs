@@ -1,13 +1,23 @@
 //! Sans-IO POP3 framing: bytes in, frames out. Nothing here touches a socket or a clock.
 //!
 //! Every decoder works on a byte slice and reports how much of it it consumed, so the caller
-//! (`connection.rs`) owns the buffer and the deadlines. Every decoder is bounded: a status line
-//! longer than its limit is an error, and a multi-line body is capped at a caller-given size
-//! (the rest of the body is still consumed, so the connection stays usable).
+//! (`connection.rs`) owns the buffer and the deadlines. Every decoder is bounded:
+//! - a status line longer than its limit is an error;
+//! - a multi-line body is kept up to a caller-given size (the rest is still consumed, so the
+//!   connection stays usable) and read up to a wire limit, past which it is endless: an error;
+//! - a listing is decoded one line at a time, each line bounded, into at most a caller-given
+//!   number of entries; a bad line is one bad entry, never a broken listing.
+//!
+//! Text from the server that may reach a person (status text, SASL challenge details, listing
+//! excerpts, capabilities) passes [`escape_controls`] here, where it enters: terminal escapes
+//! and bidi controls never reach a log or a terminal raw.
+//!
 //! Line endings: servers must send CRLF; a bare LF is accepted as well and bodies come out with
 //! CRLF line endings.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 
 use secrecy::{ExposeSecret, SecretString};
 
@@ -38,6 +48,12 @@ pub enum CodecError {
     CommandTooLong { len: usize },
     #[error("command argument contains a line break or NUL")]
     ArgumentHasLineBreak,
+    /// A multi-line body went on past its wire limit without a terminator.
+    #[error("multi-line response longer than {limit} octets")]
+    ResponseTooLong { limit: u64 },
+    /// A listing went on past its wire limit without a terminator.
+    #[error("listing longer than {limit} octets")]
+    ListingTooLong { limit: u64 },
 }
 
 /// `+OK` or `-ERR`, with the RFC 2449 response code if there is one.
@@ -46,8 +62,12 @@ pub struct StatusLine {
     pub ok: bool,
     /// The extended response code without brackets, upper-cased (`SYS/TEMP`, `IN-USE`, `AUTH`).
     pub code: Option<String>,
-    /// The human-readable text after the status indicator (and code).
+    /// The human-readable text after the status indicator (and code), escaped
+    /// ([`escape_controls`]).
     pub text: String,
+    /// Whether escaping changed the text: it is then not the server's text byte for byte (and
+    /// cannot hold a valid unique-id, say).
+    pub escaped: bool,
 }
 
 impl fmt::Debug for StatusLine {
@@ -87,9 +107,47 @@ fn split_line(buf: &[u8], limit: usize) -> Result<Option<(&[u8], usize)>, CodecE
     }
 }
 
+/// At most 64 octets of a server line, escaped for people.
 fn excerpt(line: &[u8]) -> String {
     let shown = &line[..line.len().min(64)];
-    String::from_utf8_lossy(shown).into_owned()
+    escape_controls(&String::from_utf8_lossy(shown))
+}
+
+/// Whether a character must not reach a terminal or a log raw: C0 and C1 controls, DEL (all
+/// `Cc`, ESC included), the bidi embedding, override and isolate controls (which reorder what
+/// a person reads: `\u{202e}exe.gnp`), and the Unicode line and paragraph separators.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{2028}'
+                | '\u{2029}'
+        )
+}
+
+/// Server text made safe to show: C0 and C1 controls, DEL, ESC, the bidi controls and the
+/// Unicode line separators become visible escapes (`\x1b`, `\u{202e}`); everything else, any
+/// valid UTF-8 text, is kept as it is.
+pub fn escape_controls(text: &str) -> String {
+    if !text.chars().any(needs_escape) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if !needs_escape(c) {
+            out.push(c);
+        } else if c.is_ascii() {
+            out.push_str(&format!("\\x{:02x}", c as u32));
+        } else {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        }
+    }
+    out
 }
 
 /// RFC 1939 §3: "Responses in the POP3 consist of a status indicator and a keyword possibly
@@ -110,9 +168,16 @@ fn parse_status(line: &[u8]) -> Option<StatusLine> {
         Some(b' ') | Some(b'\t') => &rest[1..],
         Some(_) => return None,
     };
-    let text = String::from_utf8_lossy(rest).trim().to_owned();
-    let (code, text) = split_response_code(&text);
-    Some(StatusLine { ok, code, text })
+    let lossy = String::from_utf8_lossy(rest);
+    let raw = lossy.trim();
+    let escaped = raw.chars().any(needs_escape);
+    let (code, text) = split_response_code(&escape_controls(raw));
+    Some(StatusLine {
+        ok,
+        code,
+        text,
+        escaped,
+    })
 }
 
 fn strip_prefix_ci<'a>(line: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
@@ -171,7 +236,7 @@ pub fn decode_auth_reply(buf: &[u8], limit: usize) -> Result<Decode<AuthReply>, 
     if let Some(rest) = line.strip_prefix(b"+")
         && (rest.is_empty() || rest[0] == b' ')
     {
-        let challenge = String::from_utf8_lossy(rest).trim().to_owned();
+        let challenge = escape_controls(String::from_utf8_lossy(rest).trim());
         return Ok(Decode::Complete {
             frame: AuthReply::Continue(challenge),
             consumed,
@@ -198,45 +263,60 @@ enum BodyState {
     Done,
 }
 
-/// Incremental decoder for the body of a multi-line response (the lines after `+OK`).
+/// Where the framer delivers a body: runs of line content, and line ends.
+trait LineSink {
+    fn content(&mut self, bytes: &[u8]);
+    fn line_end(&mut self);
+}
+
+/// The multi-line framing (RFC 1939 §3) as a state machine over bytes, shared by every body
+/// decoder.
 ///
 /// RFC 1939 §3: "Each line is terminated by a CRLF pair. [...] If any line of the multi-line
 /// response begins with the termination octet, the line is "byte-stuffed" by pre-pending the
 /// termination octet to that line of the response. [...] the multi-line response is terminated
 /// with the five octets "CRLF.CRLF"."
 ///
-/// The decoder keeps its state between calls, so it never needs a whole line in the buffer:
-/// memory is bounded by `limit` however long a line is. Output lines end in CRLF.
+/// It also counts the wire octets it consumed and refuses to go past `wire_limit` of them
+/// without seeing the terminator: an endless body ends in an error instead of being drained
+/// forever.
 #[derive(Debug)]
-pub struct MultiLine {
-    out: Vec<u8>,
-    limit: usize,
-    /// Decoded body octets seen, including those dropped past the limit.
-    seen: u64,
+struct Framer {
     state: BodyState,
+    wire: u64,
+    wire_limit: u64,
 }
 
-/// Progress of a [`MultiLine`] decoder over one slice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Progress {
-    pub consumed: usize,
-    pub done: bool,
-}
-
-impl MultiLine {
-    /// A decoder that keeps at most `limit` octets of body.
-    pub fn new(limit: usize) -> MultiLine {
-        MultiLine {
-            out: Vec::new(),
-            limit,
-            seen: 0,
+impl Framer {
+    fn new(wire_limit: u64) -> Framer {
+        Framer {
             state: BodyState::LineStart,
+            wire: 0,
+            wire_limit,
         }
     }
 
-    /// Decodes as much of `buf` as belongs to this body. Bytes after the terminator are not
-    /// consumed (they belong to the next response).
-    pub fn decode(&mut self, buf: &[u8]) -> Progress {
+    fn done(&self) -> bool {
+        self.state == BodyState::Done
+    }
+
+    /// Feeds `buf` to `sink` up to the terminator; bytes after it are not consumed.
+    /// `Err(wire_limit)` when the body goes on past `wire_limit` octets.
+    fn run(&mut self, buf: &[u8], sink: &mut impl LineSink) -> Result<Progress, u64> {
+        let room = usize::try_from(self.wire_limit.saturating_sub(self.wire)).unwrap_or(usize::MAX);
+        let allowed = &buf[..buf.len().min(room)];
+        let consumed = self.frame(allowed, sink);
+        self.wire += consumed as u64;
+        if !self.done() && buf.len() > allowed.len() {
+            return Err(self.wire_limit);
+        }
+        Ok(Progress {
+            consumed,
+            done: self.done(),
+        })
+    }
+
+    fn frame(&mut self, buf: &[u8], sink: &mut impl LineSink) -> usize {
         let mut i = 0;
         while i < buf.len() && self.state != BodyState::Done {
             let b = buf[i];
@@ -246,7 +326,7 @@ impl MultiLine {
                         self.state = BodyState::Dot;
                     } else {
                         self.state = BodyState::Mid;
-                        continue; // re-read this byte as content
+                        continue;
                     }
                 }
                 BodyState::Dot => match b {
@@ -263,7 +343,7 @@ impl MultiLine {
                         self.state = BodyState::Done;
                     } else {
                         // ".\r" followed by content: keep the CR as content of the line.
-                        self.push(b"\r");
+                        sink.content(b"\r");
                         self.state = BodyState::Mid;
                         continue;
                     }
@@ -275,23 +355,23 @@ impl MultiLine {
                         .position(|&c| c == b'\r' || c == b'\n')
                         .unwrap_or(buf.len() - i);
                     if run > 0 {
-                        self.push(&buf[i..i + run]);
+                        sink.content(&buf[i..i + run]);
                         i += run;
                         continue;
                     }
                     if b == b'\r' {
                         self.state = BodyState::MidCr;
                     } else {
-                        self.push(b"\r\n");
+                        sink.line_end();
                         self.state = BodyState::LineStart;
                     }
                 }
                 BodyState::MidCr => {
                     if b == b'\n' {
-                        self.push(b"\r\n");
+                        sink.line_end();
                         self.state = BodyState::LineStart;
                     } else {
-                        self.push(b"\r");
+                        sink.content(b"\r");
                         self.state = BodyState::Mid;
                         continue;
                     }
@@ -300,16 +380,92 @@ impl MultiLine {
             }
             i += 1;
         }
-        Progress {
-            consumed: i,
-            done: self.state == BodyState::Done,
+        i
+    }
+}
+
+/// Octets of wire a [`MultiLine`] body may take before it is abandoned as endless: twice the
+/// kept limit plus 1 MiB. A message somewhat over the limit is still drained (the session stays
+/// usable for its headers); a body far beyond it is not a message but an attack.
+pub fn default_wire_limit(limit: usize) -> u64 {
+    (limit as u64).saturating_mul(2).saturating_add(1 << 20)
+}
+
+/// Incremental decoder for the body of a multi-line response (the lines after `+OK`), framed
+/// per RFC 1939 §3 (see `Framer`).
+///
+/// The decoder keeps its state between calls, so it never needs a whole line in the buffer:
+/// memory is bounded by `limit` however long a line is. Output lines end in CRLF. Past `limit`
+/// the body is still consumed (and dropped) up to its wire limit, so the connection stays
+/// usable; past the wire limit decoding fails with [`CodecError::ResponseTooLong`].
+#[derive(Debug)]
+pub struct MultiLine {
+    out: Vec<u8>,
+    limit: usize,
+    /// Decoded body octets seen, including those dropped past the limit.
+    seen: u64,
+    framer: Framer,
+}
+
+/// Progress of a body decoder over one slice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub consumed: usize,
+    pub done: bool,
+}
+
+struct KeepBounded<'a> {
+    out: &'a mut Vec<u8>,
+    limit: usize,
+    seen: &'a mut u64,
+}
+
+impl KeepBounded<'_> {
+    fn push(&mut self, bytes: &[u8]) {
+        *self.seen += bytes.len() as u64;
+        let room = self.limit.saturating_sub(self.out.len());
+        self.out.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+}
+
+impl LineSink for KeepBounded<'_> {
+    fn content(&mut self, bytes: &[u8]) {
+        self.push(bytes);
+    }
+    fn line_end(&mut self) {
+        self.push(b"\r\n");
+    }
+}
+
+impl MultiLine {
+    /// A decoder that keeps at most `limit` octets of body and reads at most
+    /// [`default_wire_limit`]`(limit)` octets of it.
+    pub fn new(limit: usize) -> MultiLine {
+        MultiLine::with_wire_limit(limit, default_wire_limit(limit))
+    }
+
+    /// A decoder that keeps at most `limit` octets of body and reads at most `wire_limit`
+    /// octets of it.
+    pub fn with_wire_limit(limit: usize, wire_limit: u64) -> MultiLine {
+        MultiLine {
+            out: Vec::new(),
+            limit,
+            seen: 0,
+            framer: Framer::new(wire_limit),
         }
     }
 
-    fn push(&mut self, bytes: &[u8]) {
-        self.seen += bytes.len() as u64;
-        let room = self.limit.saturating_sub(self.out.len());
-        self.out.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    /// Decodes as much of `buf` as belongs to this body. Bytes after the terminator are not
+    /// consumed (they belong to the next response).
+    pub fn decode(&mut self, buf: &[u8]) -> Result<Progress, CodecError> {
+        let mut sink = KeepBounded {
+            out: &mut self.out,
+            limit: self.limit,
+            seen: &mut self.seen,
+        };
+        self.framer
+            .run(buf, &mut sink)
+            .map_err(|limit| CodecError::ResponseTooLong { limit })
     }
 
     /// Decoded octets so far, including any dropped past the limit.
@@ -329,6 +485,367 @@ impl MultiLine {
         } else {
             Ok(self.out)
         }
+    }
+}
+
+/// A decoder for the body of a multi-line response; the connection feeds it what arrives.
+pub trait BodyDecoder {
+    /// Decodes as much of `buf` as belongs to the body; bytes after its terminator are not
+    /// consumed.
+    fn decode_body(&mut self, buf: &[u8]) -> Result<Progress, CodecError>;
+}
+
+impl BodyDecoder for MultiLine {
+    fn decode_body(&mut self, buf: &[u8]) -> Result<Progress, CodecError> {
+        self.decode(buf)
+    }
+}
+
+/// Longest listing line kept whole, terminator excluded. RFC 1939 §7 allows
+/// `msg-number SP unique-id` = at most 10 + 1 + 70 octets; the rest is slack for sloppy
+/// whitespace. A longer line is one bad entry, not a broken listing.
+pub const MAX_LISTING_LINE: usize = 512;
+
+/// Wire bound of a whole UIDL or LIST listing: 128 MiB, more than 1.6 million messages at 80
+/// octets a line (a 70-character unique-id and a 7-digit number). Only the entries a caller
+/// asks for are kept, so this bounds time (an endless listing at full speed), not memory.
+pub const MAX_LISTING_BYTES: u64 = 128 << 20;
+
+/// A multi-line body split into lines of at most `line_limit` octets (RFC 1939 §3 framing, see
+/// `Framer`). Each line is handed over as it completes with its full length; a longer line is
+/// handed over cut to `line_limit`, the rest of it discarded. Memory: one line.
+#[derive(Debug)]
+pub struct LineDecoder {
+    framer: Framer,
+    line: Vec<u8>,
+    /// Octets of the current line, including those past `line_limit`.
+    line_octets: u64,
+    line_limit: usize,
+}
+
+struct LineCollector<'a, F> {
+    line: &'a mut Vec<u8>,
+    line_octets: &'a mut u64,
+    line_limit: usize,
+    each: &'a mut F,
+}
+
+impl<F: FnMut(&[u8], u64)> LineSink for LineCollector<'_, F> {
+    fn content(&mut self, bytes: &[u8]) {
+        *self.line_octets += bytes.len() as u64;
+        let room = self.line_limit.saturating_sub(self.line.len());
+        self.line.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+    fn line_end(&mut self) {
+        (self.each)(self.line, *self.line_octets);
+        self.line.clear();
+        *self.line_octets = 0;
+    }
+}
+
+impl LineDecoder {
+    /// Lines of at most `line_limit` octets, at most `wire_limit` octets in all.
+    pub fn new(line_limit: usize, wire_limit: u64) -> LineDecoder {
+        LineDecoder {
+            framer: Framer::new(wire_limit),
+            line: Vec::new(),
+            line_octets: 0,
+            line_limit,
+        }
+    }
+
+    /// Decodes as much of `buf` as belongs to this body, calling `each(line, octets)` for every
+    /// line completed (`octets > line.len()` when the line was cut). Past the wire limit:
+    /// [`CodecError::ListingTooLong`].
+    pub fn decode(
+        &mut self,
+        buf: &[u8],
+        mut each: impl FnMut(&[u8], u64),
+    ) -> Result<Progress, CodecError> {
+        let mut sink = LineCollector {
+            line: &mut self.line,
+            line_octets: &mut self.line_octets,
+            line_limit: self.line_limit,
+            each: &mut each,
+        };
+        self.framer
+            .run(buf, &mut sink)
+            .map_err(|limit| CodecError::ListingTooLong { limit })
+    }
+}
+
+/// A unique-id listing (the answer to `UIDL` without argument), entry by entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    /// In server order, at most the `max_entries` asked for.
+    pub entries: Vec<ListingEntry>,
+    /// More entries followed; they were read and discarded (a later poll sees them once the
+    /// maildrop has shrunk).
+    pub truncated: bool,
+    /// Lines with no usable message number: the messages they stand for cannot be addressed.
+    pub unreadable_lines: usize,
+}
+
+/// One message of a [`Listing`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListingEntry {
+    pub number: u32,
+    pub uidl: ListedUidl,
+}
+
+/// What a listing says about one message's unique-id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListedUidl {
+    /// Valid (RFC 1939 §7) and listed for this message only.
+    Unique(String),
+    /// Valid, but listed for several message numbers. RFC 1939 §7 allows identical copies to
+    /// share one; a hostile server may lie. Either way it does not identify one message.
+    Shared(String),
+    /// A malformed line, or a message number listed more than once: `reason` says which, and
+    /// `excerpt` shows the line (escaped, at most 64 octets of it).
+    Invalid {
+        reason: &'static str,
+        excerpt: String,
+    },
+}
+
+impl ListedUidl {
+    /// The UIDL if it identifies exactly one message.
+    pub fn unique(&self) -> Option<&str> {
+        match self {
+            ListedUidl::Unique(uidl) => Some(uidl),
+            _ => None,
+        }
+    }
+}
+
+const REASON_LINE_TOO_LONG: &str = "the line is longer than 512 octets";
+const REASON_NO_UIDL: &str = "no unique-id after the message number";
+const REASON_UIDL_TOO_LONG: &str = "the unique-id is longer than 70 characters";
+const REASON_UIDL_SPACE: &str =
+    "the unique-id contains a space (RFC 1939: the whole rest of the line is the unique-id)";
+const REASON_UIDL_CHARACTER: &str =
+    "the unique-id contains a control or non-ASCII character (RFC 1939 allows 0x21 to 0x7E)";
+const REASON_NUMBER_TWICE: &str = "the message number is listed more than once";
+
+/// What one listing line says.
+#[derive(Debug, PartialEq, Eq)]
+enum UidlLine<'a> {
+    /// Empty or only whitespace: no message.
+    Blank,
+    /// No usable message number.
+    Unreadable,
+    Entry {
+        number: u32,
+        uidl: Result<&'a str, &'static str>,
+    },
+}
+
+/// RFC 1939 §5: message numbers are decimal, starting at 1.
+fn message_number(line: &[u8]) -> Option<(u32, &[u8])> {
+    let digits = line.iter().take_while(|b| b.is_ascii_digit()).count();
+    let (number, rest) = line.split_at(digits);
+    if digits == 0 || !(rest.is_empty() || rest[0] == b' ' || rest[0] == b'\t') {
+        return None;
+    }
+    let number: u32 = std::str::from_utf8(number).ok()?.parse().ok()?;
+    (number > 0).then_some((number, rest))
+}
+
+fn trim_blanks(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+/// RFC 1939 §7: "the response [to UIDL] is a multi-line response [...] each line consisting of
+/// the message-number of the message, followed by a single space and the unique-id", and "The
+/// unique-id of a message is an arbitrary server-determined string, consisting of one to 70
+/// characters in the range 0x21 to 0x7E". The whole rest of the line is the unique-id, so
+/// `1 abc def` is invalid, not `abc`. Leading and trailing blanks and several blanks after the
+/// number are tolerated. `octets` is the line's full length (more than `line.len()` when cut).
+fn parse_uidl_line(line: &[u8], octets: u64) -> UidlLine<'_> {
+    let line = trim_blanks(line);
+    if line.is_empty() && octets <= MAX_LISTING_LINE as u64 {
+        return UidlLine::Blank;
+    }
+    let Some((number, rest)) = message_number(line) else {
+        return UidlLine::Unreadable;
+    };
+    let uidl = if octets > MAX_LISTING_LINE as u64 {
+        Err(REASON_LINE_TOO_LONG)
+    } else {
+        validate_uidl(trim_blanks(rest))
+    };
+    UidlLine::Entry { number, uidl }
+}
+
+fn validate_uidl(uid: &[u8]) -> Result<&str, &'static str> {
+    if uid.is_empty() {
+        return Err(REASON_NO_UIDL);
+    }
+    if uid.iter().any(|&b| b == b' ' || b == b'\t') {
+        return Err(REASON_UIDL_SPACE);
+    }
+    if !uid.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(REASON_UIDL_CHARACTER);
+    }
+    if uid.len() > 70 {
+        return Err(REASON_UIDL_TOO_LONG);
+    }
+    std::str::from_utf8(uid).map_err(|_| REASON_UIDL_CHARACTER)
+}
+
+/// A line of a listing as people may see it: escaped, at most 64 octets, `…` when cut.
+fn listing_excerpt(line: &[u8], octets: u64) -> String {
+    let mut shown = excerpt(line);
+    if octets > 64 {
+        shown.push('…');
+    }
+    shown
+}
+
+#[derive(Debug)]
+struct PendingEntry {
+    number: u32,
+    uidl: Result<String, (&'static str, String)>,
+}
+
+/// Decodes a unique-id listing (RFC 1939 §7) line by line into a [`Listing`].
+///
+/// Bounded in every direction: one line of at most [`MAX_LISTING_LINE`] octets is held at a
+/// time (the rest of a longer line is discarded, and the line becomes one invalid entry); at
+/// most `max_entries` entries are kept (later lines are still read, so the connection stays
+/// usable, and only checked against the kept ones for duplicates); the whole listing may take
+/// at most `wire_limit` octets. Memory is O(`max_entries`) whatever the listing's size.
+///
+/// Duplicates are found with a keyed 64-bit hash of each kept UIDL: a collision can only make
+/// a unique UIDL look shared (it is then not trusted), never hide a duplicate.
+#[derive(Debug)]
+pub struct ListingDecoder {
+    lines: LineDecoder,
+    max_entries: usize,
+    entries: Vec<PendingEntry>,
+    /// Kept entries' UIDL hashes, with how often each was listed (by any line).
+    uidls: HashMap<u64, u32>,
+    /// Kept entries' message numbers, with how often each was listed (by any line).
+    numbers: HashMap<u32, u32>,
+    hasher: RandomState,
+    truncated: bool,
+    unreadable_lines: usize,
+}
+
+impl ListingDecoder {
+    /// Keeps at most `max_entries` entries of a listing of at most `wire_limit` octets.
+    pub fn new(max_entries: usize, wire_limit: u64) -> ListingDecoder {
+        ListingDecoder {
+            lines: LineDecoder::new(MAX_LISTING_LINE, wire_limit),
+            max_entries,
+            entries: Vec::new(),
+            uidls: HashMap::new(),
+            numbers: HashMap::new(),
+            hasher: RandomState::new(),
+            truncated: false,
+            unreadable_lines: 0,
+        }
+    }
+
+    /// Decodes as much of `buf` as belongs to the listing. Bytes after the terminator are not
+    /// consumed. Past the wire limit: [`CodecError::ListingTooLong`].
+    pub fn decode(&mut self, buf: &[u8]) -> Result<Progress, CodecError> {
+        let Self {
+            lines,
+            max_entries,
+            entries,
+            uidls,
+            numbers,
+            hasher,
+            truncated,
+            unreadable_lines,
+        } = self;
+        lines.decode(buf, |line, octets| {
+            let (number, uidl) = match parse_uidl_line(line, octets) {
+                UidlLine::Blank => return,
+                UidlLine::Unreadable => {
+                    *unreadable_lines += 1;
+                    return;
+                }
+                UidlLine::Entry { number, uidl } => (number, uidl),
+            };
+            let hash = uidl.ok().map(|u| hasher.hash_one(u));
+            if entries.len() < *max_entries {
+                *numbers.entry(number).or_default() += 1;
+                if let Some(hash) = hash {
+                    *uidls.entry(hash).or_default() += 1;
+                }
+                entries.push(PendingEntry {
+                    number,
+                    uidl: uidl
+                        .map(str::to_owned)
+                        .map_err(|reason| (reason, listing_excerpt(line, octets))),
+                });
+            } else {
+                // Only what concerns a kept entry is remembered: memory stays O(max_entries).
+                *truncated = true;
+                if let Some(count) = numbers.get_mut(&number) {
+                    *count += 1;
+                }
+                if let Some(count) = hash.and_then(|h| uidls.get_mut(&h)) {
+                    *count += 1;
+                }
+            }
+        })
+    }
+
+    /// The listing: each kept entry with its verdict.
+    pub fn finish(self) -> Listing {
+        let ListingDecoder {
+            entries,
+            uidls,
+            numbers,
+            hasher,
+            truncated,
+            unreadable_lines,
+            ..
+        } = self;
+        let entries = entries
+            .into_iter()
+            .map(|PendingEntry { number, uidl }| {
+                let uidl = match uidl {
+                    _ if numbers.get(&number).copied().unwrap_or(0) > 1 => {
+                        let excerpt = match &uidl {
+                            Ok(u) => escape_controls(&format!("{number} {u}")),
+                            Err((_, excerpt)) => excerpt.clone(),
+                        };
+                        ListedUidl::Invalid {
+                            reason: REASON_NUMBER_TWICE,
+                            excerpt,
+                        }
+                    }
+                    Ok(u) if uidls.get(&hasher.hash_one(&u)).copied().unwrap_or(0) > 1 => {
+                        ListedUidl::Shared(u)
+                    }
+                    Ok(u) => ListedUidl::Unique(u),
+                    Err((reason, excerpt)) => ListedUidl::Invalid { reason, excerpt },
+                };
+                ListingEntry { number, uidl }
+            })
+            .collect();
+        Listing {
+            entries,
+            truncated,
+            unreadable_lines,
+        }
+    }
+}
+
+impl BodyDecoder for ListingDecoder {
+    fn decode_body(&mut self, buf: &[u8]) -> Result<Progress, CodecError> {
+        self.decode(buf)
     }
 }
 
@@ -455,6 +972,7 @@ impl Capabilities {
         let entries = text
             .lines()
             .filter_map(|line| {
+                let line = escape_controls(line);
                 let mut words = line.split_whitespace();
                 let tag = words.next()?.to_ascii_uppercase();
                 Some((tag, words.map(str::to_owned).collect()))
@@ -492,13 +1010,24 @@ pub fn parse_stat(text: &str) -> Option<(u32, u64)> {
     Some((count, size))
 }
 
-/// Parses one scan listing or unique-id listing line: `msg-number SP value`
-/// (RFC 1939 §5 LIST, §7 UIDL).
+/// Parses one scan listing line, `msg-number SP size` (RFC 1939 §5 LIST: "This memo makes no
+/// requirement on what follows the message size in the scan listing", so later words are
+/// ignored). Not for unique-id listings: there the whole rest of the line is the unique-id
+/// ([`parse_uidl_answer`]).
 pub fn parse_listing_line(line: &str) -> Option<(u32, &str)> {
     let mut words = line.split_whitespace();
     let n = words.next()?.parse().ok()?;
     let value = words.next()?;
     Some((n, value))
+}
+
+/// The text of a `+OK` answer to `UIDL n` (RFC 1939 §7: `msg-number SP unique-id`, the whole
+/// rest of the line): the number and the unique-id, or why it is not one.
+pub fn parse_uidl_answer(text: &str) -> Result<(u32, &str), &'static str> {
+    match parse_uidl_line(text.as_bytes(), text.len() as u64) {
+        UidlLine::Entry { number, uidl } => uidl.map(|u| (number, u)),
+        UidlLine::Blank | UidlLine::Unreadable => Err("no message number"),
+    }
 }
 
 /// RFC 1939 §7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
@@ -583,6 +1112,7 @@ mod tests {
                     ok: true,
                     code: None,
                     text: "User successfully authenticated.".into(),
+                    escaped: false,
                 }),
             ),
             (
@@ -591,6 +1121,7 @@ mod tests {
                     ok: false,
                     code: Some("AUTH".into()),
                     text: "Authentication failed.".into(),
+                    escaped: false,
                 }),
             ),
         ];
@@ -613,7 +1144,7 @@ mod tests {
         let mut total_consumed = 0;
         let mut fed = 0;
         loop {
-            let p = dec.decode(&pending);
+            let p = dec.decode(&pending).unwrap();
             total_consumed += p.consumed;
             pending.drain(..p.consumed);
             if p.done {
@@ -688,11 +1219,268 @@ mod tests {
     fn multiline_memory_is_bounded_by_the_limit() {
         let mut dec = MultiLine::new(100);
         let junk = vec![b'z'; 1 << 20];
-        let p = dec.decode(&junk);
+        let p = dec.decode(&junk).unwrap();
         assert_eq!(p.consumed, junk.len());
         assert!(!p.done);
         assert!(dec.out.capacity() < 4096, "{}", dec.out.capacity());
         assert!(dec.over_limit());
+    }
+
+    #[test]
+    fn an_endless_body_stops_at_its_wire_limit_at_every_chunk_size() {
+        // Within the wire limit the terminator may come in the very last octets.
+        let wire = b"0123456789\r\n.\r\n";
+        for chunk in 1..=wire.len() {
+            let mut dec = MultiLine::with_wire_limit(4, wire.len() as u64);
+            let mut done = false;
+            for piece in wire.chunks(chunk) {
+                done = dec.decode(piece).unwrap().done;
+            }
+            assert!(done, "chunk {chunk}");
+            assert_eq!(dec.finish(), Err(12));
+        }
+        // One octet more without a terminator is an endless body, however it is cut.
+        let endless = vec![b'a'; 4096];
+        for chunk in [1, 7, 100, 4096] {
+            let mut dec = MultiLine::with_wire_limit(10, 1000);
+            let mut fed = 0;
+            let err = loop {
+                match dec.decode(&endless[fed..(fed + chunk).min(endless.len())]) {
+                    Ok(p) => {
+                        assert!(!p.done);
+                        fed += p.consumed;
+                    }
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(err, CodecError::ResponseTooLong { limit: 1000 });
+            // Not one octet past the wire limit was taken.
+            assert_eq!(dec.framer.wire, 1000, "chunk {chunk}");
+            assert!(fed <= 1000);
+        }
+        assert_eq!(default_wire_limit(10), 20 + (1 << 20));
+        assert_eq!(default_wire_limit(usize::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn control_characters_from_the_server_are_escaped_where_they_enter() {
+        assert_eq!(
+            escape_controls("caf\u{e9} \u{1b}[31mred\u{7} \u{202e}exe.gnp\u{85}\u{7f}\t"),
+            "caf\u{e9} \\x1b[31mred\\x07 \\u{202e}exe.gnp\\u{85}\\x7f\\x09"
+        );
+        assert_eq!(escape_controls("plain text, 日本語"), "plain text, 日本語");
+        let s = status("-ERR [SYS/TEMP] \u{1b}[2Jgone \u{2067}x\r\n");
+        assert_eq!(s.code.as_deref(), Some("SYS/TEMP"));
+        assert_eq!(s.text, "\\x1b[2Jgone \\u{2067}x");
+        assert!(s.escaped);
+        assert!(!status("+OK fine\r\n").escaped);
+        match decode_auth_reply(b"+ a\x1bb\r\n", 512) {
+            Ok(Decode::Complete {
+                frame: AuthReply::Continue(c),
+                ..
+            }) => assert_eq!(c, "a\\x1bb"),
+            other => panic!("{other:?}"),
+        }
+        match decode_status(b"\x1b[31mnot a status\r\n", 512) {
+            Err(CodecError::NotAStatus { excerpt }) => {
+                assert_eq!(excerpt, "\\x1b[31mnot a status")
+            }
+            other => panic!("{other:?}"),
+        }
+        let caps = Capabilities::parse(b"SASL\x1b[2J XOAUTH2\r\n");
+        assert_eq!(caps.entries[0].0, "SASL\\X1B[2J");
+    }
+
+    /// Feeds `wire` to a fresh listing decoder in chunks of `chunk` bytes.
+    fn listing_chunked(wire: &[u8], chunk: usize, max_entries: usize) -> (Listing, usize) {
+        let mut dec = ListingDecoder::new(max_entries, MAX_LISTING_BYTES);
+        let mut consumed = 0;
+        for piece in wire.chunks(chunk) {
+            let p = dec.decode(piece).unwrap();
+            consumed += p.consumed;
+            if p.done {
+                break;
+            }
+            assert_eq!(p.consumed, piece.len());
+        }
+        (dec.finish(), consumed)
+    }
+
+    fn unique(number: u32, uidl: &str) -> ListingEntry {
+        ListingEntry {
+            number,
+            uidl: ListedUidl::Unique(uidl.to_owned()),
+        }
+    }
+
+    fn invalid(number: u32, reason: &'static str, excerpt: &str) -> ListingEntry {
+        ListingEntry {
+            number,
+            uidl: ListedUidl::Invalid {
+                reason,
+                excerpt: excerpt.to_owned(),
+            },
+        }
+    }
+
+    #[test]
+    fn listing_lines_are_judged_one_by_one_at_every_chunk_size() {
+        let long = "L".repeat(4096);
+        let wire = format!(
+            "1 AAQkAD1\r\n\
+             2 abc def\r\n\
+             3 esc\x1b[31m\r\n\
+             4 {long}\r\n\
+             no-number\r\n\
+             \r\n\
+             5 SAME\r\n\
+             6\tSAME \r\n\
+             7 {seventy_one}\r\n\
+             8\r\n\
+             0 zero\r\n\
+             99999999999 overflow\r\n\
+             9 dup-number-a\r\n\
+             9 dup-number-b\r\n\
+             10 caf\u{e9}\r\n\
+             ..11 stuffed\r\n\
+             12 last\n\
+             .\r\n+OK next\r\n",
+            seventy_one = "x".repeat(71)
+        );
+        let wire = wire.as_bytes();
+        let body_len = wire.len() - b"+OK next\r\n".len();
+        let want = vec![
+            unique(1, "AAQkAD1"),
+            invalid(2, REASON_UIDL_SPACE, "2 abc def"),
+            invalid(3, REASON_UIDL_CHARACTER, "3 esc\\x1b[31m"),
+            invalid(4, REASON_LINE_TOO_LONG, &format!("4 {}…", &long[..62])),
+            ListingEntry {
+                number: 5,
+                uidl: ListedUidl::Shared("SAME".to_owned()),
+            },
+            ListingEntry {
+                number: 6,
+                uidl: ListedUidl::Shared("SAME".to_owned()),
+            },
+            invalid(7, REASON_UIDL_TOO_LONG, &format!("7 {}…", "x".repeat(62))),
+            invalid(8, REASON_NO_UIDL, "8"),
+            invalid(9, REASON_NUMBER_TWICE, "9 dup-number-a"),
+            invalid(9, REASON_NUMBER_TWICE, "9 dup-number-b"),
+            invalid(10, REASON_UIDL_CHARACTER, "10 caf\u{e9}"),
+            // "..11 stuffed" is unstuffed to ".11 stuffed": no message number.
+            unique(12, "last"),
+        ];
+        for chunk in 1..=300 {
+            let (listing, consumed) = listing_chunked(wire, chunk, usize::MAX);
+            assert_eq!(listing.entries, want, "chunk {chunk}");
+            // no-number, 0, 99999999999 and .11; the blank line is no message at all.
+            assert_eq!(listing.unreadable_lines, 4, "chunk {chunk}");
+            assert!(!listing.truncated);
+            assert_eq!(consumed, body_len, "chunk {chunk}");
+        }
+        assert!(REASON_LINE_TOO_LONG.contains(&MAX_LISTING_LINE.to_string()));
+    }
+
+    #[test]
+    fn entries_past_max_entries_are_discarded_but_still_expose_duplicates() {
+        let wire = b"1 A\r\n2 B\r\n3 C\r\n4 D\r\n5 A\r\n2 E\r\nbad\r\n.\r\n";
+        for chunk in 1..=wire.len() {
+            let (listing, consumed) = listing_chunked(wire, chunk, 3);
+            assert_eq!(consumed, wire.len());
+            assert!(listing.truncated);
+            assert_eq!(listing.unreadable_lines, 1);
+            assert_eq!(
+                listing.entries,
+                vec![
+                    // Listed again for message 5, past the kept entries.
+                    ListingEntry {
+                        number: 1,
+                        uidl: ListedUidl::Shared("A".to_owned())
+                    },
+                    // Message 2 listed again (as E), past the kept entries.
+                    invalid(2, REASON_NUMBER_TWICE, "2 B"),
+                    unique(3, "C"),
+                ],
+                "chunk {chunk}"
+            );
+        }
+        // Exactly max_entries entries: nothing is truncated.
+        let (listing, _) = listing_chunked(b"1 A\r\n2 B\r\n.\r\n", 5, 2);
+        assert!(!listing.truncated);
+        assert_eq!(listing.entries.len(), 2);
+        let (listing, _) = listing_chunked(b"1 A\r\n.\r\n", 5, 0);
+        assert!(listing.truncated && listing.entries.is_empty());
+    }
+
+    /// 700 000 lines, 40 MB: memory stays with the kept entries, not the listing.
+    #[test]
+    fn a_700_000_line_listing_decodes_in_bounded_memory() {
+        const LINES: u32 = 700_000;
+        const KEEP: usize = 1000;
+        let mut dec = ListingDecoder::new(KEEP, MAX_LISTING_BYTES);
+        let mut octets = 0u64;
+        let mut chunk = Vec::with_capacity(70_000);
+        let mut n = 1;
+        while n <= LINES {
+            chunk.clear();
+            while chunk.len() < 64 * 1024 && n <= LINES {
+                chunk.extend_from_slice(format!("{n} AAQkADvirtual{n:035}\r\n").as_bytes());
+                n += 1;
+            }
+            if n > LINES {
+                chunk.extend_from_slice(b".\r\n");
+            }
+            let p = dec.decode(&chunk).unwrap();
+            assert_eq!(p.consumed, chunk.len());
+            assert_eq!(p.done, n > LINES);
+            octets += chunk.len() as u64;
+            // The decoder's own memory: kept entries and their indexes, one line.
+            assert!(
+                dec.entries.capacity() <= 2 * KEEP,
+                "{}",
+                dec.entries.capacity()
+            );
+            assert!(dec.uidls.capacity() <= 4 * KEEP, "{}", dec.uidls.capacity());
+            assert!(
+                dec.numbers.capacity() <= 4 * KEEP,
+                "{}",
+                dec.numbers.capacity()
+            );
+            assert!(dec.lines.line.capacity() <= 2 * MAX_LISTING_LINE);
+        }
+        assert!(octets > 39_000_000, "{octets}");
+        let listing = dec.finish();
+        assert_eq!(listing.entries.len(), KEEP);
+        assert!(listing.truncated);
+        assert_eq!(listing.unreadable_lines, 0);
+        assert_eq!(
+            listing.entries[999],
+            unique(1000, &format!("AAQkADvirtual{:035}", 1000))
+        );
+        assert!(listing.entries.iter().all(|e| e.uidl.unique().is_some()));
+    }
+
+    #[test]
+    fn an_endless_listing_stops_at_its_wire_limit() {
+        let mut dec = ListingDecoder::new(10, 1000);
+        let line = b"1 AAA\r\n";
+        let mut fed = 0usize;
+        let err = loop {
+            match dec.decode(line) {
+                Ok(p) => fed += p.consumed,
+                Err(e) => break e,
+            }
+            assert!(fed <= 1000);
+        };
+        assert_eq!(err, CodecError::ListingTooLong { limit: 1000 });
+        assert!(err.to_string().contains("listing"));
+    }
+
+    #[test]
+    fn uidl_answers_take_the_whole_rest_of_the_line() {
+        assert_eq!(parse_uidl_answer("2 AAQkAD=="), Ok((2, "AAQkAD==")));
+        assert_eq!(parse_uidl_answer("1 abc def"), Err(REASON_UIDL_SPACE));
+        assert_eq!(parse_uidl_answer("x y").map(drop), Err("no message number"));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod sasl;
 use std::time::Duration;
 
 pub use client::{Client, ServerSpec, Session, TlsMode};
+pub use codec::{ListedUidl, Listing, ListingEntry};
 pub use connection::{Stream, Timeouts};
 
 /// Everything that can go wrong talking POP3.
@@ -50,6 +51,20 @@ pub enum Error {
     Protocol(String),
     #[error("message is larger than the limit of {limit} octets ({received} octets received)")]
     TooLarge { limit: usize, received: u64 },
+    /// A multi-line answer went on far past its limit without ending: not a message but a
+    /// broken or hostile server. The rest was not read, so the connection is unusable.
+    #[error(
+        "the server's {during} answer went on past {limit} octets without ending; it was abandoned"
+    )]
+    ResponseTooLong { during: &'static str, limit: u64 },
+    /// A UIDL or LIST listing longer than the listing bound (millions of messages, or an
+    /// endless listing). The rest was not read, so the connection is unusable.
+    #[error("the {command} listing is longer than {limit} octets; it was abandoned")]
+    ListingTooLarge { command: &'static str, limit: u64 },
+    /// A listing with more entries than the caller can hold (read whole; the connection is
+    /// still usable).
+    #[error("the {command} listing has more than {limit} entries")]
+    TooManyEntries { command: &'static str, limit: usize },
     #[error("{command} refused by the server: {}", display_status(.code, .text))]
     Server {
         command: &'static str,
@@ -98,6 +113,7 @@ impl Error {
             | Error::TlsHandshake { .. }
             | Error::Closed
             | Error::Protocol(_)
+            | Error::ResponseTooLong { .. }
             | Error::Poisoned => true,
             Error::Server { code, text, .. } | Error::AuthRejected { code, text, .. } => {
                 matches!(
@@ -108,6 +124,8 @@ impl Error {
             Error::TlsCertificate { .. }
             | Error::TlsConfig(_)
             | Error::TooLarge { .. }
+            | Error::ListingTooLarge { .. }
+            | Error::TooManyEntries { .. }
             | Error::NotSupported { .. }
             | Error::PlaintextAuthRefused
             | Error::InvalidRequest(_) => false,
@@ -123,6 +141,8 @@ impl Error {
             | Error::TlsConfig(_)
             | Error::NotSupported { .. }
             | Error::PlaintextAuthRefused
+            | Error::ListingTooLarge { .. }
+            | Error::TooManyEntries { .. }
             | Error::InvalidRequest(_) => true,
             Error::Server { code, .. } => {
                 matches!(code.as_deref(), Some("SYS/PERM") | Some("AUTH"))
@@ -135,7 +155,10 @@ impl Error {
     pub fn poisons_connection(&self) -> bool {
         !matches!(
             self,
-            Error::Server { .. } | Error::TooLarge { .. } | Error::InvalidRequest(_)
+            Error::Server { .. }
+                | Error::TooLarge { .. }
+                | Error::TooManyEntries { .. }
+                | Error::InvalidRequest(_)
         )
     }
 
@@ -163,6 +186,15 @@ impl Error {
             Error::Timeout { .. } | Error::Connect { .. } => {
                 Some("check the host, the port and that outbound traffic to it is allowed")
             }
+            Error::ListingTooLarge { .. } | Error::TooManyEntries { .. } => Some(
+                "the maildrop holds more messages than can be listed: move or delete old \
+                 messages with another mail client (Outlook on the web for Exchange Online), \
+                 or check that this host is the mailbox's real POP3 server",
+            ),
+            Error::ResponseTooLong { .. } => Some(
+                "the server sends an answer that does not end; check that this host is the \
+                 mailbox's real POP3 server",
+            ),
             _ => None,
         }
     }

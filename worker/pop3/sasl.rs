@@ -22,14 +22,18 @@ pub fn plain_response(user: &str, password: &SecretString) -> SecretString {
     SecretString::from(STANDARD.encode(raw.as_bytes()))
 }
 
+/// Most characters of a decoded challenge kept for diagnostics (before escaping).
+pub const MAX_CHALLENGE_CHARS: usize = 512;
+
 /// Decodes a server challenge for diagnostics (Dovecot and Gmail send a JSON error object
-/// after a rejected bearer token). Returns `None` when it is not base64 of UTF-8 text.
+/// after a rejected bearer token). Returns `None` when it is not base64 of UTF-8 text. The
+/// text is cut to [`MAX_CHALLENGE_CHARS`] characters and escaped
+/// ([`escape_controls`](super::codec::escape_controls)): it ends up in errors people read.
 pub fn decode_challenge(challenge: &str) -> Option<String> {
     let bytes = STANDARD.decode(challenge.trim()).ok()?;
     let text = String::from_utf8(bytes).ok()?;
-    // Keep diagnostics short and printable.
-    let text: String = text.chars().filter(|c| !c.is_control()).take(512).collect();
-    Some(text)
+    let text: String = text.chars().take(MAX_CHALLENGE_CHARS).collect();
+    Some(super::codec::escape_controls(&text))
 }
 
 #[cfg(test)]
@@ -62,5 +66,11 @@ mod tests {
             Some(r#"{"status":"401"}"#)
         );
         assert_eq!(decode_challenge("%%%"), None);
+        // Base64 of `{"e":"\x1b[2J\u{202e}"}`: escaped, not dropped and not raw.
+        let hostile = STANDARD.encode("{\"e\":\"\u{1b}[2J\u{202e}\"}");
+        assert_eq!(
+            decode_challenge(&hostile).as_deref(),
+            Some(r#"{"e":"\x1b[2J\u{202e}"}"#)
+        );
     }
 }

@@ -11,11 +11,22 @@
 //! - Only `QUIT` in the TRANSACTION state removes messages marked by `DELE`; a session that
 //!   ends any other way (error, drop, fault, simulator stop) removes nothing.
 //! - A session sees the maildrop as it was at login; later deliveries show in the next session.
-//! - UIDLs are unique, stable and never reused; messages are served with CRLF line endings and
-//!   dot-stuffing whatever line endings they were delivered with.
+//! - UIDLs made by [`Pop3Sim::deliver`] are unique, stable and never reused; messages are served
+//!   with CRLF line endings and dot-stuffing whatever line endings they were delivered with.
+//!   Only the hostile knobs break this on purpose: [`Pop3Sim::deliver_with_uidl`] (any UIDL,
+//!   duplicates and malformed ones included) and [`Pop3Sim::replace_message`] (a UIDL reused for
+//!   different content).
 //! - Credentials (AUTH blobs, PASS arguments) never reach logs or [`Pop3Sim::commands`].
 //! - Faults are read when a session starts and apply to every session started until they are
 //!   changed; sessions already running keep theirs.
+//!
+//! Hostile server mode: besides the network faults ([`Fault::Hang`], [`Fault::Slow`], the
+//! drops), a session can answer like a broken or malicious server: an endless multi-line body
+//! ([`Fault::Endless`]), a body trickled at a few bytes per second ([`Fault::Trickle`]), extra
+//! listing lines ([`Fault::ListingLine`]: no message number, a number listed twice …), a huge
+//! listing made of virtual entries ([`Fault::VirtualEntries`]), and maildrops holding
+//! duplicate, malformed or reused UIDLs ([`Pop3Sim::deliver_with_uidl`],
+//! [`Pop3Sim::replace_message`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -54,6 +65,11 @@ const MAX_SASL_LINE: usize = 64 * 1024;
 /// [`Pop3Sim::commands`] keeps at most this many lines (the newest), so a long benchmark does
 /// not grow memory without bound.
 const MAX_RECORDED_COMMANDS: usize = 100_000;
+/// Generated bodies ([`Fault::Endless`], [`Fault::VirtualEntries`]) are written in pieces of
+/// about this size, so they cost no memory however long they are.
+const STREAM_CHUNK: usize = 64 * 1024;
+/// The `LIST` size of a [`Fault::VirtualEntries`] entry.
+const VIRTUAL_SIZE: usize = 1000;
 
 /// A fault injected into the sessions that start while it is set.
 ///
@@ -78,6 +94,31 @@ pub enum Fault {
     /// Execute the command, then close without answering: a `QUIT` dropped this way has
     /// deleted the marked messages, but the client never hears so.
     DropBeforeReply { command: String },
+    /// Answer the command with `+OK` and a multi-line body that never ends, written as fast as
+    /// the client reads it, until the client leaves. The lines look like the command's: UIDL
+    /// and LIST lines with increasing message numbers, capability lines for CAPA, header lines
+    /// for RETR and TOP.
+    Endless { command: String },
+    /// Write the status line of the command's response at once and the rest at
+    /// `bytes_per_second` (one write of that many bytes per second of tokio time). A slow
+    /// status line is already bounded by the client's command deadline; this is the slow body.
+    Trickle {
+        command: String,
+        bytes_per_second: usize,
+    },
+    /// Insert `line` (raw bytes; CRLF is added) into the multi-line UIDL or LIST listing named
+    /// by `command`, before listing line `at` (0-based; past the end it is appended): a line
+    /// without a message number, a number listed twice, garbage.
+    ListingLine {
+        command: String,
+        at: usize,
+        line: Vec<u8>,
+    },
+    /// The multi-line UIDL and LIST listings (and STAT) count `count` more messages, numbered
+    /// after the real ones, generated while they are written (no memory per entry): a huge
+    /// maildrop for free. Every other command treats those numbers as out of range. Their
+    /// UIDL lines are about 57 octets, so 700 000 of them make a 40 MB listing.
+    VirtualEntries { count: usize },
 }
 
 impl Fault {
@@ -86,8 +127,13 @@ impl Fault {
             Fault::Hang { command }
             | Fault::Err { command, .. }
             | Fault::DropAfterCommand { command }
-            | Fault::DropBeforeReply { command } => Some(command),
-            Fault::DropAfterRetrBytes(_) | Fault::Slow { .. } => None,
+            | Fault::DropBeforeReply { command }
+            | Fault::Endless { command }
+            | Fault::Trickle { command, .. }
+            | Fault::ListingLine { command, .. } => Some(command),
+            Fault::DropAfterRetrBytes(_) | Fault::Slow { .. } | Fault::VirtualEntries { .. } => {
+                None
+            }
         }
     }
 
@@ -256,6 +302,40 @@ impl Pop3Sim {
                 raw: raw.into(),
             });
         uidl
+    }
+
+    /// Delivers a message under a UIDL of the caller's choosing, unchecked: the same UIDL as
+    /// another message, one with spaces, control characters or 4 KB of text. It is listed and
+    /// answered exactly as given (a CR LF inside it breaks the listing's framing, as a hostile
+    /// server would). Creates the mailbox if needed.
+    pub fn deliver_with_uidl(&self, address: &str, uidl: &str, raw: Vec<u8>) {
+        self.shared
+            .lock()
+            .boxes
+            .entry(address.to_ascii_lowercase())
+            .or_default()
+            .messages
+            .push(Message {
+                uidl: uidl.to_owned(),
+                raw: raw.into(),
+            });
+    }
+
+    /// UIDL reuse: the message listed as `uidl` in `address` gets new content, so a later
+    /// session sees a different message under a UIDL a client may already have stored.
+    /// Returns whether such a message was there (sessions already running keep their view).
+    pub fn replace_message(&self, address: &str, uidl: &str, raw: Vec<u8>) -> bool {
+        let mut state = self.shared.lock();
+        let Some(mailbox) = state.boxes.get_mut(&address.to_ascii_lowercase()) else {
+            return false;
+        };
+        match mailbox.messages.iter_mut().find(|m| m.uidl == uidl) {
+            Some(message) => {
+                message.raw = raw.into();
+                true
+            }
+            None => false,
+        }
     }
 
     /// The messages now in `address` (UIDL, bytes as delivered), in maildrop order.
@@ -493,6 +573,7 @@ async fn run_session(
         tls: implicit_tls,
         faults,
         mute: false,
+        trickle: None,
         state: SessionState::Authorization { user: None },
     };
     match session.serve().await {
@@ -540,6 +621,9 @@ struct Session {
     faults: Vec<Fault>,
     /// Set by [`Fault::DropBeforeReply`]: the next write closes the connection instead.
     mute: bool,
+    /// Set by [`Fault::Trickle`] for one response: its rate, and whether the status line (sent
+    /// at once) has been written.
+    trickle: Option<(usize, bool)>,
     state: SessionState,
 }
 
@@ -558,7 +642,13 @@ impl Session {
                 Line::Text(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
             };
             self.shared.record(redact(&line));
-            if let Some(fault) = self.faults.iter().find(|f| f.matches(&line)).cloned() {
+            // Listing lines are applied while the listing is written, not instead of it.
+            let fault = self
+                .faults
+                .iter()
+                .find(|f| f.matches(&line) && !matches!(f, Fault::ListingLine { .. }))
+                .cloned();
+            if let Some(fault) = fault {
                 match fault {
                     Fault::DropAfterCommand { .. } => return Err(End::Close),
                     Fault::Hang { .. } => return self.hang().await,
@@ -567,10 +657,46 @@ impl Session {
                         continue;
                     }
                     Fault::DropBeforeReply { .. } => self.mute = true,
-                    Fault::DropAfterRetrBytes(_) | Fault::Slow { .. } => {}
+                    Fault::Endless { .. } => return self.endless(&line).await,
+                    Fault::Trickle {
+                        bytes_per_second, ..
+                    } => self.trickle = Some((bytes_per_second.max(1), false)),
+                    Fault::DropAfterRetrBytes(_)
+                    | Fault::Slow { .. }
+                    | Fault::ListingLine { .. }
+                    | Fault::VirtualEntries { .. } => {}
                 }
             }
-            self.command(&line).await?;
+            let done = self.command(&line).await;
+            self.trickle = None;
+            done?;
+        }
+    }
+
+    /// [`Fault::Endless`]: `+OK`, then lines shaped like the command's body, forever.
+    async fn endless(&mut self, line: &str) -> Result<(), End> {
+        let verb = line
+            .split(' ')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_uppercase();
+        self.send(b"+OK\r\n").await?;
+        let mut n: u64 = 0;
+        let mut chunk = Vec::with_capacity(STREAM_CHUNK + 128);
+        loop {
+            chunk.clear();
+            while chunk.len() < STREAM_CHUNK {
+                n += 1;
+                let line = match verb.as_str() {
+                    "UIDL" => format!("{n} AAQkADendless{n:020}\r\n"),
+                    "LIST" => format!("{n} 1000\r\n"),
+                    "CAPA" => format!("X-ENDLESS-{n}\r\n"),
+                    _ => format!("X-Endless-{n}: {}\r\n", "a".repeat(48)),
+                };
+                chunk.extend_from_slice(line.as_bytes());
+            }
+            // Fails once the client has gone, which ends the session.
+            self.send(&chunk).await?;
         }
     }
 
@@ -802,6 +928,26 @@ impl Session {
     }
 
     async fn transaction(&mut self, verb: &str, args: &str) -> Result<(), End> {
+        let virtual_count = self
+            .faults
+            .iter()
+            .find_map(|f| match f {
+                Fault::VirtualEntries { count } => Some(*count),
+                _ => None,
+            })
+            .unwrap_or(0);
+        let mut inserted: Vec<(usize, Vec<u8>)> = self
+            .faults
+            .iter()
+            .filter_map(|f| match f {
+                Fault::ListingLine { command, at, line }
+                    if command.trim().eq_ignore_ascii_case(verb) =>
+                {
+                    Some((*at, line.clone()))
+                }
+                _ => None,
+            })
+            .collect();
         let SessionState::Transaction {
             messages, deleted, ..
         } = &mut self.state
@@ -838,19 +984,32 @@ impl Session {
                 let (count, size) = live().fold((0, 0), |(c, s), (_, m)| {
                     (c + 1, s + estimated_size(to_crlf(&m.raw).len()))
                 });
+                let count = count + virtual_count;
+                let size = size + virtual_count * VIRTUAL_SIZE;
                 format!("+OK {count} {size}\r\n").into_bytes()
             }
             "LIST" if first.is_none() => {
                 let rows: Vec<(usize, usize)> = live()
                     .map(|(n, m)| (n, estimated_size(to_crlf(&m.raw).len())))
                     .collect();
-                let total: usize = rows.iter().map(|(_, s)| s).sum();
-                let mut out = format!("+OK {} {total}\r\n", rows.len());
-                for (n, size) in rows {
-                    out.push_str(&format!("{n} {size}\r\n"));
-                }
-                out.push_str(".\r\n");
-                out.into_bytes()
+                let total: usize =
+                    rows.iter().map(|(_, s)| s).sum::<usize>() + virtual_count * VIRTUAL_SIZE;
+                let head = format!("+OK {} {total}\r\n", rows.len() + virtual_count);
+                let lines = rows
+                    .into_iter()
+                    .map(|(n, size)| format!("{n} {size}").into_bytes())
+                    .collect();
+                let first_virtual = messages.len() + 1;
+                return self
+                    .listing(
+                        head,
+                        lines,
+                        &mut inserted,
+                        false,
+                        first_virtual,
+                        virtual_count,
+                    )
+                    .await;
             }
             "LIST" => match pick(first) {
                 Ok(i) => format!(
@@ -862,12 +1021,20 @@ impl Session {
                 Err(e) => format!("{e}\r\n").into_bytes(),
             },
             "UIDL" if first.is_none() => {
-                let mut out = String::from("+OK\r\n");
-                for (n, m) in live() {
-                    out.push_str(&format!("{n} {}\r\n", m.uidl));
-                }
-                out.push_str(".\r\n");
-                out.into_bytes()
+                let lines = live()
+                    .map(|(n, m)| format!("{n} {}", m.uidl).into_bytes())
+                    .collect();
+                let first_virtual = messages.len() + 1;
+                return self
+                    .listing(
+                        "+OK\r\n".to_owned(),
+                        lines,
+                        &mut inserted,
+                        true,
+                        first_virtual,
+                        virtual_count,
+                    )
+                    .await;
             }
             "UIDL" => match pick(first) {
                 Ok(i) => format!("+OK {} {}\r\n", i + 1, messages[i].uidl).into_bytes(),
@@ -903,6 +1070,53 @@ impl Session {
             _ => b"-ERR Protocol error. 14\r\n".to_vec(),
         };
         self.send(&response).await
+    }
+
+    /// Writes a multi-line UIDL (`uidl`) or LIST listing: `lines` with the
+    /// [`Fault::ListingLine`]s inserted, then `virtual_count` generated entries numbered from
+    /// `first_virtual`, streamed in chunks, then the terminator.
+    async fn listing(
+        &mut self,
+        head: String,
+        lines: Vec<Vec<u8>>,
+        inserted: &mut [(usize, Vec<u8>)],
+        uidl: bool,
+        first_virtual: usize,
+        virtual_count: usize,
+    ) -> Result<(), End> {
+        // Stable: several lines inserted at one position keep the order they were added in.
+        inserted.sort_by_key(|(at, _)| *at);
+        let mut out = head.into_bytes();
+        let mut extra = inserted.iter().peekable();
+        for (i, line) in lines.iter().enumerate() {
+            while let Some((_, bytes)) = extra.next_if(|(at, _)| *at <= i) {
+                out.extend_from_slice(bytes);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
+        }
+        for (_, bytes) in extra {
+            out.extend_from_slice(bytes);
+            out.extend_from_slice(b"\r\n");
+        }
+        let end = first_virtual + virtual_count;
+        let mut n = first_virtual;
+        while n < end {
+            if out.len() >= STREAM_CHUNK {
+                self.send(&out).await?;
+                out.clear();
+            }
+            let line = if uidl {
+                format!("{n} AAQkADvirtual{n:035}\r\n")
+            } else {
+                format!("{n} {VIRTUAL_SIZE}\r\n")
+            };
+            out.extend_from_slice(line.as_bytes());
+            n += 1;
+        }
+        out.extend_from_slice(b".\r\n");
+        self.send(&out).await
     }
 
     async fn retr(&mut self, message: &Message) -> Result<(), End> {
@@ -952,6 +1166,25 @@ impl Session {
     async fn send(&mut self, bytes: &[u8]) -> Result<(), End> {
         if self.mute {
             return Err(End::Close);
+        }
+        if let Some((rate, status_sent)) = self.trickle {
+            let mut rest = bytes;
+            if !status_sent {
+                let head = rest
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(rest.len(), |lf| lf + 1);
+                self.stream.write_all(&rest[..head]).await?;
+                self.stream.flush().await?;
+                rest = &rest[head..];
+                self.trickle = Some((rate, true));
+            }
+            for piece in rest.chunks(rate) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.stream.write_all(piece).await?;
+                self.stream.flush().await?;
+            }
+            return Ok(());
         }
         let slow = self.faults.iter().find_map(|f| match f {
             Fault::Slow { chunk, delay } => Some((*chunk, *delay)),
@@ -1568,6 +1801,198 @@ mod tests {
         assert!(greeting.starts_with(GREETING_PREFIX));
         let chunks = (greeting.len() + 2).div_ceil(10) as u64;
         assert!(started.elapsed() >= Duration::from_secs(chunks));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn endless_answers_never_reach_a_terminator() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        fx.pop.deliver(MAILBOX, b"Subject: 1\r\n\r\n1\r\n".to_vec());
+        for command in ["CAPA", "UIDL", "LIST", "RETR 1", "TOP 1 0"] {
+            fx.pop.set_fault(Some(Fault::Endless {
+                command: command.to_owned(),
+            }));
+            let mut c = if command == "CAPA" {
+                let mut c = fx.tls().await?;
+                c.line().await?;
+                c
+            } else {
+                fx.login(MAILBOX).await?
+            };
+            assert_eq!(c.cmd(command).await?, "+OK", "{command}");
+            // Far more than any real answer, and still no terminator.
+            let mut octets = 0;
+            let mut numbers = Vec::new();
+            while octets < 2 << 20 {
+                let line = c.line().await?;
+                assert_ne!(line, ".", "{command} ended");
+                octets += line.len() + 2;
+                if numbers.len() < 3 {
+                    numbers.push(line.split(' ').next().unwrap_or_default().to_owned());
+                }
+            }
+            if matches!(command, "UIDL" | "LIST") {
+                assert_eq!(numbers, ["1", "2", "3"], "{command}: listing-shaped lines");
+            }
+        }
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trickle_sends_the_status_line_then_a_few_bytes_a_second() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        fx.pop
+            .deliver(MAILBOX, b"Subject: slow\r\n\r\nbody\r\n".to_vec());
+        fx.pop.set_fault(Some(Fault::Trickle {
+            command: "RETR".to_owned(),
+            bytes_per_second: 4,
+        }));
+        let mut c = fx.login(MAILBOX).await?;
+        let started = tokio::time::Instant::now();
+        assert_eq!(c.cmd("RETR 1").await?, "+OK");
+        assert!(started.elapsed() < Duration::from_secs(1), "status at once");
+        assert_eq!(c.body().await?, ["Subject: slow", "", "body"]);
+        // 27 octets of body and terminator, 4 a second.
+        let body = "Subject: slow\r\n\r\nbody\r\n.\r\n".len() as u64;
+        assert!(started.elapsed() >= Duration::from_secs(body.div_ceil(4)));
+        // Only that response: the next one comes at once.
+        let started = tokio::time::Instant::now();
+        assert_eq!(c.cmd("NOOP").await?, "+OK");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn listing_lines_are_inserted_where_asked() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        let one = fx.pop.deliver(MAILBOX, b"Subject: 1\r\n\r\n1\r\n".to_vec());
+        let two = fx.pop.deliver(MAILBOX, b"Subject: 2\r\n\r\n2\r\n".to_vec());
+        fx.pop.set_fault(Some(Fault::ListingLine {
+            command: "UIDL".to_owned(),
+            at: 0,
+            line: b"no-number-here".to_vec(),
+        }));
+        fx.pop.add_fault(Fault::ListingLine {
+            command: "UIDL".to_owned(),
+            at: 99,
+            line: format!("1 {two}").into_bytes(),
+        });
+        fx.pop.add_fault(Fault::ListingLine {
+            command: "LIST".to_owned(),
+            at: 1,
+            line: b"1 77".to_vec(),
+        });
+        let mut c = fx.login(MAILBOX).await?;
+        assert_eq!(c.cmd("UIDL").await?, "+OK");
+        assert_eq!(
+            c.body().await?,
+            [
+                "no-number-here".to_owned(),
+                format!("1 {one}"),
+                format!("2 {two}"),
+                format!("1 {two}")
+            ]
+        );
+        assert!(c.cmd("LIST").await?.starts_with("+OK 2 "));
+        let list = c.body().await?;
+        assert_eq!(list.len(), 3);
+        assert_eq!(list[1], "1 77");
+        // Single-message answers are untouched.
+        assert_eq!(c.cmd("UIDL 1").await?, format!("+OK 1 {one}"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn virtual_entries_make_a_huge_listing_for_free() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        let real = fx.pop.deliver(MAILBOX, b"Subject: 1\r\n\r\n1\r\n".to_vec());
+        fx.pop
+            .set_fault(Some(Fault::VirtualEntries { count: 100_000 }));
+        let mut c = fx.login(MAILBOX).await?;
+        let stat = c.cmd("STAT").await?;
+        assert!(stat.starts_with("+OK 100001 "), "{stat}");
+        assert_eq!(c.cmd("UIDL").await?, "+OK");
+        let lines = c.body().await?;
+        assert_eq!(lines.len(), 100_001);
+        assert_eq!(lines[0], format!("1 {real}"));
+        assert_eq!(lines[1], format!("2 AAQkADvirtual{:035}", 2));
+        let octets: usize = lines.iter().map(|l| l.len() + 2).sum();
+        assert!(
+            (5_000_000..6_000_000).contains(&octets),
+            "about 57 octets a line: {octets}"
+        );
+        let distinct: std::collections::HashSet<&str> =
+            lines.iter().filter_map(|l| l.split(' ').nth(1)).collect();
+        assert_eq!(distinct.len(), lines.len(), "virtual UIDLs are unique");
+        assert!(c.cmd("LIST").await?.starts_with("+OK 100001 "));
+        assert_eq!(
+            c.body().await?.last().map(String::as_str),
+            Some("100001 1000")
+        );
+        assert!(
+            c.cmd("RETR 2").await?.starts_with("-ERR"),
+            "virtual: no content"
+        );
+        assert_eq!(c.cmd("RETR 1").await?, "+OK");
+        assert_eq!(c.body().await?, ["Subject: 1", "", "1"]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn chosen_uidls_are_listed_exactly_as_given() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        let long = "L".repeat(4096);
+        let uidls = [
+            "SAME",
+            "SAME",
+            "has space",
+            "esc\x1b[31mred\x07",
+            long.as_str(),
+        ];
+        for (i, uidl) in uidls.iter().enumerate() {
+            fx.pop.deliver_with_uidl(
+                MAILBOX,
+                uidl,
+                format!("Subject: {i}\r\n\r\n{i}\r\n").into_bytes(),
+            );
+        }
+        let mut c = fx.login(MAILBOX).await?;
+        assert_eq!(c.cmd("UIDL").await?, "+OK");
+        let want: Vec<String> = uidls
+            .iter()
+            .enumerate()
+            .map(|(i, u)| format!("{} {u}", i + 1))
+            .collect();
+        assert_eq!(c.body().await?, want);
+        assert_eq!(c.cmd("UIDL 3").await?, "+OK 3 has space");
+        // Two different messages behind one UIDL.
+        assert_eq!(c.cmd("RETR 2").await?, "+OK");
+        assert_eq!(c.body().await?, ["Subject: 1", "", "1"]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn replace_message_reuses_a_uidl_for_new_content() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        let uidl = fx
+            .pop
+            .deliver(MAILBOX, b"Subject: original\r\n\r\nfirst\r\n".to_vec());
+        let mut c = fx.login(MAILBOX).await?;
+        assert_eq!(c.cmd("RETR 1").await?, "+OK");
+        assert_eq!(c.body().await?, ["Subject: original", "", "first"]);
+        assert!(fx.pop.replace_message(
+            MAILBOX,
+            &uidl,
+            b"Subject: impostor\r\n\r\nsecond\r\n".to_vec()
+        ));
+        assert!(!fx.pop.replace_message(MAILBOX, "no-such-uidl", Vec::new()));
+        // The running session keeps its view; the next one sees new content, same UIDL.
+        assert_eq!(c.cmd("RETR 1").await?, "+OK");
+        assert_eq!(c.body().await?, ["Subject: original", "", "first"]);
+        let mut c = fx.login(MAILBOX).await?;
+        assert_eq!(c.cmd("UIDL 1").await?, format!("+OK 1 {uidl}"));
+        assert_eq!(c.cmd("RETR 1").await?, "+OK");
+        assert_eq!(c.body().await?, ["Subject: impostor", "", "second"]);
         Ok(())
     }
 

@@ -39,6 +39,7 @@ pub fn test_timeouts() -> Timeouts {
         tls: Duration::from_secs(10),
         command: Duration::from_secs(20),
         idle: Duration::from_secs(20),
+        ..Timeouts::DEFAULT
     }
 }
 

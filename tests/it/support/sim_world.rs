@@ -42,6 +42,7 @@ pub fn relaxed_timeouts() -> Timeouts {
         tls: Duration::from_secs(10),
         command: Duration::from_secs(10),
         idle: Duration::from_secs(10),
+        ..Timeouts::DEFAULT
     }
 }
 
