@@ -9,6 +9,9 @@
 --   the poller checks that the server still holds the message with this identity, so a server
 --   that reuses a UIDL cannot make ccmail delete mail it never stored. NULL for rows stored
 --   before this migration, and for messages whose header section names nothing.
+-- * `fetch_failures.too_large`: the server sent far more than the size limit for a RETR (the
+--   connection had to be dropped), so the next poll stores the headers at once (`TOP n 0`)
+--   instead of downloading it again.
 -- * `uidl` holds a server UIDL (1-70 printable characters, RFC 1939 §7) or a key derived from
 --   the identity (`~ <64 hex digits>`) for a message whose UIDL cannot be trusted. The bound is
 --   `not valid` so that older rows are not checked; new rows are.
@@ -27,3 +30,5 @@ alter table messages add constraint messages_uidl_length
     check (octet_length(uidl) between 1 and 200) not valid;
 alter table fetch_failures add constraint fetch_failures_uidl_length
     check (octet_length(uidl) between 1 and 200) not valid;
+
+alter table fetch_failures add column too_large boolean not null default false;

@@ -81,6 +81,9 @@ pub struct Pop3Config {
     pub tls_timeout_secs: u64,
     pub command_timeout_secs: u64,
     pub idle_timeout_secs: u64,
+    /// Slowest average rate of a multi-line answer (after `command_timeout_secs` of grace), in
+    /// octets per second: the total deadline of a RETR, a listing or CAPA.
+    pub min_rate_bytes_per_sec: u64,
 }
 
 /// `[oauth]`
@@ -165,6 +168,7 @@ impl Default for Pop3Config {
             tls_timeout_secs: 15,
             command_timeout_secs: 60,
             idle_timeout_secs: 60,
+            min_rate_bytes_per_sec: 16 * 1024,
         }
     }
 }
@@ -288,6 +292,10 @@ impl Config {
             ("worker.commit_concurrency", self.worker.commit_concurrency),
             ("worker.max_poll_secs", self.worker.max_poll_secs as usize),
             (
+                "pop3.min_rate_bytes_per_sec",
+                self.pop3.min_rate_bytes_per_sec as usize,
+            ),
+            (
                 "worker.max_listing_entries",
                 self.worker.max_listing_entries,
             ),
@@ -333,7 +341,7 @@ impl Config {
             tls: Duration::from_secs(self.pop3.tls_timeout_secs),
             command: Duration::from_secs(self.pop3.command_timeout_secs),
             idle: Duration::from_secs(self.pop3.idle_timeout_secs),
-            ..crate::pop3::Timeouts::DEFAULT
+            min_rate: self.pop3.min_rate_bytes_per_sec,
         }
     }
 

@@ -256,8 +256,12 @@ struct Committed {
 /// How one listed message is handled in this poll.
 enum Plan {
     /// Not stored yet: download it and store it under its UIDL (`attempts` downloads of it
-    /// failed in earlier polls).
-    Fetch { uidl: String, attempts: u32 },
+    /// failed in earlier polls; `too_large`: one ran far past the size limit).
+    Fetch {
+        uidl: String,
+        attempts: u32,
+        too_large: bool,
+    },
     /// Stored by an earlier poll that ended before QUIT: check that the server still holds
     /// that message, then delete it.
     Verify { uidl: String, copy: StoredCopy },
@@ -321,7 +325,12 @@ async fn plan_listing(
     limits: &IngestLimits,
     report: &mut PollReport,
 ) -> Result<Listed, PollError> {
-    let listing = timed(pilot, "uidl", listing(session, limits.max_listing_entries)).await?;
+    let listing = timed(
+        pilot,
+        "uidl",
+        session.uidl_listing(limits.max_listing_entries),
+    )
+    .await?;
     report.unaddressable = listing.unreadable_lines;
     if listing.unreadable_lines > 0 {
         tracing::warn!(
@@ -334,7 +343,7 @@ async fn plan_listing(
         .entries
         .iter()
         .filter_map(|e| match &e.uidl {
-            shim::ListedUidl::Unique(u) => Some(u.clone()),
+            pop3::ListedUidl::Unique(u) => Some(u.clone()),
             _ => None,
         })
         .collect();
@@ -349,7 +358,7 @@ async fn plan_listing(
     let mut plans = Vec::with_capacity(listing.entries.len());
     for entry in listing.entries {
         let plan = match entry.uidl {
-            shim::ListedUidl::Unique(uidl) => match known.get(&uidl) {
+            pop3::ListedUidl::Unique(uidl) => match known.get(&uidl) {
                 Some(KnownUidl::Stored { copy, .. }) => {
                     report.already_stored += 1;
                     // Flagged headers-only messages stay on the server for a person.
@@ -358,16 +367,24 @@ async fn plan_listing(
                     }
                     Plan::Verify { uidl, copy: *copy }
                 }
-                Some(KnownUidl::Failing { attempts }) => Plan::Fetch {
+                Some(KnownUidl::Failing {
+                    attempts,
+                    too_large,
+                }) => Plan::Fetch {
                     uidl,
                     attempts: *attempts,
+                    too_large: *too_large,
                 },
-                None => Plan::Fetch { uidl, attempts: 0 },
+                None => Plan::Fetch {
+                    uidl,
+                    attempts: 0,
+                    too_large: false,
+                },
             },
-            shim::ListedUidl::Shared(uidl) => Plan::Untrusted {
+            pop3::ListedUidl::Shared(uidl) => Plan::Untrusted {
                 why: format!("UIDL {uidl:?} is listed for more than one message"),
             },
-            shim::ListedUidl::Invalid { reason, excerpt } => Plan::Untrusted {
+            pop3::ListedUidl::Invalid { reason, excerpt } => Plan::Untrusted {
                 why: format!("unusable UIDL line ({reason}): {excerpt}"),
             },
         };
@@ -400,7 +417,7 @@ pub async fn poll_once(
     let mut session = open_session(pilot, tokens).await?;
     // Past the deadline the poll stops between messages; a server that keeps it inside one
     // response longer than that is cut off (the connection is dropped without QUIT).
-    // (set on the session once the client supports it)
+    session.set_deadline(Some(deadline + pilot.server.timeouts.command * 2));
     let mut report = PollReport::default();
     let (count, octets) = timed(pilot, "stat", session.stat()).await?;
     report.on_server = count as usize;
@@ -439,8 +456,12 @@ pub async fn poll_once(
             }
             // DELE what finished committing meanwhile (never before its commit).
             pipeline.dele_finished(&mut session, &mut report).await?;
-            let (key, attempts, untrusted) = match plan {
-                Plan::Fetch { uidl, attempts } => (Some(uidl), attempts, false),
+            let (key, attempts, untrusted, too_large) = match plan {
+                Plan::Fetch {
+                    uidl,
+                    attempts,
+                    too_large,
+                } => (Some(uidl), attempts, false, too_large),
                 Plan::Verify { uidl, copy } => {
                     match verify_stored(&mut session, pilot, pool, number, &uidl, &copy).await? {
                         Some(true) => {
@@ -453,7 +474,7 @@ pub async fn poll_once(
                             report.untrusted_uidls += 1;
                             metrics::global().ingest_error(pilot.id, "untrusted_uidl");
                             tracing::warn!(pilot = pilot.id, uidl = %uidl, "the server lists a stored message's UIDL for different mail; storing that mail by its identity");
-                            (None, 0, true)
+                            (None, 0, true, false)
                         }
                     }
                 }
@@ -467,7 +488,7 @@ pub async fn poll_once(
                             continue;
                         }
                         Resolution::Leave => continue,
-                        Resolution::Fetch { key } => (key, 0, true),
+                        Resolution::Fetch { key } => (key, 0, true, false),
                     }
                 }
             };
@@ -476,7 +497,10 @@ pub async fn poll_once(
                 continue;
             }
             fetched += 1;
-            let item = if attempts >= limits.max_retr_attempts {
+            let item = if too_large {
+                report.oversize += 1;
+                headers_only(&mut session, pilot, number, key, "oversize", untrusted).await?
+            } else if attempts >= limits.max_retr_attempts {
                 report.skipped += 1;
                 tracing::warn!(pilot = pilot.id, key = ?key, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
                 headers_only(&mut session, pilot, number, key, "fetch_failed", untrusted).await?
@@ -501,6 +525,18 @@ pub async fn poll_once(
                         report.oversize += 1;
                         tracing::warn!(pilot = pilot.id, key = ?key, received, limit, "message over the size limit; storing its headers and leaving it on the server");
                         headers_only(&mut session, pilot, number, key, "oversize", untrusted).await?
+                    }
+                    Err(e @ pop3::Error::ResponseTooLong { .. }) => {
+                        // Far past the limit: the rest could not be drained, so the connection
+                        // is gone. The next poll stores its headers without downloading it.
+                        report.oversize += 1;
+                        tracing::warn!(pilot = pilot.id, key = ?key, error = %e, "message far over the size limit; its headers will be stored by the next poll");
+                        if let Some(key) = &key {
+                            let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+                            store::record_too_large(&mut conn, pilot.id, key, &e.to_string()).await?;
+                        }
+                        pipeline.flush_without_session().await?;
+                        return Err(e.into());
                     }
                     Err(e) => {
                         report.retr_failures += 1;
@@ -550,6 +586,8 @@ pub async fn poll_once(
         }
         return Err(e);
     }
+    // The poll got here in time; QUIT has its own deadline.
+    session.set_deadline(None);
     // Deletions take effect only now (RFC 1939 §6).
     timed(pilot, "quit", session.quit()).await?;
     if !pipeline.deleted.is_empty() {
@@ -1115,70 +1153,6 @@ async fn store_raw(
             Ok(Stored::Refused)
         }
         Err(e) => Err(e.into()),
-    }
-}
-
-/// The UIDL listing, entry by entry.
-async fn listing(
-    session: &mut Session<Stream>,
-    max_entries: usize,
-) -> Result<shim::Listing, pop3::Error> {
-    shim::uidl_listing(session, max_entries).await
-}
-
-/// Until the POP3 client reads listings line by line.
-mod shim {
-    use crate::pop3::{Error, Session, Stream};
-
-    pub struct Listing {
-        pub entries: Vec<ListingEntry>,
-        pub truncated: bool,
-        pub unreadable_lines: usize,
-    }
-    pub struct ListingEntry {
-        pub number: u32,
-        pub uidl: ListedUidl,
-    }
-    pub enum ListedUidl {
-        Unique(String),
-        Shared(String),
-        Invalid {
-            reason: &'static str,
-            excerpt: String,
-        },
-    }
-
-    pub async fn uidl_listing(
-        session: &mut Session<Stream>,
-        max_entries: usize,
-    ) -> Result<Listing, Error> {
-        let all = session.uidl_all().await?;
-        let mut seen = std::collections::HashMap::<String, usize>::new();
-        for (_, u) in &all {
-            *seen.entry(u.clone()).or_default() += 1;
-        }
-        let truncated = all.len() > max_entries;
-        let entries = all
-            .into_iter()
-            .take(max_entries)
-            .map(|(number, u)| ListingEntry {
-                number,
-                uidl: if seen[&u] > 1 {
-                    ListedUidl::Shared(u)
-                } else {
-                    ListedUidl::Unique(u)
-                },
-            })
-            .collect();
-        let _ = ListedUidl::Invalid {
-            reason: "",
-            excerpt: String::new(),
-        };
-        Ok(Listing {
-            entries,
-            truncated,
-            unreadable_lines: 0,
-        })
     }
 }
 

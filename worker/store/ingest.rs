@@ -50,8 +50,9 @@ pub enum KnownUidl {
     /// identity is checked) unless `deleted` (already done) or the pilot keeps mail on the
     /// server.
     Stored { copy: StoredCopy, deleted: bool },
-    /// Not stored; downloading it has failed `attempts` times so far.
-    Failing { attempts: u32 },
+    /// Not stored; downloading it has failed `attempts` times so far; `too_large`: a download
+    /// ran far past the size limit (store its headers instead of trying again).
+    Failing { attempts: u32, too_large: bool },
 }
 
 /// One downloaded message, ready to be stored. `Debug` shows sizes, not mail content.
@@ -474,8 +475,9 @@ pub async fn known_uidls(
     pilot_id: i64,
     uidls: &[String],
 ) -> Result<HashMap<String, KnownUidl>, StoreError> {
-    let failing: Vec<(String, i32)> = sqlx::query_as(
-        "select uidl, attempts from fetch_failures where pilot_id = $1 and uidl = any($2)",
+    let failing: Vec<(String, i32, bool)> = sqlx::query_as(
+        "select uidl, attempts, too_large from fetch_failures \
+         where pilot_id = $1 and uidl = any($2)",
     )
     .bind(pilot_id)
     .bind(uidls)
@@ -492,12 +494,18 @@ pub async fn known_uidls(
     .fetch_all(&mut *conn)
     .await?;
     let mut known = HashMap::with_capacity(failing.len() + stored.len());
-    for (uidl, attempts) in failing {
+    for (uidl, attempts, too_large) in failing {
         let attempts = u32::try_from(attempts).map_err(|_| StoreError::UnexpectedValue {
             column: "fetch_failures.attempts",
             value: attempts.to_string(),
         })?;
-        known.insert(uidl, KnownUidl::Failing { attempts });
+        known.insert(
+            uidl,
+            KnownUidl::Failing {
+                attempts,
+                too_large,
+            },
+        );
     }
     // A stored message wins over a failure record of the same UIDL.
     for (uidl, sha256, identity, headers_only, deleted) in stored {
@@ -578,6 +586,30 @@ pub async fn record_fetch_failure(
         column: "fetch_failures.attempts",
         value: attempts.to_string(),
     })
+}
+
+/// Records that a download of `uidl` ran far past the size limit (the connection had to be
+/// dropped): the next poll stores its headers instead of downloading it again.
+pub async fn record_too_large(
+    conn: &mut PgConnection,
+    pilot_id: i64,
+    uidl: &str,
+    error: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "insert into fetch_failures (pilot_id, uidl, last_error, too_large) \
+         values ($1, $2, $3, true) \
+         on conflict (pilot_id, uidl) do update \
+         set attempts = fetch_failures.attempts + 1, last_error = excluded.last_error, \
+         last_failed_at = now(), too_large = true",
+    )
+    .bind(pilot_id)
+    .bind(uidl)
+    .bind(pg_text(error).as_ref())
+    .execute(conn)
+    .await
+    .map_err(|err| unknown_pilot(err, pilot_id))?;
+    Ok(())
 }
 
 /// Forgets the failed downloads of `uidl` (it downloaded after all, or vanished from the

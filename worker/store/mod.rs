@@ -38,7 +38,8 @@ pub use error::StoreError;
 pub use ingest::{
     FLAG_HEADER_TRUNCATED, FLAG_PARSE_ERROR, Inserted, KnownUidl, NewMessage, StoredCopy,
     clear_fetch_failure, insert_message, known_uidls, limits, mark_deleted, mark_vanished,
-    message_heads, record_fetch_failure, stored_copy, stored_head, stored_identities,
+    message_heads, record_fetch_failure, record_too_large, stored_copy, stored_head,
+    stored_identities,
 };
 pub use queue::{QueueCount, WorkItemView, oldest_queued_age, queue_counts, recent_work_items};
 

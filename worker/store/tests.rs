@@ -863,7 +863,13 @@ async fn known_uidls_mark_deleted_and_fetch_failures() {
             deleted: false
         }
     ));
-    assert_eq!(known["D"], KnownUidl::Failing { attempts: 3 });
+    assert_eq!(
+        known["D"],
+        KnownUidl::Failing {
+            attempts: 3,
+            too_large: false
+        }
+    );
     assert!(!known.contains_key("C"), "C belongs to another pilot");
 
     // Deletion is recorded once; repeating it (or naming unknown UIDLs) changes nothing.
