@@ -145,7 +145,7 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
             secret,
             certificate,
         } => {
-            admin::validate_non_empty("name", &name)?;
+            admin::validate_app_name(&name)?;
             admin::validate_tenant(&tenant)?;
             admin::validate_client_id(&client_id)?;
             let (authority, scope) =
@@ -264,7 +264,7 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
                 row.credential.clone(),
             );
             if let Some(n) = name {
-                admin::validate_non_empty("name", &n)?;
+                admin::validate_app_name(&n)?;
                 new.name = n;
             }
             if let Some(t) = tenant {
@@ -344,7 +344,7 @@ fn warn_expiry(app: &store::AppRow) {
 /// Applies `settings` over `pilot`.
 fn apply_settings(pilot: &mut store::NewPilot, settings: &PilotSettings) -> anyhow::Result<()> {
     if let Some(host) = &settings.host {
-        admin::validate_non_empty("host", host)?;
+        admin::validate_host(host)?;
         pilot.host = host.clone();
     }
     if let Some(port) = settings.port {
@@ -354,6 +354,7 @@ fn apply_settings(pilot: &mut store::NewPilot, settings: &PilotSettings) -> anyh
         pilot.tls = tls;
     }
     if let Some(path) = &settings.ca_bundle {
+        admin::validate_text(store::limits::CA_BUNDLE, &path.display().to_string())?;
         ccmail::tls::read_pem_bundle(path)?;
         pilot.ca_bundle = Some(path.display().to_string());
     }
@@ -398,8 +399,11 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             disabled,
             json,
         } => {
-            admin::validate_non_empty("queue", &queue)?;
+            admin::validate_queue(&queue)?;
             admin::validate_mailbox(&mailbox)?;
+            if let Some(username) = &username {
+                admin::validate_text(store::limits::USERNAME, username)?;
+            }
             let mut app_row = None;
             let auth = match &app {
                 Some(name) => {
@@ -452,7 +456,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             if check {
                 let target = pilot_target(config, &pilot, app_row.as_ref(), None, None)?;
                 let report = doctor::diagnose(&target, &config.token_source_options()?).await;
-                print!("{}", report.render());
+                print!("{}", ccmail::display::escape_lines(&report.render()));
                 if report.failure.is_some() {
                     eprintln!("pilot not saved: fix the failing step and run the command again");
                     return Err(ExitWith(report.exit_code()).into());
@@ -560,7 +564,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             let row = find_pilot(&mut conn, &pilot).await?;
             let mut new = new_pilot_from_row(&row);
             if let Some(q) = queue {
-                admin::validate_non_empty("queue", &q)?;
+                admin::validate_queue(&q)?;
                 new.queue = q;
             }
             if let Some(m) = mailbox {
@@ -689,7 +693,7 @@ pub(crate) async fn doctor_command(config: &Config, args: DoctorArgs) -> anyhow:
     if args.json {
         print_json(&report)?;
     } else {
-        print!("{}", report.render());
+        print!("{}", ccmail::display::escape_lines(&report.render()));
     }
     match report.exit_code() {
         0 => Ok(()),

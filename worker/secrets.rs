@@ -36,7 +36,7 @@ pub const MASTER_KEY_LEN: usize = 32;
 pub enum SecretError {
     #[error(
         "master key is invalid: {reason}; a master key is 32 random bytes, given as base64 \
-         (generate one with `ccmail secrets generate-key`)"
+         (generate one with `ccmail key generate`)"
     )]
     InvalidKey { reason: String },
     #[error("cannot read master key file {path}: {source}; check the path and its permissions")]
@@ -457,6 +457,8 @@ mod tests {
 
         let err = MasterKey::from_base64("not base64 at all!").unwrap_err();
         assert!(matches!(err, SecretError::InvalidKey { .. }));
+        // The command that makes one exists under this name.
+        assert!(err.to_string().contains("`ccmail key generate`"), "{err}");
         assert!(!err.to_string().contains("not base64 at all"));
     }
 

@@ -9,6 +9,7 @@ mod faults_token;
 mod ingest;
 mod ingest_dovecot;
 mod live_reload;
+mod log_hygiene;
 mod log_secrets;
 mod metrics;
 mod oauth_sim;

@@ -181,6 +181,28 @@ impl SimWorld {
         Ok(store::insert_pilot(&mut conn, &pilot).await?)
     }
 
+    /// A new USER/PASS pilot for `local@DOMAIN` on the simulator's implicit-TLS port, polled
+    /// every second, with `password` accepted by the simulator and stored sealed; `edit`
+    /// adjusts it before it is stored.
+    pub async fn add_user_pass_pilot(
+        &self,
+        local: &str,
+        password: &str,
+        edit: impl FnOnce(&mut NewPilot),
+    ) -> anyhow::Result<PilotRow> {
+        let mailbox = format!("{local}@{DOMAIN}");
+        self.pop.set_password(&mailbox, password);
+        let credential = self.key.seal(&SecretString::from(password.to_owned()))?;
+        self.add_pilot(local, |p| {
+            p.auth = store::PilotAuth::UserPass {
+                username: mailbox.clone(),
+                credential,
+            };
+            edit(p);
+        })
+        .await
+    }
+
     /// The runtime pilot, resolved exactly as the supervisor does (secret unsealed, CA loaded).
     pub async fn resolve(&self, row: &PilotRow) -> anyhow::Result<Pilot> {
         self.resolve_with(row, test_timeouts()).await
