@@ -18,7 +18,7 @@ use ccmail::config::{Config, LogFormat};
 use ccmail::ingest::supervisor::{Supervisor, SupervisorSettings};
 use ccmail::oauth::{self, CachePolicy, TokenCache, TokenSource};
 use ccmail::pop3::TlsMode;
-use ccmail::secrets::MasterKey;
+use ccmail::secrets::{CredentialPolicy, MasterKey};
 use ccmail::store;
 
 #[derive(Parser)]
@@ -613,8 +613,14 @@ enum SecretInput {
 }
 
 /// Reads a [`SecretSource`]: refuses a secret on the command line, reads stdin or a file
-/// (trailing newline dropped), or names an environment variable. `None` when none was given.
-fn secret_input(source: &SecretSource, what: &str) -> anyhow::Result<Option<SecretInput>> {
+/// (trailing newline dropped; never a special file such as `/proc/self/environ`, never more
+/// than a secret's size), or names an environment variable that `policy` allows. `None` when
+/// none was given.
+fn secret_input(
+    source: &SecretSource,
+    what: &str,
+    policy: &CredentialPolicy,
+) -> anyhow::Result<Option<SecretInput>> {
     if source.secret.is_some() {
         bail!(
             "refusing a {what} on the command line (it would stay in shell history and process lists); \
@@ -622,17 +628,24 @@ fn secret_input(source: &SecretSource, what: &str) -> anyhow::Result<Option<Secr
         );
     }
     if let Some(name) = &source.secret_env {
+        policy.references.check_env(name)?;
         return Ok(Some(SecretInput::Reference(format!("env:{name}"))));
     }
     let secret = if source.secret_stdin {
         let mut line = String::new();
         std::io::stdin()
+            .take(ccmail::secrets::MAX_SECRET_FILE_BYTES + 1)
             .read_to_string(&mut line)
             .context("reading the secret from standard input")?;
+        if line.len() as u64 > ccmail::secrets::MAX_SECRET_FILE_BYTES {
+            bail!(
+                "the {what} on standard input is larger than {} KiB; a secret is a few KiB",
+                ccmail::secrets::MAX_SECRET_FILE_BYTES / 1024
+            );
+        }
         line.trim_end_matches(['\r', '\n']).to_owned()
     } else if let Some(path) = &source.secret_file {
-        std::fs::read_to_string(path)
-            .with_context(|| format!("reading the secret from {}", path.display()))?
+        ccmail::secrets::read_secret_file(path, None)?
             .trim_end_matches(['\r', '\n'])
             .to_owned()
     } else {
@@ -650,7 +663,7 @@ fn stored_secret(
     source: &SecretSource,
     what: &str,
 ) -> anyhow::Result<Option<String>> {
-    let secret = match secret_input(source, what)? {
+    let secret = match secret_input(source, what, &config.credential_policy())? {
         None => return Ok(None),
         Some(SecretInput::Reference(reference)) => return Ok(Some(reference)),
         Some(SecretInput::Value(secret)) => secret,
@@ -665,13 +678,15 @@ fn stored_secret(
     Ok(Some(key.seal(&secret)?))
 }
 
-/// A secret for immediate use (doctor): read or resolved, never stored.
-fn read_secret(source: &SecretSource, what: &str) -> anyhow::Result<Option<SecretString>> {
-    Ok(match secret_input(source, what)? {
+/// A secret for immediate use (doctor): read or resolved under `policy`, never stored.
+fn read_secret(
+    source: &SecretSource,
+    what: &str,
+    policy: &CredentialPolicy,
+) -> anyhow::Result<Option<SecretString>> {
+    Ok(match secret_input(source, what, policy)? {
         None => None,
-        Some(SecretInput::Reference(reference)) => {
-            Some(ccmail::secrets::resolve(&reference, None)?)
-        }
+        Some(SecretInput::Reference(reference)) => Some(policy.resolve(&reference, None)?),
         Some(SecretInput::Value(secret)) => Some(secret),
     })
 }

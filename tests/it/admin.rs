@@ -503,6 +503,8 @@ async fn pilot_add_check_runs_doctor_and_saves_only_what_passes() {
     cli.env
         .push(("CCMAIL_OAUTH_EXTRA_CA_FILE".into(), ca_path.clone()));
     let authority = entra.authority();
+    cli.env
+        .push(("CCMAIL_OAUTH_ALLOWED_AUTHORITIES".into(), authority.clone()));
     cli.ok(
         &[
             "app",
@@ -626,9 +628,10 @@ async fn key_rotate_reseals_every_secret_under_the_new_key() {
     };
     for (stored, plain) in [(&app.credential, SECRET), (credential, "pilot-password-7")] {
         assert!(stored.contains(new.key_id()), "{stored}");
-        let opened = ccmail::secrets::resolve(stored, Some(&new)).unwrap();
+        let policy = ccmail::secrets::ReferencePolicy::default();
+        let opened = ccmail::secrets::resolve(stored, Some(&new), &policy).unwrap();
         assert_eq!(opened.expose_secret(), plain);
-        assert!(ccmail::secrets::resolve(stored, Some(&old)).is_err());
+        assert!(ccmail::secrets::resolve(stored, Some(&old), &policy).is_err());
     }
 
     // An interrupted rotation can simply be run again: what is already under the new key

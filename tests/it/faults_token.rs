@@ -94,7 +94,7 @@ impl Running {
         let supervisor = Supervisor::new(
             world.db.pool().clone(),
             Arc::clone(&world.tokens),
-            fast_settings(small_limits()),
+            fast_settings(small_limits(), world.credential_policy()),
             Some(world.master_key()?),
         )
         .only_pilots(rows.iter().map(|r| r.id));

@@ -17,6 +17,7 @@ mod pop3_dovecot;
 mod pop3_sim;
 mod prometheus;
 mod properties;
+mod references;
 mod soak;
 mod support;
 mod worker_process;

@@ -155,11 +155,13 @@ impl WorkerRun {
         std::fs::write(
             &config_path,
             format!(
-                "[database]\nurl = {:?}\n\n[http]\nlisten = \"{http}\"\n\n[oauth]\nextra_ca_file = {:?}\n\n\
+                "[database]\nurl = {:?}\n\n[http]\nlisten = \"{http}\"\n\n[oauth]\nextra_ca_file = {:?}\n\
+                 allowed_authorities = [{:?}]\n\n\
                  [worker]\nreload_interval_secs = 1\ninitial_backoff_secs = 1\nmax_backoff_secs = 2\n\n\
                  [log]\nformat = \"json\"\nlevel = \"info\"\n",
                 db.url(),
-                ca_path.display().to_string()
+                ca_path.display().to_string(),
+                entra.authority()
             ),
         )?;
         let mut run = WorkerRun {

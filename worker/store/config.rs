@@ -437,12 +437,17 @@ impl TryFrom<PilotRecord> for PilotRow {
 /// Refuses credentials in no recognised form before they reach the database, with the
 /// explanation of the three accepted forms (the database refuses them too).
 fn check_credential(field: &'static str, stored: &str) -> Result<(), StoreError> {
-    SecretRef::parse(stored)
-        .map(|_| ())
-        .map_err(|err| StoreError::InvalidInput {
-            field,
-            reason: err.to_string(),
-        })
+    let invalid = |err: crate::secrets::SecretError| StoreError::InvalidInput {
+        field,
+        reason: err.to_string(),
+    };
+    match SecretRef::parse(stored).map_err(invalid)? {
+        // Whatever the settings allow, these names are never a reference (the schema agrees).
+        SecretRef::Env(name) if crate::secrets::is_reserved_env(&name) => {
+            Err(invalid(crate::secrets::SecretError::EnvReserved { name }))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Stores a new OAuth app. A taken name, or an app with the same authority, tenant, client id
