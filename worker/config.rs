@@ -122,6 +122,16 @@ pub struct SecretsConfig {
 pub struct HttpConfig {
     /// Address of the /metrics, /healthz and /readyz listener.
     pub listen: String,
+    /// Connections held at most; beyond it the longest-waiting connection without a request
+    /// in progress is closed to make room (a new one is closed at once if all are busy).
+    pub max_connections: usize,
+    /// A client must send a complete request head within this time of connecting or of
+    /// starting to send it.
+    pub header_read_timeout_secs: u64,
+    /// A kept-alive connection with no request is closed after this.
+    pub idle_timeout_secs: u64,
+    /// Any connection is closed after this long (after the request in progress).
+    pub max_connection_lifetime_secs: u64,
 }
 
 /// Log output format.
@@ -199,6 +209,10 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:9898".to_owned(),
+            max_connections: 128,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_connection_lifetime_secs: 600,
         }
     }
 }
@@ -331,6 +345,25 @@ impl Config {
                 message: "must be between 0 and 1".to_owned(),
             });
         }
+        for (key, value) in [
+            ("http.max_connections", self.http.max_connections as u64),
+            (
+                "http.header_read_timeout_secs",
+                self.http.header_read_timeout_secs,
+            ),
+            ("http.idle_timeout_secs", self.http.idle_timeout_secs),
+            (
+                "http.max_connection_lifetime_secs",
+                self.http.max_connection_lifetime_secs,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "must be at least 1".to_owned(),
+                });
+            }
+        }
         self.reference_policy()?;
         self.try_credential_policy()?;
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
@@ -419,6 +452,18 @@ impl Config {
     /// when the settings load, so only settings built by hand can fall back to the defaults.
     pub fn credential_policy(&self) -> crate::secrets::CredentialPolicy {
         self.try_credential_policy().unwrap_or_default()
+    }
+
+    /// Limits of the HTTP listener.
+    pub fn http_limits(&self) -> crate::metrics::HttpLimits {
+        crate::metrics::HttpLimits {
+            max_connections: self.http.max_connections.max(1),
+            header_read_timeout: Duration::from_secs(self.http.header_read_timeout_secs.max(1)),
+            idle_timeout: Duration::from_secs(self.http.idle_timeout_secs.max(1)),
+            max_connection_lifetime: Duration::from_secs(
+                self.http.max_connection_lifetime_secs.max(1),
+            ),
+        }
     }
 
     /// POP3 deadlines.
@@ -738,6 +783,7 @@ mod tests {
                 "",
                 "oauth.allowed_authorities",
             ),
+            ("CCMAIL_HTTP_MAX_CONNECTIONS", "0", "http.max_connections"),
         ] {
             let e = Config::from_sources(toml::Table::new(), "defaults", &env(&[(var, value)]))
                 .unwrap_err();

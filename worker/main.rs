@@ -516,8 +516,26 @@ fn init_logs(config: &Config, interactive: bool) {
     }
 }
 
+/// Raises the soft open-file limit to the hard one: every mailbox, database connection and
+/// HTTP client takes a descriptor, and the soft default (often 1,024) is a per-shell habit,
+/// not a limit the administrator chose.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit")
+            }
+        },
+        Ok((soft, _)) => tracing::info!(limit = soft, "open-file limit is at its hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     init_logs(&config, false);
+    raise_open_file_limit();
     let pool = store::connect(&config.database.url, config.database.max_connections).await?;
     // Bound before migrating so a container probe sees the process alive during a long
     // migration, and a port conflict is reported before any work starts.
@@ -537,6 +555,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let http = tokio::spawn(ccmail::metrics::serve(
         listener,
         pool.clone(),
+        config.http_limits(),
         http_stop.clone(),
     ));
     tokio::spawn(ccmail::metrics::refresh_loop(

@@ -637,7 +637,12 @@ async fn readyz_reports_missing_migrations_and_healthz_stays_up() -> anyhow::Res
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let stop = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(metrics::serve(listener, db.pool().clone(), stop.clone()));
+    let server = tokio::spawn(metrics::serve(
+        listener,
+        db.pool().clone(),
+        metrics::HttpLimits::default(),
+        stop.clone(),
+    ));
 
     let ready = metrics::probe(&addr, "/readyz", Duration::from_secs(5)).await?;
     ensure!(ready == "ready", "{ready}");
