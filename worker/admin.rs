@@ -2,15 +2,19 @@
 //! messages, the national-cloud presets, and the views printed as tables or JSON.
 //!
 //! Invariants: nothing here prints or serialises a credential; views show only how a secret
-//! is stored (`sealed`, `env:NAME`, `file:PATH`), never its value.
+//! is stored (`sealed`, `env:NAME`, `file:PATH`), never its value. Every text an admin sets is
+//! checked against its [`store::limits`](crate::store::limits) before it is stored, and every
+//! cell of a table or `key: value` view is escaped ([`crate::display::escape`]), since a row
+//! may have been written by anything (a server's error text, a direct `update`).
 
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::display::escape;
 use crate::secrets::describe_stored;
-use crate::store::{AppRow, PilotAuth, PilotRow};
+use crate::store::{AppRow, PilotAuth, PilotRow, TextLimit, limits};
 
 /// A settings value an admin typed that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +41,41 @@ pub enum AdminError {
     BadClientId(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{field} is invalid: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// Within `limit` (length, no control characters), or the reason in words.
+pub fn validate_text(limit: TextLimit, value: &str) -> Result<(), AdminError> {
+    limit.check(value).map_err(|reason| AdminError::Invalid {
+        field: limit.field,
+        reason,
+    })
+}
+
+/// A queue name: not blank, within [`limits::QUEUE`].
+pub fn validate_queue(queue: &str) -> Result<(), AdminError> {
+    validate_non_empty("queue", queue)?;
+    validate_text(limits::QUEUE, queue)
+}
+
+/// An app name: not blank, within [`limits::APP_NAME`].
+pub fn validate_app_name(name: &str) -> Result<(), AdminError> {
+    validate_non_empty("name", name)?;
+    validate_text(limits::APP_NAME, name)
+}
+
+/// A POP3 host name or address: not blank, no spaces, within [`limits::HOST`].
+pub fn validate_host(host: &str) -> Result<(), AdminError> {
+    validate_non_empty("host", host)?;
+    validate_text(limits::HOST, host)?;
+    if host.chars().any(char::is_whitespace) {
+        return Err(AdminError::Invalid {
+            field: "host",
+            reason: "it contains a space; give a host name or an address".to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Names Entra reserves for multi-tenant endpoints; client credentials need a real tenant.
@@ -69,6 +108,7 @@ fn is_domain(s: &str) -> bool {
 
 /// A tenant is a GUID or a domain, and never `common` / `organizations` / `consumers`.
 pub fn validate_tenant(tenant: &str) -> Result<(), AdminError> {
+    validate_text(limits::TENANT, tenant)?;
     let t = tenant.trim();
     if MULTI_TENANT_ALIASES
         .iter()
@@ -85,6 +125,7 @@ pub fn validate_tenant(tenant: &str) -> Result<(), AdminError> {
 
 /// `local@domain`, no spaces, one `@`, a domain name after it.
 pub fn validate_mailbox(mailbox: &str) -> Result<(), AdminError> {
+    validate_text(limits::MAILBOX, mailbox)?;
     let bad = || AdminError::BadMailbox(mailbox.to_owned());
     let (local, domain) = mailbox.rsplit_once('@').ok_or_else(bad)?;
     if local.is_empty()
@@ -99,6 +140,7 @@ pub fn validate_mailbox(mailbox: &str) -> Result<(), AdminError> {
 
 /// Client-credentials scopes end in `/.default`.
 pub fn validate_scope(scope: &str) -> Result<(), AdminError> {
+    validate_text(limits::SCOPE, scope)?;
     if scope.ends_with("/.default") && !scope.contains(' ') {
         Ok(())
     } else {
@@ -108,6 +150,7 @@ pub fn validate_scope(scope: &str) -> Result<(), AdminError> {
 
 /// An `https://` URL.
 pub fn validate_authority(authority: &str) -> Result<(), AdminError> {
+    validate_text(limits::AUTHORITY, authority)?;
     match authority.strip_prefix("https://") {
         Some(rest) if !rest.is_empty() && !rest.contains(' ') => Ok(()),
         _ => Err(AdminError::BadAuthority(authority.to_owned())),
@@ -119,6 +162,7 @@ pub fn validate_client_id(client_id: &str) -> Result<(), AdminError> {
     if client_id.trim().is_empty() {
         return Err(AdminError::Empty { field: "client id" });
     }
+    validate_text(limits::CLIENT_ID, client_id)?;
     if client_id.chars().any(char::is_whitespace) {
         return Err(AdminError::BadClientId(client_id.to_owned()));
     }
@@ -323,7 +367,14 @@ impl PilotView {
 }
 
 /// A plain-text table: a header row and aligned columns (the last column is not padded).
+/// Cells are escaped, so a value cannot break the layout or reach the terminal as a control
+/// sequence.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| escape(c).into_owned()).collect())
+        .collect();
+    let rows = rows.as_slice();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -353,12 +404,12 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// `key: value` lines for `show`.
+/// `key: value` lines for `show`; values are escaped like [`table`] cells.
 pub fn key_values(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     let mut out = String::new();
     for (k, v) in pairs {
-        let _ = writeln!(out, "{k:<width$}  {v}");
+        let _ = writeln!(out, "{k:<width$}  {}", escape(v));
     }
     out
 }
@@ -451,5 +502,42 @@ mod tests {
             &[vec!["1".into(), "long-name".into(), "x".into()]],
         );
         assert_eq!(t, "id  name       note\n1   long-name  x\n");
+    }
+
+    #[test]
+    fn views_escape_control_characters() {
+        let hostile = "\x1b[2Jcleared\r\nfake row\u{202e}";
+        let t = table(&["id", "error"], &[vec!["1".into(), hostile.into()]]);
+        assert_eq!(t.lines().count(), 2, "{t}");
+        let clean = |text: &str| {
+            text.lines()
+                .all(|l| !l.chars().any(crate::display::is_unsafe))
+        };
+        assert!(clean(&t), "{t:?}");
+        let kv = key_values(&[("last error", hostile.to_owned())]);
+        assert!(kv.contains("\\u{1b}[2Jcleared"), "{kv}");
+        assert!(clean(&kv), "{kv:?}");
+    }
+
+    #[test]
+    fn texts_over_their_limit_are_named_without_being_echoed() {
+        let long = "q".repeat(10 * 1024);
+        let err = validate_queue(&long).unwrap_err().to_string();
+        assert!(
+            err.starts_with("queue is invalid: it is 10240 characters long; at most 100"),
+            "{err}"
+        );
+        assert!(!err.contains(&long));
+        let err = validate_queue("sup\x1bport").unwrap_err().to_string();
+        assert!(
+            err.contains("control character (U+001B) at character 4"),
+            "{err}"
+        );
+        assert!(validate_queue(&"q".repeat(100)).is_ok());
+        assert!(validate_queue("VIP Support / EU").is_ok());
+        assert!(validate_host("pop.contoso.com").is_ok());
+        assert!(validate_host("pop contoso").is_err());
+        let err = validate_tenant(&format!("{}.com", "t".repeat(300))).unwrap_err();
+        assert!(err.to_string().contains("at most 253"), "{err}");
     }
 }

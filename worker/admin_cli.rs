@@ -13,7 +13,8 @@ use ccmail::config::Config;
 use ccmail::doctor::{self, Login, Target};
 use ccmail::ingest::supervisor;
 use ccmail::oauth::{self, AppCredentials, AppKey, Credential};
-use ccmail::pop3::ServerSpec;
+use ccmail::pop3::{ServerSpec, TlsMode};
+use ccmail::secrets::CredentialPolicy;
 use ccmail::store::{self, PgPool};
 
 use crate::{
@@ -38,8 +39,13 @@ fn midnight(date: Option<chrono::NaiveDate>) -> Option<chrono::DateTime<chrono::
         .map(|d| d.and_utc())
 }
 
-/// Authority and scope from `--cloud` / `--authority` / `--scope` over `current`.
-fn resolve_cloud(args: &CloudArgs, current: (&str, &str)) -> anyhow::Result<(String, String)> {
+/// Authority and scope from `--cloud` / `--authority` / `--scope` over `current`; the
+/// authority must be one `policy` sends credentials to.
+fn resolve_cloud(
+    args: &CloudArgs,
+    current: (&str, &str),
+    policy: &CredentialPolicy,
+) -> anyhow::Result<(String, String)> {
     let preset = args.cloud.map(Cloud::preset);
     let authority = args
         .authority
@@ -53,6 +59,7 @@ fn resolve_cloud(args: &CloudArgs, current: (&str, &str)) -> anyhow::Result<(Str
         .unwrap_or_else(|| current.1.to_owned());
     admin::validate_authority(&authority)?;
     admin::validate_scope(&scope)?;
+    policy.check_authority(&authority)?;
     Ok((authority, scope))
 }
 
@@ -68,15 +75,9 @@ fn certificate_credential(
         Arc<oauth::CertificateCredential>,
     )>,
 > {
-    let (Some(cert_path), Some(key_path)) = (&source.certificate, &source.private_key_file) else {
+    let Some((pem, key)) = read_certificate_files(source)? else {
         return Ok(None);
     };
-    let pem = std::fs::read_to_string(cert_path)
-        .with_context(|| format!("reading the certificate {}", cert_path.display()))?;
-    let key = SecretString::from(
-        std::fs::read_to_string(key_path)
-            .with_context(|| format!("reading the private key {}", key_path.display()))?,
-    );
     let loaded = oauth::CertificateCredential::from_pem(&pem, &key, source.alg)?;
     let Some(master) = config.master_key()? else {
         bail!(
@@ -93,6 +94,23 @@ fn certificate_credential(
         },
         Arc::new(loaded),
     )))
+}
+
+/// The certificate and private key files of `source`, read like secret files (regular files of
+/// a few KiB, never under /proc, /sys or /dev).
+fn read_certificate_files(
+    source: &CertificateSource,
+) -> anyhow::Result<Option<(String, SecretString)>> {
+    let (Some(cert_path), Some(key_path)) = (&source.certificate, &source.private_key_file) else {
+        return Ok(None);
+    };
+    let pem = ccmail::secrets::read_secret_file(cert_path, None)
+        .with_context(|| format!("reading the certificate {}", cert_path.display()))?;
+    let key = SecretString::from(
+        ccmail::secrets::read_secret_file(key_path, None)
+            .with_context(|| format!("reading the private key {}", key_path.display()))?,
+    );
+    Ok(Some((pem, key)))
 }
 
 fn has_secret(source: &SecretSource) -> bool {
@@ -145,11 +163,14 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
             secret,
             certificate,
         } => {
-            admin::validate_non_empty("name", &name)?;
+            admin::validate_app_name(&name)?;
             admin::validate_tenant(&tenant)?;
             admin::validate_client_id(&client_id)?;
-            let (authority, scope) =
-                resolve_cloud(&cloud, (oauth::DEFAULT_AUTHORITY, oauth::DEFAULT_SCOPE))?;
+            let (authority, scope) = resolve_cloud(
+                &cloud,
+                (oauth::DEFAULT_AUTHORITY, oauth::DEFAULT_SCOPE),
+                &config.credential_policy(),
+            )?;
             if has_secret(&secret) && certificate.certificate.is_some() {
                 bail!("pass either a client secret or --certificate, not both");
             }
@@ -264,7 +285,7 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
                 row.credential.clone(),
             );
             if let Some(n) = name {
-                admin::validate_non_empty("name", &n)?;
+                admin::validate_app_name(&n)?;
                 new.name = n;
             }
             if let Some(t) = tenant {
@@ -275,7 +296,11 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
                 admin::validate_client_id(&c)?;
                 new.client_id = c;
             }
-            let (authority, scope) = resolve_cloud(&cloud, (&row.authority, &row.scope))?;
+            let (authority, scope) = resolve_cloud(
+                &cloud,
+                (&row.authority, &row.scope),
+                &config.credential_policy(),
+            )?;
             new.authority = authority;
             new.scope = scope;
             new.secret_expires_at = midnight(secret_expires).or(row.secret_expires_at);
@@ -344,7 +369,7 @@ fn warn_expiry(app: &store::AppRow) {
 /// Applies `settings` over `pilot`.
 fn apply_settings(pilot: &mut store::NewPilot, settings: &PilotSettings) -> anyhow::Result<()> {
     if let Some(host) = &settings.host {
-        admin::validate_non_empty("host", host)?;
+        admin::validate_host(host)?;
         pilot.host = host.clone();
     }
     if let Some(port) = settings.port {
@@ -354,6 +379,7 @@ fn apply_settings(pilot: &mut store::NewPilot, settings: &PilotSettings) -> anyh
         pilot.tls = tls;
     }
     if let Some(path) = &settings.ca_bundle {
+        admin::validate_text(store::limits::CA_BUNDLE, &path.display().to_string())?;
         ccmail::tls::read_pem_bundle(path)?;
         pilot.ca_bundle = Some(path.display().to_string());
     }
@@ -365,6 +391,21 @@ fn apply_settings(pilot: &mut store::NewPilot, settings: &PilotSettings) -> anyh
     }
     if let Some(max) = settings.max_message_bytes {
         pilot.max_message_bytes = max;
+    }
+    Ok(())
+}
+
+/// Refuses plaintext POP3 to a host `policy` does not allow it for, and says loudly what
+/// plaintext means when it is allowed.
+fn check_plaintext(policy: &CredentialPolicy, pilot: &store::NewPilot) -> anyhow::Result<()> {
+    policy.check_pop3_host(&pilot.host, pilot.tls)?;
+    if pilot.tls == TlsMode::DangerousPlaintext {
+        eprintln!(
+            "WARNING: pilot {} on {}:{} logs in without TLS (dangerous_plaintext): its password \
+             or token crosses the network unencrypted and the server is not authenticated. \
+             Use it for test servers only.",
+            pilot.mailbox, pilot.host, pilot.port
+        );
     }
     Ok(())
 }
@@ -398,8 +439,11 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             disabled,
             json,
         } => {
-            admin::validate_non_empty("queue", &queue)?;
+            admin::validate_queue(&queue)?;
             admin::validate_mailbox(&mailbox)?;
+            if let Some(username) = &username {
+                admin::validate_text(store::limits::USERNAME, username)?;
+            }
             let mut app_row = None;
             let auth = match &app {
                 Some(name) => {
@@ -435,6 +479,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
                 pilot.host = cloud.preset().pop_host.to_owned();
             }
             apply_settings(&mut pilot, &settings)?;
+            check_plaintext(&config.credential_policy(), &pilot)?;
             pilot.enabled = !disabled;
             let existing = store::find_pilots_by_mailbox(&mut conn, &mailbox).await?;
             if let Some(dup) = existing
@@ -452,7 +497,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             if check {
                 let target = pilot_target(config, &pilot, app_row.as_ref(), None, None)?;
                 let report = doctor::diagnose(&target, &config.token_source_options()?).await;
-                print!("{}", report.render());
+                print!("{}", ccmail::display::escape_lines(&report.render()));
                 if report.failure.is_some() {
                     eprintln!("pilot not saved: fix the failing step and run the command again");
                     return Err(ExitWith(report.exit_code()).into());
@@ -560,7 +605,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             let row = find_pilot(&mut conn, &pilot).await?;
             let mut new = new_pilot_from_row(&row);
             if let Some(q) = queue {
-                admin::validate_non_empty("queue", &q)?;
+                admin::validate_queue(&q)?;
                 new.queue = q;
             }
             if let Some(m) = mailbox {
@@ -581,6 +626,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
                 new.ca_bundle = None;
             }
             apply_settings(&mut new, &settings)?;
+            check_plaintext(&config.credential_policy(), &new)?;
             if has_secret(&secret) {
                 let store::PilotAuth::UserPass { username, .. } = &new.auth else {
                     bail!(
@@ -643,9 +689,11 @@ fn pilot_target(
     timeout: Option<u64>,
 ) -> anyhow::Result<Target> {
     let master = config.master_key()?;
+    let policy = config.credential_policy();
+    policy.check_pop3_host(&pilot.host, pilot.tls)?;
     let login = match (&pilot.auth, app) {
         (store::PilotAuth::XOAuth2 { .. }, Some(app)) => Login::XOAuth2 {
-            app: supervisor::app_credentials(app, master.as_ref())?,
+            app: supervisor::app_credentials(app, master.as_ref(), &policy)?,
             name: Some(app.name.clone()),
             expires_at: app.secret_expires_at,
         },
@@ -658,7 +706,7 @@ fn pilot_target(
             _,
         ) => Login::UserPass {
             username: username.clone(),
-            password: ccmail::secrets::resolve(credential, master.as_ref())?,
+            password: policy.resolve(credential, master.as_ref())?,
         },
     };
     let roots = match &pilot.ca_bundle {
@@ -689,7 +737,7 @@ pub(crate) async fn doctor_command(config: &Config, args: DoctorArgs) -> anyhow:
     if args.json {
         print_json(&report)?;
     } else {
-        print!("{}", report.render());
+        print!("{}", ccmail::display::escape_lines(&report.render()));
     }
     match report.exit_code() {
         0 => Ok(()),
@@ -728,10 +776,11 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
         let (authority, scope) = resolve_cloud(
             &args.cloud,
             (oauth::DEFAULT_AUTHORITY, oauth::DEFAULT_SCOPE),
+            &config.credential_policy(),
         )?;
         let credential = match certificate_source_loaded(&args.certificate)? {
             Some(cert) => Credential::Certificate(cert),
-            None => Credential::Secret(read_secret(&args.secret, "client secret")?.context(
+            None => Credential::Secret(read_secret(&args.secret, "client secret", &config.credential_policy())?.context(
                 "pass the client secret with --secret-stdin, --secret-file PATH or --secret-env NAME, or --certificate and --private-key-file",
             )?),
         };
@@ -753,7 +802,7 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
             }),
         )
     } else if let Some(username) = &args.username {
-        let password = read_secret(&args.secret, "password")?.context(
+        let password = read_secret(&args.secret, "password", &config.credential_policy())?.context(
             "USER/PASS needs the password: --secret-stdin, --secret-file PATH or --secret-env NAME",
         )?;
         (
@@ -785,6 +834,9 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
         None => pilot_target(config, &pilot, app_row.as_ref(), args.retr, args.timeout),
         Some(login) => {
             // Explicit credentials: build the target around them (nothing stored is read).
+            config
+                .credential_policy()
+                .check_pop3_host(&pilot.host, pilot.tls)?;
             let mut explicit = pilot.clone();
             explicit.auth = store::PilotAuth::XOAuth2 { app_id: 0 };
             let roots = match &pilot.ca_bundle {
@@ -822,15 +874,9 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
 fn certificate_source_loaded(
     source: &CertificateSource,
 ) -> anyhow::Result<Option<Arc<oauth::CertificateCredential>>> {
-    let (Some(cert_path), Some(key_path)) = (&source.certificate, &source.private_key_file) else {
+    let Some((pem, key)) = read_certificate_files(source)? else {
         return Ok(None);
     };
-    let pem = std::fs::read_to_string(cert_path)
-        .with_context(|| format!("reading the certificate {}", cert_path.display()))?;
-    let key = SecretString::from(
-        std::fs::read_to_string(key_path)
-            .with_context(|| format!("reading the private key {}", key_path.display()))?,
-    );
     Ok(Some(Arc::new(oauth::CertificateCredential::from_pem(
         &pem, &key, source.alg,
     )?)))

@@ -260,7 +260,8 @@ async fn pipeline(sim: &SimChild, config: &Config, url: &str) -> anyhow::Result<
         "bench",
         &sim.info.tenant,
         &sim.info.client_id,
-        "env:CCMAIL_BENCH_UNUSED".to_owned(),
+        // Never resolved: the bench builds the runtime pilot with the simulator's credentials.
+        "env:BENCH_UNUSED_SECRET".to_owned(),
     );
     app.authority = sim.info.authority.clone();
     let app = store::insert_app(&mut conn, &app).await?;

@@ -5,6 +5,12 @@
 //! (for example `CCMAIL_WORKER_MAX_MESSAGES_PER_POLL=200`) and `DATABASE_URL`. Unknown keys are
 //! errors that name the key and where it came from. This is the only module that reads the
 //! environment (besides secret references resolved in `secrets.rs`).
+//!
+//! Errors never quote the settings file or a value (a file may hold a database password, a
+//! value may be a secret pasted into the wrong key): they name the file, the line and column,
+//! the key and what is wrong. Settings that decide where credentials may come from and go to
+//! ([`Config::credential_policy`]) live here and in the environment only, never in the
+//! database that admins write.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -84,6 +90,9 @@ pub struct Pop3Config {
     /// Slowest average rate of a multi-line answer (after `command_timeout_secs` of grace), in
     /// octets per second: the total deadline of a RETR, a listing or CAPA.
     pub min_rate_bytes_per_sec: u64,
+    /// Lets `dangerous_plaintext` pilots log in to hosts other than loopback. The second
+    /// switch: the pilot's own setting lives in the database, this one only here.
+    pub dangerous_allow_plaintext_to_remote_hosts: bool,
 }
 
 /// `[oauth]`
@@ -96,6 +105,10 @@ pub struct OAuthConfig {
     pub refresh_ahead_secs: u64,
     /// Extra PEM CA bundle trusted for the token endpoint (a TLS-inspecting proxy).
     pub extra_ca_file: Option<PathBuf>,
+    /// Token authorities a credential may be sent to (https origins). In the environment, a
+    /// comma-separated list.
+    #[serde(deserialize_with = "list_or_comma_separated")]
+    pub allowed_authorities: Vec<String>,
 }
 
 /// `[secrets]`
@@ -104,6 +117,12 @@ pub struct OAuthConfig {
 pub struct SecretsConfig {
     /// File holding the master key (base64 text or 32 raw bytes). `CCMAIL_MASTER_KEY` wins.
     pub master_key_file: Option<PathBuf>,
+    /// The only directory `file:` references may point into (symlinks resolved). Unset:
+    /// `file:` references are refused.
+    pub dir: Option<PathBuf>,
+    /// When set, `env:` references may only name variables starting with it. Never
+    /// `CCMAIL_*`, `DATABASE_URL` or `PG*`, which are refused whatever the prefix.
+    pub env_prefix: Option<String>,
 }
 
 /// `[http]`
@@ -112,6 +131,16 @@ pub struct SecretsConfig {
 pub struct HttpConfig {
     /// Address of the /metrics, /healthz and /readyz listener.
     pub listen: String,
+    /// Connections held at most; beyond it the longest-waiting connection without a request
+    /// in progress is closed to make room (a new one is closed at once if all are busy).
+    pub max_connections: usize,
+    /// A client must send a complete request head within this time of connecting or of
+    /// starting to send it.
+    pub header_read_timeout_secs: u64,
+    /// A kept-alive connection with no request is closed after this.
+    pub idle_timeout_secs: u64,
+    /// Any connection is closed after this long (after the request in progress).
+    pub max_connection_lifetime_secs: u64,
 }
 
 /// Log output format.
@@ -169,6 +198,7 @@ impl Default for Pop3Config {
             command_timeout_secs: 60,
             idle_timeout_secs: 60,
             min_rate_bytes_per_sec: 16 * 1024,
+            dangerous_allow_plaintext_to_remote_hosts: false,
         }
     }
 }
@@ -180,6 +210,10 @@ impl Default for OAuthConfig {
             total_timeout_secs: 30,
             refresh_ahead_secs: 300,
             extra_ca_file: None,
+            allowed_authorities: crate::secrets::MICROSOFT_AUTHORITIES
+                .iter()
+                .map(|a| (*a).to_owned())
+                .collect(),
         }
     }
 }
@@ -188,6 +222,10 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:9898".to_owned(),
+            max_connections: 128,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_connection_lifetime_secs: 600,
         }
     }
 }
@@ -211,6 +249,13 @@ pub enum ConfigError {
     },
     #[error("settings file {path}: {message}")]
     File { path: String, message: String },
+    #[error("settings file {path}, line {line}, column {column}: {message}")]
+    Located {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
     #[error("setting {key}: {message}")]
@@ -264,7 +309,7 @@ impl Config {
             set(&mut table, section, key, env_value(value));
         }
         let config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let message = e.to_string();
+            let message = hide_values(e.message());
             if origin == "defaults" || message.contains("CCMAIL_") {
                 ConfigError::Env {
                     var: "CCMAIL_*".to_owned(),
@@ -322,6 +367,27 @@ impl Config {
                 message: "must be between 0 and 1".to_owned(),
             });
         }
+        for (key, value) in [
+            ("http.max_connections", self.http.max_connections as u64),
+            (
+                "http.header_read_timeout_secs",
+                self.http.header_read_timeout_secs,
+            ),
+            ("http.idle_timeout_secs", self.http.idle_timeout_secs),
+            (
+                "http.max_connection_lifetime_secs",
+                self.http.max_connection_lifetime_secs,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "must be at least 1".to_owned(),
+                });
+            }
+        }
+        self.reference_policy()?;
+        self.try_credential_policy()?;
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::Invalid {
                 key: "http.listen",
@@ -332,6 +398,94 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    fn reference_policy(&self) -> Result<crate::secrets::ReferencePolicy, ConfigError> {
+        if let Some(prefix) = &self.secrets.env_prefix {
+            let valid = !prefix.is_empty()
+                && prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid {
+                return Err(ConfigError::Invalid {
+                    key: "secrets.env_prefix",
+                    message: "must be letters, digits and underscores, e.g. MAILSECRET_".to_owned(),
+                });
+            }
+            if crate::secrets::is_reserved_env(prefix) {
+                return Err(ConfigError::Invalid {
+                    key: "secrets.env_prefix",
+                    message: format!(
+                        "{prefix} would allow no variable: CCMAIL_*, DATABASE_URL and PG* are \
+                         reserved for ccmail's settings and the database login; choose a prefix \
+                         of its own, e.g. MAILSECRET_"
+                    ),
+                });
+            }
+        }
+        if let Some(dir) = &self.secrets.dir {
+            let invalid = |message: &str| ConfigError::Invalid {
+                key: "secrets.dir",
+                message: message.to_owned(),
+            };
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    "must be an absolute path, e.g. /etc/ccmail/secrets",
+                ));
+            }
+            let normal: PathBuf = dir.components().collect();
+            if normal.parent().is_none()
+                || ["/proc", "/sys", "/dev"]
+                    .iter()
+                    .any(|root| normal.starts_with(root))
+            {
+                return Err(invalid(
+                    "must be a directory of its own for ccmail's secret files, not /, /proc, /sys or /dev",
+                ));
+            }
+        }
+        Ok(crate::secrets::ReferencePolicy {
+            dir: self.secrets.dir.clone(),
+            env_prefix: self.secrets.env_prefix.clone(),
+        })
+    }
+
+    fn try_credential_policy(&self) -> Result<crate::secrets::CredentialPolicy, ConfigError> {
+        if self.oauth.allowed_authorities.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "oauth.allowed_authorities",
+                message: "must name at least one authority, e.g. https://login.microsoftonline.com"
+                    .to_owned(),
+            });
+        }
+        crate::secrets::CredentialPolicy::with_authorities(
+            self.reference_policy()?,
+            &self.oauth.allowed_authorities,
+            self.pop3.dangerous_allow_plaintext_to_remote_hosts,
+        )
+        .map_err(|e| ConfigError::Invalid {
+            key: "oauth.allowed_authorities",
+            message: e.to_string(),
+        })
+    }
+
+    /// Where stored credentials may come from and go to: `[secrets]` `dir` and `env_prefix`,
+    /// `oauth.allowed_authorities`, `pop3.dangerous_allow_plaintext_to_remote_hosts`. Checked
+    /// when the settings load, so only settings built by hand can fall back to the defaults.
+    pub fn credential_policy(&self) -> crate::secrets::CredentialPolicy {
+        self.try_credential_policy().unwrap_or_default()
+    }
+
+    /// Limits of the HTTP listener.
+    pub fn http_limits(&self) -> crate::metrics::HttpLimits {
+        crate::metrics::HttpLimits {
+            max_connections: self.http.max_connections.max(1),
+            header_read_timeout: Duration::from_secs(self.http.header_read_timeout_secs.max(1)),
+            idle_timeout: Duration::from_secs(self.http.idle_timeout_secs.max(1)),
+            max_connection_lifetime: Duration::from_secs(
+                self.http.max_connection_lifetime_secs.max(1),
+            ),
+        }
     }
 
     /// POP3 deadlines.
@@ -389,9 +543,84 @@ fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
         path: path.display().to_string(),
         source,
     })?;
-    text.parse::<toml::Table>().map_err(|e| ConfigError::File {
-        path: path.display().to_string(),
-        message: e.to_string().trim().to_owned(),
+    let table = text
+        .parse::<toml::Table>()
+        .map_err(|e| located(path, &text, &e))?;
+    // The file alone first, so that a bad key or value is reported with its line and column
+    // (the merged table below has no positions).
+    if let Err(e) = toml::from_str::<Config>(&text) {
+        return Err(located(path, &text, &e));
+    }
+    Ok(table)
+}
+
+/// A TOML error as file, line, column and message: never the source excerpt that toml's own
+/// `Display` prints, and no quoted value.
+fn located(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let message = hide_values(e.message().trim());
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            ConfigError::Located {
+                path: path.display().to_string(),
+                line,
+                column,
+                message,
+            }
+        }
+        None => ConfigError::File {
+            path: path.display().to_string(),
+            message,
+        },
+    }
+}
+
+/// Replaces every double-quoted string in a parser message (serde quotes the offending
+/// value: `invalid type: string "…", expected u64`) by `<hidden>`, so no value is echoed.
+/// Key names (quoted with backticks) stay.
+fn hide_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            out.push(c);
+            continue;
+        }
+        out.push_str("<hidden>");
+        let mut escaped = false;
+        for c in chars.by_ref() {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => break,
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// A list given as a TOML array, or (from the environment) as one comma-separated string.
+fn list_or_comma_separated<'de, D>(deserializer: D) -> Result<Vec<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum List {
+        Many(Vec<String>),
+        One(String),
+    }
+    Ok(match List::deserialize(deserializer)? {
+        List::Many(items) => items,
+        List::One(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
     })
 }
 
@@ -486,6 +715,103 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("http.listen"), "{e}");
+    }
+
+    #[test]
+    fn file_errors_name_line_and_column_and_echo_no_value() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, line) in [
+            ("[database]\nurl = \"postgres://u:Secret-42@db\n", 2),
+            ("[worker]\n\nbatch_messages = \"Secret-42\"\n", 3),
+            ("[secrets]\nmaster_key = \"Secret-42\"\n", 2),
+        ] {
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, text).unwrap();
+            let e = Config::load(Some(&path)).unwrap_err();
+            let shown = e.to_string();
+            assert!(!shown.contains("Secret-42"), "{shown}");
+            assert!(
+                matches!(e, ConfigError::Located { line: l, column, .. } if l == line && column > 0),
+                "{e:?}"
+            );
+            assert!(shown.contains("c.toml") && shown.contains(&format!("line {line}")));
+        }
+        assert_eq!(
+            hide_values(r#"invalid type: string "a \"b\" c", expected u64"#),
+            "invalid type: string <hidden>, expected u64"
+        );
+        let e = Config::from_sources(
+            toml::Table::new(),
+            "defaults",
+            &env(&[("CCMAIL_WORKER_BATCH_MESSAGES", "Secret-42")]),
+        )
+        .unwrap_err();
+        assert!(!e.to_string().contains("Secret-42"), "{e}");
+    }
+
+    #[test]
+    fn credential_settings_are_checked_and_lists_come_from_the_environment() {
+        let c = Config::from_sources(
+            toml::Table::new(),
+            "defaults",
+            &env(&[
+                (
+                    "CCMAIL_OAUTH_ALLOWED_AUTHORITIES",
+                    "https://127.0.0.1:4431, https://login.microsoftonline.com",
+                ),
+                ("CCMAIL_SECRETS_DIR", "/etc/ccmail/secrets"),
+                ("CCMAIL_SECRETS_ENV_PREFIX", "MAILSECRET_"),
+                (
+                    "CCMAIL_POP3_DANGEROUS_ALLOW_PLAINTEXT_TO_REMOTE_HOSTS",
+                    "true",
+                ),
+            ]),
+        )
+        .unwrap();
+        let policy = c.credential_policy();
+        assert!(policy.check_authority("https://127.0.0.1:4431").is_ok());
+        assert!(
+            policy
+                .check_authority("https://login.microsoftonline.us")
+                .is_err()
+        );
+        assert!(policy.plaintext_to_remote_hosts);
+        assert_eq!(
+            policy.references.dir.as_deref(),
+            Some(Path::new("/etc/ccmail/secrets"))
+        );
+        // Nothing configured: the Microsoft clouds' authorities.
+        assert_eq!(
+            Config::default().credential_policy().allowed_authorities(),
+            crate::secrets::MICROSOFT_AUTHORITIES.as_slice()
+        );
+
+        for (var, value, key) in [
+            (
+                "CCMAIL_SECRETS_ENV_PREFIX",
+                "CCMAIL_SECRET_",
+                "secrets.env_prefix",
+            ),
+            ("CCMAIL_SECRETS_ENV_PREFIX", "PGX_", "secrets.env_prefix"),
+            ("CCMAIL_SECRETS_DIR", "/", "secrets.dir"),
+            ("CCMAIL_SECRETS_DIR", "/proc/self", "secrets.dir"),
+            ("CCMAIL_SECRETS_DIR", "secrets", "secrets.dir"),
+            (
+                "CCMAIL_OAUTH_ALLOWED_AUTHORITIES",
+                "http://login.microsoftonline.com",
+                "oauth.allowed_authorities",
+            ),
+            (
+                "CCMAIL_OAUTH_ALLOWED_AUTHORITIES",
+                "",
+                "oauth.allowed_authorities",
+            ),
+            ("CCMAIL_HTTP_MAX_CONNECTIONS", "0", "http.max_connections"),
+        ] {
+            let e = Config::from_sources(toml::Table::new(), "defaults", &env(&[(var, value)]))
+                .unwrap_err();
+            assert!(e.to_string().contains(key), "{var}={value}: {e}");
+        }
     }
 
     #[test]

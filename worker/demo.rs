@@ -160,7 +160,9 @@ pub async fn run(config: &Config, options: &DemoOptions) -> anyhow::Result<DemoO
         })?),
         CachePolicy::default(),
     ));
-    let settings = SupervisorSettings::from_config(config);
+    let mut settings = SupervisorSettings::from_config(config);
+    // The demo's token endpoint is its own simulator: allowed for this run only.
+    settings.credentials.allow_authority(&entra.authority())?;
     let supervisor =
         Supervisor::new(pool.clone(), tokens, settings, Some(key)).only_pilots(pilots.clone());
     let shutdown = CancellationToken::new();

@@ -2,12 +2,14 @@
 //!
 //! Layers, bottom up: [`pop3`] speaks the protocol, [`oauth`] obtains and shares app-only
 //! tokens, [`ingest`] parses messages and moves them into PostgreSQL through [`store`];
-//! [`sim`] plays Exchange Online and Entra ID for the demo and the tests.
+//! [`sim`] plays Exchange Online and Entra ID for the demo and the tests; [`display`] makes
+//! outside text safe for terminals and logs.
 
 pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod demo;
+pub mod display;
 pub mod doctor;
 pub mod ingest;
 pub mod metrics;

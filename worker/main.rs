@@ -18,7 +18,7 @@ use ccmail::config::{Config, LogFormat};
 use ccmail::ingest::supervisor::{Supervisor, SupervisorSettings};
 use ccmail::oauth::{self, CachePolicy, TokenCache, TokenSource};
 use ccmail::pop3::TlsMode;
-use ccmail::secrets::MasterKey;
+use ccmail::secrets::{CredentialPolicy, MasterKey};
 use ccmail::store;
 
 #[derive(Parser)]
@@ -473,30 +473,69 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Libraries whose debug and trace events copy mail content: html5ever (through the `log`
+/// bridge) logs every token and text node the sanitiser parses, 100 times the mail's size.
+/// They are held at `warn` whatever the level, unless the filter names them itself.
+const CONTENT_COPYING_TARGETS: [&str; 2] = ["html5ever", "markup5ever"];
+
+/// The log filter: `RUST_LOG`, else `level`, with [`CONTENT_COPYING_TARGETS`] capped at `warn`
+/// unless the filter mentions them.
+fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let named = filter.to_string();
+    for target in CONTENT_COPYING_TARGETS {
+        if !named.contains(target)
+            && let Ok(directive) = format!("{target}=warn").parse()
+        {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
+
 /// Logs go to stderr. `run` (the service) logs at the settings' level in the settings' format;
-/// the interactive commands log text, warnings only unless RUST_LOG says otherwise.
+/// the interactive commands log text, warnings only unless RUST_LOG says otherwise. Text logs
+/// escape every field value ([`ccmail::display::EscapedFields`]): error text may quote a
+/// server. JSON needs no help (control characters are escaped by the JSON encoder).
 fn init_logs(config: &Config, interactive: bool) {
     let (level, format) = if interactive {
         ("warn", LogFormat::Text)
     } else {
         (config.log.level.as_str(), config.log.format)
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     // Colours only on a terminal: escape codes in a journal or a log file get in the way of
     // anyone searching it.
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter(level))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.fmt_fields(ccmail::display::EscapedFields).init(),
+    }
+}
+
+/// Raises the soft open-file limit to the hard one: every mailbox, database connection and
+/// HTTP client takes a descriptor, and the soft default (often 1,024) is a per-shell habit,
+/// not a limit the administrator chose.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit")
+            }
+        },
+        Ok((soft, _)) => tracing::info!(limit = soft, "open-file limit is at its hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
     }
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
     init_logs(&config, false);
+    raise_open_file_limit();
     let pool = store::connect(&config.database.url, config.database.max_connections).await?;
     // Bound before migrating so a container probe sees the process alive during a long
     // migration, and a port conflict is reported before any work starts.
@@ -516,6 +555,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let http = tokio::spawn(ccmail::metrics::serve(
         listener,
         pool.clone(),
+        config.http_limits(),
         http_stop.clone(),
     ));
     tokio::spawn(ccmail::metrics::refresh_loop(
@@ -592,8 +632,14 @@ enum SecretInput {
 }
 
 /// Reads a [`SecretSource`]: refuses a secret on the command line, reads stdin or a file
-/// (trailing newline dropped), or names an environment variable. `None` when none was given.
-fn secret_input(source: &SecretSource, what: &str) -> anyhow::Result<Option<SecretInput>> {
+/// (trailing newline dropped; never a special file such as `/proc/self/environ`, never more
+/// than a secret's size), or names an environment variable that `policy` allows. `None` when
+/// none was given.
+fn secret_input(
+    source: &SecretSource,
+    what: &str,
+    policy: &CredentialPolicy,
+) -> anyhow::Result<Option<SecretInput>> {
     if source.secret.is_some() {
         bail!(
             "refusing a {what} on the command line (it would stay in shell history and process lists); \
@@ -601,17 +647,24 @@ fn secret_input(source: &SecretSource, what: &str) -> anyhow::Result<Option<Secr
         );
     }
     if let Some(name) = &source.secret_env {
+        policy.references.check_env(name)?;
         return Ok(Some(SecretInput::Reference(format!("env:{name}"))));
     }
     let secret = if source.secret_stdin {
         let mut line = String::new();
         std::io::stdin()
+            .take(ccmail::secrets::MAX_SECRET_FILE_BYTES + 1)
             .read_to_string(&mut line)
             .context("reading the secret from standard input")?;
+        if line.len() as u64 > ccmail::secrets::MAX_SECRET_FILE_BYTES {
+            bail!(
+                "the {what} on standard input is larger than {} KiB; a secret is a few KiB",
+                ccmail::secrets::MAX_SECRET_FILE_BYTES / 1024
+            );
+        }
         line.trim_end_matches(['\r', '\n']).to_owned()
     } else if let Some(path) = &source.secret_file {
-        std::fs::read_to_string(path)
-            .with_context(|| format!("reading the secret from {}", path.display()))?
+        ccmail::secrets::read_secret_file(path, None)?
             .trim_end_matches(['\r', '\n'])
             .to_owned()
     } else {
@@ -629,7 +682,7 @@ fn stored_secret(
     source: &SecretSource,
     what: &str,
 ) -> anyhow::Result<Option<String>> {
-    let secret = match secret_input(source, what)? {
+    let secret = match secret_input(source, what, &config.credential_policy())? {
         None => return Ok(None),
         Some(SecretInput::Reference(reference)) => return Ok(Some(reference)),
         Some(SecretInput::Value(secret)) => secret,
@@ -644,13 +697,15 @@ fn stored_secret(
     Ok(Some(key.seal(&secret)?))
 }
 
-/// A secret for immediate use (doctor): read or resolved, never stored.
-fn read_secret(source: &SecretSource, what: &str) -> anyhow::Result<Option<SecretString>> {
-    Ok(match secret_input(source, what)? {
+/// A secret for immediate use (doctor): read or resolved under `policy`, never stored.
+fn read_secret(
+    source: &SecretSource,
+    what: &str,
+    policy: &CredentialPolicy,
+) -> anyhow::Result<Option<SecretString>> {
+    Ok(match secret_input(source, what, policy)? {
         None => None,
-        Some(SecretInput::Reference(reference)) => {
-            Some(ccmail::secrets::resolve(&reference, None)?)
-        }
+        Some(SecretInput::Reference(reference)) => Some(policy.resolve(&reference, None)?),
         Some(SecretInput::Value(secret)) => Some(secret),
     })
 }

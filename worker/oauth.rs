@@ -11,6 +11,8 @@
 //!   depend on the number of apps, never on the number of mailboxes.
 //!
 //! Secrets (client secret, access token) are [`SecretString`]s: never logged, never in errors.
+//! An answer of the token endpoint is read up to [`MAX_TOKEN_RESPONSE_BYTES`] and no further,
+//! so neither an endless nor a huge body (a broken proxy, a hostile endpoint) can grow memory.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -33,6 +35,10 @@ pub use certificate::{
 pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
 /// The scope that yields a token for Exchange Online POP/IMAP.
 pub const DEFAULT_SCOPE: &str = "https://outlook.office365.com/.default";
+
+/// Largest token endpoint answer read (256 KiB). Entra's answers are a few KiB even with a
+/// large token (Exchange Online rejects tokens over about 4 KB anyway).
+pub const MAX_TOKEN_RESPONSE_BYTES: usize = 256 * 1024;
 
 /// Identifies one app registration's token: pilots with equal keys share one token.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -199,6 +205,12 @@ pub enum OAuthError {
     Entra(Box<EntraError>),
     #[error("token endpoint answer could not be read: {0}")]
     Malformed(String),
+    #[error(
+        "token endpoint {url} answered HTTP {status} with a body larger than {} KiB; reading \
+         stopped there",
+        MAX_TOKEN_RESPONSE_BYTES / 1024
+    )]
+    TooLarge { url: String, status: u16 },
     #[error("invalid app settings: {0}")]
     Config(String),
 }
@@ -236,7 +248,7 @@ impl OAuthError {
                     || e.codes.iter().any(|c| THROTTLING_CODES.contains(c))
             }
             // A 200 with a body we cannot read is most likely a proxy in the way.
-            OAuthError::Malformed(_) => true,
+            OAuthError::Malformed(_) | OAuthError::TooLarge { .. } => true,
             OAuthError::Config(_) => false,
         }
     }
@@ -269,7 +281,7 @@ impl OAuthError {
                 "check that this host can reach the authority over HTTPS (proxy, firewall, DNS)",
             ),
             OAuthError::Config(_) => None,
-            OAuthError::Http { .. } | OAuthError::Malformed(_) => {
+            OAuthError::Http { .. } | OAuthError::Malformed(_) | OAuthError::TooLarge { .. } => {
                 Some("check the authority URL; a proxy may be answering instead of Entra ID")
             }
         }
@@ -413,10 +425,7 @@ impl TokenSource {
             .await
             .map_err(|e| transport_error(&url, &e, self.options.total_timeout))?;
         let status = response.status().as_u16();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| transport_error(&url, &e, self.options.total_timeout))?;
+        let body = read_bounded(response, &url, self.options.total_timeout).await?;
         let token = parse_token_response(&url, status, &body, self.options.refresh_ahead)?;
         tracing::info!(
             app = %app.key,
@@ -442,6 +451,39 @@ impl FetchToken for TokenSource {
     ) -> Pin<Box<dyn Future<Output = Result<AccessToken, OAuthError>> + Send + 'a>> {
         Box::pin(self.request(app))
     }
+}
+
+/// The body of `response`, at most [`MAX_TOKEN_RESPONSE_BYTES`]: a larger one (by its
+/// `Content-Length` or as it arrives) fails without being read further. The request's total
+/// deadline covers a body that trickles.
+async fn read_bounded(
+    mut response: reqwest::Response,
+    url: &str,
+    total_timeout: Duration,
+) -> Result<Vec<u8>, OAuthError> {
+    let status = response.status().as_u16();
+    let too_large = || OAuthError::TooLarge {
+        url: url.to_owned(),
+        status,
+    };
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_TOKEN_RESPONSE_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| transport_error(url, &e, total_timeout))?
+    {
+        if body.len() + chunk.len() > MAX_TOKEN_RESPONSE_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 fn transport_error(url: &str, e: &reqwest::Error, after: Duration) -> OAuthError {

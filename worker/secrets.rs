@@ -7,11 +7,29 @@
 //! - `env:NAME`: the secret is read from environment variable `NAME` when needed;
 //! - `file:PATH`: the secret is read from the file at `PATH` when needed.
 //!
+//! Whoever may write an app or a pilot (through the CLI or straight into the database) does
+//! not necessarily hold the master key, so a reference must not be able to name it. A
+//! [`ReferencePolicy`] decides what references may name, and a [`CredentialPolicy`] adds where
+//! a resolved credential may be sent; both come from the settings and are passed to every
+//! resolver:
+//! - `env:` never names ccmail's own namespace (`CCMAIL_*`: the settings and the master key)
+//!   nor the database login (`DATABASE_URL`, libpq's `PG*`); `secrets.env_prefix` can narrow
+//!   the allowed names further. That prefix must lie outside the reserved names: `CCMAIL_*`
+//!   stays entirely ccmail's, so no future setting can ever be read as a secret;
+//! - `file:` resolves (symlinks followed) to a regular file of at most
+//!   [`MAX_SECRET_FILE_BYTES`] under `secrets.dir`; without that setting it is refused, and
+//!   `/proc`, `/sys` and `/dev` are refused everywhere;
+//! - an OAuth credential goes only to an authority in `oauth.allowed_authorities`, and a POP3
+//!   login goes unencrypted (`dangerous_plaintext`) only to a loopback host unless the
+//!   settings file sets `pop3.dangerous_allow_plaintext_to_remote_hosts`.
+//!
 //! Invariants: no error message and no `Debug` output contains a secret, a key, or a stored
-//! ciphertext; resolved secrets only ever exist as [`SecretString`]. Randomness (keys, nonces)
-//! comes from the operating system's CSPRNG.
+//! ciphertext; resolved secrets only ever exist as [`SecretString`]; no reference is resolved
+//! without a policy. Randomness (keys, nonces) comes from the operating system's CSPRNG.
 
 use std::fmt;
+use std::io::Read as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
@@ -29,6 +47,24 @@ const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 /// Length of a master key in bytes (AES-256).
 pub const MASTER_KEY_LEN: usize = 32;
+/// Largest secret file read: a client secret, or a PEM private key with its certificate
+/// chain, is a few KiB.
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// Environment-variable prefixes no reference may name: ccmail's own settings and master key
+/// (`CCMAIL_`), and libpq's connection settings and password (`PG`).
+pub const RESERVED_ENV_PREFIXES: [&str; 2] = ["CCMAIL_", "PG"];
+/// Environment variables no reference may name: the database URL with its password.
+pub const RESERVED_ENV_NAMES: [&str; 1] = ["DATABASE_URL"];
+/// File systems that describe processes, the kernel and devices: never a secret file.
+const SPECIAL_ROOTS: [&str; 3] = ["/proc", "/sys", "/dev"];
+/// The token authorities of the Microsoft clouds that `ccmail app add --cloud` knows: global,
+/// US Government (GCC High / DoD) and the one operated by 21Vianet.
+pub const MICROSOFT_AUTHORITIES: [&str; 3] = [
+    "https://login.microsoftonline.com",
+    "https://login.microsoftonline.us",
+    "https://login.partner.microsoftonline.cn",
+];
 
 /// Why a secret could not be sealed, parsed or resolved. Messages name what is wrong and how
 /// to fix it, and never contain secret material.
@@ -36,7 +72,7 @@ pub const MASTER_KEY_LEN: usize = 32;
 pub enum SecretError {
     #[error(
         "master key is invalid: {reason}; a master key is 32 random bytes, given as base64 \
-         (generate one with `ccmail secrets generate-key`)"
+         (generate one with `ccmail key generate`)"
     )]
     InvalidKey { reason: String },
     #[error("cannot read master key file {path}: {source}; check the path and its permissions")]
@@ -90,8 +126,82 @@ pub enum SecretError {
     FileNotUtf8 { path: PathBuf },
     #[error("{origin} is empty; a secret cannot be empty")]
     Empty { origin: String },
+    #[error(
+        "`env:{name}` is refused: CCMAIL_* variables are ccmail's own settings and master key, \
+         and DATABASE_URL and PG* hold the database login; keep the secret in a variable of its \
+         own (for example SUPPORT_APP_SECRET) and name that one"
+    )]
+    EnvReserved { name: String },
+    #[error(
+        "`env:{name}` is refused: secrets.env_prefix allows only variables starting with {prefix}"
+    )]
+    EnvOutsidePrefix { name: String, prefix: String },
+    #[error(
+        "`file:{path}` is refused: no secrets directory is configured; set secrets.dir \
+         (CCMAIL_SECRETS_DIR) to the directory that holds ccmail's secret files, or seal the \
+         secret into the database instead"
+    )]
+    FileNoDir { path: PathBuf },
+    #[error(
+        "`file:{path}` is refused: it is not inside the secrets directory {dir} (symlinks are \
+         followed); move the file there or change secrets.dir"
+    )]
+    FileOutsideDir { path: PathBuf, dir: PathBuf },
+    #[error(
+        "reading a secret from {path} is refused: files under /proc, /sys and /dev describe \
+         processes and devices, never secrets"
+    )]
+    FileSpecial { path: PathBuf },
+    #[error("secret file {path} is not a regular file")]
+    FileNotRegular { path: PathBuf },
+    #[error(
+        "secret file {path} is larger than {} KiB; a secret or a PEM key is a few KiB",
+        MAX_SECRET_FILE_BYTES / 1024
+    )]
+    FileTooLarge { path: PathBuf },
+    #[error(
+        "token authority {authority:?} is not in oauth.allowed_authorities ({allowed}); \
+         credentials are sent only to an allowed authority: add it there (or to \
+         CCMAIL_OAUTH_ALLOWED_AUTHORITIES) if it is your identity provider"
+    )]
+    AuthorityNotAllowed { authority: String, allowed: String },
+    #[error(
+        "token authority {authority:?} is not a plain https:// origin ({reason}); use a URL \
+         like https://login.microsoftonline.com"
+    )]
+    BadAuthority {
+        authority: String,
+        reason: &'static str,
+    },
+    #[error(
+        "plaintext POP3 (dangerous_plaintext) to {host} is refused: it sends the password or \
+         token unencrypted, so it is allowed only to loopback hosts (127.0.0.1, ::1, \
+         localhost) unless the settings file sets \
+         pop3.dangerous_allow_plaintext_to_remote_hosts = true"
+    )]
+    PlaintextToRemoteHost { host: String },
     #[error("encryption failed; this is a bug in ccmail's use of AES-GCM")]
     SealFailed,
+}
+
+impl SecretError {
+    /// Whether a policy refused the reference or destination (as opposed to a key, a
+    /// ciphertext or a missing file being wrong): the fix is a different reference.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            SecretError::EnvReserved { .. }
+                | SecretError::EnvOutsidePrefix { .. }
+                | SecretError::FileNoDir { .. }
+                | SecretError::FileOutsideDir { .. }
+                | SecretError::FileSpecial { .. }
+                | SecretError::FileNotRegular { .. }
+                | SecretError::FileTooLarge { .. }
+                | SecretError::AuthorityNotAllowed { .. }
+                | SecretError::BadAuthority { .. }
+                | SecretError::PlaintextToRemoteHost { .. }
+        )
+    }
 }
 
 /// The operator's key that seals credentials at rest (AES-256-GCM).
@@ -303,10 +413,15 @@ impl SecretRef {
         Err(SecretError::UnrecognisedForm)
     }
 
-    /// Resolves the reference to the secret. `key` is needed only for sealed credentials.
-    /// A single trailing newline (`\n` or `\r\n`) of an environment variable or file is
-    /// removed, because editors and `echo` add one.
-    pub fn resolve(&self, key: Option<&MasterKey>) -> Result<SecretString, SecretError> {
+    /// Resolves the reference to the secret, if `policy` allows it. `key` is needed only for
+    /// sealed credentials. A single trailing newline (`\n` or `\r\n`) of an environment
+    /// variable or file is removed, because editors and `echo` add one.
+    pub fn resolve(
+        &self,
+        key: Option<&MasterKey>,
+        policy: &ReferencePolicy,
+    ) -> Result<SecretString, SecretError> {
+        policy.check(self)?;
         let secret = match self {
             SecretRef::Sealed { key_id, blob } => {
                 let key = key.ok_or_else(|| SecretError::NoMasterKey {
@@ -322,14 +437,12 @@ impl SecretRef {
                 (trim_newline(value), format!("environment variable {name}"))
             }
             SecretRef::File(path) => {
-                let bytes = std::fs::read(path).map_err(|source| SecretError::FileUnreadable {
-                    path: path.clone(),
-                    source,
-                })?;
-                let text = String::from_utf8(bytes)
-                    .map_err(|_| SecretError::FileNotUtf8 { path: path.clone() })?;
+                let dir = policy
+                    .dir
+                    .as_deref()
+                    .ok_or_else(|| SecretError::FileNoDir { path: path.clone() })?;
                 (
-                    trim_newline(text),
+                    trim_newline(read_secret_file(path, Some(dir))?),
                     format!("secret file {}", path.display()),
                 )
             }
@@ -374,9 +487,300 @@ fn non_empty(
     Ok(secret)
 }
 
-/// Resolves a stored credential (see [`SecretRef`]) to the secret it stands for.
-pub fn resolve(stored: &str, key: Option<&MasterKey>) -> Result<SecretString, SecretError> {
-    SecretRef::parse(stored)?.resolve(key)
+/// Resolves a stored credential (see [`SecretRef`]) to the secret it stands for, if `policy`
+/// allows the reference.
+pub fn resolve(
+    stored: &str,
+    key: Option<&MasterKey>,
+    policy: &ReferencePolicy,
+) -> Result<SecretString, SecretError> {
+    SecretRef::parse(stored)?.resolve(key, policy)
+}
+
+/// Whether `name` is reserved: ccmail's own settings and master key, or the database login.
+/// Compared without regard to case, so no spelling of a reserved name slips through.
+pub fn is_reserved_env(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    RESERVED_ENV_PREFIXES.iter().any(|p| upper.starts_with(p))
+        || RESERVED_ENV_NAMES.iter().any(|n| upper == *n)
+}
+
+fn is_special(path: &Path) -> bool {
+    SPECIAL_ROOTS.iter().any(|root| path.starts_with(root))
+}
+
+/// Reads a secret file, refusing what cannot be one: anything under `/proc`, `/sys` or `/dev`
+/// (before and after resolving symlinks), anything outside `dir` when one is given (a relative
+/// path is taken relative to it), anything that is not a regular file, and anything larger
+/// than [`MAX_SECRET_FILE_BYTES`]. Used for `file:` references and for the CLI's
+/// `--secret-file`, which seals what it reads.
+pub fn read_secret_file(path: &Path, dir: Option<&Path>) -> Result<String, SecretError> {
+    let unreadable = |source| SecretError::FileUnreadable {
+        path: path.to_owned(),
+        source,
+    };
+    let candidate = match dir {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path.to_owned(),
+    };
+    if is_special(&candidate) {
+        return Err(SecretError::FileSpecial {
+            path: path.to_owned(),
+        });
+    }
+    let real = std::fs::canonicalize(&candidate).map_err(unreadable)?;
+    if is_special(&real) {
+        return Err(SecretError::FileSpecial {
+            path: path.to_owned(),
+        });
+    }
+    if let Some(dir) = dir {
+        let real_dir =
+            std::fs::canonicalize(dir).map_err(|source| SecretError::FileUnreadable {
+                path: dir.to_owned(),
+                source,
+            })?;
+        if !real.starts_with(&real_dir) {
+            return Err(SecretError::FileOutsideDir {
+                path: path.to_owned(),
+                dir: dir.to_owned(),
+            });
+        }
+    }
+    // Non-blocking, so a FIFO cannot hold the open (and the thread) until someone writes to
+    // it; no symlink at the last step, so one swapped in after the checks fails instead. The
+    // type and size are then checked on the opened file itself.
+    let flags = nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOFOLLOW;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits())
+        .open(&real)
+        .map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
+    if !meta.is_file() {
+        return Err(SecretError::FileNotRegular {
+            path: path.to_owned(),
+        });
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(SecretError::FileTooLarge {
+            path: path.to_owned(),
+        });
+    }
+    String::from_utf8(bytes).map_err(|_| SecretError::FileNotUtf8 {
+        path: path.to_owned(),
+    })
+}
+
+/// What a stored reference may name (see the module documentation).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReferencePolicy {
+    /// `file:` references must resolve to a regular file under this directory; without it,
+    /// `file:` is refused.
+    pub dir: Option<PathBuf>,
+    /// When set, `env:` names must also start with this prefix.
+    pub env_prefix: Option<String>,
+}
+
+impl ReferencePolicy {
+    /// Whether `reference` may be resolved. Sealed credentials always may; `file:` is fully
+    /// checked (symlinks, type, size) only when it is read.
+    pub fn check(&self, reference: &SecretRef) -> Result<(), SecretError> {
+        match reference {
+            SecretRef::Sealed { .. } => Ok(()),
+            SecretRef::Env(name) => self.check_env(name),
+            SecretRef::File(path) => {
+                let Some(dir) = &self.dir else {
+                    return Err(SecretError::FileNoDir { path: path.clone() });
+                };
+                let candidate = if path.is_relative() {
+                    dir.join(path)
+                } else {
+                    path.clone()
+                };
+                if is_special(&candidate) {
+                    return Err(SecretError::FileSpecial { path: path.clone() });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether an `env:` reference may name `name`.
+    pub fn check_env(&self, name: &str) -> Result<(), SecretError> {
+        if is_reserved_env(name) {
+            return Err(SecretError::EnvReserved {
+                name: name.to_owned(),
+            });
+        }
+        match &self.env_prefix {
+            Some(prefix) if !name.starts_with(prefix.as_str()) => {
+                Err(SecretError::EnvOutsidePrefix {
+                    name: name.to_owned(),
+                    prefix: prefix.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Where credentials may come from ([`ReferencePolicy`]) and where they may be sent: the token
+/// authorities, and whether a POP3 login may travel unencrypted to a host that is not
+/// loopback. Built from the settings ([`crate::config::Config::credential_policy`]) and passed
+/// to every resolver; the database cannot change it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialPolicy {
+    pub references: ReferencePolicy,
+    /// Normalised origins (`https://host[:port]`) of the allowed token authorities.
+    allowed_authorities: Vec<String>,
+    /// `pop3.dangerous_allow_plaintext_to_remote_hosts`.
+    pub plaintext_to_remote_hosts: bool,
+}
+
+impl Default for CredentialPolicy {
+    /// Nothing configured: the Microsoft authorities, no secrets directory, no prefix,
+    /// plaintext to loopback only.
+    fn default() -> Self {
+        CredentialPolicy {
+            references: ReferencePolicy::default(),
+            allowed_authorities: MICROSOFT_AUTHORITIES
+                .iter()
+                .map(|a| (*a).to_owned())
+                .collect(),
+            plaintext_to_remote_hosts: false,
+        }
+    }
+}
+
+impl CredentialPolicy {
+    /// A policy allowing exactly these authorities (each checked and normalised).
+    pub fn with_authorities<I, S>(
+        references: ReferencePolicy,
+        authorities: I,
+        plaintext_to_remote_hosts: bool,
+    ) -> Result<CredentialPolicy, SecretError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let allowed_authorities = authorities
+            .into_iter()
+            .map(|a| normalise_authority(a.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(CredentialPolicy {
+            references,
+            allowed_authorities,
+            plaintext_to_remote_hosts,
+        })
+    }
+
+    /// Allows one more authority (a test's or the demo's simulator).
+    pub fn allow_authority(&mut self, authority: &str) -> Result<(), SecretError> {
+        let origin = normalise_authority(authority)?;
+        if !self.allowed_authorities.contains(&origin) {
+            self.allowed_authorities.push(origin);
+        }
+        Ok(())
+    }
+
+    /// The allowed authorities, normalised.
+    pub fn allowed_authorities(&self) -> &[String] {
+        &self.allowed_authorities
+    }
+
+    /// Whether a credential may be sent to the token endpoint under `authority`.
+    pub fn check_authority(&self, authority: &str) -> Result<(), SecretError> {
+        let refused = || SecretError::AuthorityNotAllowed {
+            authority: authority.to_owned(),
+            allowed: self.allowed_authorities.join(", "),
+        };
+        let origin = normalise_authority(authority).map_err(|_| refused())?;
+        if self.allowed_authorities.contains(&origin) {
+            Ok(())
+        } else {
+            Err(refused())
+        }
+    }
+
+    /// Whether a POP3 login may go to `host` in `tls` mode (only `dangerous_plaintext` is
+    /// restricted).
+    pub fn check_pop3_host(
+        &self,
+        host: &str,
+        tls: crate::pop3::TlsMode,
+    ) -> Result<(), SecretError> {
+        if tls != crate::pop3::TlsMode::DangerousPlaintext
+            || self.plaintext_to_remote_hosts
+            || is_loopback_host(host)
+        {
+            return Ok(());
+        }
+        Err(SecretError::PlaintextToRemoteHost {
+            host: host.to_owned(),
+        })
+    }
+
+    /// Resolves `stored` under this policy's reference rules.
+    pub fn resolve(
+        &self,
+        stored: &str,
+        key: Option<&MasterKey>,
+    ) -> Result<SecretString, SecretError> {
+        resolve(stored, key, &self.references)
+    }
+}
+
+/// `127.0.0.0/8`, `::1` (bracketed or not) and `localhost`: hosts whose traffic never leaves
+/// the machine. Names are not resolved, so a DNS name pointing at loopback does not count.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_end_matches('.');
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `https://host[:port]` of an authority URL, lower-case, the default port left out; refused
+/// when it is not a bare https origin (user info, query, fragment or a path beyond `/`).
+pub fn normalise_authority(authority: &str) -> Result<String, SecretError> {
+    let bad = |reason| SecretError::BadAuthority {
+        authority: authority.to_owned(),
+        reason,
+    };
+    let text = authority.trim();
+    // Checked on the text as given too: URL parsing would quietly resolve `/x/../`.
+    let rest = text
+        .get(..8)
+        .filter(|scheme| scheme.eq_ignore_ascii_case("https://"))
+        .map(|_| text[8..].trim_end_matches('/'))
+        .ok_or_else(|| bad("the scheme must be https"))?;
+    if rest.contains(['/', '?', '#', '@', '\\']) {
+        return Err(bad("it has a path, query, fragment or user information"));
+    }
+    let url = reqwest::Url::parse(text).map_err(|_| bad("it is not a URL"))?;
+    if url.scheme() != "https" {
+        return Err(bad("the scheme must be https"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad("it carries user information"));
+    }
+    if url.query().is_some() || url.fragment().is_some() || !matches!(url.path(), "" | "/") {
+        return Err(bad("it has a path, query or fragment"));
+    }
+    let host = url.host_str().ok_or_else(|| bad("it has no host"))?;
+    Ok(match url.port() {
+        Some(port) => format!("https://{host}:{port}"),
+        None => format!("https://{host}"),
+    })
 }
 
 /// Describes a stored credential for logs and `Debug` output without revealing it: the form
@@ -394,7 +798,9 @@ pub fn describe_stored(stored: &str) -> String {
 pub fn reseal(stored: &str, old: &MasterKey, new: &MasterKey) -> Result<String, SecretError> {
     match SecretRef::parse(stored)? {
         SecretRef::Sealed { key_id, .. } if key_id == new.key_id() => Ok(stored.to_owned()),
-        sealed @ SecretRef::Sealed { .. } => new.seal(&sealed.resolve(Some(old))?),
+        sealed @ SecretRef::Sealed { .. } => {
+            new.seal(&sealed.resolve(Some(old), &ReferencePolicy::default())?)
+        }
         SecretRef::Env(_) | SecretRef::File(_) => Ok(stored.to_owned()),
     }
 }
@@ -410,6 +816,18 @@ mod tests {
 
     fn secret() -> SecretString {
         SecretString::from(SECRET.to_owned())
+    }
+
+    /// Resolves under the policy of an unconfigured worker.
+    fn open(stored: &str, key: Option<&MasterKey>) -> Result<SecretString, SecretError> {
+        resolve(stored, key, &ReferencePolicy::default())
+    }
+
+    fn in_dir(dir: &Path) -> ReferencePolicy {
+        ReferencePolicy {
+            dir: Some(dir.to_owned()),
+            env_prefix: None,
+        }
     }
 
     /// Asserts that neither Debug nor Display of `err` reveals the secret or the key.
@@ -429,8 +847,8 @@ mod tests {
         assert!(a.starts_with(&format!("enc:v1:{}:", key.key_id())));
         assert_ne!(a, b, "each seal must use a fresh nonce");
         assert!(!a.contains(SECRET));
-        assert_eq!(resolve(&a, Some(&key)).unwrap().expose_secret(), SECRET);
-        assert_eq!(resolve(&b, Some(&key)).unwrap().expose_secret(), SECRET);
+        assert_eq!(open(&a, Some(&key)).unwrap().expose_secret(), SECRET);
+        assert_eq!(open(&b, Some(&key)).unwrap().expose_secret(), SECRET);
     }
 
     #[test]
@@ -457,6 +875,8 @@ mod tests {
 
         let err = MasterKey::from_base64("not base64 at all!").unwrap_err();
         assert!(matches!(err, SecretError::InvalidKey { .. }));
+        // The command that makes one exists under this name.
+        assert!(err.to_string().contains("`ccmail key generate`"), "{err}");
         assert!(!err.to_string().contains("not base64 at all"));
     }
 
@@ -494,14 +914,14 @@ mod tests {
         let key = MasterKey::generate();
         let other = MasterKey::generate();
         let sealed = key.seal(&secret()).unwrap();
-        let err = resolve(&sealed, Some(&other)).unwrap_err();
+        let err = open(&sealed, Some(&other)).unwrap_err();
         let text = err.to_string();
         assert!(text.contains(key.key_id()), "{text}");
         assert!(text.contains(other.key_id()), "{text}");
         assert!(text.contains("rotate"), "{text}");
         assert_clean(&err, &key);
 
-        let err = resolve(&sealed, None).unwrap_err();
+        let err = open(&sealed, None).unwrap_err();
         assert!(matches!(err, SecretError::NoMasterKey { .. }));
         assert!(err.to_string().contains(key.key_id()));
         assert_clean(&err, &key);
@@ -516,7 +936,7 @@ mod tests {
         let last = blob.len() - 1;
         blob[last] ^= 0x01;
         let tampered = format!("{head}:{}", BASE64.encode(&blob));
-        let err = resolve(&tampered, Some(&key)).unwrap_err();
+        let err = open(&tampered, Some(&key)).unwrap_err();
         assert!(matches!(err, SecretError::Tampered { .. }), "{err:?}");
         assert_clean(&err, &key);
 
@@ -525,16 +945,16 @@ mod tests {
         blob[0] ^= 0x80;
         let tampered = format!("{head}:{}", BASE64.encode(&blob));
         assert!(matches!(
-            resolve(&tampered, Some(&key)),
+            open(&tampered, Some(&key)),
             Err(SecretError::Tampered { .. })
         ));
 
-        let err = resolve(&format!("{head}:AAAA"), Some(&key)).unwrap_err();
+        let err = open(&format!("{head}:AAAA"), Some(&key)).unwrap_err();
         assert!(
             matches!(err, SecretError::MalformedSealed { .. }),
             "{err:?}"
         );
-        let err = resolve(&format!("{head}:@@@"), Some(&key)).unwrap_err();
+        let err = open(&format!("{head}:@@@"), Some(&key)).unwrap_err();
         assert!(
             matches!(err, SecretError::MalformedSealed { .. }),
             "{err:?}"
@@ -582,18 +1002,15 @@ mod tests {
     fn env_reference_resolves_trims_newline_and_names_missing_variable() {
         // `set_var` is unsafe in edition 2024 and the crate forbids unsafe code, so the test
         // uses a variable that is certainly absent and one that is certainly present.
-        let name = format!("CCMAIL_TEST_SECRET_{}", std::process::id());
-        let err = resolve(&format!("env:{name}_MISSING"), None).unwrap_err();
+        let name = format!("ITEST_SECRET_{}", std::process::id());
+        let err = open(&format!("env:{name}_MISSING"), None).unwrap_err();
         assert!(matches!(err, SecretError::EnvMissing { .. }));
         assert!(err.to_string().contains(&format!("{name}_MISSING")));
 
         // PATH is set in every test environment; it proves the lookup, and a trailing
         // newline is never part of PATH.
         let path_value = std::env::var("PATH").unwrap();
-        assert_eq!(
-            resolve("env:PATH", None).unwrap().expose_secret(),
-            path_value
-        );
+        assert_eq!(open("env:PATH", None).unwrap().expose_secret(), path_value);
         assert_eq!(trim_newline(format!("{SECRET}\n")), SECRET);
         assert_eq!(trim_newline(format!("{SECRET}\r\n")), SECRET);
         assert_eq!(trim_newline(format!("{SECRET}\n\n")), format!("{SECRET}\n"));
@@ -602,25 +1019,226 @@ mod tests {
     #[test]
     fn file_reference_resolves_trims_newline_and_names_unreadable_path() {
         let dir = tempfile::tempdir().unwrap();
+        let policy = in_dir(dir.path());
         let path = dir.path().join("client-secret");
         std::fs::write(&path, format!("{SECRET}\n")).unwrap();
         let stored = format!("file:{}", path.display());
-        assert_eq!(resolve(&stored, None).unwrap().expose_secret(), SECRET);
+        assert_eq!(
+            resolve(&stored, None, &policy).unwrap().expose_secret(),
+            SECRET
+        );
+        // Relative paths are inside the secrets directory.
+        assert_eq!(
+            resolve("file:client-secret", None, &policy)
+                .unwrap()
+                .expose_secret(),
+            SECRET
+        );
 
         let empty = dir.path().join("empty");
         std::fs::write(&empty, "\n").unwrap();
-        let err = resolve(&format!("file:{}", empty.display()), None).unwrap_err();
+        let err = resolve(&format!("file:{}", empty.display()), None, &policy).unwrap_err();
         assert!(matches!(err, SecretError::Empty { .. }), "{err:?}");
 
         let missing = dir.path().join("nope");
-        let err = resolve(&format!("file:{}", missing.display()), None).unwrap_err();
+        let err = resolve(&format!("file:{}", missing.display()), None, &policy).unwrap_err();
         assert!(matches!(err, SecretError::FileUnreadable { .. }));
         assert!(err.to_string().contains(&missing.display().to_string()));
 
         let binary = dir.path().join("binary");
         std::fs::write(&binary, [0xff, 0xfe, 0x00]).unwrap();
-        let err = resolve(&format!("file:{}", binary.display()), None).unwrap_err();
+        let err = resolve(&format!("file:{}", binary.display()), None, &policy).unwrap_err();
         assert!(matches!(err, SecretError::FileNotUtf8 { .. }));
+    }
+
+    #[test]
+    fn file_references_stay_inside_the_secrets_dir_and_never_read_special_files() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("secrets");
+        std::fs::create_dir(&dir).unwrap();
+        let outside = root.path().join("elsewhere");
+        std::fs::write(&outside, SECRET).unwrap();
+        let policy = in_dir(&dir);
+
+        // No directory configured: refused before the file system is touched, with the fix.
+        let err = open(&format!("file:{}", outside.display()), None).unwrap_err();
+        assert!(matches!(err, SecretError::FileNoDir { .. }), "{err:?}");
+        assert!(err.to_string().contains("secrets.dir"), "{err}");
+
+        for stored in [
+            format!("file:{}", outside.display()),
+            format!("file:{}/../elsewhere", dir.display()),
+            "file:../elsewhere".to_owned(),
+        ] {
+            let err = resolve(&stored, None, &policy).unwrap_err();
+            assert!(
+                matches!(err, SecretError::FileOutsideDir { .. }),
+                "{stored}: {err:?}"
+            );
+            assert!(err.is_refusal());
+        }
+        // A symlink inside the directory is followed before the check.
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        let err = resolve("file:link", None, &policy).unwrap_err();
+        assert!(matches!(err, SecretError::FileOutsideDir { .. }), "{err:?}");
+        std::os::unix::fs::symlink("/proc/self/environ", dir.join("environ")).unwrap();
+        let err = resolve("file:environ", None, &policy).unwrap_err();
+        assert!(matches!(err, SecretError::FileSpecial { .. }), "{err:?}");
+
+        // /proc, /sys and /dev are refused even if the directory were one of them.
+        let everywhere = in_dir(Path::new("/"));
+        for path in [
+            "/proc/self/environ",
+            "/proc/1/environ",
+            "/sys/kernel/hostname",
+            "/dev/zero",
+        ] {
+            let err = resolve(&format!("file:{path}"), None, &everywhere).unwrap_err();
+            assert!(
+                matches!(err, SecretError::FileSpecial { .. }),
+                "{path}: {err:?}"
+            );
+        }
+        let err = read_secret_file(Path::new("/proc/self/environ"), None).unwrap_err();
+        assert!(matches!(err, SecretError::FileSpecial { .. }), "{err:?}");
+
+        // Only a regular file, and only a small one.
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        let err = resolve("file:sub", None, &policy).unwrap_err();
+        assert!(matches!(err, SecretError::FileNotRegular { .. }), "{err:?}");
+        nix::unistd::mkfifo(&dir.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let err = resolve("file:fifo", None, &policy).unwrap_err();
+        assert!(matches!(err, SecretError::FileNotRegular { .. }), "{err:?}");
+        std::fs::write(
+            dir.join("big"),
+            vec![b'x'; MAX_SECRET_FILE_BYTES as usize + 1],
+        )
+        .unwrap();
+        let err = resolve("file:big", None, &policy).unwrap_err();
+        assert!(matches!(err, SecretError::FileTooLarge { .. }), "{err:?}");
+        std::fs::write(dir.join("ok"), format!("{SECRET}\n")).unwrap();
+        assert_eq!(
+            resolve("file:ok", None, &policy).unwrap().expose_secret(),
+            SECRET
+        );
+    }
+
+    #[test]
+    fn env_references_never_name_ccmail_settings_or_the_database_login() {
+        let policy = ReferencePolicy::default();
+        for name in [
+            "CCMAIL_MASTER_KEY",
+            "CCMAIL_SECRETS_MASTER_KEY_FILE",
+            "ccmail_master_key",
+            "DATABASE_URL",
+            "PGPASSWORD",
+            "PGPASSFILE",
+        ] {
+            let err = resolve(&format!("env:{name}"), None, &policy).unwrap_err();
+            assert!(matches!(err, SecretError::EnvReserved { .. }), "{name}");
+            assert!(err.is_refusal());
+            assert!(err.to_string().contains(&format!("env:{name}")), "{err}");
+        }
+        let narrowed = ReferencePolicy {
+            dir: None,
+            env_prefix: Some("MAILSECRET_".to_owned()),
+        };
+        let err = resolve("env:PATH", None, &narrowed).unwrap_err();
+        assert!(
+            matches!(err, SecretError::EnvOutsidePrefix { .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("MAILSECRET_"), "{err}");
+        // The prefix narrows; it never reopens a reserved name.
+        let reopening = ReferencePolicy {
+            dir: None,
+            env_prefix: Some("CCMAIL_".to_owned()),
+        };
+        let err = resolve("env:CCMAIL_MASTER_KEY", None, &reopening).unwrap_err();
+        assert!(matches!(err, SecretError::EnvReserved { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn credentials_go_only_to_allowed_authorities_and_plaintext_only_to_loopback() {
+        use crate::pop3::TlsMode;
+        let policy = CredentialPolicy::default();
+        for ok in [
+            "https://login.microsoftonline.com",
+            "https://login.microsoftonline.com/",
+            "https://LOGIN.microsoftonline.com:443",
+            "https://login.microsoftonline.us",
+            "https://login.partner.microsoftonline.cn",
+        ] {
+            assert!(policy.check_authority(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "https://login.attacker.example",
+            "https://login.microsoftonline.com.attacker.example",
+            "https://login.microsoftonline.com@attacker.example",
+            "https://user:pw@login.microsoftonline.com",
+            "https://login.microsoftonline.com:8443",
+            "https://login.microsoftonline.com/x/../../",
+            "https://login.microsoftonline.com?x=1",
+            "http://login.microsoftonline.com",
+            "login.microsoftonline.com",
+        ] {
+            let err = policy.check_authority(bad).unwrap_err();
+            assert!(
+                matches!(err, SecretError::AuthorityNotAllowed { .. }),
+                "{bad}"
+            );
+            assert!(
+                err.to_string().contains("oauth.allowed_authorities"),
+                "{err}"
+            );
+        }
+        let mut sim = policy.clone();
+        sim.allow_authority("https://127.0.0.1:4431").unwrap();
+        assert!(sim.check_authority("https://127.0.0.1:4431/").is_ok());
+        assert!(sim.check_authority("https://127.0.0.1:4432").is_err());
+        assert!(normalise_authority("https://h/path").is_err());
+
+        for host in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "[::1]",
+            "localhost",
+            "LOCALHOST.",
+        ] {
+            assert!(
+                policy
+                    .check_pop3_host(host, TlsMode::DangerousPlaintext)
+                    .is_ok(),
+                "{host}"
+            );
+        }
+        for host in [
+            "pop.contoso.com",
+            "10.0.0.1",
+            "localhost.attacker.example",
+            "::2",
+        ] {
+            let err = policy
+                .check_pop3_host(host, TlsMode::DangerousPlaintext)
+                .unwrap_err();
+            assert!(
+                matches!(err, SecretError::PlaintextToRemoteHost { .. }),
+                "{host}"
+            );
+            assert!(policy.check_pop3_host(host, TlsMode::Implicit).is_ok());
+            assert!(policy.check_pop3_host(host, TlsMode::StartTls).is_ok());
+        }
+        let open_policy = CredentialPolicy {
+            plaintext_to_remote_hosts: true,
+            ..CredentialPolicy::default()
+        };
+        assert!(
+            open_policy
+                .check_pop3_host("pop.contoso.com", TlsMode::DangerousPlaintext)
+                .is_ok()
+        );
     }
 
     #[test]
@@ -630,9 +1248,9 @@ mod tests {
         let sealed = old.seal(&secret()).unwrap();
         let moved = reseal(&sealed, &old, &new).unwrap();
         assert!(moved.starts_with(&format!("enc:v1:{}:", new.key_id())));
-        assert_eq!(resolve(&moved, Some(&new)).unwrap().expose_secret(), SECRET);
+        assert_eq!(open(&moved, Some(&new)).unwrap().expose_secret(), SECRET);
         assert!(matches!(
-            resolve(&moved, Some(&old)),
+            open(&moved, Some(&old)),
             Err(SecretError::WrongKey { .. })
         ));
         // Idempotent: already under the new key, unchanged.
@@ -694,6 +1312,11 @@ mod tests {
             },
             SecretError::FileNotUtf8 { path: "/p".into() },
             SecretError::Empty { origin: "o".into() },
+            SecretError::EnvReserved { name: "N".into() },
+            SecretError::FileOutsideDir {
+                path: "/p".into(),
+                dir: "/d".into(),
+            },
             SecretError::SealFailed,
         ];
         for err in &errors {

@@ -254,6 +254,8 @@ struct World {
     key: SecretString,
     client_secret: String,
     log_dir: PathBuf,
+    /// The Entra simulator's authority, allowed in the worker's settings.
+    authority: String,
 }
 
 impl World {
@@ -311,6 +313,7 @@ impl World {
             key: key.to_base64(),
             client_secret,
             log_dir: log_dir.to_path_buf(),
+            authority: entra.authority(),
         })
     }
 
@@ -321,9 +324,11 @@ impl World {
             "[worker]\nreload_interval_secs = 1\nshutdown_grace_secs = {}\n\
              initial_backoff_secs = 1\nmax_backoff_secs = 2\npoll_jitter = 0.0\n\
              batch_messages = 5\n\n\
-             [oauth]\nextra_ca_file = {:?}\n\n[log]\nformat = \"text\"\nlevel = {:?}\n",
+             [oauth]\nextra_ca_file = {:?}\nallowed_authorities = [{:?}]\n\n\
+             [log]\nformat = \"text\"\nlevel = {:?}\n",
             GRACE.as_secs(),
             self.ca_path.display().to_string(),
+            self.authority,
             log_level
         );
         std::fs::write(&self.config, text)

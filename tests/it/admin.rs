@@ -17,13 +17,14 @@ const TENANT: &str = "8f2c1a9e-1111-4222-8333-944455556666";
 const CLIENT: &str = "0a1b2c3d-aaaa-4bbb-8ccc-ddddeeeeffff";
 const SECRET: &str = "cli~secret~value-42";
 
-struct Cli {
-    env: Vec<(String, String)>,
-    dir: tempfile::TempDir,
+/// The `ccmail` binary run as an admin would, with its own environment and working directory.
+pub(crate) struct Cli {
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Cli {
-    fn new(db: &TestDb) -> Cli {
+    pub(crate) fn new(db: &TestDb) -> Cli {
         Cli {
             env: vec![
                 ("DATABASE_URL".into(), db.url().to_owned()),
@@ -36,7 +37,7 @@ impl Cli {
         }
     }
 
-    fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
+    pub(crate) fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ccmail"))
             .args(args)
             .current_dir(self.dir.path())
@@ -55,7 +56,7 @@ impl Cli {
         child.wait_with_output().unwrap()
     }
 
-    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+    pub(crate) fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
         let out = self.run(args, stdin);
         assert!(
             out.status.success(),
@@ -66,7 +67,7 @@ impl Cli {
     }
 
     /// Runs a command that must fail; returns (exit code, stderr).
-    fn fails(&self, args: &[&str], stdin: Option<&str>) -> (i32, String) {
+    pub(crate) fn fails(&self, args: &[&str], stdin: Option<&str>) -> (i32, String) {
         let out = self.run(args, stdin);
         assert!(!out.status.success(), "ccmail {args:?} succeeded");
         (
@@ -75,11 +76,11 @@ impl Cli {
         )
     }
 
-    fn json(&self, args: &[&str]) -> serde_json::Value {
+    pub(crate) fn json(&self, args: &[&str]) -> serde_json::Value {
         serde_json::from_str(&self.ok(args, None)).unwrap()
     }
 
-    fn path(&self, name: &str, content: &str) -> String {
+    pub(crate) fn path(&self, name: &str, content: &str) -> String {
         let p = self.dir.path().join(name);
         std::fs::write(&p, content).unwrap();
         p.display().to_string()
@@ -502,6 +503,8 @@ async fn pilot_add_check_runs_doctor_and_saves_only_what_passes() {
     cli.env
         .push(("CCMAIL_OAUTH_EXTRA_CA_FILE".into(), ca_path.clone()));
     let authority = entra.authority();
+    cli.env
+        .push(("CCMAIL_OAUTH_ALLOWED_AUTHORITIES".into(), authority.clone()));
     cli.ok(
         &[
             "app",
@@ -625,9 +628,10 @@ async fn key_rotate_reseals_every_secret_under_the_new_key() {
     };
     for (stored, plain) in [(&app.credential, SECRET), (credential, "pilot-password-7")] {
         assert!(stored.contains(new.key_id()), "{stored}");
-        let opened = ccmail::secrets::resolve(stored, Some(&new)).unwrap();
+        let policy = ccmail::secrets::ReferencePolicy::default();
+        let opened = ccmail::secrets::resolve(stored, Some(&new), &policy).unwrap();
         assert_eq!(opened.expose_secret(), plain);
-        assert!(ccmail::secrets::resolve(stored, Some(&old)).is_err());
+        assert!(ccmail::secrets::resolve(stored, Some(&old), &policy).is_err());
     }
 
     // An interrupted rotation can simply be run again: what is already under the new key
@@ -654,6 +658,225 @@ async fn key_rotate_reseals_every_secret_under_the_new_key() {
         None,
     );
     assert!(out.contains("0 secret(s) re-sealed"), "{out}");
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_master_key_names_the_command_that_makes_one() {
+    let db = TestDb::new().await.unwrap();
+    let mut cli = Cli::new(&db);
+    cli.env[1].1 = "not-a-master-key".to_owned();
+    let (_, err) = cli.fails(
+        &[
+            "app",
+            "add",
+            "--name",
+            "a",
+            "--tenant",
+            TENANT,
+            "--client-id",
+            CLIENT,
+            "--secret-stdin",
+        ],
+        Some(SECRET),
+    );
+    assert!(
+        err.contains("ccmail key generate") && !err.contains("secrets generate-key"),
+        "{err}"
+    );
+    db.drop_db().await.unwrap();
+}
+
+/// The SQLSTATE and constraint of a statement the schema refused.
+fn refused_by(result: Result<sqlx::postgres::PgQueryResult, sqlx::Error>) -> (String, String) {
+    let err = result.expect_err("the database accepted it");
+    let db = err.as_database_error().expect("a database error");
+    (
+        db.code().unwrap_or_default().into_owned(),
+        db.constraint().unwrap_or_default().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn every_admin_set_text_has_a_limit_in_the_cli_and_in_the_database() {
+    let db = TestDb::new().await.unwrap();
+    let cli = Cli::new(&db);
+    add_app(&cli, "support-app");
+    let long_queue = "q".repeat(10 * 1024);
+    let pilot = |queue: &str, mailbox: &str, extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "pilot",
+            "add",
+            "--queue",
+            queue,
+            "--mailbox",
+            mailbox,
+            "--app",
+            "support-app",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let fails = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli.fails(&args, None).1
+    };
+    let err = fails(pilot(&long_queue, "support@contoso.com", &[]));
+    assert!(
+        err.contains("queue") && err.contains("10240 characters") && err.contains("at most 100"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(&long_queue),
+        "the 10 KB value is echoed: {err}"
+    );
+    let err = fails(pilot("sup\u{1b}[2Jport", "support@contoso.com", &[]));
+    assert!(
+        err.contains("queue") && err.contains("control character"),
+        "{err}"
+    );
+    let long_mailbox = format!("{}@contoso.com", "m".repeat(400));
+    let err = fails(pilot("support", &long_mailbox, &[]));
+    assert!(
+        err.contains("mailbox") && err.contains("at most 320"),
+        "{err}"
+    );
+    let long_host = format!("{}.example", "h".repeat(300));
+    let err = fails(pilot(
+        "support",
+        "support@contoso.com",
+        &["--host", &long_host],
+    ));
+    assert!(err.contains("host") && err.contains("at most 253"), "{err}");
+    let long_path = format!("/tmp/{}", "p".repeat(5000));
+    let err = fails(pilot(
+        "support",
+        "support@contoso.com",
+        &["--ca-bundle", &long_path],
+    ));
+    assert!(
+        err.contains("CA bundle path") && err.contains("at most 4096"),
+        "{err}"
+    );
+    for (flag, value, field, limit) in [
+        ("--name", "n".repeat(200), "app name", "at most 100"),
+        (
+            "--tenant",
+            format!("{}.onmicrosoft.com", "t".repeat(300)),
+            "tenant",
+            "at most 253",
+        ),
+        ("--client-id", "c".repeat(200), "client id", "at most 100"),
+    ] {
+        let mut args = vec![
+            "app",
+            "add",
+            "--name",
+            "other-app",
+            "--tenant",
+            TENANT,
+            "--client-id",
+            CLIENT,
+            "--secret-env",
+            "OTHER_APP_SECRET",
+        ];
+        let at = args.iter().position(|a| *a == flag).unwrap() + 1;
+        args[at] = &value;
+        let (_, err) = cli.fails(&args, None);
+        assert!(err.contains(field) && err.contains(limit), "{flag}: {err}");
+    }
+    // The CLI's update goes through the same checks.
+    cli.ok(
+        &[
+            "pilot",
+            "add",
+            "--queue",
+            "support",
+            "--mailbox",
+            "support@contoso.com",
+            "--app",
+            "support-app",
+        ],
+        None,
+    );
+    let (_, err) = cli.fails(
+        &[
+            "pilot",
+            "update",
+            "support@contoso.com",
+            "--queue",
+            &long_queue,
+        ],
+        None,
+    );
+    assert!(err.contains("at most 100"), "{err}");
+    assert_eq!(
+        cli.json(&["pilot", "show", "support@contoso.com", "--json"])["queue"],
+        "support"
+    );
+
+    // Straight into the database: the schema refuses it too.
+    let mut conn = db.pool().acquire().await.unwrap();
+    let app_id: i64 = sqlx::query_scalar("select id from oauth_apps where name = 'support-app'")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    let insert = sqlx::query(
+        "insert into pilots (queue, mailbox, auth, app_id) values ($1, 'raw@contoso.com', 'xoauth2', $2)",
+    )
+    .bind(&long_queue)
+    .bind(app_id)
+    .execute(&mut *conn)
+    .await;
+    assert_eq!(
+        refused_by(insert),
+        ("23514".to_owned(), "pilots_queue_limits".to_owned())
+    );
+    for (statement, constraint) in [
+        (
+            "update pilots set queue = repeat('q', 101)",
+            "pilots_queue_limits",
+        ),
+        (
+            "update pilots set queue = E'sup\\x1bport'",
+            "pilots_queue_limits",
+        ),
+        (
+            "update pilots set mailbox = repeat('m', 321)",
+            "pilots_mailbox_limits",
+        ),
+        (
+            "update pilots set host = repeat('h', 254)",
+            "pilots_host_limits",
+        ),
+        (
+            "update pilots set ca_bundle = repeat('p', 4097)",
+            "pilots_ca_bundle_limits",
+        ),
+        (
+            "update oauth_apps set name = repeat('n', 101)",
+            "oauth_apps_name_limits",
+        ),
+        (
+            "update oauth_apps set tenant = repeat('t', 254)",
+            "oauth_apps_tenant_limits",
+        ),
+        (
+            "update oauth_apps set client_id = repeat('c', 101)",
+            "oauth_apps_client_id_limits",
+        ),
+    ] {
+        let result = sqlx::query(statement).execute(&mut *conn).await;
+        assert_eq!(
+            refused_by(result),
+            ("23514".to_owned(), constraint.to_owned()),
+            "{statement}"
+        );
+    }
     drop(conn);
     db.drop_db().await.unwrap();
 }

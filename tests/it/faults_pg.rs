@@ -73,7 +73,7 @@ impl Running {
         let supervisor = Supervisor::new(
             pool,
             Arc::clone(&world.tokens),
-            fast_settings(limits),
+            fast_settings(limits, world.credential_policy()),
             Some(world.master_key()?),
         )
         .only_pilots(pilots.iter().copied());

@@ -94,7 +94,7 @@ impl Running {
         let supervisor = Supervisor::new(
             world.db.pool().clone(),
             Arc::clone(&world.tokens),
-            fast_settings(small_limits()),
+            fast_settings(small_limits(), world.credential_policy()),
             Some(world.master_key()?),
         )
         .only_pilots(rows.iter().map(|r| r.id));
@@ -571,4 +571,67 @@ async fn a_still_valid_token_keeps_pollers_working_while_its_refresh_fails() -> 
     );
     tally.assert_exactly_once()?;
     world.finish().await
+}
+
+/// A token endpoint (or a proxy in front of it) that answers 200 with a body that never ends:
+/// the request fails on the size limit, long before its deadline, and stops reading, so the
+/// simulator produced little more than the limit plus what socket buffers hold.
+#[tokio::test]
+async fn an_endless_token_body_fails_at_the_size_limit_and_is_not_read_on() -> anyhow::Result<()> {
+    use crate::support::sim_world::{self, within};
+    let world = sim_world::SimWorld::start().await?;
+    let source = world.token_source(TokenSourceOptions::default())?;
+    world.entra.fail_next(1, TokenFailure::EndlessBody);
+    let err = within(
+        "a token request with an endless body",
+        source.request(&world.app()),
+    )
+    .await?
+    .expect_err("an endless body gave a token");
+    let text = err.to_string();
+    ensure!(
+        text.contains("larger than") && text.contains("KiB"),
+        "not refused on size: {text}"
+    );
+    ensure!(
+        err.is_transient(),
+        "a misbehaving proxy is retried with backoff"
+    );
+    ensure!(!text.contains(sim_world::CLIENT_SECRET), "{text}");
+    let sent = world.entra.body_bytes_sent();
+    ensure!(
+        sent < 32 * 1024 * 1024,
+        "the client kept reading: the simulator sent {sent} octets"
+    );
+    // The next request is served normally.
+    within("a normal token request", source.request(&world.app())).await??;
+    world.stop().await
+}
+
+/// A body that trickles one byte at a time ends at the request deadline, not never.
+#[tokio::test]
+async fn a_trickling_token_body_ends_at_the_request_deadline() -> anyhow::Result<()> {
+    use crate::support::sim_world::{self, within};
+    let world = sim_world::SimWorld::start().await?;
+    let source = world.token_source(TokenSourceOptions {
+        total_timeout: Duration::from_secs(2),
+        ..TokenSourceOptions::default()
+    })?;
+    world.entra.fail_next(
+        1,
+        TokenFailure::SlowBody {
+            interval: Duration::from_millis(50),
+        },
+    );
+    let err = within(
+        "a token request with a trickling body",
+        source.request(&world.app()),
+    )
+    .await?
+    .expect_err("a trickling body gave a token");
+    ensure!(
+        matches!(err, ccmail::oauth::OAuthError::Timeout { .. }),
+        "{err}"
+    );
+    world.stop().await
 }

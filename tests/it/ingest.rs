@@ -26,7 +26,10 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(90);
 /// How often drain conditions are re-checked.
 const CHECK_EVERY: Duration = Duration::from_millis(50);
 
-fn settings(limits: IngestLimits) -> SupervisorSettings {
+fn settings(
+    limits: IngestLimits,
+    credentials: ccmail::secrets::CredentialPolicy,
+) -> SupervisorSettings {
     SupervisorSettings {
         limits,
         timeouts: test_timeouts(),
@@ -36,6 +39,7 @@ fn settings(limits: IngestLimits) -> SupervisorSettings {
         max_backoff: Duration::from_secs(2),
         permanent_retry: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(10),
+        credentials,
     }
 }
 
@@ -69,7 +73,7 @@ async fn supervise_until(
     let supervisor = Supervisor::new(
         world.db.pool().clone(),
         Arc::clone(&world.tokens),
-        settings(IngestLimits::default()),
+        settings(IngestLimits::default(), world.credential_policy()),
         Some(world.master_key()?),
     )
     .only_pilots(pilots.iter().copied());

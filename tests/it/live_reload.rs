@@ -161,6 +161,7 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
             key.to_base64().expose_secret().to_owned(),
         ),
         ("CCMAIL_OAUTH_EXTRA_CA_FILE".into(), ca_arg.clone()),
+        ("CCMAIL_OAUTH_ALLOWED_AUTHORITIES".into(), entra.authority()),
         ("CCMAIL_WORKER_RELOAD_INTERVAL_SECS".into(), "1".into()),
         ("CCMAIL_WORKER_POLL_JITTER".into(), "0.0".into()),
         ("CCMAIL_WORKER_SHUTDOWN_GRACE_SECS".into(), "5".into()),

@@ -155,11 +155,13 @@ impl WorkerRun {
         std::fs::write(
             &config_path,
             format!(
-                "[database]\nurl = {:?}\n\n[http]\nlisten = \"{http}\"\n\n[oauth]\nextra_ca_file = {:?}\n\n\
+                "[database]\nurl = {:?}\n\n[http]\nlisten = \"{http}\"\n\n[oauth]\nextra_ca_file = {:?}\n\
+                 allowed_authorities = [{:?}]\n\n\
                  [worker]\nreload_interval_secs = 1\ninitial_backoff_secs = 1\nmax_backoff_secs = 2\n\n\
                  [log]\nformat = \"json\"\nlevel = \"info\"\n",
                 db.url(),
-                ca_path.display().to_string()
+                ca_path.display().to_string(),
+                entra.authority()
             ),
         )?;
         let mut run = WorkerRun {
@@ -635,7 +637,12 @@ async fn readyz_reports_missing_migrations_and_healthz_stays_up() -> anyhow::Res
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let stop = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(metrics::serve(listener, db.pool().clone(), stop.clone()));
+    let server = tokio::spawn(metrics::serve(
+        listener,
+        db.pool().clone(),
+        metrics::HttpLimits::default(),
+        stop.clone(),
+    ));
 
     let ready = metrics::probe(&addr, "/readyz", Duration::from_secs(5)).await?;
     ensure!(ready == "ready", "{ready}");

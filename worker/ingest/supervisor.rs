@@ -25,7 +25,7 @@ use crate::ingest::poller::{self, IngestLimits, Pilot, PilotAuth, PollReport};
 use crate::metrics;
 use crate::oauth::{self, AppCredentials, TokenCache};
 use crate::pop3::{ServerSpec, Timeouts};
-use crate::secrets::{self, MasterKey};
+use crate::secrets::{self, CredentialPolicy, MasterKey};
 use crate::store::{self, AppRow, PilotRow};
 
 /// Pacing and limits for every poller.
@@ -39,6 +39,8 @@ pub struct SupervisorSettings {
     pub max_backoff: Duration,
     pub permanent_retry: Duration,
     pub shutdown_grace: Duration,
+    /// Where credentials may come from and go to (from the settings, never the database).
+    pub credentials: CredentialPolicy,
 }
 
 impl SupervisorSettings {
@@ -63,6 +65,7 @@ impl SupervisorSettings {
             max_backoff: Duration::from_secs(w.max_backoff_secs.max(1)),
             permanent_retry: Duration::from_secs(w.permanent_retry_secs.max(1)),
             shutdown_grace: Duration::from_secs(w.shutdown_grace_secs),
+            credentials: config.credential_policy(),
         }
     }
 }
@@ -223,14 +226,21 @@ impl Supervisor {
                 &row,
                 app.as_ref(),
                 self.master_key.as_ref(),
+                &self.settings.credentials,
                 self.settings.timeouts,
             ) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(pilot = id, error = %e, "pilot cannot start");
                     metrics::global().ingest_error(id, "config");
+                    // A row that breaks the schema's limits cannot even take its error: log
+                    // it and go on, so one bad row never keeps the other pilots from starting.
                     let mut conn = self.pool.acquire().await?;
-                    store::record_poll_error(&mut conn, id, &e.to_string(), e.hint()).await?;
+                    if let Err(record) =
+                        store::record_poll_error(&mut conn, id, &e.to_string(), e.hint()).await
+                    {
+                        tracing::warn!(pilot = id, error = %record, "could not record why the pilot cannot start");
+                    }
                     // Remember the fingerprint so the error is not rewritten every reload.
                     running.insert(
                         id,
@@ -298,6 +308,17 @@ pub enum ResolveError {
         what: String,
         source: secrets::SecretError,
     },
+    #[error("credential of {what}: {source}")]
+    Refused {
+        what: String,
+        source: secrets::SecretError,
+    },
+    #[error("pilot {pilot}: {field} is invalid: {reason}")]
+    Invalid {
+        pilot: i64,
+        field: &'static str,
+        reason: String,
+    },
     #[error("certificate credential of app {app}: {reason}")]
     Certificate { app: String, reason: String },
     #[error("CA bundle of pilot {pilot}: {source}")]
@@ -322,6 +343,12 @@ impl ResolveError {
             ResolveError::Secret { .. } => Some(
                 "set CCMAIL_MASTER_KEY (or secrets.master_key_file) to the key the secret was sealed with, or store the secret again",
             ),
+            ResolveError::Refused { .. } => Some(
+                "store the secret again (sealed) with `ccmail app rotate-secret` or `ccmail pilot update --secret-stdin`, or change the settings named in the error",
+            ),
+            ResolveError::Invalid { .. } => {
+                Some("correct the value with `ccmail pilot update` or `ccmail app update`")
+            }
             ResolveError::Certificate { .. } => Some(
                 "store the certificate and its private key again with `ccmail app rotate-secret --certificate PEM --private-key-file PEM`",
             ),
@@ -333,16 +360,45 @@ impl ResolveError {
     }
 }
 
+/// A credential resolved under `policy`: its refusals are told apart from broken secrets.
+fn resolve_secret(
+    stored: &str,
+    key: Option<&MasterKey>,
+    policy: &CredentialPolicy,
+    what: impl FnOnce() -> String,
+) -> Result<secrecy::SecretString, ResolveError> {
+    policy.resolve(stored, key).map_err(|source| {
+        if source.is_refusal() {
+            ResolveError::Refused {
+                what: what(),
+                source,
+            }
+        } else {
+            ResolveError::Secret {
+                what: what(),
+                source,
+            }
+        }
+    })
+}
+
 /// An app's token-request credentials from its row: the client secret, or the certificate
-/// and its private key, unsealed with `key`.
+/// and its private key, unsealed with `key`. Refused (before anything is read) when `policy`
+/// does not allow the app's authority, and when the credential is a reference `policy` does
+/// not allow.
 pub fn app_credentials(
     app: &AppRow,
     key: Option<&MasterKey>,
+    policy: &CredentialPolicy,
 ) -> Result<AppCredentials, ResolveError> {
-    let secret = secrets::resolve(&app.credential, key).map_err(|source| ResolveError::Secret {
-        what: format!("app {}", app.name),
-        source,
-    })?;
+    let what = || format!("app {}", app.name);
+    policy
+        .check_authority(&app.authority)
+        .map_err(|source| ResolveError::Refused {
+            what: what(),
+            source,
+        })?;
+    let secret = resolve_secret(&app.credential, key, policy, what)?;
     let credential = match app.certificate() {
         None => oauth::Credential::Secret(secret),
         Some(cert) => {
@@ -367,27 +423,48 @@ pub fn app_credentials(
     })
 }
 
-/// Builds the runtime pilot from its rows: decrypts secrets, loads the CA bundle.
+/// Builds the runtime pilot from its rows: checks the texts against the schema's limits
+/// (rows from before them), checks where the login may go under `policy`, decrypts or reads
+/// the secrets, loads the CA bundle.
 pub fn resolve_pilot(
     row: &PilotRow,
     app: Option<&AppRow>,
     key: Option<&MasterKey>,
+    policy: &CredentialPolicy,
     timeouts: Timeouts,
 ) -> Result<Pilot, ResolveError> {
+    let texts = [
+        (store::limits::QUEUE, Some(row.queue.as_str())),
+        (store::limits::MAILBOX, Some(row.mailbox.as_str())),
+        (store::limits::HOST, Some(row.host.as_str())),
+        (store::limits::CA_BUNDLE, row.ca_bundle.as_deref()),
+    ];
+    for (limit, value) in texts {
+        if let Some(value) = value {
+            limit.check(value).map_err(|reason| ResolveError::Invalid {
+                pilot: row.id,
+                field: limit.field,
+                reason,
+            })?;
+        }
+    }
+    policy
+        .check_pop3_host(&row.host, row.tls)
+        .map_err(|source| ResolveError::Refused {
+            what: format!("pilot {}", row.id),
+            source,
+        })?;
     let auth = match &row.auth {
         store::PilotAuth::XOAuth2 { .. } => {
             let app = app.ok_or(ResolveError::MissingApp { pilot: row.id })?;
-            PilotAuth::XOAuth2(app_credentials(app, key)?)
+            PilotAuth::XOAuth2(app_credentials(app, key, policy)?)
         }
         store::PilotAuth::UserPass {
             username,
             credential,
         } => PilotAuth::UserPass {
             username: username.clone(),
-            password: secrets::resolve(credential, key).map_err(|source| ResolveError::Secret {
-                what: format!("pilot {}", row.id),
-                source,
-            })?,
+            password: resolve_secret(credential, key, policy, || format!("pilot {}", row.id))?,
         },
     };
     let extra_roots: Vec<CertificateDer<'static>> = match &row.ca_bundle {

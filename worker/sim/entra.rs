@@ -95,6 +95,12 @@ pub enum TokenFailure {
     Hang,
     /// Answer correctly after this delay (tokio time, so paused-time tests can use it).
     Slow(Duration),
+    /// HTTP 200 whose JSON body never ends: the start of a success answer, then an
+    /// `access_token` value that goes on for ever (until the client leaves or the simulator
+    /// stops). Counted by [`EntraSim::body_bytes_sent`].
+    EndlessBody,
+    /// HTTP 200 whose body trickles one byte every `interval` and never ends.
+    SlowBody { interval: Duration },
 }
 
 /// What a valid access token grants.
@@ -133,6 +139,9 @@ struct Shared {
     state: Mutex<Directory>,
     token_requests: AtomicU64,
     introspections: AtomicU64,
+    /// Octets of [`TokenFailure::EndlessBody`] / [`TokenFailure::SlowBody`] bodies handed to
+    /// the HTTP layer.
+    body_bytes: Arc<AtomicU64>,
 }
 
 struct Directory {
@@ -175,6 +184,7 @@ impl EntraSim {
             }),
             token_requests: AtomicU64::new(0),
             introspections: AtomicU64::new(0),
+            body_bytes: Arc::new(AtomicU64::new(0)),
         });
 
         let token_app = Router::new()
@@ -271,10 +281,17 @@ impl EntraSim {
         self.shared.introspections.load(Ordering::SeqCst)
     }
 
+    /// Octets of endless and slow bodies handed to the HTTP layer so far: what a client that
+    /// stops reading early still made the simulator produce (socket buffers included).
+    pub fn body_bytes_sent(&self) -> u64 {
+        self.shared.body_bytes.load(Ordering::SeqCst)
+    }
+
     /// Sets the request counters to zero.
     pub fn reset_counters(&self) {
         self.shared.token_requests.store(0, Ordering::SeqCst);
         self.shared.introspections.store(0, Ordering::SeqCst);
+        self.shared.body_bytes.store(0, Ordering::SeqCst);
     }
 
     /// What `token` grants, or `None` for an unknown, revoked or expired token.
@@ -858,6 +875,14 @@ async fn answer_token(
             std::future::pending::<()>().await;
         }
         Some(TokenFailure::Slow(delay)) => tokio::time::sleep(delay).await,
+        Some(TokenFailure::EndlessBody) => {
+            tracing::debug!(tenant, "entra simulator answers with an endless body");
+            return endless_body(shared, None);
+        }
+        Some(TokenFailure::SlowBody { interval }) => {
+            tracing::debug!(tenant, "entra simulator answers with a trickling body");
+            return endless_body(shared, Some(interval));
+        }
     }
     // A body that is not a form is answered like a form without parameters.
     let form = form.map(|Form(f)| f).unwrap_or_default();
@@ -873,6 +898,45 @@ async fn answer_token(
             error_response(&err, correlation_id)
         }
     }
+}
+
+/// A 200 answer whose body starts like a token answer and never ends: 64 KiB chunks as fast as
+/// the client reads them, or one byte per `interval`. The stream ends when the simulator stops
+/// (the guarded connection fails as well).
+fn endless_body(shared: &Shared, interval: Option<Duration>) -> Response {
+    const PREFIX: &[u8] = br#"{"token_type":"Bearer","expires_in":3599,"access_token":""#;
+    let counter = shared.body_bytes.clone();
+    let cancel = shared.life.cancel.clone();
+    let chunk = match interval {
+        None => bytes::Bytes::from(vec![b'A'; 64 * 1024]),
+        Some(_) => bytes::Bytes::from_static(b"A"),
+    };
+    let stream = futures_util::stream::unfold(true, move |first| {
+        let (counter, cancel, chunk) = (counter.clone(), cancel.clone(), chunk.clone());
+        async move {
+            if let Some(interval) = interval {
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            } else if cancel.is_cancelled() {
+                return None;
+            }
+            let data = if first {
+                bytes::Bytes::from_static(PREFIX)
+            } else {
+                chunk
+            };
+            counter.fetch_add(data.len() as u64, Ordering::SeqCst);
+            Some((Ok::<_, std::convert::Infallible>(data), false))
+        }
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 /// `POST /introspect` (RFC 7662, Dovecot's `introspection_mode = post`).
@@ -1311,6 +1375,50 @@ mod tests {
         let (status, _) = post(&fx, TENANT, &form(CLIENT, Some(SECRET), SCOPE)).await?;
         assert_eq!(status, 200);
         assert!(started.elapsed() >= Duration::from_secs(40));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn endless_and_slow_bodies_keep_coming_until_the_client_leaves() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        let good = form(CLIENT, Some(SECRET), SCOPE);
+        fx.sim.fail_next(1, TokenFailure::EndlessBody);
+        let mut response = fx
+            .http
+            .post(fx.sim.token_url(TENANT))
+            .form(&good)
+            .send()
+            .await?;
+        assert_eq!(response.status(), 200);
+        let mut read = 0usize;
+        while read < 4 * 1024 * 1024 {
+            let chunk = response.chunk().await?.context("an endless body ended")?;
+            read += chunk.len();
+        }
+        drop(response);
+        assert!(fx.sim.body_bytes_sent() >= read as u64);
+
+        fx.sim.fail_next(
+            1,
+            TokenFailure::SlowBody {
+                interval: Duration::from_millis(10),
+            },
+        );
+        let mut response = fx
+            .http
+            .post(fx.sim.token_url(TENANT))
+            .form(&good)
+            .send()
+            .await?;
+        let mut read = Vec::new();
+        while read.len() < 60 {
+            let chunk = response.chunk().await?.context("a slow body ended")?;
+            read.extend_from_slice(&chunk);
+        }
+        assert!(read.starts_with(br#"{"token_type":"Bearer""#));
+        drop(response);
+        fx.sim.shutdown();
+        fx.sim.stopped().await;
         Ok(())
     }
 

@@ -3,8 +3,11 @@
 //! Invariants: credentials reach this layer already sealed or as references (`env:`, `file:`);
 //! the database refuses anything else. A pilot's auth columns always agree with its auth kind
 //! (check constraint `pilots_auth_consistent`); `(lower(mailbox), lower(host))` is unique.
+//! Every admin-set text that is indexed or shown has a [`TextLimit`] (length, no control
+//! characters), checked here with a clear message and by the schema's `*_limits` constraints.
 //! Status writes from pollers (`record_poll_*`) do not bump `updated_at` and do not fire the
-//! configuration NOTIFY.
+//! configuration NOTIFY; the error text they store is escaped and capped, since it may quote a
+//! server.
 
 use std::fmt;
 use std::time::Duration;
@@ -27,6 +30,104 @@ pub const DEFAULT_PORT: u16 = 995;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(60);
 /// Largest message downloaded in full (50 MiB); larger ones are stored as headers only.
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 50 * 1024 * 1024;
+
+/// A limit on an admin-set text: at most `max_chars` characters, none of them a control
+/// character or a bidirectional override ([`crate::display::is_unsafe`]). The schema holds the
+/// same numbers in its `<table>_<column>_limits` check constraints (migration 0007), because
+/// the database can be written without ccmail, and a btree index refuses rows over about
+/// 2,700 bytes, so one over-long value would break every insert that touches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextLimit {
+    /// The field as an admin knows it (`queue`, `app name`, `CA bundle path`).
+    pub field: &'static str,
+    pub max_chars: usize,
+}
+
+impl TextLimit {
+    /// Why `value` is over the limit, in words (never quoting the value: it may be 10 KB).
+    pub fn check(&self, value: &str) -> Result<(), String> {
+        let chars = value.chars().count();
+        if chars > self.max_chars {
+            return Err(format!(
+                "it is {chars} characters long; at most {} are allowed",
+                self.max_chars
+            ));
+        }
+        if let Some((at, c)) = value
+            .chars()
+            .enumerate()
+            .find(|(_, c)| crate::display::is_unsafe(*c))
+        {
+            return Err(format!(
+                "it contains a control character (U+{:04X}) at character {}; use printable \
+                 characters only",
+                u32::from(c),
+                at + 1
+            ));
+        }
+        Ok(())
+    }
+
+    fn enforce(&self, value: &str) -> Result<(), StoreError> {
+        self.check(value)
+            .map_err(|reason| StoreError::InvalidInput {
+                field: self.field,
+                reason,
+            })
+    }
+}
+
+/// The limits of every admin-set text (see [`TextLimit`]).
+pub mod limits {
+    use super::TextLimit;
+
+    /// Queue names are routing keys and metric labels.
+    pub const QUEUE: TextLimit = TextLimit {
+        field: "queue",
+        max_chars: 100,
+    };
+    /// RFC 5321: 64 octets of local part, `@`, 255 of domain.
+    pub const MAILBOX: TextLimit = TextLimit {
+        field: "mailbox",
+        max_chars: 320,
+    };
+    /// The longest DNS name.
+    pub const HOST: TextLimit = TextLimit {
+        field: "host",
+        max_chars: 253,
+    };
+    pub const USERNAME: TextLimit = TextLimit {
+        field: "username",
+        max_chars: 320,
+    };
+    /// Linux's PATH_MAX.
+    pub const CA_BUNDLE: TextLimit = TextLimit {
+        field: "CA bundle path",
+        max_chars: 4096,
+    };
+    pub const APP_NAME: TextLimit = TextLimit {
+        field: "app name",
+        max_chars: 100,
+    };
+    /// A GUID, or a domain name.
+    pub const TENANT: TextLimit = TextLimit {
+        field: "tenant",
+        max_chars: 253,
+    };
+    /// Entra's client ids are GUIDs (36 characters).
+    pub const CLIENT_ID: TextLimit = TextLimit {
+        field: "client id",
+        max_chars: 100,
+    };
+    pub const AUTHORITY: TextLimit = TextLimit {
+        field: "authority",
+        max_chars: 200,
+    };
+    pub const SCOPE: TextLimit = TextLimit {
+        field: "scope",
+        max_chars: 200,
+    };
+}
 
 macro_rules! app_columns {
     () => {
@@ -336,17 +437,23 @@ impl TryFrom<PilotRecord> for PilotRow {
 /// Refuses credentials in no recognised form before they reach the database, with the
 /// explanation of the three accepted forms (the database refuses them too).
 fn check_credential(field: &'static str, stored: &str) -> Result<(), StoreError> {
-    SecretRef::parse(stored)
-        .map(|_| ())
-        .map_err(|err| StoreError::InvalidInput {
-            field,
-            reason: err.to_string(),
-        })
+    let invalid = |err: crate::secrets::SecretError| StoreError::InvalidInput {
+        field,
+        reason: err.to_string(),
+    };
+    match SecretRef::parse(stored).map_err(invalid)? {
+        // Whatever the settings allow, these names are never a reference (the schema agrees).
+        SecretRef::Env(name) if crate::secrets::is_reserved_env(&name) => {
+            Err(invalid(crate::secrets::SecretError::EnvReserved { name }))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Stores a new OAuth app. A taken name, or an app with the same authority, tenant, client id
 /// and scope, gives [`StoreError::Duplicate`] naming the field.
 pub async fn insert_app(conn: &mut PgConnection, app: &NewApp) -> Result<AppRow, StoreError> {
+    check_app_texts(app)?;
     check_credential("credential", &app.credential)?;
     sqlx::query_as(concat!(
         "insert into oauth_apps (name, tenant, client_id, authority, scope, credential, \
@@ -366,6 +473,14 @@ pub async fn insert_app(conn: &mut PgConnection, app: &NewApp) -> Result<AppRow,
     .fetch_one(conn)
     .await
     .map_err(|err| app_write_error(err, app))
+}
+
+fn check_app_texts(app: &NewApp) -> Result<(), StoreError> {
+    limits::APP_NAME.enforce(&app.name)?;
+    limits::TENANT.enforce(&app.tenant)?;
+    limits::CLIENT_ID.enforce(&app.client_id)?;
+    limits::AUTHORITY.enforce(&app.authority)?;
+    limits::SCOPE.enforce(&app.scope)
 }
 
 /// Maps a failed insert or update of an app to the error naming the clashing field.
@@ -405,6 +520,7 @@ pub async fn update_app(
     id: i64,
     app: &NewApp,
 ) -> Result<AppRow, StoreError> {
+    check_app_texts(app)?;
     sqlx::query_as(concat!(
         "update oauth_apps set name = $2, tenant = $3, client_id = $4, authority = $5, \
          scope = $6, secret_expires_at = $7, updated_at = now() where id = $1 returning ",
@@ -649,6 +765,15 @@ struct PilotValues<'a> {
 
 impl<'a> PilotValues<'a> {
     fn of(pilot: &'a NewPilot) -> Result<PilotValues<'a>, StoreError> {
+        limits::QUEUE.enforce(&pilot.queue)?;
+        limits::MAILBOX.enforce(&pilot.mailbox)?;
+        limits::HOST.enforce(&pilot.host)?;
+        if let Some(path) = &pilot.ca_bundle {
+            limits::CA_BUNDLE.enforce(path)?;
+        }
+        if let PilotAuth::UserPass { username, .. } = &pilot.auth {
+            limits::USERNAME.enforce(username)?;
+        }
         let poll_secs = i32::try_from(pilot.poll_interval.as_secs())
             .ok()
             .filter(|secs| *secs > 0)
@@ -930,15 +1055,25 @@ pub async fn record_poll_success(conn: &mut PgConnection, pilot_id: i64) -> Resu
     pilot_touched(done.rows_affected(), pilot_id)
 }
 
+/// The most characters of a poll error (and of its hint) stored on a pilot.
+pub const MAX_ERROR_CHARS: usize = 2000;
+
 /// Records a failed poll: the error (never containing a secret: callers pass redacted text)
 /// and an optional hint telling the admin what to fix. `last_success_at` is kept, so "failing
-/// since" stays visible.
+/// since" stays visible. Both are stored escaped ([`crate::display::escape`]) and capped at
+/// [`MAX_ERROR_CHARS`]: error text may quote a server, and whatever reads the row later (a
+/// terminal, a web page) should not have to trust it.
 pub async fn record_poll_error(
     conn: &mut PgConnection,
     pilot_id: i64,
     error: &str,
     hint: Option<&str>,
 ) -> Result<(), StoreError> {
+    let clean = |text: &str| {
+        crate::display::truncate(&crate::display::escape(text), MAX_ERROR_CHARS).into_owned()
+    };
+    let error = clean(error);
+    let hint = hint.map(clean);
     let done = sqlx::query(
         "update pilots set last_error = $2, last_error_hint = $3, last_error_at = now() \
          where id = $1",

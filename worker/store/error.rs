@@ -172,6 +172,30 @@ pub(crate) fn explain_constraint(name: &str) -> &'static str {
             "a certificate credential needs both the certificate and its algorithm (RS256 or PS256)"
         }
         "work_items_status" => "status must be queued, assigned or done",
+        "pilots_queue_limits" => "queue must be at most 100 characters, without control characters",
+        "pilots_mailbox_limits" | "pilots_username_limits" => {
+            "mailbox and username must be at most 320 characters, without control characters"
+        }
+        "pilots_host_limits" => "host must be at most 253 characters, without control characters",
+        "pilots_ca_bundle_limits" => {
+            "CA bundle path must be at most 4096 characters, without control characters"
+        }
+        "oauth_apps_name_limits" => {
+            "app name must be at most 100 characters, without control characters"
+        }
+        "oauth_apps_tenant_limits" => {
+            "tenant must be at most 253 characters, without control characters"
+        }
+        "oauth_apps_client_id_limits" => {
+            "client id must be at most 100 characters, without control characters"
+        }
+        "oauth_apps_authority_limits" | "oauth_apps_scope_limits" => {
+            "authority and scope must be at most 200 characters, without control characters"
+        }
+        "oauth_apps_credential_env_not_reserved" | "pilots_password_env_not_reserved" => {
+            "an env: credential may not name CCMAIL_* (ccmail's settings and master key), \
+             DATABASE_URL or PG* (the database login)"
+        }
         _ => "see the constraint definition in migrations/",
     }
 }

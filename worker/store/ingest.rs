@@ -20,13 +20,13 @@ use crate::ingest::parse::{Address, ParsedMail};
 /// Work-item flag added when the message could not be parsed.
 pub const FLAG_PARSE_ERROR: &str = "parse_error";
 /// Work-item flag added when a header value was longer than the store keeps (the raw message
-/// is stored whole; see [`limits`]).
+/// is stored whole; see [`header_limits`]).
 pub const FLAG_HEADER_TRUNCATED: &str = "header_truncated";
 
 /// What the store keeps of sender-written header values. The raw message is always stored
 /// whole; these bound the parsed copies that are indexed, listed and shown, so that no sender
 /// can make a row too large for an index or a page unreadable.
-pub mod limits {
+pub mod header_limits {
     /// `Message-ID`, each `In-Reply-To` / `References` id (RFC 5322 §2.1.1's line limit).
     pub const ID_BYTES: usize = 998;
     /// `In-Reply-To` ids kept (the first ones).
@@ -184,21 +184,21 @@ fn capped_ids(
     };
     picked
         .into_iter()
-        .map(|id| capped(id, limits::ID_BYTES, cut))
+        .map(|id| capped(id, header_limits::ID_BYTES, cut))
         .collect()
 }
 
 fn pg_addresses(addresses: &[Address], cut: &mut bool) -> Json<Vec<Address>> {
-    if addresses.len() > limits::ADDRESSES {
+    if addresses.len() > header_limits::ADDRESSES {
         *cut = true;
     }
     Json(
         addresses
             .iter()
-            .take(limits::ADDRESSES)
+            .take(header_limits::ADDRESSES)
             .map(|a| Address {
-                name: capped_opt(&a.name, limits::ADDRESS_PART_BYTES, cut),
-                email: capped_opt(&a.email, limits::ADDRESS_PART_BYTES, cut),
+                name: capped_opt(&a.name, header_limits::ADDRESS_PART_BYTES, cut),
+                email: capped_opt(&a.email, header_limits::ADDRESS_PART_BYTES, cut),
             })
             .collect(),
     )
@@ -222,7 +222,7 @@ fn too_large(field: &'static str, len: usize) -> StoreError {
 /// derived key. (Two copies with trusted UIDLs and the same identity are two work items, as
 /// when someone moves a handled message back into the inbox.)
 ///
-/// Header values longer than [`limits`] are cut (the work item is flagged
+/// Header values longer than [`header_limits`] are cut (the work item is flagged
 /// [`FLAG_HEADER_TRUNCATED`]); the raw bytes are stored whole.
 ///
 /// Call it inside the caller's transaction and `DELE` only after that transaction commits.
@@ -234,19 +234,24 @@ pub async fn insert_message(
     let size = i64::try_from(message.raw.len()).map_err(|_| too_large("raw", message.raw.len()))?;
     let sha256: [u8; 32] = Sha256::digest(message.raw).into();
     let mut cut = false;
-    let message_id = capped_opt(&parsed.message_id, limits::ID_BYTES, &mut cut);
-    let subject = capped_opt(&parsed.subject, limits::SUBJECT_BYTES, &mut cut);
+    let message_id = capped_opt(&parsed.message_id, header_limits::ID_BYTES, &mut cut);
+    let subject = capped_opt(&parsed.subject, header_limits::SUBJECT_BYTES, &mut cut);
     let from = pg_addresses(&parsed.from, &mut cut);
     let to = pg_addresses(&parsed.to, &mut cut);
     let cc = pg_addresses(&parsed.cc, &mut cut);
     let reply_to = pg_addresses(&parsed.reply_to, &mut cut);
     let in_reply_to = capped_ids(
         &parsed.in_reply_to,
-        limits::IN_REPLY_TO_IDS,
+        header_limits::IN_REPLY_TO_IDS,
         false,
         &mut cut,
     );
-    let references = capped_ids(&parsed.references, limits::REFERENCES_IDS, true, &mut cut);
+    let references = capped_ids(
+        &parsed.references,
+        header_limits::REFERENCES_IDS,
+        true,
+        &mut cut,
+    );
     let message_row: Option<i64> = sqlx::query_scalar(
         "insert into messages (pilot_id, uidl, raw, sha256, message_id, subject, from_addrs, \
          to_addrs, cc_addrs, reply_to_addrs, sent_at, in_reply_to, \"references\", text_body, \
@@ -308,18 +313,18 @@ pub async fn insert_message(
         .bind(ordinal)
         .bind(capped_opt(
             &attachment.filename,
-            limits::ATTACHMENT_FIELD_BYTES,
+            header_limits::ATTACHMENT_FIELD_BYTES,
             &mut cut,
         ))
         .bind(capped(
             &attachment.content_type,
-            limits::ATTACHMENT_FIELD_BYTES,
+            header_limits::ATTACHMENT_FIELD_BYTES,
             &mut cut,
         ))
         .bind(size)
         .bind(capped_opt(
             &attachment.content_id,
-            limits::ATTACHMENT_FIELD_BYTES,
+            header_limits::ATTACHMENT_FIELD_BYTES,
             &mut cut,
         ))
         .bind(attachment.inline)

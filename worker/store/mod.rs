@@ -28,16 +28,16 @@ pub use sqlx::{PgPool, Postgres, Transaction};
 
 pub use config::{
     AppRow, DEFAULT_AUTHORITY, DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLL_INTERVAL,
-    DEFAULT_PORT, DEFAULT_SCOPE, NewApp, NewPilot, PilotAuth, PilotRow, StoredCertificate, TlsMode,
-    delete_app, delete_pilot, enabled_pilots_with_apps, find_pilots_by_mailbox, get_app,
-    get_app_by_name, get_pilot, insert_app, insert_pilot, list_apps, list_pilots,
-    record_poll_error, record_poll_success, reseal_credentials, set_app_certificate,
-    set_app_credential, set_pilot_enabled, update_app, update_pilot,
+    DEFAULT_PORT, DEFAULT_SCOPE, MAX_ERROR_CHARS, NewApp, NewPilot, PilotAuth, PilotRow,
+    StoredCertificate, TextLimit, TlsMode, delete_app, delete_pilot, enabled_pilots_with_apps,
+    find_pilots_by_mailbox, get_app, get_app_by_name, get_pilot, insert_app, insert_pilot, limits,
+    list_apps, list_pilots, record_poll_error, record_poll_success, reseal_credentials,
+    set_app_certificate, set_app_credential, set_pilot_enabled, update_app, update_pilot,
 };
 pub use error::StoreError;
 pub use ingest::{
     FLAG_HEADER_TRUNCATED, FLAG_PARSE_ERROR, Inserted, KnownUidl, NewMessage, StoredCopy,
-    clear_fetch_failure, insert_message, known_uidls, limits, mark_deleted, mark_vanished,
+    clear_fetch_failure, header_limits, insert_message, known_uidls, mark_deleted, mark_vanished,
     message_heads, record_fetch_failure, record_too_large, stored_copy, stored_head,
     stored_identities,
 };

@@ -1196,10 +1196,10 @@ async fn header_values_beyond_the_limits_are_cut_and_flagged() {
     .fetch_one(&mut *conn)
     .await
     .unwrap();
-    assert!(row.0.len() <= limits::ID_BYTES && row.0.starts_with('é'));
-    assert_eq!(row.1.len(), limits::SUBJECT_BYTES);
-    assert_eq!(row.2 as usize, limits::ADDRESSES);
-    assert_eq!(row.3.len(), limits::REFERENCES_IDS);
+    assert!(row.0.len() <= header_limits::ID_BYTES && row.0.starts_with('é'));
+    assert_eq!(row.1.len(), header_limits::SUBJECT_BYTES);
+    assert_eq!(row.2 as usize, header_limits::ADDRESSES);
+    assert_eq!(row.3.len(), header_limits::REFERENCES_IDS);
     // The thread's root and the newest references are the ones kept.
     assert_eq!(row.3.first().map(String::as_str), Some("r0@x"));
     assert_eq!(row.3.last().map(String::as_str), Some("r4999@x"));

@@ -26,11 +26,35 @@ impl CcmailChild {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<CcmailChild> {
+        CcmailChild::spawn_limited(dir, name, args, env, None)
+    }
+
+    /// As [`CcmailChild::spawn`], with the open-file limit of the child set to `(soft, hard)`
+    /// first (through `sh`'s `ulimit`, which then `exec`s ccmail: the PID is ccmail's).
+    pub fn spawn_limited(
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<(u64, u64)>,
+    ) -> anyhow::Result<CcmailChild> {
         let output = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&output)
             .with_context(|| format!("creating {}", output.display()))?;
         let err = out.try_clone()?;
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccmail"));
+        let exe = env!("CARGO_BIN_EXE_ccmail");
+        let mut command = match nofile {
+            None => tokio::process::Command::new(exe),
+            Some((soft, hard)) => {
+                let mut sh = tokio::process::Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!(
+                        "ulimit -S -n {soft} && ulimit -H -n {hard} && exec \"$0\" \"$@\""
+                    ))
+                    .arg(exe);
+                sh
+            }
+        };
         command
             .args(args)
             .current_dir(dir)
@@ -45,6 +69,11 @@ impl CcmailChild {
         }
         let child = command.spawn().context("starting the ccmail binary")?;
         Ok(CcmailChild { child, output })
+    }
+
+    /// The child's process id (ccmail's own, also when started through `sh`).
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        self.child.id().context("the child was already reaped")
     }
 
     /// Everything the child printed so far.

@@ -3,7 +3,8 @@
 //! Exchange-like [`Pop3Sim`], one OAuth app whose client secret is sealed with a [`MasterKey`],
 //! and a shared [`TokenCache`]. Pilots are inserted through `ccmail::store` and turned into
 //! runtime pilots by the supervisor's own `resolve_pilot`, so the tests exercise the same path
-//! as production (sealed secret → decrypt → token → XOAUTH2).
+//! as production (sealed secret → decrypt → token → XOAUTH2), under the credential policy of a
+//! worker whose `oauth.allowed_authorities` names the simulator.
 //!
 //! [`Ledger`] remembers every delivered message's `X-Ccmail-Marker` and bytes, and checks what
 //! the database holds: each marker stored exactly once, full messages byte-identical.
@@ -18,7 +19,7 @@ use ccmail::ingest::poller::{self, IngestLimits, Pilot, PollError, PollReport};
 use ccmail::ingest::supervisor::resolve_pilot;
 use ccmail::oauth::{CachePolicy, TokenCache, TokenSource, TokenSourceOptions};
 use ccmail::pop3::{Timeouts, TlsMode};
-use ccmail::secrets::MasterKey;
+use ccmail::secrets::{CredentialPolicy, MasterKey};
 use ccmail::sim::cert::TestCa;
 use ccmail::sim::entra::{EntraSim, SimApp};
 use ccmail::sim::mailgen;
@@ -59,6 +60,9 @@ pub fn small_limits() -> IngestLimits {
 /// See the module documentation.
 pub struct SimWorld {
     pub db: TestDb,
+    /// The CA that signed both simulators' certificates (another simulator signed by it is
+    /// trusted by the worker too).
+    pub ca: TestCa,
     pub entra: EntraSim,
     pub pop: Pop3Sim,
     pub key: MasterKey,
@@ -123,6 +127,7 @@ impl SimWorld {
         ));
         Ok(SimWorld {
             db,
+            ca,
             entra,
             pop,
             key,
@@ -183,6 +188,28 @@ impl SimWorld {
         Ok(store::insert_pilot(&mut conn, &pilot).await?)
     }
 
+    /// A new USER/PASS pilot for `local@DOMAIN` on the simulator's implicit-TLS port, polled
+    /// every second, with `password` accepted by the simulator and stored sealed; `edit`
+    /// adjusts it before it is stored.
+    pub async fn add_user_pass_pilot(
+        &self,
+        local: &str,
+        password: &str,
+        edit: impl FnOnce(&mut NewPilot),
+    ) -> anyhow::Result<PilotRow> {
+        let mailbox = format!("{local}@{DOMAIN}");
+        self.pop.set_password(&mailbox, password);
+        let credential = self.key.seal(&SecretString::from(password.to_owned()))?;
+        self.add_pilot(local, |p| {
+            p.auth = store::PilotAuth::UserPass {
+                username: mailbox.clone(),
+                credential,
+            };
+            edit(p);
+        })
+        .await
+    }
+
     /// The runtime pilot, resolved exactly as the supervisor does (secret unsealed, CA loaded).
     pub async fn resolve(&self, row: &PilotRow) -> anyhow::Result<Pilot> {
         self.resolve_with(row, test_timeouts()).await
@@ -194,7 +221,23 @@ impl SimWorld {
             let mut conn = self.db.pool().acquire().await?;
             store::get_app(&mut conn, self.app.id).await?
         };
-        Ok(resolve_pilot(row, Some(&app), Some(&self.key), timeouts)?)
+        Ok(resolve_pilot(
+            row,
+            Some(&app),
+            Some(&self.key),
+            &self.credential_policy(),
+            timeouts,
+        )?)
+    }
+
+    /// The credential policy of a worker configured for this world: the default one, with the
+    /// Entra simulator's authority allowed.
+    pub fn credential_policy(&self) -> CredentialPolicy {
+        let mut policy = CredentialPolicy::default();
+        policy
+            .allow_authority(&self.entra.authority())
+            .expect("the simulator's authority is an https origin");
+        policy
     }
 
     /// One poll of `pilot`, nothing cancelled.

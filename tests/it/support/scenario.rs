@@ -9,14 +9,16 @@ use std::time::Duration;
 
 use ccmail::ingest::poller::IngestLimits;
 use ccmail::ingest::supervisor::SupervisorSettings;
+use ccmail::secrets::CredentialPolicy;
 
 use super::pipeline::{Tally, test_timeouts};
 
 /// How often conditions are re-checked.
 pub const CHECK_EVERY: Duration = Duration::from_millis(25);
 
-/// Supervisor settings that retry fast, so a scenario's recovery takes seconds.
-pub fn fast_settings(limits: IngestLimits) -> SupervisorSettings {
+/// Supervisor settings that retry fast, so a scenario's recovery takes seconds; `credentials`
+/// allow the world's simulators.
+pub fn fast_settings(limits: IngestLimits, credentials: CredentialPolicy) -> SupervisorSettings {
     SupervisorSettings {
         limits,
         timeouts: test_timeouts(),
@@ -26,6 +28,7 @@ pub fn fast_settings(limits: IngestLimits) -> SupervisorSettings {
         max_backoff: Duration::from_secs(2),
         permanent_retry: Duration::from_secs(1),
         shutdown_grace: Duration::from_secs(10),
+        credentials,
     }
 }
 
