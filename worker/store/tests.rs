@@ -76,6 +76,7 @@ fn parsed_mail() -> ParsedMail {
             },
         ],
         parse_error: None,
+        ..ParsedMail::default()
     }
 }
 
