@@ -6,6 +6,7 @@ mod dovecot_harness;
 mod faults_net;
 mod faults_pg;
 mod faults_token;
+mod hostile_parse;
 mod ingest;
 mod ingest_dovecot;
 mod live_reload;
