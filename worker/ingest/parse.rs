@@ -456,6 +456,31 @@ pub async fn parse_bounded(raw: bytes::Bytes, limits: &ParseLimits) -> ParsedMai
     }
 }
 
+/// What [`parse`] would make of a message's MIME structure, counted without building it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MimeCensus {
+    /// Parts `mail-parser` creates for the parsed prefix (every part, nested included).
+    pub parts: usize,
+    /// Deepest nesting of messages in the parsed prefix (the message itself is 1).
+    pub message_depth: usize,
+    /// Deepest MIME nesting in the parsed prefix ([`ParsedMail::mime_depth`]).
+    pub depth: usize,
+    /// Where parsing stops when a limit is passed: only `raw[..cut]` is parsed.
+    pub cut: Option<usize>,
+}
+
+/// Counts `raw`'s MIME structure against `limits` the way [`parse_with_limits`] does before
+/// it parses (without its 8-bit header transcoding), for diagnostics and the fuzzer.
+pub fn mime_census(raw: &[u8], limits: &ParseLimits) -> MimeCensus {
+    let census = census::census(raw, limits.caps());
+    MimeCensus {
+        parts: census.parts,
+        message_depth: census.message_depth,
+        depth: census.depth,
+        cut: census.cut.map(|c| c.offset),
+    }
+}
+
 /// Parse threads still running after their caller stopped waiting (see [`parse_bounded`]).
 pub fn abandoned_parses() -> usize {
     ABANDONED.load(Ordering::Acquire)
@@ -1575,9 +1600,11 @@ Content-Type: text/html; charset=utf-8\r\n\r\n\
             let Some((parts, message_depth)) = counted else {
                 return Ok(());
             };
-            proptest::prop_assert_eq!(census.parts, parts, "{:?}", raw);
+            // mail-parser drops a nested message it built when a multipart ends inside it
+            // without its parent's boundary; the census counted its parts as allocated.
+            proptest::prop_assert!(census.parts >= parts, "{} < {} in {:?}", census.parts, parts, raw);
             if parts > 0 {
-                proptest::prop_assert_eq!(census.message_depth, message_depth, "{:?}", raw);
+                proptest::prop_assert!(census.message_depth >= message_depth, "{:?}", raw);
             }
         }
 
@@ -1597,6 +1624,36 @@ Content-Type: text/html; charset=utf-8\r\n\r\n\
             proptest::prop_assert!(parts <= max_parts, "{} parts in {:?}", parts, input);
             proptest::prop_assert!(message_depth <= max_depth, "depth {} in {:?}", message_depth, input);
         }
+    }
+
+    #[test]
+    fn census_counts_a_nested_message_mail_parser_builds_and_drops() {
+        // Found by the fuzzer: the message/rfc822 part at offset 95 is parsed (and
+        // allocated), then dropped with its nested message when the multipart ends.
+        let raw =
+            b".0\nContent-Type: multipart/d;boundary=b1_rfc2231\"\r\n\n--b1_rfc2231Content-Type: \
+message/rfc822\r\n\nF\r\nContent-Type:message/rfc822\r\n\r\n\x00\x00\x00\nContent-Type: \
+message/rfc822\r\n\n\n--b1_rfc2231--\r\n";
+        let census = census::census(raw, unlimited());
+        assert_eq!(tree_counts(raw), Some((4, 3)));
+        assert_eq!((census.parts, census.message_depth), (5, 4));
+    }
+
+    #[test]
+    fn a_cut_inside_the_top_header_block_counts_the_part_it_leaves() {
+        // Found by the fuzzer: the fields before the cut become one part.
+        let mut raw = b"Subject: kept\r\nFrom: a@b\r\nTo: ".to_vec();
+        raw.extend(std::iter::repeat_n(b"a@b,".as_slice(), 5_000).flatten());
+        raw.extend_from_slice(b"\r\n\r\nbody\r\n");
+        let caps = census::Caps {
+            structure_bytes: 4096,
+            ..unlimited()
+        };
+        let census = census::census(&raw, caps);
+        let cut = census.cut.map(|c| c.offset).unwrap_or_default();
+        assert_eq!(&raw[..cut], b"Subject: kept\r\nFrom: a@b\r\n");
+        assert_eq!(tree_counts(&raw[..cut]), Some((1, 1)));
+        assert_eq!((census.parts, census.message_depth), (1, 1));
     }
 
     #[test]

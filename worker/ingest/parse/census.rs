@@ -483,7 +483,16 @@ impl Walk {
             let cost = FIELD_COST
                 .saturating_add(delimiters(value).saturating_mul(DELIMITER_COST))
                 .saturating_add(value.len().saturating_mul(2));
-            self.charge(cost, at.unwrap_or(offset_field))?;
+            if let Err(stop) = self.charge(cost, at.unwrap_or(offset_field)) {
+                if at.is_none() && block.fields > 0 && self.census.parts == 0 {
+                    // The fields before the cut become the "message without a body" part.
+                    self.census.parts = 1;
+                    self.census.depth = 1;
+                    self.census.message_depth = 1;
+                    self.reach(Level::TOP);
+                }
+                return Err(stop);
+            }
             self.census.fields += 1;
             block.fields += 1;
             match name {
