@@ -45,6 +45,7 @@ mod census;
 mod filename;
 mod html;
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -573,8 +574,8 @@ fn parse_checked(raw: &[u8], limits: &ParseLimits) -> ParsedMail {
         None => whole,
     };
 
-    let tree = Tree(MessageParser::default().parse(input));
-    let Some(message) = tree.0.as_ref() else {
+    let mut tree = Tree(MessageParser::default().parse(input));
+    let Some(message) = tree.0.as_mut() else {
         let mut parsed = ParsedMail {
             parse_error: Some(if census.cut.is_some() {
                 format!(
@@ -630,38 +631,53 @@ fn parse_checked(raw: &[u8], limits: &ParseLimits) -> ParsedMail {
         ));
     }
 
+    // Decided before any body is moved out of the tree (a moved-out body reads as a
+    // multipart).
+    let found = defects(input, message, census.cut.is_none());
     let text_parts: HashSet<u32> = message.text_body.iter().copied().collect();
     let html_parts: HashSet<u32> = message.html_body.iter().copied().collect();
+    let attachment_parts: Vec<usize> = message
+        .attachments
+        .iter()
+        .filter(|&&id| match message.part(id).map(|p| &p.body) {
+            Some(PartType::Text(_)) => !text_parts.contains(&id),
+            Some(PartType::Html(_)) => !html_parts.contains(&id),
+            Some(_) => true,
+            None => false,
+        })
+        .map(|&id| id as usize)
+        .collect();
 
-    // Built in place: a copy per part and another for the join would triple the text.
-    let mut text = String::new();
-    let mut texts = 0;
+    // Bodies are moved out of the tree, not copied: a 48 MB text would otherwise be held
+    // three times (decoded by mail-parser, copied, joined).
+    let mut texts = Vec::new();
     for i in 0..message.text_body.len() {
-        if let Some(part) = message.body_text(i) {
-            if texts > 0 {
-                text.push('\n');
+        let id = message.text_body[i];
+        let once = message.text_body.iter().filter(|&&t| t == id).count() == 1;
+        let piece = match message.parts.get_mut(id as usize) {
+            Some(part) if once && matches!(part.body, PartType::Text(_)) => {
+                match std::mem::take(&mut part.body) {
+                    PartType::Text(text) => Some(text),
+                    _ => None,
+                }
             }
-            push_clean(&mut text, &part);
-            texts += 1;
-        }
+            _ => message.body_text(i).map(|t| Cow::Owned(t.into_owned())),
+        };
+        texts.extend(piece);
     }
-    if texts > 0 {
-        parsed.text_body = Some(text);
-    }
+    parsed.text_body = joined(texts);
     // mail-parser lists text parts as HTML bodies too (converted) when there is no HTML;
     // an agent should see only HTML the sender wrote.
-    let mut html = String::new();
-    let mut htmls = 0;
+    let mut htmls = Vec::new();
     for &id in &message.html_body {
-        if let Some(PartType::Html(part)) = message.part(id).map(|p| &p.body) {
-            if htmls > 0 {
-                html.push('\n');
-            }
-            push_clean(&mut html, part);
-            htmls += 1;
+        if let Some(part) = message.parts.get_mut(id as usize)
+            && matches!(part.body, PartType::Html(_))
+            && let PartType::Html(html) = std::mem::take(&mut part.body)
+        {
+            htmls.push(html);
         }
     }
-    if htmls > 0 {
+    if let Some(html) = joined(htmls) {
         match sanitizable(&html, limits) {
             Ok(()) => parsed.html_sanitized = Some(sanitize_html(&html)),
             Err(why) => {
@@ -672,22 +688,14 @@ fn parse_checked(raw: &[u8], limits: &ParseLimits) -> ParsedMail {
         parsed.html_body = Some(html);
     }
 
-    for &id in &message.attachments {
-        let Some(part) = message.part(id) else {
-            continue;
-        };
-        let is_body = match part.body {
-            PartType::Text(_) => text_parts.contains(&id),
-            PartType::Html(_) => html_parts.contains(&id),
-            _ => false,
-        };
-        if !is_body {
+    for id in attachment_parts {
+        if let Some(part) = message.parts.get_mut(id) {
             parsed.attachments.push(attachment(input, part));
         }
     }
-
-    notes.extend(defects(input, message, census.cut.is_none()));
+    notes.extend(found);
     parsed.defects = capped(notes);
+
     if !starts_with_header_field(input) {
         parsed.parse_error = Some(
             "the message does not start with a header section (the first line is not a \
@@ -765,6 +773,26 @@ fn capped(mut found: Vec<String>) -> Vec<String> {
     found
 }
 
+/// The pieces joined with line feeds, without NUL characters; `None` for no pieces. A
+/// single piece is moved, not copied.
+fn joined(pieces: Vec<Cow<'_, str>>) -> Option<String> {
+    let mut pieces = pieces.into_iter();
+    let first = pieces.next()?;
+    let mut out = match first {
+        Cow::Owned(text) if !text.contains('\0') => text,
+        text => {
+            let mut out = String::with_capacity(text.len());
+            push_clean(&mut out, &text);
+            out
+        }
+    };
+    for piece in pieces {
+        out.push('\n');
+        push_clean(&mut out, &piece);
+    }
+    Some(out)
+}
+
 /// Appends `s` without NUL characters, which PostgreSQL `text` cannot store.
 fn push_clean(out: &mut String, s: &str) {
     for piece in s.split('\0') {
@@ -817,46 +845,64 @@ fn content_type(part: &MessagePart<'_>) -> String {
     }
 }
 
-fn attachment(input: &[u8], part: &MessagePart<'_>) -> Attachment {
+/// Builds the attachment for `part`, moving its decoded bytes out of the tree where they
+/// are used as they are.
+fn attachment(input: &[u8], part: &mut MessagePart<'_>) -> Attachment {
     let content_type = content_type(part);
     let mut filename =
         rfc2231_continued_filename(input, part).or_else(|| non_empty(part.attachment_name()));
-    let bytes = match &part.body {
-        PartType::Message(nested) => {
-            if filename.is_none() {
-                filename = nested.subject().and_then(eml_name);
-            }
-            if part.encoding == Encoding::None {
-                // An unencoded nested message is parsed in place: mail-parser hands it the
-                // whole outer buffer, so its own bytes are the part's body range.
-                slice(input, part.offset_body, part.offset_end)
-                    .map(<[u8]>::to_vec)
-                    .unwrap_or_else(|| nested.raw_message().to_vec())
-            } else {
-                nested.raw_message().to_vec()
-            }
+    let content_id = non_empty(
+        part.content_id()
+            .map(|id| id.trim().trim_start_matches('<').trim_end_matches('>')),
+    );
+    let inline = part.content_disposition().is_some_and(|d| d.is_inline());
+    let bytes = if let PartType::Message(nested) = &mut part.body {
+        if filename.is_none() {
+            filename = nested.subject().and_then(eml_name);
         }
+        if part.encoding == Encoding::None {
+            // An unencoded nested message is parsed in place: mail-parser hands it the
+            // whole outer buffer, so its own bytes are the part's body range.
+            slice(input, part.offset_body, part.offset_end)
+                .map(<[u8]>::to_vec)
+                .unwrap_or_else(|| nested.raw_message().to_vec())
+        } else {
+            std::mem::take(&mut nested.raw_message).into_owned()
+        }
+    } else if part.is_encoding_problem {
         // A truncated base64 part (missing boundary) comes back as raw text; an agent is
         // better served by the bytes that did arrive than by base64 in a `.pdf`.
-        _ if part.is_encoding_problem => {
-            salvage_base64(part).unwrap_or_else(|| part.contents().to_vec())
-        }
+        salvage_base64(part).unwrap_or_else(|| take_contents(part))
+    } else if matches!(part.body, PartType::Text(_) | PartType::Html(_)) {
         // Text attachments are decoded to UTF-8 by mail-parser; a file must keep the bytes
         // its sender wrote, so undo only the transfer encoding.
-        PartType::Text(_) | PartType::Html(_) => {
-            original_bytes(input, part).unwrap_or_else(|| part.contents().to_vec())
-        }
-        _ => part.contents().to_vec(),
+        let bytes = original_bytes(input, part).unwrap_or_else(|| part.contents().to_vec());
+        // The decoded text is not needed any more.
+        part.body = PartType::default();
+        bytes
+    } else {
+        take_contents(part)
     };
     Attachment {
         filename: filename.as_deref().and_then(safe_filename),
         content_type,
-        content_id: non_empty(
-            part.content_id()
-                .map(|id| id.trim().trim_start_matches('<').trim_end_matches('>')),
-        ),
-        inline: part.content_disposition().is_some_and(|d| d.is_inline()),
+        content_id,
+        inline,
         bytes,
+    }
+}
+
+/// The part's contents, moved out of the tree when mail-parser decoded them.
+fn take_contents(part: &mut MessagePart<'_>) -> Vec<u8> {
+    match &part.body {
+        PartType::Text(_) | PartType::Html(_) | PartType::Binary(_) | PartType::InlineBinary(_) => {
+            match std::mem::take(&mut part.body) {
+                PartType::Text(text) | PartType::Html(text) => text.into_owned().into_bytes(),
+                PartType::Binary(bytes) | PartType::InlineBinary(bytes) => bytes.into_owned(),
+                _ => Vec::new(),
+            }
+        }
+        _ => part.contents().to_vec(),
     }
 }
 
