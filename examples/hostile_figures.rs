@@ -28,6 +28,7 @@ const CASES: &[&str] = &[
     "header_fields_1m",
     "base64_attachment_48mb",
     "koi8_text_48mb",
+    "thai_text_48mb",
     "html_48mb",
     "html_4mb_235k_elements",
     "html_480_blocks_500_deep",
@@ -146,7 +147,8 @@ fn generate(case: &str) -> anyhow::Result<Vec<u8>> {
             raw
         }
         "base64_attachment_48mb" => large_attachment(36_000_000),
-        "koi8_text_48mb" => large_koi8_text(48_000_000),
+        "koi8_text_48mb" => large_text(48_000_000, "koi8-r", 0xC0),
+        "thai_text_48mb" => large_text(48_000_000, "windows-874", 0xA1),
         "html_48mb" => large_html(
             48_000_000,
             "<p>Lorem ipsum dolor sit amet, <b>consectetur</b></p>\r\n",
@@ -183,11 +185,12 @@ Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\
     out
 }
 
-/// A koi8-r text body of `size` bytes: every Cyrillic byte becomes two UTF-8 bytes.
-fn large_koi8_text(size: usize) -> Vec<u8> {
-    let mut out = format!("{HEAD}Content-Type: text/plain; charset=koi8-r\r\n\r\n").into_bytes();
+/// A text body of `size` bytes in a single-byte `charset`, letters from `first` on: each
+/// becomes two (Cyrillic) or three (Thai) UTF-8 bytes.
+fn large_text(size: usize, charset: &str, first: u8) -> Vec<u8> {
+    let mut out = format!("{HEAD}Content-Type: text/plain; charset={charset}\r\n\r\n").into_bytes();
     let line: Vec<u8> = (0..70)
-        .map(|i| 0xC0 + (i % 32) as u8)
+        .map(|i| first + (i % 32) as u8)
         .chain(*b"\r\n")
         .collect();
     while out.len() < size {
