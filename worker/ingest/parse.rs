@@ -347,8 +347,9 @@ pub fn parse_with_limits(raw: &[u8], limits: &ParseLimits) -> ParsedMail {
 /// and no attachments. Cheap and bounded on any thread; used when the whole message is not
 /// available (`TOP n 0`) or cannot be parsed in time.
 pub fn parse_header_section(raw: &[u8]) -> ParsedMail {
-    let mut end = header_end(raw).min(HEADER_SECTION_LIMIT);
-    if end < raw.len() && end == HEADER_SECTION_LIMIT {
+    let whole = header_end(raw);
+    let mut end = whole.min(HEADER_SECTION_LIMIT);
+    if end < whole {
         // Whole lines only: a field cut in half would be parsed as a different value.
         end = raw[..end]
             .iter()
@@ -367,6 +368,12 @@ pub fn parse_header_section(raw: &[u8]) -> ParsedMail {
     parsed.html_body = None;
     parsed.html_sanitized = None;
     parsed.flags.retain(|f| *f != FLAG_HTML_NOT_SANITIZED);
+    if end < whole {
+        parsed.defects.insert(
+            0,
+            format!("the header section is {whole} bytes; only its first {end} bytes were parsed"),
+        );
+    }
     parsed
 }
 
@@ -505,6 +512,9 @@ impl Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
+        if self.0.load(Ordering::Acquire) != JOB_RUNNING {
+            return;
+        }
         // Count first, so the thread's decrement can never run before this increment.
         ABANDONED.fetch_add(1, Ordering::AcqRel);
         if self
@@ -1837,5 +1847,10 @@ message/rfc822\r\n\n\n--b1_rfc2231--\r\n";
         let parsed = parse_header_section(&huge);
         assert_eq!(parsed.subject.as_deref(), Some("many recipients"));
         assert!(parsed.to.len() < 10_000, "{}", parsed.to.len());
+        assert!(
+            parsed.defects[0].contains("only its first 262"),
+            "{:?}",
+            parsed.defects
+        );
     }
 }
