@@ -31,6 +31,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub worker: WorkerConfig,
     pub pop3: Pop3Config,
+    pub parse: ParseConfig,
     pub oauth: OAuthConfig,
     pub secrets: SecretsConfig,
     pub http: HttpConfig,
@@ -93,6 +94,20 @@ pub struct Pop3Config {
     /// Lets `dangerous_plaintext` pilots log in to hosts other than loopback. The second
     /// switch: the pilot's own setting lives in the database, this one only here.
     pub dangerous_allow_plaintext_to_remote_hosts: bool,
+}
+
+/// `[parse]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParseConfig {
+    /// MIME parts parsed per message at most; past it the rest stays in the raw message only.
+    pub max_parts: usize,
+    /// A message's parse may take this long, plus `time_per_mib_ms` per MiB, before it is
+    /// abandoned and only its header section is kept.
+    pub time_base_secs: u64,
+    pub time_per_mib_ms: u64,
+    /// Parses still running past their budget at once; beyond, only header sections are parsed.
+    pub max_abandoned: usize,
 }
 
 /// `[oauth]`
@@ -230,6 +245,18 @@ impl Default for HttpConfig {
     }
 }
 
+impl Default for ParseConfig {
+    fn default() -> Self {
+        let limits = crate::ingest::parse::ParseLimits::default();
+        ParseConfig {
+            max_parts: limits.max_parts,
+            time_base_secs: limits.time_base.as_secs(),
+            time_per_mib_ms: u64::try_from(limits.time_per_mib.as_millis()).unwrap_or(u64::MAX),
+            max_abandoned: limits.max_abandoned,
+        }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
@@ -336,6 +363,8 @@ impl Config {
             ("worker.batch_bytes", self.worker.batch_bytes),
             ("worker.commit_concurrency", self.worker.commit_concurrency),
             ("worker.max_poll_secs", self.worker.max_poll_secs as usize),
+            ("parse.max_parts", self.parse.max_parts),
+            ("parse.time_base_secs", self.parse.time_base_secs as usize),
             (
                 "pop3.min_rate_bytes_per_sec",
                 self.pop3.min_rate_bytes_per_sec as usize,
@@ -485,6 +514,17 @@ impl Config {
             max_connection_lifetime: Duration::from_secs(
                 self.http.max_connection_lifetime_secs.max(1),
             ),
+        }
+    }
+
+    /// The bounds of parsing one message.
+    pub fn parse_limits(&self) -> crate::ingest::parse::ParseLimits {
+        crate::ingest::parse::ParseLimits {
+            max_parts: self.parse.max_parts,
+            time_base: Duration::from_secs(self.parse.time_base_secs),
+            time_per_mib: Duration::from_millis(self.parse.time_per_mib_ms),
+            max_abandoned: self.parse.max_abandoned,
+            ..crate::ingest::parse::ParseLimits::default()
         }
     }
 

@@ -7,6 +7,7 @@ mod faults_net;
 mod faults_pg;
 mod faults_token;
 mod hostile_ingest;
+mod hostile_parse;
 mod http_listener;
 mod ingest;
 mod ingest_dovecot;

@@ -17,15 +17,39 @@
 //!   from the HTML); `html_body` is `None` unless the message has a real `text/html` part.
 //! * **Attachments** are every non-body part, in MIME order, with transfer-decoded bytes
 //!   (text attachments keep their original charset bytes). A nested `message/rfc822` is one
-//!   attachment holding the nested message's raw bytes.
-//! * **Bounded**: the work is linear in the size of the input (no per-part rescans), so a
-//!   message with 100 000 header lines or 10 000 parts still returns.
+//!   attachment holding the nested message's raw bytes. File names are made safe to offer
+//!   as download names (no directories, control or bidirectional characters, device names,
+//!   at most 255 bytes).
+//!
+//! **Hostile input is bounded** ([`ParseLimits`]): before `mail-parser` allocates anything,
+//! a census walks the message with `mail-parser`'s own tokenizer and counts the parts, the
+//! nesting of messages and the memory its header fields will need (`census.rs`). Past a
+//! limit only the prefix of the message up to the first part (or header field) over it is
+//! parsed: the agent sees the body and the first attachments, the work item is flagged
+//! [`FLAG_MIME_TRUNCATED`], the raw message is stored whole by the caller. The parsed tree is
+//! taken apart without recursion (`Tree`), HTML is sanitised only when its size and
+//! nesting keep ammonia's cost small (`html.rs`; otherwise the text body stands alone,
+//! [`FLAG_HTML_NOT_SANITIZED`]), and [`parse_bounded`] runs all of it on a thread with a
+//! known stack and a deadline.
+//!
+//! Memory: a parse of `n` raw bytes peaks at about `k·n + C` (measured figures in
+//! RELIABILITY.md): the input and its decoded bodies and attachments are a few copies of
+//! `n`; the parser's bookkeeping is at most [`ParseLimits::max_structure_bytes`] and the
+//! sanitiser's document tree is bounded by [`ParseLimits::max_sanitize_elements`].
 //!
 //! Golden tests: every `tests/fixtures/mail/NAME.eml` is parsed and compared with
 //! `NAME.json`. After an intended change run `UPDATE_GOLDEN=1 cargo test --lib golden` to
 //! rewrite the `.json` files, then review the diff before committing it.
 
+mod census;
+mod filename;
+mod html;
+
+use std::borrow::Cow;
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use mail_parser::decoders::charsets::map::charset_decoder;
@@ -33,6 +57,40 @@ use mail_parser::decoders::{base64::base64_decode, quoted_printable::quoted_prin
 use mail_parser::{
     Encoding, HeaderName, HeaderValue, Message, MessageParser, MessagePart, MimeHeaders, PartType,
 };
+
+use self::census::{Census, CutReason};
+use self::filename::safe_filename;
+
+/// Only a prefix of the message was parsed: it has more parts, deeper nesting of messages,
+/// or larger header fields than [`ParseLimits`] allow. Fields, bodies and attachments come
+/// from the part of the message before that point; `defects` says which limit. The raw
+/// message holds everything.
+pub const FLAG_MIME_TRUNCATED: &str = "mime_truncated";
+/// The MIME structure is nested more than [`SUSPICIOUS_DEPTH`] levels deep (multiparts and
+/// nested messages together). No mail client writes that; expect a crafted message.
+pub const FLAG_MIME_TOO_DEEP: &str = "mime_too_deep";
+/// The HTML body is too large or too deeply nested to sanitise affordably: `html_body` is
+/// kept as received, `html_sanitized` is `None`, agents see `text_body`.
+pub const FLAG_HTML_NOT_SANITIZED: &str = "html_not_sanitized";
+/// Parsing did not finish within its time budget ([`ParseLimits::time_budget`]): only the
+/// header section was parsed; `parse_error` says so.
+pub const FLAG_PARSE_TIMEOUT: &str = "parse_timeout";
+/// The full parse did not run or did not deliver (too many earlier parses still running
+/// past their budget, no thread could be started): only the header section was parsed;
+/// `parse_error` says why.
+pub const FLAG_PARSE_SKIPPED: &str = "parse_skipped";
+/// Every flag [`ParsedMail::flags`] can hold.
+pub const FLAGS: [&str; 5] = [
+    FLAG_MIME_TRUNCATED,
+    FLAG_MIME_TOO_DEEP,
+    FLAG_HTML_NOT_SANITIZED,
+    FLAG_PARSE_TIMEOUT,
+    FLAG_PARSE_SKIPPED,
+];
+
+/// Nesting beyond which a message is flagged [`FLAG_MIME_TOO_DEEP`]. Real mail stays far
+/// below it (a forward of a forward of a reply is about 6 levels).
+pub const SUSPICIOUS_DEPTH: usize = 100;
 
 /// A mailbox in an address header, decoded (encoded words resolved).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -47,7 +105,8 @@ pub struct Address {
 #[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Attachment {
     /// File name from `Content-Disposition: filename` or `Content-Type: name` (RFC 2231 and
-    /// RFC 2047 decoded); for a nested message without one, its subject plus `.eml`.
+    /// RFC 2047 decoded); for a nested message without one, its subject plus `.eml`. Made
+    /// safe as a download name; `None` when nothing usable is left.
     pub filename: Option<String>,
     /// `type/subtype`, lowercase, without parameters.
     pub content_type: String,
@@ -86,7 +145,8 @@ pub struct ParsedMail {
     /// All inline `text/html` parts joined, as received; `None` for text-only mail.
     pub html_body: Option<String>,
     /// `html_body` sanitised for display to agents (ammonia: no scripts, no event handlers,
-    /// no styles that can exfiltrate; `cid:` links to inline parts kept).
+    /// no styles, no remote or relative images; `cid:` images kept). `None` when there is
+    /// no HTML, or it was not sanitised ([`FLAG_HTML_NOT_SANITIZED`]).
     #[serde(default)]
     pub html_sanitized: Option<String>,
     /// Every part that is not the chosen body, in MIME order.
@@ -94,9 +154,17 @@ pub struct ParsedMail {
     /// Set when the bytes could not be parsed as a message; the raw bytes are still stored.
     pub parse_error: Option<String>,
     /// Problems the parser recovered from (undecodable transfer encoding, a multipart without
-    /// its closing boundary). The content is still shown; these explain why it may look odd.
+    /// its closing boundary, a limit that stopped parsing). The content is still shown;
+    /// these explain why it may look odd.
     #[serde(default)]
     pub defects: Vec<String>,
+    /// Work-item flags from [`FLAGS`], each at most once, for the store to copy.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<&'static str>,
+    /// Deepest MIME nesting: 1 for a single-part message, one more per multipart or nested
+    /// message level (counted up to where parsing stopped); 0 when nothing was parsed.
+    #[serde(default)]
+    pub mime_depth: usize,
 }
 
 impl std::fmt::Debug for Attachment {
@@ -111,11 +179,146 @@ impl std::fmt::Debug for Attachment {
     }
 }
 
+impl ParsedMail {
+    /// Bytes this value holds on the heap (strings, vectors, attachment bytes), for memory
+    /// accounting: a batch that counts raw bytes only underestimates a parsed message by
+    /// its decoded copies.
+    pub fn heap_bytes(&self) -> usize {
+        fn text(s: &Option<String>) -> usize {
+            s.as_ref().map_or(0, String::capacity)
+        }
+        fn addresses(list: &Vec<Address>) -> usize {
+            list.capacity() * std::mem::size_of::<Address>()
+                + list
+                    .iter()
+                    .map(|a| text(&a.name) + text(&a.email))
+                    .sum::<usize>()
+        }
+        fn strings(list: &Vec<String>) -> usize {
+            list.capacity() * std::mem::size_of::<String>()
+                + list.iter().map(String::capacity).sum::<usize>()
+        }
+        let attachments = self.attachments.capacity() * std::mem::size_of::<Attachment>()
+            + self
+                .attachments
+                .iter()
+                .map(|a| {
+                    text(&a.filename)
+                        + a.content_type.capacity()
+                        + text(&a.content_id)
+                        + a.bytes.capacity()
+                })
+                .sum::<usize>();
+        text(&self.message_id)
+            + text(&self.subject)
+            + addresses(&self.from)
+            + addresses(&self.to)
+            + addresses(&self.cc)
+            + addresses(&self.reply_to)
+            + strings(&self.in_reply_to)
+            + strings(&self.references)
+            + text(&self.text_body)
+            + text(&self.html_body)
+            + text(&self.html_sanitized)
+            + attachments
+            + text(&self.parse_error)
+            + strings(&self.defects)
+            + self.flags.capacity() * std::mem::size_of::<&str>()
+    }
+
+    /// Adds `flag` unless it is already set.
+    fn flag(&mut self, flag: &'static str) {
+        if !self.flags.contains(&flag) {
+            self.flags.push(flag);
+        }
+    }
+}
+
+/// What a parse may cost. The defaults keep a message of the 50 MiB default size limit
+/// within the memory bound stated in RELIABILITY.md while every real message parses whole:
+/// see each field for what happens past it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseLimits {
+    /// MIME parts (every part, nested messages' parts included). Past it, parsing stops at
+    /// the first part over the limit ([`FLAG_MIME_TRUNCATED`]).
+    pub max_parts: usize,
+    /// Nesting of messages (`message/rfc822` in `message/rfc822` …, the message itself is
+    /// 1). Past it, the deeper levels are not parsed ([`FLAG_MIME_TRUNCATED`]). It also
+    /// bounds the recursion inside `mail-parser` for encoded nested messages.
+    pub max_message_depth: usize,
+    /// Estimated bytes of `mail-parser`'s bookkeeping (parts, header fields, their tokens and
+    /// addresses, copies of decoded nested messages). Past it, parsing stops before the
+    /// part or header field that would pass it ([`FLAG_MIME_TRUNCATED`]).
+    pub max_structure_bytes: usize,
+    /// HTML larger than this is not sanitised ([`FLAG_HTML_NOT_SANITIZED`]).
+    pub max_sanitize_bytes: usize,
+    /// HTML with more elements than this is not sanitised.
+    pub max_sanitize_elements: usize,
+    /// HTML nested deeper than this is not sanitised.
+    pub max_sanitize_depth: usize,
+    /// Stack of the thread [`parse_bounded`] parses on.
+    pub stack_bytes: usize,
+    /// Time a parse may take, whatever the size ([`ParseLimits::time_budget`]).
+    pub time_base: Duration,
+    /// Time a parse may take per MiB of input, on top of `time_base`.
+    pub time_per_mib: Duration,
+    /// Parses still running past their budget at the same time; while this many are,
+    /// [`parse_bounded`] parses only the header section ([`FLAG_PARSE_SKIPPED`]).
+    pub max_abandoned: usize,
+}
+
+impl Default for ParseLimits {
+    fn default() -> Self {
+        ParseLimits {
+            max_parts: 20_000,
+            max_message_depth: 128,
+            max_structure_bytes: 64 * MIB,
+            max_sanitize_bytes: 4 * MIB,
+            max_sanitize_elements: 250_000,
+            max_sanitize_depth: 512,
+            stack_bytes: 16 * MIB,
+            time_base: Duration::from_secs(10),
+            time_per_mib: Duration::from_secs(1),
+            max_abandoned: 2,
+        }
+    }
+}
+
+impl ParseLimits {
+    /// How long [`parse_bounded`] waits for a message of `len` bytes:
+    /// `time_base + time_per_mib × len / MiB`.
+    pub fn time_budget(&self, len: usize) -> Duration {
+        let per_byte = self.time_per_mib.as_secs_f64() / MIB as f64;
+        self.time_base + Duration::from_secs_f64(per_byte * len as f64)
+    }
+
+    fn caps(&self) -> census::Caps {
+        census::Caps {
+            parts: self.max_parts,
+            message_depth: self.max_message_depth,
+            structure_bytes: self.max_structure_bytes,
+        }
+    }
+}
+
+const MIB: usize = 1024 * 1024;
+
 /// How many defects are listed; a hostile message could otherwise produce one per part.
 const MAX_DEFECTS: usize = 20;
 
-/// Parses `raw`. See the module documentation.
+/// Header section bytes parsed by [`parse_header_section`]: far above any real header
+/// section, small enough to parse in milliseconds on any thread.
+const HEADER_SECTION_LIMIT: usize = 256 * 1024;
+
+/// Parses `raw` with the default [`ParseLimits`] on the calling thread. See the module
+/// documentation. Recursion is bounded by the limits, so a 2 MiB stack is enough; prefer
+/// [`parse_bounded`] for mail from outside, which also bounds the time.
 pub fn parse(raw: &[u8]) -> ParsedMail {
+    parse_with_limits(raw, &ParseLimits::default())
+}
+
+/// [`parse`] with explicit limits.
+pub fn parse_with_limits(raw: &[u8], limits: &ParseLimits) -> ParsedMail {
     if raw.iter().all(|b| b.is_ascii_whitespace()) {
         return ParsedMail {
             parse_error: Some(format!(
@@ -127,7 +330,7 @@ pub fn parse(raw: &[u8]) -> ParsedMail {
     }
     // mail-parser is written not to panic, but it contains debug assertions and index
     // arithmetic; one hostile message must not take the poller down with it.
-    match std::panic::catch_unwind(|| parse_checked(raw)) {
+    match std::panic::catch_unwind(|| parse_checked(raw, limits)) {
         Ok(parsed) => parsed,
         Err(_) => ParsedMail {
             parse_error: Some(
@@ -140,91 +343,369 @@ pub fn parse(raw: &[u8]) -> ParsedMail {
     }
 }
 
-/// Sanitises HTML for display: ammonia's allow-list, plus `cid:` URLs so inline images that
-/// reference their MIME part still resolve.
-pub fn sanitize_html(html: &str) -> String {
-    let mut schemes = std::collections::HashSet::new();
-    for scheme in ["http", "https", "mailto", "tel", "cid"] {
-        schemes.insert(scheme);
+/// Parses only the header section of `raw` (at most its first 256 KiB): the fields, no body
+/// and no attachments. Cheap and bounded on any thread; used when the whole message is not
+/// available (`TOP n 0`) or cannot be parsed in time.
+pub fn parse_header_section(raw: &[u8]) -> ParsedMail {
+    let whole = header_end(raw);
+    let mut end = whole.min(HEADER_SECTION_LIMIT);
+    if end < whole {
+        // Whole lines only: a field cut in half would be parsed as a different value.
+        end = raw[..end]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(end, |lf| lf + 1);
     }
-    ammonia::Builder::default()
-        .url_schemes(schemes)
-        .clean(html)
-        .to_string()
+    let mut section = raw[..end].to_vec();
+    if !section.ends_with(b"\n\n") && !section.ends_with(b"\r\n\r\n") {
+        // A header section without its blank line: end it, so nothing after it is a body.
+        section.extend_from_slice(b"\r\n\r\n");
+    }
+    let mut parsed = parse(&section);
+    // Whatever the parser made of the missing body is not the message's content.
+    parsed.attachments.clear();
+    parsed.text_body = None;
+    parsed.html_body = None;
+    parsed.html_sanitized = None;
+    parsed.flags.retain(|f| *f != FLAG_HTML_NOT_SANITIZED);
+    if end < whole {
+        parsed.defects.insert(
+            0,
+            format!("the header section is {whole} bytes; only its first {end} bytes were parsed"),
+        );
+    }
+    parsed
 }
 
-fn parse_checked(raw: &[u8]) -> ParsedMail {
-    let transcoded = transcode_8bit_headers(raw);
-    let input: &[u8] = transcoded.as_deref().unwrap_or(raw);
+/// Parses already stored mail from outside: on a thread of its own with
+/// [`ParseLimits::stack_bytes`] of stack, waiting at most [`ParseLimits::time_budget`].
+///
+/// Past the budget the caller gets the header section ([`parse_header_section`]) with
+/// `parse_error` set and [`FLAG_PARSE_TIMEOUT`]; the thread is left to finish on its own
+/// (the limits bound its work) and is counted until it does ([`abandoned_parses`]). While
+/// [`ParseLimits::max_abandoned`] such threads run, or when no thread can be started, the
+/// header section is all that is parsed ([`FLAG_PARSE_SKIPPED`]). Dropping the returned
+/// future before it completes also leaves the thread to finish on its own.
+pub async fn parse_bounded(raw: bytes::Bytes, limits: &ParseLimits) -> ParsedMail {
+    let budget = limits.time_budget(raw.len());
+    let running = ABANDONED.load(Ordering::Acquire);
+    if running >= limits.max_abandoned {
+        return header_fallback(
+            &raw,
+            FLAG_PARSE_SKIPPED,
+            format!(
+                "the message was not parsed: {running} earlier messages are still being \
+                 parsed past their time budget; only the header section is shown, the raw \
+                 message is stored whole"
+            ),
+        );
+    }
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    let job = Arc::new(AtomicU8::new(JOB_RUNNING));
+    let watch = Watch(Arc::clone(&job));
+    let input = raw.clone();
+    let thread_limits = limits.clone();
+    let spawned = std::thread::Builder::new()
+        .name("ccmail-parse".to_owned())
+        .stack_size(limits.stack_bytes)
+        .spawn(move || {
+            let finish = Finish(job);
+            let parsed = parse_with_limits(&input, &thread_limits);
+            drop(finish);
+            // The receiver is gone when the caller gave up; the result is then unused.
+            let _ = tx.send(parsed);
+        });
+    if let Err(e) = spawned {
+        watch.disarm();
+        return header_fallback(
+            &raw,
+            FLAG_PARSE_SKIPPED,
+            format!(
+                "the message was not parsed: no parse thread could be started ({e}); only \
+                 the header section is shown, the raw message is stored whole"
+            ),
+        );
+    }
+    let outcome = tokio::time::timeout(budget, &mut rx).await;
+    let parsed = match outcome {
+        Ok(Ok(parsed)) => Some(parsed),
+        // The thread finished just as the budget ran out.
+        Err(_) => rx.try_recv().ok(),
+        Ok(Err(_)) => {
+            watch.disarm();
+            return header_fallback(
+                &raw,
+                FLAG_PARSE_SKIPPED,
+                "the message was not parsed: the parse thread ended without a result; only \
+                 the header section is shown, the raw message is stored whole"
+                    .to_owned(),
+            );
+        }
+    };
+    match parsed {
+        Some(parsed) => {
+            watch.disarm();
+            parsed
+        }
+        None => {
+            // `watch` counts the thread as abandoned when dropped here.
+            drop(watch);
+            header_fallback(
+                &raw,
+                FLAG_PARSE_TIMEOUT,
+                format!(
+                    "parsing did not finish within {:.1} s (the budget for {} bytes); only the \
+                     header section is shown, the raw message is stored whole",
+                    budget.as_secs_f64(),
+                    raw.len()
+                ),
+            )
+        }
+    }
+}
 
-    let Some(message) = MessageParser::default().parse(input) else {
-        return ParsedMail {
-            parse_error: Some(
+/// What [`parse`] would make of a message's MIME structure, counted without building it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MimeCensus {
+    /// Parts `mail-parser` creates for the parsed prefix (every part, nested included).
+    pub parts: usize,
+    /// Deepest nesting of messages in the parsed prefix (the message itself is 1).
+    pub message_depth: usize,
+    /// Deepest MIME nesting in the parsed prefix ([`ParsedMail::mime_depth`]).
+    pub depth: usize,
+    /// Where parsing stops when a limit is passed: only `raw[..cut]` is parsed.
+    pub cut: Option<usize>,
+}
+
+/// Counts `raw`'s MIME structure against `limits` the way [`parse_with_limits`] does before
+/// it parses (without its 8-bit header transcoding), for diagnostics and the fuzzer.
+pub fn mime_census(raw: &[u8], limits: &ParseLimits) -> MimeCensus {
+    let census = census::census(raw, limits.caps());
+    MimeCensus {
+        parts: census.parts,
+        message_depth: census.message_depth,
+        depth: census.depth,
+        cut: census.cut.map(|c| c.offset),
+    }
+}
+
+/// Parse threads still running after their caller stopped waiting (see [`parse_bounded`]).
+pub fn abandoned_parses() -> usize {
+    ABANDONED.load(Ordering::Acquire)
+}
+
+static ABANDONED: AtomicUsize = AtomicUsize::new(0);
+const JOB_RUNNING: u8 = 0;
+const JOB_DONE: u8 = 1;
+const JOB_ABANDONED: u8 = 2;
+
+/// Held by the waiting side of [`parse_bounded`]: dropped while the job still runs, it
+/// counts the job as abandoned.
+struct Watch(Arc<AtomicU8>);
+
+impl Watch {
+    /// The job finished or never started: nothing to count.
+    fn disarm(self) {
+        self.0.store(JOB_DONE, Ordering::Release);
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if self.0.load(Ordering::Acquire) != JOB_RUNNING {
+            return;
+        }
+        // Count first, so the thread's decrement can never run before this increment.
+        ABANDONED.fetch_add(1, Ordering::AcqRel);
+        if self
+            .0
+            .compare_exchange(
+                JOB_RUNNING,
+                JOB_ABANDONED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            ABANDONED.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Held by the parse thread, also while unwinding: marks the job done and, if its caller
+/// had given up, stops counting it.
+struct Finish(Arc<AtomicU8>);
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if self.0.swap(JOB_DONE, Ordering::AcqRel) == JOB_ABANDONED {
+            ABANDONED.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn header_fallback(raw: &[u8], flag: &'static str, why: String) -> ParsedMail {
+    let mut parsed = parse_header_section(raw);
+    parsed.parse_error = Some(why);
+    parsed.flag(flag);
+    parsed
+}
+
+/// Sanitises HTML for display (see [`ParsedMail::html_sanitized`] for the policy). Unbounded:
+/// [`parse`] calls it only for HTML within [`ParseLimits`].
+pub fn sanitize_html(html: &str) -> String {
+    html::policy().clean(html).to_string()
+}
+
+/// Owns `mail-parser`'s tree and takes it apart without recursion: nested messages are
+/// moved onto a heap stack before their parent is dropped, so no nesting depth can exhaust
+/// the stack, also while unwinding from a panic.
+struct Tree<'x>(Option<Message<'x>>);
+
+impl Drop for Tree<'_> {
+    fn drop(&mut self) {
+        let mut pending: Vec<Message<'_>> = self.0.take().into_iter().collect();
+        while let Some(mut message) = pending.pop() {
+            for part in &mut message.parts {
+                if let PartType::Message(nested) = std::mem::take(&mut part.body) {
+                    pending.push(nested);
+                }
+            }
+        }
+    }
+}
+
+fn parse_checked(raw: &[u8], limits: &ParseLimits) -> ParsedMail {
+    let transcoded = transcode_8bit_headers(raw);
+    let whole: &[u8] = transcoded.as_deref().unwrap_or(raw);
+    let census = census::census(whole, limits.caps());
+    let input = match census.cut {
+        Some(cut) => &whole[..cut.offset.min(whole.len())],
+        None => whole,
+    };
+
+    let mut tree = Tree(MessageParser::default().parse(input));
+    let Some(message) = tree.0.as_mut() else {
+        let mut parsed = ParsedMail {
+            parse_error: Some(if census.cut.is_some() {
+                format!(
+                    "the header section alone exceeds the parser's limits ({}); the message \
+                     is stored unparsed, open the raw message to read it",
+                    truncation_reason(&census, limits, whole.len())
+                )
+            } else {
                 "no header section found: the bytes do not start with RFC 5322 header fields \
                  (`Name: value` lines)"
-                    .to_owned(),
-            ),
+                    .to_owned()
+            }),
             ..ParsedMail::default()
         };
+        if census.cut.is_some() {
+            parsed.flag(FLAG_MIME_TRUNCATED);
+        }
+        return parsed;
     };
 
     let mut parsed = ParsedMail {
         message_id: message.message_id().map(clean),
         subject: message.subject().map(clean),
-        from: addresses(&message, HeaderName::From),
-        to: addresses(&message, HeaderName::To),
-        cc: addresses(&message, HeaderName::Cc),
-        reply_to: addresses(&message, HeaderName::ReplyTo),
+        from: addresses(message, HeaderName::From),
+        to: addresses(message, HeaderName::To),
+        cc: addresses(message, HeaderName::Cc),
+        reply_to: addresses(message, HeaderName::ReplyTo),
         date: message
             .date()
             .filter(|d| d.is_valid())
             .and_then(|d| DateTime::<Utc>::from_timestamp(d.to_timestamp(), 0)),
         in_reply_to: ids(message.in_reply_to()),
         references: ids(message.references()),
+        mime_depth: census.depth,
         ..ParsedMail::default()
     };
+    let mut notes = Vec::new();
+    if census.cut.is_some() {
+        parsed.flag(FLAG_MIME_TRUNCATED);
+        notes.push(truncation_reason(&census, limits, whole.len()));
+    }
+    if census.deepest > SUSPICIOUS_DEPTH {
+        parsed.flag(FLAG_MIME_TOO_DEEP);
+        notes.push(format!(
+            "the MIME structure is nested {}{} levels deep (more than {SUSPICIOUS_DEPTH}); no \
+             mail client writes that",
+            if census.cut.is_some() {
+                "at least "
+            } else {
+                ""
+            },
+            census.deepest
+        ));
+    }
 
+    // Decided before any body is moved out of the tree (a moved-out body reads as a
+    // multipart).
+    let found = defects(input, message, census.cut.is_none());
     let text_parts: HashSet<u32> = message.text_body.iter().copied().collect();
     let html_parts: HashSet<u32> = message.html_body.iter().copied().collect();
-
-    let texts: Vec<String> = (0..message.text_body.len())
-        .filter_map(|i| message.body_text(i))
-        .map(|t| clean(&t))
+    let attachment_parts: Vec<usize> = message
+        .attachments
+        .iter()
+        .filter(|&&id| match message.part(id).map(|p| &p.body) {
+            Some(PartType::Text(_)) => !text_parts.contains(&id),
+            Some(PartType::Html(_)) => !html_parts.contains(&id),
+            Some(_) => true,
+            None => false,
+        })
+        .map(|&id| id as usize)
         .collect();
-    if !texts.is_empty() {
-        parsed.text_body = Some(texts.join("\n"));
+
+    // Bodies are moved out of the tree, not copied: a 48 MB text would otherwise be held
+    // three times (decoded by mail-parser, copied, joined).
+    let mut texts = Vec::new();
+    for i in 0..message.text_body.len() {
+        let id = message.text_body[i];
+        let once = message.text_body.iter().filter(|&&t| t == id).count() == 1;
+        let piece = match message.parts.get_mut(id as usize) {
+            Some(part) if once && matches!(part.body, PartType::Text(_)) => {
+                match std::mem::take(&mut part.body) {
+                    PartType::Text(text) => Some(text),
+                    _ => None,
+                }
+            }
+            _ => message.body_text(i).map(|t| Cow::Owned(t.into_owned())),
+        };
+        texts.extend(piece);
     }
+    parsed.text_body = joined(texts);
     // mail-parser lists text parts as HTML bodies too (converted) when there is no HTML;
     // an agent should see only HTML the sender wrote.
-    let htmls: Vec<String> = message
-        .html_body
-        .iter()
-        .filter_map(|&id| match message.part(id).map(|p| &p.body) {
-            Some(PartType::Html(html)) => Some(clean(html)),
-            _ => None,
-        })
-        .collect();
-    if !htmls.is_empty() {
-        let html = htmls.join("\n");
-        parsed.html_sanitized = Some(sanitize_html(&html));
+    let mut htmls = Vec::new();
+    for &id in &message.html_body {
+        if let Some(part) = message.parts.get_mut(id as usize)
+            && matches!(part.body, PartType::Html(_))
+            && let PartType::Html(html) = std::mem::take(&mut part.body)
+        {
+            htmls.push(html);
+        }
+    }
+    if let Some(html) = joined(htmls) {
+        match sanitizable(&html, limits) {
+            Ok(()) => parsed.html_sanitized = Some(sanitize_html(&html)),
+            Err(why) => {
+                parsed.flag(FLAG_HTML_NOT_SANITIZED);
+                notes.push(why);
+            }
+        }
         parsed.html_body = Some(html);
     }
 
-    for &id in &message.attachments {
-        let Some(part) = message.part(id) else {
-            continue;
-        };
-        let is_body = match part.body {
-            PartType::Text(_) => text_parts.contains(&id),
-            PartType::Html(_) => html_parts.contains(&id),
-            _ => false,
-        };
-        if !is_body {
+    for id in attachment_parts {
+        if let Some(part) = message.parts.get_mut(id) {
             parsed.attachments.push(attachment(input, part));
         }
     }
+    notes.extend(found);
+    parsed.defects = capped(notes);
 
-    parsed.defects = defects(input, &message);
     if !starts_with_header_field(input) {
         parsed.parse_error = Some(
             "the message does not start with a header section (the first line is not a \
@@ -235,7 +716,100 @@ fn parse_checked(raw: &[u8]) -> ParsedMail {
     parsed
 }
 
-/// Removes NUL characters, which PostgreSQL `text` cannot store.
+/// Why the census stopped, for `defects` and `parse_error`.
+fn truncation_reason(census: &Census, limits: &ParseLimits, len: usize) -> String {
+    let Some(cut) = census.cut else {
+        return String::new();
+    };
+    let rest = format!(
+        "bytes {} to {len} are not shown; the raw message, stored whole, has them",
+        cut.offset
+    );
+    match cut.reason {
+        CutReason::Parts => format!(
+            "the message has more than {} MIME parts; only the first {} are shown ({rest})",
+            limits.max_parts, census.parts
+        ),
+        CutReason::Depth => format!(
+            "messages are nested more than {} levels deep; the deeper levels are not shown \
+             ({rest})",
+            limits.max_message_depth
+        ),
+        CutReason::Structure => format!(
+            "the message's header fields and parts need more than {} MiB to parse ({rest})",
+            limits.max_structure_bytes / MIB
+        ),
+    }
+}
+
+/// Whether `html` is small and shallow enough for the sanitiser; otherwise why not.
+fn sanitizable(html: &str, limits: &ParseLimits) -> Result<(), String> {
+    if html.len() > limits.max_sanitize_bytes {
+        return Err(format!(
+            "the HTML body ({} bytes) is larger than the {} bytes that are sanitised for \
+             display; it is kept as received, the text body is shown",
+            html.len(),
+            limits.max_sanitize_bytes
+        ));
+    }
+    let shape = html::shape(
+        html,
+        limits.max_sanitize_elements,
+        limits.max_sanitize_depth,
+    );
+    if shape.elements > limits.max_sanitize_elements {
+        return Err(format!(
+            "the HTML body has more than {} elements, too many to sanitise for display; it \
+             is kept as received, the text body is shown",
+            limits.max_sanitize_elements
+        ));
+    }
+    if shape.depth > limits.max_sanitize_depth {
+        return Err(format!(
+            "the HTML body is nested more than {} elements deep, too deep to sanitise for \
+             display; it is kept as received, the text body is shown",
+            limits.max_sanitize_depth
+        ));
+    }
+    Ok(())
+}
+
+fn capped(mut found: Vec<String>) -> Vec<String> {
+    if found.len() > MAX_DEFECTS {
+        let more = found.len() - MAX_DEFECTS;
+        found.truncate(MAX_DEFECTS);
+        found.push(format!("… and {more} more problems of the same kinds"));
+    }
+    found
+}
+
+/// The pieces joined with line feeds, without NUL characters; `None` for no pieces. A
+/// single piece is moved, not copied.
+fn joined(pieces: Vec<Cow<'_, str>>) -> Option<String> {
+    let mut pieces = pieces.into_iter();
+    let first = pieces.next()?;
+    let mut out = match first {
+        Cow::Owned(text) if !text.contains('\0') => text,
+        text => {
+            let mut out = String::with_capacity(text.len());
+            push_clean(&mut out, &text);
+            out
+        }
+    };
+    for piece in pieces {
+        out.push('\n');
+        push_clean(&mut out, &piece);
+    }
+    Some(out)
+}
+
+/// Appends `s` without NUL characters, which PostgreSQL `text` cannot store.
+fn push_clean(out: &mut String, s: &str) {
+    for piece in s.split('\0') {
+        out.push_str(piece);
+    }
+}
+
 fn clean(s: &str) -> String {
     s.replace('\0', "")
 }
@@ -281,46 +855,64 @@ fn content_type(part: &MessagePart<'_>) -> String {
     }
 }
 
-fn attachment(input: &[u8], part: &MessagePart<'_>) -> Attachment {
+/// Builds the attachment for `part`, moving its decoded bytes out of the tree where they
+/// are used as they are.
+fn attachment(input: &[u8], part: &mut MessagePart<'_>) -> Attachment {
     let content_type = content_type(part);
     let mut filename =
         rfc2231_continued_filename(input, part).or_else(|| non_empty(part.attachment_name()));
-    let bytes = match &part.body {
-        PartType::Message(nested) => {
-            if filename.is_none() {
-                filename = nested.subject().and_then(eml_name);
-            }
-            if part.encoding == Encoding::None {
-                // An unencoded nested message is parsed in place: mail-parser hands it the
-                // whole outer buffer, so its own bytes are the part's body range.
-                slice(input, part.offset_body, part.offset_end)
-                    .map(<[u8]>::to_vec)
-                    .unwrap_or_else(|| nested.raw_message().to_vec())
-            } else {
-                nested.raw_message().to_vec()
-            }
+    let content_id = non_empty(
+        part.content_id()
+            .map(|id| id.trim().trim_start_matches('<').trim_end_matches('>')),
+    );
+    let inline = part.content_disposition().is_some_and(|d| d.is_inline());
+    let bytes = if let PartType::Message(nested) = &mut part.body {
+        if filename.is_none() {
+            filename = nested.subject().and_then(eml_name);
         }
+        if part.encoding == Encoding::None {
+            // An unencoded nested message is parsed in place: mail-parser hands it the
+            // whole outer buffer, so its own bytes are the part's body range.
+            slice(input, part.offset_body, part.offset_end)
+                .map(<[u8]>::to_vec)
+                .unwrap_or_else(|| nested.raw_message().to_vec())
+        } else {
+            std::mem::take(&mut nested.raw_message).into_owned()
+        }
+    } else if part.is_encoding_problem {
         // A truncated base64 part (missing boundary) comes back as raw text; an agent is
         // better served by the bytes that did arrive than by base64 in a `.pdf`.
-        _ if part.is_encoding_problem => {
-            salvage_base64(part).unwrap_or_else(|| part.contents().to_vec())
-        }
+        salvage_base64(part).unwrap_or_else(|| take_contents(part))
+    } else if matches!(part.body, PartType::Text(_) | PartType::Html(_)) {
         // Text attachments are decoded to UTF-8 by mail-parser; a file must keep the bytes
         // its sender wrote, so undo only the transfer encoding.
-        PartType::Text(_) | PartType::Html(_) => {
-            original_bytes(input, part).unwrap_or_else(|| part.contents().to_vec())
-        }
-        _ => part.contents().to_vec(),
+        let bytes = original_bytes(input, part).unwrap_or_else(|| part.contents().to_vec());
+        // The decoded text is not needed any more.
+        part.body = PartType::default();
+        bytes
+    } else {
+        take_contents(part)
     };
     Attachment {
-        filename,
+        filename: filename.as_deref().and_then(safe_filename),
         content_type,
-        content_id: non_empty(
-            part.content_id()
-                .map(|id| id.trim().trim_start_matches('<').trim_end_matches('>')),
-        ),
-        inline: part.content_disposition().is_some_and(|d| d.is_inline()),
+        content_id,
+        inline,
         bytes,
+    }
+}
+
+/// The part's contents, moved out of the tree when mail-parser decoded them.
+fn take_contents(part: &mut MessagePart<'_>) -> Vec<u8> {
+    match &part.body {
+        PartType::Text(_) | PartType::Html(_) | PartType::Binary(_) | PartType::InlineBinary(_) => {
+            match std::mem::take(&mut part.body) {
+                PartType::Text(text) | PartType::Html(text) => text.into_owned().into_bytes(),
+                PartType::Binary(bytes) | PartType::InlineBinary(bytes) => bytes.into_owned(),
+                _ => Vec::new(),
+            }
+        }
+        _ => part.contents().to_vec(),
     }
 }
 
@@ -489,7 +1081,9 @@ fn eml_name(subject: &str) -> Option<String> {
     (!stem.is_empty()).then(|| format!("{stem}.eml"))
 }
 
-fn defects(input: &[u8], message: &Message<'_>) -> Vec<String> {
+/// Problems `mail-parser` recovered from. `check_closings`: whether missing closing
+/// boundaries are worth reporting (not when the input was cut on purpose).
+fn defects(input: &[u8], message: &Message<'_>, check_closings: bool) -> Vec<String> {
     let mut found = Vec::new();
     // Closing delimiters of every multipart, checked in one pass over the lines so the cost
     // stays linear however deeply the multiparts nest.
@@ -502,7 +1096,8 @@ fn defects(input: &[u8], message: &Message<'_>) -> Vec<String> {
                 content_type(part)
             ));
         }
-        if part.is_multipart()
+        if check_closings
+            && part.is_multipart()
             && let Some(boundary) = part.content_type().and_then(|ct| ct.attribute("boundary"))
         {
             closings.push((index, format!("--{boundary}--").into_bytes()));
@@ -527,11 +1122,6 @@ fn defects(input: &[u8], message: &Message<'_>) -> Vec<String> {
                     .unwrap_or_default()
             ));
         }
-    }
-    if found.len() > MAX_DEFECTS {
-        let more = found.len() - MAX_DEFECTS;
-        found.truncate(MAX_DEFECTS);
-        found.push(format!("… and {more} more problems of the same kinds"));
     }
     found
 }
@@ -934,5 +1524,333 @@ Content-Type: text/html; charset=utf-8\r\n\r\n\
         );
         assert!(!safe.contains("javascript:"), "{safe}");
         assert!(safe.contains("cid:logo"), "{safe}");
+    }
+
+    /// Parts and message nesting of `mail-parser`'s tree, counted without recursion.
+    /// `None` when `mail-parser` panics (its debug assertions; release builds go on).
+    fn tree_counts(input: &[u8]) -> Option<(usize, usize)> {
+        let parsed = std::panic::catch_unwind(|| MessageParser::default().parse(input)).ok()?;
+        let tree = Tree(parsed);
+        let Some(message) = tree.0.as_ref() else {
+            return Some((0, 0));
+        };
+        let mut parts = 0;
+        let mut deepest = 0;
+        let mut pending = vec![(message, 1)];
+        while let Some((message, depth)) = pending.pop() {
+            parts += message.parts.len();
+            deepest = deepest.max(depth);
+            for part in &message.parts {
+                if let PartType::Message(nested) = &part.body {
+                    pending.push((nested, depth + 1));
+                }
+            }
+        }
+        Some((parts, deepest))
+    }
+
+    fn unlimited() -> census::Caps {
+        census::Caps {
+            parts: usize::MAX,
+            message_depth: usize::MAX,
+            structure_bytes: usize::MAX,
+        }
+    }
+
+    fn assert_census_agrees(name: &str, input: &[u8]) {
+        let census = census::census(input, unlimited());
+        let (parts, message_depth) = tree_counts(input).unwrap();
+        assert_eq!(census.cut, None, "{name}");
+        assert_eq!(census.parts, parts, "{name}: parts");
+        if parts > 0 {
+            assert_eq!(census.message_depth, message_depth, "{name}: message depth");
+        }
+    }
+
+    #[test]
+    fn census_counts_what_mail_parser_builds() {
+        let mut dirs = vec![fixtures_dir()];
+        dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/awkward"));
+        for dir in dirs {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "eml") {
+                    assert_census_agrees(
+                        &path.display().to_string(),
+                        &std::fs::read(&path).unwrap(),
+                    );
+                }
+            }
+        }
+        use crate::sim::hostile;
+        let names = hostile::hostile_filenames();
+        for (name, raw) in [
+            ("nested_rfc822", hostile::nested_rfc822("m", 60)),
+            (
+                "nested_rfc822_base64",
+                hostile::nested_rfc822_base64("m", 40),
+            ),
+            ("nested_multipart", hostile::nested_multipart("m", 60)),
+            ("part_flood", hostile::part_flood("m", 500, 4)),
+            ("filename_attacks", hostile::filename_attacks("m", &names)),
+            ("html_trackers", hostile::html_trackers("m")),
+            ("many_recipients", hostile::many_recipients("m", 100)),
+        ] {
+            assert_census_agrees(name, &raw);
+        }
+    }
+
+    /// Fragments that exercise every structural decision: boundaries (also mid-line and
+    /// followed by white space or a form feed), nested and encoded messages, digests,
+    /// missing blank lines, folded and colon-less header lines.
+    fn fragment() -> impl proptest::strategy::Strategy<Value = &'static str> {
+        proptest::sample::select(vec![
+            "Content-Type: multipart/mixed; boundary=a\r\n",
+            "Content-Type: multipart/alternative; boundary=\"b\"\r\n",
+            "Content-Type: multipart/digest; boundary=a\r\n",
+            "Content-Type: message/rfc822\r\n",
+            "Content-Type: message/global\r\n",
+            "Content-Type: text/html\r\n",
+            "Content-Type: multipart/mixed\r\n",
+            "Content-Transfer-Encoding: base64\r\n",
+            "Content-Transfer-Encoding: quoted-printable\r\n",
+            "Subject: x\r\n",
+            "To: a@b, c@d\r\n",
+            " folded\r\n",
+            "no colon here\r\n",
+            "\r\n",
+            "\n",
+            "--a\r\n",
+            "--b\r\n",
+            "--a--\r\n",
+            "--b--\r\n",
+            "x--a\r\n",
+            "--a \x0c\n",
+            "--a\t\r\n",
+            "body text\r\n",
+            "QmFzZTY0IQ==\r\n",
+            "U3ViamVjdDogaQ0KDQpoaQ0K\r\n",
+            "=41=42=\r\n",
+            "-\r\n",
+            "\x0c",
+        ])
+    }
+
+    proptest::proptest! {
+        // Under 10% of cases make mail-parser's debug assertions panic (they are skipped);
+        // a change that makes most of them panic fails here.
+        #![proptest_config(proptest::test_runner::Config {
+            cases: 2048,
+            max_global_rejects: 200,
+            failure_persistence: None,
+            ..proptest::test_runner::Config::default()
+        })]
+        #[test]
+        fn census_matches_mail_parser_on_mime_shaped_input(
+            pieces in proptest::collection::vec(fragment(), 1..60)
+        ) {
+            let raw = pieces.concat();
+            let census = census::census(raw.as_bytes(), unlimited());
+            let counted = tree_counts(raw.as_bytes());
+            proptest::prop_assume!(counted.is_some());
+            let Some((parts, message_depth)) = counted else {
+                return Ok(());
+            };
+            // mail-parser drops a nested message it built when a multipart ends inside it
+            // without its parent's boundary; the census counted its parts as allocated.
+            proptest::prop_assert!(census.parts >= parts, "{} < {} in {:?}", census.parts, parts, raw);
+            if parts > 0 {
+                proptest::prop_assert!(census.message_depth >= message_depth, "{:?}", raw);
+            }
+        }
+
+        #[test]
+        fn a_cut_input_stays_within_the_limits(
+            pieces in proptest::collection::vec(fragment(), 1..80),
+            max_parts in 1usize..12,
+            max_depth in 1usize..4,
+        ) {
+            let raw = pieces.concat();
+            let caps = census::Caps { parts: max_parts, message_depth: max_depth, structure_bytes: usize::MAX };
+            let census = census::census(raw.as_bytes(), caps);
+            let input = census.cut.map_or(raw.as_bytes(), |c| &raw.as_bytes()[..c.offset]);
+            let Some((parts, message_depth)) = tree_counts(input) else {
+                return Ok(());
+            };
+            proptest::prop_assert!(parts <= max_parts, "{} parts in {:?}", parts, input);
+            proptest::prop_assert!(message_depth <= max_depth, "depth {} in {:?}", message_depth, input);
+        }
+    }
+
+    #[test]
+    fn census_counts_a_nested_message_mail_parser_builds_and_drops() {
+        // Found by the fuzzer: the message/rfc822 part at offset 95 is parsed (and
+        // allocated), then dropped with its nested message when the multipart ends.
+        let raw =
+            b".0\nContent-Type: multipart/d;boundary=b1_rfc2231\"\r\n\n--b1_rfc2231Content-Type: \
+message/rfc822\r\n\nF\r\nContent-Type:message/rfc822\r\n\r\n\x00\x00\x00\nContent-Type: \
+message/rfc822\r\n\n\n--b1_rfc2231--\r\n";
+        let census = census::census(raw, unlimited());
+        assert_eq!(tree_counts(raw), Some((4, 3)));
+        assert_eq!((census.parts, census.message_depth), (5, 4));
+    }
+
+    #[test]
+    fn a_cut_inside_the_top_header_block_counts_the_part_it_leaves() {
+        // Found by the fuzzer: the fields before the cut become one part.
+        let mut raw = b"Subject: kept\r\nFrom: a@b\r\nTo: ".to_vec();
+        raw.extend(std::iter::repeat_n(b"a@b,".as_slice(), 5_000).flatten());
+        raw.extend_from_slice(b"\r\n\r\nbody\r\n");
+        let caps = census::Caps {
+            structure_bytes: 4096,
+            ..unlimited()
+        };
+        let census = census::census(&raw, caps);
+        let cut = census.cut.map(|c| c.offset).unwrap_or_default();
+        assert_eq!(&raw[..cut], b"Subject: kept\r\nFrom: a@b\r\n");
+        assert_eq!(tree_counts(&raw[..cut]), Some((1, 1)));
+        assert_eq!((census.parts, census.message_depth), (1, 1));
+    }
+
+    #[test]
+    fn a_deep_tree_is_taken_apart_without_recursion() {
+        // 200,000 levels would overflow any stack in a recursive drop.
+        let raw = crate::sim::hostile::nested_rfc822("m", 200_000);
+        let message = MessageParser::default().parse(&raw);
+        let depth = {
+            let mut depth = 0;
+            let mut current = message.as_ref();
+            while let Some(m) = current {
+                depth += 1;
+                current = m.parts.iter().find_map(|p| match &p.body {
+                    PartType::Message(n) => Some(n),
+                    _ => None,
+                });
+            }
+            depth
+        };
+        assert!(depth > 100_000, "{depth}");
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn_scoped(scope, move || drop(Tree(message)))
+                .unwrap()
+                .join()
+                .unwrap();
+        });
+    }
+
+    #[test]
+    fn heap_bytes_counts_what_the_value_holds() {
+        let parsed = fixture("outlook_related_inline_image");
+        let floor = parsed.text_body.as_ref().map_or(0, String::len)
+            + parsed.html_body.as_ref().map_or(0, String::len)
+            + parsed.html_sanitized.as_ref().map_or(0, String::len)
+            + parsed
+                .attachments
+                .iter()
+                .map(|a| a.bytes.len())
+                .sum::<usize>();
+        assert!(
+            parsed.heap_bytes() >= floor,
+            "{} < {floor}",
+            parsed.heap_bytes()
+        );
+        assert!(
+            parsed.heap_bytes() < floor * 2 + 4096,
+            "{}",
+            parsed.heap_bytes()
+        );
+        assert_eq!(ParsedMail::default().heap_bytes(), 0);
+    }
+
+    #[test]
+    fn limits_cut_parts_depth_and_header_memory() {
+        use crate::sim::hostile;
+        let small = ParseLimits {
+            max_parts: 50,
+            ..ParseLimits::default()
+        };
+        let flood = parse_with_limits(&hostile::part_flood("m", 500, 4), &small);
+        // The multipart itself, the text body and 48 attachments.
+        assert_eq!(flood.attachments.len(), 48);
+        assert_eq!(flood.text_body.as_deref(), Some("the body comes first"));
+        assert_eq!(flood.flags, [FLAG_MIME_TRUNCATED]);
+        assert!(
+            flood.defects[0].contains("more than 50 MIME parts"),
+            "{:?}",
+            flood.defects
+        );
+
+        let shallow = ParseLimits {
+            max_message_depth: 3,
+            ..ParseLimits::default()
+        };
+        let deep = parse_with_limits(&hostile::nested_rfc822("m", 10), &shallow);
+        assert_eq!(deep.subject.as_deref(), Some("nested messages"));
+        assert_eq!(deep.flags, [FLAG_MIME_TRUNCATED]);
+        assert!(
+            deep.defects[0].contains("nested more than 3 levels"),
+            "{:?}",
+            deep.defects
+        );
+        let forwarded = &deep.attachments[0].bytes;
+        assert!(forwarded.starts_with(b"From: <level0@hostile.test>"));
+
+        let lean = ParseLimits {
+            max_structure_bytes: 1024 * 1024,
+            ..ParseLimits::default()
+        };
+        let crowd = parse_with_limits(&hostile::many_recipients("m", 100_000), &lean);
+        assert_eq!(crowd.subject.as_deref(), Some("many recipients"));
+        assert_eq!(
+            crowd.to.len(),
+            1,
+            "only the To before the 100,000 is parsed"
+        );
+        assert_eq!(crowd.flags, [FLAG_MIME_TRUNCATED]);
+        assert!(
+            crowd.defects[0].contains("need more than 1 MiB"),
+            "{:?}",
+            crowd.defects
+        );
+    }
+
+    #[test]
+    fn a_header_section_over_the_limits_is_reported_not_parsed() {
+        let lean = ParseLimits {
+            max_structure_bytes: 1024,
+            ..ParseLimits::default()
+        };
+        let mut raw = b"To: ".to_vec();
+        raw.extend(std::iter::repeat_n(b"a@b,".as_slice(), 1_000).flatten());
+        raw.extend_from_slice(b"\r\n\r\nbody\r\n");
+        let parsed = parse_with_limits(&raw, &lean);
+        assert!(
+            parsed
+                .parse_error
+                .unwrap()
+                .contains("header section alone exceeds")
+        );
+        assert_eq!(parsed.flags, [FLAG_MIME_TRUNCATED]);
+    }
+
+    #[test]
+    fn header_section_parse_ignores_the_body() {
+        let raw = crate::sim::hostile::part_flood("m", 1_000, 4);
+        let parsed = parse_header_section(&raw);
+        assert_eq!(parsed.subject.as_deref(), Some("part flood"));
+        assert_eq!(parsed.text_body, None);
+        assert!(parsed.attachments.is_empty());
+        assert!(parsed.flags.is_empty(), "{:?}", parsed.flags);
+        let huge = crate::sim::hostile::many_recipients("m", 100_000);
+        let parsed = parse_header_section(&huge);
+        assert_eq!(parsed.subject.as_deref(), Some("many recipients"));
+        assert!(parsed.to.len() < 10_000, "{}", parsed.to.len());
+        assert!(
+            parsed.defects[0].contains("only its first 262"),
+            "{:?}",
+            parsed.defects
+        );
     }
 }

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::identity::{self, Identity};
-use crate::ingest::parse::{self, ParsedMail};
+use crate::ingest::parse::{self, ParseLimits, ParsedMail};
 use crate::metrics;
 use crate::oauth::{AppCredentials, OAuthError, TokenCache};
 use crate::pop3::{self, Client, ServerSpec, Session, Stream};
@@ -88,6 +88,8 @@ pub struct IngestLimits {
     pub max_poll_duration: Duration,
     /// UIDL listing entries looked at per poll; a larger maildrop drains over several polls.
     pub max_listing_entries: usize,
+    /// Bounds of parsing one message (parts, depth, sanitising, time).
+    pub parse: ParseLimits,
 }
 
 impl Default for IngestLimits {
@@ -101,6 +103,7 @@ impl Default for IngestLimits {
             parse_ahead: 2,
             max_poll_duration: Duration::from_secs(15 * 60),
             max_listing_entries: 100_000,
+            parse: ParseLimits::default(),
         }
     }
 }
@@ -225,21 +228,8 @@ struct Ready {
 impl Ready {
     /// Bytes this message holds in memory: what a batch's budget counts.
     fn footprint(&self) -> usize {
-        self.fetched.raw.len() + parsed_bytes(&self.parsed)
+        self.fetched.raw.len() + self.parsed.heap_bytes()
     }
-}
-
-/// Bytes a parsed message holds (until the parser reports it itself).
-fn parsed_bytes(p: &ParsedMail) -> usize {
-    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-    text(&p.text_body)
-        + text(&p.html_body)
-        + text(&p.html_sanitized)
-        + text(&p.subject)
-        + p.attachments
-            .iter()
-            .map(|a| a.bytes.len() + 64)
-            .sum::<usize>()
 }
 
 /// What a committed batch allows and reports.
@@ -705,15 +695,9 @@ async fn headers_only(
     let (raw, parsed) = match timed(pilot, "top", session.top(number, 0, header_limit(pilot))).await
     {
         Ok(headers) => {
-            let headers = Bytes::from(headers);
-            let mut parsed = parse_message(headers.clone()).await;
-            // Only the header section was fetched: whatever the parser made of the missing
-            // body (an empty part, a derived text) is not the message's content.
-            parsed.attachments.clear();
-            parsed.text_body = None;
-            parsed.html_body = None;
-            parsed.html_sanitized = None;
-            (headers, parsed)
+            // Only the header section was fetched: no body is made up from the missing one.
+            let parsed = parse::parse_header_section(&headers);
+            (Bytes::from(headers), parsed)
         }
         Err(e) if !e.poisons_connection() => (
             Bytes::new(),
@@ -736,19 +720,6 @@ async fn headers_only(
         headers_only: true,
         untrusted,
     })
-}
-
-/// Parses a message off the async worker threads.
-async fn parse_message(raw: Bytes) -> ParsedMail {
-    match tokio::task::spawn_blocking(move || parse::parse(&raw)).await {
-        Ok(parsed) => parsed,
-        Err(e) => ParsedMail {
-            parse_error: Some(format!(
-                "the parser did not finish ({e}); the raw message is kept"
-            )),
-            ..ParsedMail::default()
-        },
-    }
 }
 
 /// The messages being parsed, the batch filling up, the batches being committed, and what may
@@ -787,10 +758,11 @@ impl<'a> Pipeline<'a> {
         session: &mut Session<Stream>,
         report: &mut PollReport,
     ) -> Result<(), PollError> {
-        let task = fetched
-            .parsed
-            .is_none()
-            .then(|| tokio::spawn(parse_message(fetched.raw.clone())));
+        let task = fetched.parsed.is_none().then(|| {
+            let (raw, limits) = (fetched.raw.clone(), self.limits.parse.clone());
+            // On a parser thread with a known stack and a time budget (see `parse_bounded`).
+            tokio::spawn(async move { parse::parse_bounded(raw, &limits).await })
+        });
         self.parsing.push_back((fetched, task));
         while self.parsing.len() > self.limits.parse_ahead {
             self.take_parsed(Some(&mut *session), report).await?;

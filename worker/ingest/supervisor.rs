@@ -57,6 +57,7 @@ impl SupervisorSettings {
                 parse_ahead: w.parse_ahead,
                 max_poll_duration: Duration::from_secs(w.max_poll_secs.max(1)),
                 max_listing_entries: w.max_listing_entries.max(1),
+                parse: config.parse_limits(),
             },
             timeouts: config.pop3_timeouts(),
             reload_interval: Duration::from_secs(w.reload_interval_secs.max(1)),

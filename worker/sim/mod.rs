@@ -7,6 +7,7 @@
 
 pub mod cert;
 pub mod entra;
+pub mod hostile;
 pub mod mailgen;
 mod net;
 pub mod pop3;

@@ -68,7 +68,8 @@ pub struct NewMessage<'a> {
     /// True when `raw` holds only the headers (oversize, or the download kept failing).
     pub headers_only: bool,
     /// Work-item flags such as `oversize` or `fetch_failed`; `parse_error` is added
-    /// automatically when `parsed.parse_error` is set.
+    /// automatically when `parsed.parse_error` is set, and so are the parser's own flags
+    /// (`parsed.flags`).
     pub flags: &'a [&'a str],
     /// The message's identity (`ingest::identity`), when its header section has one.
     pub identity: Option<[u8; 32]>,
@@ -341,6 +342,7 @@ pub async fn insert_message(
         .iter()
         .copied()
         .chain(parse_flag)
+        .chain(parsed.flags.iter().copied())
         .chain(cut_flag)
     {
         if !flags.iter().any(|f| f == flag) {

@@ -77,6 +77,7 @@ fn parsed_mail() -> ParsedMail {
             },
         ],
         parse_error: None,
+        ..ParsedMail::default()
     }
 }
 
