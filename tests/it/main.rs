@@ -8,6 +8,7 @@ mod faults_pg;
 mod faults_token;
 mod hostile_ingest;
 mod hostile_parse;
+mod hostile_run;
 mod http_listener;
 mod ingest;
 mod ingest_dovecot;

@@ -232,6 +232,10 @@ impl Ready {
     }
 }
 
+/// A message at least this large is parsed alone (RELIABILITY.md, "Memory"): a parse may take
+/// several times its input (decoded text, the sanitiser's tree), so large ones never overlap.
+const PARSE_ALONE_BYTES: usize = 1024 * 1024;
+
 /// What a committed batch allows and reports.
 struct Committed {
     /// (message number, key) of messages that may now be deleted from the server.
@@ -393,9 +397,10 @@ async fn plan_listing(
 /// on a parser thread and batch k is committed by a background task (on its own database
 /// connection). Memory is bounded by the budgets, counted in parsed bytes (raw message plus
 /// what parsing made of it): `limits.parse_ahead` messages being parsed, one batch filling up
-/// to `batch_bytes`, and at most `limits.commit_concurrency` batches committing. A message
-/// whose footprint exceeds half a batch is committed alone, after everything else in flight,
-/// so one huge message never shares memory with full batches.
+/// to `batch_bytes`, and at most `limits.commit_concurrency` batches committing. A message of
+/// [`PARSE_ALONE_BYTES`] or more is parsed alone, and one whose parsed footprint exceeds
+/// half a batch is committed alone, after everything else in flight, so a large message never
+/// shares memory with other parses or full batches (RELIABILITY.md, "Memory").
 pub async fn poll_once(
     pilot: &Pilot,
     pool: &PgPool,
@@ -758,13 +763,21 @@ impl<'a> Pipeline<'a> {
         session: &mut Session<Stream>,
         report: &mut PollReport,
     ) -> Result<(), PollError> {
+        // A large message is parsed alone: what parsing takes grows with the message (see
+        // RELIABILITY.md, "Memory"), so it never overlaps other parses.
+        let alone = fetched.raw.len() >= PARSE_ALONE_BYTES;
+        if alone {
+            while !self.parsing.is_empty() {
+                self.take_parsed(Some(&mut *session), report).await?;
+            }
+        }
         let task = fetched.parsed.is_none().then(|| {
             let (raw, limits) = (fetched.raw.clone(), self.limits.parse.clone());
             // On a parser thread with a known stack and a time budget (see `parse_bounded`).
             tokio::spawn(async move { parse::parse_bounded(raw, &limits).await })
         });
         self.parsing.push_back((fetched, task));
-        while self.parsing.len() > self.limits.parse_ahead {
+        while self.parsing.len() > self.limits.parse_ahead || (alone && !self.parsing.is_empty()) {
             self.take_parsed(Some(&mut *session), report).await?;
         }
         Ok(())
