@@ -516,3 +516,65 @@ async fn a_huge_maildrop_drains_in_capped_polls() -> anyhow::Result<()> {
     assert!(world.pop.messages(&row.mailbox).is_empty());
     world.finish().await
 }
+
+/// New mail is fetched before the checks, and a keep-on-server pilot whose server lists
+/// untrusted UIDLs neither polls in a tight loop nor leaves some of them unstored for ever.
+#[tokio::test]
+async fn untrusted_uidls_of_a_keep_on_server_pilot_neither_starve_nor_spin() -> anyhow::Result<()> {
+    let world = SimWorld::start().await?;
+    let row = world
+        .add_pilot("support", |p| p.keep_on_server = true)
+        .await?;
+    let pilot = world.resolve(&row).await?;
+    let mut ledger = Ledger::default();
+    for i in 0..4 {
+        let raw = mail(&format!("shared-{i}"), &format!("shared-{i}@x"));
+        ledger.note(&raw)?;
+        world.pop.deliver_with_uidl(&row.mailbox, "SHARED", raw);
+    }
+    for i in 0..2 {
+        ledger.deliver(
+            &world.pop,
+            &row.mailbox,
+            mail(&format!("new-{i}"), &format!("new-{i}@x")),
+        )?;
+    }
+    let limits = IngestLimits {
+        max_messages_per_poll: 2,
+        ..small_limits()
+    };
+    let first = world.poll(&pilot, &limits).await?;
+    // The two ordinary new messages come first, though the server lists them last.
+    let stored: Vec<String> = world
+        .heads(&[row.id])
+        .await?
+        .iter()
+        .filter_map(|h| ccmail::sim::mailgen::marker(h))
+        .collect();
+    assert_eq!(stored, ["new-0", "new-1"], "{first:?}");
+    assert!(first.more_waiting, "{first:?}");
+    let mut polls = 1;
+    loop {
+        let report = world.poll(&pilot, &limits).await?;
+        polls += 1;
+        if !report.more_waiting {
+            break;
+        }
+        anyhow::ensure!(
+            polls < 10,
+            "still more waiting after {polls} polls: {report:?}"
+        );
+    }
+    ledger
+        .check(&world.heads(&[row.id]).await?)
+        .assert_exactly_once()?;
+    assert_eq!(
+        world.pop.messages(&row.mailbox).len(),
+        6,
+        "kept on the server"
+    );
+    // Settled: another poll stores nothing and does not ask to poll again at once.
+    let again = world.poll(&pilot, &limits).await?;
+    assert_eq!((again.stored, again.more_waiting), (0, false), "{again:?}");
+    world.finish().await
+}

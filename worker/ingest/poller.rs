@@ -304,9 +304,12 @@ async fn open_session(pilot: &Pilot, tokens: &TokenCache) -> Result<Session<Stre
     }
 }
 
-/// The listing as this poll sees it: every usable entry with its plan, in server order.
+/// The listing as this poll sees it: every usable entry with its plan, in server order; new
+/// mail first, then the checks (stored messages to verify and delete, untrusted UIDLs), so
+/// neither a backlog of checks nor a hostile listing can keep new mail waiting.
 struct Listed {
-    plans: Vec<(u32, Plan)>,
+    fetches: Vec<(u32, Plan)>,
+    checks: Vec<(u32, Plan)>,
     /// The listing was cut at `max_listing_entries`.
     truncated: bool,
 }
@@ -349,7 +352,8 @@ async fn plan_listing(
         }
         store::known_uidls(&mut conn, pilot.id, &present).await?
     };
-    let mut plans = Vec::with_capacity(listing.entries.len());
+    let (mut fetches, mut checks) = (Vec::new(), Vec::new());
+    let (mut shared, mut invalid) = (0usize, 0usize);
     for entry in listing.entries {
         let plan = match entry.uidl {
             pop3::ListedUidl::Unique(uidl) => match known.get(&uidl) {
@@ -375,17 +379,35 @@ async fn plan_listing(
                     too_large: false,
                 },
             },
-            pop3::ListedUidl::Shared(uidl) => Plan::Untrusted {
-                why: format!("UIDL {uidl:?} is listed for more than one message"),
-            },
-            pop3::ListedUidl::Invalid { reason, excerpt } => Plan::Untrusted {
-                why: format!("unusable UIDL line ({reason}): {excerpt}"),
-            },
+            pop3::ListedUidl::Shared(uidl) => {
+                shared += 1;
+                Plan::Untrusted {
+                    why: format!("UIDL {uidl:?} is listed for more than one message"),
+                }
+            }
+            pop3::ListedUidl::Invalid { reason, excerpt } => {
+                invalid += 1;
+                Plan::Untrusted {
+                    why: format!("unusable UIDL line ({reason}): {excerpt}"),
+                }
+            }
         };
-        plans.push((entry.number, plan));
+        match plan {
+            Plan::Fetch { .. } => fetches.push((entry.number, plan)),
+            Plan::Verify { .. } | Plan::Untrusted { .. } => checks.push((entry.number, plan)),
+        }
+    }
+    if shared + invalid > 0 {
+        tracing::warn!(
+            pilot = pilot.id,
+            shared,
+            malformed = invalid,
+            "the server lists messages whose UIDL cannot be trusted; they are known by their identity"
+        );
     }
     Ok(Listed {
-        plans,
+        fetches,
+        checks,
         truncated: listing.truncated,
     })
 }
@@ -430,17 +452,18 @@ pub async fn poll_once(
         report.more_waiting = true;
         tracing::info!(
             pilot = pilot.id,
-            looked_at = listed.plans.len(),
+            looked_at = listed.fetches.len() + listed.checks.len(),
             "the UIDL listing is longer than worker.max_listing_entries; the rest waits for later polls"
         );
     }
 
     let mut pipeline = Pipeline::new(pool, pilot, limits);
     let mut to_delete: Vec<(u32, String)> = Vec::new();
-    let mut fetched = 0usize;
+    // Per poll at most `max_messages_per_poll` downloads and as many checks (TOP n 0).
+    let (mut fetched, mut checked, mut checks_progressed) = (0usize, 0usize, false);
 
     let transfer: Result<(), PollError> = async {
-        for (number, plan) in listed.plans {
+        for (number, plan) in listed.fetches.into_iter().chain(listed.checks) {
             if cancel.is_cancelled() {
                 break;
             }
@@ -457,15 +480,26 @@ pub async fn poll_once(
                     attempts,
                     too_large,
                 } => (Some(uidl), attempts, false, too_large),
+                Plan::Verify { .. } | Plan::Untrusted { .. }
+                    if checked >= limits.max_messages_per_poll =>
+                {
+                    // Poll again soon only if the checks are getting somewhere (a keep-on-server
+                    // pilot with many untrusted UIDLs would otherwise poll in a tight loop).
+                    report.more_waiting |= checks_progressed;
+                    continue;
+                }
                 Plan::Verify { uidl, copy } => {
+                    checked += 1;
                     match verify_stored(&mut session, pilot, pool, number, &uidl, &copy).await? {
                         Some(true) => {
+                            checks_progressed = true;
                             to_delete.push((number, uidl));
                             continue;
                         }
                         // Could not tell: leave it on the server.
                         None => continue,
                         Some(false) => {
+                            checks_progressed = true;
                             report.untrusted_uidls += 1;
                             metrics::global().ingest_error(pilot.id, "untrusted_uidl");
                             tracing::warn!(pilot = pilot.id, uidl = %uidl, "the server lists a stored message's UIDL for different mail; storing that mail by its identity");
@@ -476,14 +510,20 @@ pub async fn poll_once(
                 Plan::Untrusted { why } => {
                     report.untrusted_uidls += 1;
                     metrics::global().ingest_error(pilot.id, "untrusted_uidl");
-                    tracing::warn!(pilot = pilot.id, message = number, problem = %why, "UIDL not trusted; the message is known by its identity");
+                    tracing::debug!(pilot = pilot.id, message = number, problem = %why, "UIDL not trusted; the message is known by its identity");
+                    // Only a check that leads somewhere counts against the budget: messages of a
+                    // keep-on-server pilot, stored already, must not crowd out the others.
                     match resolve_untrusted(&mut session, pilot, pool, number).await? {
                         Resolution::Delete { key } => {
+                            (checked, checks_progressed) = (checked + 1, true);
                             to_delete.push((number, key));
                             continue;
                         }
                         Resolution::Leave => continue,
-                        Resolution::Fetch { key } => (key, 0, true, false),
+                        Resolution::Fetch { key } => {
+                            (checked, checks_progressed) = (checked + 1, true);
+                            (key, 0, true, false)
+                        }
                     }
                 }
             };
