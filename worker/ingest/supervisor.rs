@@ -7,8 +7,9 @@
 //!
 //! Credentials sealed in the old form `enc:v1` (bound to no row) are sealed again as `enc:v2`
 //! for the row they are in at the start of every reconciliation, before the rows are read
-//! ([`store::upgrade_unbound_credentials`]); the pollers then never open a v1 value, so one the
-//! upgrade left alone (held by several rows: a copy) is refused, not sent.
+//! ([`store::upgrade_unbound_credentials`]; not by a supervisor restricted to some pilots, such
+//! as the demo's, which leaves other rows alone); the pollers then never open a v1 value, so
+//! one the upgrade left alone (held by several rows: a copy) is refused, not sent.
 //!
 //! Shutdown: cancelling the token stops every poller between two messages; each finishes the
 //! message in hand, commits, sends DELE and QUIT, and exits. The supervisor waits for them at
@@ -200,7 +201,8 @@ impl Supervisor {
     ) -> Result<(), store::StoreError> {
         let rows = {
             let mut conn = self.pool.acquire().await?;
-            if let Some(key) = &self.master_key {
+            // A supervisor restricted to some pilots (the demo) leaves other rows alone.
+            if let (Some(key), None) = (&self.master_key, &self.only) {
                 self.upgrade_unbound(&mut conn, key).await;
             }
             store::enabled_pilots_with_apps(&mut conn).await?
