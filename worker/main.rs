@@ -109,7 +109,8 @@ enum KeyCommand {
     /// Print a new random master key (base64); keep it in CCMAIL_MASTER_KEY or a key file.
     Generate,
     /// Re-seal every stored secret from the configured master key to a new one, in one
-    /// transaction. Stop the workers first; start them again with the new key.
+    /// transaction, bound to its row (enc:v2; with the current key as the new one, this
+    /// upgrades enc:v1 values). Stop the workers first; start them again with the new key.
     Rotate {
         /// File holding the new key (base64 text or 32 raw bytes), e.g. from `key generate`.
         #[arg(long, value_name = "PATH")]

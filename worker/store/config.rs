@@ -1,7 +1,9 @@
 //! OAuth app registrations and mailbox pilots: the configuration admins change at runtime.
 //!
 //! Invariants: credentials reach this layer already sealed or as references (`env:`, `file:`);
-//! the database refuses anything else. A pilot's auth columns always agree with its auth kind
+//! the database refuses anything else. A sealed value opens only for the row identity it was
+//! sealed for ([`AppRow::credential_owner`], [`PilotRow::credential_owner`]), so writes that
+//! move a credential between identities take the value sealed again ([`update_app_resealed`]). A pilot's auth columns always agree with its auth kind
 //! (check constraint `pilots_auth_consistent`); `(lower(mailbox), lower(host))` is unique.
 //! Every admin-set text that is indexed or shown has a [`TextLimit`] (length, no control
 //! characters), checked here with a clear message and by the schema's `*_limits` constraints.
