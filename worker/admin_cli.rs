@@ -14,12 +14,12 @@ use ccmail::doctor::{self, Login, Target};
 use ccmail::ingest::supervisor;
 use ccmail::oauth::{self, AppCredentials, AppKey, Credential};
 use ccmail::pop3::{ServerSpec, TlsMode};
-use ccmail::secrets::CredentialPolicy;
+use ccmail::secrets::{self, CredentialPolicy, Owner, SecretRef};
 use ccmail::store::{self, PgPool};
 
 use crate::{
     AppCommand, CertificateSource, CloudArgs, DoctorArgs, ExitWith, PilotCommand, PilotSettings,
-    SecretSource, init_logs, read_secret, stored_secret,
+    SecretSource, init_logs, read_secret, seal_for, secret_input, stored_input, stored_secret,
 };
 
 /// Opens the database (logging is set up once by each command's handler).
@@ -63,31 +63,24 @@ fn resolve_cloud(
     Ok((authority, scope))
 }
 
-/// Reads and checks a certificate credential; returns the stored private key (sealed) and the
-/// certificate's public half.
+/// A certificate credential read and checked: its private key (to be sealed for the app), the
+/// certificate's public half, and the loaded credential.
+type CheckedCertificate = (
+    SecretString,
+    store::StoredCertificate,
+    Arc<oauth::CertificateCredential>,
+);
+
+/// Reads and checks a certificate credential (the key must belong to the certificate).
 fn certificate_credential(
-    config: &Config,
     source: &CertificateSource,
-) -> anyhow::Result<
-    Option<(
-        String,
-        store::StoredCertificate,
-        Arc<oauth::CertificateCredential>,
-    )>,
-> {
+) -> anyhow::Result<Option<CheckedCertificate>> {
     let Some((pem, key)) = read_certificate_files(source)? else {
         return Ok(None);
     };
     let loaded = oauth::CertificateCredential::from_pem(&pem, &key, source.alg)?;
-    let Some(master) = config.master_key()? else {
-        bail!(
-            "no master key to seal the private key with: create one with `ccmail key generate` and set {}",
-            ccmail::config::MASTER_KEY_ENV
-        );
-    };
-    let sealed = master.seal(&key)?;
     Ok(Some((
-        sealed,
+        key,
         store::StoredCertificate {
             pem,
             alg: source.alg.as_str().to_owned(),
@@ -174,27 +167,30 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
             if has_secret(&secret) && certificate.certificate.is_some() {
                 bail!("pass either a client secret or --certificate, not both");
             }
-            let mut app;
-            if let Some((key, cert, loaded)) = certificate_credential(config, &certificate)? {
-                app = store::NewApp::new(&name, &tenant, &client_id, key);
+            let mut app = store::NewApp::new(&name, &tenant, &client_id, String::new());
+            app.authority = authority;
+            app.scope = scope;
+            app.secret_expires_at = midnight(secret_expires);
+            // Sealed once the app's identity is complete: the value opens only for it.
+            if let Some((key, cert, loaded)) = certificate_credential(&certificate)? {
                 app.certificate = Some(cert);
+                app.credential = seal_for(config, &key, "private key", &app.credential_owner())?;
                 eprintln!(
                     "certificate thumbprint {} ({}): it must be listed under Certificates & secrets of the app",
                     loaded.portal_thumbprint(),
                     loaded.alg()
                 );
             } else {
-                let Some(credential) = stored_secret(config, &secret, "client secret")? else {
+                let Some(credential) =
+                    stored_secret(config, &secret, "client secret", &app.credential_owner())?
+                else {
                     bail!(
                         "the app needs a credential: a client secret with --secret-stdin, --secret-file PATH or --secret-env NAME, \
                          or a certificate with --certificate PEM --private-key-file PEM"
                     );
                 };
-                app = store::NewApp::new(&name, &tenant, &client_id, credential);
+                app.credential = credential;
             }
-            app.authority = authority;
-            app.scope = scope;
-            app.secret_expires_at = midnight(secret_expires);
             let row = store::insert_app(&mut conn, &app).await?;
             println!("app {} added (id {})", row.name, row.id);
             warn_expiry(&row);
@@ -304,7 +300,34 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
             new.authority = authority;
             new.scope = scope;
             new.secret_expires_at = midnight(secret_expires).or(row.secret_expires_at);
-            let updated = store::update_app(&mut conn, row.id, &new).await?;
+            new.certificate = row.certificate();
+            let updated = if needs_rebinding(
+                &row.credential,
+                &row.credential_owner(),
+                &new.credential_owner(),
+            ) {
+                let Some(key) = config.master_key()? else {
+                    bail!(
+                        "the credential of app {} is sealed for its current authority, tenant and client id, \
+                         and opens for nothing else; changing them needs the master key to seal it again: \
+                         configure {} (or secrets.master_key_file) and run the command again, or first store \
+                         the credential as a reference with `ccmail app rotate-secret {} --secret-env NAME`",
+                        row.name,
+                        ccmail::config::MASTER_KEY_ENV,
+                        row.name
+                    );
+                };
+                new.credential = secrets::rebind(
+                    &row.credential,
+                    &key,
+                    &row.credential_owner(),
+                    &new.credential_owner(),
+                )
+                .with_context(|| format!("sealing the credential of app {} again", row.name))?;
+                store::update_app_resealed(&mut conn, row.id, &new, &row.credential).await?
+            } else {
+                store::update_app(&mut conn, row.id, &new).await?
+            };
             println!(
                 "app {} updated (id {}); running workers restart its pilots",
                 updated.name, updated.id
@@ -322,7 +345,9 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
             if has_secret(&secret) && certificate.certificate.is_some() {
                 bail!("pass either a client secret or --certificate, not both");
             }
-            if let Some((key, cert, loaded)) = certificate_credential(config, &certificate)? {
+            if let Some((key, cert, loaded)) = certificate_credential(&certificate)? {
+                let owner = Owner::app(&row.authority, &row.tenant, &row.client_id, true);
+                let key = seal_for(config, &key, "private key", &owner)?;
                 store::set_app_certificate(&mut conn, row.id, &key, &cert, expires).await?;
                 println!(
                     "app {}: now uses certificate {} ({})",
@@ -331,7 +356,9 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
                     loaded.alg()
                 );
             } else {
-                let Some(credential) = stored_secret(config, &secret, "client secret")? else {
+                let owner = Owner::app(&row.authority, &row.tenant, &row.client_id, false);
+                let Some(credential) = stored_secret(config, &secret, "client secret", &owner)?
+                else {
                     bail!(
                         "pass the new client secret with --secret-stdin, --secret-file PATH or --secret-env NAME, \
                          or a certificate with --certificate PEM --private-key-file PEM"
@@ -395,10 +422,28 @@ fn apply_settings(pilot: &mut store::NewPilot, settings: &PilotSettings) -> anyh
     Ok(())
 }
 
-/// Refuses plaintext POP3 to a host `policy` does not allow it for, and says loudly what
-/// plaintext means when it is allowed.
-fn check_plaintext(policy: &CredentialPolicy, pilot: &store::NewPilot) -> anyhow::Result<()> {
+/// Whether a credential moving from `from` to `to` must be sealed again: it is sealed and
+/// the fields it is bound to change.
+fn needs_rebinding(stored: &str, from: &Owner, to: &Owner) -> bool {
+    from != to && SecretRef::parse(stored).is_ok_and(|r| r.is_sealed())
+}
+
+/// Refuses a pilot whose login may not go where it points under `policy`: plaintext to a
+/// remote host, an access token to a host outside `pop3.allowed_xoauth2_hosts`.
+fn check_destination(policy: &CredentialPolicy, pilot: &store::NewPilot) -> anyhow::Result<()> {
     policy.check_pop3_host(&pilot.host, pilot.tls)?;
+    if matches!(pilot.auth, store::PilotAuth::XOAuth2 { .. }) {
+        policy.check_xoauth2_host(&pilot.host)?;
+    }
+    Ok(())
+}
+
+/// [`check_destination`], then says loudly what plaintext means when it is allowed.
+fn check_saved_destination(
+    policy: &CredentialPolicy,
+    pilot: &store::NewPilot,
+) -> anyhow::Result<()> {
+    check_destination(policy, pilot)?;
     if pilot.tls == TlsMode::DangerousPlaintext {
         eprintln!(
             "WARNING: pilot {} on {}:{} logs in without TLS (dangerous_plaintext): its password \
@@ -445,6 +490,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
                 admin::validate_text(store::limits::USERNAME, username)?;
             }
             let mut app_row = None;
+            let mut password = None;
             let auth = match &app {
                 Some(name) => {
                     if has_secret(&secret) {
@@ -458,15 +504,18 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
                     auth
                 }
                 None => {
-                    let Some(credential) = stored_secret(config, &secret, "password")? else {
+                    let Some(input) =
+                        secret_input(&secret, "password", &config.credential_policy())?
+                    else {
                         bail!(
                             "a pilot without --app logs in with USER/PASS and needs a password: \
                              --secret-stdin, --secret-file PATH or --secret-env NAME"
                         );
                     };
+                    password = Some(input);
                     store::PilotAuth::UserPass {
                         username: username.clone().unwrap_or_else(|| mailbox.clone()),
-                        credential,
+                        credential: String::new(),
                     }
                 }
             };
@@ -479,8 +528,14 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
                 pilot.host = cloud.preset().pop_host.to_owned();
             }
             apply_settings(&mut pilot, &settings)?;
-            check_plaintext(&config.credential_policy(), &pilot)?;
+            check_saved_destination(&config.credential_policy(), &pilot)?;
             pilot.enabled = !disabled;
+            // Sealed once host, port and TLS mode are final: the value opens only for them.
+            if let (Some(input), Some(owner)) = (password, pilot.credential_owner())
+                && let store::PilotAuth::UserPass { credential, .. } = &mut pilot.auth
+            {
+                *credential = stored_input(config, input, "password", &owner)?;
+            }
             let existing = store::find_pilots_by_mailbox(&mut conn, &mailbox).await?;
             if let Some(dup) = existing
                 .iter()
@@ -626,21 +681,50 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
                 new.ca_bundle = None;
             }
             apply_settings(&mut new, &settings)?;
-            check_plaintext(&config.credential_policy(), &new)?;
+            check_saved_destination(&config.credential_policy(), &new)?;
             if has_secret(&secret) {
-                let store::PilotAuth::UserPass { username, .. } = &new.auth else {
+                let (store::PilotAuth::UserPass { username, .. }, Some(owner)) =
+                    (&new.auth, new.credential_owner())
+                else {
                     bail!(
                         "pilot {} logs in with XOAUTH2; rotate the app's secret with `ccmail app rotate-secret`",
                         row.id
                     );
                 };
                 let username = username.clone();
-                if let Some(credential) = stored_secret(config, &secret, "password")? {
+                if let Some(credential) = stored_secret(config, &secret, "password", &owner)? {
                     new.auth = store::PilotAuth::UserPass {
                         username,
                         credential,
                     };
                 }
+            } else if let (
+                Some(from),
+                Some(to),
+                store::PilotAuth::UserPass {
+                    username,
+                    credential,
+                },
+            ) = (row.credential_owner(), new.credential_owner(), &new.auth)
+                && needs_rebinding(credential, &from, &to)
+            {
+                let Some(key) = config.master_key()? else {
+                    bail!(
+                        "the password of pilot {} is sealed for its current host, port and TLS mode, \
+                         and opens for nothing else; changing them needs the master key to seal it \
+                         again: configure {} (or secrets.master_key_file) and run the command again, \
+                         or give the password in the same command (--secret-stdin, --secret-file PATH \
+                         or --secret-env NAME)",
+                        row.id,
+                        ccmail::config::MASTER_KEY_ENV
+                    );
+                };
+                let credential = secrets::rebind(credential, &key, &from, &to)
+                    .with_context(|| format!("sealing the password of pilot {} again", row.id))?;
+                new.auth = store::PilotAuth::UserPass {
+                    username: username.clone(),
+                    credential,
+                };
             }
             let updated = store::update_pilot(&mut conn, row.id, &new).await?;
             println!(
@@ -690,7 +774,7 @@ fn pilot_target(
 ) -> anyhow::Result<Target> {
     let master = config.master_key()?;
     let policy = config.credential_policy();
-    policy.check_pop3_host(&pilot.host, pilot.tls)?;
+    check_destination(&policy, pilot)?;
     let login = match (&pilot.auth, app) {
         (store::PilotAuth::XOAuth2 { .. }, Some(app)) => Login::XOAuth2 {
             app: supervisor::app_credentials(app, master.as_ref(), &policy)?,
@@ -706,7 +790,11 @@ fn pilot_target(
             _,
         ) => Login::UserPass {
             username: username.clone(),
-            password: policy.resolve(credential, master.as_ref())?,
+            password: policy.resolve(
+                credential,
+                master.as_ref(),
+                &Owner::pilot(&pilot.host, pilot.port, pilot.tls, username),
+            )?,
         },
     };
     let roots = match &pilot.ca_bundle {
@@ -756,6 +844,17 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
         };
         let mut pilot = new_pilot_from_row(&row);
         apply_settings(&mut pilot, &args.settings)?;
+        if let (Some(from), Some(to), store::PilotAuth::UserPass { credential, .. }) =
+            (row.credential_owner(), pilot.credential_owner(), &row.auth)
+            && needs_rebinding(credential, &from, &to)
+        {
+            bail!(
+                "the stored password of pilot {} opens only for the pilot's own host, port and TLS \
+                 mode; check another server with `ccmail doctor --mailbox MAILBOX --username NAME \
+                 --secret-stdin` and the server flags, or change the pilot with `ccmail pilot update` first",
+                row.id
+            );
+        }
         return pilot_target(config, &pilot, app.as_ref(), args.retr, args.timeout);
     }
     let Some(mailbox) = &args.mailbox else {
@@ -834,11 +933,7 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
         None => pilot_target(config, &pilot, app_row.as_ref(), args.retr, args.timeout),
         Some(login) => {
             // Explicit credentials: build the target around them (nothing stored is read).
-            config
-                .credential_policy()
-                .check_pop3_host(&pilot.host, pilot.tls)?;
-            let mut explicit = pilot.clone();
-            explicit.auth = store::PilotAuth::XOAuth2 { app_id: 0 };
+            check_destination(&config.credential_policy(), &pilot)?;
             let roots = match &pilot.ca_bundle {
                 Some(path) => ccmail::tls::read_pem_bundle(Path::new(path))?,
                 None => Vec::new(),

@@ -94,6 +94,11 @@ pub struct Pop3Config {
     /// Lets `dangerous_plaintext` pilots log in to hosts other than loopback. The second
     /// switch: the pilot's own setting lives in the database, this one only here.
     pub dangerous_allow_plaintext_to_remote_hosts: bool,
+    /// POP3 hosts an XOAUTH2 pilot may log in to: the tenant's access token opens every
+    /// mailbox its app may read, so it goes nowhere else. Host names or addresses, compared
+    /// without regard to case and never resolved. In the environment, a comma-separated list.
+    #[serde(deserialize_with = "list_or_comma_separated")]
+    pub allowed_xoauth2_hosts: Vec<String>,
 }
 
 /// `[parse]`
@@ -214,6 +219,10 @@ impl Default for Pop3Config {
             idle_timeout_secs: 60,
             min_rate_bytes_per_sec: 16 * 1024,
             dangerous_allow_plaintext_to_remote_hosts: false,
+            allowed_xoauth2_hosts: crate::secrets::MICROSOFT_POP_HOSTS
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect(),
         }
     }
 }
@@ -487,7 +496,7 @@ impl Config {
                     .to_owned(),
             });
         }
-        crate::secrets::CredentialPolicy::with_authorities(
+        let mut policy = crate::secrets::CredentialPolicy::with_authorities(
             self.reference_policy()?,
             &self.oauth.allowed_authorities,
             self.pop3.dangerous_allow_plaintext_to_remote_hosts,
@@ -495,11 +504,26 @@ impl Config {
         .map_err(|e| ConfigError::Invalid {
             key: "oauth.allowed_authorities",
             message: e.to_string(),
-        })
+        })?;
+        for host in &self.pop3.allowed_xoauth2_hosts {
+            let bare = crate::secrets::normalise_host(host);
+            if bare.is_empty() || bare.contains(|c: char| c.is_whitespace() || "/@?#".contains(c)) {
+                return Err(ConfigError::Invalid {
+                    key: "pop3.allowed_xoauth2_hosts",
+                    message: format!(
+                        "{host:?} is not a host name or address; list hosts such as \
+                         outlook.office365.com, without scheme, port or path"
+                    ),
+                });
+            }
+        }
+        policy.set_xoauth2_hosts(&self.pop3.allowed_xoauth2_hosts);
+        Ok(policy)
     }
 
     /// Where stored credentials may come from and go to: `[secrets]` `dir` and `env_prefix`,
-    /// `oauth.allowed_authorities`, `pop3.dangerous_allow_plaintext_to_remote_hosts`. Checked
+    /// `oauth.allowed_authorities`, `pop3.allowed_xoauth2_hosts`,
+    /// `pop3.dangerous_allow_plaintext_to_remote_hosts`. Checked
     /// when the settings load, so only settings built by hand can fall back to the defaults.
     pub fn credential_policy(&self) -> crate::secrets::CredentialPolicy {
         self.try_credential_policy().unwrap_or_default()

@@ -109,9 +109,10 @@ pub async fn run(config: &Config, options: &DemoOptions) -> anyhow::Result<DemoO
         &format!("demo-{run_id}"),
         &tenant,
         &client_id,
-        key.seal(&SecretString::from(client_secret))?,
+        String::new(),
     );
     app.authority = entra.authority();
+    app.seal_credential(&key, &SecretString::from(client_secret))?;
     let app = store::insert_app(&mut conn, &app).await?;
 
     let addr = pop.tls_addr();
@@ -163,6 +164,9 @@ pub async fn run(config: &Config, options: &DemoOptions) -> anyhow::Result<DemoO
     let mut settings = SupervisorSettings::from_config(config);
     // The demo's token endpoint is its own simulator: allowed for this run only.
     settings.credentials.allow_authority(&entra.authority())?;
+    settings
+        .credentials
+        .allow_xoauth2_host(&addr.ip().to_string());
     let supervisor =
         Supervisor::new(pool.clone(), tokens, settings, Some(key)).only_pilots(pilots.clone());
     let shutdown = CancellationToken::new();

@@ -18,7 +18,7 @@ use ccmail::config::{Config, LogFormat};
 use ccmail::ingest::supervisor::{Supervisor, SupervisorSettings};
 use ccmail::oauth::{self, CachePolicy, TokenCache, TokenSource};
 use ccmail::pop3::TlsMode;
-use ccmail::secrets::{CredentialPolicy, MasterKey};
+use ccmail::secrets::{CredentialPolicy, MasterKey, Owner};
 use ccmail::store;
 
 #[derive(Parser)]
@@ -109,7 +109,8 @@ enum KeyCommand {
     /// Print a new random master key (base64); keep it in CCMAIL_MASTER_KEY or a key file.
     Generate,
     /// Re-seal every stored secret from the configured master key to a new one, in one
-    /// transaction. Stop the workers first; start them again with the new key.
+    /// transaction, bound to its row (enc:v2; with the current key as the new one, this
+    /// upgrades enc:v1 values). Stop the workers first; start them again with the new key.
     Rotate {
         /// File holding the new key (base64 text or 32 raw bytes), e.g. from `key generate`.
         #[arg(long, value_name = "PATH")]
@@ -458,8 +459,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let pool = store::connect(&config.database.url, 1).await?;
             store::migrate(&pool).await?;
             let mut tx = pool.begin().await?;
-            let changed = store::reseal_credentials(&mut tx, |stored| {
-                ccmail::secrets::reseal(stored, &old, &new).map_err(|e| e.to_string())
+            // Every value comes out as enc:v2 bound to its row, so rotating to the current key
+            // upgrades the enc:v1 values at once, without a worker.
+            let changed = store::reseal_credentials(&mut tx, |owner, stored| {
+                ccmail::secrets::reseal(stored, &old, &new, owner).map_err(|e| e.to_string())
             })
             .await?;
             tx.commit().await?;
@@ -626,7 +629,7 @@ async fn wait_for_signal() {
 }
 
 /// What a [`SecretSource`] gave: a reference to keep as it is, or the secret itself.
-enum SecretInput {
+pub(crate) enum SecretInput {
     Reference(String),
     Value(SecretString),
 }
@@ -635,7 +638,7 @@ enum SecretInput {
 /// (trailing newline dropped; never a special file such as `/proc/self/environ`, never more
 /// than a secret's size), or names an environment variable that `policy` allows. `None` when
 /// none was given.
-fn secret_input(
+pub(crate) fn secret_input(
     source: &SecretSource,
     what: &str,
     policy: &CredentialPolicy,
@@ -676,17 +679,40 @@ fn secret_input(
     Ok(Some(SecretInput::Value(SecretString::from(secret))))
 }
 
-/// Turns a [`SecretSource`] into what is stored: sealed with the master key, or a reference.
+/// Turns a [`SecretSource`] into what is stored for `owner`: sealed with the master key for
+/// it, or a reference.
 fn stored_secret(
     config: &Config,
     source: &SecretSource,
     what: &str,
+    owner: &Owner,
 ) -> anyhow::Result<Option<String>> {
-    let secret = match secret_input(source, what, &config.credential_policy())? {
-        None => return Ok(None),
-        Some(SecretInput::Reference(reference)) => return Ok(Some(reference)),
-        Some(SecretInput::Value(secret)) => secret,
-    };
+    match secret_input(source, what, &config.credential_policy())? {
+        None => Ok(None),
+        Some(input) => stored_input(config, input, what, owner).map(Some),
+    }
+}
+
+/// What is stored for `input`: the reference as it is, or the secret sealed for `owner`.
+fn stored_input(
+    config: &Config,
+    input: SecretInput,
+    what: &str,
+    owner: &Owner,
+) -> anyhow::Result<String> {
+    match input {
+        SecretInput::Reference(reference) => Ok(reference),
+        SecretInput::Value(secret) => seal_for(config, &secret, what, owner),
+    }
+}
+
+/// `secret` sealed for `owner` with the configured master key.
+fn seal_for(
+    config: &Config,
+    secret: &SecretString,
+    what: &str,
+    owner: &Owner,
+) -> anyhow::Result<String> {
     let Some(key) = config.master_key()? else {
         bail!(
             "no master key to seal the {what} with: create one with `ccmail key generate` and set \
@@ -694,7 +720,7 @@ fn stored_secret(
             ccmail::config::MASTER_KEY_ENV
         );
     };
-    Ok(Some(key.seal(&secret)?))
+    Ok(key.seal(secret, owner)?)
 }
 
 /// A secret for immediate use (doctor): read or resolved under `policy`, never stored.
@@ -705,7 +731,9 @@ fn read_secret(
 ) -> anyhow::Result<Option<SecretString>> {
     Ok(match secret_input(source, what, policy)? {
         None => None,
-        Some(SecretInput::Reference(reference)) => Some(policy.resolve(&reference, None)?),
+        Some(SecretInput::Reference(reference)) => Some(
+            ccmail::secrets::SecretRef::parse(&reference)?.resolve_reference(&policy.references)?,
+        ),
         Some(SecretInput::Value(secret)) => Some(secret),
     })
 }

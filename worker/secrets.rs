@@ -1,9 +1,17 @@
 //! Secrets at rest: how client secrets and passwords are stored in PostgreSQL.
 //!
-//! A stored credential is one of three forms, and never plaintext:
-//! - `enc:v1:<key id>:<base64 of nonce || ciphertext>`: AES-256-GCM under the operator's
-//!   [`MasterKey`], with a random 96-bit nonce per seal; the `enc:v1:<key id>` prefix is bound
-//!   as associated data, so editing the header is detected like editing the ciphertext;
+//! A stored credential is one of these forms, and never plaintext:
+//! - `enc:v2:<key id>:<base64 of nonce || ciphertext>`: AES-256-GCM under the operator's
+//!   [`MasterKey`], with a random 96-bit nonce per seal. The associated data binds the
+//!   `enc:v2:<key id>` header and the [`Owner`] of the row: for an app its authority, tenant,
+//!   client id and credential kind; for a USER/PASS pilot the host, port, TLS mode and
+//!   username its password is sent with. A value copied into another row, or left in a row
+//!   whose binding fields changed without sealing it again, does not open
+//!   ([`SecretError::SealedForAnother`]), so nothing is sent;
+//! - `enc:v1:<key id>:<data>`: the older form, bound only to its header. It still opens, so
+//!   upgrading loses nothing, but the worker never sends it: it seals every v1 value again as
+//!   v2 for the row it is in ([`upgrade`]) before it reads the rows, and refuses one it could
+//!   not upgrade (a value held by several rows is a copy, and is never upgraded);
 //! - `env:NAME`: the secret is read from environment variable `NAME` when needed;
 //! - `file:PATH`: the secret is read from the file at `PATH` when needed.
 //!
@@ -19,13 +27,18 @@
 //! - `file:` resolves (symlinks followed) to a regular file of at most
 //!   [`MAX_SECRET_FILE_BYTES`] under `secrets.dir`; without that setting it is refused, and
 //!   `/proc`, `/sys` and `/dev` are refused everywhere;
-//! - an OAuth credential goes only to an authority in `oauth.allowed_authorities`, and a POP3
-//!   login goes unencrypted (`dangerous_plaintext`) only to a loopback host unless the
-//!   settings file sets `pop3.dangerous_allow_plaintext_to_remote_hosts`.
+//! - an OAuth credential goes only to an authority in `oauth.allowed_authorities`, a token
+//!   only to a POP3 host in `pop3.allowed_xoauth2_hosts`, and a POP3 login goes unencrypted
+//!   (`dangerous_plaintext`) only to a loopback host unless the settings file sets
+//!   `pop3.dangerous_allow_plaintext_to_remote_hosts`.
+//!
+//! References are not bound to their row: any row may name a variable or file the policy
+//! allows. Keep one secret per variable or file and narrow the policy, or seal the secret.
 //!
 //! Invariants: no error message and no `Debug` output contains a secret, a key, or a stored
 //! ciphertext; resolved secrets only ever exist as [`SecretString`]; no reference is resolved
-//! without a policy. Randomness (keys, nonces) comes from the operating system's CSPRNG.
+//! without a policy, and no sealed value is opened without the owner it must belong to.
+//! Randomness (keys, nonces) comes from the operating system's CSPRNG.
 
 use std::fmt;
 use std::io::Read as _;
@@ -39,8 +52,10 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::{Digest, Sha256};
 
-/// Prefix of a sealed credential, before the key id.
-const SEALED_PREFIX: &str = "enc:v1:";
+/// Prefix of a sealed credential bound to its owner, before the key id.
+const SEALED_V2: &str = "enc:v2:";
+/// Prefix of the older sealed form, bound only to its header.
+const SEALED_V1: &str = "enc:v1:";
 /// Length of an AES-GCM nonce in bytes (96 bits).
 const NONCE_LEN: usize = 12;
 /// Length of the AES-GCM authentication tag in bytes.
@@ -65,6 +80,13 @@ pub const MICROSOFT_AUTHORITIES: [&str; 3] = [
     "https://login.microsoftonline.us",
     "https://login.partner.microsoftonline.cn",
 ];
+/// The POP3 hosts of the same clouds: where an access token may be sent unless
+/// `pop3.allowed_xoauth2_hosts` says otherwise.
+pub const MICROSOFT_POP_HOSTS: [&str; 3] = [
+    "outlook.office365.com",
+    "outlook.office365.us",
+    "partner.outlook.cn",
+];
 
 /// Why a secret could not be sealed, parsed or resolved. Messages name what is wrong and how
 /// to fix it, and never contain secret material.
@@ -81,7 +103,7 @@ pub enum SecretError {
         source: std::io::Error,
     },
     #[error(
-        "stored credential is not in a recognised form; it must be `enc:v1:<key id>:<data>` \
+        "stored credential is not in a recognised form; it must be `enc:v2:<key id>:<data>` \
          (sealed with the master key), `env:NAME` (read from an environment variable) or \
          `file:PATH` (read from a file). Plaintext secrets are refused: seal the secret or \
          store a reference instead"
@@ -108,6 +130,23 @@ pub enum SecretError {
          in storage; seal the secret again"
     )]
     Tampered { key_id: String },
+    #[error(
+        "sealed credential (key {key_id}) does not open for this {owner}: it was sealed for \
+         another {owner}, or for this one before its {fields} changed, or it was altered in \
+         storage; nothing was sent. Store the secret again for this {owner}"
+    )]
+    SealedForAnother {
+        key_id: String,
+        owner: &'static str,
+        fields: &'static str,
+    },
+    #[error(
+        "credential sealed with key {key_id} is in the old form enc:v1, which is not bound to \
+         its {owner}, and the worker could not seal it again as enc:v2 (its log says why; most \
+         often the same sealed value is held by several rows, so all but one are copies); \
+         nothing was sent. Store the secret again for this {owner}"
+    )]
+    UnboundSealed { key_id: String, owner: &'static str },
     #[error("sealed credential (key {key_id}) does not decrypt to UTF-8 text; seal it again")]
     NotUtf8 { key_id: String },
     #[error(
@@ -180,13 +219,21 @@ pub enum SecretError {
          pop3.dangerous_allow_plaintext_to_remote_hosts = true"
     )]
     PlaintextToRemoteHost { host: String },
+    #[error(
+        "XOAUTH2 to POP3 host {host:?} is refused: the tenant's access token opens every \
+         mailbox the app may read, so it is sent only to a host in pop3.allowed_xoauth2_hosts \
+         ({allowed}); add the host there (or to CCMAIL_POP3_ALLOWED_XOAUTH2_HOSTS) if it is \
+         your Exchange server"
+    )]
+    XOAuth2HostNotAllowed { host: String, allowed: String },
     #[error("encryption failed; this is a bug in ccmail's use of AES-GCM")]
     SealFailed,
 }
 
 impl SecretError {
-    /// Whether a policy refused the reference or destination (as opposed to a key, a
-    /// ciphertext or a missing file being wrong): the fix is a different reference.
+    /// Whether a policy refused the reference or destination, or a sealed value does not
+    /// belong to its row (as opposed to a key or a missing file being wrong): the fix is to
+    /// store the credential again, or to change the settings the error names.
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
@@ -200,6 +247,9 @@ impl SecretError {
                 | SecretError::AuthorityNotAllowed { .. }
                 | SecretError::BadAuthority { .. }
                 | SecretError::PlaintextToRemoteHost { .. }
+                | SecretError::XOAuth2HostNotAllowed { .. }
+                | SecretError::SealedForAnother { .. }
+                | SecretError::UnboundSealed { .. }
         )
     }
 }
@@ -291,10 +341,28 @@ impl MasterKey {
         Aes256Gcm::new(&key)
     }
 
-    /// Seals `plaintext` as `enc:v1:<key id>:<base64 nonce||ciphertext>` with a fresh random
-    /// nonce, so sealing the same secret twice gives different text.
-    pub fn seal(&self, plaintext: &SecretString) -> Result<String, SecretError> {
-        let header = format!("{SEALED_PREFIX}{}", self.id);
+    /// Seals `plaintext` for `owner` as `enc:v2:<key id>:<base64 nonce||ciphertext>` with a
+    /// fresh random nonce, so sealing the same secret twice gives different text. It opens
+    /// only for an owner with the same binding ([`Owner`]).
+    pub fn seal(&self, plaintext: &SecretString, owner: &Owner) -> Result<String, SecretError> {
+        let header = format!("{SEALED_V2}{}", self.id);
+        self.seal_with(&header, &owner.associated_data(&header), plaintext)
+    }
+
+    /// The older form, bound to its header only: what ccmail wrote before `enc:v2`. Kept so
+    /// the upgrade from it can be tested.
+    #[cfg(test)]
+    pub(crate) fn seal_v1(&self, plaintext: &SecretString) -> Result<String, SecretError> {
+        let header = format!("{SEALED_V1}{}", self.id);
+        self.seal_with(&header, header.as_bytes(), plaintext)
+    }
+
+    fn seal_with(
+        &self,
+        header: &str,
+        aad: &[u8],
+        plaintext: &SecretString,
+    ) -> Result<String, SecretError> {
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let ciphertext = self
             .cipher()
@@ -302,7 +370,7 @@ impl MasterKey {
                 &nonce,
                 Payload {
                     msg: plaintext.expose_secret().as_bytes(),
-                    aad: header.as_bytes(),
+                    aad,
                 },
             )
             .map_err(|_| SecretError::SealFailed)?;
@@ -312,7 +380,15 @@ impl MasterKey {
         Ok(format!("{header}:{}", BASE64.encode(blob)))
     }
 
-    fn open(&self, key_id: &str, blob: &[u8]) -> Result<SecretString, SecretError> {
+    /// Opens a sealed value; `owner` is the row it must belong to (v2 only: v1 values are
+    /// bound to their header alone).
+    fn open(
+        &self,
+        form: SealedForm,
+        key_id: &str,
+        blob: &[u8],
+        owner: &Owner,
+    ) -> Result<SecretString, SecretError> {
         if key_id != self.id {
             return Err(SecretError::WrongKey {
                 expected: key_id.to_owned(),
@@ -329,18 +405,30 @@ impl MasterKey {
             nonce.try_into().map_err(|_| SecretError::MalformedSealed {
                 reason: "the data is too short to hold a nonce and a tag",
             })?;
-        let header = format!("{SEALED_PREFIX}{key_id}");
+        let header = format!("{}{key_id}", form.prefix());
+        let aad = match form {
+            SealedForm::V1 => header.as_bytes().to_vec(),
+            SealedForm::V2 => owner.associated_data(&header),
+        };
         let plain = self
             .cipher()
             .decrypt(
                 &Nonce::from(nonce),
                 Payload {
                     msg: ciphertext,
-                    aad: header.as_bytes(),
+                    aad: &aad,
                 },
             )
-            .map_err(|_| SecretError::Tampered {
-                key_id: key_id.to_owned(),
+            .map_err(|_| match form {
+                // Authentication binds the owner: failing it means "not this row as it is".
+                SealedForm::V2 => SecretError::SealedForAnother {
+                    key_id: key_id.to_owned(),
+                    owner: owner.kind(),
+                    fields: owner.bound_fields(),
+                },
+                SealedForm::V1 => SecretError::Tampered {
+                    key_id: key_id.to_owned(),
+                },
             })?;
         let text = String::from_utf8(plain).map_err(|_| SecretError::NotUtf8 {
             key_id: key_id.to_owned(),
@@ -355,11 +443,189 @@ impl fmt::Debug for MasterKey {
     }
 }
 
+/// Which sealed form a value is in (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealedForm {
+    /// `enc:v1:`: bound to its header only.
+    V1,
+    /// `enc:v2:`: bound to its header and its [`Owner`].
+    V2,
+}
+
+impl SealedForm {
+    fn prefix(self) -> &'static str {
+        match self {
+            SealedForm::V1 => SEALED_V1,
+            SealedForm::V2 => SEALED_V2,
+        }
+    }
+}
+
+/// The row a sealed credential belongs to, reduced to what decides where the credential is
+/// sent: for an app, its token authority, tenant, client id and whether the credential is a
+/// client secret or a certificate's private key; for a USER/PASS pilot, the host, port, TLS
+/// mode and username its password goes with. An `enc:v2` value opens only for an owner equal
+/// to the one it was sealed for. Fields are compared as the worker uses them: an authority as
+/// its https origin, tenant and client id and host without regard to case (a host also
+/// without a trailing dot or IPv6 brackets), the username exactly.
+///
+/// An app's row id is not part of it on purpose: two rows with the same authority, tenant and
+/// client id are the same app registration, holding the same secret, and a database restored
+/// elsewhere keeps working. A pilot's CA bundle is not either: it is a path whose file can
+/// change without the row changing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Owner(OwnerKind);
+
+#[derive(Clone, PartialEq, Eq)]
+enum OwnerKind {
+    App {
+        authority: String,
+        tenant: String,
+        client_id: String,
+        certificate: bool,
+    },
+    Pilot {
+        host: String,
+        port: u16,
+        tls: crate::pop3::TlsMode,
+        username: String,
+    },
+}
+
+impl Owner {
+    /// An OAuth app's client secret (`certificate` false) or certificate private key.
+    pub fn app(authority: &str, tenant: &str, client_id: &str, certificate: bool) -> Owner {
+        Owner(OwnerKind::App {
+            authority: normalise_authority(authority)
+                .unwrap_or_else(|_| authority.trim().to_ascii_lowercase()),
+            tenant: tenant.trim().to_ascii_lowercase(),
+            client_id: client_id.trim().to_ascii_lowercase(),
+            certificate,
+        })
+    }
+
+    /// A USER/PASS pilot's password.
+    pub fn pilot(host: &str, port: u16, tls: crate::pop3::TlsMode, username: &str) -> Owner {
+        Owner(OwnerKind::Pilot {
+            host: normalise_host(host),
+            port,
+            tls,
+            username: username.to_owned(),
+        })
+    }
+
+    /// `app` or `pilot`, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self.0 {
+            OwnerKind::App { .. } => "app",
+            OwnerKind::Pilot { .. } => "pilot",
+        }
+    }
+
+    /// The fields a sealed value is bound to, in words.
+    pub fn bound_fields(&self) -> &'static str {
+        match self.0 {
+            OwnerKind::App { .. } => "authority, tenant, client id or credential kind",
+            OwnerKind::Pilot { .. } => "host, port, TLS mode or username",
+        }
+    }
+
+    /// The associated data of an `enc:v2` value: its header, then each field with its length
+    /// in front, so no two owners give the same bytes.
+    fn associated_data(&self, header: &str) -> Vec<u8> {
+        fn field(out: &mut Vec<u8>, value: &[u8]) {
+            let len = u32::try_from(value.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(value);
+        }
+        let mut out = Vec::with_capacity(header.len() + 128);
+        field(&mut out, header.as_bytes());
+        match &self.0 {
+            OwnerKind::App {
+                authority,
+                tenant,
+                client_id,
+                certificate,
+            } => {
+                field(&mut out, b"app");
+                let kind: &[u8] = if *certificate {
+                    b"certificate-private-key"
+                } else {
+                    b"client-secret"
+                };
+                field(&mut out, kind);
+                field(&mut out, authority.as_bytes());
+                field(&mut out, tenant.as_bytes());
+                field(&mut out, client_id.as_bytes());
+            }
+            OwnerKind::Pilot {
+                host,
+                port,
+                tls,
+                username,
+            } => {
+                field(&mut out, b"pilot-password");
+                field(&mut out, host.as_bytes());
+                field(&mut out, &port.to_be_bytes());
+                field(&mut out, tls.as_str().as_bytes());
+                field(&mut out, username.as_bytes());
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Debug for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            OwnerKind::App {
+                authority,
+                tenant,
+                client_id,
+                certificate,
+            } => f
+                .debug_struct("App")
+                .field("authority", authority)
+                .field("tenant", tenant)
+                .field("client_id", client_id)
+                .field("certificate", certificate)
+                .finish(),
+            OwnerKind::Pilot {
+                host,
+                port,
+                tls,
+                username,
+            } => f
+                .debug_struct("Pilot")
+                .field("host", host)
+                .field("port", port)
+                .field("tls", tls)
+                .field("username", username)
+                .finish(),
+        }
+    }
+}
+
+/// A host name as it is compared: trimmed, lower-case, without a trailing dot or the
+/// brackets of an IPv6 literal.
+pub fn normalise_host(host: &str) -> String {
+    let host = host.trim().trim_end_matches('.');
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    bare.to_ascii_lowercase()
+}
+
 /// A stored credential, parsed but not yet resolved.
 #[derive(Clone, PartialEq, Eq)]
 pub enum SecretRef {
-    /// Sealed with the master key `key_id`; `blob` is nonce || ciphertext.
-    Sealed { key_id: String, blob: Vec<u8> },
+    /// Sealed with the master key `key_id` in `form`; `blob` is nonce || ciphertext.
+    Sealed {
+        form: SealedForm,
+        key_id: String,
+        blob: Vec<u8>,
+    },
     /// Read from the named environment variable.
     Env(String),
     /// Read from the file at this path.
@@ -367,10 +633,13 @@ pub enum SecretRef {
 }
 
 impl SecretRef {
-    /// Parses a stored credential. Anything that is not one of the three forms is refused,
-    /// which is what keeps plaintext secrets out of the database.
+    /// Parses a stored credential. Anything that is not one of the recognised forms is
+    /// refused, which is what keeps plaintext secrets out of the database.
     pub fn parse(stored: &str) -> Result<SecretRef, SecretError> {
-        if let Some(rest) = stored.strip_prefix(SEALED_PREFIX) {
+        let sealed = [SealedForm::V2, SealedForm::V1]
+            .into_iter()
+            .find_map(|form| stored.strip_prefix(form.prefix()).map(|rest| (form, rest)));
+        if let Some((form, rest)) = sealed {
             let (key_id, data) = rest.split_once(':').ok_or(SecretError::MalformedSealed {
                 reason: "the key id is not followed by `:`",
             })?;
@@ -390,6 +659,7 @@ impl SecretRef {
                 });
             }
             return Ok(SecretRef::Sealed {
+                form,
                 key_id: key_id.to_ascii_lowercase(),
                 blob,
             });
@@ -413,22 +683,35 @@ impl SecretRef {
         Err(SecretError::UnrecognisedForm)
     }
 
-    /// Resolves the reference to the secret, if `policy` allows it. `key` is needed only for
-    /// sealed credentials. A single trailing newline (`\n` or `\r\n`) of an environment
-    /// variable or file is removed, because editors and `echo` add one.
+    /// Resolves the credential of `owner` to its secret, if `policy` allows it. `key` is
+    /// needed only for sealed credentials, and an `enc:v2` value opens only for the owner it
+    /// was sealed for. A single trailing newline (`\n` or `\r\n`) of an environment variable
+    /// or file is removed, because editors and `echo` add one.
     pub fn resolve(
         &self,
         key: Option<&MasterKey>,
         policy: &ReferencePolicy,
+        owner: &Owner,
     ) -> Result<SecretString, SecretError> {
+        let SecretRef::Sealed { form, key_id, blob } = self else {
+            return self.resolve_reference(policy);
+        };
+        let key = key.ok_or_else(|| SecretError::NoMasterKey {
+            key_id: key_id.clone(),
+        })?;
+        non_empty(key.open(*form, key_id, blob, owner)?, || {
+            format!("credential sealed with key {key_id}")
+        })
+    }
+
+    /// Resolves an `env:` or `file:` reference, if `policy` allows it (a sealed value needs
+    /// its owner: [`SecretRef::resolve`]).
+    pub fn resolve_reference(&self, policy: &ReferencePolicy) -> Result<SecretString, SecretError> {
         policy.check(self)?;
         let secret = match self {
-            SecretRef::Sealed { key_id, blob } => {
-                let key = key.ok_or_else(|| SecretError::NoMasterKey {
-                    key_id: key_id.clone(),
-                })?;
-                return non_empty(key.open(key_id, blob)?, || {
-                    format!("credential sealed with key {key_id}")
+            SecretRef::Sealed { .. } => {
+                return Err(SecretError::MalformedSealed {
+                    reason: "a sealed credential opens only for the row it belongs to",
                 });
             }
             SecretRef::Env(name) => {
@@ -450,11 +733,18 @@ impl SecretRef {
         non_empty(SecretString::from(secret.0), || secret.1)
     }
 
+    /// Whether this is a sealed value (which needs the master key to open or move).
+    pub fn is_sealed(&self) -> bool {
+        matches!(self, SecretRef::Sealed { .. })
+    }
+
     /// A description safe for logs and `Debug`: the form and key id / variable / path,
     /// never the data.
     pub fn describe(&self) -> String {
         match self {
-            SecretRef::Sealed { key_id, .. } => format!("{SEALED_PREFIX}{key_id}:<sealed>"),
+            SecretRef::Sealed { form, key_id, .. } => {
+                format!("{}{key_id}:<sealed>", form.prefix())
+            }
             SecretRef::Env(name) => format!("env:{name}"),
             SecretRef::File(path) => format!("file:{}", path.display()),
         }
@@ -487,14 +777,16 @@ fn non_empty(
     Ok(secret)
 }
 
-/// Resolves a stored credential (see [`SecretRef`]) to the secret it stands for, if `policy`
-/// allows the reference.
+/// Resolves the stored credential of `owner` (see [`SecretRef`]) to the secret it stands
+/// for, if `policy` allows the reference. Both sealed forms open; the worker resolves through
+/// [`CredentialPolicy::resolve`], which can refuse `enc:v1`.
 pub fn resolve(
     stored: &str,
     key: Option<&MasterKey>,
     policy: &ReferencePolicy,
+    owner: &Owner,
 ) -> Result<SecretString, SecretError> {
-    SecretRef::parse(stored)?.resolve(key, policy)
+    SecretRef::parse(stored)?.resolve(key, policy, owner)
 }
 
 /// Whether `name` is reserved: ccmail's own settings and master key, or the database login.
@@ -630,21 +922,28 @@ impl ReferencePolicy {
 }
 
 /// Where credentials may come from ([`ReferencePolicy`]) and where they may be sent: the token
-/// authorities, and whether a POP3 login may travel unencrypted to a host that is not
-/// loopback. Built from the settings ([`crate::config::Config::credential_policy`]) and passed
-/// to every resolver; the database cannot change it.
+/// authorities, the POP3 hosts an access token may go to, and whether a POP3 login may travel
+/// unencrypted to a host that is not loopback. Built from the settings
+/// ([`crate::config::Config::credential_policy`]) and passed to every resolver; the database
+/// cannot change it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CredentialPolicy {
     pub references: ReferencePolicy,
     /// Normalised origins (`https://host[:port]`) of the allowed token authorities.
     allowed_authorities: Vec<String>,
+    /// Normalised ([`normalise_host`]) POP3 hosts an XOAUTH2 pilot may log in to.
+    allowed_xoauth2_hosts: Vec<String>,
     /// `pop3.dangerous_allow_plaintext_to_remote_hosts`.
     pub plaintext_to_remote_hosts: bool,
+    /// Whether `enc:v1` values (bound to no row) may be opened. The CLI and `ccmail doctor`
+    /// open them, run by an operator who holds the key; the worker upgrades them to `enc:v2`
+    /// first and then sets this to false, so it never sends one it could not upgrade.
+    pub open_unbound_v1: bool,
 }
 
 impl Default for CredentialPolicy {
-    /// Nothing configured: the Microsoft authorities, no secrets directory, no prefix,
-    /// plaintext to loopback only.
+    /// Nothing configured: the Microsoft authorities and POP hosts, no secrets directory, no
+    /// prefix, plaintext to loopback only.
     fn default() -> Self {
         CredentialPolicy {
             references: ReferencePolicy::default(),
@@ -652,13 +951,19 @@ impl Default for CredentialPolicy {
                 .iter()
                 .map(|a| (*a).to_owned())
                 .collect(),
+            allowed_xoauth2_hosts: MICROSOFT_POP_HOSTS
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect(),
             plaintext_to_remote_hosts: false,
+            open_unbound_v1: true,
         }
     }
 }
 
 impl CredentialPolicy {
-    /// A policy allowing exactly these authorities (each checked and normalised).
+    /// A policy allowing exactly these authorities (each checked and normalised), and the
+    /// default XOAUTH2 hosts ([`CredentialPolicy::set_xoauth2_hosts`] changes them).
     pub fn with_authorities<I, S>(
         references: ReferencePolicy,
         authorities: I,
@@ -676,6 +981,7 @@ impl CredentialPolicy {
             references,
             allowed_authorities,
             plaintext_to_remote_hosts,
+            ..CredentialPolicy::default()
         })
     }
 
@@ -693,6 +999,31 @@ impl CredentialPolicy {
         &self.allowed_authorities
     }
 
+    /// Allows exactly these POP3 hosts for XOAUTH2 (none: no XOAUTH2 pilot may log in).
+    pub fn set_xoauth2_hosts<I, S>(&mut self, hosts: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.allowed_xoauth2_hosts = hosts
+            .into_iter()
+            .map(|h| normalise_host(h.as_ref()))
+            .collect();
+    }
+
+    /// Allows one more POP3 host for XOAUTH2 (a test's or the demo's simulator).
+    pub fn allow_xoauth2_host(&mut self, host: &str) {
+        let host = normalise_host(host);
+        if !self.allowed_xoauth2_hosts.contains(&host) {
+            self.allowed_xoauth2_hosts.push(host);
+        }
+    }
+
+    /// The POP3 hosts an access token may be sent to, normalised.
+    pub fn allowed_xoauth2_hosts(&self) -> &[String] {
+        &self.allowed_xoauth2_hosts
+    }
+
     /// Whether a credential may be sent to the token endpoint under `authority`.
     pub fn check_authority(&self, authority: &str) -> Result<(), SecretError> {
         let refused = || SecretError::AuthorityNotAllowed {
@@ -705,6 +1036,22 @@ impl CredentialPolicy {
         } else {
             Err(refused())
         }
+    }
+
+    /// Whether an access token may be sent to the POP3 host `host` (compared as
+    /// [`normalise_host`] gives it; names are not resolved).
+    pub fn check_xoauth2_host(&self, host: &str) -> Result<(), SecretError> {
+        if self.allowed_xoauth2_hosts.contains(&normalise_host(host)) {
+            return Ok(());
+        }
+        Err(SecretError::XOAuth2HostNotAllowed {
+            host: host.to_owned(),
+            allowed: if self.allowed_xoauth2_hosts.is_empty() {
+                "none".to_owned()
+            } else {
+                self.allowed_xoauth2_hosts.join(", ")
+            },
+        })
     }
 
     /// Whether a POP3 login may go to `host` in `tls` mode (only `dangerous_plaintext` is
@@ -725,13 +1072,28 @@ impl CredentialPolicy {
         })
     }
 
-    /// Resolves `stored` under this policy's reference rules.
+    /// Resolves the credential `stored` of `owner` under this policy's reference rules,
+    /// refusing `enc:v1` unless [`CredentialPolicy::open_unbound_v1`] allows it.
     pub fn resolve(
         &self,
         stored: &str,
         key: Option<&MasterKey>,
+        owner: &Owner,
     ) -> Result<SecretString, SecretError> {
-        resolve(stored, key, &self.references)
+        let parsed = SecretRef::parse(stored)?;
+        if let SecretRef::Sealed {
+            form: SealedForm::V1,
+            key_id,
+            ..
+        } = &parsed
+            && !self.open_unbound_v1
+        {
+            return Err(SecretError::UnboundSealed {
+                key_id: key_id.clone(),
+                owner: owner.kind(),
+            });
+        }
+        parsed.resolve(key, &self.references, owner)
     }
 }
 
@@ -793,16 +1155,75 @@ pub fn describe_stored(stored: &str) -> String {
     }
 }
 
-/// Key rotation: re-seals a credential sealed with `old` under `new`. Credentials that are
-/// references (`env:`, `file:`) or already sealed with `new` are returned unchanged.
-pub fn reseal(stored: &str, old: &MasterKey, new: &MasterKey) -> Result<String, SecretError> {
+/// Key rotation: seals the credential of `owner` sealed with `old` again under `new`, as
+/// `enc:v2` for `owner` (an `enc:v1` value is upgraded on the way, also one already under
+/// `new`, so rotating to the current key upgrades every value). References (`env:`, `file:`)
+/// and `enc:v2` values already under `new` are returned unchanged, so an interrupted rotation
+/// can be run again.
+pub fn reseal(
+    stored: &str,
+    old: &MasterKey,
+    new: &MasterKey,
+    owner: &Owner,
+) -> Result<String, SecretError> {
     match SecretRef::parse(stored)? {
-        SecretRef::Sealed { key_id, .. } if key_id == new.key_id() => Ok(stored.to_owned()),
-        sealed @ SecretRef::Sealed { .. } => {
-            new.seal(&sealed.resolve(Some(old), &ReferencePolicy::default())?)
-        }
+        SecretRef::Sealed {
+            form: SealedForm::V2,
+            key_id,
+            ..
+        } if key_id == new.key_id() => Ok(stored.to_owned()),
+        sealed @ SecretRef::Sealed {
+            form: SealedForm::V1,
+            ..
+        } if sealed_with(&sealed, new) => new.seal(&open_sealed(&sealed, new, owner)?, owner),
+        sealed @ SecretRef::Sealed { .. } => new.seal(&open_sealed(&sealed, old, owner)?, owner),
         SecretRef::Env(_) | SecretRef::File(_) => Ok(stored.to_owned()),
     }
+}
+
+/// The upgrade of an `enc:v1` value sealed with `key` to `enc:v2` bound to `owner`, the row it
+/// is in; `None` for anything else (a v2 value, a reference). A v1 value of another key is an
+/// error naming that key.
+pub fn upgrade(
+    stored: &str,
+    key: &MasterKey,
+    owner: &Owner,
+) -> Result<Option<String>, SecretError> {
+    match SecretRef::parse(stored)? {
+        sealed @ SecretRef::Sealed {
+            form: SealedForm::V1,
+            ..
+        } => Ok(Some(key.seal(&open_sealed(&sealed, key, owner)?, owner)?)),
+        _ => Ok(None),
+    }
+}
+
+/// A sealed credential of `from` sealed again for `to` (an admin changed the row's bound
+/// fields); references are returned unchanged, since they carry no ciphertext. Opening checks
+/// that the value really belongs to `from`.
+pub fn rebind(
+    stored: &str,
+    key: &MasterKey,
+    from: &Owner,
+    to: &Owner,
+) -> Result<String, SecretError> {
+    let parsed = SecretRef::parse(stored)?;
+    if !parsed.is_sealed() {
+        return Ok(stored.to_owned());
+    }
+    key.seal(&open_sealed(&parsed, key, from)?, to)
+}
+
+fn sealed_with(sealed: &SecretRef, key: &MasterKey) -> bool {
+    matches!(sealed, SecretRef::Sealed { key_id, .. } if key_id == key.key_id())
+}
+
+fn open_sealed(
+    sealed: &SecretRef,
+    key: &MasterKey,
+    owner: &Owner,
+) -> Result<SecretString, SecretError> {
+    sealed.resolve(Some(key), &ReferencePolicy::default(), owner)
 }
 
 #[cfg(test)]
@@ -816,6 +1237,35 @@ mod tests {
 
     fn secret() -> SecretString {
         SecretString::from(SECRET.to_owned())
+    }
+
+    /// The pilot the tests' secrets belong to.
+    fn owner() -> Owner {
+        Owner::pilot(
+            "pop.contoso.com",
+            995,
+            crate::pop3::TlsMode::Implicit,
+            "support",
+        )
+    }
+
+    /// Resolves as the credential of [`owner`].
+    fn resolve(
+        stored: &str,
+        key: Option<&MasterKey>,
+        policy: &ReferencePolicy,
+    ) -> Result<SecretString, SecretError> {
+        super::resolve(stored, key, policy, &owner())
+    }
+
+    /// Resolves `stored` as the credential of `owner`.
+    fn resolve_for(
+        stored: &str,
+        key: &MasterKey,
+        policy: &ReferencePolicy,
+        owner: &Owner,
+    ) -> Result<SecretString, SecretError> {
+        super::resolve(stored, Some(key), policy, owner)
     }
 
     /// Resolves under the policy of an unconfigured worker.
@@ -842,9 +1292,9 @@ mod tests {
     #[test]
     fn seal_then_resolve_round_trips_with_fresh_nonces() {
         let key = MasterKey::generate();
-        let a = key.seal(&secret()).unwrap();
-        let b = key.seal(&secret()).unwrap();
-        assert!(a.starts_with(&format!("enc:v1:{}:", key.key_id())));
+        let a = key.seal(&secret(), &owner()).unwrap();
+        let b = key.seal(&secret(), &owner()).unwrap();
+        assert!(a.starts_with(&format!("enc:v2:{}:", key.key_id())));
         assert_ne!(a, b, "each seal must use a fresh nonce");
         assert!(!a.contains(SECRET));
         assert_eq!(open(&a, Some(&key)).unwrap().expose_secret(), SECRET);
@@ -913,7 +1363,7 @@ mod tests {
     fn wrong_key_names_the_expected_key_id_and_rotation() {
         let key = MasterKey::generate();
         let other = MasterKey::generate();
-        let sealed = key.seal(&secret()).unwrap();
+        let sealed = key.seal(&secret(), &owner()).unwrap();
         let err = open(&sealed, Some(&other)).unwrap_err();
         let text = err.to_string();
         assert!(text.contains(key.key_id()), "{text}");
@@ -930,24 +1380,42 @@ mod tests {
     #[test]
     fn tampered_ciphertext_and_header_are_detected() {
         let key = MasterKey::generate();
-        let sealed = key.seal(&secret()).unwrap();
-        let (head, data) = sealed.rsplit_once(':').unwrap();
-        let mut blob = BASE64.decode(data).unwrap();
-        let last = blob.len() - 1;
-        blob[last] ^= 0x01;
-        let tampered = format!("{head}:{}", BASE64.encode(&blob));
-        let err = open(&tampered, Some(&key)).unwrap_err();
-        assert!(matches!(err, SecretError::Tampered { .. }), "{err:?}");
-        assert_clean(&err, &key);
+        // A bound value that fails authentication does not belong to this row as it is: the
+        // error says so, and names tampering as one cause; the old form says "altered".
+        for (sealed, tampered_error) in [
+            (
+                key.seal(&secret(), &owner()).unwrap(),
+                "SealedForAnother" as &str,
+            ),
+            (key.seal_v1(&secret()).unwrap(), "Tampered"),
+        ] {
+            let (head, data) = sealed.rsplit_once(':').unwrap();
+            let mut blob = BASE64.decode(data).unwrap();
+            let last = blob.len() - 1;
+            blob[last] ^= 0x01;
+            let tampered = format!("{head}:{}", BASE64.encode(&blob));
+            let err = open(&tampered, Some(&key)).unwrap_err();
+            assert!(format!("{err:?}").starts_with(tampered_error), "{err:?}");
+            assert!(err.to_string().contains("altered"), "{err}");
+            assert_clean(&err, &key);
 
-        // Flip a nonce byte too: the nonce is authenticated through the tag.
-        let mut blob = BASE64.decode(data).unwrap();
-        blob[0] ^= 0x80;
-        let tampered = format!("{head}:{}", BASE64.encode(&blob));
-        assert!(matches!(
-            open(&tampered, Some(&key)),
-            Err(SecretError::Tampered { .. })
-        ));
+            // Flip a nonce byte too: the nonce is authenticated through the tag.
+            let mut blob = BASE64.decode(data).unwrap();
+            blob[0] ^= 0x80;
+            let tampered = format!("{head}:{}", BASE64.encode(&blob));
+            let err = open(&tampered, Some(&key)).unwrap_err();
+            assert!(format!("{err:?}").starts_with(tampered_error), "{err:?}");
+
+            // The form is authenticated too: a v1 value relabelled v2 (or back) does not open.
+            let other = if head.starts_with("enc:v2:") {
+                sealed.replacen("enc:v2:", "enc:v1:", 1)
+            } else {
+                sealed.replacen("enc:v1:", "enc:v2:", 1)
+            };
+            assert!(open(&other, Some(&key)).is_err());
+        }
+        let sealed = key.seal(&secret(), &owner()).unwrap();
+        let (head, _) = sealed.rsplit_once(':').unwrap();
 
         let err = open(&format!("{head}:AAAA"), Some(&key)).unwrap_err();
         assert!(
@@ -971,7 +1439,7 @@ mod tests {
             "env:1BAD",
             "env:HAS SPACE",
             "file:",
-            "enc:v2:abcd",
+            "enc:v3:abcd",
             "plain:secret",
         ] {
             let err = SecretRef::parse(stored).unwrap_err();
@@ -980,7 +1448,7 @@ mod tests {
             if !["", "env:", "file:"].contains(&stored) {
                 assert!(!text.contains(stored), "echoed {stored:?}: {text}");
             }
-            if stored != "enc:v2:abcd" {
+            {
                 assert!(matches!(err, SecretError::UnrecognisedForm), "{stored:?}");
                 assert!(text.contains("env:NAME") && text.contains("file:PATH"));
                 assert!(text.contains("Plaintext secrets are refused"));
@@ -1242,33 +1710,278 @@ mod tests {
     }
 
     #[test]
-    fn reseal_moves_a_credential_to_the_new_key() {
+    fn reseal_moves_a_credential_to_the_new_key_bound_to_its_owner() {
         let old = MasterKey::generate();
         let new = MasterKey::generate();
-        let sealed = old.seal(&secret()).unwrap();
-        let moved = reseal(&sealed, &old, &new).unwrap();
-        assert!(moved.starts_with(&format!("enc:v1:{}:", new.key_id())));
+        let sealed = old.seal(&secret(), &owner()).unwrap();
+        let moved = reseal(&sealed, &old, &new, &owner()).unwrap();
+        assert!(moved.starts_with(&format!("enc:v2:{}:", new.key_id())));
         assert_eq!(open(&moved, Some(&new)).unwrap().expose_secret(), SECRET);
         assert!(matches!(
             open(&moved, Some(&old)),
             Err(SecretError::WrongKey { .. })
         ));
         // Idempotent: already under the new key, unchanged.
-        assert_eq!(reseal(&moved, &old, &new).unwrap(), moved);
+        assert_eq!(reseal(&moved, &old, &new, &owner()).unwrap(), moved);
         // References carry no ciphertext.
-        assert_eq!(reseal("env:X", &old, &new).unwrap(), "env:X");
-        assert_eq!(reseal("file:/x", &old, &new).unwrap(), "file:/x");
+        assert_eq!(reseal("env:X", &old, &new, &owner()).unwrap(), "env:X");
+        assert_eq!(reseal("file:/x", &old, &new, &owner()).unwrap(), "file:/x");
         // Sealed with a third key: error names that key.
         let third = MasterKey::generate();
-        let foreign = third.seal(&secret()).unwrap();
-        let err = reseal(&foreign, &old, &new).unwrap_err();
+        let foreign = third.seal(&secret(), &owner()).unwrap();
+        let err = reseal(&foreign, &old, &new, &owner()).unwrap_err();
         assert!(err.to_string().contains(third.key_id()));
+        // A value copied from another row does not move: it does not open for this owner.
+        let elsewhere = Owner::pilot(
+            "pop.attacker.example",
+            995,
+            crate::pop3::TlsMode::Implicit,
+            "support",
+        );
+        let copied = old.seal(&secret(), &elsewhere).unwrap();
+        let err = reseal(&copied, &old, &new, &owner()).unwrap_err();
+        assert!(
+            matches!(err, SecretError::SealedForAnother { .. }),
+            "{err:?}"
+        );
+
+        // The old form comes out bound, under the new key and under the same one.
+        let v1 = old.seal_v1(&secret()).unwrap();
+        for (to, key) in [(&new, &new), (&old, &old)] {
+            let upgraded = reseal(&v1, &old, to, &owner()).unwrap();
+            assert!(upgraded.starts_with(&format!("enc:v2:{}:", key.key_id())));
+            assert_eq!(open(&upgraded, Some(key)).unwrap().expose_secret(), SECRET);
+            assert!(
+                super::resolve(
+                    &upgraded,
+                    Some(key),
+                    &ReferencePolicy::default(),
+                    &elsewhere
+                )
+                .is_err()
+            );
+        }
+    }
+
+    #[test]
+    fn sealed_values_open_only_for_the_owner_they_were_sealed_for() {
+        use crate::pop3::TlsMode;
+        let key = MasterKey::generate();
+        let policy = ReferencePolicy::default();
+        let opens = |sealed: &str, owner: &Owner| resolve_for(sealed, &key, &policy, owner);
+
+        let pilot = Owner::pilot("pop.contoso.com", 995, TlsMode::Implicit, "support");
+        let sealed = key.seal(&secret(), &pilot).unwrap();
+        assert_eq!(opens(&sealed, &pilot).unwrap().expose_secret(), SECRET);
+        // Spelled differently, the same destination.
+        for same in [
+            Owner::pilot("POP.Contoso.com.", 995, TlsMode::Implicit, "support"),
+            Owner::pilot(" pop.contoso.com", 995, TlsMode::Implicit, "support"),
+        ] {
+            assert_eq!(same, pilot);
+            assert_eq!(opens(&sealed, &same).unwrap().expose_secret(), SECRET);
+        }
+        // Any bound field changed: another destination, refused with the fix.
+        for other in [
+            Owner::pilot("pop.attacker.example", 995, TlsMode::Implicit, "support"),
+            Owner::pilot("pop.contoso.com", 1995, TlsMode::Implicit, "support"),
+            Owner::pilot("pop.contoso.com", 995, TlsMode::StartTls, "support"),
+            Owner::pilot("pop.contoso.com", 995, TlsMode::Implicit, "Support"),
+            Owner::app(
+                "https://login.microsoftonline.com",
+                "pop.contoso.com",
+                "support",
+                false,
+            ),
+        ] {
+            assert_ne!(other, pilot);
+            let err = opens(&sealed, &other).unwrap_err();
+            assert!(
+                matches!(err, SecretError::SealedForAnother { .. }),
+                "{other:?}: {err:?}"
+            );
+            assert!(err.is_refusal());
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("sealed for another {}", other.kind()))
+                    && text.contains("Store the secret again"),
+                "{text}"
+            );
+            assert_clean(&err, &key);
+        }
+
+        let app = Owner::app(
+            "https://login.microsoftonline.com",
+            "Contoso.com",
+            "CID",
+            false,
+        );
+        let sealed = key.seal(&secret(), &app).unwrap();
+        for same in [
+            Owner::app(
+                "https://LOGIN.microsoftonline.com/",
+                "contoso.com",
+                "cid",
+                false,
+            ),
+            Owner::app(
+                "https://login.microsoftonline.com:443",
+                "contoso.com ",
+                "cid",
+                false,
+            ),
+        ] {
+            assert_eq!(opens(&sealed, &same).unwrap().expose_secret(), SECRET);
+        }
+        for other in [
+            Owner::app(
+                "https://login.microsoftonline.us",
+                "contoso.com",
+                "cid",
+                false,
+            ),
+            Owner::app(
+                "https://login.microsoftonline.com",
+                "fabrikam.com",
+                "cid",
+                false,
+            ),
+            Owner::app(
+                "https://login.microsoftonline.com",
+                "contoso.com",
+                "cid-2",
+                false,
+            ),
+            // A certificate's private key is never sent as a client secret, nor the reverse.
+            Owner::app(
+                "https://login.microsoftonline.com",
+                "contoso.com",
+                "cid",
+                true,
+            ),
+        ] {
+            let err = opens(&sealed, &other).unwrap_err();
+            assert!(
+                err.to_string().contains("sealed for another app"),
+                "{other:?}: {err}"
+            );
+        }
+        // Length-prefixed fields: moving text between fields gives another owner.
+        assert_ne!(
+            Owner::app("https://h", "ab", "c", false).associated_data("x"),
+            Owner::app("https://h", "a", "bc", false).associated_data("x")
+        );
+    }
+
+    #[test]
+    fn the_old_form_opens_and_is_upgraded_but_the_worker_policy_never_sends_it() {
+        use crate::pop3::TlsMode;
+        let key = MasterKey::generate();
+        let pilot = Owner::pilot("pop.contoso.com", 995, TlsMode::Implicit, "support");
+        let elsewhere = Owner::pilot("pop.attacker.example", 995, TlsMode::Implicit, "support");
+        let v1 = key.seal_v1(&secret()).unwrap();
+        assert!(v1.starts_with(&format!("enc:v1:{}:", key.key_id())));
+        assert_eq!(
+            describe_stored(&v1),
+            format!("enc:v1:{}:<sealed>", key.key_id())
+        );
+        // Unbound: it opens for any owner (what the upgrade is for).
+        let references = ReferencePolicy::default();
+        for owner in [&pilot, &elsewhere] {
+            let opened = resolve_for(&v1, &key, &references, owner).unwrap();
+            assert_eq!(opened.expose_secret(), SECRET);
+        }
+        // The worker's policy refuses it, naming the fix; the CLI's (the default) opens it.
+        let worker = CredentialPolicy {
+            open_unbound_v1: false,
+            ..CredentialPolicy::default()
+        };
+        let err = worker.resolve(&v1, Some(&key), &pilot).unwrap_err();
+        assert!(matches!(err, SecretError::UnboundSealed { .. }), "{err:?}");
+        assert!(err.is_refusal());
+        assert!(err.to_string().contains("Store the secret again"), "{err}");
+        assert_clean(&err, &key);
+        assert!(
+            CredentialPolicy::default()
+                .resolve(&v1, Some(&key), &pilot)
+                .is_ok()
+        );
+
+        // The upgrade binds it to the row it is in; v2 values and references are left alone.
+        let upgraded = upgrade(&v1, &key, &pilot).unwrap().unwrap();
+        assert!(upgraded.starts_with(&format!("enc:v2:{}:", key.key_id())));
+        let opened = worker.resolve(&upgraded, Some(&key), &pilot).unwrap();
+        assert_eq!(opened.expose_secret(), SECRET);
+        assert!(matches!(
+            worker.resolve(&upgraded, Some(&key), &elsewhere),
+            Err(SecretError::SealedForAnother { .. })
+        ));
+        assert_eq!(upgrade(&upgraded, &key, &pilot).unwrap(), None);
+        assert_eq!(upgrade("env:SUPPORT_PASSWORD", &key, &pilot).unwrap(), None);
+        // Sealed with another key: the error names it, nothing is written.
+        let other = MasterKey::generate();
+        let err = upgrade(&other.seal_v1(&secret()).unwrap(), &key, &pilot).unwrap_err();
+        assert!(err.to_string().contains(other.key_id()), "{err}");
+
+        // Moving a value to changed fields opens it for the old ones first: a copy from
+        // another row cannot be laundered by an update.
+        let moved = rebind(&upgraded, &key, &pilot, &elsewhere).unwrap();
+        assert!(resolve_for(&moved, &key, &references, &elsewhere).is_ok());
+        assert!(resolve_for(&moved, &key, &references, &pilot).is_err());
+        let err = rebind(&moved, &key, &pilot, &elsewhere).unwrap_err();
+        assert!(
+            matches!(err, SecretError::SealedForAnother { .. }),
+            "{err:?}"
+        );
+        assert_eq!(
+            rebind("env:SUPPORT_PASSWORD", &key, &pilot, &elsewhere).unwrap(),
+            "env:SUPPORT_PASSWORD"
+        );
+    }
+
+    #[test]
+    fn tokens_go_only_to_the_allowed_pop3_hosts() {
+        let mut policy = CredentialPolicy::default();
+        for host in [
+            "outlook.office365.com",
+            "OUTLOOK.office365.com.",
+            "outlook.office365.us",
+            "partner.outlook.cn",
+        ] {
+            assert!(policy.check_xoauth2_host(host).is_ok(), "{host}");
+        }
+        for host in [
+            "127.0.0.1",
+            "outlook.office365.com.attacker.example",
+            "pop.contoso.com",
+            "outlook.office365.co",
+        ] {
+            let err = policy.check_xoauth2_host(host).unwrap_err();
+            assert!(
+                matches!(err, SecretError::XOAuth2HostNotAllowed { .. }),
+                "{host}"
+            );
+            assert!(err.is_refusal());
+            let text = err.to_string();
+            assert!(
+                text.contains("pop3.allowed_xoauth2_hosts") && text.contains(host),
+                "{text}"
+            );
+        }
+        policy.allow_xoauth2_host("[::1]");
+        assert!(policy.check_xoauth2_host("::1").is_ok());
+        policy.set_xoauth2_hosts(["pop.contoso.com"]);
+        assert!(policy.check_xoauth2_host("pop.contoso.com").is_ok());
+        assert!(policy.check_xoauth2_host("outlook.office365.com").is_err());
+        policy.set_xoauth2_hosts(Vec::<String>::new());
+        let err = policy.check_xoauth2_host("pop.contoso.com").unwrap_err();
+        assert!(err.to_string().contains("(none)"), "{err}");
     }
 
     #[test]
     fn debug_of_refs_never_shows_ciphertext() {
         let key = MasterKey::generate();
-        let sealed = key.seal(&secret()).unwrap();
+        let sealed = key.seal(&secret(), &owner()).unwrap();
         let data = sealed.rsplit_once(':').unwrap().1;
         let parsed = SecretRef::parse(&sealed).unwrap();
         let debug = format!("{parsed:?}");
@@ -1276,7 +1989,7 @@ mod tests {
         assert!(debug.contains(key.key_id()));
         assert_eq!(
             describe_stored(&sealed),
-            format!("enc:v1:{}:<sealed>", key.key_id())
+            format!("enc:v2:{}:<sealed>", key.key_id())
         );
         assert_eq!(describe_stored("env:CLIENT_SECRET"), "env:CLIENT_SECRET");
     }
@@ -1316,6 +2029,19 @@ mod tests {
             SecretError::FileOutsideDir {
                 path: "/p".into(),
                 dir: "/d".into(),
+            },
+            SecretError::SealedForAnother {
+                key_id: key.key_id().into(),
+                owner: "pilot",
+                fields: "host",
+            },
+            SecretError::UnboundSealed {
+                key_id: key.key_id().into(),
+                owner: "app",
+            },
+            SecretError::XOAuth2HostNotAllowed {
+                host: "h".into(),
+                allowed: "a".into(),
             },
             SecretError::SealFailed,
         ];

@@ -282,13 +282,9 @@ impl World {
         std::fs::write(&ca_path, ca.cert_pem())?;
 
         let mut conn = db.pool().acquire().await?;
-        let mut app = store::NewApp::new(
-            "soak-app",
-            &tenant,
-            &client_id,
-            key.seal(&SecretString::from(client_secret.clone()))?,
-        );
+        let mut app = store::NewApp::new("soak-app", &tenant, &client_id, String::new());
         app.authority = entra.authority();
+        app.seal_credential(&key, &SecretString::from(client_secret.clone()))?;
         let app = store::insert_app(&mut conn, &app).await?;
         let mailbox = format!("soak@{DOMAIN}");
         pop.add_mailbox(&mailbox);
@@ -325,6 +321,7 @@ impl World {
              initial_backoff_secs = 1\nmax_backoff_secs = 2\npoll_jitter = 0.0\n\
              batch_messages = 5\n\n\
              [oauth]\nextra_ca_file = {:?}\nallowed_authorities = [{:?}]\n\n\
+             [pop3]\nallowed_xoauth2_hosts = [\"127.0.0.1\"]\n\n\
              [log]\nformat = \"text\"\nlevel = {:?}\n",
             GRACE.as_secs(),
             self.ca_path.display().to_string(),

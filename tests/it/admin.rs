@@ -505,6 +505,10 @@ async fn pilot_add_check_runs_doctor_and_saves_only_what_passes() {
     let authority = entra.authority();
     cli.env
         .push(("CCMAIL_OAUTH_ALLOWED_AUTHORITIES".into(), authority.clone()));
+    cli.env.push((
+        "CCMAIL_POP3_ALLOWED_XOAUTH2_HOSTS".into(),
+        "127.0.0.1".into(),
+    ));
     cli.ok(
         &[
             "app",
@@ -626,12 +630,19 @@ async fn key_rotate_reseals_every_secret_under_the_new_key() {
     let ccmail::store::PilotAuth::UserPass { credential, .. } = &pilot.auth else {
         panic!("a USER/PASS pilot was added")
     };
-    for (stored, plain) in [(&app.credential, SECRET), (credential, "pilot-password-7")] {
-        assert!(stored.contains(new.key_id()), "{stored}");
+    let owners = [app.credential_owner(), pilot.credential_owner().unwrap()];
+    for ((stored, plain), owner) in [(&app.credential, SECRET), (credential, "pilot-password-7")]
+        .into_iter()
+        .zip(&owners)
+    {
+        assert!(
+            stored.starts_with(&format!("enc:v2:{}:", new.key_id())),
+            "{stored}"
+        );
         let policy = ccmail::secrets::ReferencePolicy::default();
-        let opened = ccmail::secrets::resolve(stored, Some(&new), &policy).unwrap();
+        let opened = ccmail::secrets::resolve(stored, Some(&new), &policy, owner).unwrap();
         assert_eq!(opened.expose_secret(), plain);
-        assert!(ccmail::secrets::resolve(stored, Some(&old), &policy).is_err());
+        assert!(ccmail::secrets::resolve(stored, Some(&old), &policy, owner).is_err());
     }
 
     // An interrupted rotation can simply be run again: what is already under the new key
@@ -878,5 +889,179 @@ async fn every_admin_set_text_has_a_limit_in_the_cli_and_in_the_database() {
         );
     }
     drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+async fn app_credential(db: &TestDb, name: &str) -> String {
+    let mut conn = db.pool().acquire().await.unwrap();
+    sqlx::query_scalar("select credential from oauth_apps where name = $1")
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+}
+
+async fn pilot_credential(db: &TestDb, id: i64) -> String {
+    let mut conn = db.pool().acquire().await.unwrap();
+    sqlx::query_scalar("select password_credential from pilots where id = $1")
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+}
+
+/// Whether `stored` opens as the credential of `owner` with the CLI's master key.
+fn opens_for(cli: &Cli, stored: &str, owner: &ccmail::secrets::Owner) -> bool {
+    let key = MasterKey::from_base64(&cli.env[1].1).unwrap();
+    ccmail::secrets::resolve(
+        stored,
+        Some(&key),
+        &ccmail::secrets::ReferencePolicy::default(),
+        owner,
+    )
+    .is_ok()
+}
+
+/// A sealed credential opens only for the fields it was sealed with, so changing one of them
+/// seals it again (with the master key), is refused without the key (saying how to proceed),
+/// and cannot move a value copied from another row. Fields it is not bound to change freely.
+#[tokio::test]
+async fn changing_a_field_a_sealed_credential_is_bound_to_seals_it_again_and_needs_the_key() {
+    use ccmail::pop3::TlsMode;
+    use ccmail::secrets::Owner;
+    let db = TestDb::new().await.unwrap();
+    let mut cli = Cli::new(&db);
+    add_app(&cli, "support-app");
+    let before = app_credential(&db, "support-app").await;
+    let key_env = cli.env.remove(1);
+    // The name is no part of the binding: no key needed, the value stays.
+    cli.ok(&["app", "update", "support-app", "--name", "support"], None);
+    assert_eq!(app_credential(&db, "support").await, before);
+    let other_tenant = "1f2e3d4c-0000-4000-8000-000000000abc";
+    let (_, err) = cli.fails(
+        &["app", "update", "support", "--tenant", other_tenant],
+        None,
+    );
+    assert!(
+        err.contains("needs the master key")
+            && err.contains("CCMAIL_MASTER_KEY")
+            && err.contains("rotate-secret support --secret-env"),
+        "{err}"
+    );
+    assert_eq!(
+        cli.json(&["app", "show", "support", "--json"])["tenant"],
+        TENANT
+    );
+    assert_eq!(app_credential(&db, "support").await, before);
+    cli.env.insert(1, key_env);
+    cli.ok(
+        &["app", "update", "support", "--tenant", other_tenant],
+        None,
+    );
+    let after = app_credential(&db, "support").await;
+    assert!(after != before && after.starts_with("enc:v2:"), "{after}");
+    let authority = "https://login.microsoftonline.com";
+    assert!(opens_for(
+        &cli,
+        &after,
+        &Owner::app(authority, other_tenant, CLIENT, false)
+    ));
+    assert!(!opens_for(
+        &cli,
+        &after,
+        &Owner::app(authority, TENANT, CLIENT, false)
+    ));
+
+    // Pilots: host, port and TLS mode.
+    cli.ok(
+        &[
+            "pilot",
+            "add",
+            "--queue",
+            "billing",
+            "--mailbox",
+            "billing@mail.example",
+            "--host",
+            "pop.mail.example",
+            "--secret-stdin",
+        ],
+        Some("pilot-password-7\n"),
+    );
+    let id = cli.json(&["pilot", "list", "--json"])[0]["id"]
+        .as_i64()
+        .unwrap();
+    let arg = id.to_string();
+    let before = pilot_credential(&db, id).await;
+    let at =
+        |host: &str, port: u16| Owner::pilot(host, port, TlsMode::Implicit, "billing@mail.example");
+    assert!(opens_for(&cli, &before, &at("pop.mail.example", 995)));
+    cli.ok(&["pilot", "update", &arg, "--port", "1995"], None);
+    let after = pilot_credential(&db, id).await;
+    assert!(after != before && after.starts_with("enc:v2:"), "{after}");
+    assert!(opens_for(&cli, &after, &at("pop.mail.example", 1995)));
+    assert!(!opens_for(&cli, &after, &at("pop.mail.example", 995)));
+
+    let key_env = cli.env.remove(1);
+    cli.ok(&["pilot", "update", &arg, "--queue", "vip"], None);
+    assert_eq!(pilot_credential(&db, id).await, after);
+    let (_, err) = cli.fails(
+        &["pilot", "update", &arg, "--host", "pop.attacker.example"],
+        None,
+    );
+    assert!(
+        err.contains("needs the master key") && err.contains("--secret-stdin"),
+        "{err}"
+    );
+    let shown = cli.json(&["pilot", "show", &arg, "--json"]);
+    assert_eq!(shown["host"], "pop.mail.example");
+    assert_eq!(pilot_credential(&db, id).await, after);
+    // A new password in the same command needs no re-seal (a reference needs no key).
+    cli.ok(
+        &[
+            "pilot",
+            "update",
+            &arg,
+            "--host",
+            "pop2.mail.example",
+            "--secret-env",
+            "BILLING_PASSWORD",
+        ],
+        None,
+    );
+    assert_eq!(pilot_credential(&db, id).await, "env:BILLING_PASSWORD");
+    cli.env.insert(1, key_env);
+
+    // A value copied in from another pilot does not open for this one, so it cannot be
+    // carried along by an update either.
+    cli.ok(
+        &[
+            "pilot",
+            "add",
+            "--queue",
+            "sales",
+            "--mailbox",
+            "sales@mail.example",
+            "--host",
+            "pop.mail.example",
+            "--secret-stdin",
+        ],
+        Some("sales-password-8\n"),
+    );
+    let sales = cli.json(&["pilot", "show", "sales@mail.example", "--json"])["id"]
+        .as_i64()
+        .unwrap();
+    let copied = pilot_credential(&db, sales).await;
+    {
+        let mut conn = db.pool().acquire().await.unwrap();
+        sqlx::query("update pilots set password_credential = $2 where id = $1")
+            .bind(id)
+            .bind(&copied)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    let (_, err) = cli.fails(&["pilot", "update", &arg, "--port", "2995"], None);
+    assert!(err.contains("sealed for another pilot"), "{err}");
+    assert_eq!(pilot_credential(&db, id).await, copied);
     db.drop_db().await.unwrap();
 }

@@ -54,13 +54,9 @@ async fn app_with_pilots(
         client_secret: secret.clone(),
         secret_expired: false,
     });
-    let mut new_app = store::NewApp::new(
-        tag,
-        &world.app.tenant,
-        &client_id,
-        world.key.seal(&SecretString::from(secret))?,
-    );
+    let mut new_app = store::NewApp::new(tag, &world.app.tenant, &client_id, String::new());
     new_app.authority = world.entra.authority();
+    new_app.seal_credential(&world.key, &SecretString::from(secret))?;
     let app = {
         let mut conn = world.db.pool().acquire().await?;
         store::insert_app(&mut conn, &new_app).await?

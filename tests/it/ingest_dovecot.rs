@@ -39,13 +39,20 @@ async fn xoauth2_and_user_pass_pilots_drain_a_real_dovecot_exactly_once() -> any
     let password = "Sales-Pass-42";
     let pass_box = format!("sales@{DOMAIN}");
     dovecot.add_user(&pass_box, password)?;
-    let sealed = world.key.seal(&SecretString::from(password.to_owned()))?;
     let pass_row = world
         .add_pilot("sales", |p| {
             point_at_dovecot(p);
             p.auth = PilotAuth::UserPass {
                 username: pass_box.clone(),
-                credential: sealed,
+                credential: String::new(),
+            };
+            let owner = p.credential_owner().expect("a USER/PASS pilot");
+            let sealed = world
+                .key
+                .seal(&SecretString::from(password.to_owned()), &owner);
+            p.auth = PilotAuth::UserPass {
+                username: pass_box.clone(),
+                credential: sealed.expect("sealing a password"),
             };
         })
         .await?;

@@ -162,6 +162,10 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
         ),
         ("CCMAIL_OAUTH_EXTRA_CA_FILE".into(), ca_arg.clone()),
         ("CCMAIL_OAUTH_ALLOWED_AUTHORITIES".into(), entra.authority()),
+        (
+            "CCMAIL_POP3_ALLOWED_XOAUTH2_HOSTS".into(),
+            "127.0.0.1".into(),
+        ),
         ("CCMAIL_WORKER_RELOAD_INTERVAL_SECS".into(), "1".into()),
         ("CCMAIL_WORKER_POLL_JITTER".into(), "0.0".into()),
         ("CCMAIL_WORKER_SHUTDOWN_GRACE_SECS".into(), "5".into()),
@@ -173,13 +177,10 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
     // The app and a first pilot (support@, on server B) exist before the worker starts.
     let app = {
         let mut conn = db.pool().acquire().await.unwrap();
-        let mut app = store::NewApp::new(
-            "support-app",
-            TENANT,
-            CLIENT,
-            key.seal(&SecretString::from(SECRET)).unwrap(),
-        );
+        let mut app = store::NewApp::new("support-app", TENANT, CLIENT, String::new());
         app.authority = entra.authority();
+        app.seal_credential(&key, &SecretString::from(SECRET))
+            .unwrap();
         store::insert_app(&mut conn, &app).await.unwrap()
     };
     let support = "support@contoso.example";

@@ -103,13 +103,9 @@ impl WorkerRun {
         });
         let key = MasterKey::generate();
         let mut conn = db.pool().acquire().await?;
-        let mut app = store::NewApp::new(
-            "contoso",
-            &tenant,
-            &client_id,
-            key.seal(&SecretString::from(client_secret.clone()))?,
-        );
+        let mut app = store::NewApp::new("contoso", &tenant, &client_id, String::new());
         app.authority = entra.authority();
+        app.seal_credential(&key, &SecretString::from(client_secret.clone()))?;
         app.secret_expires_at = Some(chrono::Utc::now() + chrono::Duration::days(20));
         let app = store::insert_app(&mut conn, &app).await?;
 
@@ -157,6 +153,7 @@ impl WorkerRun {
             format!(
                 "[database]\nurl = {:?}\n\n[http]\nlisten = \"{http}\"\n\n[oauth]\nextra_ca_file = {:?}\n\
                  allowed_authorities = [{:?}]\n\n\
+                 [pop3]\nallowed_xoauth2_hosts = [\"127.0.0.1\"]\n\n\
                  [worker]\nreload_interval_secs = 1\ninitial_backoff_secs = 1\nmax_backoff_secs = 2\n\n\
                  [log]\nformat = \"json\"\nlevel = \"info\"\n",
                 db.url(),

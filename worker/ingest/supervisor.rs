@@ -5,6 +5,12 @@
 //! truth, in case a notification was missed). A pilot whose row or app changed is restarted
 //! between polls; a disabled or removed one is stopped.
 //!
+//! Credentials sealed in the old form `enc:v1` (bound to no row) are sealed again as `enc:v2`
+//! for the row they are in at the start of every reconciliation, before the rows are read
+//! ([`store::upgrade_unbound_credentials`]; not by a supervisor restricted to some pilots, such
+//! as the demo's, which leaves other rows alone); the pollers then never open a v1 value, so
+//! one the upgrade left alone (held by several rows: a copy) is refused, not sent.
+//!
 //! Shutdown: cancelling the token stops every poller between two messages; each finishes the
 //! message in hand, commits, sends DELE and QUIT, and exits. The supervisor waits for them at
 //! most `shutdown_grace`, then returns anyway (a poller cut off there loses nothing: it never
@@ -40,6 +46,7 @@ pub struct SupervisorSettings {
     pub permanent_retry: Duration,
     pub shutdown_grace: Duration,
     /// Where credentials may come from and go to (from the settings, never the database).
+    /// The supervisor clears its `open_unbound_v1`: it upgrades such values instead.
     pub credentials: CredentialPolicy,
 }
 
@@ -92,6 +99,8 @@ pub struct Supervisor {
     /// Only these pilots (the demo runs its own pilots beside any others in the database).
     only: Option<HashSet<i64>>,
     status: StatusBoard,
+    /// What the last upgrade pass warned about, so an unchanged problem is logged once.
+    upgrade_warnings: Mutex<Vec<String>>,
 }
 
 struct Running {
@@ -107,6 +116,10 @@ impl Supervisor {
         settings: SupervisorSettings,
         master_key: Option<MasterKey>,
     ) -> Supervisor {
+        let mut settings = settings;
+        // Every v1 value is upgraded before the rows are read; one still in v1 form then is
+        // one that must not be sent.
+        settings.credentials.open_unbound_v1 = false;
         Supervisor {
             pool,
             tokens,
@@ -114,6 +127,7 @@ impl Supervisor {
             master_key,
             only: None,
             status: StatusBoard::default(),
+            upgrade_warnings: Mutex::new(Vec::new()),
         }
     }
 
@@ -188,6 +202,10 @@ impl Supervisor {
     ) -> Result<(), store::StoreError> {
         let rows = {
             let mut conn = self.pool.acquire().await?;
+            // A supervisor restricted to some pilots (the demo) leaves other rows alone.
+            if let (Some(key), None) = (&self.master_key, &self.only) {
+                self.upgrade_unbound(&mut conn, key).await;
+            }
             store::enabled_pilots_with_apps(&mut conn).await?
         };
         let mut wanted: HashMap<i64, (String, PilotRow, Option<AppRow>)> = HashMap::new();
@@ -272,6 +290,61 @@ impl Supervisor {
             );
         }
         Ok(())
+    }
+}
+
+impl Supervisor {
+    /// Seals every `enc:v1` credential sealed with `key` again as `enc:v2` for its row, and
+    /// logs what it did: how many it upgraded (info), and each value it left alone (warn, once
+    /// while the problem stays the same). A database error leaves the v1 values in place; the
+    /// pilots using them are refused until a later pass upgrades them.
+    async fn upgrade_unbound(&self, conn: &mut sqlx::PgConnection, key: &MasterKey) {
+        let report = match store::upgrade_unbound_credentials(conn, |owner, stored| {
+            secrets::upgrade(stored, key, owner).map_err(|e| e.to_string())
+        })
+        .await
+        {
+            Ok(report) => report,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not seal enc:v1 credentials again as enc:v2; pilots using them stay refused");
+                return;
+            }
+        };
+        if report.upgraded > 0 {
+            tracing::info!(
+                upgraded = report.upgraded,
+                "sealed credentials of the old form enc:v1 again as enc:v2, bound to their rows"
+            );
+        }
+        let mut warnings: Vec<String> = report
+            .shared
+            .iter()
+            .map(|group| {
+                format!(
+                    "{} hold the very same enc:v1 sealed value, so all but one are copies; none \
+                     is upgraded or used: store the secret again for each",
+                    group
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+            .chain(report.failed.iter().map(|(holder, reason)| {
+                format!("the enc:v1 credential of {holder} cannot be sealed again: {reason}")
+            }))
+            .collect();
+        warnings.sort();
+        let mut last = self
+            .upgrade_warnings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *last != warnings {
+            for warning in &warnings {
+                tracing::warn!(problem = %warning, "credential left in the unbound form enc:v1");
+            }
+            *last = warnings;
+        }
     }
 }
 
@@ -361,14 +434,16 @@ impl ResolveError {
     }
 }
 
-/// A credential resolved under `policy`: its refusals are told apart from broken secrets.
+/// The credential of `owner` resolved under `policy`: its refusals are told apart from broken
+/// secrets.
 fn resolve_secret(
     stored: &str,
     key: Option<&MasterKey>,
     policy: &CredentialPolicy,
+    owner: &secrets::Owner,
     what: impl FnOnce() -> String,
 ) -> Result<secrecy::SecretString, ResolveError> {
-    policy.resolve(stored, key).map_err(|source| {
+    policy.resolve(stored, key, owner).map_err(|source| {
         if source.is_refusal() {
             ResolveError::Refused {
                 what: what(),
@@ -385,8 +460,8 @@ fn resolve_secret(
 
 /// An app's token-request credentials from its row: the client secret, or the certificate
 /// and its private key, unsealed with `key`. Refused (before anything is read) when `policy`
-/// does not allow the app's authority, and when the credential is a reference `policy` does
-/// not allow.
+/// does not allow the app's authority, when the credential is a reference `policy` does not
+/// allow, and when a sealed credential was not sealed for this app as it is now.
 pub fn app_credentials(
     app: &AppRow,
     key: Option<&MasterKey>,
@@ -399,7 +474,7 @@ pub fn app_credentials(
             what: what(),
             source,
         })?;
-    let secret = resolve_secret(&app.credential, key, policy, what)?;
+    let secret = resolve_secret(&app.credential, key, policy, &app.credential_owner(), what)?;
     let credential = match app.certificate() {
         None => oauth::Credential::Secret(secret),
         Some(cert) => {
@@ -425,8 +500,10 @@ pub fn app_credentials(
 }
 
 /// Builds the runtime pilot from its rows: checks the texts against the schema's limits
-/// (rows from before them), checks where the login may go under `policy`, decrypts or reads
-/// the secrets, loads the CA bundle.
+/// (rows from before them), checks where the login may go under `policy` (an XOAUTH2 pilot
+/// only to an allowed host, before anything about its app is read, so no token is ever
+/// requested for it), decrypts or reads the secrets (a sealed one only if it was sealed for
+/// this row as it is), loads the CA bundle.
 pub fn resolve_pilot(
     row: &PilotRow,
     app: Option<&AppRow>,
@@ -457,6 +534,12 @@ pub fn resolve_pilot(
         })?;
     let auth = match &row.auth {
         store::PilotAuth::XOAuth2 { .. } => {
+            policy
+                .check_xoauth2_host(&row.host)
+                .map_err(|source| ResolveError::Refused {
+                    what: format!("pilot {}", row.id),
+                    source,
+                })?;
             let app = app.ok_or(ResolveError::MissingApp { pilot: row.id })?;
             PilotAuth::XOAuth2(app_credentials(app, key, policy)?)
         }
@@ -465,7 +548,13 @@ pub fn resolve_pilot(
             credential,
         } => PilotAuth::UserPass {
             username: username.clone(),
-            password: resolve_secret(credential, key, policy, || format!("pilot {}", row.id))?,
+            password: resolve_secret(
+                credential,
+                key,
+                policy,
+                &secrets::Owner::pilot(&row.host, row.port, row.tls, username),
+                || format!("pilot {}", row.id),
+            )?,
         },
     };
     let extra_roots: Vec<CertificateDer<'static>> = match &row.ca_bundle {

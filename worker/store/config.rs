@@ -1,7 +1,9 @@
 //! OAuth app registrations and mailbox pilots: the configuration admins change at runtime.
 //!
 //! Invariants: credentials reach this layer already sealed or as references (`env:`, `file:`);
-//! the database refuses anything else. A pilot's auth columns always agree with its auth kind
+//! the database refuses anything else. A sealed value opens only for the row identity it was
+//! sealed for ([`AppRow::credential_owner`], [`PilotRow::credential_owner`]), so writes that
+//! move a credential between identities take the value sealed again ([`update_app_resealed`]). A pilot's auth columns always agree with its auth kind
 //! (check constraint `pilots_auth_consistent`); `(lower(mailbox), lower(host))` is unique.
 //! Every admin-set text that is indexed or shown has a [`TextLimit`] (length, no control
 //! characters), checked here with a clear message and by the schema's `*_limits` constraints.
@@ -16,7 +18,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::error::{StoreError, db_error, map_check, sqlstate};
-use crate::secrets::{SecretRef, describe_stored};
+use crate::secrets::{MasterKey, Owner, SealedForm, SecretError, SecretRef, describe_stored};
+use secrecy::SecretString;
 
 /// Entra ID authority of the global cloud.
 pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
@@ -157,7 +160,8 @@ pub struct NewApp {
     pub authority: String,
     /// Token scope, e.g. [`DEFAULT_SCOPE`].
     pub scope: String,
-    /// The client secret, already sealed (`enc:v1:…`) or a reference (`env:`/`file:`).
+    /// The client secret, already sealed (`enc:v2:…`, for [`NewApp::credential_owner`]) or a
+    /// reference (`env:`/`file:`).
     pub credential: String,
     /// When the client secret expires (Entra shows it; at most 24 months), for alerting.
     pub secret_expires_at: Option<DateTime<Utc>>,
@@ -188,6 +192,30 @@ impl NewApp {
             secret_expires_at: None,
             certificate: None,
         }
+    }
+}
+
+impl NewApp {
+    /// The owner this app's credential is sealed for: its authority, tenant, client id and
+    /// credential kind.
+    pub fn credential_owner(&self) -> Owner {
+        Owner::app(
+            &self.authority,
+            &self.tenant,
+            &self.client_id,
+            self.certificate.is_some(),
+        )
+    }
+
+    /// Seals `secret` with `key` as this app's credential. Call it once authority, tenant,
+    /// client id and certificate are set: the sealed value opens only for those.
+    pub fn seal_credential(
+        &mut self,
+        key: &MasterKey,
+        secret: &SecretString,
+    ) -> Result<(), SecretError> {
+        self.credential = key.seal(secret, &self.credential_owner())?;
+        Ok(())
     }
 }
 
@@ -239,6 +267,16 @@ impl AppRow {
 }
 
 impl AppRow {
+    /// The owner this app's credential must be sealed for (see [`NewApp::credential_owner`]).
+    pub fn credential_owner(&self) -> Owner {
+        Owner::app(
+            &self.authority,
+            &self.tenant,
+            &self.client_id,
+            self.certificate().is_some(),
+        )
+    }
+
     /// The token-cache key of this app: pilots of apps with equal keys share one token.
     pub fn token_key(&self) -> crate::oauth::AppKey {
         crate::oauth::AppKey {
@@ -338,6 +376,21 @@ impl NewPilot {
     }
 }
 
+impl NewPilot {
+    /// For a USER/PASS pilot, the owner its password is sealed for: host, port, TLS mode and
+    /// username. `None` for XOAUTH2 (the app holds the credential).
+    pub fn credential_owner(&self) -> Option<Owner> {
+        password_owner(&self.host, self.port, self.tls, &self.auth)
+    }
+}
+
+fn password_owner(host: &str, port: u16, tls: TlsMode, auth: &PilotAuth) -> Option<Owner> {
+    match auth {
+        PilotAuth::UserPass { username, .. } => Some(Owner::pilot(host, port, tls, username)),
+        PilotAuth::XOAuth2 { .. } => None,
+    }
+}
+
 /// A stored mailbox pilot with its last poll outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PilotRow {
@@ -359,6 +412,13 @@ pub struct PilotRow {
     pub last_error_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl PilotRow {
+    /// See [`NewPilot::credential_owner`].
+    pub fn credential_owner(&self) -> Option<Owner> {
+        password_owner(&self.host, self.port, self.tls, &self.auth)
+    }
 }
 
 /// The row as PostgreSQL returns it, before the typed conversion.
@@ -514,16 +574,42 @@ fn app_write_error(err: sqlx::Error, app: &NewApp) -> StoreError {
 
 /// Changes an app's identity fields (name, tenant, client id, authority, scope, expiry) to
 /// those of `app`; the credential columns are left alone (see [`set_app_credential`] and
-/// [`set_app_certificate`]). Returns the updated row; running workers restart its pilots.
+/// [`set_app_certificate`], and [`update_app_resealed`] when a bound field changes). Returns
+/// the updated row; running workers restart its pilots.
 pub async fn update_app(
     conn: &mut PgConnection,
     id: i64,
     app: &NewApp,
 ) -> Result<AppRow, StoreError> {
+    write_app(conn, id, app, None).await
+}
+
+/// As [`update_app`], and replaces the credential by `app.credential`: the same secret sealed
+/// again for the changed authority, tenant or client id. Guarded on the row still holding
+/// `expected` (what was sealed again), so a secret rotated meanwhile is never overwritten by
+/// the old one.
+pub async fn update_app_resealed(
+    conn: &mut PgConnection,
+    id: i64,
+    app: &NewApp,
+    expected: &str,
+) -> Result<AppRow, StoreError> {
+    check_credential("credential", &app.credential)?;
+    write_app(conn, id, app, Some(expected)).await
+}
+
+async fn write_app(
+    conn: &mut PgConnection,
+    id: i64,
+    app: &NewApp,
+    expected: Option<&str>,
+) -> Result<AppRow, StoreError> {
     check_app_texts(app)?;
-    sqlx::query_as(concat!(
+    let row: Option<AppRow> = sqlx::query_as(concat!(
         "update oauth_apps set name = $2, tenant = $3, client_id = $4, authority = $5, \
-         scope = $6, secret_expires_at = $7, updated_at = now() where id = $1 returning ",
+         scope = $6, secret_expires_at = $7, \
+         credential = case when $8::text is null then credential else $9 end, \
+         updated_at = now() where id = $1 and ($8::text is null or credential = $8) returning ",
         app_columns!()
     ))
     .bind(id)
@@ -533,10 +619,28 @@ pub async fn update_app(
     .bind(&app.authority)
     .bind(&app.scope)
     .bind(app.secret_expires_at)
-    .fetch_optional(conn)
+    .bind(expected)
+    .bind(&app.credential)
+    .fetch_optional(&mut *conn)
     .await
-    .map_err(|err| app_write_error(err, app))?
-    .ok_or_else(|| StoreError::NotFound {
+    .map_err(|err| app_write_error(err, app))?;
+    if let Some(row) = row {
+        return Ok(row);
+    }
+    let exists: bool = sqlx::query_scalar("select exists (select 1 from oauth_apps where id = $1)")
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+    if exists {
+        return Err(StoreError::InvalidInput {
+            field: "credential",
+            reason: format!(
+                "the credential of OAuth app id {id} changed while it was being sealed again; \
+                 run the command again"
+            ),
+        });
+    }
+    Err(StoreError::NotFound {
         entity: "OAuth app",
         key: format!("id {id}"),
     })
@@ -678,58 +782,224 @@ pub async fn set_app_credential(
     Ok(())
 }
 
-/// Rewrites every stored credential (app secrets and private keys, pilot passwords) through
-/// `reseal`, for master-key rotation. References (`env:`, `file:`) pass through unchanged when
-/// `reseal` returns them as they are. Call it inside a transaction so a failure changes nothing.
-/// Returns how many credentials changed.
-pub async fn reseal_credentials(
-    conn: &mut PgConnection,
-    mut reseal: impl FnMut(&str) -> Result<String, String>,
-) -> Result<u64, StoreError> {
-    let mut changed = 0;
-    let apps: Vec<(i64, String)> =
-        sqlx::query_as("select id, credential from oauth_apps order by id")
-            .fetch_all(&mut *conn)
-            .await?;
-    let pilots: Vec<(i64, String)> = sqlx::query_as(
-        "select id, password_credential from pilots where password_credential is not null order by id",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    for (table, rows) in [("oauth_apps", apps), ("pilots", pilots)] {
-        for (id, stored) in rows {
-            let fresh = reseal(&stored).map_err(|reason| StoreError::InvalidInput {
-                field: "credential",
-                reason: format!("{table} id {id}: {reason}"),
-            })?;
-            if fresh == stored {
-                continue;
-            }
-            check_credential("credential", &fresh)?;
-            // Guarded on the old value: a concurrent change makes this rotation fail loudly.
-            let statement = if table == "oauth_apps" {
-                "update oauth_apps set credential = $2, updated_at = now() \
-                 where id = $1 and credential = $3"
-            } else {
-                "update pilots set password_credential = $2, updated_at = now() \
-                 where id = $1 and password_credential = $3"
-            };
-            let done = sqlx::query(statement)
-                .bind(id)
-                .bind(&fresh)
-                .bind(&stored)
-                .execute(&mut *conn)
-                .await?;
-            if done.rows_affected() != 1 {
-                return Err(StoreError::InvalidInput {
-                    field: "credential",
-                    reason: format!("{table} id {id} changed during the rotation; run it again"),
-                });
-            }
-            changed += 1;
+/// Where a stored credential lives: an OAuth app or a USER/PASS pilot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CredentialHolder {
+    App { id: i64, name: String },
+    Pilot { id: i64 },
+}
+
+impl fmt::Display for CredentialHolder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CredentialHolder::App { id, name } => write!(f, "app {name} (id {id})"),
+            CredentialHolder::Pilot { id } => write!(f, "pilot {id}"),
         }
     }
+}
+
+/// One stored credential with its row's identity.
+struct HeldCredential {
+    holder: CredentialHolder,
+    owner: Owner,
+    stored: String,
+}
+
+/// Every stored credential (app secrets and private keys, pilot passwords), apps first, each
+/// in id order.
+async fn held_credentials(conn: &mut PgConnection) -> Result<Vec<HeldCredential>, StoreError> {
+    let apps: Vec<AppRow> = sqlx::query_as(concat!(
+        "select ",
+        app_columns!(),
+        " from oauth_apps order by id"
+    ))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut held: Vec<HeldCredential> = apps
+        .into_iter()
+        .map(|app| HeldCredential {
+            owner: app.credential_owner(),
+            holder: CredentialHolder::App {
+                id: app.id,
+                name: app.name,
+            },
+            stored: app.credential,
+        })
+        .collect();
+    for pilot in list_pilots(&mut *conn).await? {
+        if let (Some(owner), PilotAuth::UserPass { credential, .. }) =
+            (pilot.credential_owner(), &pilot.auth)
+        {
+            held.push(HeldCredential {
+                holder: CredentialHolder::Pilot { id: pilot.id },
+                owner,
+                stored: credential.clone(),
+            });
+        }
+    }
+    Ok(held)
+}
+
+/// Groups of rows that hold the very same `enc:v1` text. Every seal draws a fresh nonce, so
+/// two rows with one value mean all but one are copies; which one is the original cannot be
+/// told, so none of them may be bound to its row.
+fn shared_unbound(held: &[HeldCredential]) -> Vec<Vec<CredentialHolder>> {
+    let mut by_value: std::collections::BTreeMap<&str, Vec<CredentialHolder>> =
+        std::collections::BTreeMap::new();
+    for h in held {
+        if matches!(
+            SecretRef::parse(&h.stored),
+            Ok(SecretRef::Sealed {
+                form: SealedForm::V1,
+                ..
+            })
+        ) {
+            by_value
+                .entry(&h.stored)
+                .or_default()
+                .push(h.holder.clone());
+        }
+    }
+    by_value.into_values().filter(|g| g.len() > 1).collect()
+}
+
+/// Replaces `old` by `fresh` in the credential column of `holder`, if it still holds `old`;
+/// whether it did. `touch` bumps `updated_at` (a change admins made, such as a key rotation).
+async fn replace_credential(
+    conn: &mut PgConnection,
+    holder: &CredentialHolder,
+    old: &str,
+    fresh: &str,
+    touch: bool,
+) -> Result<bool, StoreError> {
+    check_credential("credential", fresh)?;
+    let statement = match (holder, touch) {
+        (CredentialHolder::App { .. }, true) => {
+            "update oauth_apps set credential = $2, updated_at = now() \
+             where id = $1 and credential = $3"
+        }
+        (CredentialHolder::App { .. }, false) => {
+            "update oauth_apps set credential = $2 where id = $1 and credential = $3"
+        }
+        (CredentialHolder::Pilot { .. }, true) => {
+            "update pilots set password_credential = $2, updated_at = now() \
+             where id = $1 and password_credential = $3"
+        }
+        (CredentialHolder::Pilot { .. }, false) => {
+            "update pilots set password_credential = $2 where id = $1 and password_credential = $3"
+        }
+    };
+    let id = match holder {
+        CredentialHolder::App { id, .. } | CredentialHolder::Pilot { id } => *id,
+    };
+    let done = sqlx::query(statement)
+        .bind(id)
+        .bind(fresh)
+        .bind(old)
+        .execute(&mut *conn)
+        .await
+        .map_err(|err| map_check(err, "credential"))?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Rewrites every stored credential (app secrets and private keys, pilot passwords) through
+/// `reseal`, which gets the owner the value must belong to, for master-key rotation.
+/// References (`env:`, `file:`) pass through unchanged when `reseal` returns them as they are.
+/// An `enc:v1` value held by several rows is refused (all but one are copies: store the secret
+/// again for each). Call it inside a transaction so a failure changes nothing. Returns how many
+/// credentials changed.
+pub async fn reseal_credentials(
+    conn: &mut PgConnection,
+    mut reseal: impl FnMut(&Owner, &str) -> Result<String, String>,
+) -> Result<u64, StoreError> {
+    let held = held_credentials(conn).await?;
+    if let Some(group) = shared_unbound(&held).first() {
+        return Err(StoreError::InvalidInput {
+            field: "credential",
+            reason: format!(
+                "{} hold the very same sealed value, so all but one are copies; store the \
+                 secret again for each of them (`ccmail app rotate-secret`, `ccmail pilot \
+                 update ID --secret-stdin`), then rotate",
+                join_holders(group)
+            ),
+        });
+    }
+    let mut changed = 0;
+    for h in held {
+        let fresh = reseal(&h.owner, &h.stored).map_err(|reason| StoreError::InvalidInput {
+            field: "credential",
+            reason: format!("{}: {reason}", h.holder),
+        })?;
+        if fresh == h.stored {
+            continue;
+        }
+        // Guarded on the old value: a concurrent change makes this rotation fail loudly.
+        if !replace_credential(conn, &h.holder, &h.stored, &fresh, true).await? {
+            return Err(StoreError::InvalidInput {
+                field: "credential",
+                reason: format!("{} changed during the rotation; run it again", h.holder),
+            });
+        }
+        changed += 1;
+    }
     Ok(changed)
+}
+
+fn join_holders(group: &[CredentialHolder]) -> String {
+    group
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What [`upgrade_unbound_credentials`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct UnboundUpgrade {
+    /// Values sealed again as `enc:v2` for the row they are in.
+    pub upgraded: u64,
+    /// Rows holding the very same `enc:v1` value: none of them was upgraded.
+    pub shared: Vec<Vec<CredentialHolder>>,
+    /// Values `upgrade` could not seal again, with why (a key id, never a secret).
+    pub failed: Vec<(CredentialHolder, String)>,
+    /// Values that changed between reading and writing (upgraded by another worker, or
+    /// stored again by an admin): left to the next pass.
+    pub raced: u64,
+}
+
+/// Seals every `enc:v1` credential again as `enc:v2` bound to the row it is in, through
+/// `upgrade` (which gets the row's owner and the stored value and returns the new value, or
+/// `None` to leave it). Each write is guarded on the row still holding that exact value, and
+/// does not bump `updated_at` (the configuration did not change). Values held by several rows
+/// are copies and are left alone, as are values `upgrade` fails on; both are reported.
+pub async fn upgrade_unbound_credentials(
+    conn: &mut PgConnection,
+    mut upgrade: impl FnMut(&Owner, &str) -> Result<Option<String>, String>,
+) -> Result<UnboundUpgrade, StoreError> {
+    let held = held_credentials(conn).await?;
+    let mut report = UnboundUpgrade {
+        shared: shared_unbound(&held),
+        ..UnboundUpgrade::default()
+    };
+    for h in held {
+        if report.shared.iter().flatten().any(|s| *s == h.holder) {
+            continue;
+        }
+        let fresh = match upgrade(&h.owner, &h.stored) {
+            Ok(Some(fresh)) => fresh,
+            Ok(None) => continue,
+            Err(reason) => {
+                report.failed.push((h.holder, reason));
+                continue;
+            }
+        };
+        if replace_credential(conn, &h.holder, &h.stored, &fresh, false).await? {
+            report.upgraded += 1;
+        } else {
+            report.raced += 1;
+        }
+    }
+    Ok(report)
 }
 
 /// Stores a new pilot. The same mailbox on the same host (case-insensitively) gives

@@ -157,7 +157,7 @@ pub(crate) fn explain_constraint(name: &str) -> &'static str {
              username and a password credential and no app"
         }
         "pilots_password_not_plaintext" | "oauth_apps_credential_not_plaintext" => {
-            "credentials must be sealed (enc:v1:...) or a reference (env:NAME, file:PATH), \
+            "credentials must be sealed (enc:v2:...) or a reference (env:NAME, file:PATH), \
              never plaintext"
         }
         "pilots_poll_interval_positive" => "poll interval must be at least one second",

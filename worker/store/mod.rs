@@ -27,12 +27,13 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 pub use sqlx::{PgPool, Postgres, Transaction};
 
 pub use config::{
-    AppRow, DEFAULT_AUTHORITY, DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLL_INTERVAL,
-    DEFAULT_PORT, DEFAULT_SCOPE, MAX_ERROR_CHARS, NewApp, NewPilot, PilotAuth, PilotRow,
-    StoredCertificate, TextLimit, TlsMode, delete_app, delete_pilot, enabled_pilots_with_apps,
-    find_pilots_by_mailbox, get_app, get_app_by_name, get_pilot, insert_app, insert_pilot, limits,
-    list_apps, list_pilots, record_poll_error, record_poll_success, reseal_credentials,
-    set_app_certificate, set_app_credential, set_pilot_enabled, update_app, update_pilot,
+    AppRow, CredentialHolder, DEFAULT_AUTHORITY, DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_POLL_INTERVAL, DEFAULT_PORT, DEFAULT_SCOPE, MAX_ERROR_CHARS, NewApp, NewPilot,
+    PilotAuth, PilotRow, StoredCertificate, TextLimit, TlsMode, UnboundUpgrade, delete_app,
+    delete_pilot, enabled_pilots_with_apps, find_pilots_by_mailbox, get_app, get_app_by_name,
+    get_pilot, insert_app, insert_pilot, limits, list_apps, list_pilots, record_poll_error,
+    record_poll_success, reseal_credentials, set_app_certificate, set_app_credential,
+    set_pilot_enabled, update_app, update_app_resealed, update_pilot, upgrade_unbound_credentials,
 };
 pub use error::StoreError;
 pub use ingest::{

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 use sha2::Digest as _;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection};
@@ -14,13 +14,17 @@ use tokio::sync::Barrier;
 use super::testing::TestDb;
 use super::*;
 use crate::ingest::parse::{Address, Attachment, ParsedMail};
-use crate::secrets::MasterKey;
+use crate::secrets::{MasterKey, Owner};
 
 /// Generous upper bound for a notification to arrive; it normally takes milliseconds.
 const NOTIFY_DEADLINE: Duration = Duration::from_secs(10);
 
+/// `secret` sealed for the app `support-app` of the tests (global authority,
+/// contoso.onmicrosoft.com, client id cid-1).
 fn sealed(key: &MasterKey, secret: &str) -> String {
-    key.seal(&SecretString::from(secret.to_owned())).unwrap()
+    let owner = Owner::app(DEFAULT_AUTHORITY, "contoso.onmicrosoft.com", "cid-1", false);
+    key.seal(&SecretString::from(secret.to_owned()), &owner)
+        .unwrap()
 }
 
 async fn app(conn: &mut PgConnection, name: &str) -> AppRow {
@@ -181,7 +185,8 @@ async fn apps_insert_list_get_and_refuse_duplicates() {
 
     // New credential and expiry; guarded by id.
     let other = MasterKey::generate();
-    let resealed = crate::secrets::reseal(&row.credential, &key, &other).unwrap();
+    let resealed =
+        crate::secrets::reseal(&row.credential, &key, &other, &row.credential_owner()).unwrap();
     set_app_credential(&mut conn, row.id, &resealed, None)
         .await
         .unwrap();
@@ -1205,6 +1210,278 @@ async fn header_values_beyond_the_limits_are_cut_and_flagged() {
     assert_eq!(row.3.first().map(String::as_str), Some("r0@x"));
     assert_eq!(row.3.last().map(String::as_str), Some("r4999@x"));
     assert_eq!(row.4, [FLAG_HEADER_TRUNCATED]);
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_schema_takes_both_sealed_forms_and_still_no_plaintext() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let key = MasterKey::generate();
+    let secret = SecretString::from("s3cr3t".to_owned());
+    let v1 = key.seal_v1(&secret).unwrap();
+    let v2 = sealed(&key, "s3cr3t");
+    for (i, value) in [&v1, &v2].into_iter().enumerate() {
+        sqlx::query(
+            "insert into oauth_apps (name, tenant, client_id, credential) values ($1, 't', $1, $2)",
+        )
+        .bind(format!("app-{i}"))
+        .bind(value)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    }
+    for bad in [
+        "enc:v3:00000000:AAAA",
+        "enc:v2:nothex00:AAAA",
+        "enc:v2:0000000:AAAA",
+    ] {
+        let err = sqlx::query(
+            "insert into oauth_apps (name, tenant, client_id, credential) values ('x', 't', 'x', $1)",
+        )
+        .bind(bad)
+        .execute(&mut *conn)
+        .await
+        .unwrap_err();
+        assert_eq!(
+            err.as_database_error().unwrap().constraint(),
+            Some("oauth_apps_credential_not_plaintext"),
+            "{bad}"
+        );
+    }
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+/// A USER/PASS pilot `local` on pop.contoso.com whose password is `credential`, stored as it is.
+async fn user_pass_pilot(conn: &mut PgConnection, local: &str, credential: &str) -> PilotRow {
+    let mut new = NewPilot::new(
+        local,
+        &format!("{local}@contoso.com"),
+        PilotAuth::UserPass {
+            username: local.to_owned(),
+            credential: credential.to_owned(),
+        },
+    );
+    new.host = "pop.contoso.com".to_owned();
+    insert_pilot(conn, &new).await.unwrap()
+}
+
+fn password_of(pilot: &PilotRow) -> &str {
+    match &pilot.auth {
+        PilotAuth::UserPass { credential, .. } => credential,
+        PilotAuth::XOAuth2 { .. } => panic!("a USER/PASS pilot"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbound_credentials_are_upgraded_for_their_rows_once_and_copies_are_left_alone() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let key = MasterKey::generate();
+    let v1 = |secret: &str| key.seal_v1(&SecretString::from(secret.to_owned())).unwrap();
+    let app_row = {
+        let new = NewApp::new("support-app", "contoso.onmicrosoft.com", "cid-1", v1("app"));
+        insert_app(&mut conn, &new).await.unwrap()
+    };
+    let alone = user_pass_pilot(&mut conn, "alone", &v1("pw-alone")).await;
+    let shared = v1("pw-shared");
+    let original = user_pass_pilot(&mut conn, "original", &shared).await;
+    let copy = user_pass_pilot(&mut conn, "copy", &shared).await;
+    let foreign = MasterKey::generate();
+    let other_key = user_pass_pilot(
+        &mut conn,
+        "otherkey",
+        &foreign
+            .seal_v1(&SecretString::from("pw".to_owned()))
+            .unwrap(),
+    )
+    .await;
+    let reference = user_pass_pilot(&mut conn, "reference", "env:LAB_PASSWORD").await;
+
+    let upgrade = |owner: &Owner, stored: &str| {
+        crate::secrets::upgrade(stored, &key, owner).map_err(|e| e.to_string())
+    };
+    let report = upgrade_unbound_credentials(&mut conn, upgrade)
+        .await
+        .unwrap();
+    assert_eq!(report.upgraded, 2, "{report:?}");
+    assert_eq!(
+        report.shared,
+        vec![vec![
+            CredentialHolder::Pilot { id: original.id },
+            CredentialHolder::Pilot { id: copy.id }
+        ]]
+    );
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(
+        report.failed[0].0,
+        CredentialHolder::Pilot { id: other_key.id }
+    );
+    assert!(report.failed[0].1.contains(foreign.key_id()), "{report:?}");
+    assert_eq!(report.raced, 0);
+
+    // Each upgraded value now opens for its own row only, and the row's configuration did not
+    // change (no restart of its poller, no "updated" time).
+    let app_now = get_app(&mut conn, app_row.id).await.unwrap();
+    assert!(
+        app_now.credential.starts_with("enc:v2:"),
+        "{}",
+        app_now.credential
+    );
+    assert_eq!(app_now.updated_at, app_row.updated_at);
+    let policy = crate::secrets::ReferencePolicy::default();
+    let opened = crate::secrets::resolve(
+        &app_now.credential,
+        Some(&key),
+        &policy,
+        &app_now.credential_owner(),
+    )
+    .unwrap();
+    assert_eq!(opened.expose_secret(), "app");
+    let alone_now = get_pilot(&mut conn, alone.id).await.unwrap();
+    let owner = alone_now.credential_owner().unwrap();
+    let opened =
+        crate::secrets::resolve(password_of(&alone_now), Some(&key), &policy, &owner).unwrap();
+    assert_eq!(opened.expose_secret(), "pw-alone");
+    assert!(
+        crate::secrets::resolve(
+            password_of(&alone_now),
+            Some(&key),
+            &policy,
+            &original.credential_owner().unwrap()
+        )
+        .is_err()
+    );
+    // Copies, foreign keys and references stay exactly as they were.
+    for (row, before) in [
+        (&original, shared.as_str()),
+        (&copy, shared.as_str()),
+        (&other_key, password_of(&other_key)),
+        (&reference, "env:LAB_PASSWORD"),
+    ] {
+        assert_eq!(
+            password_of(&get_pilot(&mut conn, row.id).await.unwrap()),
+            before
+        );
+    }
+
+    // A second pass has nothing left to upgrade, and still reports the copies.
+    let again = upgrade_unbound_credentials(&mut conn, upgrade)
+        .await
+        .unwrap();
+    assert_eq!(again.upgraded, 0);
+    assert_eq!(again.shared, report.shared);
+
+    // The write is guarded: a value replaced between reading and writing is left to the
+    // next pass (here the replacement happens inside `upgrade`, on a second connection).
+    let racy = user_pass_pilot(&mut conn, "racy", &v1("pw-racy")).await;
+    let mut other = db.pool().acquire().await.unwrap();
+    let replacement = sealed(&key, "new");
+    let mut raced_once = false;
+    let report = upgrade_unbound_credentials(&mut conn, |owner, stored| {
+        if !raced_once && stored == password_of(&racy) {
+            raced_once = true;
+            replace_password_now(&mut other, racy.id, &replacement);
+        }
+        upgrade(owner, stored)
+    })
+    .await
+    .unwrap();
+    assert_eq!((report.upgraded, report.raced), (0, 1), "{report:?}");
+    assert_eq!(
+        password_of(&get_pilot(&mut conn, racy.id).await.unwrap()),
+        replacement
+    );
+    drop((conn, other));
+    db.drop_db().await.unwrap();
+}
+
+/// Replaces pilot `id`'s password on `conn` from inside a synchronous closure (the upgrade's
+/// callback), as a concurrent admin would.
+fn replace_password_now(conn: &mut PgConnection, id: i64, credential: &str) {
+    tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(async {
+            sqlx::query("update pilots set password_credential = $2 where id = $1")
+                .bind(id)
+                .bind(credential)
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+        })
+    });
+}
+
+#[tokio::test]
+async fn rotation_refuses_copies_and_an_app_resealed_on_update_is_guarded() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let key = MasterKey::generate();
+    let new_key = MasterKey::generate();
+    let shared = key.seal_v1(&SecretString::from("pw".to_owned())).unwrap();
+    let a = user_pass_pilot(&mut conn, "a", &shared).await;
+    let b = user_pass_pilot(&mut conn, "b", &shared).await;
+    let err = reseal_credentials(&mut conn, |owner, stored| {
+        crate::secrets::reseal(stored, &key, &new_key, owner).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("pilot {}", a.id))
+            && text.contains(&format!("pilot {}", b.id))
+            && text.contains("copies"),
+        "{text}"
+    );
+    assert_eq!(
+        password_of(&get_pilot(&mut conn, a.id).await.unwrap()),
+        shared
+    );
+
+    // update_app_resealed writes the new value only over the one it was made from.
+    let mut new = NewApp::new(
+        "support-app",
+        "contoso.onmicrosoft.com",
+        "cid-1",
+        String::new(),
+    );
+    new.seal_credential(&key, &SecretString::from("app".to_owned()))
+        .unwrap();
+    let row = insert_app(&mut conn, &new).await.unwrap();
+    let mut moved = new.clone();
+    moved.tenant = "fabrikam.onmicrosoft.com".to_owned();
+    moved.credential = crate::secrets::rebind(
+        &row.credential,
+        &key,
+        &row.credential_owner(),
+        &moved.credential_owner(),
+    )
+    .unwrap();
+    let err = update_app_resealed(&mut conn, row.id, &moved, "env:SOMETHING_ELSE")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("run the command again"), "{err}");
+    assert_eq!(get_app(&mut conn, row.id).await.unwrap(), row);
+    let updated = update_app_resealed(&mut conn, row.id, &moved, &row.credential)
+        .await
+        .unwrap();
+    assert_eq!(updated.tenant, "fabrikam.onmicrosoft.com");
+    assert_eq!(updated.credential, moved.credential);
+    let policy = crate::secrets::ReferencePolicy::default();
+    assert!(
+        crate::secrets::resolve(
+            &updated.credential,
+            Some(&key),
+            &policy,
+            &updated.credential_owner()
+        )
+        .is_ok()
+    );
+    assert!(matches!(
+        update_app_resealed(&mut conn, row.id + 100, &moved, &row.credential).await,
+        Err(StoreError::NotFound { .. })
+    ));
     drop(conn);
     db.drop_db().await.unwrap();
 }

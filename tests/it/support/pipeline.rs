@@ -105,13 +105,9 @@ impl SimWorld {
             secret_expired: false,
         });
         let key = MasterKey::generate();
-        let mut new_app = store::NewApp::new(
-            "it-app",
-            &tenant,
-            &client_id,
-            key.seal(&SecretString::from(client_secret.clone()))?,
-        );
+        let mut new_app = store::NewApp::new("it-app", &tenant, &client_id, String::new());
         new_app.authority = entra.authority();
+        new_app.seal_credential(&key, &SecretString::from(client_secret.clone()))?;
         let app = {
             let mut conn = db.pool().acquire().await?;
             store::insert_app(&mut conn, &new_app).await?
@@ -189,8 +185,8 @@ impl SimWorld {
     }
 
     /// A new USER/PASS pilot for `local@DOMAIN` on the simulator's implicit-TLS port, polled
-    /// every second, with `password` accepted by the simulator and stored sealed; `edit`
-    /// adjusts it before it is stored.
+    /// every second, with `password` accepted by the simulator and stored sealed for the pilot
+    /// as `edit` leaves it; `edit` adjusts it before it is stored.
     pub async fn add_user_pass_pilot(
         &self,
         local: &str,
@@ -199,15 +195,19 @@ impl SimWorld {
     ) -> anyhow::Result<PilotRow> {
         let mailbox = format!("{local}@{DOMAIN}");
         self.pop.set_password(&mailbox, password);
-        let credential = self.key.seal(&SecretString::from(password.to_owned()))?;
-        self.add_pilot(local, |p| {
-            p.auth = store::PilotAuth::UserPass {
-                username: mailbox.clone(),
-                credential,
-            };
-            edit(p);
-        })
-        .await
+        let mut sealed = Ok(());
+        let row = self
+            .add_pilot(local, |p| {
+                p.auth = store::PilotAuth::UserPass {
+                    username: mailbox.clone(),
+                    credential: String::new(),
+                };
+                edit(p);
+                sealed = seal_password(p, &self.key, password);
+            })
+            .await;
+        sealed?;
+        row
     }
 
     /// The runtime pilot, resolved exactly as the supervisor does (secret unsealed, CA loaded).
@@ -231,12 +231,13 @@ impl SimWorld {
     }
 
     /// The credential policy of a worker configured for this world: the default one, with the
-    /// Entra simulator's authority allowed.
+    /// Entra simulator's authority and the POP3 simulator's host allowed.
     pub fn credential_policy(&self) -> CredentialPolicy {
         let mut policy = CredentialPolicy::default();
         policy
             .allow_authority(&self.entra.authority())
             .expect("the simulator's authority is an https origin");
+        policy.allow_xoauth2_host(&self.pop.tls_addr().ip().to_string());
         policy
     }
 
@@ -283,6 +284,16 @@ impl SimWorld {
         self.db.drop_db().await?;
         Ok(())
     }
+}
+
+/// Seals `password` for the USER/PASS pilot `p` as it is now (a value sealed for other fields
+/// would not open for it).
+fn seal_password(p: &mut NewPilot, key: &MasterKey, password: &str) -> anyhow::Result<()> {
+    let owner = p.credential_owner().context("a USER/PASS pilot")?;
+    if let store::PilotAuth::UserPass { credential, .. } = &mut p.auth {
+        *credential = key.seal(&SecretString::from(password.to_owned()), &owner)?;
+    }
+    Ok(())
 }
 
 /// What was delivered, by marker, to check what was stored.
