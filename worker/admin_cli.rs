@@ -726,7 +726,11 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
                     credential,
                 };
             }
-            let updated = store::update_pilot(&mut conn, row.id, &new).await?;
+            let read_password = match &row.auth {
+                store::PilotAuth::UserPass { credential, .. } => Some(credential.as_str()),
+                store::PilotAuth::XOAuth2 { .. } => None,
+            };
+            let updated = store::update_pilot(&mut conn, row.id, &new, read_password).await?;
             println!(
                 "pilot {} updated: {}:{} -> queue {}; a running worker picks it up within seconds",
                 updated.id, updated.host, updated.port, updated.queue

@@ -97,6 +97,7 @@ async fn run_keeps_serving_other_pilots_while_one_is_fed_every_hostile_message()
         format!(
             "[worker]\nreload_interval_secs = 1\nshutdown_grace_secs = 10\n\
              initial_backoff_secs = 1\nmax_backoff_secs = 2\npoll_jitter = 0.0\n\n\
+             [pop3]\nallowed_xoauth2_hosts = [\"127.0.0.1\"]\n\n\
              [oauth]\nextra_ca_file = {:?}\nallowed_authorities = [{:?}]\n\n\
              [log]\nformat = \"text\"\nlevel = \"info\"\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
             world.ca_path().display().to_string(),

@@ -1137,30 +1137,53 @@ fn pilot_write_error(err: sqlx::Error, pilot: &NewPilot, app_id: Option<i64>) ->
 /// Changes every configurable field of pilot `id` to those of `pilot` (`enabled` included).
 /// The same errors as [`insert_pilot`], plus [`StoreError::NotFound`] for an unknown id.
 /// Running workers restart the pilot's poller with the new settings.
+///
+/// `read_password` is the password credential the caller read before building `pilot` (or
+/// `None` for an XOAUTH2 pilot): the update applies only if the row still holds it, so a
+/// password rotated or re-sealed meanwhile (by `ccmail key rotate`, a worker's upgrade of an
+/// old sealed form, another admin) is never overwritten with the stale one.
 pub async fn update_pilot(
     conn: &mut PgConnection,
     id: i64,
     pilot: &NewPilot,
+    read_password: Option<&str>,
 ) -> Result<PilotRow, StoreError> {
     let values = PilotValues::of(pilot)?;
     let query = sqlx::query_as(concat!(
         "update pilots set queue = $1, mailbox = $2, host = $3, port = $4, tls = $5, auth = $6, \
          app_id = $7, username = $8, password_credential = $9, ca_bundle = $10, \
          poll_interval_secs = $11, keep_on_server = $12, max_message_bytes = $13, enabled = $14, \
-         updated_at = now() where id = $15 returning ",
+         updated_at = now() where id = $15 and password_credential is not distinct from $16 \
+         returning ",
         pilot_columns!()
     ));
     let record: Option<PilotRecord> = bind_pilot(query, pilot, &values)
         .bind(id)
-        .fetch_optional(conn)
+        .bind(read_password)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(|err| pilot_write_error(err, pilot, values.app_id))?;
-    record
-        .ok_or_else(|| StoreError::NotFound {
+    if let Some(record) = record {
+        return record.try_into();
+    }
+    let exists: bool = sqlx::query_scalar("select exists (select 1 from pilots where id = $1)")
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+    Err(if exists {
+        StoreError::InvalidInput {
+            field: "password",
+            reason: format!(
+                "the password credential of pilot {id} changed while it was being updated \
+                 (a key rotation or another admin); run the command again"
+            ),
+        }
+    } else {
+        StoreError::NotFound {
             entity: "pilot",
             key: format!("id {id}"),
-        })?
-        .try_into()
+        }
+    })
 }
 
 /// Removes a pilot that has no stored messages. A pilot with stored mail is refused with

@@ -1485,3 +1485,51 @@ async fn rotation_refuses_copies_and_an_app_resealed_on_update_is_guarded() {
     drop(conn);
     db.drop_db().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_pilot_update_made_from_a_stale_password_fails_and_changes_nothing() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let read = user_pass_pilot(&mut conn, "p", "env:POP_PASSWORD_OLD").await;
+    // Meanwhile another actor (a key rotation, another admin) replaces the password.
+    let rotated =
+        sqlx::query("update pilots set password_credential = 'env:POP_PASSWORD_NEW' where id = $1")
+            .bind(read.id)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(rotated.rows_affected(), 1);
+
+    let mut edited = NewPilot::new(
+        "other-queue",
+        &read.mailbox,
+        PilotAuth::UserPass {
+            username: "p".to_owned(),
+            credential: password_of(&read).to_owned(),
+        },
+    );
+    edited.host = read.host.clone();
+    let err = update_pilot(&mut conn, read.id, &edited, Some(password_of(&read)))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("run the command again"), "{err}");
+    let now = get_pilot(&mut conn, read.id).await.unwrap();
+    assert_eq!(
+        (now.queue.as_str(), password_of(&now)),
+        ("p", "env:POP_PASSWORD_NEW")
+    );
+
+    // Made from what the row holds now, it applies.
+    let mut fresh = edited.clone();
+    fresh.auth = now.auth.clone();
+    let updated = update_pilot(&mut conn, read.id, &fresh, Some(password_of(&now)))
+        .await
+        .unwrap();
+    assert_eq!(updated.queue, "other-queue");
+    assert!(matches!(
+        update_pilot(&mut conn, 999_999, &fresh, None).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
