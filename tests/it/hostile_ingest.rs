@@ -19,6 +19,37 @@ fn mail(marker: &str, message_id: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Every delivered message stored exactly once, and the mailbox empty.
+async fn assert_drained(
+    world: &SimWorld,
+    ledger: &Ledger,
+    row: &ccmail::store::PilotRow,
+) -> anyhow::Result<()> {
+    ledger
+        .check(&world.heads(&[row.id]).await?)
+        .assert_exactly_once()?;
+    let left = world.pop.messages(&row.mailbox).len();
+    ensure!(left == 0, "{left} messages left on the server");
+    Ok(())
+}
+
+/// A poll that stores what it downloads but whose QUIT is never applied (the connection drops
+/// after the command): everything stays on the server, stored.
+async fn interrupted_poll(
+    world: &SimWorld,
+    pilot: &ccmail::ingest::poller::Pilot,
+) -> anyhow::Result<()> {
+    world.pop.set_fault(Some(Fault::DropAfterCommand {
+        command: "QUIT".to_owned(),
+    }));
+    ensure!(
+        world.poll(pilot, &small_limits()).await.is_err(),
+        "the poll should have failed"
+    );
+    world.pop.clear_faults();
+    Ok(())
+}
+
 fn random_text(len: usize) -> String {
     std::iter::repeat_with(fastrand::alphanumeric)
         .take(len)
@@ -44,10 +75,7 @@ async fn a_huge_message_id_is_stored_with_the_rest_of_the_mailbox() -> anyhow::R
 
     let report = world.poll(&pilot, &small_limits()).await?;
     assert_eq!((report.stored, report.deleted), (3, 3), "{report:?}");
-    ledger
-        .check(&world.heads(&[row.id]).await?)
-        .assert_exactly_once()?;
-    assert!(world.pop.messages(&row.mailbox).is_empty());
+    assert_drained(&world, &ledger, &row).await?;
 
     let (stored_id, flags): (String, Vec<String>) = sqlx::query_as(
         "select m.message_id, w.flags from messages m join work_items w on w.message_id = m.id \
@@ -118,10 +146,7 @@ async fn a_message_the_database_refuses_is_stored_raw_and_the_batch_goes_on() ->
         (5, 5, 1),
         "{report:?}"
     );
-    ledger
-        .check(&world.heads(&[row.id]).await?)
-        .assert_exactly_once()?;
-    assert!(world.pop.messages(&row.mailbox).is_empty());
+    assert_drained(&world, &ledger, &row).await?;
     let refused: Vec<(Option<String>, Vec<String>)> = sqlx::query_as(
         "select m.parse_error, w.flags from messages m join work_items w on w.message_id = m.id \
          where 'store_error' = any(w.flags)",
@@ -216,10 +241,7 @@ async fn two_messages_sharing_a_uidl_are_both_stored_before_either_is_deleted() 
         (3, 3, 2),
         "{report:?}"
     );
-    ledger
-        .check(&world.heads(&[row.id]).await?)
-        .assert_exactly_once()?;
-    assert!(world.pop.messages(&row.mailbox).is_empty());
+    assert_drained(&world, &ledger, &row).await?;
     // Nothing more to do, and nothing stored twice on a second look.
     assert_eq!(
         poll_until_quiet(&world, &pilot, &small_limits(), 3).await?,
@@ -282,10 +304,7 @@ async fn malformed_uidl_lines_affect_only_their_own_messages() -> anyhow::Result
         (4, 1),
         "{report:?}"
     );
-    ledger
-        .check(&world.heads(&[row.id]).await?)
-        .assert_exactly_once()?;
-    assert!(world.pop.messages(&row.mailbox).is_empty());
+    assert_drained(&world, &ledger, &row).await?;
     world.finish().await
 }
 
@@ -320,10 +339,7 @@ async fn a_reused_uidl_cannot_make_ccmail_delete_unseen_mail() -> anyhow::Result
         (1, 1, 1),
         "{report:?}"
     );
-    ledger
-        .check(&world.heads(&[row.id]).await?)
-        .assert_exactly_once()?;
-    assert!(world.pop.messages(&row.mailbox).is_empty());
+    assert_drained(&world, &ledger, &row).await?;
     world.finish().await
 }
 
@@ -336,11 +352,7 @@ async fn a_stored_message_found_again_is_checked_with_top_before_its_dele() -> a
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();
     ledger.deliver(&world.pop, &row.mailbox, mail("once", "once@x"))?;
-    world.pop.set_fault(Some(Fault::DropAfterCommand {
-        command: "QUIT".to_owned(),
-    }));
-    assert!(world.poll(&pilot, &small_limits()).await.is_err());
-    world.pop.clear_faults();
+    interrupted_poll(&world, &pilot).await?;
     world.pop.clear_commands();
 
     let report = world.poll(&pilot, &small_limits()).await?;
@@ -472,10 +484,7 @@ async fn the_poll_deadline_ends_a_poll_between_messages() -> anyhow::Result<()> 
     assert!(first.stored >= 1 && first.stored < 8, "{first:?}");
     assert_eq!(first.deleted, first.stored, "{first:?}");
     poll_until_quiet(&world, &pilot, &limits, 20).await?;
-    ledger
-        .check(&world.heads(&[row.id]).await?)
-        .assert_exactly_once()?;
-    assert!(world.pop.messages(&row.mailbox).is_empty());
+    assert_drained(&world, &ledger, &row).await?;
     world.finish().await
 }
 
@@ -510,10 +519,7 @@ async fn a_huge_maildrop_drains_in_capped_polls() -> anyhow::Result<()> {
     assert_eq!((second.stored, second.deleted), (5, 5), "{second:?}");
     let third = world.poll(&pilot, &limits).await?;
     assert_eq!(third.stored, 2, "{third:?}");
-    ledger
-        .check(&world.heads(&[row.id]).await?)
-        .assert_exactly_once()?;
-    assert!(world.pop.messages(&row.mailbox).is_empty());
+    assert_drained(&world, &ledger, &row).await?;
     world.finish().await
 }
 

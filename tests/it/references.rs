@@ -41,6 +41,22 @@ fn app_add<'a>(name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
+/// Fails when the attacker's POP3 server received any PASS command or login (`what` says which
+/// password would have leaked).
+fn no_password_reached(attacker: &Pop3Sim, what: &str) -> anyhow::Result<()> {
+    let passes = attacker
+        .commands()
+        .iter()
+        .filter(|c| c.starts_with("PASS"))
+        .count();
+    ensure!(
+        passes == 0 && attacker.logins() == 0,
+        "the attacker's server received {passes} PASS command(s) and {} successful login(s): {what}",
+        attacker.logins()
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_cli_refuses_references_to_ccmail_settings_process_secrets_and_special_files() {
     let db = TestDb::new().await.unwrap();
@@ -661,17 +677,10 @@ async fn a_sealed_password_copied_or_left_behind_a_changed_server_is_never_sent(
         .await
         .with_context(|| child.output())?;
     child.assert_running()?;
-    let passes = attacker
-        .commands()
-        .iter()
-        .filter(|c| c.starts_with("PASS"))
-        .count();
-    ensure!(
-        passes == 0 && attacker.logins() == 0,
-        "the attacker's server received {passes} PASS command(s) and {} successful login(s): \
-         a copied or left-behind sealed password was sent",
-        attacker.logins()
-    );
+    no_password_reached(
+        &attacker,
+        "a copied or left-behind sealed password was sent",
+    )?;
     refused_with(&rows, copy.id, "sealed for another pilot")?;
     refused_with(&rows, bravo.id, "sealed for another pilot")?;
     ledger
@@ -998,17 +1007,10 @@ async fn unbound_v1_credentials_are_upgraded_at_start_and_a_copied_one_is_never_
         .await
         .with_context(|| child.output())?;
     child.assert_running()?;
-    let passes = attacker
-        .commands()
-        .iter()
-        .filter(|c| c.starts_with("PASS"))
-        .count();
-    ensure!(
-        passes == 0 && attacker.logins() == 0,
-        "the attacker's server received {passes} PASS command(s) and {} successful login(s): \
-         a v1 password copied before the upgrade was sent",
-        attacker.logins()
-    );
+    no_password_reached(
+        &attacker,
+        "a v1 password copied before the upgrade was sent",
+    )?;
     refused_with(&rows, bravo.id, "enc:v1")?;
     refused_with(&rows, copy.id, "enc:v1")?;
     let stored = |id: i64| {
