@@ -551,7 +551,11 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             }
             if check {
                 let target = pilot_target(config, &pilot, app_row.as_ref(), None, None)?;
-                let report = doctor::diagnose(&target, &config.token_source_options()?).await;
+                let report = doctor::diagnose(
+                    &target,
+                    &ccmail::oauth::TokenSourceOptions::from_config(&config.oauth)?,
+                )
+                .await;
                 print!("{}", ccmail::display::escape_lines(&report.render()));
                 if report.failure.is_some() {
                     eprintln!("pilot not saved: fix the failing step and run the command again");
@@ -805,7 +809,7 @@ fn pilot_target(
         Some(path) => ccmail::tls::read_pem_bundle(Path::new(path))?,
         None => Vec::new(),
     };
-    let mut timeouts = config.pop3_timeouts();
+    let mut timeouts = ccmail::pop3::Timeouts::from(&config.pop3);
     if let Some(secs) = timeout {
         let t = Duration::from_secs(secs);
         timeouts.connect = t;
@@ -825,7 +829,11 @@ fn pilot_target(
 pub(crate) async fn doctor_command(config: &Config, args: DoctorArgs) -> anyhow::Result<()> {
     init_logs(config, true);
     let target = doctor_target(config, &args).await?;
-    let report = doctor::diagnose(&target, &config.token_source_options()?).await;
+    let report = doctor::diagnose(
+        &target,
+        &ccmail::oauth::TokenSourceOptions::from_config(&config.oauth)?,
+    )
+    .await;
     if args.json {
         print_json(&report)?;
     } else {
@@ -942,7 +950,7 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
                 Some(path) => ccmail::tls::read_pem_bundle(Path::new(path))?,
                 None => Vec::new(),
             };
-            let mut timeouts = config.pop3_timeouts();
+            let mut timeouts = ccmail::pop3::Timeouts::from(&config.pop3);
             if let Some(secs) = args.timeout {
                 let t = Duration::from_secs(secs);
                 timeouts = ccmail::pop3::Timeouts {

@@ -13,7 +13,6 @@
 //! database that admins write.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -256,12 +255,12 @@ impl Default for HttpConfig {
 
 impl Default for ParseConfig {
     fn default() -> Self {
-        let limits = crate::ingest::parse::ParseLimits::default();
+        // The same as `ingest::parse::ParseLimits::default()` (a test there checks it).
         ParseConfig {
-            max_parts: limits.max_parts,
-            time_base_secs: limits.time_base.as_secs(),
-            time_per_mib_ms: u64::try_from(limits.time_per_mib.as_millis()).unwrap_or(u64::MAX),
-            max_abandoned: limits.max_abandoned,
+            max_parts: 20_000,
+            time_base_secs: 10,
+            time_per_mib_ms: 1000,
+            max_abandoned: 2,
         }
     }
 }
@@ -527,57 +526,6 @@ impl Config {
     /// when the settings load, so only settings built by hand can fall back to the defaults.
     pub fn credential_policy(&self) -> crate::secrets::CredentialPolicy {
         self.try_credential_policy().unwrap_or_default()
-    }
-
-    /// Limits of the HTTP listener.
-    pub fn http_limits(&self) -> crate::metrics::HttpLimits {
-        crate::metrics::HttpLimits {
-            max_connections: self.http.max_connections.max(1),
-            header_read_timeout: Duration::from_secs(self.http.header_read_timeout_secs.max(1)),
-            idle_timeout: Duration::from_secs(self.http.idle_timeout_secs.max(1)),
-            max_connection_lifetime: Duration::from_secs(
-                self.http.max_connection_lifetime_secs.max(1),
-            ),
-        }
-    }
-
-    /// The bounds of parsing one message.
-    pub fn parse_limits(&self) -> crate::ingest::parse::ParseLimits {
-        crate::ingest::parse::ParseLimits {
-            max_parts: self.parse.max_parts,
-            time_base: Duration::from_secs(self.parse.time_base_secs),
-            time_per_mib: Duration::from_millis(self.parse.time_per_mib_ms),
-            max_abandoned: self.parse.max_abandoned,
-            ..crate::ingest::parse::ParseLimits::default()
-        }
-    }
-
-    /// POP3 deadlines.
-    pub fn pop3_timeouts(&self) -> crate::pop3::Timeouts {
-        crate::pop3::Timeouts {
-            connect: Duration::from_secs(self.pop3.connect_timeout_secs),
-            tls: Duration::from_secs(self.pop3.tls_timeout_secs),
-            command: Duration::from_secs(self.pop3.command_timeout_secs),
-            idle: Duration::from_secs(self.pop3.idle_timeout_secs),
-            min_rate: self.pop3.min_rate_bytes_per_sec,
-        }
-    }
-
-    /// Token endpoint settings: deadlines, refresh lead time and the extra CA bundle.
-    pub fn token_source_options(&self) -> Result<crate::oauth::TokenSourceOptions, ConfigError> {
-        let extra_roots = match &self.oauth.extra_ca_file {
-            Some(path) => crate::tls::read_pem_bundle(path).map_err(|e| ConfigError::Invalid {
-                key: "oauth.extra_ca_file",
-                message: e.to_string(),
-            })?,
-            None => Vec::new(),
-        };
-        Ok(crate::oauth::TokenSourceOptions {
-            connect_timeout: Duration::from_secs(self.oauth.connect_timeout_secs),
-            total_timeout: Duration::from_secs(self.oauth.total_timeout_secs),
-            refresh_ahead: Duration::from_secs(self.oauth.refresh_ahead_secs),
-            extra_roots,
-        })
     }
 
     /// The master key from `CCMAIL_MASTER_KEY` or `secrets.master_key_file`, if configured.

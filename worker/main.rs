@@ -558,7 +558,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let http = tokio::spawn(ccmail::metrics::serve(
         listener,
         pool.clone(),
-        config.http_limits(),
+        ccmail::metrics::HttpLimits::from(&config.http),
         http_stop.clone(),
     ));
     tokio::spawn(ccmail::metrics::refresh_loop(
@@ -569,7 +569,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     store::migrate(&pool).await?;
     let master_key = config.master_key()?;
     let tokens = Arc::new(TokenCache::new(
-        Arc::new(TokenSource::new(config.token_source_options()?)?),
+        Arc::new(TokenSource::new(
+            ccmail::oauth::TokenSourceOptions::from_config(&config.oauth)?,
+        )?),
         CachePolicy::default(),
     ));
     let supervisor = Supervisor::new(

@@ -349,6 +349,30 @@ pub struct TokenSourceOptions {
     pub extra_roots: Vec<CertificateDer<'static>>,
 }
 
+impl TokenSourceOptions {
+    /// The `[oauth]` deadlines, refresh lead time and extra CA bundle (read here, so a bad
+    /// bundle is an error naming `oauth.extra_ca_file`).
+    pub fn from_config(
+        oauth: &crate::config::OAuthConfig,
+    ) -> Result<TokenSourceOptions, crate::config::ConfigError> {
+        let extra_roots = match &oauth.extra_ca_file {
+            Some(path) => crate::tls::read_pem_bundle(path).map_err(|e| {
+                crate::config::ConfigError::Invalid {
+                    key: "oauth.extra_ca_file",
+                    message: e.to_string(),
+                }
+            })?,
+            None => Vec::new(),
+        };
+        Ok(TokenSourceOptions {
+            connect_timeout: Duration::from_secs(oauth.connect_timeout_secs),
+            total_timeout: Duration::from_secs(oauth.total_timeout_secs),
+            refresh_ahead: Duration::from_secs(oauth.refresh_ahead_secs),
+            extra_roots,
+        })
+    }
+}
+
 impl Default for TokenSourceOptions {
     fn default() -> Self {
         TokenSourceOptions {

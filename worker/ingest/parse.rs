@@ -267,6 +267,19 @@ pub struct ParseLimits {
     pub max_abandoned: usize,
 }
 
+impl From<&crate::config::ParseConfig> for ParseLimits {
+    /// The `[parse]` bounds; the rest keep their defaults.
+    fn from(parse: &crate::config::ParseConfig) -> ParseLimits {
+        ParseLimits {
+            max_parts: parse.max_parts,
+            time_base: Duration::from_secs(parse.time_base_secs),
+            time_per_mib: Duration::from_millis(parse.time_per_mib_ms),
+            max_abandoned: parse.max_abandoned,
+            ..ParseLimits::default()
+        }
+    }
+}
+
 impl Default for ParseLimits {
     fn default() -> Self {
         ParseLimits {
@@ -1188,6 +1201,12 @@ mod tests {
     use super::*;
     use sha2::{Digest, Sha256};
     use std::path::{Path, PathBuf};
+
+    #[test]
+    fn parse_settings_default_to_the_default_limits() {
+        let from_settings = ParseLimits::from(&crate::config::ParseConfig::default());
+        assert_eq!(from_settings, ParseLimits::default());
+    }
 
     /// What a golden `.json` holds: the `ParsedMail` with each attachment's bytes replaced by
     /// their size and SHA-256, so the files stay readable while the bytes are still checked.

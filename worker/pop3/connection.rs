@@ -51,6 +51,19 @@ pub struct Timeouts {
     pub min_rate: u64,
 }
 
+impl From<&crate::config::Pop3Config> for Timeouts {
+    /// The `[pop3]` deadlines.
+    fn from(pop3: &crate::config::Pop3Config) -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(pop3.connect_timeout_secs),
+            tls: Duration::from_secs(pop3.tls_timeout_secs),
+            command: Duration::from_secs(pop3.command_timeout_secs),
+            idle: Duration::from_secs(pop3.idle_timeout_secs),
+            min_rate: pop3.min_rate_bytes_per_sec,
+        }
+    }
+}
+
 impl Timeouts {
     /// The defaults: 15 s to connect and for TLS, 60 s per command and of silence within a
     /// body, and bodies at 16 KiB/s or faster. A RETR limited to 16 MiB (33 MiB on the wire,
