@@ -306,7 +306,7 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
                 &row.credential_owner(),
                 &new.credential_owner(),
             ) {
-                let Some(key) = config.master_key()? else {
+                let Some(key) = config.master_key() else {
                     bail!(
                         "the credential of app {} is sealed for its current authority, tenant and client id, \
                          and opens for nothing else; changing them needs the master key to seal it again: \
@@ -712,7 +712,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             ) = (row.credential_owner(), new.credential_owner(), &new.auth)
                 && needs_rebinding(credential, &from, &to)
             {
-                let Some(key) = config.master_key()? else {
+                let Some(key) = config.master_key() else {
                     bail!(
                         "the password of pilot {} is sealed for its current host, port and TLS mode, \
                          and opens for nothing else; changing them needs the master key to seal it \
@@ -780,7 +780,7 @@ fn pilot_target(
     retr: Option<u32>,
     timeout: Option<u64>,
 ) -> anyhow::Result<Target> {
-    let master = config.master_key()?;
+    let master = config.master_key();
     let policy = config.credential_policy();
     check_destination(&policy, pilot)?;
     let login = match (&pilot.auth, app) {

@@ -35,6 +35,20 @@ pub struct Config {
     pub secrets: SecretsConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
+    /// The master key, resolved once when the settings load (from `CCMAIL_MASTER_KEY`, else
+    /// `secrets.master_key_file`); never written out.
+    #[serde(skip)]
+    master_key: LoadedKey,
+}
+
+/// The master key held by [`Config`]: compared by key id, printed as its id only.
+#[derive(Debug, Clone, Default)]
+struct LoadedKey(Option<crate::secrets::MasterKey>);
+
+impl PartialEq for LoadedKey {
+    fn eq(&self, other: &LoadedKey) -> bool {
+        self.0.as_ref().map(|k| k.key_id()) == other.0.as_ref().map(|k| k.key_id())
+    }
 }
 
 /// `[database]`
@@ -343,7 +357,7 @@ impl Config {
             let key = &rest[section.len() + 1..];
             set(&mut table, section, key, env_value(value));
         }
-        let config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let mut config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
             let message = hide_values(e.message());
             if origin == "defaults" || message.contains("CCMAIL_") {
                 ConfigError::Env {
@@ -358,6 +372,7 @@ impl Config {
             }
         })?;
         config.validate()?;
+        config.master_key = LoadedKey(config.read_master_key(env)?);
         Ok(config)
     }
 
@@ -528,9 +543,18 @@ impl Config {
         self.try_credential_policy().unwrap_or_default()
     }
 
-    /// The master key from `CCMAIL_MASTER_KEY` or `secrets.master_key_file`, if configured.
-    pub fn master_key(&self) -> Result<Option<crate::secrets::MasterKey>, ConfigError> {
-        if let Ok(value) = std::env::var(MASTER_KEY_ENV) {
+    /// The master key from `CCMAIL_MASTER_KEY` or `secrets.master_key_file`, if configured
+    /// (read when the settings loaded).
+    pub fn master_key(&self) -> Option<crate::secrets::MasterKey> {
+        self.master_key.0.clone()
+    }
+
+    /// Reads the master key: `CCMAIL_MASTER_KEY` from `env` wins over the key file.
+    fn read_master_key(
+        &self,
+        env: &[(String, String)],
+    ) -> Result<Option<crate::secrets::MasterKey>, ConfigError> {
+        if let Some((_, value)) = env.iter().rev().find(|(var, _)| var == MASTER_KEY_ENV) {
             return crate::secrets::MasterKey::from_base64(value.trim())
                 .map(Some)
                 .map_err(|e| ConfigError::Env {
@@ -680,7 +704,10 @@ mod tests {
             &env(&[
                 ("CCMAIL_WORKER_BATCH_MESSAGES", "7"),
                 ("DATABASE_URL", "postgres://db/x"),
-                ("CCMAIL_MASTER_KEY", "ignored-here"),
+                (
+                    "CCMAIL_MASTER_KEY",
+                    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                ),
                 ("HOME", "/root"),
             ]),
         )

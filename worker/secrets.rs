@@ -437,6 +437,15 @@ impl MasterKey {
     }
 }
 
+impl Clone for MasterKey {
+    fn clone(&self) -> MasterKey {
+        MasterKey {
+            key: SecretBox::new(Box::new(*self.key.expose_secret())),
+            id: self.id.clone(),
+        }
+    }
+}
+
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "MasterKey({})", self.id)
