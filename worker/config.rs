@@ -13,6 +13,7 @@
 //! database that admins write.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -75,32 +76,42 @@ pub struct WorkerConfig {
     /// Messages parsed (on parser threads) while the next one downloads.
     pub parse_ahead: usize,
     /// A poll stops taking new messages after this many seconds, then commits, deletes and QUITs.
-    pub max_poll_secs: u64,
+    #[serde(with = "secs")]
+    pub max_poll_secs: Duration,
     /// UIDL listing entries looked at per poll; a larger maildrop drains over several polls.
     pub max_listing_entries: usize,
     /// A message whose RETR fails this many times is skipped and flagged.
     pub max_retr_attempts: u32,
     /// Re-read pilots from the database this often (NOTIFY wakes the worker sooner).
-    pub reload_interval_secs: u64,
+    #[serde(with = "secs")]
+    pub reload_interval_secs: Duration,
     /// On SIGTERM/SIGINT, wait this long for pollers to finish their current message and QUIT.
-    pub shutdown_grace_secs: u64,
+    #[serde(with = "secs")]
+    pub shutdown_grace_secs: Duration,
     /// Random spread added to each poll interval, as a fraction of it (0.1 = up to 10 %).
     pub poll_jitter: f64,
     /// Backoff after a transient failure starts here and doubles up to `max_backoff_secs`.
-    pub initial_backoff_secs: u64,
-    pub max_backoff_secs: u64,
+    #[serde(with = "secs")]
+    pub initial_backoff_secs: Duration,
+    #[serde(with = "secs")]
+    pub max_backoff_secs: Duration,
     /// Wait after a permanent failure (configuration error) before trying again.
-    pub permanent_retry_secs: u64,
+    #[serde(with = "secs")]
+    pub permanent_retry_secs: Duration,
 }
 
 /// `[pop3]`
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Pop3Config {
-    pub connect_timeout_secs: u64,
-    pub tls_timeout_secs: u64,
-    pub command_timeout_secs: u64,
-    pub idle_timeout_secs: u64,
+    #[serde(with = "secs")]
+    pub connect_timeout_secs: Duration,
+    #[serde(with = "secs")]
+    pub tls_timeout_secs: Duration,
+    #[serde(with = "secs")]
+    pub command_timeout_secs: Duration,
+    #[serde(with = "secs")]
+    pub idle_timeout_secs: Duration,
     /// Slowest average rate of a multi-line answer (after `command_timeout_secs` of grace), in
     /// octets per second: the total deadline of a RETR, a listing or CAPA.
     pub min_rate_bytes_per_sec: u64,
@@ -122,8 +133,10 @@ pub struct ParseConfig {
     pub max_parts: usize,
     /// A message's parse may take this long, plus `time_per_mib_ms` per MiB, before it is
     /// abandoned and only its header section is kept.
-    pub time_base_secs: u64,
-    pub time_per_mib_ms: u64,
+    #[serde(with = "secs")]
+    pub time_base_secs: Duration,
+    #[serde(with = "millis")]
+    pub time_per_mib_ms: Duration,
     /// Parses still running past their budget at once; beyond, only header sections are parsed.
     pub max_abandoned: usize,
 }
@@ -132,10 +145,13 @@ pub struct ParseConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OAuthConfig {
-    pub connect_timeout_secs: u64,
-    pub total_timeout_secs: u64,
+    #[serde(with = "secs")]
+    pub connect_timeout_secs: Duration,
+    #[serde(with = "secs")]
+    pub total_timeout_secs: Duration,
     /// Ask for a new token this long before the current one expires.
-    pub refresh_ahead_secs: u64,
+    #[serde(with = "secs")]
+    pub refresh_ahead_secs: Duration,
     /// Extra PEM CA bundle trusted for the token endpoint (a TLS-inspecting proxy).
     pub extra_ca_file: Option<PathBuf>,
     /// Token authorities a credential may be sent to (https origins). In the environment, a
@@ -169,11 +185,14 @@ pub struct HttpConfig {
     pub max_connections: usize,
     /// A client must send a complete request head within this time of connecting or of
     /// starting to send it.
-    pub header_read_timeout_secs: u64,
+    #[serde(with = "secs")]
+    pub header_read_timeout_secs: Duration,
     /// A kept-alive connection with no request is closed after this.
-    pub idle_timeout_secs: u64,
+    #[serde(with = "secs")]
+    pub idle_timeout_secs: Duration,
     /// Any connection is closed after this long (after the request in progress).
-    pub max_connection_lifetime_secs: u64,
+    #[serde(with = "secs")]
+    pub max_connection_lifetime_secs: Duration,
 }
 
 /// Log output format.
@@ -210,15 +229,15 @@ impl Default for WorkerConfig {
             batch_bytes: 16 * 1024 * 1024,
             commit_concurrency: 2,
             parse_ahead: 2,
-            max_poll_secs: 15 * 60,
+            max_poll_secs: Duration::from_secs(15 * 60),
             max_listing_entries: 100_000,
             max_retr_attempts: 5,
-            reload_interval_secs: 30,
-            shutdown_grace_secs: 30,
+            reload_interval_secs: Duration::from_secs(30),
+            shutdown_grace_secs: Duration::from_secs(30),
             poll_jitter: 0.1,
-            initial_backoff_secs: 5,
-            max_backoff_secs: 300,
-            permanent_retry_secs: 900,
+            initial_backoff_secs: Duration::from_secs(5),
+            max_backoff_secs: Duration::from_secs(300),
+            permanent_retry_secs: Duration::from_secs(900),
         }
     }
 }
@@ -226,10 +245,10 @@ impl Default for WorkerConfig {
 impl Default for Pop3Config {
     fn default() -> Self {
         Pop3Config {
-            connect_timeout_secs: 15,
-            tls_timeout_secs: 15,
-            command_timeout_secs: 60,
-            idle_timeout_secs: 60,
+            connect_timeout_secs: Duration::from_secs(15),
+            tls_timeout_secs: Duration::from_secs(15),
+            command_timeout_secs: Duration::from_secs(60),
+            idle_timeout_secs: Duration::from_secs(60),
             min_rate_bytes_per_sec: 16 * 1024,
             dangerous_allow_plaintext_to_remote_hosts: false,
             allowed_xoauth2_hosts: crate::secrets::MICROSOFT_POP_HOSTS
@@ -243,9 +262,9 @@ impl Default for Pop3Config {
 impl Default for OAuthConfig {
     fn default() -> Self {
         OAuthConfig {
-            connect_timeout_secs: 10,
-            total_timeout_secs: 30,
-            refresh_ahead_secs: 300,
+            connect_timeout_secs: Duration::from_secs(10),
+            total_timeout_secs: Duration::from_secs(30),
+            refresh_ahead_secs: Duration::from_secs(300),
             extra_ca_file: None,
             allowed_authorities: crate::secrets::MICROSOFT_AUTHORITIES
                 .iter()
@@ -260,9 +279,9 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: "127.0.0.1:9898".to_owned(),
             max_connections: 128,
-            header_read_timeout_secs: 10,
-            idle_timeout_secs: 60,
-            max_connection_lifetime_secs: 600,
+            header_read_timeout_secs: Duration::from_secs(10),
+            idle_timeout_secs: Duration::from_secs(60),
+            max_connection_lifetime_secs: Duration::from_secs(600),
         }
     }
 }
@@ -272,8 +291,8 @@ impl Default for ParseConfig {
         // The same as `ingest::parse::ParseLimits::default()` (a test there checks it).
         ParseConfig {
             max_parts: 20_000,
-            time_base_secs: 10,
-            time_per_mib_ms: 1000,
+            time_base_secs: Duration::from_secs(10),
+            time_per_mib_ms: Duration::from_millis(1000),
             max_abandoned: 2,
         }
     }
@@ -376,51 +395,49 @@ impl Config {
         Ok(config)
     }
 
+    /// Every range rule of the settings; an error names the key (see [`Config::from_sources`]
+    /// for naming the environment variable instead). Nothing is clamped after this.
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive = [
+        let (w, p) = (&self.worker, &self.pop3);
+        let at_least_one = [
             (
                 "worker.max_messages_per_poll",
-                self.worker.max_messages_per_poll,
+                w.max_messages_per_poll as u64,
             ),
-            ("worker.batch_messages", self.worker.batch_messages),
-            ("worker.batch_bytes", self.worker.batch_bytes),
-            ("worker.commit_concurrency", self.worker.commit_concurrency),
-            ("worker.max_poll_secs", self.worker.max_poll_secs as usize),
-            ("parse.max_parts", self.parse.max_parts),
-            ("parse.time_base_secs", self.parse.time_base_secs as usize),
-            (
-                "pop3.min_rate_bytes_per_sec",
-                self.pop3.min_rate_bytes_per_sec as usize,
-            ),
-            (
-                "worker.max_listing_entries",
-                self.worker.max_listing_entries,
-            ),
+            ("worker.batch_messages", w.batch_messages as u64),
+            ("worker.batch_bytes", w.batch_bytes as u64),
+            ("worker.commit_concurrency", w.commit_concurrency as u64),
+            ("worker.max_listing_entries", w.max_listing_entries as u64),
+            ("worker.max_retr_attempts", u64::from(w.max_retr_attempts)),
+            ("parse.max_parts", self.parse.max_parts as u64),
+            ("pop3.min_rate_bytes_per_sec", p.min_rate_bytes_per_sec),
             (
                 "database.max_connections",
-                self.database.max_connections as usize,
+                u64::from(self.database.max_connections),
             ),
-            (
-                "worker.max_retr_attempts",
-                self.worker.max_retr_attempts as usize,
-            ),
+            ("http.max_connections", self.http.max_connections as u64),
         ];
-        for (key, value) in positive {
+        for (key, value) in at_least_one {
             if value == 0 {
-                return Err(ConfigError::Invalid {
-                    key,
-                    message: "must be at least 1".to_owned(),
-                });
+                return Err(invalid(key, "must be at least 1"));
             }
         }
-        if !(0.0..=1.0).contains(&self.worker.poll_jitter) {
-            return Err(ConfigError::Invalid {
-                key: "worker.poll_jitter",
-                message: "must be between 0 and 1".to_owned(),
-            });
-        }
-        for (key, value) in [
-            ("http.max_connections", self.http.max_connections as u64),
+        let at_least_a_second = [
+            ("worker.max_poll_secs", w.max_poll_secs),
+            ("worker.reload_interval_secs", w.reload_interval_secs),
+            ("worker.initial_backoff_secs", w.initial_backoff_secs),
+            ("worker.max_backoff_secs", w.max_backoff_secs),
+            ("worker.permanent_retry_secs", w.permanent_retry_secs),
+            ("pop3.connect_timeout_secs", p.connect_timeout_secs),
+            ("pop3.tls_timeout_secs", p.tls_timeout_secs),
+            ("pop3.command_timeout_secs", p.command_timeout_secs),
+            ("pop3.idle_timeout_secs", p.idle_timeout_secs),
+            ("parse.time_base_secs", self.parse.time_base_secs),
+            (
+                "oauth.connect_timeout_secs",
+                self.oauth.connect_timeout_secs,
+            ),
+            ("oauth.total_timeout_secs", self.oauth.total_timeout_secs),
             (
                 "http.header_read_timeout_secs",
                 self.http.header_read_timeout_secs,
@@ -430,13 +447,20 @@ impl Config {
                 "http.max_connection_lifetime_secs",
                 self.http.max_connection_lifetime_secs,
             ),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::Invalid {
-                    key,
-                    message: "must be at least 1".to_owned(),
-                });
+        ];
+        for (key, value) in at_least_a_second {
+            if value < Duration::from_secs(1) {
+                return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if w.initial_backoff_secs > w.max_backoff_secs {
+            return Err(invalid(
+                "worker.initial_backoff_secs",
+                "must not exceed worker.max_backoff_secs",
+            ));
+        }
+        if !(0.0..=1.0).contains(&w.poll_jitter) {
+            return Err(invalid("worker.poll_jitter", "must be between 0 and 1"));
         }
         self.reference_policy()?;
         self.try_credential_policy()?;
@@ -571,6 +595,43 @@ impl Config {
                 }),
             None => Ok(None),
         }
+    }
+}
+
+/// Durations written as whole seconds in the file and the environment (`*_secs` keys).
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(value.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_secs)
+    }
+}
+
+/// Durations written as whole milliseconds (`*_ms` keys).
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(value.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+fn invalid(key: &'static str, message: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.to_owned(),
     }
 }
 

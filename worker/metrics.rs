@@ -878,9 +878,9 @@ impl From<&crate::config::HttpConfig> for HttpLimits {
     fn from(http: &crate::config::HttpConfig) -> HttpLimits {
         HttpLimits {
             max_connections: http.max_connections,
-            header_read_timeout: Duration::from_secs(http.header_read_timeout_secs),
-            idle_timeout: Duration::from_secs(http.idle_timeout_secs),
-            max_connection_lifetime: Duration::from_secs(http.max_connection_lifetime_secs),
+            header_read_timeout: http.header_read_timeout_secs,
+            idle_timeout: http.idle_timeout_secs,
+            max_connection_lifetime: http.max_connection_lifetime_secs,
         }
     }
 }

@@ -365,9 +365,9 @@ impl TokenSourceOptions {
             None => Vec::new(),
         };
         Ok(TokenSourceOptions {
-            connect_timeout: Duration::from_secs(oauth.connect_timeout_secs),
-            total_timeout: Duration::from_secs(oauth.total_timeout_secs),
-            refresh_ahead: Duration::from_secs(oauth.refresh_ahead_secs),
+            connect_timeout: oauth.connect_timeout_secs,
+            total_timeout: oauth.total_timeout_secs,
+            refresh_ahead: oauth.refresh_ahead_secs,
             extra_roots,
         })
     }

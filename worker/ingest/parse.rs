@@ -272,8 +272,8 @@ impl From<&crate::config::ParseConfig> for ParseLimits {
     fn from(parse: &crate::config::ParseConfig) -> ParseLimits {
         ParseLimits {
             max_parts: parse.max_parts,
-            time_base: Duration::from_secs(parse.time_base_secs),
-            time_per_mib: Duration::from_millis(parse.time_per_mib_ms),
+            time_base: parse.time_base_secs,
+            time_per_mib: parse.time_per_mib_ms,
             max_abandoned: parse.max_abandoned,
             ..ParseLimits::default()
         }

@@ -55,10 +55,10 @@ impl From<&crate::config::Pop3Config> for Timeouts {
     /// The `[pop3]` deadlines.
     fn from(pop3: &crate::config::Pop3Config) -> Timeouts {
         Timeouts {
-            connect: Duration::from_secs(pop3.connect_timeout_secs),
-            tls: Duration::from_secs(pop3.tls_timeout_secs),
-            command: Duration::from_secs(pop3.command_timeout_secs),
-            idle: Duration::from_secs(pop3.idle_timeout_secs),
+            connect: pop3.connect_timeout_secs,
+            tls: pop3.tls_timeout_secs,
+            command: pop3.command_timeout_secs,
+            idle: pop3.idle_timeout_secs,
             min_rate: pop3.min_rate_bytes_per_sec,
         }
     }
