@@ -4,7 +4,14 @@
 //! `config/ccmail.toml` when it exists), then environment variables `CCMAIL_<SECTION>_<KEY>`
 //! (for example `CCMAIL_WORKER_MAX_MESSAGES_PER_POLL=200`) and `DATABASE_URL`. Unknown keys are
 //! errors that name the key and where it came from. This is the only module that reads the
-//! environment (besides secret references resolved in `secrets.rs`).
+//! environment (besides secret references resolved in `secrets.rs`), and it reads it once:
+//! the master key is resolved at load too and held in the [`Config`] value.
+//!
+//! After load every value is in range (`validate()` holds every rule; nothing downstream
+//! clamps) and durations are [`Duration`]s. An error names the environment variable that
+//! supplied the value when one did, else the file key. This module imports only `secrets`:
+//! each module owning a type built from settings (POP3 timeouts, parse and HTTP limits, token
+//! source options) converts the settings section itself.
 //!
 //! Errors never quote the settings file or a value (a file may hold a database password, a
 //! value may be a secret pasted into the wrong key): they name the file, the line and column,
@@ -328,6 +335,12 @@ pub enum ConfigError {
     Env { var: String, message: String },
     #[error("setting {key}: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error("environment variable {var} (setting {key}): {message}")]
+    EnvInvalid {
+        var: String,
+        key: &'static str,
+        message: String,
+    },
 }
 
 const SECTIONS: [&str; 7] = [
@@ -352,45 +365,54 @@ impl Config {
     /// Builds settings from a parsed file and a list of environment variables (testable
     /// without touching the process environment).
     pub fn from_sources(
-        mut table: toml::Table,
+        table: toml::Table,
         origin: &str,
         env: &[(String, String)],
     ) -> Result<Config, ConfigError> {
+        let file = table;
+        let mut table = file.clone();
+        // Which variable supplied each key (`section.key`), in order; a later one wins.
+        let mut supplied: Vec<(String, String, toml::Value)> = Vec::new();
         for (var, value) in env {
-            if var == "DATABASE_URL" {
-                set(
-                    &mut table,
+            let (section, key, value) = if var == "DATABASE_URL" {
+                (
                     "database",
-                    "url",
+                    "url".to_owned(),
                     toml::Value::String(value.clone()),
-                );
-                continue;
-            }
-            let Some(rest) = var.strip_prefix("CCMAIL_") else {
-                continue;
-            };
-            let rest = rest.to_ascii_lowercase();
-            let Some(section) = SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) else {
-                continue; // CCMAIL_MASTER_KEY and test variables are not settings
-            };
-            let key = &rest[section.len() + 1..];
-            set(&mut table, section, key, env_value(value));
-        }
-        let mut config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let message = hide_values(e.message());
-            if origin == "defaults" || message.contains("CCMAIL_") {
-                ConfigError::Env {
-                    var: "CCMAIL_*".to_owned(),
-                    message: message.trim().to_owned(),
-                }
+                )
             } else {
-                ConfigError::File {
-                    path: origin.to_owned(),
-                    message: format!("{} (or a CCMAIL_* variable overriding it)", message.trim()),
+                let Some(rest) = var.strip_prefix("CCMAIL_") else {
+                    continue;
+                };
+                let rest = rest.to_ascii_lowercase();
+                let Some(section) = SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_")))
+                else {
+                    continue; // CCMAIL_MASTER_KEY and test variables are not settings
+                };
+                (
+                    *section,
+                    rest[section.len() + 1..].to_owned(),
+                    env_value(value),
+                )
+            };
+            set(&mut table, section, &key, value.clone());
+            supplied.push((format!("{section}.{key}"), var.clone(), value));
+        }
+        let mut config: Config = Config::deserialize(toml::Value::Table(table))
+            .map_err(|e| blame_deserialize(&e, file, origin, &supplied))?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, message } => {
+                match supplied.iter().rev().find(|(k, _, _)| k == key) {
+                    Some((_, var, _)) => ConfigError::EnvInvalid {
+                        var: var.clone(),
+                        key,
+                        message,
+                    },
+                    None => ConfigError::Invalid { key, message },
                 }
             }
+            other => other,
         })?;
-        config.validate()?;
         config.master_key = LoadedKey(config.read_master_key(env)?);
         Ok(config)
     }
@@ -628,6 +650,39 @@ mod millis {
     }
 }
 
+/// The error of settings that do not deserialise, naming the environment variable that
+/// broke them (found by applying the variables to the file one by one), else the file.
+fn blame_deserialize(
+    error: &toml::de::Error,
+    file: toml::Table,
+    origin: &str,
+    supplied: &[(String, String, toml::Value)],
+) -> ConfigError {
+    let message = hide_values(error.message()).trim().to_owned();
+    let mut table = file;
+    for (key, var, value) in supplied {
+        let (section, name) = key.split_once('.').unwrap_or((key.as_str(), ""));
+        set(&mut table, section, name, value.clone());
+        if let Err(e) = Config::deserialize(toml::Value::Table(table.clone())) {
+            return ConfigError::Env {
+                var: var.clone(),
+                message: format!("{} (setting {key})", hide_values(e.message()).trim()),
+            };
+        }
+    }
+    if origin == "defaults" {
+        ConfigError::Env {
+            var: "CCMAIL_*".to_owned(),
+            message,
+        }
+    } else {
+        ConfigError::File {
+            path: origin.to_owned(),
+            message,
+        }
+    }
+}
+
 fn invalid(key: &'static str, message: &str) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -797,6 +852,47 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_the_variable_that_supplied_the_value() {
+        let file: toml::Table = "[worker]\nbatch_messages = 0\n".parse().unwrap();
+        let e = Config::from_sources(file, "c.toml", &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "setting worker.batch_messages: must be at least 1"
+        );
+        for (var, value, key) in [
+            ("CCMAIL_WORKER_BATCH_MESSAGES", "0", "worker.batch_messages"),
+            (
+                "CCMAIL_WORKER_BATCH_MESSAGES",
+                "Secret-42",
+                "worker.batch_messages",
+            ),
+            (
+                "CCMAIL_POP3_CONNECT_TIMEOUT_SECS",
+                "0",
+                "pop3.connect_timeout_secs",
+            ),
+            (
+                "CCMAIL_WORKER_INITIAL_BACKOFF_SECS",
+                "600",
+                "worker.initial_backoff_secs",
+            ),
+            ("CCMAIL_WORKER_NOPE", "1", "worker.nope"),
+        ] {
+            let file: toml::Table = "[worker]\nmax_messages_per_poll = 3\n".parse().unwrap();
+            let env = env(&[("CCMAIL_WORKER_PARSE_AHEAD", "1"), (var, value)]);
+            let shown = Config::from_sources(file, "c.toml", &env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                shown.starts_with(&format!("environment variable {var}"))
+                    && shown.contains(key)
+                    && !shown.contains("Secret-42"),
+                "{var}={value}: {shown}"
+            );
+        }
     }
 
     #[test]
