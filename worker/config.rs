@@ -343,6 +343,14 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// Always [`Retry::Never`](crate::retry::Retry::Never): settings are read once, so only
+    /// a restart with corrected settings helps.
+    pub fn retry(&self) -> crate::retry::Retry {
+        crate::retry::Retry::Never
+    }
+}
+
 const SECTIONS: [&str; 7] = [
     "database", "worker", "pop3", "oauth", "secrets", "http", "log",
 ];

@@ -15,6 +15,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod oauth;
 pub mod pop3;
+pub mod retry;
 pub mod secrets;
 pub mod sim;
 pub mod soak;

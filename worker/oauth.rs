@@ -258,6 +258,17 @@ impl OAuthError {
         !self.is_transient()
     }
 
+    /// The supervisor's decision (see [`crate::retry`]): [`Retry::Soon`] when
+    /// [`OAuthError::is_transient`], else [`Retry::Slowly`]: an AADSTS configuration error is
+    /// fixed in Entra, not in ccmail's settings, and a signing or clock failure may clear.
+    pub fn retry(&self) -> crate::retry::Retry {
+        if self.is_transient() {
+            crate::retry::Retry::Soon
+        } else {
+            crate::retry::Retry::Slowly
+        }
+    }
+
     /// The first AADSTS code, if Entra sent one.
     pub fn aadsts(&self) -> Option<u32> {
         match self {

@@ -158,23 +158,14 @@ pub enum PollError {
 }
 
 impl PollError {
-    /// A condition that should clear by itself (retry with backoff).
-    pub fn is_transient(&self) -> bool {
+    /// The supervisor's decision: each layer's own (see [`crate::retry`]); a task that
+    /// died is retried soon.
+    pub fn retry(&self) -> crate::retry::Retry {
         match self {
-            PollError::Token(e) => e.is_transient(),
-            PollError::Pop3(e) => e.is_transient(),
-            PollError::Store(e) => e.is_transient(),
-            PollError::Task(_) => true,
-        }
-    }
-
-    /// Needs an administrator; retry slowly.
-    pub fn is_permanent(&self) -> bool {
-        match self {
-            PollError::Token(e) => e.is_permanent(),
-            PollError::Pop3(e) => e.is_permanent(),
-            PollError::Store(e) => !e.is_transient(),
-            PollError::Task(_) => false,
+            PollError::Token(e) => e.retry(),
+            PollError::Pop3(e) => e.retry(),
+            PollError::Store(e) => e.retry(),
+            PollError::Task(_) => crate::retry::Retry::Soon,
         }
     }
 

@@ -31,6 +31,7 @@ use crate::ingest::poller::{self, IngestLimits, Pilot, PilotAuth, PollReport};
 use crate::metrics;
 use crate::oauth::{self, AppCredentials, TokenCache};
 use crate::pop3::{ServerSpec, Timeouts};
+use crate::retry::Retry;
 use crate::secrets::{self, CredentialPolicy, MasterKey};
 use crate::store::{self, AppRow, PilotRow};
 
@@ -250,7 +251,7 @@ impl Supervisor {
             ) {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::error!(pilot = id, error = %e, "pilot cannot start");
+                    tracing::error!(pilot = id, error = %e, retry = ?e.retry(), "pilot cannot start");
                     metrics::global().ingest_error(id, "config");
                     // A row that breaks the schema's limits cannot even take its error: log
                     // it and go on, so one bad row never keeps the other pilots from starting.
@@ -408,6 +409,13 @@ pub enum ResolveError {
 }
 
 impl ResolveError {
+    /// [`Retry::Never`] for every variant: a pilot is resolved from its row, its app's row
+    /// and the worker's settings, so the supervisor does not try again until one of the rows
+    /// changes (its fingerprint) or the worker restarts.
+    pub fn retry(&self) -> Retry {
+        Retry::Never
+    }
+
     /// The fix to record on the pilot.
     pub fn hint(&self) -> Option<&'static str> {
         match self {
@@ -586,8 +594,9 @@ pub fn resolve_pilot(
 }
 
 /// Polls one pilot until cancelled: interval with jitter after success, at once when the
-/// per-poll cap left messages behind, exponential backoff after transient errors, a slow retry
-/// after permanent ones (with the error and its fix recorded on the pilot).
+/// per-poll cap left messages behind; after a failure, what the error's [`Retry`] says:
+/// exponential backoff ([`Retry::Soon`]), `permanent_retry` ([`Retry::Slowly`]), or no retry
+/// until the pilot changes ([`Retry::Never`]), with the error and its fix recorded on the pilot.
 async fn pilot_loop(
     pilot: Pilot,
     pool: PgPool,
@@ -628,26 +637,34 @@ async fn pilot_loop(
                     s.last_error = None;
                     s.consecutive_failures = 0;
                 });
-                if again {
+                Some(if again {
                     Duration::ZERO
                 } else {
                     jittered(pilot.poll_interval, settings.poll_jitter)
-                }
+                })
             }
             Err(e) => {
                 metrics::global().poll_finished(pilot.id, took, None, Some(e.reason()));
                 failures = failures.saturating_add(1);
-                let delay = if e.is_permanent() {
-                    settings.permanent_retry
-                } else {
-                    oauth::backoff(settings.initial_backoff, settings.max_backoff, failures)
+                let retry = e.retry();
+                // None: not until the pilot's settings change (the reload that brings the
+                // change cancels this loop and starts a new one).
+                let delay = match retry {
+                    Retry::Soon => Some(oauth::backoff(
+                        settings.initial_backoff,
+                        settings.max_backoff,
+                        failures,
+                    )),
+                    Retry::Slowly => Some(settings.permanent_retry),
+                    Retry::Never => None,
                 };
                 tracing::warn!(
                     pilot = pilot.id,
                     error = %e,
                     fix = e.hint().unwrap_or(""),
-                    permanent = e.is_permanent(),
-                    retry_in_s = delay.as_secs(),
+                    permanent = retry != Retry::Soon,
+                    retry = ?retry,
+                    retry_in_s = delay.map(|d| d.as_secs()),
                     "poll failed"
                 );
                 record(&pool, pilot.id, Some(&e)).await;
@@ -658,6 +675,10 @@ async fn pilot_loop(
                 });
                 delay
             }
+        };
+        let Some(delay) = delay else {
+            cancel.cancelled().await;
+            break;
         };
         tokio::select! {
             _ = cancel.cancelled() => break,
