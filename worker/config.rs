@@ -341,6 +341,34 @@ pub enum ConfigError {
         key: &'static str,
         message: String,
     },
+    /// A value the secrets layer refused (an authority, the master key file). The cause is
+    /// the source, printed after the key by `{:#}` (as the CLI prints errors), not repeated
+    /// in this message.
+    #[error("setting {key}")]
+    Secret {
+        key: &'static str,
+        #[source]
+        source: crate::secrets::SecretError,
+    },
+    /// The same, for a value from the environment (`key` unless the variable is no setting,
+    /// as `CCMAIL_MASTER_KEY`).
+    #[error(
+        "environment variable {var}{}",
+        key.map(|k| format!(" (setting {k})")).unwrap_or_default()
+    )]
+    EnvSecret {
+        var: String,
+        key: Option<&'static str>,
+        #[source]
+        source: crate::secrets::SecretError,
+    },
+    /// A CA bundle setting that cannot be used (the cause is the source, as above).
+    #[error("setting {key}")]
+    CaBundle {
+        key: &'static str,
+        #[source]
+        source: crate::tls::TlsConfigError,
+    },
 }
 
 impl ConfigError {
@@ -408,20 +436,12 @@ impl Config {
         }
         let mut config: Config = Config::deserialize(toml::Value::Table(table))
             .map_err(|e| blame_deserialize(&e, file, origin, &supplied))?;
-        config.validate().map_err(|e| match e {
-            ConfigError::Invalid { key, message } => {
-                match supplied.iter().rev().find(|(k, _, _)| k == key) {
-                    Some((_, var, _)) => ConfigError::EnvInvalid {
-                        var: var.clone(),
-                        key,
-                        message,
-                    },
-                    None => ConfigError::Invalid { key, message },
-                }
-            }
-            other => other,
-        })?;
-        config.master_key = LoadedKey(config.read_master_key(env)?);
+        config.validate().map_err(|e| name_variable(e, &supplied))?;
+        config.master_key = LoadedKey(
+            config
+                .read_master_key(env)
+                .map_err(|e| name_variable(e, &supplied))?,
+        );
         Ok(config)
     }
 
@@ -569,9 +589,9 @@ impl Config {
             &self.oauth.allowed_authorities,
             self.pop3.dangerous_allow_plaintext_to_remote_hosts,
         )
-        .map_err(|e| ConfigError::Invalid {
+        .map_err(|source| ConfigError::Secret {
             key: "oauth.allowed_authorities",
-            message: e.to_string(),
+            source,
         })?;
         for host in &self.pop3.allowed_xoauth2_hosts {
             let bare = crate::secrets::normalise_host(host);
@@ -611,17 +631,18 @@ impl Config {
         if let Some((_, value)) = env.iter().rev().find(|(var, _)| var == MASTER_KEY_ENV) {
             return crate::secrets::MasterKey::from_base64(value.trim())
                 .map(Some)
-                .map_err(|e| ConfigError::Env {
+                .map_err(|source| ConfigError::EnvSecret {
                     var: MASTER_KEY_ENV.to_owned(),
-                    message: e.to_string(),
+                    key: None,
+                    source,
                 });
         }
         match &self.secrets.master_key_file {
             Some(path) => crate::secrets::MasterKey::from_file(path)
                 .map(Some)
-                .map_err(|e| ConfigError::Invalid {
+                .map_err(|source| ConfigError::Secret {
                     key: "secrets.master_key_file",
-                    message: e.to_string(),
+                    source,
                 }),
             None => Ok(None),
         }
@@ -655,6 +676,32 @@ mod millis {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// `error` naming the environment variable instead of the key when one supplied the value.
+fn name_variable(error: ConfigError, supplied: &[(String, String, toml::Value)]) -> ConfigError {
+    let var_of = |key: &str| {
+        supplied
+            .iter()
+            .rev()
+            .find(|(k, _, _)| k == key)
+            .map(|(_, var, _)| var.clone())
+    };
+    match error {
+        ConfigError::Invalid { key, message } => match var_of(key) {
+            Some(var) => ConfigError::EnvInvalid { var, key, message },
+            None => ConfigError::Invalid { key, message },
+        },
+        ConfigError::Secret { key, source } => match var_of(key) {
+            Some(var) => ConfigError::EnvSecret {
+                var,
+                key: Some(key),
+                source,
+            },
+            None => ConfigError::Secret { key, source },
+        },
+        other => other,
     }
 }
 
@@ -901,6 +948,28 @@ mod tests {
                 "{var}={value}: {shown}"
             );
         }
+    }
+
+    #[test]
+    fn refused_values_keep_their_cause_as_the_source() {
+        let e = Config::from_sources(
+            toml::Table::new(),
+            "defaults",
+            &env(&[("CCMAIL_MASTER_KEY", "not-base64!")]),
+        )
+        .unwrap_err();
+        assert!(matches!(
+            &e,
+            ConfigError::EnvSecret { var, key: None, source: crate::secrets::SecretError::InvalidKey { .. } }
+                if var == MASTER_KEY_ENV
+        ));
+        let shown = format!("{:#}", anyhow::Error::from(e));
+        assert!(
+            shown.starts_with("environment variable CCMAIL_MASTER_KEY: ")
+                && shown.contains("base64")
+                && !shown.contains("not-base64!"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -367,10 +367,10 @@ impl TokenSourceOptions {
         oauth: &crate::config::OAuthConfig,
     ) -> Result<TokenSourceOptions, crate::config::ConfigError> {
         let extra_roots = match &oauth.extra_ca_file {
-            Some(path) => crate::tls::read_pem_bundle(path).map_err(|e| {
-                crate::config::ConfigError::Invalid {
+            Some(path) => crate::tls::read_pem_bundle(path).map_err(|source| {
+                crate::config::ConfigError::CaBundle {
                     key: "oauth.extra_ca_file",
-                    message: e.to_string(),
+                    source,
                 }
             })?,
             None => Vec::new(),

@@ -154,7 +154,7 @@ pub enum PollError {
     Store(#[from] StoreError),
     /// A background parse or commit task died (a bug); the poll is retried.
     #[error("ingest task failed: {0}")]
-    Task(String),
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl PollError {
@@ -952,7 +952,7 @@ impl<'a> Pipeline<'a> {
     ) -> Result<(), PollError> {
         // An error means the commit's outcome is unknown: nothing of that batch is deleted,
         // and returning drops the connection without QUIT (the other DELEs are void too).
-        let committed = done.map_err(|e| PollError::Task(e.to_string()))??;
+        let committed = done.map_err(PollError::Task)??;
         report.stored += committed.stored;
         report.stored_octets += committed.stored_octets;
         report.parse_errors += committed.parse_errors;

@@ -43,8 +43,12 @@ pub enum Error {
         reason: String,
         hint: &'static str,
     },
-    #[error("TLS handshake with {host} failed: {reason}")]
-    TlsHandshake { host: String, reason: String },
+    #[error("TLS handshake with {host} failed: {source}")]
+    TlsHandshake {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid TLS settings: {0}")]
     TlsConfig(#[from] crate::tls::TlsConfigError),
     #[error("the POP3 server closed the connection")]
