@@ -386,7 +386,19 @@ const SECTIONS: [&str; 7] = [
 impl Config {
     /// Loads defaults, then `path` (or [`DEFAULT_CONFIG_PATH`] if present), then the environment.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let env: Vec<(String, String)> = std::env::vars().collect();
+        let mut env: Vec<(String, String)> = Vec::new();
+        for (var, value) in std::env::vars_os() {
+            match (var.into_string(), value.into_string()) {
+                (Ok(var), Ok(value)) => env.push((var, value)),
+                (Ok(var), Err(_)) if var.starts_with("CCMAIL_") || var == "DATABASE_URL" => {
+                    return Err(ConfigError::Env {
+                        var,
+                        message: "is not valid UTF-8".to_owned(),
+                    });
+                }
+                _ => {} // not a setting
+            }
+        }
         let (table, origin) = match path {
             Some(p) => (read_table(p)?, p.display().to_string()),
             None if Path::new(DEFAULT_CONFIG_PATH).exists() => (
