@@ -394,8 +394,14 @@ pub enum ResolveError {
         field: &'static str,
         reason: String,
     },
-    #[error("certificate credential of app {app}: {reason}")]
-    Certificate { app: String, reason: String },
+    #[error("certificate credential of app {app}: unknown assertion algorithm {alg:?}")]
+    CertificateAlg { app: String, alg: String },
+    #[error("certificate credential of app {app}: {source}")]
+    Certificate {
+        app: String,
+        #[source]
+        source: oauth::CertificateError,
+    },
     #[error("CA bundle of pilot {pilot}: {source}")]
     CaBundle {
         pilot: i64,
@@ -431,7 +437,7 @@ impl ResolveError {
             ResolveError::Invalid { .. } => {
                 Some("correct the value with `ccmail pilot update` or `ccmail app update`")
             }
-            ResolveError::Certificate { .. } => Some(
+            ResolveError::Certificate { .. } | ResolveError::CertificateAlg { .. } => Some(
                 "store the certificate and its private key again with `ccmail app rotate-secret --certificate PEM --private-key-file PEM`",
             ),
             ResolveError::CaBundle { .. } => {
@@ -486,18 +492,18 @@ pub fn app_credentials(
     let credential = match app.certificate() {
         None => oauth::Credential::Secret(secret),
         Some(cert) => {
-            let alg =
-                oauth::AssertionAlg::parse(&cert.alg).ok_or_else(|| ResolveError::Certificate {
+            let alg = oauth::AssertionAlg::parse(&cert.alg).ok_or_else(|| {
+                ResolveError::CertificateAlg {
                     app: app.name.clone(),
-                    reason: format!("unknown assertion algorithm {:?}", cert.alg),
-                })?;
-            let loaded =
-                oauth::CertificateCredential::from_pem(&cert.pem, &secret, alg).map_err(|e| {
-                    ResolveError::Certificate {
-                        app: app.name.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
+                    alg: cert.alg.clone(),
+                }
+            })?;
+            let loaded = oauth::CertificateCredential::from_pem(&cert.pem, &secret, alg).map_err(
+                |source| ResolveError::Certificate {
+                    app: app.name.clone(),
+                    source,
+                },
+            )?;
             oauth::Credential::Certificate(Arc::new(loaded))
         }
     };
