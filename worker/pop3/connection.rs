@@ -279,9 +279,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.ensure_usable()?;
         tracing::trace!(command = ?cmd, "pop3 send");
         // The encoded line may hold a credential: it lives only until the write is done.
-        let bytes = cmd
-            .encode()
-            .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        let bytes = cmd.encode().map_err(Error::InvalidCommand)?;
         let during = cmd.name();
         let started = Instant::now();
         let own = later(started, self.timeouts.command);

@@ -98,6 +98,9 @@ pub enum Error {
     Poisoned,
     #[error("invalid POP3 request: {0}")]
     InvalidRequest(String),
+    /// A command that cannot be encoded (a line break or NUL in an argument).
+    #[error("invalid POP3 request: {0}")]
+    InvalidCommand(#[source] codec::CodecError),
 }
 
 fn display_status(code: &Option<String>, text: &str) -> String {
@@ -134,7 +137,8 @@ impl Error {
             | Error::TooManyEntries { .. }
             | Error::NotSupported { .. }
             | Error::PlaintextAuthRefused
-            | Error::InvalidRequest(_) => false,
+            | Error::InvalidRequest(_)
+            | Error::InvalidCommand(_) => false,
         }
     }
 
@@ -149,7 +153,8 @@ impl Error {
             | Error::PlaintextAuthRefused
             | Error::ListingTooLarge { .. }
             | Error::TooManyEntries { .. }
-            | Error::InvalidRequest(_) => true,
+            | Error::InvalidRequest(_)
+            | Error::InvalidCommand(_) => true,
             Error::Server { code, .. } => {
                 matches!(code.as_deref(), Some("SYS/PERM") | Some("AUTH"))
             }
@@ -165,9 +170,10 @@ impl Error {
     /// cannot be sent, TLS settings that do not build, credentials over plaintext).
     pub fn retry(&self) -> Retry {
         match self {
-            Error::TlsConfig(_) | Error::InvalidRequest(_) | Error::PlaintextAuthRefused => {
-                Retry::Never
-            }
+            Error::TlsConfig(_)
+            | Error::InvalidRequest(_)
+            | Error::InvalidCommand(_)
+            | Error::PlaintextAuthRefused => Retry::Never,
             Error::AuthRejected { .. } | Error::Server { .. } if self.is_transient() => Retry::Soon,
             Error::AuthRejected { .. } => Retry::Slowly,
             Error::Server { .. } if self.is_permanent() => Retry::Slowly,
@@ -196,6 +202,7 @@ impl Error {
                 | Error::TooLarge { .. }
                 | Error::TooManyEntries { .. }
                 | Error::InvalidRequest(_)
+                | Error::InvalidCommand(_)
         )
     }
 
@@ -271,7 +278,11 @@ mod tests {
             ),
             (Error::PlaintextAuthRefused, Retry::Never),
             (
-                Error::InvalidRequest("user\r\nname".to_owned()),
+                Error::InvalidRequest("\"a b\" is not a valid host name".to_owned()),
+                Retry::Never,
+            ),
+            (
+                Error::InvalidCommand(codec::CodecError::ArgumentHasLineBreak),
                 Retry::Never,
             ),
         ] {
