@@ -47,6 +47,9 @@ pub struct Config {
     /// `secrets.master_key_file`); never written out.
     #[serde(skip)]
     master_key: LoadedKey,
+    /// [`Config::credential_policy`], built once when the settings load.
+    #[serde(skip)]
+    credentials: crate::secrets::CredentialPolicy,
 }
 
 /// The master key held by [`Config`]: compared by key id, printed as its id only.
@@ -449,6 +452,9 @@ impl Config {
         let mut config: Config = Config::deserialize(toml::Value::Table(table))
             .map_err(|e| blame_deserialize(&e, file, origin, &supplied))?;
         config.validate().map_err(|e| name_variable(e, &supplied))?;
+        config.credentials = config
+            .try_credential_policy()
+            .map_err(|e| name_variable(e, &supplied))?;
         config.master_key = LoadedKey(
             config
                 .read_master_key(env)
@@ -623,10 +629,10 @@ impl Config {
 
     /// Where stored credentials may come from and go to: `[secrets]` `dir` and `env_prefix`,
     /// `oauth.allowed_authorities`, `pop3.allowed_xoauth2_hosts`,
-    /// `pop3.dangerous_allow_plaintext_to_remote_hosts`. Checked
-    /// when the settings load, so only settings built by hand can fall back to the defaults.
+    /// `pop3.dangerous_allow_plaintext_to_remote_hosts`. Built and checked once, when the
+    /// settings load; settings built by hand (`Config::default()`) hold the default policy.
     pub fn credential_policy(&self) -> crate::secrets::CredentialPolicy {
-        self.try_credential_policy().unwrap_or_default()
+        self.credentials.clone()
     }
 
     /// The master key from `CCMAIL_MASTER_KEY` or `secrets.master_key_file`, if configured
