@@ -456,16 +456,7 @@ fn check_saved_destination(
 }
 
 fn new_pilot_from_row(row: &store::PilotRow) -> store::NewPilot {
-    let mut p = store::NewPilot::new(&row.queue, &row.mailbox, row.auth.clone());
-    p.host = row.host.clone();
-    p.port = row.port;
-    p.tls = row.tls;
-    p.ca_bundle = row.ca_bundle.clone();
-    p.poll_interval = row.poll_interval;
-    p.keep_on_server = row.keep_on_server;
-    p.max_message_bytes = row.max_message_bytes;
-    p.enabled = row.enabled;
-    p
+    row.settings()
 }
 
 pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow::Result<()> {

@@ -13,6 +13,7 @@ pub mod display;
 pub mod doctor;
 pub mod ingest;
 pub mod metrics;
+pub mod model;
 pub mod oauth;
 pub mod pop3;
 pub mod secrets;

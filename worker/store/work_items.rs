@@ -10,14 +10,14 @@ use sqlx::PgConnection;
 use sqlx::types::Json;
 
 use super::error::StoreError;
-use crate::ingest::parse::Address;
+use super::words;
+use crate::model::{Address, WorkItemStatus};
 
 /// Number of work items of one queue in one status.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueCount {
     pub queue: String,
-    /// `queued`, `assigned` or `done`.
-    pub status: String,
+    pub status: WorkItemStatus,
     pub count: i64,
 }
 
@@ -26,13 +26,16 @@ pub struct QueueCount {
 pub struct WorkItemView {
     pub id: i64,
     pub queue: String,
-    pub status: String,
+    pub status: WorkItemStatus,
     pub flags: Vec<String>,
     pub subject: Option<String>,
     pub from: Vec<Address>,
     pub enqueued_at: DateTime<Utc>,
     /// Number of attachments (inline parts included).
     pub attachments: i64,
+    /// Problems the parser recovered from (why the message may look odd); empty for clean
+    /// mail and for messages stored before defects were kept.
+    pub defects: Vec<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -45,17 +48,27 @@ struct WorkItemRecord {
     from_addrs: Json<Vec<Address>>,
     enqueued_at: DateTime<Utc>,
     attachments: i64,
+    defects: Vec<String>,
 }
 
 /// Work items per queue and status, ordered by queue then status. Combinations with no
 /// items are absent.
 pub async fn queue_counts(conn: &mut PgConnection) -> Result<Vec<QueueCount>, StoreError> {
-    Ok(sqlx::query_as(
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
         "select queue, status, count(*) as count from work_items \
          group by queue, status order by queue, status",
     )
     .fetch_all(conn)
-    .await?)
+    .await?;
+    rows.into_iter()
+        .map(|(queue, status, count)| {
+            Ok(QueueCount {
+                queue,
+                status: words::status(&status)?,
+                count,
+            })
+        })
+        .collect()
 }
 
 /// The `limit` most recently enqueued work items, newest first.
@@ -65,26 +78,30 @@ pub async fn recent_work_items(
 ) -> Result<Vec<WorkItemView>, StoreError> {
     let records: Vec<WorkItemRecord> = sqlx::query_as(
         "select w.id, w.queue, w.status, w.flags, m.subject, m.from_addrs, w.enqueued_at, \
-         (select count(*) from attachments a where a.message_id = m.id) as attachments \
+         (select count(*) from attachments a where a.message_id = m.id) as attachments, \
+         m.defects \
          from work_items w join messages m on m.id = w.message_id \
          order by w.enqueued_at desc, w.id desc limit $1",
     )
     .bind(i64::from(limit))
     .fetch_all(conn)
     .await?;
-    Ok(records
+    records
         .into_iter()
-        .map(|r| WorkItemView {
-            id: r.id,
-            queue: r.queue,
-            status: r.status,
-            flags: r.flags,
-            subject: r.subject,
-            from: r.from_addrs.0,
-            enqueued_at: r.enqueued_at,
-            attachments: r.attachments,
+        .map(|r| {
+            Ok(WorkItemView {
+                id: r.id,
+                queue: r.queue,
+                status: words::status(&r.status)?,
+                flags: r.flags,
+                subject: r.subject,
+                from: r.from_addrs.0,
+                enqueued_at: r.enqueued_at,
+                attachments: r.attachments,
+                defects: r.defects,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// For each queue with queued work items, how long its oldest queued item has waited,
