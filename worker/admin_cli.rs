@@ -11,7 +11,7 @@ use secrecy::SecretString;
 use ccmail::admin::{self, AppView, Cloud, PilotView, key_values, or_dash, table};
 use ccmail::config::Config;
 use ccmail::doctor::{self, Login, Target};
-use ccmail::ingest::supervisor;
+use ccmail::ingest::pilot;
 use ccmail::oauth::{self, AppCredentials, AppKey, Credential};
 use ccmail::pop3::{ServerSpec, TlsMode};
 use ccmail::secrets::{self, CredentialPolicy, Owner, SecretRef};
@@ -769,33 +769,11 @@ fn pilot_target(
 ) -> anyhow::Result<Target> {
     let master = config.master_key()?;
     let policy = config.credential_policy();
+    // The CLI's own messages first; the resolver checks the same again.
     check_destination(&policy, pilot)?;
-    let login = match (&pilot.auth, app) {
-        (store::PilotAuth::XOAuth2 { .. }, Some(app)) => Login::XOAuth2 {
-            app: supervisor::app_credentials(app, master.as_ref(), &policy)?,
-            name: Some(app.name.clone()),
-            expires_at: app.secret_expires_at,
-        },
-        (store::PilotAuth::XOAuth2 { app_id }, None) => bail!("app id {app_id} not found"),
-        (
-            store::PilotAuth::UserPass {
-                username,
-                credential,
-            },
-            _,
-        ) => Login::UserPass {
-            username: username.clone(),
-            password: policy.resolve(
-                credential,
-                master.as_ref(),
-                &Owner::pilot(&pilot.host, pilot.port, pilot.tls, username),
-            )?,
-        },
-    };
-    let roots = match &pilot.ca_bundle {
-        Some(path) => ccmail::tls::read_pem_bundle(Path::new(path))?,
-        None => Vec::new(),
-    };
+    if let (store::PilotAuth::XOAuth2 { app_id }, None) = (&pilot.auth, app) {
+        bail!("app id {app_id} not found");
+    }
     let mut timeouts = config.pop3_timeouts();
     if let Some(secs) = timeout {
         let t = Duration::from_secs(secs);
@@ -804,13 +782,9 @@ fn pilot_target(
         timeouts.command = t;
         timeouts.idle = t;
     }
-    Ok(Target {
-        mailbox: pilot.mailbox.clone(),
-        server: ServerSpec::new(pilot.host.clone(), pilot.port, pilot.tls, &roots, timeouts)?,
-        login,
-        retr,
-        max_message_bytes: usize::try_from(pilot.max_message_bytes).unwrap_or(usize::MAX),
-    })
+    // The poller's own resolver: doctor checks the pilot exactly as the worker will run it.
+    let resolved = pilot::resolve(0, pilot, app, master.as_ref(), &policy, timeouts)?;
+    Ok(Target::new(resolved, retr))
 }
 
 pub(crate) async fn doctor_command(config: &Config, args: DoctorArgs) -> anyhow::Result<()> {

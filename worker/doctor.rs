@@ -13,7 +13,6 @@
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
-use secrecy::SecretString;
 use serde::Serialize;
 
 use crate::ingest::parse;
@@ -27,23 +26,9 @@ pub const EXPIRY_WARNING_DAYS: i64 = 30;
 /// A maildrop with at least this many messages waiting gets a warning.
 pub const LARGE_MAILDROP: u32 = 1000;
 
-/// How doctor logs in.
-#[derive(Debug, Clone)]
-pub enum Login {
-    /// XOAUTH2 with an app-only token of this app.
-    XOAuth2 {
-        app: AppCredentials,
-        /// The app's name in ccmail, if it is stored there (for the commands shown).
-        name: Option<String>,
-        /// When the client secret (or certificate) expires, if known.
-        expires_at: Option<DateTime<Utc>>,
-    },
-    /// USER / PASS.
-    UserPass {
-        username: String,
-        password: SecretString,
-    },
-}
+/// How doctor logs in: the poller's own login type, built by the same resolver.
+pub use crate::ingest::pilot::Login;
+use crate::ingest::pilot::Pilot;
 
 /// What to check.
 #[derive(Debug, Clone)]
@@ -56,6 +41,19 @@ pub struct Target {
     pub retr: Option<u32>,
     /// Largest message `--retr` downloads.
     pub max_message_bytes: usize,
+}
+
+impl Target {
+    /// Checks `pilot` as resolved for the poller; `retr` as in [`Target::retr`].
+    pub fn new(pilot: Pilot, retr: Option<u32>) -> Target {
+        Target {
+            mailbox: pilot.mailbox,
+            server: pilot.server,
+            login: pilot.auth,
+            retr,
+            max_message_bytes: pilot.max_message_bytes,
+        }
+    }
 }
 
 /// A step's outcome.

@@ -1085,7 +1085,12 @@ mod tests {
         let parsed = fixture("nul_and_invalid_utf8_headers");
         let json = serde_json::to_string(&parsed).unwrap();
         assert!(!json.contains("\\u0000"), "{json}");
-        assert!(parsed.subject.unwrap().starts_with("NUL\u{FFFD} in subject"));
+        assert!(
+            parsed
+                .subject
+                .unwrap()
+                .starts_with("NUL\u{FFFD} in subject")
+        );
     }
 
     #[test]
