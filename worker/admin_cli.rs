@@ -83,7 +83,7 @@ fn certificate_credential(
         key,
         store::StoredCertificate {
             pem,
-            alg: source.alg.as_str().to_owned(),
+            alg: source.alg,
         },
         Arc::new(loaded),
     )))
@@ -300,7 +300,7 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
             new.authority = authority;
             new.scope = scope;
             new.secret_expires_at = midnight(secret_expires).or(row.secret_expires_at);
-            new.certificate = row.certificate();
+            new.certificate = row.certificate()?;
             let updated = if needs_rebinding(
                 &row.credential,
                 &row.credential_owner(),

@@ -159,20 +159,17 @@ pub fn app_credentials(
             source,
         })?;
     let secret = resolve_secret(&app.credential, key, policy, &app.credential_owner(), what)?;
-    let credential = match app.certificate() {
+    let certificate = app.certificate().map_err(|e| ResolveError::Certificate {
+        app: app.name.clone(),
+        reason: e.to_string(),
+    })?;
+    let credential = match certificate {
         None => oauth::Credential::Secret(secret),
         Some(cert) => {
-            let alg =
-                oauth::AssertionAlg::parse(&cert.alg).ok_or_else(|| ResolveError::Certificate {
+            let loaded = oauth::CertificateCredential::from_pem(&cert.pem, &secret, cert.alg)
+                .map_err(|e| ResolveError::Certificate {
                     app: app.name.clone(),
-                    reason: format!("unknown assertion algorithm {:?}", cert.alg),
-                })?;
-            let loaded =
-                oauth::CertificateCredential::from_pem(&cert.pem, &secret, alg).map_err(|e| {
-                    ResolveError::Certificate {
-                        app: app.name.clone(),
-                        reason: e.to_string(),
-                    }
+                    reason: e.to_string(),
                 })?;
             oauth::Credential::Certificate(Arc::new(loaded))
         }

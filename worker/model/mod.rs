@@ -11,5 +11,5 @@ pub mod text;
 pub mod work_item;
 
 pub use mail::{Address, Attachment, ParseLimits, ParsedMail};
-pub use pilot::{AppKey, TlsMode};
+pub use pilot::{AppKey, AssertionAlg, TlsMode};
 pub use work_item::{Flag, WorkItemStatus};

@@ -15,6 +15,7 @@ use sqlx::PgConnection;
 use super::credentials::check_credential;
 use super::error::{StoreError, db_error, map_check, sqlstate};
 use super::text_limits::limits;
+use crate::model::AssertionAlg;
 use crate::secrets::{MasterKey, Owner, SecretError, describe_stored};
 
 pub use crate::model::defaults::{
@@ -50,8 +51,8 @@ pub struct NewApp {
 pub struct StoredCertificate {
     /// The certificate uploaded to the app registration, PEM.
     pub pem: String,
-    /// `RS256` or `PS256`.
-    pub alg: String,
+    /// How the assertion is signed (`assertion_alg`: `RS256` or `PS256`).
+    pub alg: AssertionAlg,
 }
 
 impl NewApp {
@@ -130,13 +131,16 @@ pub struct AppRow {
 
 impl AppRow {
     /// The certificate credential's public half, if the app uses one.
-    pub fn certificate(&self) -> Option<StoredCertificate> {
+    pub fn certificate(&self) -> Result<Option<StoredCertificate>, StoreError> {
         match (&self.certificate_pem, &self.assertion_alg) {
-            (Some(pem), Some(alg)) => Some(StoredCertificate {
+            (Some(pem), Some(alg)) => Ok(Some(StoredCertificate {
                 pem: pem.clone(),
-                alg: alg.clone(),
-            }),
-            _ => None,
+                alg: AssertionAlg::parse(alg).ok_or_else(|| StoreError::UnexpectedValue {
+                    column: "oauth_apps.assertion_alg",
+                    value: alg.clone(),
+                })?,
+            })),
+            _ => Ok(None),
         }
     }
 }
@@ -148,7 +152,7 @@ impl AppRow {
             &self.authority,
             &self.tenant,
             &self.client_id,
-            self.certificate().is_some(),
+            self.certificate_pem.is_some() && self.assertion_alg.is_some(),
         )
     }
 
@@ -332,7 +336,7 @@ pub async fn set_app_certificate(
     .bind(id)
     .bind(private_key)
     .bind(&certificate.pem)
-    .bind(&certificate.alg)
+    .bind(certificate.alg.as_str())
     .bind(expires_at)
     .execute(conn)
     .await

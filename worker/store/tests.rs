@@ -13,7 +13,7 @@ use tokio::sync::Barrier;
 
 use super::testing::TestDb;
 use super::*;
-use crate::ingest::parse::{Address, Attachment, ParsedMail};
+use crate::model::{Address, Attachment, ParsedMail};
 use crate::secrets::{MasterKey, Owner};
 
 /// Generous upper bound for a notification to arrive; it normally takes milliseconds.
