@@ -113,7 +113,7 @@ fn has_secret(source: &SecretSource) -> bool {
         || source.secret.is_some()
 }
 
-async fn find_app(conn: &mut sqlx::PgConnection, key: &str) -> anyhow::Result<store::AppRow> {
+async fn find_app(conn: &mut store::PgConnection, key: &str) -> anyhow::Result<store::AppRow> {
     match store::get_app_by_name(conn, key).await {
         Ok(app) => Ok(app),
         Err(store::StoreError::NotFound { .. }) if key.parse::<i64>().is_ok() => {
@@ -123,7 +123,7 @@ async fn find_app(conn: &mut sqlx::PgConnection, key: &str) -> anyhow::Result<st
     }
 }
 
-async fn find_pilot(conn: &mut sqlx::PgConnection, key: &str) -> anyhow::Result<store::PilotRow> {
+async fn find_pilot(conn: &mut store::PgConnection, key: &str) -> anyhow::Result<store::PilotRow> {
     if let Ok(id) = key.parse::<i64>() {
         return Ok(store::get_pilot(conn, id).await?);
     }
@@ -740,7 +740,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
 }
 
 async fn set_enabled(
-    conn: &mut sqlx::PgConnection,
+    conn: &mut store::PgConnection,
     key: &str,
     enabled: bool,
 ) -> anyhow::Result<()> {

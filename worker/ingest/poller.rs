@@ -31,9 +31,9 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use crate::store::PgPool;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use sqlx::PgPool;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -997,7 +997,7 @@ async fn store_batch(
     batch: &[Ready],
     isolate: bool,
 ) -> Result<Committed, PollError> {
-    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = store::begin(pool).await?;
     let mut out = Committed {
         deletable: Vec::new(),
         stored: 0,
@@ -1008,9 +1008,7 @@ async fn store_batch(
     };
     for ready in batch {
         let outcome = if isolate {
-            let mut savepoint = sqlx::Connection::begin(&mut *tx)
-                .await
-                .map_err(StoreError::from)?;
+            let mut savepoint = store::savepoint(&mut tx).await?;
             match store_one(&mut savepoint, target, ready).await {
                 Ok(outcome) => {
                     savepoint.commit().await.map_err(StoreError::from)?;
@@ -1066,7 +1064,7 @@ enum Stored {
 /// Stores one message under its key. When the key already holds *other* mail (the server gave
 /// a stored message's UIDL to a new one), the new one is stored under its derived key instead.
 async fn store_one(
-    conn: &mut sqlx::PgConnection,
+    conn: &mut store::PgConnection,
     target: &Target,
     ready: &Ready,
 ) -> Result<Stored, StoreError> {
@@ -1113,7 +1111,7 @@ fn already(copy: &StoredCopy, ready: &Ready) -> Stored {
 /// flagged `store_error`. Returns `Refused` if even that fails: the message then stays on the
 /// server and its failure is recorded.
 async fn store_raw(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    tx: &mut store::Tx<'_>,
     target: &Target,
     ready: &Ready,
     error: &StoreError,
@@ -1140,9 +1138,7 @@ async fn store_raw(
         parsed,
         sha256: ready.sha256,
     };
-    let mut savepoint = sqlx::Connection::begin(&mut **tx)
-        .await
-        .map_err(StoreError::from)?;
+    let mut savepoint = store::savepoint(tx).await?;
     match store_one(&mut savepoint, target, &raw_only).await {
         Ok(outcome) => {
             savepoint.commit().await.map_err(StoreError::from)?;

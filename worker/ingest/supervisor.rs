@@ -20,8 +20,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
@@ -32,7 +30,7 @@ use crate::metrics;
 use crate::oauth::{self, TokenCache};
 use crate::pop3::Timeouts;
 use crate::secrets::{self, CredentialPolicy, MasterKey};
-use crate::store::{self, AppRow, PilotRow};
+use crate::store::{self, AppRow, ConfigListener, PgPool, PilotRow};
 
 /// Pacing and limits for every poller.
 #[derive(Debug, Clone)]
@@ -178,14 +176,8 @@ impl Supervisor {
         }
     }
 
-    async fn listen(&self) -> Option<PgListener> {
-        let result = async {
-            let mut l = PgListener::connect_with(&self.pool).await?;
-            l.listen(store::CONFIG_CHANNEL).await?;
-            Ok::<_, sqlx::Error>(l)
-        }
-        .await;
-        match result {
+    async fn listen(&self) -> Option<ConfigListener> {
+        match ConfigListener::connect(&self.pool).await {
             Ok(l) => Some(l),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot LISTEN for pilot changes; relying on periodic reloads");
@@ -298,7 +290,7 @@ impl Supervisor {
     /// logs what it did: how many it upgraded (info), and each value it left alone (warn, once
     /// while the problem stays the same). A database error leaves the v1 values in place; the
     /// pilots using them are refused until a later pass upgrades them.
-    async fn upgrade_unbound(&self, conn: &mut sqlx::PgConnection, key: &MasterKey) {
+    async fn upgrade_unbound(&self, conn: &mut store::PgConnection, key: &MasterKey) {
         let report = match store::upgrade_unbound_credentials(conn, |owner, stored| {
             secrets::upgrade(stored, key, owner).map_err(|e| e.to_string())
         })
@@ -349,9 +341,9 @@ impl Supervisor {
 }
 
 /// Waits for a notification; `false` when the listener is gone or broken.
-async fn recv(listener: &mut Option<PgListener>) -> bool {
+async fn recv(listener: &mut Option<ConfigListener>) -> bool {
     match listener {
-        Some(l) => match l.recv().await {
+        Some(l) => match l.changed().await {
             Ok(_) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "pilot change listener failed");

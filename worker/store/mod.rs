@@ -44,8 +44,23 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::ConnectOptions;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+pub use sqlx::postgres::PgConnection;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 pub use sqlx::{PgPool, Postgres, Transaction};
+
+/// A transaction (or a savepoint inside one) on the store's database: what callers hold to
+/// compose several store functions atomically; it derefs to the connection they take.
+pub type Tx<'c> = Transaction<'c, Postgres>;
+
+/// Begins a transaction on a pooled connection.
+pub async fn begin(pool: &PgPool) -> Result<Tx<'static>, StoreError> {
+    Ok(pool.begin().await?)
+}
+
+/// Begins a savepoint inside `tx`: rolling it back undoes only what ran since.
+pub async fn savepoint<'t>(tx: &'t mut PgConnection) -> Result<Tx<'t>, StoreError> {
+    Ok(sqlx::Connection::begin(tx).await?)
+}
 
 pub use apps::{
     AppRow, DEFAULT_AUTHORITY, DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLL_INTERVAL,
@@ -79,6 +94,28 @@ use error::{db_error, sqlstate};
 /// The payload is JSON `{"table": "...", "op": "insert|update|delete", "id": n}`; it is a
 /// wake-up hint only, the periodic re-read stays the truth.
 pub const CONFIG_CHANNEL: &str = "ccmail_config";
+
+/// A LISTEN on [`CONFIG_CHANNEL`]: the store owns the channel and the connection behind it,
+/// callers only learn "something changed" (a wake-up hint; re-read the rows).
+pub struct ConfigListener {
+    listener: sqlx::postgres::PgListener,
+}
+
+impl ConfigListener {
+    /// Opens a dedicated connection from `pool` and listens on [`CONFIG_CHANNEL`].
+    pub async fn connect(pool: &PgPool) -> Result<ConfigListener, StoreError> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+        listener.listen(CONFIG_CHANNEL).await?;
+        Ok(ConfigListener { listener })
+    }
+
+    /// Waits for the next change notification. An error means the connection is broken:
+    /// drop this listener and connect again.
+    pub async fn changed(&mut self) -> Result<(), StoreError> {
+        self.listener.recv().await?;
+        Ok(())
+    }
+}
 
 /// How long to wait for a pooled connection (and for the first connection at start-up).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
