@@ -9,7 +9,14 @@
 //! - uniqueness is enforced by the database, not by check-then-insert; state changes are
 //!   guarded in their `where` clause and check `rows_affected()`;
 //! - `synchronous_commit` is never turned off: a POP3 `DELE` is taken on the strength of a
-//!   commit, so the commit must be durable.
+//!   commit, so the commit must be durable;
+//! - callers name store types only: [`ConfigListener`] owns LISTEN, [`begin`] /
+//!   [`savepoint`] / [`Tx`] compose transactions; the model's enums become text in `words`.
+//!
+//! One file per table family: `apps` (`oauth_apps`), `pilots`, `credentials` (secrets across
+//! both), `messages` (messages, attachments, fetch failures), `work_items` (read-only queue
+//! views), `text_limits` (admin-set text rules, mirrored by migration 0007), `words` (enum
+//! text), `error`.
 
 /// The `oauth_apps` columns `AppRow` reads.
 macro_rules! app_columns {
