@@ -126,3 +126,63 @@ pub async fn oldest_queued_age(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::super::testing::TestDb;
+    use super::super::{
+        NewApp, NewMessage, NewPilot, PilotAuth, insert_app, insert_message, insert_pilot,
+    };
+    use super::*;
+    use crate::model::ParsedMail;
+
+    #[tokio::test]
+    async fn parser_defects_are_stored_capped_and_shown_with_the_work_item() {
+        let db = TestDb::new().await.unwrap();
+        let mut conn = db.pool().acquire().await.unwrap();
+        let app = insert_app(
+            &mut conn,
+            &NewApp::new(
+                "a",
+                "contoso.onmicrosoft.com",
+                "cid",
+                "env:APP_SECRET".into(),
+            ),
+        )
+        .await
+        .unwrap();
+        let pilot = insert_pilot(
+            &mut conn,
+            &NewPilot::new("support", "s@x", PilotAuth::XOAuth2 { app_id: app.id }),
+        )
+        .await
+        .unwrap();
+        let mut defects: Vec<String> = (0..30).map(|i| format!("defect {i}\0")).collect();
+        defects[0] = "x".repeat(5000);
+        let parsed = ParsedMail {
+            defects,
+            ..ParsedMail::default()
+        };
+        let new = NewMessage {
+            pilot_id: pilot.id,
+            queue: &pilot.queue,
+            uidl: "UID-1",
+            raw: b"Subject: x\r\n\r\nbody\r\n",
+            parsed: &parsed,
+            headers_only: false,
+            flags: &[],
+            identity: None,
+        };
+        insert_message(&mut conn, &new).await.unwrap();
+        let view = recent_work_items(&mut conn, 1).await.unwrap();
+        let shown = &view[0].defects;
+        assert_eq!(shown.len(), 21, "the parser's cap, and the schema's");
+        assert_eq!(shown[0].len(), 1000, "each defect capped");
+        assert_eq!(shown[1], "defect 1\u{FFFD}", "the one NUL rule");
+        assert_eq!(view[0].status, WorkItemStatus::Queued);
+        drop(conn);
+        db.drop_db().await.unwrap();
+    }
+}
