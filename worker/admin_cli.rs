@@ -1,7 +1,6 @@
 //! Handlers of `ccmail app …`, `ccmail pilot …` and `ccmail doctor` (part of the binary; the
 //! validation, views and diagnosis live in the library's `admin` and `doctor` modules).
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use ccmail::config::Config;
 use ccmail::doctor::{self, Login, Target};
 use ccmail::ingest::pilot;
 use ccmail::oauth::{self, AppCredentials, AppKey, Credential};
-use ccmail::pop3::{ServerSpec, TlsMode};
+use ccmail::pop3::TlsMode;
 use ccmail::secrets::{self, CredentialPolicy, Owner, SecretRef};
 use ccmail::store::{self, PgPool};
 
@@ -774,6 +773,14 @@ fn pilot_target(
     if let (store::PilotAuth::XOAuth2 { app_id }, None) = (&pilot.auth, app) {
         bail!("app id {app_id} not found");
     }
+    let timeouts = doctor_timeouts(config, timeout);
+    // The poller's own resolver: doctor checks the pilot exactly as the worker will run it.
+    let resolved = pilot::resolve(0, pilot, app, master.as_ref(), &policy, timeouts)?;
+    Ok(Target::new(resolved, retr))
+}
+
+/// The configured POP3 deadlines, each replaced by `--timeout` when given.
+fn doctor_timeouts(config: &Config, timeout: Option<u64>) -> ccmail::pop3::Timeouts {
     let mut timeouts = config.pop3_timeouts();
     if let Some(secs) = timeout {
         let t = Duration::from_secs(secs);
@@ -782,9 +789,7 @@ fn pilot_target(
         timeouts.command = t;
         timeouts.idle = t;
     }
-    // The poller's own resolver: doctor checks the pilot exactly as the worker will run it.
-    let resolved = pilot::resolve(0, pilot, app, master.as_ref(), &policy, timeouts)?;
-    Ok(Target::new(resolved, retr))
+    timeouts
 }
 
 pub(crate) async fn doctor_command(config: &Config, args: DoctorArgs) -> anyhow::Result<()> {
@@ -903,30 +908,10 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
         Some(login) => {
             // Explicit credentials: build the target around them (nothing stored is read).
             check_destination(&config.credential_policy(), &pilot)?;
-            let roots = match &pilot.ca_bundle {
-                Some(path) => ccmail::tls::read_pem_bundle(Path::new(path))?,
-                None => Vec::new(),
-            };
-            let mut timeouts = config.pop3_timeouts();
-            if let Some(secs) = args.timeout {
-                let t = Duration::from_secs(secs);
-                timeouts = ccmail::pop3::Timeouts {
-                    connect: t,
-                    tls: t,
-                    command: t,
-                    idle: t,
-                    ..ccmail::pop3::Timeouts::DEFAULT
-                };
-            }
+            let timeouts = doctor_timeouts(config, args.timeout);
             Ok(Target {
                 mailbox: pilot.mailbox.clone(),
-                server: ServerSpec::new(
-                    pilot.host.clone(),
-                    pilot.port,
-                    pilot.tls,
-                    &roots,
-                    timeouts,
-                )?,
+                server: pilot::server(0, &pilot, timeouts)?,
                 login,
                 retr: args.retr,
                 max_message_bytes: usize::try_from(pilot.max_message_bytes).unwrap_or(usize::MAX),

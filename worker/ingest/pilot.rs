@@ -247,13 +247,7 @@ pub fn resolve(
             )?,
         },
     };
-    let extra_roots: Vec<CertificateDer<'static>> = match &row.ca_bundle {
-        Some(path) => crate::tls::read_pem_bundle(std::path::Path::new(path))
-            .map_err(|source| ResolveError::CaBundle { pilot: id, source })?,
-        None => Vec::new(),
-    };
-    let server = ServerSpec::new(row.host.clone(), row.port, row.tls, &extra_roots, timeouts)
-        .map_err(|source| ResolveError::Server { pilot: id, source })?;
+    let server = server(id, row, timeouts)?;
     Ok(Pilot {
         id,
         queue: row.queue.clone(),
@@ -264,6 +258,19 @@ pub fn resolve(
         max_message_bytes: usize::try_from(row.max_message_bytes).unwrap_or(usize::MAX),
         poll_interval: row.poll_interval,
     })
+}
+
+/// The pilot's server as the poller connects to it: host, port, TLS mode and the pilot's CA
+/// bundle on top of the Mozilla roots. Part of [`resolve`]; on its own for doctor's check of
+/// credentials given on the command line.
+pub fn server(id: i64, row: &NewPilot, timeouts: Timeouts) -> Result<ServerSpec, ResolveError> {
+    let extra_roots: Vec<CertificateDer<'static>> = match &row.ca_bundle {
+        Some(path) => crate::tls::read_pem_bundle(std::path::Path::new(path))
+            .map_err(|source| ResolveError::CaBundle { pilot: id, source })?,
+        None => Vec::new(),
+    };
+    ServerSpec::new(row.host.clone(), row.port, row.tls, &extra_roots, timeouts)
+        .map_err(|source| ResolveError::Server { pilot: id, source })
 }
 
 /// [`resolve`] for a stored pilot: its row and the app it logs in with.
