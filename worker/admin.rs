@@ -203,9 +203,9 @@ impl Cloud {
     pub fn preset(self) -> CloudPreset {
         match self {
             Cloud::Global => CloudPreset {
-                authority: "https://login.microsoftonline.com",
-                scope: "https://outlook.office365.com/.default",
-                pop_host: "outlook.office365.com",
+                authority: crate::model::defaults::DEFAULT_AUTHORITY,
+                scope: crate::model::defaults::DEFAULT_SCOPE,
+                pop_host: crate::model::defaults::DEFAULT_HOST,
             },
             Cloud::UsGov => CloudPreset {
                 authority: "https://login.microsoftonline.us",

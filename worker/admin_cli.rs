@@ -1,7 +1,6 @@
 //! Handlers of `ccmail app …`, `ccmail pilot …` and `ccmail doctor` (part of the binary; the
 //! validation, views and diagnosis live in the library's `admin` and `doctor` modules).
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,9 +10,9 @@ use secrecy::SecretString;
 use ccmail::admin::{self, AppView, Cloud, PilotView, key_values, or_dash, table};
 use ccmail::config::Config;
 use ccmail::doctor::{self, Login, Target};
-use ccmail::ingest::supervisor;
+use ccmail::ingest::pilot;
 use ccmail::oauth::{self, AppCredentials, AppKey, Credential};
-use ccmail::pop3::{ServerSpec, TlsMode};
+use ccmail::pop3::TlsMode;
 use ccmail::secrets::{self, CredentialPolicy, Owner, SecretRef};
 use ccmail::store::{self, PgPool};
 
@@ -83,7 +82,7 @@ fn certificate_credential(
         key,
         store::StoredCertificate {
             pem,
-            alg: source.alg.as_str().to_owned(),
+            alg: source.alg,
         },
         Arc::new(loaded),
     )))
@@ -113,7 +112,7 @@ fn has_secret(source: &SecretSource) -> bool {
         || source.secret.is_some()
 }
 
-async fn find_app(conn: &mut sqlx::PgConnection, key: &str) -> anyhow::Result<store::AppRow> {
+async fn find_app(conn: &mut store::PgConnection, key: &str) -> anyhow::Result<store::AppRow> {
     match store::get_app_by_name(conn, key).await {
         Ok(app) => Ok(app),
         Err(store::StoreError::NotFound { .. }) if key.parse::<i64>().is_ok() => {
@@ -123,7 +122,7 @@ async fn find_app(conn: &mut sqlx::PgConnection, key: &str) -> anyhow::Result<st
     }
 }
 
-async fn find_pilot(conn: &mut sqlx::PgConnection, key: &str) -> anyhow::Result<store::PilotRow> {
+async fn find_pilot(conn: &mut store::PgConnection, key: &str) -> anyhow::Result<store::PilotRow> {
     if let Ok(id) = key.parse::<i64>() {
         return Ok(store::get_pilot(conn, id).await?);
     }
@@ -300,7 +299,7 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
             new.authority = authority;
             new.scope = scope;
             new.secret_expires_at = midnight(secret_expires).or(row.secret_expires_at);
-            new.certificate = row.certificate();
+            new.certificate = row.certificate()?;
             let updated = if needs_rebinding(
                 &row.credential,
                 &row.credential_owner(),
@@ -456,16 +455,7 @@ fn check_saved_destination(
 }
 
 fn new_pilot_from_row(row: &store::PilotRow) -> store::NewPilot {
-    let mut p = store::NewPilot::new(&row.queue, &row.mailbox, row.auth.clone());
-    p.host = row.host.clone();
-    p.port = row.port;
-    p.tls = row.tls;
-    p.ca_bundle = row.ca_bundle.clone();
-    p.poll_interval = row.poll_interval;
-    p.keep_on_server = row.keep_on_server;
-    p.max_message_bytes = row.max_message_bytes;
-    p.enabled = row.enabled;
-    p
+    row.settings()
 }
 
 pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow::Result<()> {
@@ -753,7 +743,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
 }
 
 async fn set_enabled(
-    conn: &mut sqlx::PgConnection,
+    conn: &mut store::PgConnection,
     key: &str,
     enabled: bool,
 ) -> anyhow::Result<()> {
@@ -782,33 +772,19 @@ fn pilot_target(
 ) -> anyhow::Result<Target> {
     let master = config.master_key();
     let policy = config.credential_policy();
+    // The CLI's own messages first; the resolver checks the same again.
     check_destination(&policy, pilot)?;
-    let login = match (&pilot.auth, app) {
-        (store::PilotAuth::XOAuth2 { .. }, Some(app)) => Login::XOAuth2 {
-            app: supervisor::app_credentials(app, master.as_ref(), &policy)?,
-            name: Some(app.name.clone()),
-            expires_at: app.secret_expires_at,
-        },
-        (store::PilotAuth::XOAuth2 { app_id }, None) => bail!("app id {app_id} not found"),
-        (
-            store::PilotAuth::UserPass {
-                username,
-                credential,
-            },
-            _,
-        ) => Login::UserPass {
-            username: username.clone(),
-            password: policy.resolve(
-                credential,
-                master.as_ref(),
-                &Owner::pilot(&pilot.host, pilot.port, pilot.tls, username),
-            )?,
-        },
-    };
-    let roots = match &pilot.ca_bundle {
-        Some(path) => ccmail::tls::read_pem_bundle(Path::new(path))?,
-        None => Vec::new(),
-    };
+    if let (store::PilotAuth::XOAuth2 { app_id }, None) = (&pilot.auth, app) {
+        bail!("app id {app_id} not found");
+    }
+    let timeouts = doctor_timeouts(config, timeout);
+    // The poller's own resolver: doctor checks the pilot exactly as the worker will run it.
+    let resolved = pilot::resolve(0, pilot, app, master.as_ref(), &policy, timeouts)?;
+    Ok(Target::new(resolved, retr))
+}
+
+/// The configured POP3 deadlines, each replaced by `--timeout` when given.
+fn doctor_timeouts(config: &Config, timeout: Option<u64>) -> ccmail::pop3::Timeouts {
     let mut timeouts = ccmail::pop3::Timeouts::from(&config.pop3);
     if let Some(secs) = timeout {
         let t = Duration::from_secs(secs);
@@ -817,13 +793,7 @@ fn pilot_target(
         timeouts.command = t;
         timeouts.idle = t;
     }
-    Ok(Target {
-        mailbox: pilot.mailbox.clone(),
-        server: ServerSpec::new(pilot.host.clone(), pilot.port, pilot.tls, &roots, timeouts)?,
-        login,
-        retr,
-        max_message_bytes: usize::try_from(pilot.max_message_bytes).unwrap_or(usize::MAX),
-    })
+    timeouts
 }
 
 pub(crate) async fn doctor_command(config: &Config, args: DoctorArgs) -> anyhow::Result<()> {
@@ -946,30 +916,10 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
         Some(login) => {
             // Explicit credentials: build the target around them (nothing stored is read).
             check_destination(&config.credential_policy(), &pilot)?;
-            let roots = match &pilot.ca_bundle {
-                Some(path) => ccmail::tls::read_pem_bundle(Path::new(path))?,
-                None => Vec::new(),
-            };
-            let mut timeouts = ccmail::pop3::Timeouts::from(&config.pop3);
-            if let Some(secs) = args.timeout {
-                let t = Duration::from_secs(secs);
-                timeouts = ccmail::pop3::Timeouts {
-                    connect: t,
-                    tls: t,
-                    command: t,
-                    idle: t,
-                    ..ccmail::pop3::Timeouts::DEFAULT
-                };
-            }
+            let timeouts = doctor_timeouts(config, args.timeout);
             Ok(Target {
                 mailbox: pilot.mailbox.clone(),
-                server: ServerSpec::new(
-                    pilot.host.clone(),
-                    pilot.port,
-                    pilot.tls,
-                    &roots,
-                    timeouts,
-                )?,
+                server: pilot::server(0, &pilot, timeouts)?,
                 login,
                 retr: args.retr,
                 max_message_bytes: usize::try_from(pilot.max_message_bytes).unwrap_or(usize::MAX),

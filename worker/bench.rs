@@ -280,7 +280,11 @@ async fn pipeline(sim: &SimChild, config: &Config, url: &str) -> anyhow::Result<
         queue: row.queue.clone(),
         mailbox: row.mailbox.clone(),
         server: sim.server()?,
-        auth: PilotAuth::XOAuth2(sim.app()),
+        auth: PilotAuth::XOAuth2 {
+            app: sim.app(),
+            name: None,
+            expires_at: None,
+        },
         keep_on_server: false,
         max_message_bytes: MAX_MESSAGE,
         poll_interval: Duration::from_secs(60),

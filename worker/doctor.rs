@@ -13,7 +13,6 @@
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
-use secrecy::SecretString;
 use serde::Serialize;
 
 use crate::ingest::parse;
@@ -27,23 +26,9 @@ pub const EXPIRY_WARNING_DAYS: i64 = 30;
 /// A maildrop with at least this many messages waiting gets a warning.
 pub const LARGE_MAILDROP: u32 = 1000;
 
-/// How doctor logs in.
-#[derive(Debug, Clone)]
-pub enum Login {
-    /// XOAUTH2 with an app-only token of this app.
-    XOAuth2 {
-        app: AppCredentials,
-        /// The app's name in ccmail, if it is stored there (for the commands shown).
-        name: Option<String>,
-        /// When the client secret (or certificate) expires, if known.
-        expires_at: Option<DateTime<Utc>>,
-    },
-    /// USER / PASS.
-    UserPass {
-        username: String,
-        password: SecretString,
-    },
-}
+/// How doctor logs in: the poller's own login type, built by the same resolver.
+pub use crate::ingest::pilot::Login;
+use crate::ingest::pilot::Pilot;
 
 /// What to check.
 #[derive(Debug, Clone)]
@@ -56,6 +41,19 @@ pub struct Target {
     pub retr: Option<u32>,
     /// Largest message `--retr` downloads.
     pub max_message_bytes: usize,
+}
+
+impl Target {
+    /// Checks `pilot` as resolved for the poller; `retr` as in [`Target::retr`].
+    pub fn new(pilot: Pilot, retr: Option<u32>) -> Target {
+        Target {
+            mailbox: pilot.mailbox,
+            server: pilot.server,
+            login: pilot.auth,
+            retr,
+            max_message_bytes: pilot.max_message_bytes,
+        }
+    }
 }
 
 /// A step's outcome.
@@ -243,32 +241,8 @@ impl Report {
     }
 }
 
-/// What an AADSTS code means (EXCHANGE.md's table; the fix is [`oauth::aadsts_fix`]).
-pub fn aadsts_meaning(code: u32) -> Option<&'static str> {
-    Some(match code {
-        7000215 => "invalid client secret",
-        7000222 => "the client secret has expired (secrets last at most 24 months)",
-        7000218 => "the request carried no credential",
-        700016 => "the application was not found in the tenant",
-        90002 => "the tenant was not found",
-        900023 => "the tenant id is malformed",
-        90038 => "the tenant is in another national cloud",
-        9001023 => "the tenant `common` cannot be used for client credentials",
-        70011 => "the scope is invalid",
-        1002012 => "the scope must end in /.default",
-        700022 => "the scope names several resources",
-        500011 => "the resource principal (Exchange Online) was not found in the tenant",
-        700027 => {
-            "the client assertion's certificate is not registered or its signature is invalid"
-        }
-        50012 => "the client assertion was refused (audience, issuer or validity)",
-        7000112 => "the application is disabled",
-        53003 => "blocked by Conditional Access",
-        50196 => "too many token requests (loop detected)",
-        90055 => "the tenant is throttled",
-        _ => return None,
-    })
-}
+/// What an AADSTS code means: oauth's one AADSTS table (the fix is [`oauth::aadsts_fix`]).
+pub use crate::oauth::aadsts_meaning;
 
 /// Runs every step against `target`; `token_options` reach the token endpoint (extra CAs,
 /// deadlines).

@@ -3,7 +3,8 @@
 //! Layers, bottom up: [`pop3`] speaks the protocol, [`oauth`] obtains and shares app-only
 //! tokens, [`ingest`] parses messages and moves them into PostgreSQL through [`store`];
 //! [`sim`] plays Exchange Online and Entra ID for the demo and the tests; [`display`] makes
-//! outside text safe for terminals and logs.
+//! outside text safe for terminals and logs; [`model`] is the plain data every layer shares
+//! (parsed mail, pilot facts, defaults, work-item words) and imports no other layer.
 
 pub mod admin;
 pub mod bench;
@@ -13,6 +14,7 @@ pub mod display;
 pub mod doctor;
 pub mod ingest;
 pub mod metrics;
+pub mod model;
 pub mod oauth;
 pub mod pop3;
 pub mod retry;

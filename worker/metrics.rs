@@ -660,7 +660,7 @@ impl Metrics {
         }
         for c in counts {
             items.insert(
-                vec![c.queue.clone(), c.status.clone()],
+                vec![c.queue.clone(), c.status.to_string()],
                 Value::Scalar(c.count as f64),
             );
         }

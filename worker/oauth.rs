@@ -25,46 +25,21 @@ use rustls::pki_types::CertificateDer;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 
+mod aadsts;
 mod certificate;
+pub use aadsts::{AADSTS, Aadsts, aadsts_fix, aadsts_meaning};
 pub use certificate::{
     AssertionAlg, CLIENT_ASSERTION_TYPE, CertificateCredential, CertificateError, thumbprint_sha1,
     thumbprint_sha256,
 };
 
-/// Global Entra ID authority.
-pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
-/// The scope that yields a token for Exchange Online POP/IMAP.
-pub const DEFAULT_SCOPE: &str = "https://outlook.office365.com/.default";
+pub use crate::model::defaults::{DEFAULT_AUTHORITY, DEFAULT_SCOPE};
 
 /// Largest token endpoint answer read (256 KiB). Entra's answers are a few KiB even with a
 /// large token (Exchange Online rejects tokens over about 4 KB anyway).
 pub const MAX_TOKEN_RESPONSE_BYTES: usize = 256 * 1024;
 
-/// Identifies one app registration's token: pilots with equal keys share one token.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct AppKey {
-    pub authority: String,
-    pub tenant: String,
-    pub client_id: String,
-    pub scope: String,
-}
-
-impl AppKey {
-    /// `{authority}/{tenant}/oauth2/v2.0/token`.
-    pub fn token_url(&self) -> String {
-        format!(
-            "{}/{}/oauth2/v2.0/token",
-            self.authority.trim_end_matches('/'),
-            self.tenant
-        )
-    }
-}
-
-impl fmt::Display for AppKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "client {} in tenant {}", self.client_id, self.tenant)
-    }
-}
+pub use crate::model::AppKey;
 
 /// An app registration and how it proves its identity.
 #[derive(Clone, Debug)]
@@ -231,9 +206,6 @@ fn entra_message(e: &EntraError) -> String {
     s
 }
 
-/// AADSTS codes that mean "slow down", not "misconfigured".
-const THROTTLING_CODES: [u32; 2] = [50196, 90055];
-
 impl OAuthError {
     /// Worth retrying with backoff: network trouble, 5xx, 408/429, `temporarily_unavailable`,
     /// throttling codes.
@@ -245,7 +217,7 @@ impl OAuthError {
                 e.http_status >= 500
                     || e.http_status == 429
                     || e.error == "temporarily_unavailable"
-                    || e.codes.iter().any(|c| THROTTLING_CODES.contains(c))
+                    || e.codes.iter().any(|c| aadsts::is_throttling(*c))
             }
             // A 200 with a body we cannot read is most likely a proxy in the way.
             OAuthError::Malformed(_) | OAuthError::TooLarge { .. } => true,
@@ -297,46 +269,6 @@ impl OAuthError {
             }
         }
     }
-}
-
-/// EXCHANGE.md's AADSTS table: the fix for each code an admin will hit.
-pub fn aadsts_fix(code: u32) -> Option<&'static str> {
-    Some(match code {
-        7000215 => "paste the client secret's Value, not its Secret ID",
-        7000222 => {
-            "the client secret expired: create a new secret (or use a certificate) and update the app with `ccmail app rotate-secret`"
-        }
-        7000218 => {
-            "the request carried no credential: configure a client secret or certificate for the app"
-        }
-        700016 => {
-            "application not found in this tenant: check the client id and the tenant; a multi-tenant app needs admin consent in this tenant"
-        }
-        90002 | 900023 => {
-            "tenant not found: check the tenant id; a sovereign-cloud tenant needs its own authority"
-        }
-        90038 => {
-            "the tenant is in another national cloud: change the authority (US Gov https://login.microsoftonline.us, China https://login.partner.microsoftonline.cn)"
-        }
-        9001023 => {
-            "the tenant `common` cannot be used with client credentials: use the tenant id or a verified domain"
-        }
-        70011 | 1002012 | 700022 => {
-            "use exactly https://outlook.office365.com/.default as the scope"
-        }
-        500011 => {
-            "resource principal not found: the tenant has no Exchange Online (licence) or the scope names the wrong resource"
-        }
-        700027 | 50012 => {
-            "upload the certificate to the app registration; x5t must be the SHA-1 thumbprint"
-        }
-        7000112 => "the application is disabled: enable the enterprise application",
-        53003 => "blocked by Conditional Access: adjust the workload-identity policy",
-        50196 | 90055 => {
-            "throttled by Entra ID: back off (tokens are cached; check for other clients of this app)"
-        }
-        _ => return None,
-    })
 }
 
 /// Anything that can produce tokens for an app: the real HTTP [`TokenSource`], or a scripted

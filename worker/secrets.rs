@@ -536,7 +536,7 @@ enum OwnerKind {
     Pilot {
         host: String,
         port: u16,
-        tls: crate::pop3::TlsMode,
+        tls: crate::model::TlsMode,
         username: String,
     },
 }
@@ -554,7 +554,7 @@ impl Owner {
     }
 
     /// A USER/PASS pilot's password.
-    pub fn pilot(host: &str, port: u16, tls: crate::pop3::TlsMode, username: &str) -> Owner {
+    pub fn pilot(host: &str, port: u16, tls: crate::model::TlsMode, username: &str) -> Owner {
         Owner(OwnerKind::Pilot {
             host: normalise_host(host),
             port,
@@ -1108,9 +1108,9 @@ impl CredentialPolicy {
     pub fn check_pop3_host(
         &self,
         host: &str,
-        tls: crate::pop3::TlsMode,
+        tls: crate::model::TlsMode,
     ) -> Result<(), SecretError> {
-        if tls != crate::pop3::TlsMode::DangerousPlaintext
+        if tls != crate::model::TlsMode::DangerousPlaintext
             || self.plaintext_to_remote_hosts
             || is_loopback_host(host)
         {
@@ -1293,7 +1293,7 @@ mod tests {
         Owner::pilot(
             "pop.contoso.com",
             995,
-            crate::pop3::TlsMode::Implicit,
+            crate::model::TlsMode::Implicit,
             "support",
         )
     }
@@ -1678,7 +1678,7 @@ mod tests {
 
     #[test]
     fn credentials_go_only_to_allowed_authorities_and_plaintext_only_to_loopback() {
-        use crate::pop3::TlsMode;
+        use crate::model::TlsMode;
         let policy = CredentialPolicy::default();
         for ok in [
             "https://login.microsoftonline.com",
@@ -1784,7 +1784,7 @@ mod tests {
         let elsewhere = Owner::pilot(
             "pop.attacker.example",
             995,
-            crate::pop3::TlsMode::Implicit,
+            crate::model::TlsMode::Implicit,
             "support",
         );
         let copied = old.seal(&secret(), &elsewhere).unwrap();
@@ -1814,7 +1814,7 @@ mod tests {
 
     #[test]
     fn sealed_values_open_only_for_the_owner_they_were_sealed_for() {
-        use crate::pop3::TlsMode;
+        use crate::model::TlsMode;
         let key = MasterKey::generate();
         let policy = ReferencePolicy::default();
         let opens = |sealed: &str, owner: &Owner| resolve_for(sealed, &key, &policy, owner);
@@ -1924,7 +1924,7 @@ mod tests {
 
     #[test]
     fn the_old_form_opens_and_is_upgraded_but_the_worker_policy_never_sends_it() {
-        use crate::pop3::TlsMode;
+        use crate::model::TlsMode;
         let key = MasterKey::generate();
         let pilot = Owner::pilot("pop.contoso.com", 995, TlsMode::Implicit, "support");
         let elsewhere = Owner::pilot("pop.attacker.example", 995, TlsMode::Implicit, "support");

@@ -2,5 +2,6 @@
 
 pub mod identity;
 pub mod parse;
+pub mod pilot;
 pub mod poller;
 pub mod supervisor;

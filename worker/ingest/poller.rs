@@ -31,44 +31,21 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use crate::store::PgPool;
 use bytes::Bytes;
-use secrecy::SecretString;
 use sha2::{Digest, Sha256};
-use sqlx::PgPool;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::identity::{self, Identity};
 use crate::ingest::parse::{self, ParseLimits, ParsedMail};
 use crate::metrics;
-use crate::oauth::{AppCredentials, OAuthError, TokenCache};
-use crate::pop3::{self, Client, ServerSpec, Session, Stream};
+use crate::model::Flag;
+use crate::oauth::{OAuthError, TokenCache};
+use crate::pop3::{self, Client, Session, Stream};
 use crate::store::{self, Inserted, KnownUidl, StoreError, StoredCopy};
 
-/// How a pilot logs in.
-#[derive(Debug, Clone)]
-pub enum PilotAuth {
-    /// SASL XOAUTH2 with an app-only token (Exchange Online).
-    XOAuth2(AppCredentials),
-    /// USER / PASS (other servers).
-    UserPass {
-        username: String,
-        password: SecretString,
-    },
-}
-
-/// Everything a poller needs about its pilot, resolved (secrets decrypted, TLS set up).
-#[derive(Debug, Clone)]
-pub struct Pilot {
-    pub id: i64,
-    pub queue: String,
-    pub mailbox: String,
-    pub server: ServerSpec,
-    pub auth: PilotAuth,
-    pub keep_on_server: bool,
-    pub max_message_bytes: usize,
-    pub poll_interval: Duration,
-}
+pub use crate::ingest::pilot::{Login, Login as PilotAuth, Pilot};
 
 /// Per-poll bounds.
 #[derive(Debug, Clone)]
@@ -202,7 +179,7 @@ struct Fetched {
     identity: Option<Identity>,
     /// Already parsed (headers-only items); `None`: parsed before it joins a batch.
     parsed: Option<ParsedMail>,
-    flag: Option<&'static str>,
+    flag: Option<Flag>,
     headers_only: bool,
     /// The UIDL was not trusted: if the key turns out to be taken by other mail, the message
     /// is not stored under a second derived key.
@@ -268,7 +245,7 @@ enum Resolution {
 /// Logs in as the pilot says. The token comes first, before any connection exists.
 async fn open_session(pilot: &Pilot, tokens: &TokenCache) -> Result<Session<Stream>, PollError> {
     match &pilot.auth {
-        PilotAuth::XOAuth2(app) => {
+        Login::XOAuth2 { app, .. } => {
             // Why first: an unauthenticated POP3 connection is dropped by Exchange after about
             // a minute, and a token request may take up to its own deadline.
             let token = tokens.token(app).await?;
@@ -288,7 +265,7 @@ async fn open_session(pilot: &Pilot, tokens: &TokenCache) -> Result<Session<Stre
             }
             Ok(session?)
         }
-        PilotAuth::UserPass { username, password } => {
+        Login::UserPass { username, password } => {
             let client = timed(pilot, "connect", Client::connect(&pilot.server)).await?;
             Ok(timed(pilot, "auth", client.auth_user_pass(username, password)).await?)
         }
@@ -525,11 +502,11 @@ pub async fn poll_once(
             fetched += 1;
             let item = if too_large {
                 report.oversize += 1;
-                headers_only(&mut session, pilot, number, key, "oversize", untrusted).await?
+                headers_only(&mut session, pilot, number, key, Flag::Oversize, untrusted).await?
             } else if attempts >= limits.max_retr_attempts {
                 report.skipped += 1;
                 tracing::warn!(pilot = pilot.id, key = ?key, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
-                headers_only(&mut session, pilot, number, key, "fetch_failed", untrusted).await?
+                headers_only(&mut session, pilot, number, key, Flag::FetchFailed, untrusted).await?
             } else {
                 match timed(pilot, "retr", session.retr(number, pilot.max_message_bytes)).await {
                     Ok(raw) => {
@@ -550,7 +527,7 @@ pub async fn poll_once(
                     Err(pop3::Error::TooLarge { limit, received }) => {
                         report.oversize += 1;
                         tracing::warn!(pilot = pilot.id, key = ?key, received, limit, "message over the size limit; storing its headers and leaving it on the server");
-                        headers_only(&mut session, pilot, number, key, "oversize", untrusted).await?
+                        headers_only(&mut session, pilot, number, key, Flag::Oversize, untrusted).await?
                     }
                     Err(e @ pop3::Error::ResponseTooLong { .. }) => {
                         // Far past the limit: the rest could not be drained, so the connection
@@ -590,7 +567,7 @@ pub async fn poll_once(
                         // alive, rather than costing the message one more poll.
                         report.skipped += 1;
                         tracing::warn!(pilot = pilot.id, key = ?key, error = %e, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
-                        headers_only(&mut session, pilot, number, key, "fetch_failed", untrusted).await?
+                        headers_only(&mut session, pilot, number, key, Flag::FetchFailed, untrusted).await?
                     }
                 }
             };
@@ -725,7 +702,7 @@ async fn headers_only(
     pilot: &Pilot,
     number: u32,
     key: Option<String>,
-    flag: &'static str,
+    flag: Flag,
     untrusted: bool,
 ) -> Result<Fetched, PollError> {
     let (raw, parsed) = match timed(pilot, "top", session.top(number, 0, header_limit(pilot))).await
@@ -1011,7 +988,7 @@ async fn store_batch(
     batch: &[Ready],
     isolate: bool,
 ) -> Result<Committed, PollError> {
-    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = store::begin(pool).await?;
     let mut out = Committed {
         deletable: Vec::new(),
         stored: 0,
@@ -1022,9 +999,7 @@ async fn store_batch(
     };
     for ready in batch {
         let outcome = if isolate {
-            let mut savepoint = sqlx::Connection::begin(&mut *tx)
-                .await
-                .map_err(StoreError::from)?;
+            let mut savepoint = store::savepoint(&mut tx).await?;
             match store_one(&mut savepoint, target, ready).await {
                 Ok(outcome) => {
                     savepoint.commit().await.map_err(StoreError::from)?;
@@ -1050,7 +1025,7 @@ async fn store_batch(
                 if ready.parsed.parse_error.is_some() && !m.headers_only {
                     out.parse_errors += 1;
                 }
-                out.oversize += usize::from(m.flag == Some("oversize"));
+                out.oversize += usize::from(m.flag == Some(Flag::Oversize));
             }
             Stored::Already => {}
             Stored::Refused => continue,
@@ -1080,12 +1055,12 @@ enum Stored {
 /// Stores one message under its key. When the key already holds *other* mail (the server gave
 /// a stored message's UIDL to a new one), the new one is stored under its derived key instead.
 async fn store_one(
-    conn: &mut sqlx::PgConnection,
+    conn: &mut store::PgConnection,
     target: &Target,
     ready: &Ready,
 ) -> Result<Stored, StoreError> {
     let m = &ready.fetched;
-    let flags: Vec<&str> = m.flag.into_iter().collect();
+    let flags: Vec<Flag> = m.flag.into_iter().collect();
     let mut new = store::NewMessage {
         pilot_id: target.pilot_id,
         queue: &target.queue,
@@ -1127,7 +1102,7 @@ fn already(copy: &StoredCopy, ready: &Ready) -> Stored {
 /// flagged `store_error`. Returns `Refused` if even that fails: the message then stays on the
 /// server and its failure is recorded.
 async fn store_raw(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    tx: &mut store::Tx<'_>,
     target: &Target,
     ready: &Ready,
     error: &StoreError,
@@ -1147,16 +1122,14 @@ async fn store_raw(
             raw: m.raw.clone(),
             identity: m.identity,
             parsed: None,
-            flag: Some("store_error"),
+            flag: Some(Flag::StoreError),
             headers_only: m.headers_only,
             untrusted: m.untrusted,
         },
         parsed,
         sha256: ready.sha256,
     };
-    let mut savepoint = sqlx::Connection::begin(&mut **tx)
-        .await
-        .map_err(StoreError::from)?;
+    let mut savepoint = store::savepoint(tx).await?;
     match store_one(&mut savepoint, target, &raw_only).await {
         Ok(outcome) => {
             savepoint.commit().await.map_err(StoreError::from)?;

@@ -20,20 +20,18 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustls::pki_types::CertificateDer;
-use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use crate::ingest::poller::{self, IngestLimits, Pilot, PilotAuth, PollReport};
+pub use crate::ingest::pilot::{ResolveError, app_credentials, resolve_pilot};
+use crate::ingest::poller::{self, IngestLimits, Pilot, PollReport};
 use crate::metrics;
-use crate::oauth::{self, AppCredentials, TokenCache};
-use crate::pop3::{ServerSpec, Timeouts};
+use crate::oauth::{self, TokenCache};
+use crate::pop3::Timeouts;
 use crate::retry::Retry;
 use crate::secrets::{self, CredentialPolicy, MasterKey};
-use crate::store::{self, AppRow, PilotRow};
+use crate::store::{self, AppRow, ConfigListener, PgPool, PilotRow};
 
 /// Pacing and limits for every poller.
 #[derive(Debug, Clone)]
@@ -179,14 +177,8 @@ impl Supervisor {
         }
     }
 
-    async fn listen(&self) -> Option<PgListener> {
-        let result = async {
-            let mut l = PgListener::connect_with(&self.pool).await?;
-            l.listen(store::CONFIG_CHANNEL).await?;
-            Ok::<_, sqlx::Error>(l)
-        }
-        .await;
-        match result {
+    async fn listen(&self) -> Option<ConfigListener> {
+        match ConfigListener::connect(&self.pool).await {
             Ok(l) => Some(l),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot LISTEN for pilot changes; relying on periodic reloads");
@@ -299,7 +291,7 @@ impl Supervisor {
     /// logs what it did: how many it upgraded (info), and each value it left alone (warn, once
     /// while the problem stays the same). A database error leaves the v1 values in place; the
     /// pilots using them are refused until a later pass upgrades them.
-    async fn upgrade_unbound(&self, conn: &mut sqlx::PgConnection, key: &MasterKey) {
+    async fn upgrade_unbound(&self, conn: &mut store::PgConnection, key: &MasterKey) {
         let report = match store::upgrade_unbound_credentials(conn, |owner, stored| {
             secrets::upgrade(stored, key, owner).map_err(|e| e.to_string())
         })
@@ -350,9 +342,9 @@ impl Supervisor {
 }
 
 /// Waits for a notification; `false` when the listener is gone or broken.
-async fn recv(listener: &mut Option<PgListener>) -> bool {
+async fn recv(listener: &mut Option<ConfigListener>) -> bool {
     match listener {
-        Some(l) => match l.recv().await {
+        Some(l) => match l.changed().await {
             Ok(_) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "pilot change listener failed");
@@ -371,232 +363,6 @@ fn fingerprint(pilot: &PilotRow, app: Option<&AppRow>) -> String {
         app.map(|a| a.updated_at.timestamp_micros()).unwrap_or(0),
         app.map(|a| a.id)
     )
-}
-
-/// Why a pilot cannot be started.
-#[derive(Debug, thiserror::Error)]
-pub enum ResolveError {
-    #[error("pilot {pilot} uses XOAUTH2 but its app is missing")]
-    MissingApp { pilot: i64 },
-    #[error("secret of {what}: {source}")]
-    Secret {
-        what: String,
-        source: secrets::SecretError,
-    },
-    #[error("credential of {what}: {source}")]
-    Refused {
-        what: String,
-        source: secrets::SecretError,
-    },
-    #[error("pilot {pilot}: {field} is invalid: {reason}")]
-    Invalid {
-        pilot: i64,
-        field: &'static str,
-        reason: String,
-    },
-    #[error("certificate credential of app {app}: unknown assertion algorithm {alg:?}")]
-    CertificateAlg { app: String, alg: String },
-    #[error("certificate credential of app {app}: {source}")]
-    Certificate {
-        app: String,
-        #[source]
-        source: oauth::CertificateError,
-    },
-    #[error("CA bundle of pilot {pilot}: {source}")]
-    CaBundle {
-        pilot: i64,
-        source: crate::tls::TlsConfigError,
-    },
-    #[error("pilot {pilot}: {source}")]
-    Server {
-        pilot: i64,
-        source: crate::pop3::Error,
-    },
-}
-
-impl ResolveError {
-    /// [`Retry::Never`] for every variant: a pilot is resolved from its row, its app's row
-    /// and the worker's settings, so the supervisor does not try again until one of the rows
-    /// changes (its fingerprint) or the worker restarts.
-    pub fn retry(&self) -> Retry {
-        Retry::Never
-    }
-
-    /// The fix to record on the pilot.
-    pub fn hint(&self) -> Option<&'static str> {
-        match self {
-            ResolveError::MissingApp { .. } => {
-                Some("add the app with `ccmail app add` and point the pilot at it")
-            }
-            ResolveError::Secret { .. } => Some(
-                "set CCMAIL_MASTER_KEY (or secrets.master_key_file) to the key the secret was sealed with, or store the secret again",
-            ),
-            ResolveError::Refused { .. } => Some(
-                "store the secret again (sealed) with `ccmail app rotate-secret` or `ccmail pilot update --secret-stdin`, or change the settings named in the error",
-            ),
-            ResolveError::Invalid { .. } => {
-                Some("correct the value with `ccmail pilot update` or `ccmail app update`")
-            }
-            ResolveError::Certificate { .. } | ResolveError::CertificateAlg { .. } => Some(
-                "store the certificate and its private key again with `ccmail app rotate-secret --certificate PEM --private-key-file PEM`",
-            ),
-            ResolveError::CaBundle { .. } => {
-                Some("point ca_bundle at a readable PEM file, or clear it")
-            }
-            ResolveError::Server { .. } => None,
-        }
-    }
-}
-
-/// The credential of `owner` resolved under `policy`: its refusals are told apart from broken
-/// secrets.
-fn resolve_secret(
-    stored: &str,
-    key: Option<&MasterKey>,
-    policy: &CredentialPolicy,
-    owner: &secrets::Owner,
-    what: impl FnOnce() -> String,
-) -> Result<secrecy::SecretString, ResolveError> {
-    policy.resolve(stored, key, owner).map_err(|source| {
-        if source.is_refusal() {
-            ResolveError::Refused {
-                what: what(),
-                source,
-            }
-        } else {
-            ResolveError::Secret {
-                what: what(),
-                source,
-            }
-        }
-    })
-}
-
-/// An app's token-request credentials from its row: the client secret, or the certificate
-/// and its private key, unsealed with `key`. Refused (before anything is read) when `policy`
-/// does not allow the app's authority, when the credential is a reference `policy` does not
-/// allow, and when a sealed credential was not sealed for this app as it is now.
-pub fn app_credentials(
-    app: &AppRow,
-    key: Option<&MasterKey>,
-    policy: &CredentialPolicy,
-) -> Result<AppCredentials, ResolveError> {
-    let what = || format!("app {}", app.name);
-    policy
-        .check_authority(&app.authority)
-        .map_err(|source| ResolveError::Refused {
-            what: what(),
-            source,
-        })?;
-    let secret = resolve_secret(&app.credential, key, policy, &app.credential_owner(), what)?;
-    let credential = match app.certificate() {
-        None => oauth::Credential::Secret(secret),
-        Some(cert) => {
-            let alg = oauth::AssertionAlg::parse(&cert.alg).ok_or_else(|| {
-                ResolveError::CertificateAlg {
-                    app: app.name.clone(),
-                    alg: cert.alg.clone(),
-                }
-            })?;
-            let loaded = oauth::CertificateCredential::from_pem(&cert.pem, &secret, alg).map_err(
-                |source| ResolveError::Certificate {
-                    app: app.name.clone(),
-                    source,
-                },
-            )?;
-            oauth::Credential::Certificate(Arc::new(loaded))
-        }
-    };
-    Ok(AppCredentials {
-        key: app.token_key(),
-        credential,
-    })
-}
-
-/// Builds the runtime pilot from its rows: checks the texts against the schema's limits
-/// (rows from before them), checks where the login may go under `policy` (an XOAUTH2 pilot
-/// only to an allowed host, before anything about its app is read, so no token is ever
-/// requested for it), decrypts or reads the secrets (a sealed one only if it was sealed for
-/// this row as it is), loads the CA bundle.
-pub fn resolve_pilot(
-    row: &PilotRow,
-    app: Option<&AppRow>,
-    key: Option<&MasterKey>,
-    policy: &CredentialPolicy,
-    timeouts: Timeouts,
-) -> Result<Pilot, ResolveError> {
-    let texts = [
-        (store::limits::QUEUE, Some(row.queue.as_str())),
-        (store::limits::MAILBOX, Some(row.mailbox.as_str())),
-        (store::limits::HOST, Some(row.host.as_str())),
-        (store::limits::CA_BUNDLE, row.ca_bundle.as_deref()),
-    ];
-    for (limit, value) in texts {
-        if let Some(value) = value {
-            limit.check(value).map_err(|reason| ResolveError::Invalid {
-                pilot: row.id,
-                field: limit.field,
-                reason,
-            })?;
-        }
-    }
-    policy
-        .check_pop3_host(&row.host, row.tls)
-        .map_err(|source| ResolveError::Refused {
-            what: format!("pilot {}", row.id),
-            source,
-        })?;
-    let auth = match &row.auth {
-        store::PilotAuth::XOAuth2 { .. } => {
-            policy
-                .check_xoauth2_host(&row.host)
-                .map_err(|source| ResolveError::Refused {
-                    what: format!("pilot {}", row.id),
-                    source,
-                })?;
-            let app = app.ok_or(ResolveError::MissingApp { pilot: row.id })?;
-            PilotAuth::XOAuth2(app_credentials(app, key, policy)?)
-        }
-        store::PilotAuth::UserPass {
-            username,
-            credential,
-        } => PilotAuth::UserPass {
-            username: username.clone(),
-            password: resolve_secret(
-                credential,
-                key,
-                policy,
-                &secrets::Owner::pilot(&row.host, row.port, row.tls, username),
-                || format!("pilot {}", row.id),
-            )?,
-        },
-    };
-    let extra_roots: Vec<CertificateDer<'static>> = match &row.ca_bundle {
-        Some(path) => {
-            crate::tls::read_pem_bundle(std::path::Path::new(path)).map_err(|source| {
-                ResolveError::CaBundle {
-                    pilot: row.id,
-                    source,
-                }
-            })?
-        }
-        None => Vec::new(),
-    };
-    let server = ServerSpec::new(row.host.clone(), row.port, row.tls, &extra_roots, timeouts)
-        .map_err(|source| ResolveError::Server {
-            pilot: row.id,
-            source,
-        })?;
-    Ok(Pilot {
-        id: row.id,
-        queue: row.queue.clone(),
-        mailbox: row.mailbox.clone(),
-        server,
-        auth,
-        keep_on_server: row.keep_on_server,
-        max_message_bytes: usize::try_from(row.max_message_bytes).unwrap_or(usize::MAX),
-        poll_interval: row.poll_interval,
-    })
 }
 
 /// Polls one pilot until cancelled: interval with jitter after success, at once when the

@@ -24,6 +24,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::OAuthError;
+pub use crate::model::AssertionAlg;
 
 /// `client_assertion_type` of a JWT client assertion (RFC 7523).
 pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -31,42 +32,6 @@ pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-
 /// How long an assertion is valid: well inside Entra's ten-minute limit, long enough for a
 /// slow request.
 const ASSERTION_LIFETIME: Duration = Duration::from_secs(300);
-
-/// The JWT signature algorithm of the client assertion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AssertionAlg {
-    /// RSASSA-PKCS1-v1_5 with SHA-256; the header names the key by `x5t` (SHA-1 thumbprint).
-    Rs256,
-    /// RSASSA-PSS with SHA-256; the header names the key by `x5t#S256` (SHA-256 thumbprint).
-    Ps256,
-}
-
-impl AssertionAlg {
-    /// `RS256` or `PS256`, as in the JWT header, the database and the CLI.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AssertionAlg::Rs256 => "RS256",
-            AssertionAlg::Ps256 => "PS256",
-        }
-    }
-
-    /// Parses [`AssertionAlg::as_str`] (case-insensitive).
-    pub fn parse(s: &str) -> Option<AssertionAlg> {
-        if s.eq_ignore_ascii_case("RS256") {
-            Some(AssertionAlg::Rs256)
-        } else if s.eq_ignore_ascii_case("PS256") {
-            Some(AssertionAlg::Ps256)
-        } else {
-            None
-        }
-    }
-}
-
-impl fmt::Display for AssertionAlg {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Why a certificate credential could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -27,45 +27,7 @@ use super::codec::{
 };
 use super::connection::{Connection, Stream, Timeouts};
 use super::{Error, sasl};
-
-/// How the connection is protected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TlsMode {
-    /// TLS from the first byte (port 995). Exchange Online's documented mode.
-    Implicit,
-    /// Plain connect, then `STLS` (RFC 2595) before any credential is sent.
-    StartTls,
-    /// No TLS at all, credentials in clear text. Only for local test servers; never use it
-    /// across a network.
-    DangerousPlaintext,
-}
-
-impl std::fmt::Display for TlsMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl TlsMode {
-    /// The name used in the database and the CLI.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TlsMode::Implicit => "implicit",
-            TlsMode::StartTls => "starttls",
-            TlsMode::DangerousPlaintext => "dangerous_plaintext",
-        }
-    }
-
-    /// Parses [`TlsMode::as_str`]'s names (as stored in `pilots.tls`).
-    pub fn parse(s: &str) -> Option<TlsMode> {
-        match s {
-            "implicit" => Some(TlsMode::Implicit),
-            "starttls" => Some(TlsMode::StartTls),
-            "dangerous_plaintext" => Some(TlsMode::DangerousPlaintext),
-            _ => None,
-        }
-    }
-}
+pub use crate::model::TlsMode;
 
 /// Where and how to connect. Built once per pilot; the TLS configuration inside is shared by
 /// every connection to that server.

@@ -211,6 +211,7 @@ pub(crate) fn explain_constraint(name: &str) -> &'static str {
             "an env: credential may not name CCMAIL_* (ccmail's settings and master key), \
              DATABASE_URL or PG* (the database login)"
         }
+        "messages_defects_limits" => "at most 21 parser defects of at most 1000 bytes each",
         _ => "see the constraint definition in migrations/",
     }
 }

@@ -9,40 +9,91 @@
 //! - uniqueness is enforced by the database, not by check-then-insert; state changes are
 //!   guarded in their `where` clause and check `rows_affected()`;
 //! - `synchronous_commit` is never turned off: a POP3 `DELE` is taken on the strength of a
-//!   commit, so the commit must be durable.
+//!   commit, so the commit must be durable;
+//! - callers name store types only: [`ConfigListener`] owns LISTEN, [`begin`] /
+//!   [`savepoint`] / [`Tx`] compose transactions; the model's enums become text in `words`.
+//!
+//! One file per table family: `apps` (`oauth_apps`), `pilots`, `credentials` (secrets across
+//! both), `messages` (messages, attachments, fetch failures), `work_items` (read-only queue
+//! views), `text_limits` (admin-set text rules, mirrored by migration 0007), `words` (enum
+//! text), `error`.
 
-mod config;
+/// The `oauth_apps` columns `AppRow` reads.
+macro_rules! app_columns {
+    () => {
+        "id, name, tenant, client_id, authority, scope, credential, secret_expires_at, \
+         certificate_pem, assertion_alg, created_at, updated_at"
+    };
+}
+
+/// The `pilots` columns `PilotRecord` reads.
+macro_rules! pilot_columns {
+    () => {
+        "id, queue, mailbox, host, port, tls, auth, app_id, username, password_credential, \
+         ca_bundle, poll_interval_secs, keep_on_server, max_message_bytes, enabled, \
+         last_success_at, last_error, last_error_hint, last_error_at, created_at, updated_at"
+    };
+}
+
+mod apps;
+mod credentials;
 mod error;
-mod ingest;
-mod queue;
+mod messages;
+mod pilots;
 pub mod testing;
 #[cfg(test)]
 mod tests;
+mod text_limits;
+mod words;
+mod work_items;
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::ConnectOptions;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+pub use sqlx::postgres::PgConnection;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 pub use sqlx::{PgPool, Postgres, Transaction};
 
-pub use config::{
-    AppRow, CredentialHolder, DEFAULT_AUTHORITY, DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_POLL_INTERVAL, DEFAULT_PORT, DEFAULT_SCOPE, MAX_ERROR_CHARS, NewApp, NewPilot,
-    PilotAuth, PilotRow, StoredCertificate, TextLimit, TlsMode, UnboundUpgrade, delete_app,
-    delete_pilot, enabled_pilots_with_apps, find_pilots_by_mailbox, get_app, get_app_by_name,
-    get_pilot, insert_app, insert_pilot, limits, list_apps, list_pilots, record_poll_error,
-    record_poll_success, reseal_credentials, set_app_certificate, set_app_credential,
-    set_pilot_enabled, update_app, update_app_resealed, update_pilot, upgrade_unbound_credentials,
+/// A transaction (or a savepoint inside one) on the store's database: what callers hold to
+/// compose several store functions atomically; it derefs to the connection they take.
+pub type Tx<'c> = Transaction<'c, Postgres>;
+
+/// Begins a transaction on a pooled connection.
+pub async fn begin(pool: &PgPool) -> Result<Tx<'static>, StoreError> {
+    Ok(pool.begin().await?)
+}
+
+/// Begins a savepoint inside `tx`: rolling it back undoes only what ran since.
+pub async fn savepoint<'t>(tx: &'t mut PgConnection) -> Result<Tx<'t>, StoreError> {
+    Ok(sqlx::Connection::begin(tx).await?)
+}
+
+pub use apps::{
+    AppRow, DEFAULT_AUTHORITY, DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLL_INTERVAL,
+    DEFAULT_PORT, DEFAULT_SCOPE, NewApp, StoredCertificate, delete_app, get_app, get_app_by_name,
+    insert_app, list_apps, set_app_certificate, set_app_credential, update_app,
+    update_app_resealed,
+};
+pub use credentials::{
+    CredentialHolder, UnboundUpgrade, reseal_credentials, upgrade_unbound_credentials,
 };
 pub use error::StoreError;
-pub use ingest::{
+pub use messages::{
     FLAG_HEADER_TRUNCATED, FLAG_PARSE_ERROR, Inserted, KnownUidl, NewMessage, StoredCopy,
     clear_fetch_failure, header_limits, insert_message, known_uidls, mark_deleted, mark_vanished,
     message_heads, record_fetch_failure, record_too_large, stored_copy, stored_head,
     stored_identities,
 };
-pub use queue::{QueueCount, WorkItemView, oldest_queued_age, queue_counts, recent_work_items};
+pub use pilots::{
+    MAX_ERROR_CHARS, NewPilot, PilotAuth, PilotRow, TlsMode, delete_pilot,
+    enabled_pilots_with_apps, find_pilots_by_mailbox, get_pilot, insert_pilot, list_pilots,
+    record_poll_error, record_poll_success, set_pilot_enabled, update_pilot,
+};
+pub use text_limits::{TextLimit, limits};
+pub use work_items::{
+    QueueCount, WorkItemView, oldest_queued_age, queue_counts, recent_work_items,
+};
 
 use error::{db_error, sqlstate};
 
@@ -50,6 +101,28 @@ use error::{db_error, sqlstate};
 /// The payload is JSON `{"table": "...", "op": "insert|update|delete", "id": n}`; it is a
 /// wake-up hint only, the periodic re-read stays the truth.
 pub const CONFIG_CHANNEL: &str = "ccmail_config";
+
+/// A LISTEN on [`CONFIG_CHANNEL`]: the store owns the channel and the connection behind it,
+/// callers only learn "something changed" (a wake-up hint; re-read the rows).
+pub struct ConfigListener {
+    listener: sqlx::postgres::PgListener,
+}
+
+impl ConfigListener {
+    /// Opens a dedicated connection from `pool` and listens on [`CONFIG_CHANNEL`].
+    pub async fn connect(pool: &PgPool) -> Result<ConfigListener, StoreError> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+        listener.listen(CONFIG_CHANNEL).await?;
+        Ok(ConfigListener { listener })
+    }
+
+    /// Waits for the next change notification. An error means the connection is broken:
+    /// drop this listener and connect again.
+    pub async fn changed(&mut self) -> Result<(), StoreError> {
+        self.listener.recv().await?;
+        Ok(())
+    }
+}
 
 /// How long to wait for a pooled connection (and for the first connection at start-up).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -13,7 +13,7 @@ use tokio::sync::Barrier;
 
 use super::testing::TestDb;
 use super::*;
-use crate::ingest::parse::{Address, Attachment, ParsedMail};
+use crate::model::{Address, Attachment, ParsedMail};
 use crate::secrets::{MasterKey, Owner};
 
 /// Generous upper bound for a notification to arrive; it normally takes milliseconds.
@@ -673,7 +673,7 @@ async fn unparsable_oversize_and_nul_laden_messages_are_still_stored() {
     };
     let mut new = message(&p, "UID-broken", &broken);
     new.raw = b"\0\0garbage";
-    new.flags = &["oversize", "parse_error"];
+    new.flags = &[crate::model::Flag::Oversize, crate::model::Flag::ParseError];
     new.headers_only = true;
     let item = insert_message(&mut conn, &new)
         .await

@@ -15,13 +15,13 @@ use sqlx::PgConnection;
 use sqlx::types::Json;
 
 use super::error::{StoreError, db_error, sqlstate};
-use crate::ingest::parse::{Address, ParsedMail};
+use crate::model::{Address, Flag, ParsedMail};
 
 /// Work-item flag added when the message could not be parsed.
-pub const FLAG_PARSE_ERROR: &str = "parse_error";
+pub const FLAG_PARSE_ERROR: Flag = Flag::ParseError;
 /// Work-item flag added when a header value was longer than the store keeps (the raw message
 /// is stored whole; see [`header_limits`]).
-pub const FLAG_HEADER_TRUNCATED: &str = "header_truncated";
+pub const FLAG_HEADER_TRUNCATED: Flag = Flag::HeaderTruncated;
 
 /// What the store keeps of sender-written header values. The raw message is always stored
 /// whole; these bound the parsed copies that are indexed, listed and shown, so that no sender
@@ -41,6 +41,10 @@ pub mod header_limits {
     pub const ADDRESSES: usize = 1_000;
     /// An attachment's file name, content type or content id.
     pub const ATTACHMENT_FIELD_BYTES: usize = 998;
+    /// Parser defects kept (the parser lists at most 20 and a summary line).
+    pub const DEFECTS: usize = 21;
+    /// One parser defect (its text may quote the message).
+    pub const DEFECT_BYTES: usize = 1000;
 }
 
 /// What the store already knows about a UIDL of a pilot's maildrop.
@@ -70,7 +74,7 @@ pub struct NewMessage<'a> {
     /// Work-item flags such as `oversize` or `fetch_failed`; `parse_error` is added
     /// automatically when `parsed.parse_error` is set, and so are the parser's own flags
     /// (`parsed.flags`).
-    pub flags: &'a [&'a str],
+    pub flags: &'a [Flag],
     /// The message's identity (`ingest::identity`), when its header section has one.
     pub identity: Option<[u8; 32]>,
 }
@@ -131,13 +135,10 @@ impl std::fmt::Debug for NewMessage<'_> {
     }
 }
 
-/// PostgreSQL `text` and `jsonb` cannot hold U+0000; mail can. Replace it rather than fail.
+/// PostgreSQL `text` and `jsonb` cannot hold U+0000; mail can. The model's one rule
+/// ([`crate::model::text`]) again, for values not built by the parser.
 fn pg_text(text: &str) -> Cow<'_, str> {
-    if text.contains('\0') {
-        Cow::Owned(text.replace('\0', "\u{FFFD}"))
-    } else {
-        Cow::Borrowed(text)
-    }
+    crate::model::text::nul_free(text)
 }
 
 fn pg_opt(text: &Option<String>) -> Option<String> {
@@ -156,6 +157,16 @@ fn capped(text: &str, max: usize, cut: &mut bool) -> String {
         }
     }
     pg_text(&text[..end]).into_owned()
+}
+
+/// The parser's defects as the `messages.defects` column keeps them (see [`header_limits`]).
+fn stored_defects(defects: &[String]) -> Vec<String> {
+    let mut cut = false;
+    defects
+        .iter()
+        .take(header_limits::DEFECTS)
+        .map(|d| capped(d, header_limits::DEFECT_BYTES, &mut cut))
+        .collect()
 }
 
 fn capped_opt(text: &Option<String>, max: usize, cut: &mut bool) -> Option<String> {
@@ -256,9 +267,9 @@ pub async fn insert_message(
     let message_row: Option<i64> = sqlx::query_scalar(
         "insert into messages (pilot_id, uidl, raw, sha256, message_id, subject, from_addrs, \
          to_addrs, cc_addrs, reply_to_addrs, sent_at, in_reply_to, \"references\", text_body, \
-         html_body, parse_error, size, headers_only, html_sanitized, identity) \
+         html_body, parse_error, size, headers_only, html_sanitized, identity, defects) \
          select $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-         $19, $20 \
+         $19, $20, $21 \
          where not exists (select 1 from messages where pilot_id = $1 and identity = $20 \
                            and ($2 like '~ %' or uidl like '~ %')) \
          on conflict (pilot_id, uidl) do nothing returning id",
@@ -283,6 +294,7 @@ pub async fn insert_message(
     .bind(message.headers_only)
     .bind(pg_opt(&parsed.html_sanitized))
     .bind(message.identity.as_ref().map(|i| &i[..]))
+    .bind(stored_defects(&parsed.defects))
     .fetch_optional(&mut *conn)
     .await
     .map_err(|err| unknown_pilot(err, message.pilot_id))?;
@@ -345,8 +357,8 @@ pub async fn insert_message(
         .chain(parsed.flags.iter().copied())
         .chain(cut_flag)
     {
-        if !flags.iter().any(|f| f == flag) {
-            flags.push(pg_text(flag).into_owned());
+        if !flags.iter().any(|f| *f == flag) {
+            flags.push(flag.as_str().to_owned());
         }
     }
     let work_item_id: i64 = sqlx::query_scalar(

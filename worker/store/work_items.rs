@@ -1,0 +1,188 @@
+//! Read-only views of the work-item queues, for metrics, the CLI and the demo.
+//!
+//! Invariant: nothing here writes; every query is served by an index or a small aggregate
+//! (`work_items_queued_idx` covers the "oldest queued item per queue" question).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use sqlx::types::Json;
+
+use super::error::StoreError;
+use super::words;
+use crate::model::{Address, WorkItemStatus};
+
+/// Number of work items of one queue in one status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueCount {
+    pub queue: String,
+    pub status: WorkItemStatus,
+    pub count: i64,
+}
+
+/// A work item with the message fields an overview shows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkItemView {
+    pub id: i64,
+    pub queue: String,
+    pub status: WorkItemStatus,
+    pub flags: Vec<String>,
+    pub subject: Option<String>,
+    pub from: Vec<Address>,
+    pub enqueued_at: DateTime<Utc>,
+    /// Number of attachments (inline parts included).
+    pub attachments: i64,
+    /// Problems the parser recovered from (why the message may look odd); empty for clean
+    /// mail and for messages stored before defects were kept.
+    pub defects: Vec<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct WorkItemRecord {
+    id: i64,
+    queue: String,
+    status: String,
+    flags: Vec<String>,
+    subject: Option<String>,
+    from_addrs: Json<Vec<Address>>,
+    enqueued_at: DateTime<Utc>,
+    attachments: i64,
+    defects: Vec<String>,
+}
+
+/// Work items per queue and status, ordered by queue then status. Combinations with no
+/// items are absent.
+pub async fn queue_counts(conn: &mut PgConnection) -> Result<Vec<QueueCount>, StoreError> {
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "select queue, status, count(*) as count from work_items \
+         group by queue, status order by queue, status",
+    )
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|(queue, status, count)| {
+            Ok(QueueCount {
+                queue,
+                status: words::status(&status)?,
+                count,
+            })
+        })
+        .collect()
+}
+
+/// The `limit` most recently enqueued work items, newest first.
+pub async fn recent_work_items(
+    conn: &mut PgConnection,
+    limit: u32,
+) -> Result<Vec<WorkItemView>, StoreError> {
+    let records: Vec<WorkItemRecord> = sqlx::query_as(
+        "select w.id, w.queue, w.status, w.flags, m.subject, m.from_addrs, w.enqueued_at, \
+         (select count(*) from attachments a where a.message_id = m.id) as attachments, \
+         m.defects \
+         from work_items w join messages m on m.id = w.message_id \
+         order by w.enqueued_at desc, w.id desc limit $1",
+    )
+    .bind(i64::from(limit))
+    .fetch_all(conn)
+    .await?;
+    records
+        .into_iter()
+        .map(|r| {
+            Ok(WorkItemView {
+                id: r.id,
+                queue: r.queue,
+                status: words::status(&r.status)?,
+                flags: r.flags,
+                subject: r.subject,
+                from: r.from_addrs.0,
+                enqueued_at: r.enqueued_at,
+                attachments: r.attachments,
+                defects: r.defects,
+            })
+        })
+        .collect()
+}
+
+/// For each queue with queued work items, how long its oldest queued item has waited,
+/// ordered by queue. Measured against the database clock, so replicas agree.
+pub async fn oldest_queued_age(
+    conn: &mut PgConnection,
+) -> Result<Vec<(String, Duration)>, StoreError> {
+    let rows: Vec<(String, f64)> = sqlx::query_as(
+        "select queue, greatest(extract(epoch from clock_timestamp() - min(enqueued_at)), 0)::float8 \
+         from work_items where status = 'queued' group by queue order by queue",
+    )
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|(queue, secs)| {
+            let age =
+                Duration::try_from_secs_f64(secs).map_err(|_| StoreError::UnexpectedValue {
+                    column: "work_items.enqueued_at",
+                    value: format!("age of {secs} seconds"),
+                })?;
+            Ok((queue, age))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::super::testing::TestDb;
+    use super::super::{
+        NewApp, NewMessage, NewPilot, PilotAuth, insert_app, insert_message, insert_pilot,
+    };
+    use super::*;
+    use crate::model::ParsedMail;
+
+    #[tokio::test]
+    async fn parser_defects_are_stored_capped_and_shown_with_the_work_item() {
+        let db = TestDb::new().await.unwrap();
+        let mut conn = db.pool().acquire().await.unwrap();
+        let app = insert_app(
+            &mut conn,
+            &NewApp::new(
+                "a",
+                "contoso.onmicrosoft.com",
+                "cid",
+                "env:APP_SECRET".into(),
+            ),
+        )
+        .await
+        .unwrap();
+        let pilot = insert_pilot(
+            &mut conn,
+            &NewPilot::new("support", "s@x", PilotAuth::XOAuth2 { app_id: app.id }),
+        )
+        .await
+        .unwrap();
+        let mut defects: Vec<String> = (0..30).map(|i| format!("defect {i}\0")).collect();
+        defects[0] = "x".repeat(5000);
+        let parsed = ParsedMail {
+            defects,
+            ..ParsedMail::default()
+        };
+        let new = NewMessage {
+            pilot_id: pilot.id,
+            queue: &pilot.queue,
+            uidl: "UID-1",
+            raw: b"Subject: x\r\n\r\nbody\r\n",
+            parsed: &parsed,
+            headers_only: false,
+            flags: &[],
+            identity: None,
+        };
+        insert_message(&mut conn, &new).await.unwrap();
+        let view = recent_work_items(&mut conn, 1).await.unwrap();
+        let shown = &view[0].defects;
+        assert_eq!(shown.len(), 21, "the parser's cap, and the schema's");
+        assert_eq!(shown[0].len(), 1000, "each defect capped");
+        assert_eq!(shown[1], "defect 1\u{FFFD}", "the one NUL rule");
+        assert_eq!(view[0].status, WorkItemStatus::Queued);
+        drop(conn);
+        db.drop_db().await.unwrap();
+    }
+}
