@@ -305,7 +305,7 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
                 &row.credential_owner(),
                 &new.credential_owner(),
             ) {
-                let Some(key) = config.master_key()? else {
+                let Some(key) = config.master_key() else {
                     bail!(
                         "the credential of app {} is sealed for its current authority, tenant and client id, \
                          and opens for nothing else; changing them needs the master key to seal it again: \
@@ -541,7 +541,11 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             }
             if check {
                 let target = pilot_target(config, &pilot, app_row.as_ref(), None, None)?;
-                let report = doctor::diagnose(&target, &config.token_source_options()?).await;
+                let report = doctor::diagnose(
+                    &target,
+                    &ccmail::oauth::TokenSourceOptions::from_config(&config.oauth)?,
+                )
+                .await;
                 print!("{}", ccmail::display::escape_lines(&report.render()));
                 if report.failure.is_some() {
                     eprintln!("pilot not saved: fix the failing step and run the command again");
@@ -698,7 +702,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             ) = (row.credential_owner(), new.credential_owner(), &new.auth)
                 && needs_rebinding(credential, &from, &to)
             {
-                let Some(key) = config.master_key()? else {
+                let Some(key) = config.master_key() else {
                     bail!(
                         "the password of pilot {} is sealed for its current host, port and TLS mode, \
                          and opens for nothing else; changing them needs the master key to seal it \
@@ -766,7 +770,7 @@ fn pilot_target(
     retr: Option<u32>,
     timeout: Option<u64>,
 ) -> anyhow::Result<Target> {
-    let master = config.master_key()?;
+    let master = config.master_key();
     let policy = config.credential_policy();
     // The CLI's own messages first; the resolver checks the same again.
     check_destination(&policy, pilot)?;
@@ -781,7 +785,7 @@ fn pilot_target(
 
 /// The configured POP3 deadlines, each replaced by `--timeout` when given.
 fn doctor_timeouts(config: &Config, timeout: Option<u64>) -> ccmail::pop3::Timeouts {
-    let mut timeouts = config.pop3_timeouts();
+    let mut timeouts = ccmail::pop3::Timeouts::from(&config.pop3);
     if let Some(secs) = timeout {
         let t = Duration::from_secs(secs);
         timeouts.connect = t;
@@ -795,7 +799,11 @@ fn doctor_timeouts(config: &Config, timeout: Option<u64>) -> ccmail::pop3::Timeo
 pub(crate) async fn doctor_command(config: &Config, args: DoctorArgs) -> anyhow::Result<()> {
     init_logs(config, true);
     let target = doctor_target(config, &args).await?;
-    let report = doctor::diagnose(&target, &config.token_source_options()?).await;
+    let report = doctor::diagnose(
+        &target,
+        &ccmail::oauth::TokenSourceOptions::from_config(&config.oauth)?,
+    )
+    .await;
     if args.json {
         print_json(&report)?;
     } else {

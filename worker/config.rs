@@ -4,7 +4,14 @@
 //! `config/ccmail.toml` when it exists), then environment variables `CCMAIL_<SECTION>_<KEY>`
 //! (for example `CCMAIL_WORKER_MAX_MESSAGES_PER_POLL=200`) and `DATABASE_URL`. Unknown keys are
 //! errors that name the key and where it came from. This is the only module that reads the
-//! environment (besides secret references resolved in `secrets.rs`).
+//! environment (besides secret references resolved in `secrets.rs`), and it reads it once:
+//! the master key is resolved at load too and held in the [`Config`] value.
+//!
+//! After load every value is in range (`validate()` holds every rule; nothing downstream
+//! clamps) and durations are [`Duration`]s. An error names the environment variable that
+//! supplied the value when one did, else the file key. This module imports only `secrets`:
+//! each module owning a type built from settings (POP3 timeouts, parse and HTTP limits, token
+//! source options) converts the settings section itself.
 //!
 //! Errors never quote the settings file or a value (a file may hold a database password, a
 //! value may be a secret pasted into the wrong key): they name the file, the line and column,
@@ -36,6 +43,23 @@ pub struct Config {
     pub secrets: SecretsConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
+    /// The master key, resolved once when the settings load (from `CCMAIL_MASTER_KEY`, else
+    /// `secrets.master_key_file`); never written out.
+    #[serde(skip)]
+    master_key: LoadedKey,
+    /// [`Config::credential_policy`], built once when the settings load.
+    #[serde(skip)]
+    credentials: crate::secrets::CredentialPolicy,
+}
+
+/// The master key held by [`Config`]: compared by key id, printed as its id only.
+#[derive(Debug, Clone, Default)]
+struct LoadedKey(Option<crate::secrets::MasterKey>);
+
+impl PartialEq for LoadedKey {
+    fn eq(&self, other: &LoadedKey) -> bool {
+        self.0.as_ref().map(|k| k.key_id()) == other.0.as_ref().map(|k| k.key_id())
+    }
 }
 
 /// `[database]`
@@ -62,32 +86,42 @@ pub struct WorkerConfig {
     /// Messages parsed (on parser threads) while the next one downloads.
     pub parse_ahead: usize,
     /// A poll stops taking new messages after this many seconds, then commits, deletes and QUITs.
-    pub max_poll_secs: u64,
+    #[serde(with = "secs")]
+    pub max_poll_secs: Duration,
     /// UIDL listing entries looked at per poll; a larger maildrop drains over several polls.
     pub max_listing_entries: usize,
     /// A message whose RETR fails this many times is skipped and flagged.
     pub max_retr_attempts: u32,
     /// Re-read pilots from the database this often (NOTIFY wakes the worker sooner).
-    pub reload_interval_secs: u64,
+    #[serde(with = "secs")]
+    pub reload_interval_secs: Duration,
     /// On SIGTERM/SIGINT, wait this long for pollers to finish their current message and QUIT.
-    pub shutdown_grace_secs: u64,
+    #[serde(with = "secs")]
+    pub shutdown_grace_secs: Duration,
     /// Random spread added to each poll interval, as a fraction of it (0.1 = up to 10 %).
     pub poll_jitter: f64,
     /// Backoff after a transient failure starts here and doubles up to `max_backoff_secs`.
-    pub initial_backoff_secs: u64,
-    pub max_backoff_secs: u64,
+    #[serde(with = "secs")]
+    pub initial_backoff_secs: Duration,
+    #[serde(with = "secs")]
+    pub max_backoff_secs: Duration,
     /// Wait after a permanent failure (configuration error) before trying again.
-    pub permanent_retry_secs: u64,
+    #[serde(with = "secs")]
+    pub permanent_retry_secs: Duration,
 }
 
 /// `[pop3]`
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Pop3Config {
-    pub connect_timeout_secs: u64,
-    pub tls_timeout_secs: u64,
-    pub command_timeout_secs: u64,
-    pub idle_timeout_secs: u64,
+    #[serde(with = "secs")]
+    pub connect_timeout_secs: Duration,
+    #[serde(with = "secs")]
+    pub tls_timeout_secs: Duration,
+    #[serde(with = "secs")]
+    pub command_timeout_secs: Duration,
+    #[serde(with = "secs")]
+    pub idle_timeout_secs: Duration,
     /// Slowest average rate of a multi-line answer (after `command_timeout_secs` of grace), in
     /// octets per second: the total deadline of a RETR, a listing or CAPA.
     pub min_rate_bytes_per_sec: u64,
@@ -109,8 +143,10 @@ pub struct ParseConfig {
     pub max_parts: usize,
     /// A message's parse may take this long, plus `time_per_mib_ms` per MiB, before it is
     /// abandoned and only its header section is kept.
-    pub time_base_secs: u64,
-    pub time_per_mib_ms: u64,
+    #[serde(with = "secs")]
+    pub time_base_secs: Duration,
+    #[serde(with = "millis")]
+    pub time_per_mib_ms: Duration,
     /// Parses still running past their budget at once; beyond, only header sections are parsed.
     pub max_abandoned: usize,
 }
@@ -119,10 +155,13 @@ pub struct ParseConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OAuthConfig {
-    pub connect_timeout_secs: u64,
-    pub total_timeout_secs: u64,
+    #[serde(with = "secs")]
+    pub connect_timeout_secs: Duration,
+    #[serde(with = "secs")]
+    pub total_timeout_secs: Duration,
     /// Ask for a new token this long before the current one expires.
-    pub refresh_ahead_secs: u64,
+    #[serde(with = "secs")]
+    pub refresh_ahead_secs: Duration,
     /// Extra PEM CA bundle trusted for the token endpoint (a TLS-inspecting proxy).
     pub extra_ca_file: Option<PathBuf>,
     /// Token authorities a credential may be sent to (https origins). In the environment, a
@@ -156,11 +195,14 @@ pub struct HttpConfig {
     pub max_connections: usize,
     /// A client must send a complete request head within this time of connecting or of
     /// starting to send it.
-    pub header_read_timeout_secs: u64,
+    #[serde(with = "secs")]
+    pub header_read_timeout_secs: Duration,
     /// A kept-alive connection with no request is closed after this.
-    pub idle_timeout_secs: u64,
+    #[serde(with = "secs")]
+    pub idle_timeout_secs: Duration,
     /// Any connection is closed after this long (after the request in progress).
-    pub max_connection_lifetime_secs: u64,
+    #[serde(with = "secs")]
+    pub max_connection_lifetime_secs: Duration,
 }
 
 /// Log output format.
@@ -197,15 +239,15 @@ impl Default for WorkerConfig {
             batch_bytes: 16 * 1024 * 1024,
             commit_concurrency: 2,
             parse_ahead: 2,
-            max_poll_secs: 15 * 60,
+            max_poll_secs: Duration::from_secs(15 * 60),
             max_listing_entries: 100_000,
             max_retr_attempts: 5,
-            reload_interval_secs: 30,
-            shutdown_grace_secs: 30,
+            reload_interval_secs: Duration::from_secs(30),
+            shutdown_grace_secs: Duration::from_secs(30),
             poll_jitter: 0.1,
-            initial_backoff_secs: 5,
-            max_backoff_secs: 300,
-            permanent_retry_secs: 900,
+            initial_backoff_secs: Duration::from_secs(5),
+            max_backoff_secs: Duration::from_secs(300),
+            permanent_retry_secs: Duration::from_secs(900),
         }
     }
 }
@@ -213,10 +255,10 @@ impl Default for WorkerConfig {
 impl Default for Pop3Config {
     fn default() -> Self {
         Pop3Config {
-            connect_timeout_secs: 15,
-            tls_timeout_secs: 15,
-            command_timeout_secs: 60,
-            idle_timeout_secs: 60,
+            connect_timeout_secs: Duration::from_secs(15),
+            tls_timeout_secs: Duration::from_secs(15),
+            command_timeout_secs: Duration::from_secs(60),
+            idle_timeout_secs: Duration::from_secs(60),
             min_rate_bytes_per_sec: 16 * 1024,
             dangerous_allow_plaintext_to_remote_hosts: false,
             allowed_xoauth2_hosts: crate::secrets::MICROSOFT_POP_HOSTS
@@ -230,9 +272,9 @@ impl Default for Pop3Config {
 impl Default for OAuthConfig {
     fn default() -> Self {
         OAuthConfig {
-            connect_timeout_secs: 10,
-            total_timeout_secs: 30,
-            refresh_ahead_secs: 300,
+            connect_timeout_secs: Duration::from_secs(10),
+            total_timeout_secs: Duration::from_secs(30),
+            refresh_ahead_secs: Duration::from_secs(300),
             extra_ca_file: None,
             allowed_authorities: crate::secrets::MICROSOFT_AUTHORITIES
                 .iter()
@@ -247,21 +289,21 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: "127.0.0.1:9898".to_owned(),
             max_connections: 128,
-            header_read_timeout_secs: 10,
-            idle_timeout_secs: 60,
-            max_connection_lifetime_secs: 600,
+            header_read_timeout_secs: Duration::from_secs(10),
+            idle_timeout_secs: Duration::from_secs(60),
+            max_connection_lifetime_secs: Duration::from_secs(600),
         }
     }
 }
 
 impl Default for ParseConfig {
     fn default() -> Self {
-        let limits = crate::ingest::parse::ParseLimits::default();
+        // The same as `ingest::parse::ParseLimits::default()` (a test there checks it).
         ParseConfig {
-            max_parts: limits.max_parts,
-            time_base_secs: limits.time_base.as_secs(),
-            time_per_mib_ms: u64::try_from(limits.time_per_mib.as_millis()).unwrap_or(u64::MAX),
-            max_abandoned: limits.max_abandoned,
+            max_parts: 20_000,
+            time_base_secs: Duration::from_secs(10),
+            time_per_mib_ms: Duration::from_millis(1000),
+            max_abandoned: 2,
         }
     }
 }
@@ -296,6 +338,48 @@ pub enum ConfigError {
     Env { var: String, message: String },
     #[error("setting {key}: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error("environment variable {var} (setting {key}): {message}")]
+    EnvInvalid {
+        var: String,
+        key: &'static str,
+        message: String,
+    },
+    /// A value the secrets layer refused (an authority, the master key file). The cause is
+    /// the source, printed after the key by `{:#}` (as the CLI prints errors), not repeated
+    /// in this message.
+    #[error("setting {key}")]
+    Secret {
+        key: &'static str,
+        #[source]
+        source: crate::secrets::SecretError,
+    },
+    /// The same, for a value from the environment (`key` unless the variable is no setting,
+    /// as `CCMAIL_MASTER_KEY`).
+    #[error(
+        "environment variable {var}{}",
+        key.map(|k| format!(" (setting {k})")).unwrap_or_default()
+    )]
+    EnvSecret {
+        var: String,
+        key: Option<&'static str>,
+        #[source]
+        source: crate::secrets::SecretError,
+    },
+    /// A CA bundle setting that cannot be used (the cause is the source, as above).
+    #[error("setting {key}")]
+    CaBundle {
+        key: &'static str,
+        #[source]
+        source: crate::tls::TlsConfigError,
+    },
+}
+
+impl ConfigError {
+    /// Always [`Retry::Never`](crate::retry::Retry::Never): settings are read once, so only
+    /// a restart with corrected settings helps.
+    pub fn retry(&self) -> crate::retry::Retry {
+        crate::retry::Retry::Never
+    }
 }
 
 const SECTIONS: [&str; 7] = [
@@ -305,7 +389,19 @@ const SECTIONS: [&str; 7] = [
 impl Config {
     /// Loads defaults, then `path` (or [`DEFAULT_CONFIG_PATH`] if present), then the environment.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let env: Vec<(String, String)> = std::env::vars().collect();
+        let mut env: Vec<(String, String)> = Vec::new();
+        for (var, value) in std::env::vars_os() {
+            match (var.into_string(), value.into_string()) {
+                (Ok(var), Ok(value)) => env.push((var, value)),
+                (Ok(var), Err(_)) if var.starts_with("CCMAIL_") || var == "DATABASE_URL" => {
+                    return Err(ConfigError::Env {
+                        var,
+                        message: "is not valid UTF-8".to_owned(),
+                    });
+                }
+                _ => {} // not a setting
+            }
+        }
         let (table, origin) = match path {
             Some(p) => (read_table(p)?, p.display().to_string()),
             None if Path::new(DEFAULT_CONFIG_PATH).exists() => (
@@ -320,93 +416,96 @@ impl Config {
     /// Builds settings from a parsed file and a list of environment variables (testable
     /// without touching the process environment).
     pub fn from_sources(
-        mut table: toml::Table,
+        table: toml::Table,
         origin: &str,
         env: &[(String, String)],
     ) -> Result<Config, ConfigError> {
+        let file = table;
+        let mut table = file.clone();
+        // Which variable supplied each key (`section.key`), in order; a later one wins.
+        let mut supplied: Vec<(String, String, toml::Value)> = Vec::new();
         for (var, value) in env {
-            if var == "DATABASE_URL" {
-                set(
-                    &mut table,
+            let (section, key, value) = if var == "DATABASE_URL" {
+                (
                     "database",
-                    "url",
+                    "url".to_owned(),
                     toml::Value::String(value.clone()),
-                );
-                continue;
-            }
-            let Some(rest) = var.strip_prefix("CCMAIL_") else {
-                continue;
-            };
-            let rest = rest.to_ascii_lowercase();
-            let Some(section) = SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) else {
-                continue; // CCMAIL_MASTER_KEY and test variables are not settings
-            };
-            let key = &rest[section.len() + 1..];
-            set(&mut table, section, key, env_value(value));
-        }
-        let config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let message = hide_values(e.message());
-            if origin == "defaults" || message.contains("CCMAIL_") {
-                ConfigError::Env {
-                    var: "CCMAIL_*".to_owned(),
-                    message: message.trim().to_owned(),
-                }
+                )
             } else {
-                ConfigError::File {
-                    path: origin.to_owned(),
-                    message: format!("{} (or a CCMAIL_* variable overriding it)", message.trim()),
-                }
-            }
-        })?;
-        config.validate()?;
+                let Some(rest) = var.strip_prefix("CCMAIL_") else {
+                    continue;
+                };
+                let rest = rest.to_ascii_lowercase();
+                let Some(section) = SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_")))
+                else {
+                    continue; // CCMAIL_MASTER_KEY and test variables are not settings
+                };
+                (
+                    *section,
+                    rest[section.len() + 1..].to_owned(),
+                    env_value(value),
+                )
+            };
+            set(&mut table, section, &key, value.clone());
+            supplied.push((format!("{section}.{key}"), var.clone(), value));
+        }
+        let mut config: Config = Config::deserialize(toml::Value::Table(table))
+            .map_err(|e| blame_deserialize(&e, file, origin, &supplied))?;
+        config.validate().map_err(|e| name_variable(e, &supplied))?;
+        config.credentials = config
+            .try_credential_policy()
+            .map_err(|e| name_variable(e, &supplied))?;
+        config.master_key = LoadedKey(
+            config
+                .read_master_key(env)
+                .map_err(|e| name_variable(e, &supplied))?,
+        );
         Ok(config)
     }
 
+    /// Every range rule of the settings; an error names the key (see [`Config::from_sources`]
+    /// for naming the environment variable instead). Nothing is clamped after this.
     fn validate(&self) -> Result<(), ConfigError> {
-        let positive = [
+        let (w, p) = (&self.worker, &self.pop3);
+        let at_least_one = [
             (
                 "worker.max_messages_per_poll",
-                self.worker.max_messages_per_poll,
+                w.max_messages_per_poll as u64,
             ),
-            ("worker.batch_messages", self.worker.batch_messages),
-            ("worker.batch_bytes", self.worker.batch_bytes),
-            ("worker.commit_concurrency", self.worker.commit_concurrency),
-            ("worker.max_poll_secs", self.worker.max_poll_secs as usize),
-            ("parse.max_parts", self.parse.max_parts),
-            ("parse.time_base_secs", self.parse.time_base_secs as usize),
-            (
-                "pop3.min_rate_bytes_per_sec",
-                self.pop3.min_rate_bytes_per_sec as usize,
-            ),
-            (
-                "worker.max_listing_entries",
-                self.worker.max_listing_entries,
-            ),
+            ("worker.batch_messages", w.batch_messages as u64),
+            ("worker.batch_bytes", w.batch_bytes as u64),
+            ("worker.commit_concurrency", w.commit_concurrency as u64),
+            ("worker.max_listing_entries", w.max_listing_entries as u64),
+            ("worker.max_retr_attempts", u64::from(w.max_retr_attempts)),
+            ("parse.max_parts", self.parse.max_parts as u64),
+            ("pop3.min_rate_bytes_per_sec", p.min_rate_bytes_per_sec),
             (
                 "database.max_connections",
-                self.database.max_connections as usize,
+                u64::from(self.database.max_connections),
             ),
-            (
-                "worker.max_retr_attempts",
-                self.worker.max_retr_attempts as usize,
-            ),
+            ("http.max_connections", self.http.max_connections as u64),
         ];
-        for (key, value) in positive {
+        for (key, value) in at_least_one {
             if value == 0 {
-                return Err(ConfigError::Invalid {
-                    key,
-                    message: "must be at least 1".to_owned(),
-                });
+                return Err(invalid(key, "must be at least 1"));
             }
         }
-        if !(0.0..=1.0).contains(&self.worker.poll_jitter) {
-            return Err(ConfigError::Invalid {
-                key: "worker.poll_jitter",
-                message: "must be between 0 and 1".to_owned(),
-            });
-        }
-        for (key, value) in [
-            ("http.max_connections", self.http.max_connections as u64),
+        let at_least_a_second = [
+            ("worker.max_poll_secs", w.max_poll_secs),
+            ("worker.reload_interval_secs", w.reload_interval_secs),
+            ("worker.initial_backoff_secs", w.initial_backoff_secs),
+            ("worker.max_backoff_secs", w.max_backoff_secs),
+            ("worker.permanent_retry_secs", w.permanent_retry_secs),
+            ("pop3.connect_timeout_secs", p.connect_timeout_secs),
+            ("pop3.tls_timeout_secs", p.tls_timeout_secs),
+            ("pop3.command_timeout_secs", p.command_timeout_secs),
+            ("pop3.idle_timeout_secs", p.idle_timeout_secs),
+            ("parse.time_base_secs", self.parse.time_base_secs),
+            (
+                "oauth.connect_timeout_secs",
+                self.oauth.connect_timeout_secs,
+            ),
+            ("oauth.total_timeout_secs", self.oauth.total_timeout_secs),
             (
                 "http.header_read_timeout_secs",
                 self.http.header_read_timeout_secs,
@@ -416,13 +515,20 @@ impl Config {
                 "http.max_connection_lifetime_secs",
                 self.http.max_connection_lifetime_secs,
             ),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::Invalid {
-                    key,
-                    message: "must be at least 1".to_owned(),
-                });
+        ];
+        for (key, value) in at_least_a_second {
+            if value < Duration::from_secs(1) {
+                return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if w.initial_backoff_secs > w.max_backoff_secs {
+            return Err(invalid(
+                "worker.initial_backoff_secs",
+                "must not exceed worker.max_backoff_secs",
+            ));
+        }
+        if !(0.0..=1.0).contains(&w.poll_jitter) {
+            return Err(invalid("worker.poll_jitter", "must be between 0 and 1"));
         }
         self.reference_policy()?;
         self.try_credential_policy()?;
@@ -501,9 +607,9 @@ impl Config {
             &self.oauth.allowed_authorities,
             self.pop3.dangerous_allow_plaintext_to_remote_hosts,
         )
-        .map_err(|e| ConfigError::Invalid {
+        .map_err(|source| ConfigError::Secret {
             key: "oauth.allowed_authorities",
-            message: e.to_string(),
+            source,
         })?;
         for host in &self.pop3.allowed_xoauth2_hosts {
             let bare = crate::secrets::normalise_host(host);
@@ -523,82 +629,137 @@ impl Config {
 
     /// Where stored credentials may come from and go to: `[secrets]` `dir` and `env_prefix`,
     /// `oauth.allowed_authorities`, `pop3.allowed_xoauth2_hosts`,
-    /// `pop3.dangerous_allow_plaintext_to_remote_hosts`. Checked
-    /// when the settings load, so only settings built by hand can fall back to the defaults.
+    /// `pop3.dangerous_allow_plaintext_to_remote_hosts`. Built and checked once, when the
+    /// settings load; settings built by hand (`Config::default()`) hold the default policy.
     pub fn credential_policy(&self) -> crate::secrets::CredentialPolicy {
-        self.try_credential_policy().unwrap_or_default()
+        self.credentials.clone()
     }
 
-    /// Limits of the HTTP listener.
-    pub fn http_limits(&self) -> crate::metrics::HttpLimits {
-        crate::metrics::HttpLimits {
-            max_connections: self.http.max_connections.max(1),
-            header_read_timeout: Duration::from_secs(self.http.header_read_timeout_secs.max(1)),
-            idle_timeout: Duration::from_secs(self.http.idle_timeout_secs.max(1)),
-            max_connection_lifetime: Duration::from_secs(
-                self.http.max_connection_lifetime_secs.max(1),
-            ),
-        }
+    /// The master key from `CCMAIL_MASTER_KEY` or `secrets.master_key_file`, if configured
+    /// (read when the settings loaded).
+    pub fn master_key(&self) -> Option<crate::secrets::MasterKey> {
+        self.master_key.0.clone()
     }
 
-    /// The bounds of parsing one message.
-    pub fn parse_limits(&self) -> crate::ingest::parse::ParseLimits {
-        crate::ingest::parse::ParseLimits {
-            max_parts: self.parse.max_parts,
-            time_base: Duration::from_secs(self.parse.time_base_secs),
-            time_per_mib: Duration::from_millis(self.parse.time_per_mib_ms),
-            max_abandoned: self.parse.max_abandoned,
-            ..crate::ingest::parse::ParseLimits::default()
-        }
-    }
-
-    /// POP3 deadlines.
-    pub fn pop3_timeouts(&self) -> crate::pop3::Timeouts {
-        crate::pop3::Timeouts {
-            connect: Duration::from_secs(self.pop3.connect_timeout_secs),
-            tls: Duration::from_secs(self.pop3.tls_timeout_secs),
-            command: Duration::from_secs(self.pop3.command_timeout_secs),
-            idle: Duration::from_secs(self.pop3.idle_timeout_secs),
-            min_rate: self.pop3.min_rate_bytes_per_sec,
-        }
-    }
-
-    /// Token endpoint settings: deadlines, refresh lead time and the extra CA bundle.
-    pub fn token_source_options(&self) -> Result<crate::oauth::TokenSourceOptions, ConfigError> {
-        let extra_roots = match &self.oauth.extra_ca_file {
-            Some(path) => crate::tls::read_pem_bundle(path).map_err(|e| ConfigError::Invalid {
-                key: "oauth.extra_ca_file",
-                message: e.to_string(),
-            })?,
-            None => Vec::new(),
-        };
-        Ok(crate::oauth::TokenSourceOptions {
-            connect_timeout: Duration::from_secs(self.oauth.connect_timeout_secs),
-            total_timeout: Duration::from_secs(self.oauth.total_timeout_secs),
-            refresh_ahead: Duration::from_secs(self.oauth.refresh_ahead_secs),
-            extra_roots,
-        })
-    }
-
-    /// The master key from `CCMAIL_MASTER_KEY` or `secrets.master_key_file`, if configured.
-    pub fn master_key(&self) -> Result<Option<crate::secrets::MasterKey>, ConfigError> {
-        if let Ok(value) = std::env::var(MASTER_KEY_ENV) {
+    /// Reads the master key: `CCMAIL_MASTER_KEY` from `env` wins over the key file.
+    fn read_master_key(
+        &self,
+        env: &[(String, String)],
+    ) -> Result<Option<crate::secrets::MasterKey>, ConfigError> {
+        if let Some((_, value)) = env.iter().rev().find(|(var, _)| var == MASTER_KEY_ENV) {
             return crate::secrets::MasterKey::from_base64(value.trim())
                 .map(Some)
-                .map_err(|e| ConfigError::Env {
+                .map_err(|source| ConfigError::EnvSecret {
                     var: MASTER_KEY_ENV.to_owned(),
-                    message: e.to_string(),
+                    key: None,
+                    source,
                 });
         }
         match &self.secrets.master_key_file {
             Some(path) => crate::secrets::MasterKey::from_file(path)
                 .map(Some)
-                .map_err(|e| ConfigError::Invalid {
+                .map_err(|source| ConfigError::Secret {
                     key: "secrets.master_key_file",
-                    message: e.to_string(),
+                    source,
                 }),
             None => Ok(None),
         }
+    }
+}
+
+/// Durations written as whole seconds in the file and the environment (`*_secs` keys).
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(value.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_secs)
+    }
+}
+
+/// Durations written as whole milliseconds (`*_ms` keys).
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(value.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// `error` naming the environment variable instead of the key when one supplied the value.
+fn name_variable(error: ConfigError, supplied: &[(String, String, toml::Value)]) -> ConfigError {
+    let var_of = |key: &str| {
+        supplied
+            .iter()
+            .rev()
+            .find(|(k, _, _)| k == key)
+            .map(|(_, var, _)| var.clone())
+    };
+    match error {
+        ConfigError::Invalid { key, message } => match var_of(key) {
+            Some(var) => ConfigError::EnvInvalid { var, key, message },
+            None => ConfigError::Invalid { key, message },
+        },
+        ConfigError::Secret { key, source } => match var_of(key) {
+            Some(var) => ConfigError::EnvSecret {
+                var,
+                key: Some(key),
+                source,
+            },
+            None => ConfigError::Secret { key, source },
+        },
+        other => other,
+    }
+}
+
+/// The error of settings that do not deserialise, naming the environment variable that
+/// broke them (found by applying the variables to the file one by one), else the file.
+fn blame_deserialize(
+    error: &toml::de::Error,
+    file: toml::Table,
+    origin: &str,
+    supplied: &[(String, String, toml::Value)],
+) -> ConfigError {
+    let message = hide_values(error.message()).trim().to_owned();
+    let mut table = file;
+    for (key, var, value) in supplied {
+        let (section, name) = key.split_once('.').unwrap_or((key.as_str(), ""));
+        set(&mut table, section, name, value.clone());
+        if let Err(e) = Config::deserialize(toml::Value::Table(table.clone())) {
+            return ConfigError::Env {
+                var: var.clone(),
+                message: format!("{} (setting {key})", hide_values(e.message()).trim()),
+            };
+        }
+    }
+    if origin == "defaults" {
+        ConfigError::Env {
+            var: "CCMAIL_*".to_owned(),
+            message,
+        }
+    } else {
+        ConfigError::File {
+            path: origin.to_owned(),
+            message,
+        }
+    }
+}
+
+fn invalid(key: &'static str, message: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.to_owned(),
     }
 }
 
@@ -732,7 +893,10 @@ mod tests {
             &env(&[
                 ("CCMAIL_WORKER_BATCH_MESSAGES", "7"),
                 ("DATABASE_URL", "postgres://db/x"),
-                ("CCMAIL_MASTER_KEY", "ignored-here"),
+                (
+                    "CCMAIL_MASTER_KEY",
+                    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                ),
                 ("HOME", "/root"),
             ]),
         )
@@ -761,6 +925,69 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_the_variable_that_supplied_the_value() {
+        let file: toml::Table = "[worker]\nbatch_messages = 0\n".parse().unwrap();
+        let e = Config::from_sources(file, "c.toml", &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "setting worker.batch_messages: must be at least 1"
+        );
+        for (var, value, key) in [
+            ("CCMAIL_WORKER_BATCH_MESSAGES", "0", "worker.batch_messages"),
+            (
+                "CCMAIL_WORKER_BATCH_MESSAGES",
+                "Secret-42",
+                "worker.batch_messages",
+            ),
+            (
+                "CCMAIL_POP3_CONNECT_TIMEOUT_SECS",
+                "0",
+                "pop3.connect_timeout_secs",
+            ),
+            (
+                "CCMAIL_WORKER_INITIAL_BACKOFF_SECS",
+                "600",
+                "worker.initial_backoff_secs",
+            ),
+            ("CCMAIL_WORKER_NOPE", "1", "worker.nope"),
+        ] {
+            let file: toml::Table = "[worker]\nmax_messages_per_poll = 3\n".parse().unwrap();
+            let env = env(&[("CCMAIL_WORKER_PARSE_AHEAD", "1"), (var, value)]);
+            let shown = Config::from_sources(file, "c.toml", &env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                shown.starts_with(&format!("environment variable {var}"))
+                    && shown.contains(key)
+                    && !shown.contains("Secret-42"),
+                "{var}={value}: {shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn refused_values_keep_their_cause_as_the_source() {
+        let e = Config::from_sources(
+            toml::Table::new(),
+            "defaults",
+            &env(&[("CCMAIL_MASTER_KEY", "not-base64!")]),
+        )
+        .unwrap_err();
+        assert!(matches!(
+            &e,
+            ConfigError::EnvSecret { var, key: None, source: crate::secrets::SecretError::InvalidKey { .. } }
+                if var == MASTER_KEY_ENV
+        ));
+        let shown = format!("{:#}", anyhow::Error::from(e));
+        assert!(
+            shown.starts_with("environment variable CCMAIL_MASTER_KEY: ")
+                && shown.contains("base64")
+                && !shown.contains("not-base64!"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -645,7 +645,8 @@ fn connect_failure(report: &mut Report, target: &Target, e: &pop3::Error) {
             format!("the TLS certificate of {place} is not trusted: {reason}"),
             vec![(*hint).to_owned()],
         ),
-        pop3::Error::TlsHandshake { reason, .. } => {
+        pop3::Error::TlsHandshake { source, .. } => {
+            let reason = source.to_string();
             let lower = reason.to_ascii_lowercase();
             let fix = if lower.contains("version") || lower.contains("protocol") {
                 "the server offers no TLS version ccmail accepts (1.2 or 1.3); Exchange Online requires TLS 1.2+: upgrade the server's TLS settings"

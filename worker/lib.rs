@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod oauth;
 pub mod pop3;
+pub mod retry;
 pub mod secrets;
 pub mod sim;
 pub mod soak;

@@ -449,7 +449,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Key(KeyCommand::Rotate { new_key_file }) => {
             init_logs(&config, true);
-            let Some(old) = config.master_key()? else {
+            let Some(old) = config.master_key() else {
                 bail!(
                     "no current master key: set {} (or secrets.master_key_file) to the key the secrets are sealed with",
                     ccmail::config::MASTER_KEY_ENV
@@ -558,7 +558,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let http = tokio::spawn(ccmail::metrics::serve(
         listener,
         pool.clone(),
-        config.http_limits(),
+        ccmail::metrics::HttpLimits::from(&config.http),
         http_stop.clone(),
     ));
     tokio::spawn(ccmail::metrics::refresh_loop(
@@ -567,9 +567,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         http_stop.clone(),
     ));
     store::migrate(&pool).await?;
-    let master_key = config.master_key()?;
+    let master_key = config.master_key();
     let tokens = Arc::new(TokenCache::new(
-        Arc::new(TokenSource::new(config.token_source_options()?)?),
+        Arc::new(TokenSource::new(
+            ccmail::oauth::TokenSourceOptions::from_config(&config.oauth)?,
+        )?),
         CachePolicy::default(),
     ));
     let supervisor = Supervisor::new(
@@ -713,7 +715,7 @@ fn seal_for(
     what: &str,
     owner: &Owner,
 ) -> anyhow::Result<String> {
-    let Some(key) = config.master_key()? else {
+    let Some(key) = config.master_key() else {
         bail!(
             "no master key to seal the {what} with: create one with `ccmail key generate` and set \
              {} (or secrets.master_key_file), or pass --secret-env NAME to store a reference instead",

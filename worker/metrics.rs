@@ -873,6 +873,18 @@ pub struct HttpLimits {
     pub max_connection_lifetime: Duration,
 }
 
+impl From<&crate::config::HttpConfig> for HttpLimits {
+    /// The `[http]` limits (checked to be at least 1 when the settings load).
+    fn from(http: &crate::config::HttpConfig) -> HttpLimits {
+        HttpLimits {
+            max_connections: http.max_connections,
+            header_read_timeout: http.header_read_timeout_secs,
+            idle_timeout: http.idle_timeout_secs,
+            max_connection_lifetime: http.max_connection_lifetime_secs,
+        }
+    }
+}
+
 impl Default for HttpLimits {
     fn default() -> Self {
         HttpLimits {

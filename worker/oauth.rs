@@ -230,6 +230,17 @@ impl OAuthError {
         !self.is_transient()
     }
 
+    /// The supervisor's decision (see [`crate::retry`]): [`Retry::Soon`] when
+    /// [`OAuthError::is_transient`], else [`Retry::Slowly`]: an AADSTS configuration error is
+    /// fixed in Entra, not in ccmail's settings, and a signing or clock failure may clear.
+    pub fn retry(&self) -> crate::retry::Retry {
+        if self.is_transient() {
+            crate::retry::Retry::Soon
+        } else {
+            crate::retry::Retry::Slowly
+        }
+    }
+
     /// The first AADSTS code, if Entra sent one.
     pub fn aadsts(&self) -> Option<u32> {
         match self {
@@ -279,6 +290,30 @@ pub struct TokenSourceOptions {
     pub refresh_ahead: Duration,
     /// Extra trusted CAs (tests, TLS-inspecting proxies).
     pub extra_roots: Vec<CertificateDer<'static>>,
+}
+
+impl TokenSourceOptions {
+    /// The `[oauth]` deadlines, refresh lead time and extra CA bundle (read here, so a bad
+    /// bundle is an error naming `oauth.extra_ca_file`).
+    pub fn from_config(
+        oauth: &crate::config::OAuthConfig,
+    ) -> Result<TokenSourceOptions, crate::config::ConfigError> {
+        let extra_roots = match &oauth.extra_ca_file {
+            Some(path) => crate::tls::read_pem_bundle(path).map_err(|source| {
+                crate::config::ConfigError::CaBundle {
+                    key: "oauth.extra_ca_file",
+                    source,
+                }
+            })?,
+            None => Vec::new(),
+        };
+        Ok(TokenSourceOptions {
+            connect_timeout: oauth.connect_timeout_secs,
+            total_timeout: oauth.total_timeout_secs,
+            refresh_ahead: oauth.refresh_ahead_secs,
+            extra_roots,
+        })
+    }
 }
 
 impl Default for TokenSourceOptions {

@@ -231,6 +231,46 @@ pub enum SecretError {
 }
 
 impl SecretError {
+    /// The retry decision (see [`crate::retry`]): [`Retry::Slowly`] when the secret's file
+    /// or variable may appear or become readable without a settings change (a missing or
+    /// unreadable file, one that is not text, an empty value, an unset variable); [`Retry::Never`] for everything
+    /// else: a wrong or missing key, a value sealed for another row, a policy refusal, which
+    /// only new settings or a secret stored again fix.
+    ///
+    /// [`Retry::Slowly`]: crate::retry::Retry::Slowly
+    /// [`Retry::Never`]: crate::retry::Retry::Never
+    pub fn retry(&self) -> crate::retry::Retry {
+        use crate::retry::Retry;
+        match self {
+            SecretError::KeyFile { .. }
+            | SecretError::EnvMissing { .. }
+            | SecretError::FileUnreadable { .. }
+            | SecretError::FileNotUtf8 { .. }
+            | SecretError::Empty { .. } => Retry::Slowly,
+            SecretError::InvalidKey { .. }
+            | SecretError::UnrecognisedForm
+            | SecretError::MalformedSealed { .. }
+            | SecretError::NoMasterKey { .. }
+            | SecretError::WrongKey { .. }
+            | SecretError::Tampered { .. }
+            | SecretError::SealedForAnother { .. }
+            | SecretError::UnboundSealed { .. }
+            | SecretError::NotUtf8 { .. }
+            | SecretError::EnvReserved { .. }
+            | SecretError::EnvOutsidePrefix { .. }
+            | SecretError::FileNoDir { .. }
+            | SecretError::FileOutsideDir { .. }
+            | SecretError::FileSpecial { .. }
+            | SecretError::FileNotRegular { .. }
+            | SecretError::FileTooLarge { .. }
+            | SecretError::AuthorityNotAllowed { .. }
+            | SecretError::BadAuthority { .. }
+            | SecretError::PlaintextToRemoteHost { .. }
+            | SecretError::XOAuth2HostNotAllowed { .. }
+            | SecretError::SealFailed => Retry::Never,
+        }
+    }
+
     /// Whether a policy refused the reference or destination, or a sealed value does not
     /// belong to its row (as opposed to a key or a missing file being wrong): the fix is to
     /// store the credential again, or to change the settings the error names.
@@ -434,6 +474,15 @@ impl MasterKey {
             key_id: key_id.to_owned(),
         })?;
         Ok(SecretString::from(text))
+    }
+}
+
+impl Clone for MasterKey {
+    fn clone(&self) -> MasterKey {
+        MasterKey {
+            key: SecretBox::new(Box::new(*self.key.expose_secret())),
+            id: self.id.clone(),
+        }
     }
 }
 

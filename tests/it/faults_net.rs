@@ -104,7 +104,10 @@ async fn reset_in_the_middle_of_retr_sends_no_dele_and_the_next_poll_recovers() 
     let error = failed
         .err()
         .context("a reset mid-RETR must fail the poll")?;
-    ensure!(error.is_transient(), "a reset is transient: {error}");
+    ensure!(
+        error.retry() == ccmail::retry::Retry::Soon,
+        "a reset is transient: {error}"
+    );
     ensure!(proxy.faults() == 1, "the reset fired once");
     let commands = world.pop.commands();
     ensure!(
@@ -137,7 +140,7 @@ async fn a_stalled_connection_hits_the_idle_deadline_without_dele_and_recovers()
         matches!(error, PollError::Pop3(ccmail::pop3::Error::Timeout { .. })),
         "a stall ends at a deadline: {error}"
     );
-    ensure!(error.is_transient(), "{error}");
+    ensure!(error.retry() == ccmail::retry::Retry::Soon, "{error}");
     let commands = world.pop.commands();
     ensure!(
         with_verb(&commands, "DELE").is_empty(),
@@ -320,7 +323,10 @@ async fn commit_outcome_unknown(cut: CommitCut, name: &str) -> anyhow::Result<()
     let error = failed
         .err()
         .context("a commit cut must fail the poll: its outcome is unknown")?;
-    ensure!(error.is_transient(), "{name}: {error}");
+    ensure!(
+        error.retry() == ccmail::retry::Retry::Soon,
+        "{name}: {error}"
+    );
     let cut_tx = proxy.cut_transactions();
     ensure!(cut_tx.len() == 1, "exactly one commit was cut");
     let in_cut: Vec<&(u32, String)> = numbered

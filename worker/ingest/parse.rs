@@ -79,6 +79,19 @@ fn caps(limits: &ParseLimits) -> census::Caps {
     }
 }
 
+impl From<&crate::config::ParseConfig> for ParseLimits {
+    /// The `[parse]` bounds; the rest keep their defaults.
+    fn from(parse: &crate::config::ParseConfig) -> ParseLimits {
+        ParseLimits {
+            max_parts: parse.max_parts,
+            time_base: parse.time_base_secs,
+            time_per_mib: parse.time_per_mib_ms,
+            max_abandoned: parse.max_abandoned,
+            ..ParseLimits::default()
+        }
+    }
+}
+
 /// How many defects are listed; a hostile message could otherwise produce one per part.
 const MAX_DEFECTS: usize = 20;
 
@@ -954,6 +967,12 @@ mod tests {
     use super::*;
     use sha2::{Digest, Sha256};
     use std::path::{Path, PathBuf};
+
+    #[test]
+    fn parse_settings_default_to_the_default_limits() {
+        let from_settings = ParseLimits::from(&crate::config::ParseConfig::default());
+        assert_eq!(from_settings, ParseLimits::default());
+    }
 
     /// What a golden `.json` holds: the `ParsedMail` with each attachment's bytes replaced by
     /// their size and SHA-256, so the files stay readable while the bytes are still checked.

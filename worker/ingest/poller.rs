@@ -131,27 +131,18 @@ pub enum PollError {
     Store(#[from] StoreError),
     /// A background parse or commit task died (a bug); the poll is retried.
     #[error("ingest task failed: {0}")]
-    Task(String),
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl PollError {
-    /// A condition that should clear by itself (retry with backoff).
-    pub fn is_transient(&self) -> bool {
+    /// The supervisor's decision: each layer's own (see [`crate::retry`]); a task that
+    /// died is retried soon.
+    pub fn retry(&self) -> crate::retry::Retry {
         match self {
-            PollError::Token(e) => e.is_transient(),
-            PollError::Pop3(e) => e.is_transient(),
-            PollError::Store(e) => e.is_transient(),
-            PollError::Task(_) => true,
-        }
-    }
-
-    /// Needs an administrator; retry slowly.
-    pub fn is_permanent(&self) -> bool {
-        match self {
-            PollError::Token(e) => e.is_permanent(),
-            PollError::Pop3(e) => e.is_permanent(),
-            PollError::Store(e) => !e.is_transient(),
-            PollError::Task(_) => false,
+            PollError::Token(e) => e.retry(),
+            PollError::Pop3(e) => e.retry(),
+            PollError::Store(e) => e.retry(),
+            PollError::Task(_) => crate::retry::Retry::Soon,
         }
     }
 
@@ -938,7 +929,7 @@ impl<'a> Pipeline<'a> {
     ) -> Result<(), PollError> {
         // An error means the commit's outcome is unknown: nothing of that batch is deleted,
         // and returning drops the connection without QUIT (the other DELEs are void too).
-        let committed = done.map_err(|e| PollError::Task(e.to_string()))??;
+        let committed = done.map_err(PollError::Task)??;
         report.stored += committed.stored;
         report.stored_octets += committed.stored_octets;
         report.parse_errors += committed.parse_errors;

@@ -29,6 +29,7 @@ use crate::ingest::poller::{self, IngestLimits, Pilot, PollReport};
 use crate::metrics;
 use crate::oauth::{self, TokenCache};
 use crate::pop3::Timeouts;
+use crate::retry::Retry;
 use crate::secrets::{self, CredentialPolicy, MasterKey};
 use crate::store::{self, AppRow, ConfigListener, PgPool, PilotRow};
 
@@ -60,17 +61,17 @@ impl SupervisorSettings {
                 max_retr_attempts: w.max_retr_attempts,
                 commit_concurrency: w.commit_concurrency,
                 parse_ahead: w.parse_ahead,
-                max_poll_duration: Duration::from_secs(w.max_poll_secs.max(1)),
-                max_listing_entries: w.max_listing_entries.max(1),
-                parse: config.parse_limits(),
+                max_poll_duration: w.max_poll_secs,
+                max_listing_entries: w.max_listing_entries,
+                parse: crate::ingest::parse::ParseLimits::from(&config.parse),
             },
-            timeouts: config.pop3_timeouts(),
-            reload_interval: Duration::from_secs(w.reload_interval_secs.max(1)),
+            timeouts: crate::pop3::Timeouts::from(&config.pop3),
+            reload_interval: w.reload_interval_secs,
             poll_jitter: w.poll_jitter,
-            initial_backoff: Duration::from_secs(w.initial_backoff_secs.max(1)),
-            max_backoff: Duration::from_secs(w.max_backoff_secs.max(1)),
-            permanent_retry: Duration::from_secs(w.permanent_retry_secs.max(1)),
-            shutdown_grace: Duration::from_secs(w.shutdown_grace_secs),
+            initial_backoff: w.initial_backoff_secs,
+            max_backoff: w.max_backoff_secs,
+            permanent_retry: w.permanent_retry_secs,
+            shutdown_grace: w.shutdown_grace_secs,
             credentials: config.credential_policy(),
         }
     }
@@ -242,7 +243,7 @@ impl Supervisor {
             ) {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::error!(pilot = id, error = %e, "pilot cannot start");
+                    tracing::error!(pilot = id, error = %e, retry = ?e.retry(), "pilot cannot start");
                     metrics::global().ingest_error(id, "config");
                     // A row that breaks the schema's limits cannot even take its error: log
                     // it and go on, so one bad row never keeps the other pilots from starting.
@@ -365,8 +366,9 @@ fn fingerprint(pilot: &PilotRow, app: Option<&AppRow>) -> String {
 }
 
 /// Polls one pilot until cancelled: interval with jitter after success, at once when the
-/// per-poll cap left messages behind, exponential backoff after transient errors, a slow retry
-/// after permanent ones (with the error and its fix recorded on the pilot).
+/// per-poll cap left messages behind; after a failure, what the error's [`Retry`] says:
+/// exponential backoff ([`Retry::Soon`]), `permanent_retry` ([`Retry::Slowly`]), or no retry
+/// until the pilot changes ([`Retry::Never`]), with the error and its fix recorded on the pilot.
 async fn pilot_loop(
     pilot: Pilot,
     pool: PgPool,
@@ -407,26 +409,34 @@ async fn pilot_loop(
                     s.last_error = None;
                     s.consecutive_failures = 0;
                 });
-                if again {
+                Some(if again {
                     Duration::ZERO
                 } else {
                     jittered(pilot.poll_interval, settings.poll_jitter)
-                }
+                })
             }
             Err(e) => {
                 metrics::global().poll_finished(pilot.id, took, None, Some(e.reason()));
                 failures = failures.saturating_add(1);
-                let delay = if e.is_permanent() {
-                    settings.permanent_retry
-                } else {
-                    oauth::backoff(settings.initial_backoff, settings.max_backoff, failures)
+                let retry = e.retry();
+                // None: not until the pilot's settings change (the reload that brings the
+                // change cancels this loop and starts a new one).
+                let delay = match retry {
+                    Retry::Soon => Some(oauth::backoff(
+                        settings.initial_backoff,
+                        settings.max_backoff,
+                        failures,
+                    )),
+                    Retry::Slowly => Some(settings.permanent_retry),
+                    Retry::Never => None,
                 };
                 tracing::warn!(
                     pilot = pilot.id,
                     error = %e,
                     fix = e.hint().unwrap_or(""),
-                    permanent = e.is_permanent(),
-                    retry_in_s = delay.as_secs(),
+                    permanent = retry != Retry::Soon,
+                    retry = ?retry,
+                    retry_in_s = delay.map(|d| d.as_secs()),
                     "poll failed"
                 );
                 record(&pool, pilot.id, Some(&e)).await;
@@ -437,6 +447,10 @@ async fn pilot_loop(
                 });
                 delay
             }
+        };
+        let Some(delay) = delay else {
+            cancel.cancelled().await;
+            break;
         };
         tokio::select! {
             _ = cancel.cancelled() => break,

@@ -215,13 +215,10 @@ fn classify_tls_error(host: &str, e: std::io::Error) -> Error {
                 hint,
             }
         }
-        Some(other) => Error::TlsHandshake {
+        // An io::Error wrapping a rustls::Error displays as the rustls error.
+        _ => Error::TlsHandshake {
             host: host.to_owned(),
-            reason: other.to_string(),
-        },
-        None => Error::TlsHandshake {
-            host: host.to_owned(),
-            reason: e.to_string(),
+            source: e,
         },
     }
 }

@@ -51,6 +51,19 @@ pub struct Timeouts {
     pub min_rate: u64,
 }
 
+impl From<&crate::config::Pop3Config> for Timeouts {
+    /// The `[pop3]` deadlines.
+    fn from(pop3: &crate::config::Pop3Config) -> Timeouts {
+        Timeouts {
+            connect: pop3.connect_timeout_secs,
+            tls: pop3.tls_timeout_secs,
+            command: pop3.command_timeout_secs,
+            idle: pop3.idle_timeout_secs,
+            min_rate: pop3.min_rate_bytes_per_sec,
+        }
+    }
+}
+
 impl Timeouts {
     /// The defaults: 15 s to connect and for TLS, 60 s per command and of silence within a
     /// body, and bodies at 16 KiB/s or faster. A RETR limited to 16 MiB (33 MiB on the wire,
@@ -266,9 +279,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.ensure_usable()?;
         tracing::trace!(command = ?cmd, "pop3 send");
         // The encoded line may hold a credential: it lives only until the write is done.
-        let bytes = cmd
-            .encode()
-            .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        let bytes = cmd.encode().map_err(Error::InvalidCommand)?;
         let during = cmd.name();
         let started = Instant::now();
         let own = later(started, self.timeouts.command);

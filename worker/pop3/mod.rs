@@ -15,6 +15,8 @@ pub mod sasl;
 
 use std::time::Duration;
 
+use crate::retry::Retry;
+
 pub use client::{Client, ServerSpec, Session, TlsMode};
 pub use codec::{ListedUidl, Listing, ListingEntry};
 pub use connection::{Stream, Timeouts};
@@ -41,8 +43,12 @@ pub enum Error {
         reason: String,
         hint: &'static str,
     },
-    #[error("TLS handshake with {host} failed: {reason}")]
-    TlsHandshake { host: String, reason: String },
+    #[error("TLS handshake with {host} failed: {source}")]
+    TlsHandshake {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid TLS settings: {0}")]
     TlsConfig(#[from] crate::tls::TlsConfigError),
     #[error("the POP3 server closed the connection")]
@@ -92,6 +98,9 @@ pub enum Error {
     Poisoned,
     #[error("invalid POP3 request: {0}")]
     InvalidRequest(String),
+    /// A command that cannot be encoded (a line break or NUL in an argument).
+    #[error("invalid POP3 request: {0}")]
+    InvalidCommand(#[source] codec::CodecError),
 }
 
 fn display_status(code: &Option<String>, text: &str) -> String {
@@ -128,7 +137,8 @@ impl Error {
             | Error::TooManyEntries { .. }
             | Error::NotSupported { .. }
             | Error::PlaintextAuthRefused
-            | Error::InvalidRequest(_) => false,
+            | Error::InvalidRequest(_)
+            | Error::InvalidCommand(_) => false,
         }
     }
 
@@ -143,11 +153,44 @@ impl Error {
             | Error::PlaintextAuthRefused
             | Error::ListingTooLarge { .. }
             | Error::TooManyEntries { .. }
-            | Error::InvalidRequest(_) => true,
+            | Error::InvalidRequest(_)
+            | Error::InvalidCommand(_) => true,
             Error::Server { code, .. } => {
                 matches!(code.as_deref(), Some("SYS/PERM") | Some("AUTH"))
             }
             _ => false,
+        }
+    }
+
+    /// The supervisor's decision (see [`crate::retry`]): [`Retry::Soon`] for everything
+    /// transient and for failures of one message or answer (an oversized message, a refusal
+    /// without a permanent code); [`Retry::Slowly`] for what needs a person (credentials,
+    /// certificates, missing capabilities, a maildrop too large to list); [`Retry::Never`]
+    /// for requests the pilot's own settings make impossible (a host name or user name that
+    /// cannot be sent, TLS settings that do not build, credentials over plaintext).
+    pub fn retry(&self) -> Retry {
+        match self {
+            Error::TlsConfig(_)
+            | Error::InvalidRequest(_)
+            | Error::InvalidCommand(_)
+            | Error::PlaintextAuthRefused => Retry::Never,
+            Error::AuthRejected { .. } | Error::Server { .. } if self.is_transient() => Retry::Soon,
+            Error::AuthRejected { .. } => Retry::Slowly,
+            Error::Server { .. } if self.is_permanent() => Retry::Slowly,
+            Error::Server { .. } => Retry::Soon,
+            Error::TlsCertificate { .. }
+            | Error::NotSupported { .. }
+            | Error::ListingTooLarge { .. }
+            | Error::TooManyEntries { .. } => Retry::Slowly,
+            Error::Connect { .. }
+            | Error::Io(_)
+            | Error::Timeout { .. }
+            | Error::TlsHandshake { .. }
+            | Error::Closed
+            | Error::Protocol(_)
+            | Error::ResponseTooLong { .. }
+            | Error::Poisoned
+            | Error::TooLarge { .. } => Retry::Soon,
         }
     }
 
@@ -159,6 +202,7 @@ impl Error {
                 | Error::TooLarge { .. }
                 | Error::TooManyEntries { .. }
                 | Error::InvalidRequest(_)
+                | Error::InvalidCommand(_)
         )
     }
 
@@ -196,6 +240,53 @@ impl Error {
                  mailbox's real POP3 server",
             ),
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_retry_decision_per_error() {
+        let server = |code: Option<&str>, text: &str| Error::Server {
+            command: "RETR",
+            code: code.map(str::to_owned),
+            text: text.to_owned(),
+        };
+        let auth = |code: Option<&str>| Error::AuthRejected {
+            mechanism: "XOAUTH2",
+            code: code.map(str::to_owned),
+            text: "no".to_owned(),
+            detail: None,
+        };
+        for (error, retry) in [
+            (Error::Closed, Retry::Soon),
+            (server(Some("IN-USE"), "busy"), Retry::Soon),
+            (server(None, "Server Unavailable. 21"), Retry::Soon),
+            (server(None, "no such message"), Retry::Soon),
+            (server(Some("SYS/PERM"), "gone"), Retry::Slowly),
+            (auth(Some("SYS/TEMP")), Retry::Soon),
+            (auth(None), Retry::Slowly),
+            (
+                Error::TooLarge {
+                    limit: 1,
+                    received: 2,
+                },
+                Retry::Soon,
+            ),
+            (Error::PlaintextAuthRefused, Retry::Never),
+            (
+                Error::InvalidRequest("\"a b\" is not a valid host name".to_owned()),
+                Retry::Never,
+            ),
+            (
+                Error::InvalidCommand(codec::CodecError::ArgumentHasLineBreak),
+                Retry::Never,
+            ),
+        ] {
+            assert_eq!(error.retry(), retry, "{error:?}");
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Invariants: messages name what is wrong and how to fix it; they never contain a database
 //! password (connection targets are printed as `user@host:port/database`) nor a stored
-//! credential. Whether an error is worth retrying is decided here, once.
+//! credential. Whether an error is worth retrying is decided here, once: `is_transient` for
+//! the store's own retries, `retry()` for the supervisor ([`crate::retry`]).
 
 use sqlx::error::DatabaseError;
 
@@ -104,6 +105,20 @@ impl StoreError {
                 sqlx_is_transient(err)
             }
             _ => false,
+        }
+    }
+
+    /// The supervisor's decision (see [`crate::retry`]): [`Retry::Soon`] when
+    /// [`StoreError::is_transient`], else [`Retry::Slowly`] (a refused login, a missing
+    /// database or schema needs an operator, who fixes it outside the pilot's settings).
+    ///
+    /// [`Retry::Soon`]: crate::retry::Retry::Soon
+    /// [`Retry::Slowly`]: crate::retry::Retry::Slowly
+    pub fn retry(&self) -> crate::retry::Retry {
+        if self.is_transient() {
+            crate::retry::Retry::Soon
+        } else {
+            crate::retry::Retry::Slowly
         }
     }
 
