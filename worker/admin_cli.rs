@@ -7,11 +7,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use secrecy::SecretString;
 
-use ccmail::admin::{self, AppView, Cloud, PilotView, key_values, or_dash, table};
 use ccmail::config::Config;
-use ccmail::doctor::{self, Login, Target};
 use ccmail::ingest::pilot;
 use ccmail::oauth::{self, AppCredentials, AppKey, Credential};
+use ccmail::ops::admin::{self, AppView, Cloud, PilotView, key_values, or_dash, table};
+use ccmail::ops::doctor::{self, Login, Target};
 use ccmail::pop3::TlsMode;
 use ccmail::secrets::{self, CredentialPolicy, Owner, SecretRef};
 use ccmail::store::{self, PgPool};

@@ -6,16 +6,15 @@
 //! outside text safe for terminals and logs; [`model`] is the plain data every layer shares
 //! (parsed mail, pilot facts, defaults, work-item words) and imports no other layer.
 
-pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod display;
-pub mod doctor;
 pub mod ingest;
 pub mod metrics;
 pub mod model;
 pub mod oauth;
+pub mod ops;
 pub mod pop3;
 pub mod retry;
 pub mod secrets;

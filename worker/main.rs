@@ -13,10 +13,10 @@ use clap::{Args, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
-use ccmail::admin::Cloud;
 use ccmail::config::{Config, LogFormat};
 use ccmail::ingest::supervisor::{Supervisor, SupervisorSettings};
 use ccmail::oauth::{self, CachePolicy, TokenCache, TokenSource};
+use ccmail::ops::admin::Cloud;
 use ccmail::pop3::TlsMode;
 use ccmail::secrets::{CredentialPolicy, MasterKey, Owner};
 use ccmail::store;
@@ -330,7 +330,7 @@ enum PilotCommand {
 }
 
 #[derive(Args)]
-#[command(after_help = ccmail::doctor::EXIT_CODES)]
+#[command(after_help = ccmail::ops::doctor::EXIT_CODES)]
 struct DoctorArgs {
     /// Check this stored pilot (id or mailbox).
     #[arg(long, conflicts_with_all = ["app", "tenant"])]

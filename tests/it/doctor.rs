@@ -7,11 +7,11 @@ use std::time::Duration;
 use chrono::Utc;
 use secrecy::SecretString;
 
-use ccmail::doctor::{self, Failure, Login, Report, Target, Verdict};
 use ccmail::oauth::{
     AppCredentials, AppKey, AssertionAlg, CertificateCredential, Credential, DEFAULT_SCOPE,
     TokenSourceOptions,
 };
+use ccmail::ops::doctor::{self, Failure, Login, Report, Target, Verdict};
 use ccmail::pop3::{ServerSpec, Timeouts, TlsMode};
 use ccmail::sim::cert::TestCa;
 use ccmail::sim::entra::{AppCertificate, EntraSim, SimApp, TokenFailure};

@@ -79,6 +79,9 @@ pub fn validate_host(host: &str) -> Result<(), AdminError> {
 }
 
 /// Names Entra reserves for multi-tenant endpoints; client credentials need a real tenant.
+/// A secret or certificate expiring within this many days gets a warning (views and doctor).
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
 const MULTI_TENANT_ALIASES: [&str; 3] = ["common", "organizations", "consumers"];
 
 fn is_guid(s: &str) -> bool {
@@ -295,7 +298,7 @@ pub fn expiry_status(expires_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> S
     match expires_at {
         None => "unknown".to_owned(),
         Some(t) if t <= now => "expired".to_owned(),
-        Some(t) if (t - now).num_days() < crate::doctor::EXPIRY_WARNING_DAYS => {
+        Some(t) if (t - now).num_days() < EXPIRY_WARNING_DAYS => {
             format!("expires in {} days", (t - now).num_days())
         }
         Some(_) => "ok".to_owned(),

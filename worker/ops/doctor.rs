@@ -21,8 +21,7 @@ use crate::pop3::{self, Client, ServerSpec};
 
 /// Tokens longer than this have been rejected by Exchange Online (EXCHANGE.md §2).
 pub const LONG_TOKEN: usize = 4000;
-/// A secret expiring within this many days gets a warning.
-pub const EXPIRY_WARNING_DAYS: i64 = 30;
+pub use super::admin::EXPIRY_WARNING_DAYS;
 /// A maildrop with at least this many messages waiting gets a warning.
 pub const LARGE_MAILDROP: u32 = 1000;
 
@@ -471,7 +470,7 @@ fn settings_step(
     app: &AppCredentials,
     expires_at: Option<DateTime<Utc>>,
 ) -> bool {
-    if let Err(e) = crate::admin::validate_tenant(&app.key.tenant) {
+    if let Err(e) = super::admin::validate_tenant(&app.key.tenant) {
         report.fail("settings", Failure::Settings, e.to_string(), Vec::new());
         return false;
     }
