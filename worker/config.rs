@@ -530,8 +530,8 @@ impl Config {
     }
 
     /// Limits of the HTTP listener.
-    pub fn http_limits(&self) -> crate::metrics::HttpLimits {
-        crate::metrics::HttpLimits {
+    pub fn http_limits(&self) -> crate::telemetry::HttpLimits {
+        crate::telemetry::HttpLimits {
             max_connections: self.http.max_connections.max(1),
             header_read_timeout: Duration::from_secs(self.http.header_read_timeout_secs.max(1)),
             idle_timeout: Duration::from_secs(self.http.idle_timeout_secs.max(1)),

@@ -436,10 +436,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             addr,
             timeout_secs,
         } => {
-            let addr = addr.unwrap_or_else(|| ccmail::metrics::probe_address(&config.http.listen));
+            let addr =
+                addr.unwrap_or_else(|| ccmail::telemetry::probe_address(&config.http.listen));
             let path = if ready { "/readyz" } else { "/healthz" };
             let body =
-                ccmail::metrics::probe(&addr, path, Duration::from_secs(timeout_secs)).await?;
+                ccmail::telemetry::probe(&addr, path, Duration::from_secs(timeout_secs)).await?;
             println!("{body}");
             Ok(())
         }
@@ -555,13 +556,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "HTTP listener has no local address"),
     }
     let http_stop = CancellationToken::new();
-    let http = tokio::spawn(ccmail::metrics::serve(
+    let http = tokio::spawn(ccmail::telemetry::serve(
         listener,
-        pool.clone(),
+        ccmail::ingest::observe::readiness(pool.clone()),
         config.http_limits(),
         http_stop.clone(),
     ));
-    tokio::spawn(ccmail::metrics::refresh_loop(
+    tokio::spawn(ccmail::ingest::observe::refresh_loop(
         pool.clone(),
         Duration::from_secs(15),
         http_stop.clone(),

@@ -58,6 +58,14 @@ impl AppKey {
             self.tenant
         )
     }
+
+    /// The key as one string, the opaque id telemetry knows this app by.
+    pub fn telemetry_id(&self) -> String {
+        format!(
+            "{}\n{}\n{}\n{}",
+            self.authority, self.tenant, self.client_id, self.scope
+        )
+    }
 }
 
 impl fmt::Display for AppKey {
@@ -740,9 +748,10 @@ impl TokenCache {
                 slot.last_error = None;
                 slot.failures = 0;
                 slot.next_attempt = None;
-                crate::metrics::global().token_request(
-                    &app.key,
-                    crate::metrics::TokenOutcome::Issued(token.expires_at_wall),
+                crate::telemetry::global().token_request(
+                    &app.key.telemetry_id(),
+                    &app.key.client_id,
+                    crate::telemetry::TokenOutcome::Issued(token.expires_at_wall),
                     0,
                 );
                 Ok(token)
@@ -756,9 +765,10 @@ impl TokenCache {
                 };
                 let wait = backoff(base, self.policy.max_backoff, slot.failures);
                 slot.next_attempt = Some(Instant::now() + wait);
-                crate::metrics::global().token_request(
-                    &app.key,
-                    crate::metrics::TokenOutcome::Failed {
+                crate::telemetry::global().token_request(
+                    &app.key.telemetry_id(),
+                    &app.key.client_id,
+                    crate::telemetry::TokenOutcome::Failed {
                         transient: error.is_transient(),
                     },
                     slot.failures,

@@ -40,10 +40,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ingest::identity::{self, Identity};
 use crate::ingest::parse::{self, ParseLimits, ParsedMail};
-use crate::metrics;
 use crate::oauth::{AppCredentials, OAuthError, TokenCache};
 use crate::pop3::{self, Client, ServerSpec, Session, Stream};
 use crate::store::{self, Inserted, KnownUidl, StoreError, StoredCopy};
+use crate::telemetry as metrics;
 
 /// How a pilot logs in.
 #[derive(Debug, Clone)]

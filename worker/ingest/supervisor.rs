@@ -28,11 +28,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::ingest::poller::{self, IngestLimits, Pilot, PilotAuth, PollReport};
-use crate::metrics;
 use crate::oauth::{self, AppCredentials, TokenCache};
 use crate::pop3::{ServerSpec, Timeouts};
 use crate::secrets::{self, CredentialPolicy, MasterKey};
 use crate::store::{self, AppRow, PilotRow};
+use crate::telemetry as metrics;
 
 /// Pacing and limits for every poller.
 #[derive(Debug, Clone)]
@@ -221,7 +221,7 @@ impl Supervisor {
                 pilot.last_success_at.map(std::time::SystemTime::from),
             );
             if let Some(app) = &app {
-                metrics::global().app_loaded(&app.token_key(), &app.name);
+                metrics::global().app_loaded(&app.token_key().telemetry_id(), &app.name);
             }
             wanted.insert(pilot.id, (fingerprint, pilot, app));
         }
