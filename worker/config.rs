@@ -161,6 +161,9 @@ pub struct HttpConfig {
     pub idle_timeout_secs: u64,
     /// Any connection is closed after this long (after the request in progress).
     pub max_connection_lifetime_secs: u64,
+    /// The database gauges of /metrics (work items, oldest queued age, client-secret expiry)
+    /// are read this often, never on a scrape.
+    pub gauge_refresh_secs: u64,
 }
 
 /// Log output format.
@@ -250,6 +253,7 @@ impl Default for HttpConfig {
             header_read_timeout_secs: 10,
             idle_timeout_secs: 60,
             max_connection_lifetime_secs: 600,
+            gauge_refresh_secs: 15,
         }
     }
 }
@@ -416,6 +420,7 @@ impl Config {
                 "http.max_connection_lifetime_secs",
                 self.http.max_connection_lifetime_secs,
             ),
+            ("http.gauge_refresh_secs", self.http.gauge_refresh_secs),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid {
@@ -871,6 +876,11 @@ mod tests {
                 "oauth.allowed_authorities",
             ),
             ("CCMAIL_HTTP_MAX_CONNECTIONS", "0", "http.max_connections"),
+            (
+                "CCMAIL_HTTP_GAUGE_REFRESH_SECS",
+                "0",
+                "http.gauge_refresh_secs",
+            ),
         ] {
             let e = Config::from_sources(toml::Table::new(), "defaults", &env(&[(var, value)]))
                 .unwrap_err();

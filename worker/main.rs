@@ -564,7 +564,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ));
     tokio::spawn(ccmail::ingest::observe::refresh_loop(
         pool.clone(),
-        Duration::from_secs(15),
+        Duration::from_secs(config.http.gauge_refresh_secs),
         http_stop.clone(),
     ));
     store::migrate(&pool).await?;

@@ -151,7 +151,7 @@ impl WorkerRun {
         std::fs::write(
             &config_path,
             format!(
-                "[database]\nurl = {:?}\n\n[http]\nlisten = \"{http}\"\n\n[oauth]\nextra_ca_file = {:?}\n\
+                "[database]\nurl = {:?}\n\n[http]\nlisten = \"{http}\"\ngauge_refresh_secs = 1\n\n[oauth]\nextra_ca_file = {:?}\n\
                  allowed_authorities = [{:?}]\n\n\
                  [pop3]\nallowed_xoauth2_hosts = [\"127.0.0.1\"]\n\n\
                  [worker]\nreload_interval_secs = 1\ninitial_backoff_secs = 1\nmax_backoff_secs = 2\n\n\
@@ -259,7 +259,7 @@ impl WorkerRun {
         Ok(telemetry::probe(&self.http.to_string(), "/metrics", Duration::from_secs(5)).await?)
     }
 
-    /// Waits until a scrape satisfies `ok` (the database gauges refresh every 15 s).
+    /// Waits until a scrape satisfies `ok` (the database gauges refresh every second).
     pub async fn scrape_until(
         &self,
         what: &str,
