@@ -31,8 +31,15 @@ pub mod http;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
-use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics::{
+    Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit,
+};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 pub use http::{
     HttpLimits, ProbeError, Readiness, ReadyFuture, probe, probe_address, router, serve,
@@ -300,43 +307,184 @@ pub const TOKEN_RESULTS: &[&str] = &["success", "transient_error", "permanent_er
 /// Values of the `status` label of [`WORK_ITEMS`] (the `work_items_status` constraint).
 pub const WORK_ITEM_STATUSES: &[&str] = &["queued", "assigned", "done"];
 
-#[derive(Debug, Clone)]
-enum Value {
-    Scalar(f64),
-    Histogram {
-        /// Per bucket (not cumulative); the last slot is `+Inf`.
-        counts: Vec<u64>,
-        sum: f64,
-        count: u64,
-    },
+/// The per-pilot handles: every series of one pilot, built once with its labels and
+/// registered at zero, so a rate or an alert works before the first message.
+#[derive(Clone)]
+pub struct PilotMetrics {
+    recorder: Arc<PrometheusRecorder>,
+    id: String,
+    queue: String,
+    up: Gauge,
+    last_success: Gauge,
+    messages: Counter,
+    bytes: Counter,
+    oversize: Counter,
+    parse_errors: Counter,
+    poll_duration: Histogram,
+    on_server: Gauge,
 }
 
-impl Value {
-    fn zero(def: &MetricDef) -> Value {
-        match def.kind {
-            Kind::Histogram => Value::Histogram {
-                counts: vec![0; def.buckets.len() + 1],
-                sum: 0.0,
-                count: 0,
-            },
-            Kind::Counter | Kind::Gauge => Value::Scalar(0.0),
-        }
+impl std::fmt::Debug for PilotMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PilotMetrics")
+            .field("pilot", &self.id)
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
     }
 }
 
-type Series = BTreeMap<Vec<String>, Value>;
+impl PilotMetrics {
+    fn new(recorder: Arc<PrometheusRecorder>, pilot: i64, queue: &str) -> PilotMetrics {
+        let id = pilot.to_string();
+        let p = [id.as_str(), queue];
+        let m = PilotMetrics {
+            up: gauge(&recorder, &PILOT_UP, &p),
+            last_success: gauge(&recorder, &LAST_SUCCESS, &p),
+            messages: counter(&recorder, &MESSAGES_INGESTED, &p),
+            bytes: counter(&recorder, &BYTES_INGESTED, &p),
+            oversize: counter(&recorder, &OVERSIZE, &p),
+            parse_errors: counter(&recorder, &PARSE_ERRORS, &p),
+            poll_duration: histogram(&recorder, &POLL_DURATION, &p),
+            on_server: gauge(&recorder, &MESSAGES_ON_SERVER, &p),
+            queue: queue.to_owned(),
+            id,
+            recorder,
+        };
+        for reason in ERROR_REASONS {
+            m.error_counter(reason).increment(0);
+        }
+        for command in POP3_COMMANDS {
+            let _registered = m.command_histogram(command);
+        }
+        m
+    }
+
+    fn error_counter(&self, reason: &str) -> Counter {
+        counter(
+            &self.recorder,
+            &INGEST_ERRORS,
+            &[&self.id, &self.queue, reason],
+        )
+    }
+
+    fn command_histogram(&self, command: &str) -> Histogram {
+        histogram(
+            &self.recorder,
+            &POP3_COMMAND_DURATION,
+            &[&self.id, &self.queue, command],
+        )
+    }
+
+    /// A poll finished. `error_reason` is `None` on success, else a word of
+    /// [`ERROR_REASONS`]; `on_server` is the message count of the STAT, when one was made.
+    pub fn poll_finished(
+        &self,
+        took: Duration,
+        on_server: Option<usize>,
+        error_reason: Option<&str>,
+    ) {
+        self.poll_duration.record(took.as_secs_f64());
+        if let Some(n) = on_server {
+            self.on_server.set(n as f64);
+        }
+        match error_reason {
+            None => {
+                self.up.set(1.0);
+                self.last_success.set(unix_seconds(SystemTime::now()));
+            }
+            Some(reason) => {
+                self.up.set(0.0);
+                self.error_counter(reason).increment(1);
+            }
+        }
+    }
+
+    /// A failure outside a whole poll: one message could not be downloaded (`retr`, the poll
+    /// goes on) or the pilot cannot start (`config`).
+    pub fn ingest_error(&self, reason: &str) {
+        self.error_counter(reason).increment(1);
+    }
+
+    /// A batch was committed: `messages` new work items of `bytes` octets, of which
+    /// `parse_errors` unparseable and `oversize` over the size limit.
+    pub fn messages_stored(
+        &self,
+        messages: usize,
+        bytes: u64,
+        parse_errors: usize,
+        oversize: usize,
+    ) {
+        self.messages.increment(messages as u64);
+        self.bytes.increment(bytes);
+        self.parse_errors.increment(parse_errors as u64);
+        self.oversize.increment(oversize as u64);
+    }
+
+    /// One POP3 step took `took` (`command` from [`POP3_COMMANDS`]).
+    pub fn pop3_command(&self, command: &str, took: Duration) {
+        self.command_histogram(command).record(took.as_secs_f64());
+    }
+}
+
+fn key(def: &MetricDef, labels: &[&str]) -> Key {
+    // A wrong label count is a programming error in this module.
+    debug_assert_eq!(labels.len(), def.labels.len(), "labels of {}", def.name);
+    let labels: Vec<Label> = def
+        .labels
+        .iter()
+        .zip(labels)
+        .map(|(k, v)| Label::new(*k, (*v).to_owned()))
+        .collect();
+    Key::from_parts(def.name, labels)
+}
+
+const METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
+
+fn counter(r: &PrometheusRecorder, def: &MetricDef, labels: &[&str]) -> Counter {
+    r.register_counter(&key(def, labels), &METADATA)
+}
+
+fn gauge(r: &PrometheusRecorder, def: &MetricDef, labels: &[&str]) -> Gauge {
+    r.register_gauge(&key(def, labels), &METADATA)
+}
+
+fn histogram(r: &PrometheusRecorder, def: &MetricDef, labels: &[&str]) -> Histogram {
+    r.register_histogram(&key(def, labels), &METADATA)
+}
+
+/// Metrics replaced wholesale by each database refresh: their series of a vanished queue or
+/// app must disappear, which the exporter cannot do, so they are kept and rendered here.
+fn is_refreshed(def: &MetricDef) -> bool {
+    [WORK_ITEMS.name, OLDEST_QUEUED_AGE.name, SECRET_EXPIRY.name].contains(&def.name)
+}
+
+type Series = BTreeMap<Vec<String>, f64>;
 
 #[derive(Default)]
 struct State {
-    families: HashMap<&'static str, Series>,
-    /// Pilots with series, and the queue their series are labelled with.
-    pilots: HashMap<i64, String>,
+    /// The loaded pilots' handles. Only rendering reads it: series of a pilot that is not
+    /// here (disabled, deleted, or relabelled with another queue) are left out of `/metrics`.
+    pilots: HashMap<i64, PilotMetrics>,
     /// The name of each app registration by its opaque id, for the `app` label.
     apps: HashMap<String, String>,
+    /// The series of the [`is_refreshed`] metrics.
+    refreshed: HashMap<&'static str, Series>,
 }
 
-/// A registry of the metrics in [`ALL`]. The worker uses [`global()`]; tests may make their own.
+/// The registry of the metrics in [`ALL`], on a `metrics-exporter-prometheus` recorder. The
+/// worker uses [`global()`]; tests may make their own.
+///
+/// The exporter cannot delete a series, and a pilot's series must go when the pilot is
+/// disabled or deleted (a dashboard would otherwise show it forever, and its last
+/// `ccmail_pilot_up` 0 would keep an alert firing). An idle timeout does not fit (a healthy
+/// idle pilot records nothing for long stretches), so the exporter's output is filtered when
+/// rendered: a line labelled with a pilot is kept only if that pilot is loaded with that
+/// queue. Its counters stay in the exporter's registry, so a pilot enabled again continues
+/// them, which keeps them monotonic.
 pub struct Metrics {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+    refresh_errors: Counter,
     state: Mutex<State>,
 }
 
@@ -388,14 +536,43 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// An empty registry with `ccmail_build_info` set.
+    /// An empty registry with every metric described, `ccmail_build_info` set and the
+    /// refresh error counter at zero.
     pub fn new() -> Metrics {
-        let m = Metrics {
+        let mut builder = PrometheusBuilder::new();
+        for def in ALL.iter().filter(|d| !d.buckets.is_empty()) {
+            // Fails only for an empty bucket list, which the filter excludes.
+            builder = match builder
+                .set_buckets_for_metric(Matcher::Full(def.name.to_owned()), def.buckets)
+            {
+                Ok(b) => b,
+                Err(_) => PrometheusBuilder::new(),
+            };
+        }
+        let recorder = Arc::new(builder.build_recorder());
+        for def in ALL.iter().filter(|d| !is_refreshed(d)) {
+            let unit = match def.unit {
+                "seconds" => Some(Unit::Seconds),
+                "bytes" => Some(Unit::Bytes),
+                _ => None,
+            };
+            let name = KeyName::from(def.name);
+            let help = SharedString::const_str(def.help);
+            match def.kind {
+                Kind::Counter => recorder.describe_counter(name, unit, help),
+                Kind::Gauge => recorder.describe_gauge(name, unit, help),
+                Kind::Histogram => recorder.describe_histogram(name, unit, help),
+            }
+        }
+        gauge(&recorder, &BUILD_INFO, &[env!("CARGO_PKG_VERSION")]).set(1.0);
+        let refresh_errors = counter(&recorder, &REFRESH_ERRORS, &[]);
+        refresh_errors.increment(0);
+        Metrics {
+            handle: recorder.handle(),
+            recorder,
+            refresh_errors,
             state: Mutex::new(State::default()),
-        };
-        m.set(&BUILD_INFO, &[env!("CARGO_PKG_VERSION")], 1.0);
-        m.touch(&REFRESH_ERRORS, &[]);
-        m
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -404,70 +581,38 @@ impl Metrics {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn with_value(&self, def: &'static MetricDef, labels: &[&str], f: impl FnOnce(&mut Value)) {
-        // A wrong label count is a programming error in this module; dropping the sample keeps
-        // the exposition valid instead of crashing the worker over a metric.
-        debug_assert_eq!(labels.len(), def.labels.len(), "labels of {}", def.name);
-        if labels.len() != def.labels.len() {
-            return;
-        }
-        let key: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
-        let mut state = self.lock();
-        let value = state
-            .families
-            .entry(def.name)
-            .or_default()
-            .entry(key)
-            .or_insert_with(|| Value::zero(def));
-        f(value);
-    }
-
-    fn inc(&self, def: &'static MetricDef, labels: &[&str], by: f64) {
-        self.with_value(def, labels, |v| {
-            if let Value::Scalar(x) = v {
-                *x += by;
-            }
-        });
-    }
-
-    fn set(&self, def: &'static MetricDef, labels: &[&str], to: f64) {
-        self.with_value(def, labels, |v| {
-            if let Value::Scalar(x) = v {
-                *x = to;
-            }
-        });
-    }
-
-    /// Creates the series at zero if it does not exist; leaves an existing one alone.
-    fn touch(&self, def: &'static MetricDef, labels: &[&str]) {
-        self.with_value(def, labels, |_| {});
-    }
-
-    fn observe(&self, def: &'static MetricDef, labels: &[&str], value: f64) {
-        self.with_value(def, labels, |v| {
-            if let Value::Histogram { counts, sum, count } = v {
-                let slot = def
-                    .buckets
-                    .iter()
-                    .position(|b| value <= *b)
-                    .unwrap_or(def.buckets.len());
-                if let Some(c) = counts.get_mut(slot) {
-                    *c += 1;
-                }
-                *sum += value;
-                *count += 1;
-            }
-        });
-    }
-
-    /// The value of a counter or gauge series, if it exists (for tests and `doctor`).
+    /// The value of a series as `/metrics` shows it, if it shows it (for tests and
+    /// `doctor`); for a histogram, its count.
     pub fn value(&self, def: &MetricDef, labels: &[&str]) -> Option<f64> {
-        let state = self.lock();
-        let key: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
-        match state.families.get(def.name)?.get(&key)? {
-            Value::Scalar(x) => Some(*x),
-            Value::Histogram { count, .. } => Some(*count as f64),
+        if is_refreshed(def) {
+            let key: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
+            return self.lock().refreshed.get(def.name)?.get(&key).copied();
         }
+        let name = match def.kind {
+            Kind::Histogram => format!("{}_count", def.name),
+            _ => def.name.to_owned(),
+        };
+        let want: Vec<(&str, String)> = def
+            .labels
+            .iter()
+            .zip(labels)
+            .map(|(k, v)| (*k, escape_label(v)))
+            .collect();
+        let text = self.render();
+        text.lines().find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if n != name {
+                return None;
+            }
+            let got = parse_labels(rest.strip_suffix('}')?);
+            (got == want
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect::<Vec<_>>())
+            .then(|| value.parse().ok())
+            .flatten()
+        })
     }
 
     // ---- pilots (the supervisor and the poller) ----
@@ -475,66 +620,39 @@ impl Metrics {
     /// The supervisor loaded `pilot` (it may still fail to start): its series exist from now
     /// on, at zero, and `ccmail_last_successful_poll_timestamp_seconds` starts from the
     /// database's `last_success_at`. Calling it again for a running pilot keeps its counters.
-    pub fn pilot_loaded(&self, pilot: i64, queue: &str, last_success: Option<SystemTime>) {
-        let previous = self.lock().pilots.insert(pilot, queue.to_owned());
-        if previous.as_deref().is_some_and(|q| q != queue) {
-            // The queue label changed: the old series would never be updated again.
-            self.remove_pilot_series(pilot);
-        }
-        let id = pilot.to_string();
-        let p = [id.as_str(), queue];
-        self.touch(&PILOT_UP, &p);
-        self.touch(&MESSAGES_INGESTED, &p);
-        self.touch(&BYTES_INGESTED, &p);
-        self.touch(&OVERSIZE, &p);
-        self.touch(&PARSE_ERRORS, &p);
-        self.touch(&POLL_DURATION, &p);
-        self.touch(&MESSAGES_ON_SERVER, &p);
-        for reason in ERROR_REASONS {
-            self.touch(&INGEST_ERRORS, &[&id, queue, reason]);
-        }
-        for command in POP3_COMMANDS {
-            self.touch(&POP3_COMMAND_DURATION, &[&id, queue, command]);
-        }
-        let known = self.value(&LAST_SUCCESS, &p).unwrap_or(0.0);
+    /// The returned handle records for the pilot.
+    pub fn pilot_loaded(
+        &self,
+        pilot: i64,
+        queue: &str,
+        last_success: Option<SystemTime>,
+    ) -> PilotMetrics {
+        let handle = PilotMetrics::new(self.recorder.clone(), pilot, queue);
+        let known = self
+            .value(&LAST_SUCCESS, &[&pilot.to_string(), queue])
+            .unwrap_or(0.0);
         let from_db = last_success.map(unix_seconds).unwrap_or(0.0);
-        self.set(&LAST_SUCCESS, &p, known.max(from_db));
+        handle.last_success.set(known.max(from_db));
+        self.lock().pilots.insert(pilot, handle.clone());
+        handle
     }
 
-    /// Removes the series of every pilot not in `loaded` (disabled or deleted pilots).
+    /// Leaves out of `/metrics` the series of every pilot not in `loaded` (disabled or
+    /// deleted pilots).
     pub fn retain_pilots(&self, loaded: &HashSet<i64>) {
-        let gone: Vec<i64> = self
-            .lock()
-            .pilots
-            .keys()
-            .filter(|id| !loaded.contains(id))
-            .copied()
-            .collect();
-        for id in gone {
-            self.remove_pilot_series(id);
-            self.lock().pilots.remove(&id);
+        self.lock().pilots.retain(|id, _| loaded.contains(id));
+    }
+
+    /// The handle of a loaded pilot, or a handle that records nothing visible (labelled with
+    /// an empty queue, which no loaded pilot has).
+    fn pilot(&self, pilot: i64) -> PilotMetrics {
+        match self.lock().pilots.get(&pilot) {
+            Some(p) => p.clone(),
+            None => PilotMetrics::new(self.recorder.clone(), pilot, ""),
         }
     }
 
-    fn remove_pilot_series(&self, pilot: i64) {
-        let id = pilot.to_string();
-        let mut state = self.lock();
-        for def in ALL {
-            if def.labels.first() == Some(&L_PILOT)
-                && let Some(series) = state.families.get_mut(def.name)
-            {
-                series.retain(|labels, _| labels.first() != Some(&id));
-            }
-        }
-    }
-
-    fn pilot_labels(&self, pilot: i64) -> (String, String) {
-        let queue = self.lock().pilots.get(&pilot).cloned().unwrap_or_default();
-        (pilot.to_string(), queue)
-    }
-
-    /// A poll of `pilot` finished. `error_reason` is `None` on success, else a word of
-    /// [`ERROR_REASONS`]; `on_server` is the message count of the STAT, when one was made.
+    /// See [`PilotMetrics::poll_finished`].
     pub fn poll_finished(
         &self,
         pilot: i64,
@@ -542,33 +660,16 @@ impl Metrics {
         on_server: Option<usize>,
         error_reason: Option<&str>,
     ) {
-        let (id, queue) = self.pilot_labels(pilot);
-        let p = [id.as_str(), queue.as_str()];
-        self.observe(&POLL_DURATION, &p, took.as_secs_f64());
-        if let Some(n) = on_server {
-            self.set(&MESSAGES_ON_SERVER, &p, n as f64);
-        }
-        match error_reason {
-            None => {
-                self.set(&PILOT_UP, &p, 1.0);
-                self.set(&LAST_SUCCESS, &p, unix_seconds(SystemTime::now()));
-            }
-            Some(reason) => {
-                self.set(&PILOT_UP, &p, 0.0);
-                self.inc(&INGEST_ERRORS, &[&id, &queue, reason], 1.0);
-            }
-        }
+        self.pilot(pilot)
+            .poll_finished(took, on_server, error_reason);
     }
 
-    /// A failure of `pilot` outside a whole poll: one message could not be downloaded (`retr`,
-    /// the poll goes on) or the pilot cannot start (`config`).
+    /// See [`PilotMetrics::ingest_error`].
     pub fn ingest_error(&self, pilot: i64, reason: &str) {
-        let (id, queue) = self.pilot_labels(pilot);
-        self.inc(&INGEST_ERRORS, &[&id, &queue, reason], 1.0);
+        self.pilot(pilot).ingest_error(reason);
     }
 
-    /// A batch of `pilot` was committed: `messages` new work items of `bytes` octets, of which
-    /// `parse_errors` unparseable and `oversize` over the size limit.
+    /// See [`PilotMetrics::messages_stored`].
     pub fn messages_stored(
         &self,
         pilot: i64,
@@ -577,22 +678,13 @@ impl Metrics {
         parse_errors: usize,
         oversize: usize,
     ) {
-        let (id, queue) = self.pilot_labels(pilot);
-        let p = [id.as_str(), queue.as_str()];
-        self.inc(&MESSAGES_INGESTED, &p, messages as f64);
-        self.inc(&BYTES_INGESTED, &p, bytes as f64);
-        self.inc(&PARSE_ERRORS, &p, parse_errors as f64);
-        self.inc(&OVERSIZE, &p, oversize as f64);
+        self.pilot(pilot)
+            .messages_stored(messages, bytes, parse_errors, oversize);
     }
 
-    /// One POP3 step of `pilot` took `took` (`command` from [`POP3_COMMANDS`]).
+    /// See [`PilotMetrics::pop3_command`].
     pub fn pop3_command(&self, pilot: i64, command: &str, took: Duration) {
-        let (id, queue) = self.pilot_labels(pilot);
-        self.observe(
-            &POP3_COMMAND_DURATION,
-            &[&id, &queue, command],
-            took.as_secs_f64(),
-        );
+        self.pilot(pilot).pop3_command(command, took);
     }
 
     // ---- apps (the token cache and the database refresh) ----
@@ -602,9 +694,9 @@ impl Metrics {
     pub fn app_loaded(&self, id: &str, name: &str) {
         self.lock().apps.insert(id.to_owned(), name.to_owned());
         for result in TOKEN_RESULTS {
-            self.touch(&TOKEN_REQUESTS, &[name, result]);
+            counter(&self.recorder, &TOKEN_REQUESTS, &[name, result]).increment(0);
         }
-        self.touch(&TOKEN_FAILURES, &[name]);
+        gauge(&self.recorder, &TOKEN_FAILURES, &[name]).increment(0.0);
     }
 
     /// The `app` label of `id`: its name, or `client_id` for an app no pilot has named
@@ -629,110 +721,136 @@ impl Metrics {
         let app = self.app_label(id, client_id);
         let result = match outcome {
             TokenOutcome::Issued(expires) => {
-                self.set(&TOKEN_EXPIRY, &[&app], unix_seconds(expires));
+                gauge(&self.recorder, &TOKEN_EXPIRY, &[&app]).set(unix_seconds(expires));
                 "success"
             }
             TokenOutcome::Failed { transient: true } => "transient_error",
             TokenOutcome::Failed { transient: false } => "permanent_error",
         };
-        self.inc(&TOKEN_REQUESTS, &[&app, result], 1.0);
-        self.set(&TOKEN_FAILURES, &[&app], f64::from(consecutive_failures));
+        counter(&self.recorder, &TOKEN_REQUESTS, &[&app, result]).increment(1);
+        gauge(&self.recorder, &TOKEN_FAILURES, &[&app]).set(f64::from(consecutive_failures));
     }
 
     /// Replaces the client-secret expiry gauges and app names with what `apps` says.
     pub fn apps_refreshed(&self, apps: &[AppInfo]) {
         let mut expiries = Series::new();
-        {
-            let mut state = self.lock();
-            for a in apps {
-                state.apps.insert(a.id.clone(), a.name.clone());
-                if let Some(at) = a.secret_expires_at {
-                    expiries.insert(vec![a.name.clone()], Value::Scalar(unix_seconds(at)));
-                }
+        let mut state = self.lock();
+        for a in apps {
+            state.apps.insert(a.id.clone(), a.name.clone());
+            if let Some(at) = a.secret_expires_at {
+                expiries.insert(vec![a.name.clone()], unix_seconds(at));
             }
-            state.families.insert(SECRET_EXPIRY.name, expiries);
         }
+        state.refreshed.insert(SECRET_EXPIRY.name, expiries);
     }
 
     /// Replaces the work-item gauges. Every queue of a loaded pilot gets every status and an
     /// age, at zero when the database has none (so a backlog panel shows 0, not "no data").
     pub fn queues_refreshed(&self, counts: &[QueueCount], oldest: &[(String, Duration)]) {
         let mut state = self.lock();
-        let mut queues: HashSet<String> = state.pilots.values().cloned().collect();
+        let mut queues: HashSet<String> = state.pilots.values().map(|p| p.queue.clone()).collect();
         queues.extend(counts.iter().map(|c| c.queue.clone()));
         queues.extend(oldest.iter().map(|(q, _)| q.clone()));
         let mut items = Series::new();
         let mut ages = Series::new();
         for q in &queues {
             for s in WORK_ITEM_STATUSES {
-                items.insert(vec![q.clone(), (*s).to_owned()], Value::Scalar(0.0));
+                items.insert(vec![q.clone(), (*s).to_owned()], 0.0);
             }
-            ages.insert(vec![q.clone()], Value::Scalar(0.0));
+            ages.insert(vec![q.clone()], 0.0);
         }
         for c in counts {
-            items.insert(
-                vec![c.queue.clone(), c.status.clone()],
-                Value::Scalar(c.count as f64),
-            );
+            items.insert(vec![c.queue.clone(), c.status.clone()], c.count as f64);
         }
         for (q, age) in oldest {
-            ages.insert(vec![q.clone()], Value::Scalar(age.as_secs_f64()));
+            ages.insert(vec![q.clone()], age.as_secs_f64());
         }
-        state.families.insert(WORK_ITEMS.name, items);
-        state.families.insert(OLDEST_QUEUED_AGE.name, ages);
+        state.refreshed.insert(WORK_ITEMS.name, items);
+        state.refreshed.insert(OLDEST_QUEUED_AGE.name, ages);
     }
 
     /// A periodic database read failed.
     pub fn refresh_failed(&self) {
-        self.inc(&REFRESH_ERRORS, &[], 1.0);
+        self.refresh_errors.increment(1);
     }
 
     // ---- exposition ----
 
-    /// The Prometheus text exposition (format 0.0.4) of every declared metric.
+    /// The Prometheus text exposition (format 0.0.4): the exporter's output without the
+    /// series of pilots that are not loaded, then the database-refreshed gauges.
     pub fn render(&self) -> String {
+        let exported = self.handle.render();
         let state = self.lock();
-        let mut out = String::with_capacity(16 * 1024);
-        for def in ALL {
+        let live: HashSet<String> = state
+            .pilots
+            .values()
+            .map(|p| format!("pilot=\"{}\",queue=\"{}\"", p.id, escape_label(&p.queue)))
+            .collect();
+        let mut out = String::with_capacity(exported.len() + 4 * 1024);
+        for line in exported.lines() {
+            let keep = line.starts_with('#')
+                || !line.contains("{pilot=\"")
+                || line
+                    .split_once('{')
+                    .and_then(|(_, rest)| {
+                        // `pilot` and `queue` are the first two labels of every pilot metric.
+                        let end = rest.find("\",")?;
+                        let q = rest[end + 2..].strip_prefix("queue=\"")?;
+                        let qend = find_unescaped_quote(q)?;
+                        Some(&rest[..end + 2 + "queue=\"".len() + qend + 1])
+                    })
+                    .is_some_and(|pair| live.contains(pair));
+            if keep && !line.is_empty() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        for def in ALL.iter().filter(|d| is_refreshed(d)) {
             // Writing into a String cannot fail; the results are ignored for that reason.
             let _ = writeln!(out, "# HELP {} {}", def.name, escape_help(def.help));
             let _ = writeln!(out, "# TYPE {} {}", def.name, def.kind.as_str());
-            let Some(series) = state.families.get(def.name) else {
+            let Some(series) = state.refreshed.get(def.name) else {
                 continue;
             };
             for (labels, value) in series {
-                match value {
-                    Value::Scalar(x) => {
-                        let _ = writeln!(
-                            out,
-                            "{}{} {}",
-                            def.name,
-                            label_set(def.labels, labels, None),
-                            number(*x)
-                        );
-                    }
-                    Value::Histogram { counts, sum, count } => {
-                        let mut cumulative = 0u64;
-                        for (i, c) in counts.iter().enumerate() {
-                            cumulative += c;
-                            let le = def.buckets.get(i).map_or("+Inf".to_owned(), |b| number(*b));
-                            let _ = writeln!(
-                                out,
-                                "{}_bucket{} {}",
-                                def.name,
-                                label_set(def.labels, labels, Some(&le)),
-                                cumulative
-                            );
-                        }
-                        let set = label_set(def.labels, labels, None);
-                        let _ = writeln!(out, "{}_sum{} {}", def.name, set, number(*sum));
-                        let _ = writeln!(out, "{}_count{} {}", def.name, set, count);
-                    }
-                }
+                let _ = writeln!(
+                    out,
+                    "{}{} {}",
+                    def.name,
+                    label_set(def.labels, labels),
+                    number(*value)
+                );
             }
         }
         out
     }
+}
+
+/// The byte offset of the first `"` in `s` not escaped by a backslash.
+fn find_unescaped_quote(s: &str) -> Option<usize> {
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The `name="value"` pairs of a rendered label set (values as escaped in the text).
+fn parse_labels(mut s: &str) -> Vec<(&str, &str)> {
+    let mut out = Vec::new();
+    while let Some((k, rest)) = s.split_once("=\"") {
+        let Some(end) = find_unescaped_quote(rest) else {
+            break;
+        };
+        out.push((k, &rest[..end]));
+        s = rest[end + 1..].strip_prefix(',').unwrap_or("");
+    }
+    out
 }
 
 fn unix_seconds(t: SystemTime) -> f64 {
@@ -762,15 +880,12 @@ fn escape_label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn label_set(names: &[&str], values: &[String], le: Option<&str>) -> String {
-    let mut pairs: Vec<String> = names
+fn label_set(names: &[&str], values: &[String]) -> String {
+    let pairs: Vec<String> = names
         .iter()
         .zip(values)
         .map(|(n, v)| format!("{n}=\"{}\"", escape_label(v)))
         .collect();
-    if let Some(le) = le {
-        pairs.push(format!("le=\"{le}\""));
-    }
     if pairs.is_empty() {
         String::new()
     } else {
