@@ -208,14 +208,15 @@ impl Supervisor {
             }
             store::enabled_pilots_with_apps(&mut conn).await?
         };
-        let mut wanted: HashMap<i64, (String, PilotRow, Option<AppRow>)> = HashMap::new();
+        let mut wanted: HashMap<i64, (String, PilotRow, Option<AppRow>, metrics::PilotMetrics)> =
+            HashMap::new();
         for (pilot, app) in rows {
             if self.only.as_ref().is_some_and(|o| !o.contains(&pilot.id)) {
                 continue;
             }
             let fingerprint = fingerprint(&pilot, app.as_ref());
             // Series exist from the moment the pilot is loaded, even if it cannot start.
-            metrics::global().pilot_loaded(
+            let handle = metrics::global().pilot_loaded(
                 pilot.id,
                 &pilot.queue,
                 pilot.last_success_at.map(std::time::SystemTime::from),
@@ -223,7 +224,7 @@ impl Supervisor {
             if let Some(app) = &app {
                 metrics::global().app_loaded(&app.token_key().telemetry_id(), &app.name);
             }
-            wanted.insert(pilot.id, (fingerprint, pilot, app));
+            wanted.insert(pilot.id, (fingerprint, pilot, app, handle));
         }
         metrics::global().retain_pilots(&wanted.keys().copied().collect());
         running.retain(|id, r| {
@@ -237,7 +238,7 @@ impl Supervisor {
             }
             keep
         });
-        for (id, (fingerprint, row, app)) in wanted {
+        for (id, (fingerprint, row, app, handle)) in wanted {
             if running.contains_key(&id) {
                 continue;
             }
@@ -251,7 +252,7 @@ impl Supervisor {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(pilot = id, error = %e, "pilot cannot start");
-                    metrics::global().ingest_error(id, "config");
+                    handle.ingest_error("config");
                     // A row that breaks the schema's limits cannot even take its error: log
                     // it and go on, so one bad row never keeps the other pilots from starting.
                     let mut conn = self.pool.acquire().await?;
@@ -582,6 +583,7 @@ pub fn resolve_pilot(
         keep_on_server: row.keep_on_server,
         max_message_bytes: usize::try_from(row.max_message_bytes).unwrap_or(usize::MAX),
         poll_interval: row.poll_interval,
+        metrics: metrics::global().pilot_metrics(row.id, &row.queue),
     })
 }
 
@@ -607,7 +609,9 @@ async fn pilot_loop(
         let took = started.elapsed();
         let delay = match result {
             Ok(report) => {
-                metrics::global().poll_finished(pilot.id, took, Some(report.on_server), None);
+                pilot
+                    .metrics
+                    .poll_finished(took, Some(report.on_server), None);
                 failures = 0;
                 if report.stored > 0 || report.deleted > 0 {
                     tracing::info!(
@@ -635,7 +639,7 @@ async fn pilot_loop(
                 }
             }
             Err(e) => {
-                metrics::global().poll_finished(pilot.id, took, None, Some(e.reason()));
+                pilot.metrics.poll_finished(took, None, Some(e.reason()));
                 failures = failures.saturating_add(1);
                 let delay = if e.is_permanent() {
                     settings.permanent_retry

@@ -627,7 +627,7 @@ impl Metrics {
         queue: &str,
         last_success: Option<SystemTime>,
     ) -> PilotMetrics {
-        let handle = PilotMetrics::new(self.recorder.clone(), pilot, queue);
+        let handle = self.pilot_metrics(pilot, queue);
         let known = self
             .value(&LAST_SUCCESS, &[&pilot.to_string(), queue])
             .unwrap_or(0.0);
@@ -643,48 +643,11 @@ impl Metrics {
         self.lock().pilots.retain(|id, _| loaded.contains(id));
     }
 
-    /// The handle of a loaded pilot, or a handle that records nothing visible (labelled with
-    /// an empty queue, which no loaded pilot has).
-    fn pilot(&self, pilot: i64) -> PilotMetrics {
-        match self.lock().pilots.get(&pilot) {
-            Some(p) => p.clone(),
-            None => PilotMetrics::new(self.recorder.clone(), pilot, ""),
-        }
-    }
-
-    /// See [`PilotMetrics::poll_finished`].
-    pub fn poll_finished(
-        &self,
-        pilot: i64,
-        took: Duration,
-        on_server: Option<usize>,
-        error_reason: Option<&str>,
-    ) {
-        self.pilot(pilot)
-            .poll_finished(took, on_server, error_reason);
-    }
-
-    /// See [`PilotMetrics::ingest_error`].
-    pub fn ingest_error(&self, pilot: i64, reason: &str) {
-        self.pilot(pilot).ingest_error(reason);
-    }
-
-    /// See [`PilotMetrics::messages_stored`].
-    pub fn messages_stored(
-        &self,
-        pilot: i64,
-        messages: usize,
-        bytes: u64,
-        parse_errors: usize,
-        oversize: usize,
-    ) {
-        self.pilot(pilot)
-            .messages_stored(messages, bytes, parse_errors, oversize);
-    }
-
-    /// See [`PilotMetrics::pop3_command`].
-    pub fn pop3_command(&self, pilot: i64, command: &str, took: Duration) {
-        self.pilot(pilot).pop3_command(command, took);
+    /// The handle of `pilot`'s series labelled with `queue`, for the code that records them.
+    /// They show in `/metrics` while [`Metrics::pilot_loaded`] has loaded the pilot with
+    /// that queue.
+    pub fn pilot_metrics(&self, pilot: i64, queue: &str) -> PilotMetrics {
+        PilotMetrics::new(self.recorder.clone(), pilot, queue)
     }
 
     // ---- apps (the token cache and the database refresh) ----
@@ -803,6 +766,14 @@ impl Metrics {
             if keep && !line.is_empty() {
                 out.push_str(line);
                 out.push('\n');
+            }
+        }
+        // The exporter writes a family only once it has a series; every declared family is
+        // described, so a scrape shows what exists before any pilot is loaded.
+        for def in ALL.iter().filter(|d| !is_refreshed(d)) {
+            if !exported.contains(&format!("# TYPE {} ", def.name)) {
+                let _ = writeln!(out, "# HELP {} {}", def.name, escape_help(def.help));
+                let _ = writeln!(out, "# TYPE {} {}", def.name, def.kind.as_str());
             }
         }
         for def in ALL.iter().filter(|d| is_refreshed(d)) {
@@ -953,9 +924,9 @@ mod tests {
     #[test]
     fn histogram_buckets_are_cumulative() {
         let m = Metrics::new();
-        m.pilot_loaded(1, "q", None);
-        m.poll_finished(1, Duration::from_millis(70), Some(3), None);
-        m.poll_finished(1, Duration::from_secs(400), Some(0), Some("timeout"));
+        let p1 = m.pilot_loaded(1, "q", None);
+        p1.poll_finished(Duration::from_millis(70), Some(3), None);
+        p1.poll_finished(Duration::from_secs(400), Some(0), Some("timeout"));
         let text = m.render();
         let p = "pilot=\"1\",queue=\"q\"";
         assert!(text.contains(&format!(
@@ -979,8 +950,8 @@ mod tests {
     #[test]
     fn a_reloaded_pilot_keeps_its_counters_and_a_new_queue_drops_the_old_series() {
         let m = Metrics::new();
-        m.pilot_loaded(3, "sales", None);
-        m.messages_stored(3, 2, 100, 1, 0);
+        m.pilot_loaded(3, "sales", None)
+            .messages_stored(2, 100, 1, 0);
         m.pilot_loaded(3, "sales", None);
         assert_eq!(m.value(&MESSAGES_INGESTED, &["3", "sales"]), Some(2.0));
         m.pilot_loaded(3, "support", None);
