@@ -10,13 +10,16 @@
 //! fixed reason/result/command/status word, and the build version. Never a mailbox address,
 //! subject, UIDL or error text: those belong in logs, and would make every series unique.
 //!
-//! **Recording** goes through the typed methods of [`Metrics`] (one per event the worker knows
-//! about), on the process-wide registry [`global()`]. Series of a pilot are created at zero as
-//! soon as the supervisor loads the pilot ([`Metrics::pilot_loaded`]), so a rate or an alert
-//! works before the first message, and removed when the pilot is disabled or deleted.
-//! Work-item gauges and client-secret expiry are read from the database every
-//! `refresh` interval ([`refresh_loop`]), never on a scrape, so Prometheus cannot load the
-//! database.
+//! **Recording** goes through a `metrics-exporter-prometheus` recorder owned by [`Metrics`]
+//! (the process-wide one is [`global()`]; it is not installed as the `metrics` global
+//! recorder, so tests can make their own). [`Metrics::new`] describes every declared metric
+//! on it and sets each histogram's buckets. A pilot's series are a [`PilotMetrics`] handle,
+//! built once with the pilot's id and queue and registered at zero, so a rate or an alert
+//! works before the first message; the poller and the supervisor record through it. They
+//! show in `/metrics` while the supervisor has the pilot loaded ([`Metrics::pilot_loaded`])
+//! and are left out once it is disabled or deleted ([`Metrics::retain_pilots`]): the exporter
+//! cannot delete series, so [`Metrics::render`] filters its output (see [`Metrics`]). Token
+//! series are labelled with the app's name ([`Metrics::app_loaded`]).
 //!
 //! **Layering**: this module imports no other module of the crate. Callers hand it what it
 //! labels with: an app is an opaque id (the token cache's key, rendered by its owner) plus a
