@@ -534,18 +534,6 @@ impl Config {
         self.try_credential_policy().unwrap_or_default()
     }
 
-    /// Limits of the HTTP listener.
-    pub fn http_limits(&self) -> crate::telemetry::HttpLimits {
-        crate::telemetry::HttpLimits {
-            max_connections: self.http.max_connections.max(1),
-            header_read_timeout: Duration::from_secs(self.http.header_read_timeout_secs.max(1)),
-            idle_timeout: Duration::from_secs(self.http.idle_timeout_secs.max(1)),
-            max_connection_lifetime: Duration::from_secs(
-                self.http.max_connection_lifetime_secs.max(1),
-            ),
-        }
-    }
-
     /// The bounds of parsing one message.
     pub fn parse_limits(&self) -> crate::ingest::parse::ParseLimits {
         crate::ingest::parse::ParseLimits {

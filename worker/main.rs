@@ -559,7 +559,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let http = tokio::spawn(ccmail::telemetry::serve(
         listener,
         ccmail::ingest::observe::readiness(pool.clone()),
-        config.http_limits(),
+        ccmail::telemetry::HttpLimits::from_config(&config.http),
         http_stop.clone(),
     ));
     tokio::spawn(ccmail::ingest::observe::refresh_loop(

@@ -12,7 +12,8 @@
 //! `max_connection_lifetime`. Its file descriptors are therefore bounded, and ingestion never
 //! runs out of them because of idle HTTP clients.
 //!
-//! This module knows nothing of the database: readiness is a callback, so telemetry sits
+//! It reads the `[http]` settings ([`HttpLimits::from_config`]) and knows nothing of the
+//! database: readiness is a callback, so telemetry sits
 //! below the store and the ingest layers without importing them.
 
 use std::collections::HashMap;
@@ -92,6 +93,18 @@ pub struct HttpLimits {
     pub idle_timeout: Duration,
     /// Every connection is closed after this (once its current request is answered).
     pub max_connection_lifetime: Duration,
+}
+
+impl HttpLimits {
+    /// The limits the `[http]` settings ask for (each at least 1).
+    pub fn from_config(http: &crate::config::HttpConfig) -> HttpLimits {
+        HttpLimits {
+            max_connections: http.max_connections.max(1),
+            header_read_timeout: Duration::from_secs(http.header_read_timeout_secs.max(1)),
+            idle_timeout: Duration::from_secs(http.idle_timeout_secs.max(1)),
+            max_connection_lifetime: Duration::from_secs(http.max_connection_lifetime_secs.max(1)),
+        }
+    }
 }
 
 impl Default for HttpLimits {

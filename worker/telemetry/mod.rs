@@ -21,7 +21,8 @@
 //! cannot delete series, so [`Metrics::render`] filters its output (see [`Metrics`]). Token
 //! series are labelled with the app's name ([`Metrics::app_loaded`]).
 //!
-//! **Layering**: this module imports no other module of the crate. Callers hand it what it
+//! **Layering**: this module imports no other module of the crate but `config` (the `[http]`
+//! settings of the listener). Callers hand it what it
 //! labels with: an app is an opaque id (the token cache's key, rendered by its owner) plus a
 //! name; work-item gauges and client-secret expiry arrive as plain values from the periodic
 //! database read in `ingest::observe`, never read on a scrape, so Prometheus cannot load the
