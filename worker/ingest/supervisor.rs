@@ -249,7 +249,11 @@ impl Supervisor {
                 &self.settings.credentials,
                 self.settings.timeouts,
             ) {
-                Ok(p) => p,
+                // The loaded handle: the one that remembers the last success across reloads.
+                Ok(p) => Pilot {
+                    metrics: handle.clone(),
+                    ..p
+                },
                 Err(e) => {
                     tracing::error!(pilot = id, error = %e, "pilot cannot start");
                     handle.ingest_error("config");

@@ -35,6 +35,7 @@ pub mod http;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -320,6 +321,8 @@ pub struct PilotMetrics {
     queue: String,
     up: Gauge,
     last_success: Gauge,
+    /// What `last_success` was last set to (f64 bits): gauges cannot be read back.
+    last_success_value: Arc<AtomicU64>,
     messages: Counter,
     bytes: Counter,
     oversize: Counter,
@@ -344,6 +347,7 @@ impl PilotMetrics {
         let m = PilotMetrics {
             up: gauge(&recorder, &PILOT_UP, &p),
             last_success: gauge(&recorder, &LAST_SUCCESS, &p),
+            last_success_value: Arc::new(AtomicU64::new(0f64.to_bits())),
             messages: counter(&recorder, &MESSAGES_INGESTED, &p),
             bytes: counter(&recorder, &BYTES_INGESTED, &p),
             oversize: counter(&recorder, &OVERSIZE, &p),
@@ -361,6 +365,12 @@ impl PilotMetrics {
             let _registered = m.command_histogram(command);
         }
         m
+    }
+
+    fn set_last_success(&self, at: f64) {
+        self.last_success_value
+            .store(at.to_bits(), Ordering::Relaxed);
+        self.last_success.set(at);
     }
 
     fn error_counter(&self, reason: &str) -> Counter {
@@ -394,7 +404,7 @@ impl PilotMetrics {
         match error_reason {
             None => {
                 self.up.set(1.0);
-                self.last_success.set(unix_seconds(SystemTime::now()));
+                self.set_last_success(unix_seconds(SystemTime::now()));
             }
             Some(reason) => {
                 self.up.set(0.0);
@@ -631,13 +641,15 @@ impl Metrics {
         queue: &str,
         last_success: Option<SystemTime>,
     ) -> PilotMetrics {
-        let handle = self.pilot_metrics(pilot, queue);
-        let known = self
-            .value(&LAST_SUCCESS, &[&pilot.to_string(), queue])
-            .unwrap_or(0.0);
+        let mut state = self.lock();
+        let handle = match state.pilots.get(&pilot) {
+            Some(loaded) if loaded.queue == queue => loaded.clone(),
+            _ => self.pilot_metrics(pilot, queue),
+        };
+        let known = f64::from_bits(handle.last_success_value.load(Ordering::Relaxed));
         let from_db = last_success.map(unix_seconds).unwrap_or(0.0);
-        handle.last_success.set(known.max(from_db));
-        self.lock().pilots.insert(pilot, handle.clone());
+        handle.set_last_success(known.max(from_db));
+        state.pilots.insert(pilot, handle.clone());
         handle
     }
 
@@ -961,6 +973,17 @@ mod tests {
         m.pilot_loaded(3, "support", None);
         assert_eq!(m.value(&MESSAGES_INGESTED, &["3", "sales"]), None);
         assert_eq!(m.value(&MESSAGES_INGESTED, &["3", "support"]), Some(0.0));
+    }
+
+    #[test]
+    fn a_reload_does_not_move_the_last_success_back_to_the_database_value() {
+        let m = Metrics::new();
+        m.pilot_loaded(5, "q", None)
+            .poll_finished(Duration::from_millis(1), Some(0), None);
+        let polled = m.value(&LAST_SUCCESS, &["5", "q"]).unwrap_or(0.0);
+        assert!(polled > 1e9, "{polled}");
+        m.pilot_loaded(5, "q", Some(UNIX_EPOCH + Duration::from_secs(1000)));
+        assert_eq!(m.value(&LAST_SUCCESS, &["5", "q"]), Some(polled));
     }
 
     #[test]
