@@ -40,7 +40,8 @@ pub async fn refresh_from_database(pool: &PgPool, metrics: &Metrics) -> Result<(
     Ok(())
 }
 
-/// Refreshes the database gauges of [`telemetry::global()`] every `interval` until `cancel`.
+/// Refreshes the database gauges of [`telemetry::global()`] every `interval` until `cancel`,
+/// and runs the registry's upkeep on the same tick.
 pub async fn refresh_loop(pool: PgPool, interval: Duration, cancel: CancellationToken) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -49,6 +50,7 @@ pub async fn refresh_loop(pool: PgPool, interval: Duration, cancel: Cancellation
             _ = cancel.cancelled() => return,
             _ = ticker.tick() => {}
         }
+        telemetry::global().upkeep();
         if let Err(e) = refresh_from_database(&pool, telemetry::global()).await {
             telemetry::global().refresh_failed();
             tracing::warn!(error = %e, "could not read work-item gauges from the database");

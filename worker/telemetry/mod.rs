@@ -748,6 +748,13 @@ impl Metrics {
         state.refreshed.insert(OLDEST_QUEUED_AGE.name, ages);
     }
 
+    /// Folds the histogram samples recorded since the last scrape into their buckets. The
+    /// exporter keeps raw samples until then, so without a scrape they would pile up; the
+    /// gauge refresh calls this on every tick.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     /// A periodic database read failed.
     pub fn refresh_failed(&self) {
         self.refresh_errors.increment(1);
