@@ -288,6 +288,7 @@ async fn pipeline(sim: &SimChild, config: &Config, url: &str) -> anyhow::Result<
         keep_on_server: false,
         max_message_bytes: MAX_MESSAGE,
         poll_interval: Duration::from_secs(60),
+        metrics: crate::telemetry::global().pilot_metrics(row.id, &row.queue),
     };
     let limits = IngestLimits {
         max_messages_per_poll: usize::MAX,

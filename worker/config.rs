@@ -203,6 +203,10 @@ pub struct HttpConfig {
     /// Any connection is closed after this long (after the request in progress).
     #[serde(with = "secs")]
     pub max_connection_lifetime_secs: Duration,
+    /// The database gauges of /metrics (work items, oldest queued age, client-secret expiry)
+    /// are read this often, never on a scrape.
+    #[serde(with = "secs")]
+    pub gauge_refresh_secs: Duration,
 }
 
 /// Log output format.
@@ -292,6 +296,7 @@ impl Default for HttpConfig {
             header_read_timeout_secs: Duration::from_secs(10),
             idle_timeout_secs: Duration::from_secs(60),
             max_connection_lifetime_secs: Duration::from_secs(600),
+            gauge_refresh_secs: Duration::from_secs(15),
         }
     }
 }
@@ -515,6 +520,7 @@ impl Config {
                 "http.max_connection_lifetime_secs",
                 self.http.max_connection_lifetime_secs,
             ),
+            ("http.gauge_refresh_secs", self.http.gauge_refresh_secs),
         ];
         for (key, value) in at_least_a_second {
             if value < Duration::from_secs(1) {
@@ -1098,6 +1104,11 @@ mod tests {
                 "oauth.allowed_authorities",
             ),
             ("CCMAIL_HTTP_MAX_CONNECTIONS", "0", "http.max_connections"),
+            (
+                "CCMAIL_HTTP_GAUGE_REFRESH_SECS",
+                "0",
+                "http.gauge_refresh_secs",
+            ),
         ] {
             let e = Config::from_sources(toml::Table::new(), "defaults", &env(&[(var, value)]))
                 .unwrap_err();

@@ -436,10 +436,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             addr,
             timeout_secs,
         } => {
-            let addr = addr.unwrap_or_else(|| ccmail::metrics::probe_address(&config.http.listen));
+            let addr =
+                addr.unwrap_or_else(|| ccmail::telemetry::probe_address(&config.http.listen));
             let path = if ready { "/readyz" } else { "/healthz" };
             let body =
-                ccmail::metrics::probe(&addr, path, Duration::from_secs(timeout_secs)).await?;
+                ccmail::telemetry::probe(&addr, path, Duration::from_secs(timeout_secs)).await?;
             println!("{body}");
             Ok(())
         }
@@ -555,15 +556,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "HTTP listener has no local address"),
     }
     let http_stop = CancellationToken::new();
-    let http = tokio::spawn(ccmail::metrics::serve(
+    let http = tokio::spawn(ccmail::telemetry::serve(
         listener,
-        pool.clone(),
-        ccmail::metrics::HttpLimits::from(&config.http),
+        ccmail::ingest::observe::readiness(pool.clone()),
+        ccmail::telemetry::HttpLimits::from_config(&config.http),
         http_stop.clone(),
     ));
-    tokio::spawn(ccmail::metrics::refresh_loop(
+    tokio::spawn(ccmail::ingest::observe::refresh_loop(
         pool.clone(),
-        Duration::from_secs(15),
+        config.http.gauge_refresh_secs,
         http_stop.clone(),
     ));
     store::migrate(&pool).await?;

@@ -707,9 +707,10 @@ impl TokenCache {
                 slot.last_error = None;
                 slot.failures = 0;
                 slot.next_attempt = None;
-                crate::metrics::global().token_request(
-                    &app.key,
-                    crate::metrics::TokenOutcome::Issued(token.expires_at_wall),
+                crate::telemetry::global().token_request(
+                    &app.key.telemetry_id(),
+                    &app.key.client_id,
+                    crate::telemetry::TokenOutcome::Issued(token.expires_at_wall),
                     0,
                 );
                 Ok(token)
@@ -723,9 +724,10 @@ impl TokenCache {
                 };
                 let wait = backoff(base, self.policy.max_backoff, slot.failures);
                 slot.next_attempt = Some(Instant::now() + wait);
-                crate::metrics::global().token_request(
-                    &app.key,
-                    crate::metrics::TokenOutcome::Failed {
+                crate::telemetry::global().token_request(
+                    &app.key.telemetry_id(),
+                    &app.key.client_id,
+                    crate::telemetry::TokenOutcome::Failed {
                         transient: error.is_transient(),
                     },
                     slot.failures,

@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use secrecy::ExposeSecret;
 
-use ccmail::metrics;
 use ccmail::sim::mailgen::{Kind, MailGen};
+use ccmail::telemetry;
 
 use crate::metrics::{free_port, wait_for};
 use crate::support::child::CcmailChild;
@@ -108,7 +108,7 @@ async fn idle_connections_beyond_the_cap_exhaust_nothing_and_stop_neither_health
     }
     child.assert_running()?;
 
-    let health = metrics::probe(&addr, "/healthz", Duration::from_secs(10))
+    let health = telemetry::probe(&addr, "/healthz", Duration::from_secs(10))
         .await
         .with_context(|| format!("/healthz during the flood; output:\n{}", child.output()))?;
     ensure!(health == "ok", "{health}");
@@ -171,7 +171,7 @@ async fn a_low_soft_open_file_limit_is_raised_to_the_hard_limit_at_start() -> an
     wait_for("/healthz", Duration::from_secs(30), || {
         let addr = addr.clone();
         async move {
-            metrics::probe(&addr, "/healthz", Duration::from_secs(2))
+            telemetry::probe(&addr, "/healthz", Duration::from_secs(2))
                 .await
                 .ok()
         }
@@ -195,7 +195,7 @@ async fn a_low_soft_open_file_limit_is_raised_to_the_hard_limit_at_start() -> an
     world.finish().await
 }
 
-/// The listener of [`metrics::serve`] on an ephemeral port with `limits`, over a fresh
+/// The listener of [`telemetry::serve`] on an ephemeral port with `limits`, over a fresh
 /// database; `stop` ends it.
 struct Listener {
     addr: String,
@@ -205,14 +205,14 @@ struct Listener {
 }
 
 impl Listener {
-    async fn start(limits: metrics::HttpLimits) -> anyhow::Result<Listener> {
+    async fn start(limits: telemetry::HttpLimits) -> anyhow::Result<Listener> {
         let db = ccmail::store::testing::TestDb::new().await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?.to_string();
         let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(metrics::serve(
+        let task = tokio::spawn(telemetry::serve(
             listener,
-            db.pool().clone(),
+            ccmail::ingest::observe::readiness(db.pool().clone()),
             limits,
             stop.clone(),
         ));
@@ -225,7 +225,7 @@ impl Listener {
     }
 
     async fn healthz(&self) -> anyhow::Result<()> {
-        let body = metrics::probe(&self.addr, "/healthz", Duration::from_secs(10)).await?;
+        let body = telemetry::probe(&self.addr, "/healthz", Duration::from_secs(10)).await?;
         ensure!(body == "ok", "{body}");
         Ok(())
     }
@@ -238,8 +238,8 @@ impl Listener {
     }
 }
 
-fn limits(header_read: u64, idle: u64, lifetime: u64, max: usize) -> metrics::HttpLimits {
-    metrics::HttpLimits {
+fn limits(header_read: u64, idle: u64, lifetime: u64, max: usize) -> telemetry::HttpLimits {
+    telemetry::HttpLimits {
         max_connections: max,
         header_read_timeout: Duration::from_secs(header_read),
         idle_timeout: Duration::from_secs(idle),

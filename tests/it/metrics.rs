@@ -15,13 +15,13 @@ use anyhow::{Context, bail, ensure};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::process::{Child, Command};
 
-use ccmail::metrics;
 use ccmail::secrets::MasterKey;
 use ccmail::sim::cert::TestCa;
 use ccmail::sim::entra::{EntraSim, SimApp};
 use ccmail::sim::mailgen::MailGen;
 use ccmail::sim::pop3::Pop3Sim;
 use ccmail::store::{self, testing::TestDb};
+use ccmail::telemetry;
 
 /// The repository root (dashboards/, RUNBOOK.md).
 pub(crate) fn repo_path(rel: &str) -> PathBuf {
@@ -151,7 +151,7 @@ impl WorkerRun {
         std::fs::write(
             &config_path,
             format!(
-                "[database]\nurl = {:?}\n\n[http]\nlisten = \"{http}\"\n\n[oauth]\nextra_ca_file = {:?}\n\
+                "[database]\nurl = {:?}\n\n[http]\nlisten = \"{http}\"\ngauge_refresh_secs = 1\n\n[oauth]\nextra_ca_file = {:?}\n\
                  allowed_authorities = [{:?}]\n\n\
                  [pop3]\nallowed_xoauth2_hosts = [\"127.0.0.1\"]\n\n\
                  [worker]\nreload_interval_secs = 1\ninitial_backoff_secs = 1\nmax_backoff_secs = 2\n\n\
@@ -181,7 +181,7 @@ impl WorkerRun {
         wait_for("the worker's /healthz", Duration::from_secs(30), || {
             let addr = addr.clone();
             async move {
-                metrics::probe(&addr, "/healthz", Duration::from_secs(2))
+                telemetry::probe(&addr, "/healthz", Duration::from_secs(2))
                     .await
                     .ok()
             }
@@ -256,10 +256,10 @@ impl WorkerRun {
 
     /// The `/metrics` text.
     pub async fn scrape(&self) -> anyhow::Result<String> {
-        Ok(metrics::probe(&self.http.to_string(), "/metrics", Duration::from_secs(5)).await?)
+        Ok(telemetry::probe(&self.http.to_string(), "/metrics", Duration::from_secs(5)).await?)
     }
 
-    /// Waits until a scrape satisfies `ok` (the database gauges refresh every 15 s).
+    /// Waits until a scrape satisfies `ok` (the database gauges refresh every second).
     pub async fn scrape_until(
         &self,
         what: &str,
@@ -525,9 +525,9 @@ async fn every_dashboard_and_alert_metric_is_in_the_running_workers_output() -> 
 
     // Every declared metric has samples.
     let names = sample_names(&text);
-    for def in metrics::ALL {
+    for def in telemetry::ALL {
         let present = match def.kind {
-            metrics::Kind::Histogram => names.contains(&format!("{}_bucket", def.name)),
+            telemetry::Kind::Histogram => names.contains(&format!("{}_bucket", def.name)),
             _ => names.contains(def.name),
         };
         ensure!(
@@ -588,7 +588,7 @@ async fn every_dashboard_and_alert_metric_is_in_the_running_workers_output() -> 
     );
 
     // Health endpoints and the healthcheck command.
-    let ready = metrics::probe(&run.http.to_string(), "/readyz", Duration::from_secs(5)).await?;
+    let ready = telemetry::probe(&run.http.to_string(), "/readyz", Duration::from_secs(5)).await?;
     ensure!(ready == "ready", "{ready}");
     let (ok, out) = run.healthcheck(&[]).await?;
     ensure!(ok && out.trim() == "ok", "healthcheck: {out}");
@@ -634,20 +634,20 @@ async fn readyz_reports_missing_migrations_and_healthz_stays_up() -> anyhow::Res
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let stop = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(metrics::serve(
+    let server = tokio::spawn(telemetry::serve(
         listener,
-        db.pool().clone(),
-        metrics::HttpLimits::default(),
+        ccmail::ingest::observe::readiness(db.pool().clone()),
+        telemetry::HttpLimits::default(),
         stop.clone(),
     ));
 
-    let ready = metrics::probe(&addr, "/readyz", Duration::from_secs(5)).await?;
+    let ready = telemetry::probe(&addr, "/readyz", Duration::from_secs(5)).await?;
     ensure!(ready == "ready", "{ready}");
     sqlx::query("delete from _sqlx_migrations")
         .execute(db.pool())
         .await?;
-    match metrics::probe(&addr, "/readyz", Duration::from_secs(5)).await {
-        Err(metrics::ProbeError::Status {
+    match telemetry::probe(&addr, "/readyz", Duration::from_secs(5)).await {
+        Err(telemetry::ProbeError::Status {
             status: 503, body, ..
         }) => ensure!(
             body.contains("migrations not applied: 1") && body.contains("ccmail migrate"),
@@ -655,8 +655,8 @@ async fn readyz_reports_missing_migrations_and_healthz_stays_up() -> anyhow::Res
         ),
         other => bail!("expected 503 for missing migrations, got {other:?}"),
     }
-    ensure!(metrics::probe(&addr, "/healthz", Duration::from_secs(5)).await? == "ok");
-    let text = metrics::probe(&addr, "/metrics", Duration::from_secs(5)).await?;
+    ensure!(telemetry::probe(&addr, "/healthz", Duration::from_secs(5)).await? == "ok");
+    let text = telemetry::probe(&addr, "/metrics", Duration::from_secs(5)).await?;
     ensure!(text.contains("# TYPE ccmail_poll_duration_seconds histogram"));
     ensure!(text.contains(&format!(
         "ccmail_build_info{{version=\"{}\"}} 1",

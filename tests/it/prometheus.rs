@@ -245,7 +245,7 @@ async fn a_real_prometheus_scrapes_the_worker_and_every_dashboard_query_returns_
             },
         )
         .await?;
-        // The database gauges refresh every 15 s: wait until a scrape saw the backlog.
+        // The database gauges refresh every second: wait until a scrape saw the backlog.
         wait_for(
             "work-item gauges in Prometheus",
             Duration::from_secs(45),

@@ -1,6 +1,7 @@
 //! Ingest: parsing messages and moving them from a maildrop into PostgreSQL.
 
 pub mod identity;
+pub mod observe;
 pub mod parse;
 pub mod pilot;
 pub mod poller;

@@ -54,6 +54,8 @@ pub struct Pilot {
     pub keep_on_server: bool,
     pub max_message_bytes: usize,
     pub poll_interval: Duration,
+    /// The pilot's series, labelled with its id and queue.
+    pub metrics: crate::telemetry::PilotMetrics,
 }
 
 /// Why a pilot cannot be started.
@@ -264,6 +266,7 @@ pub fn resolve(
         keep_on_server: row.keep_on_server,
         max_message_bytes: usize::try_from(row.max_message_bytes).unwrap_or(usize::MAX),
         poll_interval: row.poll_interval,
+        metrics: crate::telemetry::global().pilot_metrics(id, &row.queue),
     })
 }
 

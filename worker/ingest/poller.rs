@@ -39,11 +39,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ingest::identity::{self, Identity};
 use crate::ingest::parse::{self, ParseLimits, ParsedMail};
-use crate::metrics;
 use crate::model::Flag;
 use crate::oauth::{OAuthError, TokenCache};
 use crate::pop3::{self, Client, Session, Stream};
 use crate::store::{self, Inserted, KnownUidl, StoreError, StoredCopy};
+use crate::telemetry as metrics;
 
 pub use crate::ingest::pilot::{Login, Login as PilotAuth, Pilot};
 
@@ -469,7 +469,7 @@ pub async fn poll_once(
                         Some(false) => {
                             checks_progressed = true;
                             report.untrusted_uidls += 1;
-                            metrics::global().ingest_error(pilot.id, "untrusted_uidl");
+                            pilot.metrics.ingest_error("untrusted_uidl");
                             tracing::warn!(pilot = pilot.id, uidl = %uidl, "the server lists a stored message's UIDL for different mail; storing that mail by its identity");
                             (None, 0, true, false)
                         }
@@ -477,7 +477,7 @@ pub async fn poll_once(
                 }
                 Plan::Untrusted { why } => {
                     report.untrusted_uidls += 1;
-                    metrics::global().ingest_error(pilot.id, "untrusted_uidl");
+                    pilot.metrics.ingest_error("untrusted_uidl");
                     tracing::debug!(pilot = pilot.id, message = number, problem = %why, "UIDL not trusted; the message is known by its identity");
                     // Only a check that leads somewhere counts against the budget: messages of a
                     // keep-on-server pilot, stored already, must not crowd out the others.
@@ -543,7 +543,7 @@ pub async fn poll_once(
                     }
                     Err(e) => {
                         report.retr_failures += 1;
-                        metrics::global().ingest_error(pilot.id, "retr");
+                        pilot.metrics.ingest_error("retr");
                         let attempts = match &key {
                             Some(key) => {
                                 let mut conn = pool.acquire().await.map_err(StoreError::from)?;
@@ -862,6 +862,7 @@ impl<'a> Pipeline<'a> {
             pilot_id: self.pilot.id,
             queue: self.pilot.queue.clone(),
             keep_on_server: self.pilot.keep_on_server,
+            metrics: self.pilot.metrics.clone(),
         };
         self.inflight.spawn(commit_batch(pool, target, batch));
     }
@@ -950,6 +951,7 @@ struct Target {
     pilot_id: i64,
     queue: String,
     keep_on_server: bool,
+    metrics: metrics::PilotMetrics,
 }
 
 /// Stores a batch in one transaction. An error means the commit's outcome is unknown: the
@@ -972,8 +974,7 @@ async fn commit_batch(
         other => other?,
     };
     // Counted here, at the commit, so a poll that fails later neither loses nor doubles them.
-    metrics::global().messages_stored(
-        target.pilot_id,
+    target.metrics.messages_stored(
         committed.stored,
         committed.stored_octets,
         committed.parse_errors,
@@ -1008,7 +1009,7 @@ async fn store_batch(
                 Err(e) if !e.is_transient() => {
                     savepoint.rollback().await.map_err(StoreError::from)?;
                     out.store_fallbacks += 1;
-                    metrics::global().ingest_error(target.pilot_id, "store");
+                    target.metrics.ingest_error("store");
                     tracing::warn!(pilot = target.pilot_id, key = %ready.fetched.key, error = %e, "the database refused this message's parsed fields; storing it raw and flagged");
                     store_raw(&mut tx, target, ready, &e).await?
                 }
@@ -1151,6 +1152,6 @@ async fn store_raw(
 async fn timed<T>(pilot: &Pilot, command: &str, step: impl Future<Output = T>) -> T {
     let started = std::time::Instant::now();
     let out = step.await;
-    metrics::global().pop3_command(pilot.id, command, started.elapsed());
+    pilot.metrics.pop3_command(command, started.elapsed());
     out
 }

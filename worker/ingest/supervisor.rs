@@ -26,12 +26,12 @@ use tracing::Instrument as _;
 
 pub use crate::ingest::pilot::{ResolveError, app_credentials, resolve_pilot};
 use crate::ingest::poller::{self, IngestLimits, Pilot, PollReport};
-use crate::metrics;
 use crate::oauth::{self, TokenCache};
 use crate::pop3::Timeouts;
 use crate::retry::Retry;
 use crate::secrets::{self, CredentialPolicy, MasterKey};
 use crate::store::{self, AppRow, ConfigListener, PgPool, PilotRow};
+use crate::telemetry as metrics;
 
 /// Pacing and limits for every poller.
 #[derive(Debug, Clone)]
@@ -201,22 +201,23 @@ impl Supervisor {
             }
             store::enabled_pilots_with_apps(&mut conn).await?
         };
-        let mut wanted: HashMap<i64, (String, PilotRow, Option<AppRow>)> = HashMap::new();
+        let mut wanted: HashMap<i64, (String, PilotRow, Option<AppRow>, metrics::PilotMetrics)> =
+            HashMap::new();
         for (pilot, app) in rows {
             if self.only.as_ref().is_some_and(|o| !o.contains(&pilot.id)) {
                 continue;
             }
             let fingerprint = fingerprint(&pilot, app.as_ref());
             // Series exist from the moment the pilot is loaded, even if it cannot start.
-            metrics::global().pilot_loaded(
+            let handle = metrics::global().pilot_loaded(
                 pilot.id,
                 &pilot.queue,
                 pilot.last_success_at.map(std::time::SystemTime::from),
             );
             if let Some(app) = &app {
-                metrics::global().app_loaded(&app.token_key(), &app.name);
+                metrics::global().app_loaded(&app.token_key().telemetry_id(), &app.name);
             }
-            wanted.insert(pilot.id, (fingerprint, pilot, app));
+            wanted.insert(pilot.id, (fingerprint, pilot, app, handle));
         }
         metrics::global().retain_pilots(&wanted.keys().copied().collect());
         running.retain(|id, r| {
@@ -230,7 +231,7 @@ impl Supervisor {
             }
             keep
         });
-        for (id, (fingerprint, row, app)) in wanted {
+        for (id, (fingerprint, row, app, handle)) in wanted {
             if running.contains_key(&id) {
                 continue;
             }
@@ -241,10 +242,14 @@ impl Supervisor {
                 &self.settings.credentials,
                 self.settings.timeouts,
             ) {
-                Ok(p) => p,
+                // The loaded handle: the one that remembers the last success across reloads.
+                Ok(p) => Pilot {
+                    metrics: handle.clone(),
+                    ..p
+                },
                 Err(e) => {
                     tracing::error!(pilot = id, error = %e, retry = ?e.retry(), "pilot cannot start");
-                    metrics::global().ingest_error(id, "config");
+                    handle.ingest_error("config");
                     // A row that breaks the schema's limits cannot even take its error: log
                     // it and go on, so one bad row never keeps the other pilots from starting.
                     let mut conn = self.pool.acquire().await?;
@@ -388,7 +393,9 @@ async fn pilot_loop(
         let took = started.elapsed();
         let delay = match result {
             Ok(report) => {
-                metrics::global().poll_finished(pilot.id, took, Some(report.on_server), None);
+                pilot
+                    .metrics
+                    .poll_finished(took, Some(report.on_server), None);
                 failures = 0;
                 if report.stored > 0 || report.deleted > 0 {
                     tracing::info!(
@@ -416,7 +423,7 @@ async fn pilot_loop(
                 })
             }
             Err(e) => {
-                metrics::global().poll_finished(pilot.id, took, None, Some(e.reason()));
+                pilot.metrics.poll_finished(took, None, Some(e.reason()));
                 failures = failures.saturating_add(1);
                 let retry = e.retry();
                 // None: not until the pilot's settings change (the reload that brings the

@@ -58,6 +58,14 @@ pub struct AppKey {
 }
 
 impl AppKey {
+    /// The key as one string, the opaque id telemetry knows this app by.
+    pub fn telemetry_id(&self) -> String {
+        format!(
+            "{}\n{}\n{}\n{}",
+            self.authority, self.tenant, self.client_id, self.scope
+        )
+    }
+
     /// `{authority}/{tenant}/oauth2/v2.0/token`.
     pub fn token_url(&self) -> String {
         format!(
