@@ -6,7 +6,9 @@
 //! outside text safe for terminals and logs; [`model`] is the plain data every layer shares
 //! (parsed mail, pilot facts, defaults, work-item words) and imports no other layer.
 
+pub mod app;
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod display;

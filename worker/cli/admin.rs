@@ -1,5 +1,5 @@
-//! Handlers of `ccmail app …`, `ccmail pilot …` and `ccmail doctor` (part of the binary; the
-//! validation, views and diagnosis live in the library's `admin` and `doctor` modules).
+//! Handlers of `ccmail app …`, `ccmail pilot …` and `ccmail doctor`: they read what the
+//! user typed, then call the validation, views and diagnosis of [`crate::ops`] and the store.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,16 +7,16 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use secrecy::SecretString;
 
-use ccmail::config::Config;
-use ccmail::ingest::pilot;
-use ccmail::oauth::{self, AppCredentials, AppKey, Credential};
-use ccmail::ops::admin::{self, AppView, Cloud, PilotView, key_values, or_dash, table};
-use ccmail::ops::doctor::{self, Login, Target};
-use ccmail::pop3::TlsMode;
-use ccmail::secrets::{self, CredentialPolicy, Owner, SecretRef};
-use ccmail::store::{self, PgPool};
+use crate::config::Config;
+use crate::ingest::pilot;
+use crate::oauth::{self, AppCredentials, AppKey, Credential};
+use crate::ops::admin::{self, AppView, Cloud, PilotView, key_values, or_dash, table};
+use crate::ops::doctor::{self, Login, Target};
+use crate::pop3::TlsMode;
+use crate::secrets::{self, CredentialPolicy, Owner, SecretRef};
+use crate::store::{self, PgPool};
 
-use crate::{
+use super::{
     AppCommand, CertificateSource, CloudArgs, DoctorArgs, ExitWith, PilotCommand, PilotSettings,
     SecretSource, init_logs, read_secret, seal_for, secret_input, stored_input, stored_secret,
 };
@@ -96,10 +96,10 @@ fn read_certificate_files(
     let (Some(cert_path), Some(key_path)) = (&source.certificate, &source.private_key_file) else {
         return Ok(None);
     };
-    let pem = ccmail::secrets::read_secret_file(cert_path, None)
+    let pem = crate::secrets::read_secret_file(cert_path, None)
         .with_context(|| format!("reading the certificate {}", cert_path.display()))?;
     let key = SecretString::from(
-        ccmail::secrets::read_secret_file(key_path, None)
+        crate::secrets::read_secret_file(key_path, None)
             .with_context(|| format!("reading the private key {}", key_path.display()))?,
     );
     Ok(Some((pem, key)))
@@ -312,7 +312,7 @@ pub(crate) async fn app_command(config: &Config, cmd: AppCommand) -> anyhow::Res
                          configure {} (or secrets.master_key_file) and run the command again, or first store \
                          the credential as a reference with `ccmail app rotate-secret {} --secret-env NAME`",
                         row.name,
-                        ccmail::config::MASTER_KEY_ENV,
+                        crate::config::MASTER_KEY_ENV,
                         row.name
                     );
                 };
@@ -406,7 +406,7 @@ fn apply_settings(pilot: &mut store::NewPilot, settings: &PilotSettings) -> anyh
     }
     if let Some(path) = &settings.ca_bundle {
         admin::validate_text(store::limits::CA_BUNDLE, &path.display().to_string())?;
-        ccmail::tls::read_pem_bundle(path)?;
+        crate::tls::read_pem_bundle(path)?;
         pilot.ca_bundle = Some(path.display().to_string());
     }
     if let Some(secs) = settings.poll_interval {
@@ -543,10 +543,10 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
                 let target = pilot_target(config, &pilot, app_row.as_ref(), None, None)?;
                 let report = doctor::diagnose(
                     &target,
-                    &ccmail::oauth::TokenSourceOptions::from_config(&config.oauth)?,
+                    &crate::oauth::TokenSourceOptions::from_config(&config.oauth)?,
                 )
                 .await;
-                print!("{}", ccmail::display::escape_lines(&report.render()));
+                print!("{}", crate::display::escape_lines(&report.render()));
                 if report.failure.is_some() {
                     eprintln!("pilot not saved: fix the failing step and run the command again");
                     return Err(ExitWith(report.exit_code()).into());
@@ -710,7 +710,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
                          or give the password in the same command (--secret-stdin, --secret-file PATH \
                          or --secret-env NAME)",
                         row.id,
-                        ccmail::config::MASTER_KEY_ENV
+                        crate::config::MASTER_KEY_ENV
                     );
                 };
                 let credential = secrets::rebind(credential, &key, &from, &to)
@@ -784,8 +784,8 @@ fn pilot_target(
 }
 
 /// The configured POP3 deadlines, each replaced by `--timeout` when given.
-fn doctor_timeouts(config: &Config, timeout: Option<u64>) -> ccmail::pop3::Timeouts {
-    let mut timeouts = ccmail::pop3::Timeouts::from(&config.pop3);
+fn doctor_timeouts(config: &Config, timeout: Option<u64>) -> crate::pop3::Timeouts {
+    let mut timeouts = crate::pop3::Timeouts::from(&config.pop3);
     if let Some(secs) = timeout {
         let t = Duration::from_secs(secs);
         timeouts.connect = t;
@@ -801,13 +801,13 @@ pub(crate) async fn doctor_command(config: &Config, args: DoctorArgs) -> anyhow:
     let target = doctor_target(config, &args).await?;
     let report = doctor::diagnose(
         &target,
-        &ccmail::oauth::TokenSourceOptions::from_config(&config.oauth)?,
+        &crate::oauth::TokenSourceOptions::from_config(&config.oauth)?,
     )
     .await;
     if args.json {
         print_json(&report)?;
     } else {
-        print!("{}", ccmail::display::escape_lines(&report.render()));
+        print!("{}", crate::display::escape_lines(&report.render()));
     }
     match report.exit_code() {
         0 => Ok(()),
