@@ -12,9 +12,8 @@ use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use sqlx::PgConnection;
 
-use super::credentials::check_credential;
 use super::error::{StoreError, db_error, map_check, sqlstate};
-use super::text_limits::limits;
+use super::text_limits::{check_credential, limits};
 use crate::model::AssertionAlg;
 use crate::secrets::{MasterKey, Owner, SecretError, describe_stored};
 

@@ -13,23 +13,8 @@ use sqlx::PgConnection;
 use super::apps::AppRow;
 use super::error::{StoreError, map_check};
 use super::pilots::{PilotAuth, list_pilots};
+use super::text_limits::check_credential;
 use crate::secrets::{Owner, SealedForm, SecretRef};
-
-/// Refuses credentials in no recognised form before they reach the database, with the
-/// explanation of the three accepted forms (the database refuses them too).
-pub(super) fn check_credential(field: &'static str, stored: &str) -> Result<(), StoreError> {
-    let invalid = |err: crate::secrets::SecretError| StoreError::InvalidInput {
-        field,
-        reason: err.to_string(),
-    };
-    match SecretRef::parse(stored).map_err(invalid)? {
-        // Whatever the settings allow, these names are never a reference (the schema agrees).
-        SecretRef::Env(name) if crate::secrets::is_reserved_env(&name) => {
-            Err(invalid(crate::secrets::SecretError::EnvReserved { name }))
-        }
-        _ => Ok(()),
-    }
-}
 
 /// Where a stored credential lives: an OAuth app or a USER/PASS pilot.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

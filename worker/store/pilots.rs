@@ -13,9 +13,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::apps::AppRow;
-use super::credentials::check_credential;
 use super::error::{StoreError, db_error, map_check, sqlstate};
-use super::text_limits::limits;
+use super::text_limits::{check_credential, limits};
 use crate::model::defaults::{
     DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLL_INTERVAL, DEFAULT_PORT,
 };

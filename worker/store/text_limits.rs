@@ -1,9 +1,27 @@
-//! Limits on admin-set texts (apps' and pilots' names, hosts, mailboxes, ...), checked here
-//! with a clear message before the schema's `*_limits` check constraints refuse them.
+//! Checks on what admins set, shared by the apps and pilots tables: limits on texts (names,
+//! hosts, mailboxes, ...) and the form of a stored credential, checked here with a clear
+//! message before the schema's check constraints refuse them.
 //!
 //! Invariant: every number here equals the one in migration 0007's constraints.
 
 use super::error::StoreError;
+use crate::secrets::SecretRef;
+
+/// Refuses credentials in no recognised form before they reach the database, with the
+/// explanation of the three accepted forms (the database refuses them too).
+pub(super) fn check_credential(field: &'static str, stored: &str) -> Result<(), StoreError> {
+    let invalid = |err: crate::secrets::SecretError| StoreError::InvalidInput {
+        field,
+        reason: err.to_string(),
+    };
+    match SecretRef::parse(stored).map_err(invalid)? {
+        // Whatever the settings allow, these names are never a reference (the schema agrees).
+        SecretRef::Env(name) if crate::secrets::is_reserved_env(&name) => {
+            Err(invalid(crate::secrets::SecretError::EnvReserved { name }))
+        }
+        _ => Ok(()),
+    }
+}
 
 /// A limit on an admin-set text: at most `max_chars` characters, none of them a control
 /// character or a bidirectional override ([`crate::display::is_unsafe`]). The schema holds the
