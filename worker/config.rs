@@ -380,10 +380,10 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    /// Always [`Retry::Never`](crate::retry::Retry::Never): settings are read once, so only
+    /// Always [`Retry::Never`](crate::model::retry::Retry::Never): settings are read once, so only
     /// a restart with corrected settings helps.
-    pub fn retry(&self) -> crate::retry::Retry {
-        crate::retry::Retry::Never
+    pub fn retry(&self) -> crate::model::retry::Retry {
+        crate::model::retry::Retry::Never
     }
 }
 

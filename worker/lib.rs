@@ -17,7 +17,6 @@ pub mod model;
 pub mod oauth;
 pub mod ops;
 pub mod pop3;
-pub mod retry;
 pub mod secrets;
 pub mod sim;
 pub mod soak;

@@ -230,14 +230,14 @@ impl OAuthError {
         !self.is_transient()
     }
 
-    /// The supervisor's decision (see [`crate::retry`]): [`Retry::Soon`] when
+    /// The supervisor's decision (see [`crate::model::retry`]): [`Retry::Soon`] when
     /// [`OAuthError::is_transient`], else [`Retry::Slowly`]: an AADSTS configuration error is
     /// fixed in Entra, not in ccmail's settings, and a signing or clock failure may clear.
-    pub fn retry(&self) -> crate::retry::Retry {
+    pub fn retry(&self) -> crate::model::retry::Retry {
         if self.is_transient() {
-            crate::retry::Retry::Soon
+            crate::model::retry::Retry::Soon
         } else {
-            crate::retry::Retry::Slowly
+            crate::model::retry::Retry::Slowly
         }
     }
 

@@ -231,16 +231,16 @@ pub enum SecretError {
 }
 
 impl SecretError {
-    /// The retry decision (see [`crate::retry`]): [`Retry::Slowly`] when the secret's file
+    /// The retry decision (see [`crate::model::retry`]): [`Retry::Slowly`] when the secret's file
     /// or variable may appear or become readable without a settings change (a missing or
     /// unreadable file, one that is not text, an empty value, an unset variable); [`Retry::Never`] for everything
     /// else: a wrong or missing key, a value sealed for another row, a policy refusal, which
     /// only new settings or a secret stored again fix.
     ///
-    /// [`Retry::Slowly`]: crate::retry::Retry::Slowly
-    /// [`Retry::Never`]: crate::retry::Retry::Never
-    pub fn retry(&self) -> crate::retry::Retry {
-        use crate::retry::Retry;
+    /// [`Retry::Slowly`]: crate::model::retry::Retry::Slowly
+    /// [`Retry::Never`]: crate::model::retry::Retry::Never
+    pub fn retry(&self) -> crate::model::retry::Retry {
+        use crate::model::retry::Retry;
         match self {
             SecretError::KeyFile { .. }
             | SecretError::EnvMissing { .. }

@@ -105,7 +105,7 @@ async fn reset_in_the_middle_of_retr_sends_no_dele_and_the_next_poll_recovers() 
         .err()
         .context("a reset mid-RETR must fail the poll")?;
     ensure!(
-        error.retry() == ccmail::retry::Retry::Soon,
+        error.retry() == ccmail::model::retry::Retry::Soon,
         "a reset is transient: {error}"
     );
     ensure!(proxy.faults() == 1, "the reset fired once");
@@ -140,7 +140,10 @@ async fn a_stalled_connection_hits_the_idle_deadline_without_dele_and_recovers()
         matches!(error, PollError::Pop3(ccmail::pop3::Error::Timeout { .. })),
         "a stall ends at a deadline: {error}"
     );
-    ensure!(error.retry() == ccmail::retry::Retry::Soon, "{error}");
+    ensure!(
+        error.retry() == ccmail::model::retry::Retry::Soon,
+        "{error}"
+    );
     let commands = world.pop.commands();
     ensure!(
         with_verb(&commands, "DELE").is_empty(),
@@ -324,7 +327,7 @@ async fn commit_outcome_unknown(cut: CommitCut, name: &str) -> anyhow::Result<()
         .err()
         .context("a commit cut must fail the poll: its outcome is unknown")?;
     ensure!(
-        error.retry() == ccmail::retry::Retry::Soon,
+        error.retry() == ccmail::model::retry::Retry::Soon,
         "{name}: {error}"
     );
     let cut_tx = proxy.cut_transactions();

@@ -254,7 +254,7 @@ async fn a_statement_timeout_during_a_commit_sends_no_dele_and_the_retry_stores_
         "{error}"
     );
     ensure!(
-        error.retry() == ccmail::retry::Retry::Soon,
+        error.retry() == ccmail::model::retry::Retry::Soon,
         "a statement timeout is retried with backoff, not treated as a configuration error: {error}"
     );
     let commands = world.pop.commands();

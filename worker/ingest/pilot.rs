@@ -94,11 +94,11 @@ pub enum ResolveError {
 }
 
 impl ResolveError {
-    /// [`Retry::Never`](crate::retry::Retry::Never) for every variant: a pilot is resolved
+    /// [`Retry::Never`](crate::model::retry::Retry::Never) for every variant: a pilot is resolved
     /// from its row, its app's row and the worker's settings, so the supervisor does not try
     /// again until one of the rows changes (its fingerprint) or the worker restarts.
-    pub fn retry(&self) -> crate::retry::Retry {
-        crate::retry::Retry::Never
+    pub fn retry(&self) -> crate::model::retry::Retry {
+        crate::model::retry::Retry::Never
     }
 
     /// The fix to record on the pilot.

@@ -135,14 +135,14 @@ pub enum PollError {
 }
 
 impl PollError {
-    /// The supervisor's decision: each layer's own (see [`crate::retry`]); a task that
+    /// The supervisor's decision: each layer's own (see [`crate::model::retry`]); a task that
     /// died is retried soon.
-    pub fn retry(&self) -> crate::retry::Retry {
+    pub fn retry(&self) -> crate::model::retry::Retry {
         match self {
             PollError::Token(e) => e.retry(),
             PollError::Pop3(e) => e.retry(),
             PollError::Store(e) => e.retry(),
-            PollError::Task(_) => crate::retry::Retry::Soon,
+            PollError::Task(_) => crate::model::retry::Retry::Soon,
         }
     }
 

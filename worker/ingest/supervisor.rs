@@ -26,9 +26,9 @@ use tracing::Instrument as _;
 
 pub use crate::ingest::pilot::{ResolveError, app_credentials, resolve_pilot};
 use crate::ingest::poller::{self, IngestLimits, Pilot, PollReport};
+use crate::model::retry::Retry;
 use crate::oauth::{self, TokenCache};
 use crate::pop3::Timeouts;
-use crate::retry::Retry;
 use crate::secrets::{self, CredentialPolicy, MasterKey};
 use crate::store::{self, AppRow, ConfigListener, PgPool, PilotRow};
 use crate::telemetry as metrics;

@@ -15,7 +15,7 @@ pub mod sasl;
 
 use std::time::Duration;
 
-use crate::retry::Retry;
+use crate::model::retry::Retry;
 
 pub use client::{Client, ServerSpec, Session, TlsMode};
 pub use codec::{ListedUidl, Listing, ListingEntry};
@@ -162,7 +162,7 @@ impl Error {
         }
     }
 
-    /// The supervisor's decision (see [`crate::retry`]): [`Retry::Soon`] for everything
+    /// The supervisor's decision (see [`crate::model::retry`]): [`Retry::Soon`] for everything
     /// transient and for failures of one message or answer (an oversized message, a refusal
     /// without a permanent code); [`Retry::Slowly`] for what needs a person (credentials,
     /// certificates, missing capabilities, a maildrop too large to list); [`Retry::Never`]

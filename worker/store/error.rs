@@ -3,7 +3,7 @@
 //! Invariants: messages name what is wrong and how to fix it; they never contain a database
 //! password (connection targets are printed as `user@host:port/database`) nor a stored
 //! credential. Whether an error is worth retrying is decided here, once: `is_transient` for
-//! the store's own retries, `retry()` for the supervisor ([`crate::retry`]).
+//! the store's own retries, `retry()` for the supervisor ([`crate::model::retry`]).
 
 use sqlx::error::DatabaseError;
 
@@ -108,17 +108,17 @@ impl StoreError {
         }
     }
 
-    /// The supervisor's decision (see [`crate::retry`]): [`Retry::Soon`] when
+    /// The supervisor's decision (see [`crate::model::retry`]): [`Retry::Soon`] when
     /// [`StoreError::is_transient`], else [`Retry::Slowly`] (a refused login, a missing
     /// database or schema needs an operator, who fixes it outside the pilot's settings).
     ///
-    /// [`Retry::Soon`]: crate::retry::Retry::Soon
-    /// [`Retry::Slowly`]: crate::retry::Retry::Slowly
-    pub fn retry(&self) -> crate::retry::Retry {
+    /// [`Retry::Soon`]: crate::model::retry::Retry::Soon
+    /// [`Retry::Slowly`]: crate::model::retry::Retry::Slowly
+    pub fn retry(&self) -> crate::model::retry::Retry {
         if self.is_transient() {
-            crate::retry::Retry::Soon
+            crate::model::retry::Retry::Soon
         } else {
-            crate::retry::Retry::Slowly
+            crate::model::retry::Retry::Slowly
         }
     }
 
