@@ -2,13 +2,11 @@
 //!
 //! Layers, bottom up: [`pop3`] speaks the protocol, [`oauth`] obtains and shares app-only
 //! tokens, [`ingest`] parses messages and moves them into PostgreSQL through [`store`];
-//! [`sim`] plays Exchange Online and Entra ID for the demo and the tests; [`display`] makes
-//! outside text safe for terminals and logs.
+//! [`display`] makes outside text safe for terminals and logs. Simulators, the demo, the bench
+//! and the soak test live in the separate `ccmail-lab` package (worker/lab), never in here.
 
 pub mod admin;
-pub mod bench;
 pub mod config;
-pub mod demo;
 pub mod display;
 pub mod doctor;
 pub mod ingest;
@@ -16,7 +14,5 @@ pub mod metrics;
 pub mod oauth;
 pub mod pop3;
 pub mod secrets;
-pub mod sim;
-pub mod soak;
 pub mod store;
 pub mod tls;

@@ -41,25 +41,6 @@ enum Command {
     Migrate,
     /// Poll every enabled pilot until SIGTERM/SIGINT.
     Run,
-    /// Run the whole pipeline against built-in simulators of Exchange Online and Entra ID.
-    Demo {
-        /// Messages per demo mailbox.
-        #[arg(long, default_value_t = 40)]
-        messages: usize,
-    },
-    /// Measure the pipeline against a raw POP3 download of the same mail.
-    Bench(ccmail::bench::BenchArgs),
-    /// Kill the worker with SIGKILL at random moments while mail keeps arriving, then check
-    /// every delivered message was stored exactly once (uses a fresh database, dropped after).
-    Soak(SoakArgs),
-    /// Serve a filled simulator for `bench` (internal).
-    #[command(hide = true)]
-    SimServe {
-        #[arg(long)]
-        messages: usize,
-        #[arg(long)]
-        seed: u64,
-    },
     /// OAuth app registrations.
     #[command(subcommand)]
     App(AppCommand),
@@ -82,26 +63,6 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         timeout_secs: u64,
     },
-}
-
-/// `ccmail soak` options (the defaults are the CI short form).
-#[derive(Args)]
-struct SoakArgs {
-    /// Messages delivered while the worker is being killed.
-    #[arg(long, default_value_t = 300)]
-    messages: usize,
-    /// SIGKILLs, each followed by a restart.
-    #[arg(long, default_value_t = 5)]
-    kills: usize,
-    /// Seed of the mail and of the kill schedule (replay a failure with the same seed).
-    #[arg(long, default_value_t = 0x50A4)]
-    seed: u64,
-    /// The worker's log filter; `trace` also proves no secret reaches a trace-level log.
-    #[arg(long, default_value = "info")]
-    log_level: String,
-    /// Keep the worker logs in this directory.
-    #[arg(long)]
-    log_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -417,17 +378,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => run(config).await,
-        Command::Demo { messages } => {
-            init_logs(&config, true);
-            let options = ccmail::demo::DemoOptions {
-                messages_per_mailbox: messages,
-                ..Default::default()
-            };
-            ccmail::demo::run(&config, &options).await.map(drop)
-        }
-        Command::Bench(args) => ccmail::bench::run(&config, &args).await,
-        Command::Soak(args) => soak(&config, args).await,
-        Command::SimServe { messages, seed } => ccmail::bench::serve_sim(messages, seed).await,
         Command::App(cmd) => admin_cli::app_command(&config, cmd).await,
         Command::Pilot(cmd) => admin_cli::pilot_command(&config, cmd).await,
         Command::Doctor(args) => admin_cli::doctor_command(&config, *args).await,
@@ -595,21 +545,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "HTTP listener task failed"),
     }
     Ok(())
-}
-
-async fn soak(config: &Config, args: SoakArgs) -> anyhow::Result<()> {
-    init_logs(config, true);
-    let exe = std::env::current_exe().context("locating the ccmail binary")?;
-    let mut options = ccmail::soak::SoakOptions::short(exe, config.database.url.clone());
-    options.messages = args.messages;
-    options.kills = args.kills;
-    options.seed = args.seed;
-    options.log_level = args.log_level;
-    options.log_dir = args.log_dir;
-    let report = ccmail::soak::run(&options).await?;
-    println!("{}", report.summary());
-    println!("{}", report.kill_points_line());
-    report.check()
 }
 
 async fn wait_for_signal() {

@@ -1,4 +1,4 @@
-//! The kill -9 soak (`ccmail::soak`, also `ccmail soak`), short form: the real `ccmail run`
+//! The kill -9 soak (`ccmail_lab::soak`, also `ccmail soak`), short form: the real `ccmail run`
 //! binary ingests from the POP3 simulator in this test process while a generator keeps
 //! delivering marked mail; it is SIGKILLed five times at random moments (two thirds of them
 //! right after the server received AUTH, STAT, UIDL, RETR, DELE or QUIT) and restarted; then
@@ -11,8 +11,8 @@
 
 use std::path::PathBuf;
 
-use ccmail::soak::{NegativeControl, SoakOptions, SoakReport};
-use ccmail::store::testing::admin_url;
+use ccmail_lab::soak::{NegativeControl, SoakOptions, SoakReport};
+use ccmail_lab::testdb::admin_url;
 
 fn options(log_level: &str) -> SoakOptions {
     let mut options = SoakOptions::short(PathBuf::from(env!("CARGO_BIN_EXE_ccmail")), admin_url());
@@ -36,7 +36,7 @@ async fn sigkill_five_times_while_mail_arrives_stores_every_message_exactly_once
         .tempdir()?;
     let mut options = options("trace");
     options.log_dir = Some(logs.path().to_path_buf());
-    let report = ccmail::soak::run(&options).await?;
+    let report = ccmail_lab::soak::run(&options).await?;
     print(&report, options.seed);
 
     assert_eq!(report.kills, 5, "{}", report.summary());
@@ -88,7 +88,7 @@ async fn negative_control_a_lossy_and_duplicating_source_is_reported() -> anyhow
     let duplicated = options.control.duplicated(options.messages);
     assert_eq!((lost, duplicated), (11, 6), "the control's own arithmetic");
 
-    let report = ccmail::soak::run(&options).await?;
+    let report = ccmail_lab::soak::run(&options).await?;
     print(&report, options.seed);
     assert_eq!(report.delivered, options.messages);
     assert_eq!(report.lost, lost, "{}", report.summary());

@@ -6,9 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use ccmail::sim::mailgen::{self, Kind, MailGen};
-use ccmail::sim::pop3::Fault;
-use ccmail::store::testing::TestDb;
+use ccmail_lab::sim::mailgen::{self, Kind, MailGen};
+use ccmail_lab::sim::pop3::Fault;
+use ccmail_lab::testdb::TestDb;
 use secrecy::ExposeSecret;
 
 use crate::support::child::CcmailChild;
@@ -172,7 +172,7 @@ async fn demo_twice_adds_exactly_its_own_messages_each_time() -> anyhow::Result<
             )),
             "demo run {run} output:\n{output}"
         );
-        let items = ccmail::store::testing::work_item_count(&mut conn).await?;
+        let items = ccmail_lab::testdb::work_item_count(&mut conn).await?;
         assert_eq!(items, PER_RUN * run, "after demo run {run}");
     }
     drop(conn);

@@ -14,17 +14,17 @@ use anyhow::{Context, bail};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::ingest::poller::{self, IngestLimits, Pilot, PilotAuth};
-use crate::oauth::{
-    AppCredentials, AppKey, CachePolicy, TokenCache, TokenSource, TokenSourceOptions,
-};
-use crate::pop3::{Client, ServerSpec, Timeouts, TlsMode};
 use crate::sim::cert::TestCa;
 use crate::sim::entra::{EntraSim, SimApp};
 use crate::sim::mailgen::MailGen;
 use crate::sim::pop3::Pop3Sim;
-use crate::store;
+use ccmail::config::Config;
+use ccmail::ingest::poller::{self, IngestLimits, Pilot, PilotAuth};
+use ccmail::oauth::{
+    AppCredentials, AppKey, CachePolicy, TokenCache, TokenSource, TokenSourceOptions,
+};
+use ccmail::pop3::{Client, ServerSpec, Timeouts, TlsMode};
+use ccmail::store;
 
 /// `ccmail bench` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -140,7 +140,7 @@ impl SimChild {
     }
 
     fn ca(&self) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
-        Ok(crate::tls::parse_pem_bundle(
+        Ok(ccmail::tls::parse_pem_bundle(
             self.info.ca_pem.as_bytes(),
             "simulator CA",
         )?)
@@ -152,7 +152,7 @@ impl SimChild {
                 authority: self.info.authority.clone(),
                 tenant: self.info.tenant.clone(),
                 client_id: self.info.client_id.clone(),
-                scope: crate::oauth::DEFAULT_SCOPE.to_owned(),
+                scope: ccmail::oauth::DEFAULT_SCOPE.to_owned(),
             },
             credential: SecretString::from(self.info.client_secret.clone()).into(),
         }
@@ -334,7 +334,7 @@ pub async fn run(config: &Config, args: &BenchArgs) -> anyhow::Result<()> {
         raw_baseline(&sim).await?
     };
     // A fresh database for each bench run, dropped afterwards.
-    let db = store::testing::TestDb::on_server(&config.database.url).await?;
+    let db = crate::testdb::TestDb::on_server(&config.database.url).await?;
     let full = {
         let sim = SimChild::spawn(args)?;
         pipeline(&sim, config, db.url()).await

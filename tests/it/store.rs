@@ -1,7 +1,5 @@
 //! Store tests against a real PostgreSQL: one fresh database per test.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,10 +9,14 @@ use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::Barrier;
 
-use super::testing::TestDb;
-use super::*;
-use crate::ingest::parse::{Address, Attachment, ParsedMail};
-use crate::secrets::{MasterKey, Owner};
+use std::str::FromStr as _;
+
+use ccmail::ingest::parse::{Address, Attachment, ParsedMail};
+use ccmail::secrets::{MasterKey, Owner};
+use ccmail::store::*;
+use ccmail_lab::testdb::{self as testing, TestDb};
+use sqlx::ConnectOptions as _;
+use sqlx::postgres::PgConnectOptions;
 
 /// Generous upper bound for a notification to arrive; it normally takes milliseconds.
 const NOTIFY_DEADLINE: Duration = Duration::from_secs(10);
@@ -186,7 +188,7 @@ async fn apps_insert_list_get_and_refuse_duplicates() {
     // New credential and expiry; guarded by id.
     let other = MasterKey::generate();
     let resealed =
-        crate::secrets::reseal(&row.credential, &key, &other, &row.credential_owner()).unwrap();
+        ccmail::secrets::reseal(&row.credential, &key, &other, &row.credential_owner()).unwrap();
     set_app_credential(&mut conn, row.id, &resealed, None)
         .await
         .unwrap();
@@ -1301,7 +1303,7 @@ async fn unbound_credentials_are_upgraded_for_their_rows_once_and_copies_are_lef
     let reference = user_pass_pilot(&mut conn, "reference", "env:LAB_PASSWORD").await;
 
     let upgrade = |owner: &Owner, stored: &str| {
-        crate::secrets::upgrade(stored, &key, owner).map_err(|e| e.to_string())
+        ccmail::secrets::upgrade(stored, &key, owner).map_err(|e| e.to_string())
     };
     let report = upgrade_unbound_credentials(&mut conn, upgrade)
         .await
@@ -1331,8 +1333,8 @@ async fn unbound_credentials_are_upgraded_for_their_rows_once_and_copies_are_lef
         app_now.credential
     );
     assert_eq!(app_now.updated_at, app_row.updated_at);
-    let policy = crate::secrets::ReferencePolicy::default();
-    let opened = crate::secrets::resolve(
+    let policy = ccmail::secrets::ReferencePolicy::default();
+    let opened = ccmail::secrets::resolve(
         &app_now.credential,
         Some(&key),
         &policy,
@@ -1343,10 +1345,10 @@ async fn unbound_credentials_are_upgraded_for_their_rows_once_and_copies_are_lef
     let alone_now = get_pilot(&mut conn, alone.id).await.unwrap();
     let owner = alone_now.credential_owner().unwrap();
     let opened =
-        crate::secrets::resolve(password_of(&alone_now), Some(&key), &policy, &owner).unwrap();
+        ccmail::secrets::resolve(password_of(&alone_now), Some(&key), &policy, &owner).unwrap();
     assert_eq!(opened.expose_secret(), "pw-alone");
     assert!(
-        crate::secrets::resolve(
+        ccmail::secrets::resolve(
             password_of(&alone_now),
             Some(&key),
             &policy,
@@ -1423,7 +1425,7 @@ async fn rotation_refuses_copies_and_an_app_resealed_on_update_is_guarded() {
     let a = user_pass_pilot(&mut conn, "a", &shared).await;
     let b = user_pass_pilot(&mut conn, "b", &shared).await;
     let err = reseal_credentials(&mut conn, |owner, stored| {
-        crate::secrets::reseal(stored, &key, &new_key, owner).map_err(|e| e.to_string())
+        ccmail::secrets::reseal(stored, &key, &new_key, owner).map_err(|e| e.to_string())
     })
     .await
     .unwrap_err();
@@ -1451,7 +1453,7 @@ async fn rotation_refuses_copies_and_an_app_resealed_on_update_is_guarded() {
     let row = insert_app(&mut conn, &new).await.unwrap();
     let mut moved = new.clone();
     moved.tenant = "fabrikam.onmicrosoft.com".to_owned();
-    moved.credential = crate::secrets::rebind(
+    moved.credential = ccmail::secrets::rebind(
         &row.credential,
         &key,
         &row.credential_owner(),
@@ -1468,9 +1470,9 @@ async fn rotation_refuses_copies_and_an_app_resealed_on_update_is_guarded() {
         .unwrap();
     assert_eq!(updated.tenant, "fabrikam.onmicrosoft.com");
     assert_eq!(updated.credential, moved.credential);
-    let policy = crate::secrets::ReferencePolicy::default();
+    let policy = ccmail::secrets::ReferencePolicy::default();
     assert!(
-        crate::secrets::resolve(
+        ccmail::secrets::resolve(
             &updated.credential,
             Some(&key),
             &policy,
@@ -1532,4 +1534,82 @@ async fn a_pilot_update_made_from_a_stale_password_fails_and_changes_nothing() {
     ));
     drop(conn);
     db.drop_db().await.unwrap();
+}
+
+// Moved from the store module's own tests: they need a test database.
+
+#[tokio::test]
+async fn migrations_apply_on_an_empty_database_and_twice_is_a_no_op() {
+    let db = TestDb::new().await.unwrap();
+    let applied: i64 = sqlx::query_scalar("select count(*) from _sqlx_migrations")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(applied >= 1);
+    migrate(db.pool()).await.unwrap();
+    let again: i64 = sqlx::query_scalar("select count(*) from _sqlx_migrations")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(applied, again);
+    let tables: Vec<String> = sqlx::query_scalar(
+        "select table_name::text from information_schema.tables \
+         where table_schema = 'public' and table_name <> '_sqlx_migrations' order by 1",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        tables,
+        [
+            "attachments",
+            "fetch_failures",
+            "messages",
+            "oauth_apps",
+            "pilots",
+            "work_items"
+        ]
+    );
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn connect_reports_a_missing_database() {
+    let base = ccmail_lab::testdb::admin_url();
+    let mut options = PgConnectOptions::from_str(&base).unwrap();
+    options = options.database("ccmail_t_does_not_exist_42");
+    let url = options.to_url_lossy().to_string();
+    let err = connect(&url, 1).await.unwrap_err();
+    assert!(matches!(err, StoreError::DatabaseMissing { .. }), "{err:?}");
+    assert!(err.to_string().contains("ccmail_t_does_not_exist_42"));
+}
+
+#[tokio::test]
+async fn ensure_database_creates_once() {
+    let name = format!("ccmail_t_ensure_{}", fastrand::u64(..));
+    let options = PgConnectOptions::from_str(&ccmail_lab::testdb::admin_url())
+        .unwrap()
+        .database(&name);
+    let url = options.to_url_lossy().to_string();
+    assert!(ensure_database(&url).await.unwrap());
+    assert!(!ensure_database(&url).await.unwrap());
+    let pool = connect(&url, 1).await.unwrap();
+    migrate(&pool).await.unwrap();
+    pool.close().await;
+    let mut admin = PgConnectOptions::from_str(&ccmail_lab::testdb::admin_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query(&format!("drop database if exists \"{name}\" with (force)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert!(!exists);
 }
