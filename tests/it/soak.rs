@@ -1,4 +1,4 @@
-//! The kill -9 soak (`ccmail_lab::soak`, also `ccmail soak`), short form: the real `ccmail run`
+//! The kill -9 soak (`ccmail_lab::soak`, also `ccmail-lab soak`), short form: the real `ccmail run`
 //! binary ingests from the POP3 simulator in this test process while a generator keeps
 //! delivering marked mail; it is SIGKILLed five times at random moments (two thirds of them
 //! right after the server received AUTH, STAT, UIDL, RETR, DELE or QUIT) and restarted; then
@@ -17,7 +17,7 @@ use ccmail_lab::testdb::admin_url;
 fn options(log_level: &str) -> SoakOptions {
     let mut options = SoakOptions::short(PathBuf::from(env!("CARGO_BIN_EXE_ccmail")), admin_url());
     // A new schedule each run (timing varies anyway); printed so a failure can be replayed
-    // with `ccmail soak --seed`.
+    // with `ccmail-lab soak --seed`.
     options.seed = fastrand::u64(..);
     options.log_level = log_level.to_owned();
     options

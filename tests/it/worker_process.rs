@@ -1,6 +1,6 @@
 //! The real `ccmail` binary as a child process: `ccmail run` against a fresh database, a pilot
 //! on the POP3 simulator and the Entra simulator's token endpoint (trusted through
-//! `oauth.extra_ca_file`), stopped with SIGTERM; and `ccmail demo` run twice.
+//! `oauth.extra_ca_file`), stopped with SIGTERM; and `ccmail-lab demo` run twice.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -154,7 +154,7 @@ async fn demo_twice_adds_exactly_its_own_messages_each_time() -> anyhow::Result<
     let messages = PER_MAILBOX.to_string();
     let mut conn = db.pool().acquire().await?;
     for run in 1..=2 {
-        let mut child = CcmailChild::spawn(
+        let mut child = CcmailChild::spawn_lab(
             dir.path(),
             &format!("demo-{run}"),
             &["demo", "--messages", &messages],

@@ -1,7 +1,7 @@
-//! `ccmail bench`: the full pipeline (POP3S → parse → PostgreSQL → DELE) against a raw
+//! `ccmail-lab bench`: the full pipeline (POP3S → parse → PostgreSQL → DELE) against a raw
 //! protocol baseline (login + UIDL + RETR of every message, nothing stored), on the same mail.
 //!
-//! The simulator runs in a child process (`ccmail sim-serve`), so the mailbox it holds in
+//! The simulator runs in a child process (`ccmail-lab sim-serve`), so the mailbox it holds in
 //! memory does not count toward the measured process's peak RSS. Peak RSS is read from
 //! `/proc/self/status` (VmHWM) and reset between the two runs through `/proc/self/clear_refs`.
 
@@ -26,7 +26,7 @@ use ccmail::oauth::{
 use ccmail::pop3::{Client, ServerSpec, Timeouts, TlsMode};
 use ccmail::store;
 
-/// `ccmail bench` options.
+/// `ccmail-lab bench` options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Messages in the mailbox.
@@ -37,7 +37,7 @@ pub struct BenchArgs {
     pub seed: u64,
 }
 
-/// What `ccmail sim-serve` prints on its first stdout line.
+/// What `ccmail-lab sim-serve` prints on its first stdout line.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct SimInfo {
     pub pop3_addr: String,

@@ -1,4 +1,4 @@
-//! `ccmail demo`: the whole pipeline on one machine, with nothing but PostgreSQL.
+//! `ccmail-lab demo`: the whole pipeline on one machine, with nothing but PostgreSQL.
 //!
 //! It starts the Entra and Exchange simulators, registers an app and two mailbox pilots
 //! (support@ and sales@ of a demo tenant), fills both mailboxes with realistic generated mail

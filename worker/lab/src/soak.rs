@@ -1,4 +1,4 @@
-//! `ccmail soak`: the real worker as a child process, killed with SIGKILL at random moments
+//! `ccmail-lab soak`: the real worker as a child process, killed with SIGKILL at random moments
 //! while a generator keeps delivering mail; at the end every delivered message must be stored
 //! exactly once.
 //!

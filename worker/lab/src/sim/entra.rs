@@ -1,5 +1,5 @@
 //! An Entra-ID-like OAuth 2.0 token endpoint (client-credentials grant only) and an RFC 7662
-//! introspection endpoint, for `ccmail demo`, the benchmark and the tests.
+//! introspection endpoint, for `ccmail-lab demo`, the benchmark and the tests.
 //!
 //! The token endpoint speaks HTTPS on 127.0.0.1 with a certificate from the caller's
 //! [`TestCa`] and answers the way Microsoft's v2.0 endpoint does (EXCHANGE.md §1): the same URL

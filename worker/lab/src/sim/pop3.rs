@@ -1,4 +1,4 @@
-//! An Exchange-Online-like POP3 server, for `ccmail demo`, the benchmark and the tests.
+//! An Exchange-Online-like POP3 server, for `ccmail-lab demo`, the benchmark and the tests.
 //!
 //! It listens on 127.0.0.1 with an implicit-TLS port (like 995) and a plain port that offers
 //! `STLS` (like 110), and answers the way Exchange Online does (EXCHANGE.md §2): the greeting,
