@@ -4,12 +4,13 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # The manifest names the integration-test target, so tests/ comes along (cargo checks target
-# paths); only the ccmail binary is built.
+# paths), and worker/ holds the workspace member worker/lab; only the ccmail binary is built,
+# the lab (a dev-dependency) is not.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY worker ./worker
 COPY migrations ./migrations
 COPY tests ./tests
-RUN cargo build --release --locked --bin ccmail
+RUN cargo build --release --locked -p ccmail --bin ccmail
 
 FROM debian:bookworm-slim
 # No CA package: ccmail verifies the token endpoint and the POP3 servers against the Mozilla

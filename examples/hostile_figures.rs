@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use ccmail::ingest::parse::parse;
-use ccmail::sim::hostile;
+use ccmail_lab::sim::hostile;
 
 const CASES: &[&str] = &[
     "rfc822_40k",

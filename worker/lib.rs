@@ -25,10 +25,8 @@
 //! package (`worker/lab`), which builds on this one and is never part of the product.
 
 pub mod app;
-pub mod bench;
 pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod display;
 pub mod ingest;
 pub mod model;
@@ -36,8 +34,6 @@ pub mod oauth;
 pub mod ops;
 pub mod pop3;
 pub mod secrets;
-pub mod sim;
-pub mod soak;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

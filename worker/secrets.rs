@@ -390,9 +390,9 @@ impl MasterKey {
     }
 
     /// The older form, bound to its header only: what ccmail wrote before `enc:v2`. Kept so
-    /// the upgrade from it can be tested.
-    #[cfg(test)]
-    pub(crate) fn seal_v1(&self, plaintext: &SecretString) -> Result<String, SecretError> {
+    /// the upgrade from it can be tested (tests/it/store.rs); not for product code.
+    #[doc(hidden)]
+    pub fn seal_v1(&self, plaintext: &SecretString) -> Result<String, SecretError> {
         let header = format!("{SEALED_V1}{}", self.id);
         self.seal_with(&header, header.as_bytes(), plaintext)
     }

@@ -8,10 +8,10 @@ use std::process::{Command, Output, Stdio};
 use secrecy::ExposeSecret;
 
 use ccmail::secrets::MasterKey;
-use ccmail::sim::cert::TestCa;
-use ccmail::sim::entra::{AppCertificate, EntraSim, SimApp};
-use ccmail::sim::pop3::Pop3Sim;
-use ccmail::store::testing::TestDb;
+use ccmail_lab::sim::cert::TestCa;
+use ccmail_lab::sim::entra::{AppCertificate, EntraSim, SimApp};
+use ccmail_lab::sim::pop3::Pop3Sim;
+use ccmail_lab::testdb::TestDb;
 
 const TENANT: &str = "8f2c1a9e-1111-4222-8333-944455556666";
 const CLIENT: &str = "0a1b2c3d-aaaa-4bbb-8ccc-ddddeeeeffff";

@@ -13,10 +13,10 @@ use ccmail::oauth::{
 };
 use ccmail::ops::doctor::{self, Failure, Login, Report, Target, Verdict};
 use ccmail::pop3::{ServerSpec, Timeouts, TlsMode};
-use ccmail::sim::cert::TestCa;
-use ccmail::sim::entra::{AppCertificate, EntraSim, SimApp, TokenFailure};
-use ccmail::sim::mailgen::MailGen;
-use ccmail::sim::pop3::{Fault, Pop3Sim};
+use ccmail_lab::sim::cert::TestCa;
+use ccmail_lab::sim::entra::{AppCertificate, EntraSim, SimApp, TokenFailure};
+use ccmail_lab::sim::mailgen::MailGen;
+use ccmail_lab::sim::pop3::{Fault, Pop3Sim};
 
 const TENANT: &str = "8f2c1a9e-1111-4222-8333-944455556666";
 const DOMAIN: &str = "contoso.example";

@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use ccmail::ingest::poller::{self, IngestLimits, PollError};
 use ccmail::ingest::supervisor::{StatusBoard, Supervisor};
-use ccmail::sim::mailgen::{Kind, MailGen};
 use ccmail::store::PilotRow;
+use ccmail_lab::sim::mailgen::{Kind, MailGen};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
@@ -140,10 +140,12 @@ async fn an_immediate_restart_during_ingest_loses_and_doubles_nothing() -> anyho
         rows.push(row);
     }
     // Slow bytes spread the ingest over a few seconds, so the restart lands in the middle.
-    world.pop.set_fault(Some(ccmail::sim::pop3::Fault::Slow {
-        chunk: 1024,
-        delay: Duration::from_millis(3),
-    }));
+    world
+        .pop
+        .set_fault(Some(ccmail_lab::sim::pop3::Fault::Slow {
+            chunk: 1024,
+            delay: Duration::from_millis(3),
+        }));
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     let running = Running::start(&world, pool(&world, &[])?, &ids, small_limits())?;
 

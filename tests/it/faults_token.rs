@@ -14,9 +14,9 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use ccmail::ingest::supervisor::{StatusBoard, Supervisor};
 use ccmail::oauth::{CachePolicy, TokenCache, TokenSource, TokenSourceOptions, aadsts_fix};
-use ccmail::sim::entra::{SimApp, TokenFailure};
-use ccmail::sim::mailgen::{Kind, MailGen};
 use ccmail::store::{self, PilotRow};
+use ccmail_lab::sim::entra::{SimApp, TokenFailure};
+use ccmail_lab::sim::mailgen::{Kind, MailGen};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 

@@ -4,7 +4,7 @@
 
 use anyhow::ensure;
 use ccmail::ingest::poller::IngestLimits;
-use ccmail::sim::pop3::Fault;
+use ccmail_lab::sim::pop3::Fault;
 
 use crate::support::pipeline::{DOMAIN, Ledger, SimWorld, small_limits};
 
@@ -555,7 +555,7 @@ async fn untrusted_uidls_of_a_keep_on_server_pilot_neither_starve_nor_spin() -> 
         .heads(&[row.id])
         .await?
         .iter()
-        .filter_map(|h| ccmail::sim::mailgen::marker(h))
+        .filter_map(|h| ccmail_lab::sim::mailgen::marker(h))
         .collect();
     assert_eq!(stored, ["new-0", "new-1"], "{first:?}");
     assert!(first.more_waiting, "{first:?}");

@@ -4,7 +4,7 @@
 //! Each case used to crash the process (stack overflow in `mail-parser`'s recursive drop or
 //! `into_owned`), run for minutes (HTML sanitising), keep every one of 330,000 parts, or
 //! hand the sender's file names and tracking pixels to agents. The generators are in
-//! `ccmail::sim::hostile`; the memory and time figures come from
+//! `ccmail_lab::sim::hostile`; the memory and time figures come from
 //! `cargo run --example hostile_figures`.
 
 use std::time::Duration;
@@ -13,7 +13,7 @@ use ccmail::ingest::parse::{
     FLAG_HTML_NOT_SANITIZED, FLAG_MIME_TOO_DEEP, FLAG_MIME_TRUNCATED, FLAG_PARSE_SKIPPED,
     FLAG_PARSE_TIMEOUT, ParseLimits, ParsedMail, parse, parse_bounded,
 };
-use ccmail::sim::hostile;
+use ccmail_lab::sim::hostile;
 
 /// Runs [`parse`] on a thread of the default 2 MiB test stack and fails if it has not
 /// returned after `limit` (a bound proving it did not hang, not a timing goal).
@@ -295,4 +295,52 @@ async fn bounded_parse_with_too_many_abandoned_or_no_thread_parses_headers_only(
             .contains("no parse thread could be started"),
     );
     assert_eq!(parsed.subject.as_deref(), Some("tracking html"));
+}
+
+/// The generators themselves (the parser's tests above use them on ccmail's side).
+mod generators {
+    use ccmail_lab::sim::hostile::*;
+    use ccmail_lab::sim::mailgen::marker;
+
+    #[test]
+    fn every_generator_carries_the_marker_and_the_intended_size() {
+        let names = hostile_filenames();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("nested_rfc822", nested_rfc822("m1", 40_000)),
+            ("nested_rfc822_base64", nested_rfc822_base64("m2", 1_000)),
+            ("nested_multipart", nested_multipart("m3", 100)),
+            ("part_flood", part_flood("m4", 330_000, 36)),
+            ("long_message_id", long_message_id("m5", 10_000, 1)),
+            ("long_subject", long_subject("m6", 1_000_000)),
+            ("many_recipients", many_recipients("m7", 100_000)),
+            ("many_references", many_references("m8", 5_000)),
+            ("filename_attacks", filename_attacks("m9", &names)),
+            ("nested_html", nested_html("m10", 200_000)),
+            ("html_trackers", html_trackers("m11")),
+        ];
+        for (i, (name, raw)) in cases.iter().enumerate() {
+            assert_eq!(
+                marker(raw).as_deref(),
+                Some(format!("m{}", i + 1).as_str()),
+                "{name}"
+            );
+            assert!(
+                raw.windows(2)
+                    .filter(|w| w[1] == b'\n')
+                    .all(|w| w[0] == b'\r'),
+                "{name}: bare LF"
+            );
+        }
+        let size = |name: &str| cases.iter().find(|c| c.0 == name).map(|c| c.1.len());
+        assert!(size("nested_rfc822").is_some_and(|n| (3_000_000..3_800_000).contains(&n)));
+        assert!(size("part_flood").is_some_and(|n| (40_000_000..56_000_000).contains(&n)));
+        assert!(size("long_subject").is_some_and(|n| n > 1_000_000));
+        assert!(size("nested_html").is_some_and(|n| (2_100_000..2_400_000).contains(&n)));
+    }
+
+    #[test]
+    fn generators_are_deterministic() {
+        assert_eq!(long_message_id("m", 100, 3), long_message_id("m", 100, 3));
+        assert_ne!(long_message_id("m", 100, 3), long_message_id("m", 100, 4));
+    }
 }

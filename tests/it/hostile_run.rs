@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use ccmail::sim::hostile;
+use ccmail_lab::sim::hostile;
 use secrecy::ExposeSecret;
 
 use crate::support::child::CcmailChild;

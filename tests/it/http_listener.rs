@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use secrecy::ExposeSecret;
 
-use ccmail::sim::mailgen::{Kind, MailGen};
 use ccmail::telemetry;
+use ccmail_lab::sim::mailgen::{Kind, MailGen};
 
 use crate::metrics::{free_port, wait_for};
 use crate::support::child::CcmailChild;
@@ -201,12 +201,12 @@ struct Listener {
     addr: String,
     stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
-    db: ccmail::store::testing::TestDb,
+    db: ccmail_lab::testdb::TestDb,
 }
 
 impl Listener {
     async fn start(limits: telemetry::HttpLimits) -> anyhow::Result<Listener> {
-        let db = ccmail::store::testing::TestDb::new().await?;
+        let db = ccmail_lab::testdb::TestDb::new().await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?.to_string();
         let stop = tokio_util::sync::CancellationToken::new();

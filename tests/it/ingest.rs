@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use ccmail::ingest::poller::IngestLimits;
 use ccmail::ingest::supervisor::{StatusBoard, Supervisor, SupervisorSettings};
-use ccmail::sim::mailgen::{Kind, MailGen};
-use ccmail::sim::pop3::Fault;
+use ccmail_lab::sim::mailgen::{Kind, MailGen};
+use ccmail_lab::sim::pop3::Fault;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::pipeline::{

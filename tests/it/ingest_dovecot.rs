@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use ccmail::sim::mailgen::{Kind, MailGen};
 use ccmail::store::PilotAuth;
+use ccmail_lab::sim::mailgen::{Kind, MailGen};
 use secrecy::SecretString;
 
 use crate::support::dovecot::{Dovecot, DovecotOptions};

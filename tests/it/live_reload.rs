@@ -12,11 +12,12 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 
 use ccmail::secrets::MasterKey;
-use ccmail::sim::cert::TestCa;
-use ccmail::sim::entra::{EntraSim, SimApp};
-use ccmail::sim::mailgen::MailGen;
-use ccmail::sim::pop3::Pop3Sim;
-use ccmail::store::{self, testing::TestDb};
+use ccmail::store;
+use ccmail_lab::sim::cert::TestCa;
+use ccmail_lab::sim::entra::{EntraSim, SimApp};
+use ccmail_lab::sim::mailgen::MailGen;
+use ccmail_lab::sim::pop3::Pop3Sim;
+use ccmail_lab::testdb::TestDb;
 
 const TENANT: &str = "8f2c1a9e-1111-4222-8333-944455556666";
 const DOMAIN: &str = "contoso.example";

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use secrecy::ExposeSecret;
 
-use ccmail::sim::pop3::Fault;
 use ccmail::store;
+use ccmail_lab::sim::pop3::Fault;
 
 use crate::metrics::wait_for;
 use crate::support::child::CcmailChild;

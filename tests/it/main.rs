@@ -23,5 +23,6 @@ mod prometheus;
 mod properties;
 mod references;
 mod soak;
+mod store;
 mod support;
 mod worker_process;

@@ -16,12 +16,13 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::process::{Child, Command};
 
 use ccmail::secrets::MasterKey;
-use ccmail::sim::cert::TestCa;
-use ccmail::sim::entra::{EntraSim, SimApp};
-use ccmail::sim::mailgen::MailGen;
-use ccmail::sim::pop3::Pop3Sim;
-use ccmail::store::{self, testing::TestDb};
+use ccmail::store;
 use ccmail::telemetry;
+use ccmail_lab::sim::cert::TestCa;
+use ccmail_lab::sim::entra::{EntraSim, SimApp};
+use ccmail_lab::sim::mailgen::MailGen;
+use ccmail_lab::sim::pop3::Pop3Sim;
+use ccmail_lab::testdb::TestDb;
 
 /// The repository root (dashboards/, RUNBOOK.md).
 pub(crate) fn repo_path(rel: &str) -> PathBuf {

@@ -16,7 +16,7 @@ use ccmail::oauth::{
     AccessToken, AppCredentials, CachePolicy, OAuthError, TokenCache, TokenSourceOptions,
     aadsts_fix,
 };
-use ccmail::sim::entra::{SimApp, TokenFailure};
+use ccmail_lab::sim::entra::{SimApp, TokenFailure};
 use secrecy::ExposeSecret;
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;

@@ -12,8 +12,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use ccmail::oauth::{AccessToken, TokenCache};
 use ccmail::pop3::{Client, Error, ServerSpec, Session, Stream, Timeouts, TlsMode};
-use ccmail::sim::cert::TestCa;
-use ccmail::sim::entra::{EntraSim, SimApp};
+use ccmail_lab::sim::cert::TestCa;
+use ccmail_lab::sim::entra::{EntraSim, SimApp};
 use secrecy::SecretString;
 
 use crate::support::dovecot::{Dovecot, DovecotOptions};

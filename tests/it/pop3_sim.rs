@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use ccmail::pop3::codec::MAX_LISTING_BYTES;
 use ccmail::pop3::{Client, Error, ListedUidl, ListingEntry, Timeouts, TlsMode};
-use ccmail::sim::cert::TestCa;
-use ccmail::sim::pop3::{AUTH_FAILURE, Fault, RETR_FAILURE};
+use ccmail_lab::sim::cert::TestCa;
+use ccmail_lab::sim::pop3::{AUTH_FAILURE, Fault, RETR_FAILURE};
 use secrecy::SecretString;
 
 use crate::support::sim_world::{MAILBOX, SimWorld, relaxed_timeouts, within};

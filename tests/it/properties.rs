@@ -24,7 +24,7 @@ use anyhow::Context;
 use ccmail::ingest::parse::{ParsedMail, parse};
 use ccmail::pop3::codec::{self, AuthReply, Decode, ListedUidl, ListingDecoder, MultiLine};
 use ccmail::pop3::{Client, Error, Timeouts};
-use ccmail::sim::mailgen::{Kind, MailGen};
+use ccmail_lab::sim::mailgen::{Kind, MailGen};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError};
 use secrecy::SecretString;

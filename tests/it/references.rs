@@ -13,10 +13,11 @@ use anyhow::{Context, ensure};
 use secrecy::ExposeSecret;
 
 use ccmail::secrets::MasterKey;
-use ccmail::sim::entra::EntraSim;
-use ccmail::sim::mailgen::{Kind, MailGen};
-use ccmail::sim::pop3::Pop3Sim;
-use ccmail::store::{self, testing::TestDb};
+use ccmail::store;
+use ccmail_lab::sim::entra::EntraSim;
+use ccmail_lab::sim::mailgen::{Kind, MailGen};
+use ccmail_lab::sim::pop3::Pop3Sim;
+use ccmail_lab::testdb::TestDb;
 
 use crate::admin::Cli;
 use crate::metrics::wait_for;

@@ -1,14 +1,14 @@
 //! The real `ccmail` binary as a child process: `ccmail run` against a fresh database, a pilot
 //! on the POP3 simulator and the Entra simulator's token endpoint (trusted through
-//! `oauth.extra_ca_file`), stopped with SIGTERM; and `ccmail demo` run twice.
+//! `oauth.extra_ca_file`), stopped with SIGTERM; and `ccmail-lab demo` run twice.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use ccmail::sim::mailgen::{self, Kind, MailGen};
-use ccmail::sim::pop3::Fault;
-use ccmail::store::testing::TestDb;
+use ccmail_lab::sim::mailgen::{self, Kind, MailGen};
+use ccmail_lab::sim::pop3::Fault;
+use ccmail_lab::testdb::TestDb;
 use secrecy::ExposeSecret;
 
 use crate::support::child::CcmailChild;
@@ -154,7 +154,7 @@ async fn demo_twice_adds_exactly_its_own_messages_each_time() -> anyhow::Result<
     let messages = PER_MAILBOX.to_string();
     let mut conn = db.pool().acquire().await?;
     for run in 1..=2 {
-        let mut child = CcmailChild::spawn(
+        let mut child = CcmailChild::spawn_lab(
             dir.path(),
             &format!("demo-{run}"),
             &["demo", "--messages", &messages],
@@ -172,7 +172,7 @@ async fn demo_twice_adds_exactly_its_own_messages_each_time() -> anyhow::Result<
             )),
             "demo run {run} output:\n{output}"
         );
-        let items = ccmail::store::testing::work_item_count(&mut conn).await?;
+        let items = ccmail_lab::testdb::work_item_count(&mut conn).await?;
         assert_eq!(items, PER_RUN * run, "after demo run {run}");
     }
     drop(conn);

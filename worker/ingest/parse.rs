@@ -962,8 +962,16 @@ fn body_charset(head: &[u8]) -> Option<String> {
     (!matches!(lower.as_str(), "utf-8" | "utf8" | "us-ascii" | "ascii")).then_some(lower)
 }
 
+// The lab's hostile-mail generators, compiled for the tests below only: the product does not
+// depend on the lab (the lab depends on the product).
+#[cfg(test)]
+#[path = "../lab/src/sim/hostile.rs"]
+#[allow(dead_code)] // the tests use some of the generators
+mod hostile;
+
 #[cfg(test)]
 mod tests {
+    use super::hostile;
     use super::*;
     use sha2::{Digest, Sha256};
     use std::path::{Path, PathBuf};
@@ -1372,7 +1380,6 @@ Content-Type: text/html; charset=utf-8\r\n\r\n\
                 }
             }
         }
-        use crate::sim::hostile;
         let names = hostile::hostile_filenames();
         for (name, raw) in [
             ("nested_rfc822", hostile::nested_rfc822("m", 60)),
@@ -1505,7 +1512,7 @@ message/rfc822\r\n\n\n--b1_rfc2231--\r\n";
     #[test]
     fn a_deep_tree_is_taken_apart_without_recursion() {
         // 200,000 levels would overflow any stack in a recursive drop.
-        let raw = crate::sim::hostile::nested_rfc822("m", 200_000);
+        let raw = hostile::nested_rfc822("m", 200_000);
         let message = MessageParser::default().parse(&raw);
         let depth = {
             let mut depth = 0;
@@ -1556,7 +1563,6 @@ message/rfc822\r\n\n\n--b1_rfc2231--\r\n";
 
     #[test]
     fn limits_cut_parts_depth_and_header_memory() {
-        use crate::sim::hostile;
         let small = ParseLimits {
             max_parts: 50,
             ..ParseLimits::default()
@@ -1627,13 +1633,13 @@ message/rfc822\r\n\n\n--b1_rfc2231--\r\n";
 
     #[test]
     fn header_section_parse_ignores_the_body() {
-        let raw = crate::sim::hostile::part_flood("m", 1_000, 4);
+        let raw = hostile::part_flood("m", 1_000, 4);
         let parsed = parse_header_section(&raw);
         assert_eq!(parsed.subject.as_deref(), Some("part flood"));
         assert_eq!(parsed.text_body, None);
         assert!(parsed.attachments.is_empty());
         assert!(parsed.flags.is_empty(), "{:?}", parsed.flags);
-        let huge = crate::sim::hostile::many_recipients("m", 100_000);
+        let huge = hostile::many_recipients("m", 100_000);
         let parsed = parse_header_section(&huge);
         assert_eq!(parsed.subject.as_deref(), Some("many recipients"));
         assert!(parsed.to.len() < 10_000, "{}", parsed.to.len());

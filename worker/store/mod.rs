@@ -40,9 +40,6 @@ mod credentials;
 mod error;
 mod messages;
 mod pilots;
-pub mod testing;
-#[cfg(test)]
-mod tests;
 mod text_limits;
 mod words;
 mod work_items;
@@ -297,54 +294,11 @@ async fn create_database(conn: &mut PgConnection, name: &str) -> Result<(), sqlx
     Ok(())
 }
 
-/// Drops a database, terminating its sessions first (PostgreSQL 13+ `with (force)`).
-async fn drop_database(conn: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
-    let statement = format!("drop database if exists {} with (force)", quote_ident(name));
-    sqlx::query(&statement).execute(conn).await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod setup_tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use super::testing::TestDb;
     use super::*;
-
-    #[tokio::test]
-    async fn migrations_apply_on_an_empty_database_and_twice_is_a_no_op() {
-        let db = TestDb::new().await.unwrap();
-        let applied: i64 = sqlx::query_scalar("select count(*) from _sqlx_migrations")
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
-        assert!(applied >= 1);
-        migrate(db.pool()).await.unwrap();
-        let again: i64 = sqlx::query_scalar("select count(*) from _sqlx_migrations")
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
-        assert_eq!(applied, again);
-        let tables: Vec<String> = sqlx::query_scalar(
-            "select table_name::text from information_schema.tables \
-             where table_schema = 'public' and table_name <> '_sqlx_migrations' order by 1",
-        )
-        .fetch_all(db.pool())
-        .await
-        .unwrap();
-        assert_eq!(
-            tables,
-            [
-                "attachments",
-                "fetch_failures",
-                "messages",
-                "oauth_apps",
-                "pilots",
-                "work_items"
-            ]
-        );
-        db.drop_db().await.unwrap();
-    }
 
     #[tokio::test]
     async fn connect_names_the_target_without_password_when_nothing_answers() {
@@ -362,42 +316,6 @@ mod setup_tests {
         assert!(!text.contains("hunter2secret"), "{text}");
         assert!(!format!("{err:?}").contains("hunter2secret"));
         assert!(err.is_transient());
-    }
-
-    #[tokio::test]
-    async fn connect_reports_a_missing_database() {
-        let base = testing::admin_url();
-        let mut options = parse_url(&base).unwrap();
-        options = options.database("ccmail_t_does_not_exist_42");
-        let url = options.to_url_lossy().to_string();
-        let err = connect(&url, 1).await.unwrap_err();
-        assert!(matches!(err, StoreError::DatabaseMissing { .. }), "{err:?}");
-        assert!(err.to_string().contains("ccmail_t_does_not_exist_42"));
-    }
-
-    #[tokio::test]
-    async fn ensure_database_creates_once() {
-        let name = format!("ccmail_t_ensure_{}", fastrand::u64(..));
-        let options = parse_url(&testing::admin_url()).unwrap().database(&name);
-        let url = options.to_url_lossy().to_string();
-        assert!(ensure_database(&url).await.unwrap());
-        assert!(!ensure_database(&url).await.unwrap());
-        let pool = connect(&url, 1).await.unwrap();
-        migrate(&pool).await.unwrap();
-        pool.close().await;
-        let mut admin = parse_url(&testing::admin_url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        drop_database(&mut admin, &name).await.unwrap();
-        let exists: bool =
-            sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
-                .bind(&name)
-                .fetch_one(&mut admin)
-                .await
-                .unwrap();
-        assert!(!exists);
     }
 
     #[test]

@@ -346,7 +346,7 @@ Content-Disposition: attachment; filename=\"a\0b.txt\"\r\n\r\n\0\0\0\r\n--n--\r\
 }
 
 /// The bytes the POP3 simulator serves for `raw` (and so the bytes ccmail stores): every
-/// bare LF becomes CRLF and the message ends with CRLF (see `ccmail::sim::pop3`).
+/// bare LF becomes CRLF and the message ends with CRLF (see `ccmail_lab::sim::pop3`).
 pub fn as_served(raw: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw.len() + 2);
     for (i, &b) in raw.iter().enumerate() {

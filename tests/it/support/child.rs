@@ -1,4 +1,4 @@
-//! The real `ccmail` binary as a child process of a test, with its output captured to a file
+//! The real `ccmail` (or `ccmail-lab`) binary as a child process of a test, with its output captured to a file
 //! and a guard that kills it (SIGKILL, by PID) when the test ends without having reaped it,
 //! including when an assertion fails halfway.
 
@@ -38,11 +38,47 @@ impl CcmailChild {
         env: &[(&str, &str)],
         nofile: Option<(u64, u64)>,
     ) -> anyhow::Result<CcmailChild> {
+        CcmailChild::spawn_exe(
+            Path::new(env!("CARGO_BIN_EXE_ccmail")),
+            dir,
+            name,
+            args,
+            env,
+            nofile,
+        )
+    }
+
+    /// As [`CcmailChild::spawn`], for the `ccmail-lab` binary (demo, bench, soak). Cargo builds
+    /// it next to `ccmail` when the whole workspace is tested (`cargo nextest run --workspace`,
+    /// the README's test command); a dev-dependency's binaries have no `CARGO_BIN_EXE_` variable.
+    pub fn spawn_lab(
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<CcmailChild> {
+        let exe = Path::new(env!("CARGO_BIN_EXE_ccmail")).with_file_name("ccmail-lab");
+        if !exe.is_file() {
+            bail!(
+                "no ccmail-lab binary at {}; test the workspace (cargo nextest run --workspace)",
+                exe.display()
+            );
+        }
+        CcmailChild::spawn_exe(&exe, dir, name, args, env, None)
+    }
+
+    fn spawn_exe(
+        exe: &Path,
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<(u64, u64)>,
+    ) -> anyhow::Result<CcmailChild> {
         let output = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&output)
             .with_context(|| format!("creating {}", output.display()))?;
         let err = out.try_clone()?;
-        let exe = env!("CARGO_BIN_EXE_ccmail");
         let mut command = match nofile {
             None => tokio::process::Command::new(exe),
             Some((soft, hard)) => {
@@ -67,7 +103,9 @@ impl CcmailChild {
         for (key, value) in env {
             command.env(key, value);
         }
-        let child = command.spawn().context("starting the ccmail binary")?;
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
         Ok(CcmailChild { child, output })
     }
 

@@ -15,9 +15,9 @@ use ccmail::oauth::{
     AppCredentials, AppKey, CachePolicy, DEFAULT_SCOPE, TokenCache, TokenSource, TokenSourceOptions,
 };
 use ccmail::pop3::{ServerSpec, Timeouts, TlsMode};
-use ccmail::sim::cert::TestCa;
-use ccmail::sim::entra::{EntraSim, SimApp};
-use ccmail::sim::pop3::Pop3Sim;
+use ccmail_lab::sim::cert::TestCa;
+use ccmail_lab::sim::entra::{EntraSim, SimApp};
+use ccmail_lab::sim::pop3::Pop3Sim;
 use secrecy::SecretString;
 
 /// The simulated tenant's id.

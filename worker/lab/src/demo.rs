@@ -1,4 +1,4 @@
-//! `ccmail demo`: the whole pipeline on one machine, with nothing but PostgreSQL.
+//! `ccmail-lab demo`: the whole pipeline on one machine, with nothing but PostgreSQL.
 //!
 //! It starts the Entra and Exchange simulators, registers an app and two mailbox pilots
 //! (support@ and sales@ of a demo tenant), fills both mailboxes with realistic generated mail
@@ -16,16 +16,16 @@ use anyhow::{Context, bail};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::ingest::supervisor::{Supervisor, SupervisorSettings};
-use crate::oauth::{CachePolicy, TokenCache, TokenSource, TokenSourceOptions};
-use crate::pop3::TlsMode;
-use crate::secrets::MasterKey;
 use crate::sim::cert::TestCa;
 use crate::sim::entra::{EntraSim, SimApp};
 use crate::sim::mailgen::{self, MailGen};
 use crate::sim::pop3::Pop3Sim;
-use crate::store;
+use ccmail::config::Config;
+use ccmail::ingest::supervisor::{Supervisor, SupervisorSettings};
+use ccmail::oauth::{CachePolicy, TokenCache, TokenSource, TokenSourceOptions};
+use ccmail::pop3::TlsMode;
+use ccmail::secrets::MasterKey;
+use ccmail::store;
 
 /// Demo sizes.
 #[derive(Debug, Clone)]

@@ -1,4 +1,4 @@
-//! An Exchange-Online-like POP3 server, for `ccmail demo`, the benchmark and the tests.
+//! An Exchange-Online-like POP3 server, for `ccmail-lab demo`, the benchmark and the tests.
 //!
 //! It listens on 127.0.0.1 with an implicit-TLS port (like 995) and a plain port that offers
 //! `STLS` (like 110), and answers the way Exchange Online does (EXCHANGE.md §2): the greeting,
@@ -1306,7 +1306,7 @@ mod tests {
     }
 
     async fn fixture() -> anyhow::Result<Fixture> {
-        crate::tls::install_crypto_provider();
+        ccmail::tls::install_crypto_provider();
         let ca = TestCa::new("pop3 sim test CA")?;
         let entra = EntraSim::start(&ca).await?;
         entra.register_app(SimApp {
@@ -1326,7 +1326,7 @@ mod tests {
         /// A token from the simulated token endpoint, fetched over HTTPS.
         async fn token(&self) -> anyhow::Result<String> {
             let http = reqwest::Client::builder()
-                .tls_backend_preconfigured(crate::tls::client_config_owned(&[self
+                .tls_backend_preconfigured(ccmail::tls::client_config_owned(&[self
                     .ca
                     .cert_der()
                     .clone()])?)
@@ -1386,7 +1386,7 @@ mod tests {
 
     impl Client {
         async fn over_tls(stream: Box<dyn Stream>, ca: &TestCa) -> anyhow::Result<Client> {
-            let config = crate::tls::client_config(&[ca.cert_der().clone()])?;
+            let config = ccmail::tls::client_config(&[ca.cert_der().clone()])?;
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(ServerName::try_from("localhost")?, stream)
                 .await?;

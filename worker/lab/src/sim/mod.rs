@@ -1,4 +1,4 @@
-//! Simulators of Exchange Online POP3S and the Entra ID token endpoint, for `ccmail demo` and
+//! Simulators of Exchange Online POP3S and the Entra ID token endpoint, for `ccmail-lab demo` and
 //! the tests. They listen on 127.0.0.1 only and keep all state in memory.
 //!
 //! Lifecycle invariant shared by both simulators: a handle is a cheap `Clone`; `shutdown()` on

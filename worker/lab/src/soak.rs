@@ -1,4 +1,4 @@
-//! `ccmail soak`: the real worker as a child process, killed with SIGKILL at random moments
+//! `ccmail-lab soak`: the real worker as a child process, killed with SIGKILL at random moments
 //! while a generator keeps delivering mail; at the end every delivered message must be stored
 //! exactly once.
 //!
@@ -28,13 +28,14 @@ use nix::unistd::Pid;
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
-use crate::pop3::TlsMode;
-use crate::secrets::MasterKey;
 use crate::sim::cert::TestCa;
 use crate::sim::entra::{EntraSim, SimApp};
 use crate::sim::mailgen::{self, MailGen};
 use crate::sim::pop3::Pop3Sim;
-use crate::store::{self, testing::TestDb};
+use crate::testdb::TestDb;
+use ccmail::pop3::TlsMode;
+use ccmail::secrets::MasterKey;
+use ccmail::store;
 
 /// The simulated tenant's domain.
 const DOMAIN: &str = "contoso.test";
@@ -214,7 +215,7 @@ impl SoakReport {
 /// Runs a soak. The database it creates is dropped at the end, and every worker process it
 /// starts is gone when this returns, whatever the outcome.
 pub async fn run(options: &SoakOptions) -> anyhow::Result<SoakReport> {
-    crate::tls::install_crypto_provider();
+    ccmail::tls::install_crypto_provider();
     let db = TestDb::on_server(&options.database_url)
         .await
         .context("creating the soak database")?;
@@ -356,7 +357,7 @@ impl Worker {
             // Only what the soak decides: no CCMAIL_* or RUST_LOG of the caller's shell.
             .env_clear()
             .env("DATABASE_URL", db_url)
-            .env(crate::config::MASTER_KEY_ENV, world.key.expose_secret())
+            .env(ccmail::config::MASTER_KEY_ENV, world.key.expose_secret())
             // Any free port: another worker on this machine may hold the default one.
             .env("CCMAIL_HTTP_LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
@@ -611,7 +612,7 @@ fn last_command(pop: &Pop3Sim) -> String {
 
 async fn stored_count(db: &TestDb) -> anyhow::Result<i64> {
     let mut conn = db.pool().acquire().await?;
-    Ok(store::testing::work_item_count(&mut conn).await?)
+    Ok(crate::testdb::work_item_count(&mut conn).await?)
 }
 
 /// Counts the stored markers against the delivered ones.
@@ -660,8 +661,10 @@ fn scan_logs(
     ];
     for (i, token) in tokens.iter().enumerate() {
         secrets.push((format!("access token #{i}"), token.clone()));
-        let blob =
-            crate::pop3::sasl::xoauth2_response(&world.mailbox, &SecretString::from(token.clone()));
+        let blob = ccmail::pop3::sasl::xoauth2_response(
+            &world.mailbox,
+            &SecretString::from(token.clone()),
+        );
         secrets.push((
             format!("XOAUTH2 blob of token #{i}"),
             blob.expose_secret().to_owned(),

@@ -1,7 +1,5 @@
 //! Store tests against a real PostgreSQL: one fresh database per test.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,10 +9,14 @@ use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::Barrier;
 
-use super::testing::TestDb;
-use super::*;
-use crate::model::{Address, Attachment, ParsedMail};
-use crate::secrets::{MasterKey, Owner};
+use std::str::FromStr as _;
+
+use ccmail::model::{Address, Attachment, ParsedMail};
+use ccmail::secrets::{MasterKey, Owner};
+use ccmail::store::*;
+use ccmail_lab::testdb::{self as testing, TestDb};
+use sqlx::ConnectOptions as _;
+use sqlx::postgres::PgConnectOptions;
 
 /// Generous upper bound for a notification to arrive; it normally takes milliseconds.
 const NOTIFY_DEADLINE: Duration = Duration::from_secs(10);
@@ -186,7 +188,7 @@ async fn apps_insert_list_get_and_refuse_duplicates() {
     // New credential and expiry; guarded by id.
     let other = MasterKey::generate();
     let resealed =
-        crate::secrets::reseal(&row.credential, &key, &other, &row.credential_owner()).unwrap();
+        ccmail::secrets::reseal(&row.credential, &key, &other, &row.credential_owner()).unwrap();
     set_app_credential(&mut conn, row.id, &resealed, None)
         .await
         .unwrap();
@@ -673,7 +675,10 @@ async fn unparsable_oversize_and_nul_laden_messages_are_still_stored() {
     };
     let mut new = message(&p, "UID-broken", &broken);
     new.raw = b"\0\0garbage";
-    new.flags = &[crate::model::Flag::Oversize, crate::model::Flag::ParseError];
+    new.flags = &[
+        ccmail::model::Flag::Oversize,
+        ccmail::model::Flag::ParseError,
+    ];
     new.headers_only = true;
     let item = insert_message(&mut conn, &new)
         .await
@@ -1301,7 +1306,7 @@ async fn unbound_credentials_are_upgraded_for_their_rows_once_and_copies_are_lef
     let reference = user_pass_pilot(&mut conn, "reference", "env:LAB_PASSWORD").await;
 
     let upgrade = |owner: &Owner, stored: &str| {
-        crate::secrets::upgrade(stored, &key, owner).map_err(|e| e.to_string())
+        ccmail::secrets::upgrade(stored, &key, owner).map_err(|e| e.to_string())
     };
     let report = upgrade_unbound_credentials(&mut conn, upgrade)
         .await
@@ -1331,8 +1336,8 @@ async fn unbound_credentials_are_upgraded_for_their_rows_once_and_copies_are_lef
         app_now.credential
     );
     assert_eq!(app_now.updated_at, app_row.updated_at);
-    let policy = crate::secrets::ReferencePolicy::default();
-    let opened = crate::secrets::resolve(
+    let policy = ccmail::secrets::ReferencePolicy::default();
+    let opened = ccmail::secrets::resolve(
         &app_now.credential,
         Some(&key),
         &policy,
@@ -1343,10 +1348,10 @@ async fn unbound_credentials_are_upgraded_for_their_rows_once_and_copies_are_lef
     let alone_now = get_pilot(&mut conn, alone.id).await.unwrap();
     let owner = alone_now.credential_owner().unwrap();
     let opened =
-        crate::secrets::resolve(password_of(&alone_now), Some(&key), &policy, &owner).unwrap();
+        ccmail::secrets::resolve(password_of(&alone_now), Some(&key), &policy, &owner).unwrap();
     assert_eq!(opened.expose_secret(), "pw-alone");
     assert!(
-        crate::secrets::resolve(
+        ccmail::secrets::resolve(
             password_of(&alone_now),
             Some(&key),
             &policy,
@@ -1423,7 +1428,7 @@ async fn rotation_refuses_copies_and_an_app_resealed_on_update_is_guarded() {
     let a = user_pass_pilot(&mut conn, "a", &shared).await;
     let b = user_pass_pilot(&mut conn, "b", &shared).await;
     let err = reseal_credentials(&mut conn, |owner, stored| {
-        crate::secrets::reseal(stored, &key, &new_key, owner).map_err(|e| e.to_string())
+        ccmail::secrets::reseal(stored, &key, &new_key, owner).map_err(|e| e.to_string())
     })
     .await
     .unwrap_err();
@@ -1451,7 +1456,7 @@ async fn rotation_refuses_copies_and_an_app_resealed_on_update_is_guarded() {
     let row = insert_app(&mut conn, &new).await.unwrap();
     let mut moved = new.clone();
     moved.tenant = "fabrikam.onmicrosoft.com".to_owned();
-    moved.credential = crate::secrets::rebind(
+    moved.credential = ccmail::secrets::rebind(
         &row.credential,
         &key,
         &row.credential_owner(),
@@ -1468,9 +1473,9 @@ async fn rotation_refuses_copies_and_an_app_resealed_on_update_is_guarded() {
         .unwrap();
     assert_eq!(updated.tenant, "fabrikam.onmicrosoft.com");
     assert_eq!(updated.credential, moved.credential);
-    let policy = crate::secrets::ReferencePolicy::default();
+    let policy = ccmail::secrets::ReferencePolicy::default();
     assert!(
-        crate::secrets::resolve(
+        ccmail::secrets::resolve(
             &updated.credential,
             Some(&key),
             &policy,
@@ -1530,6 +1535,132 @@ async fn a_pilot_update_made_from_a_stale_password_fails_and_changes_nothing() {
         update_pilot(&mut conn, 999_999, &fresh, None).await,
         Err(StoreError::NotFound { .. })
     ));
+    drop(conn);
+    db.drop_db().await.unwrap();
+}
+
+// Moved from the store module's own tests: they need a test database.
+
+#[tokio::test]
+async fn migrations_apply_on_an_empty_database_and_twice_is_a_no_op() {
+    let db = TestDb::new().await.unwrap();
+    let applied: i64 = sqlx::query_scalar("select count(*) from _sqlx_migrations")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(applied >= 1);
+    migrate(db.pool()).await.unwrap();
+    let again: i64 = sqlx::query_scalar("select count(*) from _sqlx_migrations")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(applied, again);
+    let tables: Vec<String> = sqlx::query_scalar(
+        "select table_name::text from information_schema.tables \
+         where table_schema = 'public' and table_name <> '_sqlx_migrations' order by 1",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        tables,
+        [
+            "attachments",
+            "fetch_failures",
+            "messages",
+            "oauth_apps",
+            "pilots",
+            "work_items"
+        ]
+    );
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn connect_reports_a_missing_database() {
+    let base = ccmail_lab::testdb::admin_url();
+    let mut options = PgConnectOptions::from_str(&base).unwrap();
+    options = options.database("ccmail_t_does_not_exist_42");
+    let url = options.to_url_lossy().to_string();
+    let err = connect(&url, 1).await.unwrap_err();
+    assert!(matches!(err, StoreError::DatabaseMissing { .. }), "{err:?}");
+    assert!(err.to_string().contains("ccmail_t_does_not_exist_42"));
+}
+
+#[tokio::test]
+async fn ensure_database_creates_once() {
+    let name = format!("ccmail_t_ensure_{}", fastrand::u64(..));
+    let options = PgConnectOptions::from_str(&ccmail_lab::testdb::admin_url())
+        .unwrap()
+        .database(&name);
+    let url = options.to_url_lossy().to_string();
+    assert!(ensure_database(&url).await.unwrap());
+    assert!(!ensure_database(&url).await.unwrap());
+    let pool = connect(&url, 1).await.unwrap();
+    migrate(&pool).await.unwrap();
+    pool.close().await;
+    let mut admin = PgConnectOptions::from_str(&ccmail_lab::testdb::admin_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query(&format!("drop database if exists \"{name}\" with (force)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert!(!exists);
+}
+
+#[tokio::test]
+async fn parser_defects_are_stored_capped_and_shown_with_the_work_item() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let app = insert_app(
+        &mut conn,
+        &NewApp::new(
+            "a",
+            "contoso.onmicrosoft.com",
+            "cid",
+            "env:APP_SECRET".into(),
+        ),
+    )
+    .await
+    .unwrap();
+    let pilot = insert_pilot(
+        &mut conn,
+        &NewPilot::new("support", "s@x", PilotAuth::XOAuth2 { app_id: app.id }),
+    )
+    .await
+    .unwrap();
+    let mut defects: Vec<String> = (0..30).map(|i| format!("defect {i}\0")).collect();
+    defects[0] = "x".repeat(5000);
+    let parsed = ParsedMail {
+        defects,
+        ..ParsedMail::default()
+    };
+    let new = NewMessage {
+        pilot_id: pilot.id,
+        queue: &pilot.queue,
+        uidl: "UID-1",
+        raw: b"Subject: x\r\n\r\nbody\r\n",
+        parsed: &parsed,
+        headers_only: false,
+        flags: &[],
+        identity: None,
+    };
+    insert_message(&mut conn, &new).await.unwrap();
+    let view = recent_work_items(&mut conn, 1).await.unwrap();
+    let shown = &view[0].defects;
+    assert_eq!(shown.len(), 21, "the parser's cap, and the schema's");
+    assert_eq!(shown[0].len(), 1000, "each defect capped");
+    assert_eq!(shown[1], "defect 1\u{FFFD}", "the one NUL rule");
+    assert_eq!(view[0].status, ccmail::model::WorkItemStatus::Queued);
     drop(conn);
     db.drop_db().await.unwrap();
 }

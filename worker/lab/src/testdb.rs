@@ -1,6 +1,6 @@
 //! Test support: a fresh, migrated PostgreSQL database per test.
 //!
-//! Lives in the library (not behind `cfg(test)`) so integration tests and the demo can use it.
+//! Lives in the lab, not in the product: integration tests, the demo and the bench use it.
 //! The server is taken from `CCMAIL_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`); each [`TestDb`] creates `ccmail_t_<random>`
 //! on it and drops it again, by [`TestDb::drop_db`] or, best effort, when dropped.
@@ -10,7 +10,47 @@
 use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{StoreError, connect_error, create_database, describe_target, drop_database, migrate};
+use std::str::FromStr as _;
+
+use ccmail::store::{StoreError, migrate};
+use sqlx::postgres::PgConnection;
+
+fn parse_url(url: &str) -> Result<PgConnectOptions, StoreError> {
+    PgConnectOptions::from_str(url).map_err(|err| StoreError::InvalidUrl {
+        reason: err.to_string(),
+    })
+}
+
+/// The server a connection failure is about, without the password.
+fn connect_error(err: sqlx::Error, admin: &PgConnectOptions) -> StoreError {
+    StoreError::Unreachable {
+        target: format!(
+            "{}@{}:{}",
+            admin.get_username(),
+            admin.get_host(),
+            admin.get_port()
+        ),
+        source: err,
+    }
+}
+
+/// Quotes an SQL identifier: `create database` takes no bound parameters.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+async fn create_database(conn: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
+    let statement = format!("create database {}", quote_ident(name));
+    sqlx::query(&statement).execute(conn).await?;
+    Ok(())
+}
+
+/// Drops a database, terminating its sessions first (PostgreSQL 13+ `with (force)`).
+async fn drop_database(conn: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
+    let statement = format!("drop database if exists {} with (force)", quote_ident(name));
+    sqlx::query(&statement).execute(conn).await?;
+    Ok(())
+}
 
 /// Server used when `CCMAIL_TEST_DATABASE_URL` is not set.
 pub const DEFAULT_TEST_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -41,12 +81,12 @@ impl TestDb {
 
     /// Creates `ccmail_t_<random>` on the server of `url` (any database URL of that server).
     pub async fn on_server(url: &str) -> Result<TestDb, StoreError> {
-        let admin = super::parse_url(url)?;
+        let admin = parse_url(url)?;
         let name = format!("ccmail_t_{:016x}", fastrand::u64(..));
         let mut conn = admin
             .connect()
             .await
-            .map_err(|err| connect_error(err, describe_target(&admin)))?;
+            .map_err(|err| connect_error(err, &admin))?;
         create_database(&mut conn, &name).await?;
         // A failed close only leaks a session of the maintenance database.
         let _ = sqlx::Connection::close(conn).await;
@@ -89,7 +129,7 @@ impl TestDb {
             .admin
             .connect()
             .await
-            .map_err(|err| connect_error(err, describe_target(&self.admin)))?;
+            .map_err(|err| connect_error(err, &self.admin))?;
         drop_database(&mut conn, &self.name).await?;
         self.dropped = true;
         let _ = sqlx::Connection::close(conn).await;

@@ -852,7 +852,7 @@ pub fn marker(raw: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::parse::parse;
+    use ccmail::ingest::parse::parse;
     use sha2::Digest;
     use std::collections::HashSet;
 

@@ -1,5 +1,5 @@
 //! An Entra-ID-like OAuth 2.0 token endpoint (client-credentials grant only) and an RFC 7662
-//! introspection endpoint, for `ccmail demo`, the benchmark and the tests.
+//! introspection endpoint, for `ccmail-lab demo`, the benchmark and the tests.
 //!
 //! The token endpoint speaks HTTPS on 127.0.0.1 with a certificate from the caller's
 //! [`TestCa`] and answers the way Microsoft's v2.0 endpoint does (EXCHANGE.md §1): the same URL
@@ -37,7 +37,7 @@ use super::cert::TestCa;
 use super::net::{
     ClosableListener, Guarded, Lifecycle, StopOnDrop, accept_backoff, lock as lock_mutex,
 };
-use crate::oauth::{CLIENT_ASSERTION_TYPE, thumbprint_sha1, thumbprint_sha256};
+use ccmail::oauth::{CLIENT_ASSERTION_TYPE, thumbprint_sha1, thumbprint_sha256};
 
 /// The only resource this simulator issues tokens for (Exchange Online).
 pub const EXCHANGE_RESOURCE: &str = "https://outlook.office365.com";
@@ -1092,7 +1092,7 @@ mod tests {
     }
 
     async fn fixture() -> anyhow::Result<Fixture> {
-        crate::tls::install_crypto_provider();
+        ccmail::tls::install_crypto_provider();
         let ca = TestCa::new("entra sim test CA")?;
         let sim = EntraSim::start(&ca).await?;
         sim.register_app(SimApp {
@@ -1103,7 +1103,7 @@ mod tests {
             secret_expired: false,
         });
         let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(crate::tls::client_config_owned(&[ca.cert_der().clone()])?)
+            .tls_backend_preconfigured(ccmail::tls::client_config_owned(&[ca.cert_der().clone()])?)
             .build()?;
         Ok(Fixture { _ca: ca, sim, http })
     }
@@ -1432,7 +1432,7 @@ mod tests {
             .context("no token")?
             .to_owned();
         let plain = reqwest::Client::builder()
-            .tls_backend_preconfigured(crate::tls::client_config_owned(&[])?)
+            .tls_backend_preconfigured(ccmail::tls::client_config_owned(&[])?)
             .build()?;
         let url = fx.sim.introspection_url();
         assert!(url.starts_with("http://127.0.0.1:"));

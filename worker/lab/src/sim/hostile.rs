@@ -4,11 +4,14 @@
 //! Every generator is a pure function of its parameters (random content comes from a seed)
 //! and returns the message bytes. Invariants:
 //! * every message carries the caller's `X-Ccmail-Marker` header in its top-level header
-//!   section (read back with [`crate::sim::mailgen::marker`]), so a pipeline test can check
+//!   section (read back with `mailgen::marker`), so a pipeline test can check
 //!   that each one is stored exactly once;
 //! * unless the attack is the `Message-ID` itself, the `Message-ID` is `<MARKER@hostile.test>`;
 //! * lines end in CRLF; generation is linear in the output size (a 48 MB part flood takes well
 //!   under a second in a release build).
+//!
+//! The file must stay self-contained (std and base64 only): ccmail's parser unit tests include
+//! it with `#[path]`, since the product cannot depend on the lab.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -279,53 +282,5 @@ fn base64_lines(out: &mut Vec<u8>, data: &[u8]) {
     for line in encoded.as_bytes().chunks(76) {
         out.extend_from_slice(line);
         out.extend_from_slice(b"\r\n");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sim::mailgen::marker;
-
-    #[test]
-    fn every_generator_carries_the_marker_and_the_intended_size() {
-        let names = hostile_filenames();
-        let cases: Vec<(&str, Vec<u8>)> = vec![
-            ("nested_rfc822", nested_rfc822("m1", 40_000)),
-            ("nested_rfc822_base64", nested_rfc822_base64("m2", 1_000)),
-            ("nested_multipart", nested_multipart("m3", 100)),
-            ("part_flood", part_flood("m4", 330_000, 36)),
-            ("long_message_id", long_message_id("m5", 10_000, 1)),
-            ("long_subject", long_subject("m6", 1_000_000)),
-            ("many_recipients", many_recipients("m7", 100_000)),
-            ("many_references", many_references("m8", 5_000)),
-            ("filename_attacks", filename_attacks("m9", &names)),
-            ("nested_html", nested_html("m10", 200_000)),
-            ("html_trackers", html_trackers("m11")),
-        ];
-        for (i, (name, raw)) in cases.iter().enumerate() {
-            assert_eq!(
-                marker(raw).as_deref(),
-                Some(format!("m{}", i + 1).as_str()),
-                "{name}"
-            );
-            assert!(
-                raw.windows(2)
-                    .filter(|w| w[1] == b'\n')
-                    .all(|w| w[0] == b'\r'),
-                "{name}: bare LF"
-            );
-        }
-        let size = |name: &str| cases.iter().find(|c| c.0 == name).map(|c| c.1.len());
-        assert!(size("nested_rfc822").is_some_and(|n| (3_000_000..3_800_000).contains(&n)));
-        assert!(size("part_flood").is_some_and(|n| (40_000_000..56_000_000).contains(&n)));
-        assert!(size("long_subject").is_some_and(|n| n > 1_000_000));
-        assert!(size("nested_html").is_some_and(|n| (2_100_000..2_400_000).contains(&n)));
-    }
-
-    #[test]
-    fn generators_are_deterministic() {
-        assert_eq!(long_message_id("m", 100, 3), long_message_id("m", 100, 3));
-        assert_ne!(long_message_id("m", 100, 3), long_message_id("m", 100, 4));
     }
 }

@@ -1,7 +1,7 @@
-//! `ccmail bench`: the full pipeline (POP3S → parse → PostgreSQL → DELE) against a raw
+//! `ccmail-lab bench`: the full pipeline (POP3S → parse → PostgreSQL → DELE) against a raw
 //! protocol baseline (login + UIDL + RETR of every message, nothing stored), on the same mail.
 //!
-//! The simulator runs in a child process (`ccmail sim-serve`), so the mailbox it holds in
+//! The simulator runs in a child process (`ccmail-lab sim-serve`), so the mailbox it holds in
 //! memory does not count toward the measured process's peak RSS. Peak RSS is read from
 //! `/proc/self/status` (VmHWM) and reset between the two runs through `/proc/self/clear_refs`.
 
@@ -14,19 +14,19 @@ use anyhow::{Context, bail};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::ingest::poller::{self, IngestLimits, Pilot, PilotAuth};
-use crate::oauth::{
-    AppCredentials, AppKey, CachePolicy, TokenCache, TokenSource, TokenSourceOptions,
-};
-use crate::pop3::{Client, ServerSpec, Timeouts, TlsMode};
 use crate::sim::cert::TestCa;
 use crate::sim::entra::{EntraSim, SimApp};
 use crate::sim::mailgen::MailGen;
 use crate::sim::pop3::Pop3Sim;
-use crate::store;
+use ccmail::config::Config;
+use ccmail::ingest::poller::{self, IngestLimits, Pilot, PilotAuth};
+use ccmail::oauth::{
+    AppCredentials, AppKey, CachePolicy, TokenCache, TokenSource, TokenSourceOptions,
+};
+use ccmail::pop3::{Client, ServerSpec, Timeouts, TlsMode};
+use ccmail::store;
 
-/// `ccmail bench` options.
+/// `ccmail-lab bench` options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Messages in the mailbox.
@@ -37,7 +37,7 @@ pub struct BenchArgs {
     pub seed: u64,
 }
 
-/// What `ccmail sim-serve` prints on its first stdout line.
+/// What `ccmail-lab sim-serve` prints on its first stdout line.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct SimInfo {
     pub pop3_addr: String,
@@ -140,7 +140,7 @@ impl SimChild {
     }
 
     fn ca(&self) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
-        Ok(crate::tls::parse_pem_bundle(
+        Ok(ccmail::tls::parse_pem_bundle(
             self.info.ca_pem.as_bytes(),
             "simulator CA",
         )?)
@@ -152,7 +152,7 @@ impl SimChild {
                 authority: self.info.authority.clone(),
                 tenant: self.info.tenant.clone(),
                 client_id: self.info.client_id.clone(),
-                scope: crate::oauth::DEFAULT_SCOPE.to_owned(),
+                scope: ccmail::oauth::DEFAULT_SCOPE.to_owned(),
             },
             credential: SecretString::from(self.info.client_secret.clone()).into(),
         }
@@ -288,7 +288,7 @@ async fn pipeline(sim: &SimChild, config: &Config, url: &str) -> anyhow::Result<
         keep_on_server: false,
         max_message_bytes: MAX_MESSAGE,
         poll_interval: Duration::from_secs(60),
-        metrics: crate::telemetry::global().pilot_metrics(row.id, &row.queue),
+        metrics: ccmail::telemetry::global().pilot_metrics(row.id, &row.queue),
     };
     let limits = IngestLimits {
         max_messages_per_poll: usize::MAX,
@@ -339,7 +339,7 @@ pub async fn run(config: &Config, args: &BenchArgs) -> anyhow::Result<()> {
         raw_baseline(&sim).await?
     };
     // A fresh database for each bench run, dropped afterwards.
-    let db = store::testing::TestDb::on_server(&config.database.url).await?;
+    let db = crate::testdb::TestDb::on_server(&config.database.url).await?;
     let full = {
         let sim = SimChild::spawn(args)?;
         pipeline(&sim, config, db.url()).await

@@ -1,0 +1,13 @@
+//! ccmail's lab: everything that exercises the product without being part of it.
+//!
+//! [`sim`] plays Exchange Online POP3S and the Entra ID token endpoint on 127.0.0.1;
+//! [`testdb`] makes a fresh, migrated PostgreSQL database per test; [`demo`], [`bench`] and
+//! [`soak`] are the `ccmail-lab` subcommands. Invariant: the production crate `ccmail` never
+//! depends on this one (it is only a dev-dependency there), so no simulator, certificate
+//! generator or test-database helper ships in the product binary.
+
+pub mod bench;
+pub mod demo;
+pub mod sim;
+pub mod soak;
+pub mod testdb;
