@@ -696,6 +696,9 @@ async fn a_bad_master_key_names_the_command_that_makes_one() {
         err.contains("ccmail key generate") && !err.contains("secrets generate-key"),
         "{err}"
     );
+    // The command it names works with the bad key still set: that is how the key is replaced.
+    let new_key = cli.ok(&["key", "generate"], None);
+    assert!(MasterKey::from_base64(new_key.trim()).is_ok(), "{new_key}");
     db.drop_db().await.unwrap();
 }
 

@@ -348,8 +348,22 @@ impl std::error::Error for ExitWith {}
 
 /// Runs the parsed command.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    let config = Config::load(cli.config.as_deref())?;
     match cli.command {
+        // A new key needs no settings: it is how an admin replaces a key they cannot load.
+        Command::Key(KeyCommand::Generate) => print_new_key(),
+        command => with_settings(Config::load(cli.config.as_deref())?, command).await,
+    }
+}
+
+/// `ccmail key generate`: a new random master key on stdout.
+fn print_new_key() -> anyhow::Result<()> {
+    println!("{}", MasterKey::generate().to_base64().expose_secret());
+    Ok(())
+}
+
+/// Runs a command that needs the settings.
+async fn with_settings(config: Config, command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Migrate => {
             init_logs(&config, true);
             store::ensure_database(&config.database.url).await?;
@@ -374,10 +388,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{body}");
             Ok(())
         }
-        Command::Key(KeyCommand::Generate) => {
-            println!("{}", MasterKey::generate().to_base64().expose_secret());
-            Ok(())
-        }
+        Command::Key(KeyCommand::Generate) => print_new_key(),
         Command::Key(KeyCommand::Rotate { new_key_file }) => {
             init_logs(&config, true);
             let Some(old) = config.master_key() else {
