@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use ccmail_lab::sim::mailgen::{self, Kind, MailGen};
 use ccmail_lab::sim::pop3::Fault;
-use ccmail_lab::testdb::TestDb;
 use secrecy::ExposeSecret;
 
 use crate::support::child::CcmailChild;
@@ -139,43 +138,4 @@ async fn run_drains_a_mailbox_and_on_sigterm_finishes_the_message_quits_and_exit
     );
     assert_eq!(world.work_items().await? as usize, counts.len());
     world.finish().await
-}
-
-#[tokio::test]
-async fn demo_twice_adds_exactly_its_own_messages_each_time() -> anyhow::Result<()> {
-    const PER_MAILBOX: usize = 4;
-    // Two mailboxes, each with PER_MAILBOX messages plus one malformed and one oversize.
-    const PER_RUN: i64 = 2 * (PER_MAILBOX as i64 + 2);
-    ccmail::tls::install_crypto_provider();
-    let db = TestDb::new().await?;
-    let dir = tempfile::Builder::new()
-        .prefix("ccmail-demo-it-")
-        .tempdir()?;
-    let messages = PER_MAILBOX.to_string();
-    let mut conn = db.pool().acquire().await?;
-    for run in 1..=2 {
-        let mut child = CcmailChild::spawn_lab(
-            dir.path(),
-            &format!("demo-{run}"),
-            &["demo", "--messages", &messages],
-            &[("DATABASE_URL", db.url())],
-        )?;
-        let status = child.wait(Duration::from_secs(150)).await?;
-        let output = child.output();
-        assert!(
-            status.success(),
-            "demo run {run}: {status}; output:\n{output}"
-        );
-        assert!(
-            output.contains(&format!(
-                "stored exactly once {PER_RUN} | lost 0 | duplicated 0"
-            )),
-            "demo run {run} output:\n{output}"
-        );
-        let items = ccmail_lab::testdb::work_item_count(&mut conn).await?;
-        assert_eq!(items, PER_RUN * run, "after demo run {run}");
-    }
-    drop(conn);
-    db.drop_db().await?;
-    Ok(())
 }

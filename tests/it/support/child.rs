@@ -48,25 +48,6 @@ impl CcmailChild {
         )
     }
 
-    /// As [`CcmailChild::spawn`], for the `ccmail-lab` binary (demo, bench, soak). Cargo builds
-    /// it next to `ccmail` when the whole workspace is tested (`cargo nextest run --workspace`,
-    /// the README's test command); a dev-dependency's binaries have no `CARGO_BIN_EXE_` variable.
-    pub fn spawn_lab(
-        dir: &Path,
-        name: &str,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> anyhow::Result<CcmailChild> {
-        let exe = Path::new(env!("CARGO_BIN_EXE_ccmail")).with_file_name("ccmail-lab");
-        if !exe.is_file() {
-            bail!(
-                "no ccmail-lab binary at {}; test the workspace (cargo nextest run --workspace)",
-                exe.display()
-            );
-        }
-        CcmailChild::spawn_exe(&exe, dir, name, args, env, None)
-    }
-
     fn spawn_exe(
         exe: &Path,
         dir: &Path,
