@@ -22,6 +22,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::model::defaults;
 use serde::{Deserialize, Serialize};
 
 /// Where the settings file is looked for when `--config` is not given.
@@ -238,14 +239,14 @@ impl Default for DatabaseConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
-            max_messages_per_poll: 500,
-            batch_messages: 50,
-            batch_bytes: 16 * 1024 * 1024,
-            commit_concurrency: 2,
-            parse_ahead: 2,
-            max_poll_secs: Duration::from_secs(15 * 60),
-            max_listing_entries: 100_000,
-            max_retr_attempts: 5,
+            max_messages_per_poll: defaults::MAX_MESSAGES_PER_POLL,
+            batch_messages: defaults::BATCH_MESSAGES,
+            batch_bytes: defaults::BATCH_BYTES,
+            commit_concurrency: defaults::COMMIT_CONCURRENCY,
+            parse_ahead: defaults::PARSE_AHEAD,
+            max_poll_secs: defaults::MAX_POLL_DURATION,
+            max_listing_entries: defaults::MAX_LISTING_ENTRIES,
+            max_retr_attempts: defaults::MAX_RETR_ATTEMPTS,
             reload_interval_secs: Duration::from_secs(30),
             shutdown_grace_secs: Duration::from_secs(30),
             poll_jitter: 0.1,
@@ -259,11 +260,11 @@ impl Default for WorkerConfig {
 impl Default for Pop3Config {
     fn default() -> Self {
         Pop3Config {
-            connect_timeout_secs: Duration::from_secs(15),
-            tls_timeout_secs: Duration::from_secs(15),
-            command_timeout_secs: Duration::from_secs(60),
-            idle_timeout_secs: Duration::from_secs(60),
-            min_rate_bytes_per_sec: 16 * 1024,
+            connect_timeout_secs: defaults::POP3_CONNECT_TIMEOUT,
+            tls_timeout_secs: defaults::POP3_TLS_TIMEOUT,
+            command_timeout_secs: defaults::POP3_COMMAND_TIMEOUT,
+            idle_timeout_secs: defaults::POP3_IDLE_TIMEOUT,
+            min_rate_bytes_per_sec: defaults::POP3_MIN_RATE_BYTES_PER_SEC,
             dangerous_allow_plaintext_to_remote_hosts: false,
             allowed_xoauth2_hosts: crate::secrets::MICROSOFT_POP_HOSTS
                 .iter()
@@ -303,12 +304,11 @@ impl Default for HttpConfig {
 
 impl Default for ParseConfig {
     fn default() -> Self {
-        // The same as `ingest::parse::ParseLimits::default()` (a test there checks it).
         ParseConfig {
-            max_parts: 20_000,
-            time_base_secs: Duration::from_secs(10),
-            time_per_mib_ms: Duration::from_millis(1000),
-            max_abandoned: 2,
+            max_parts: defaults::PARSE_MAX_PARTS,
+            time_base_secs: defaults::PARSE_TIME_BASE,
+            time_per_mib_ms: defaults::PARSE_TIME_PER_MIB,
+            max_abandoned: defaults::PARSE_MAX_ABANDONED,
         }
     }
 }

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ingest::identity::{self, Identity};
 use crate::ingest::parse::{self, ParseLimits, ParsedMail};
-use crate::model::Flag;
+use crate::model::{Flag, defaults};
 use crate::oauth::{OAuthError, TokenCache};
 use crate::pop3::{self, Client, Session, Stream};
 use crate::store::{self, Inserted, KnownUidl, StoreError, StoredCopy};
@@ -72,14 +72,14 @@ pub struct IngestLimits {
 impl Default for IngestLimits {
     fn default() -> Self {
         IngestLimits {
-            max_messages_per_poll: 500,
-            batch_messages: 50,
-            batch_bytes: 16 * 1024 * 1024,
-            max_retr_attempts: 5,
-            commit_concurrency: 2,
-            parse_ahead: 2,
-            max_poll_duration: Duration::from_secs(15 * 60),
-            max_listing_entries: 100_000,
+            max_messages_per_poll: defaults::MAX_MESSAGES_PER_POLL,
+            batch_messages: defaults::BATCH_MESSAGES,
+            batch_bytes: defaults::BATCH_BYTES,
+            max_retr_attempts: defaults::MAX_RETR_ATTEMPTS,
+            commit_concurrency: defaults::COMMIT_CONCURRENCY,
+            parse_ahead: defaults::PARSE_AHEAD,
+            max_poll_duration: defaults::MAX_POLL_DURATION,
+            max_listing_entries: defaults::MAX_LISTING_ENTRIES,
             parse: ParseLimits::default(),
         }
     }

@@ -17,3 +17,40 @@ pub const DEFAULT_PORT: u16 = 995;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(60);
 /// Largest message downloaded in full (50 MiB); larger ones are stored as headers only.
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 50 * 1024 * 1024;
+
+/// Messages stored per poll at most; the rest wait for the next poll.
+pub const MAX_MESSAGES_PER_POLL: usize = 500;
+/// Messages committed together in one transaction.
+pub const BATCH_MESSAGES: usize = 50;
+/// Raw bytes committed together in one transaction (16 MiB).
+pub const BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Failed RETRs of one message (across polls) after which its headers are stored instead.
+pub const MAX_RETR_ATTEMPTS: u32 = 5;
+/// Batches being committed while the next one downloads.
+pub const COMMIT_CONCURRENCY: usize = 2;
+/// Messages being parsed while the next one downloads.
+pub const PARSE_AHEAD: usize = 2;
+/// A poll stops taking new messages after this long.
+pub const MAX_POLL_DURATION: Duration = Duration::from_secs(15 * 60);
+/// UIDL listing entries looked at per poll.
+pub const MAX_LISTING_ENTRIES: usize = 100_000;
+
+/// Time to open the TCP connection to a POP3 server.
+pub const POP3_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Time for the TLS handshake with a POP3 server.
+pub const POP3_TLS_TIMEOUT: Duration = Duration::from_secs(15);
+/// Time for one POP3 command's response to start.
+pub const POP3_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Silence tolerated within a multi-line POP3 response.
+pub const POP3_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Slowest average rate a multi-line POP3 body may arrive at (16 KiB/s).
+pub const POP3_MIN_RATE_BYTES_PER_SEC: u64 = 16 * 1024;
+
+/// MIME parts parsed per message at most.
+pub const PARSE_MAX_PARTS: usize = 20_000;
+/// Time a parse may take, whatever the size.
+pub const PARSE_TIME_BASE: Duration = Duration::from_secs(10);
+/// Time a parse may take per MiB of input, on top of [`PARSE_TIME_BASE`].
+pub const PARSE_TIME_PER_MIB: Duration = Duration::from_secs(1);
+/// Parses still running past their budget at the same time before parsing only headers.
+pub const PARSE_MAX_ABANDONED: usize = 2;

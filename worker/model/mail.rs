@@ -217,16 +217,16 @@ pub struct ParseLimits {
 impl Default for ParseLimits {
     fn default() -> Self {
         ParseLimits {
-            max_parts: 20_000,
+            max_parts: super::defaults::PARSE_MAX_PARTS,
             max_message_depth: 128,
             max_structure_bytes: 64 * MIB,
             max_sanitize_bytes: 4 * MIB,
             max_sanitize_elements: 250_000,
             max_sanitize_depth: 512,
             stack_bytes: 16 * MIB,
-            time_base: Duration::from_secs(10),
-            time_per_mib: Duration::from_secs(1),
-            max_abandoned: 2,
+            time_base: super::defaults::PARSE_TIME_BASE,
+            time_per_mib: super::defaults::PARSE_TIME_PER_MIB,
+            max_abandoned: super::defaults::PARSE_MAX_ABANDONED,
         }
     }
 }

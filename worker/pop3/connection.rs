@@ -31,6 +31,7 @@ use super::Error;
 use super::codec::{
     self, AuthReply, BodyDecoder, CodecError, Command, Decode, MultiLine, StatusLine,
 };
+use crate::model::defaults;
 
 /// Deadlines for each kind of wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,11 +71,11 @@ impl Timeouts {
     /// see [`codec::default_wire_limit`]) then ends within about 60 s + 35 min whatever the
     /// server does; Exchange Online sends megabytes a second.
     pub const DEFAULT: Timeouts = Timeouts {
-        connect: Duration::from_secs(15),
-        tls: Duration::from_secs(15),
-        command: Duration::from_secs(60),
-        idle: Duration::from_secs(60),
-        min_rate: 16 * 1024,
+        connect: defaults::POP3_CONNECT_TIMEOUT,
+        tls: defaults::POP3_TLS_TIMEOUT,
+        command: defaults::POP3_COMMAND_TIMEOUT,
+        idle: defaults::POP3_IDLE_TIMEOUT,
+        min_rate: defaults::POP3_MIN_RATE_BYTES_PER_SEC,
     };
 }
 
