@@ -113,7 +113,7 @@ struct CertificateSource {
     #[arg(long, value_name = "PEM", requires = "certificate")]
     private_key_file: Option<PathBuf>,
     /// Client-assertion signature: RS256 (header x5t = SHA-1 thumbprint) or PS256 (x5t#S256).
-    #[arg(long, default_value = "RS256", value_parser = parse_alg)]
+    #[arg(long, default_value_t = oauth::AssertionAlg::Rs256, value_parser = parse_alg)]
     alg: oauth::AssertionAlg,
 }
 

@@ -31,7 +31,7 @@ pub async fn refresh_from_database(pool: &PgPool, metrics: &Metrics) -> Result<(
         .into_iter()
         .map(|c| QueueCount {
             queue: c.queue,
-            status: c.status.as_str().to_owned(),
+            status: c.status,
             count: c.count,
         })
         .collect();

@@ -175,10 +175,10 @@ impl CertificateCredential {
     pub fn assertion(&self, client_id: &str, token_url: &str) -> Result<SecretString, OAuthError> {
         let header = match self.alg {
             AssertionAlg::Rs256 => {
-                serde_json::json!({ "alg": "RS256", "typ": "JWT", "x5t": self.x5t })
+                serde_json::json!({ "alg": self.alg.as_str(), "typ": "JWT", "x5t": self.x5t })
             }
             AssertionAlg::Ps256 => {
-                serde_json::json!({ "alg": "PS256", "typ": "JWT", "x5t#S256": self.x5t_s256 })
+                serde_json::json!({ "alg": self.alg.as_str(), "typ": "JWT", "x5t#S256": self.x5t_s256 })
             }
         };
         let now = SystemTime::now()

@@ -86,6 +86,14 @@ pub(crate) fn status(word: &str) -> Result<WorkItemStatus, super::StoreError> {
     })
 }
 
+/// Reads a `work_items.flags` word.
+pub(crate) fn flag(word: &str) -> Result<Flag, super::StoreError> {
+    Flag::parse(word).ok_or_else(|| super::StoreError::UnexpectedValue {
+        column: "work_items.flags",
+        value: word.to_owned(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -11,7 +11,7 @@ use sqlx::types::Json;
 
 use super::error::StoreError;
 use super::words;
-use crate::model::{Address, WorkItemStatus};
+use crate::model::{Address, Flag, WorkItemStatus};
 
 /// Number of work items of one queue in one status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +27,7 @@ pub struct WorkItemView {
     pub id: i64,
     pub queue: String,
     pub status: WorkItemStatus,
-    pub flags: Vec<String>,
+    pub flags: Vec<Flag>,
     pub subject: Option<String>,
     pub from: Vec<Address>,
     pub enqueued_at: DateTime<Utc>,
@@ -93,7 +93,11 @@ pub async fn recent_work_items(
                 id: r.id,
                 queue: r.queue,
                 status: words::status(&r.status)?,
-                flags: r.flags,
+                flags: r
+                    .flags
+                    .iter()
+                    .map(|w| words::flag(w))
+                    .collect::<Result<_, _>>()?,
                 subject: r.subject,
                 from: r.from_addrs.0,
                 enqueued_at: r.enqueued_at,

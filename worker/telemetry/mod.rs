@@ -39,6 +39,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::model::WorkItemStatus;
+
 use metrics::{
     Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit,
 };
@@ -309,8 +311,6 @@ pub const POP3_COMMANDS: &[&str] = &[
 ];
 /// Values of the `result` label of [`TOKEN_REQUESTS`].
 pub const TOKEN_RESULTS: &[&str] = &["success", "transient_error", "permanent_error"];
-/// Values of the `status` label of [`WORK_ITEMS`] (the `work_items_status` constraint).
-pub const WORK_ITEM_STATUSES: &[&str] = &["queued", "assigned", "done"];
 
 /// The per-pilot handles: every series of one pilot, built once with its labels and
 /// registered at zero, so a rate or an alert works before the first message.
@@ -530,7 +530,7 @@ pub struct AppInfo {
 #[derive(Debug, Clone)]
 pub struct QueueCount {
     pub queue: String,
-    pub status: String,
+    pub status: WorkItemStatus,
     pub count: i64,
 }
 
@@ -733,13 +733,16 @@ impl Metrics {
         let mut items = Series::new();
         let mut ages = Series::new();
         for q in &queues {
-            for s in WORK_ITEM_STATUSES {
-                items.insert(vec![q.clone(), (*s).to_owned()], 0.0);
+            for s in WorkItemStatus::ALL {
+                items.insert(vec![q.clone(), s.as_str().to_owned()], 0.0);
             }
             ages.insert(vec![q.clone()], 0.0);
         }
         for c in counts {
-            items.insert(vec![c.queue.clone(), c.status.clone()], c.count as f64);
+            items.insert(
+                vec![c.queue.clone(), c.status.as_str().to_owned()],
+                c.count as f64,
+            );
         }
         for (q, age) in oldest {
             ages.insert(vec![q.clone()], age.as_secs_f64());

@@ -225,7 +225,8 @@ pub async fn run(config: &Config, options: &DemoOptions) -> anyhow::Result<DemoO
         let flags = if w.flags.is_empty() {
             String::new()
         } else {
-            format!(" [{}]", w.flags.join(", "))
+            let words: Vec<&str> = w.flags.iter().map(|f| f.as_str()).collect();
+            format!(" [{}]", words.join(", "))
         };
         println!(
             "  #{:<6} {:<8} {:<40.40} from {:<30.30} {} attachment(s){}",
