@@ -78,7 +78,7 @@ pub async fn run_on(
 /// Migrates, builds the shared token cache and runs the supervisor until `shutdown`.
 async fn supervise(
     config: &Config,
-    pool: store::PgPool,
+    pool: store::Db,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     store::migrate(&pool).await?;

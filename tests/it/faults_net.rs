@@ -16,9 +16,9 @@ use anyhow::{Context, ensure};
 use ccmail::ingest::poller::{self, IngestLimits, Pilot, PollError};
 use ccmail::pop3::Timeouts;
 use ccmail::store;
+use ccmail::store::Db;
 use ccmail_lab::sim::mailgen::{Kind, MailGen};
 use ccmail_lab::sim::pop3::Fault;
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use tokio_util::sync::CancellationToken;
 
@@ -271,7 +271,7 @@ async fn command_level_cuts_including_quit_lose_and_double_nothing() -> anyhow::
 
 /// A pool that reaches the test database through `proxy` (no TLS, so the proxy can read the
 /// protocol), failing fast when the proxy cuts.
-fn pool_through(world: &SimWorld, proxy: &FaultProxy) -> anyhow::Result<PgPool> {
+fn pool_through(world: &SimWorld, proxy: &FaultProxy) -> anyhow::Result<Db> {
     let options: PgConnectOptions = world
         .db
         .url()
@@ -279,10 +279,12 @@ fn pool_through(world: &SimWorld, proxy: &FaultProxy) -> anyhow::Result<PgPool> 
         .host("127.0.0.1")
         .port(proxy.addr().port())
         .ssl_mode(PgSslMode::Disable);
-    Ok(PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(options))
+    Ok(Db::from_pool(
+        PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options),
+    ))
 }
 
 /// The shared server's address, from the test database URL.

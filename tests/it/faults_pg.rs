@@ -13,9 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use ccmail::ingest::poller::{self, IngestLimits, PollError};
 use ccmail::ingest::supervisor::{StatusBoard, Supervisor};
-use ccmail::store::PilotRow;
+use ccmail::store::{Db, PilotRow};
 use ccmail_lab::sim::mailgen::{Kind, MailGen};
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -28,16 +27,18 @@ const DRAIN: Duration = Duration::from_secs(60);
 
 /// A pool on the test database that gives up on an unreachable server after one second (the
 /// default waits 30 s), with extra per-session settings.
-fn pool(world: &SimWorld, settings: &[(&str, &str)]) -> anyhow::Result<PgPool> {
+fn pool(world: &SimWorld, settings: &[(&str, &str)]) -> anyhow::Result<Db> {
     let options = world
         .db
         .url()
         .parse::<PgConnectOptions>()?
         .options(settings.iter().copied());
-    Ok(PgPoolOptions::new()
-        .max_connections(8)
-        .acquire_timeout(Duration::from_secs(1))
-        .connect_lazy_with(options))
+    Ok(Db::from_pool(
+        PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(1))
+            .connect_lazy_with(options),
+    ))
 }
 
 /// `count` messages of every kind for `row`'s mailbox.
@@ -66,7 +67,7 @@ struct Running {
 impl Running {
     fn start(
         world: &SimWorld,
-        pool: PgPool,
+        pool: Db,
         pilots: &[i64],
         limits: IngestLimits,
     ) -> anyhow::Result<Running> {

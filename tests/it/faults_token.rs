@@ -88,7 +88,7 @@ struct Running {
 impl Running {
     fn start(world: &SimWorld, rows: &[PilotRow]) -> anyhow::Result<Running> {
         let supervisor = Supervisor::new(
-            world.db.pool().clone(),
+            world.db.db().clone(),
             Arc::clone(&world.tokens),
             fast_settings(small_limits(), world.credential_policy()),
             Some(world.master_key()?),

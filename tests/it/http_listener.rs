@@ -212,7 +212,7 @@ impl Listener {
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(telemetry::serve(
             listener,
-            ccmail::ingest::observe::readiness(db.pool().clone()),
+            ccmail::ingest::observe::readiness(db.db().clone()),
             limits,
             stop.clone(),
         ));

@@ -71,7 +71,7 @@ async fn supervise_until(
     done: impl FnMut(&StatusBoard) -> bool,
 ) -> anyhow::Result<StatusBoard> {
     let supervisor = Supervisor::new(
-        world.db.pool().clone(),
+        world.db.db().clone(),
         Arc::clone(&world.tokens),
         settings(IngestLimits::default(), world.credential_policy()),
         Some(world.master_key()?),

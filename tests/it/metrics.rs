@@ -637,7 +637,7 @@ async fn readyz_reports_missing_migrations_and_healthz_stays_up() -> anyhow::Res
     let stop = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(telemetry::serve(
         listener,
-        ccmail::ingest::observe::readiness(db.pool().clone()),
+        ccmail::ingest::observe::readiness(db.db().clone()),
         telemetry::HttpLimits::default(),
         stop.clone(),
     ));

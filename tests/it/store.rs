@@ -1549,7 +1549,7 @@ async fn migrations_apply_on_an_empty_database_and_twice_is_a_no_op() {
         .await
         .unwrap();
     assert!(applied >= 1);
-    migrate(db.pool()).await.unwrap();
+    migrate(db.db()).await.unwrap();
     let again: i64 = sqlx::query_scalar("select count(*) from _sqlx_migrations")
         .fetch_one(db.pool())
         .await

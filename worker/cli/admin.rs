@@ -14,7 +14,7 @@ use crate::ops::admin::{self, AppView, Cloud, PilotView, key_values, or_dash, ta
 use crate::ops::doctor::{self, Login, Target};
 use crate::pop3::TlsMode;
 use crate::secrets::{self, CredentialPolicy, Owner, SecretRef};
-use crate::store::{self, PgPool};
+use crate::store;
 
 use super::{
     AppCommand, CertificateSource, CloudArgs, DoctorArgs, ExitWith, PilotCommand, PilotSettings,
@@ -22,7 +22,7 @@ use super::{
 };
 
 /// Opens the database (logging is set up once by each command's handler).
-async fn open(config: &Config) -> anyhow::Result<PgPool> {
+async fn open(config: &Config) -> anyhow::Result<store::Db> {
     let pool = store::connect(&config.database.url, 2).await?;
     store::migrate(&pool).await?;
     Ok(pool)
@@ -112,7 +112,7 @@ fn has_secret(source: &SecretSource) -> bool {
         || source.secret.is_some()
 }
 
-async fn find_app(conn: &mut store::PgConnection, key: &str) -> anyhow::Result<store::AppRow> {
+async fn find_app(conn: &mut store::Conn, key: &str) -> anyhow::Result<store::AppRow> {
     match store::get_app_by_name(conn, key).await {
         Ok(app) => Ok(app),
         Err(store::StoreError::NotFound { .. }) if key.parse::<i64>().is_ok() => {
@@ -122,7 +122,7 @@ async fn find_app(conn: &mut store::PgConnection, key: &str) -> anyhow::Result<s
     }
 }
 
-async fn find_pilot(conn: &mut store::PgConnection, key: &str) -> anyhow::Result<store::PilotRow> {
+async fn find_pilot(conn: &mut store::Conn, key: &str) -> anyhow::Result<store::PilotRow> {
     if let Ok(id) = key.parse::<i64>() {
         return Ok(store::get_pilot(conn, id).await?);
     }
@@ -742,11 +742,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
     }
 }
 
-async fn set_enabled(
-    conn: &mut store::PgConnection,
-    key: &str,
-    enabled: bool,
-) -> anyhow::Result<()> {
+async fn set_enabled(conn: &mut store::Conn, key: &str, enabled: bool) -> anyhow::Result<()> {
     let row = find_pilot(conn, key).await?;
     store::set_pilot_enabled(conn, row.id, enabled).await?;
     println!(

@@ -7,14 +7,13 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{self, StoreError};
+use crate::store::{self, Db, StoreError};
 use crate::telemetry::{self, AppInfo, Metrics, QueueCount, Readiness};
 
 /// Reads the work-item gauges and the apps (names, client-secret expiry) once.
-pub async fn refresh_from_database(pool: &PgPool, metrics: &Metrics) -> Result<(), StoreError> {
+pub async fn refresh_from_database(pool: &Db, metrics: &Metrics) -> Result<(), StoreError> {
     let mut conn = pool.acquire().await?;
     let apps = store::list_apps(&mut conn).await?;
     let counts = store::queue_counts(&mut conn).await?;
@@ -42,7 +41,7 @@ pub async fn refresh_from_database(pool: &PgPool, metrics: &Metrics) -> Result<(
 
 /// Refreshes the database gauges of [`telemetry::global()`] every `interval` until `cancel`,
 /// and runs the registry's upkeep on the same tick.
-pub async fn refresh_loop(pool: PgPool, interval: Duration, cancel: CancellationToken) {
+pub async fn refresh_loop(pool: Db, interval: Duration, cancel: CancellationToken) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -60,7 +59,7 @@ pub async fn refresh_loop(pool: PgPool, interval: Duration, cancel: Cancellation
 
 /// The `/readyz` check over `pool`: the database answers and every embedded migration is
 /// applied.
-pub fn readiness(pool: PgPool) -> Readiness {
+pub fn readiness(pool: Db) -> Readiness {
     std::sync::Arc::new(move || {
         let pool = pool.clone();
         Box::pin(async move { check_ready(&pool).await })
@@ -68,7 +67,7 @@ pub fn readiness(pool: PgPool) -> Readiness {
 }
 
 /// Why the worker is not ready, in words for the `/readyz` body.
-async fn check_ready(pool: &PgPool) -> Result<(), String> {
+async fn check_ready(pool: &Db) -> Result<(), String> {
     let mut conn = pool
         .acquire()
         .await

@@ -31,7 +31,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::store::PgPool;
+use crate::store::Db;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
@@ -286,7 +286,7 @@ struct Listed {
 async fn plan_listing(
     session: &mut Session<Stream>,
     pilot: &Pilot,
-    pool: &PgPool,
+    pool: &Db,
     limits: &IngestLimits,
     report: &mut PollReport,
 ) -> Result<Listed, PollError> {
@@ -313,7 +313,7 @@ async fn plan_listing(
         })
         .collect();
     let known = {
-        let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+        let mut conn = pool.acquire().await?;
         if !pilot.keep_on_server && !listing.truncated {
             // Bookkeeping only: a QUIT applied without its reply left rows unmarked.
             store::mark_vanished(&mut conn, pilot.id, &present).await?;
@@ -393,7 +393,7 @@ async fn plan_listing(
 /// shares memory with other parses or full batches (RELIABILITY.md, "Memory").
 pub async fn poll_once(
     pilot: &Pilot,
-    pool: &PgPool,
+    pool: &Db,
     tokens: &TokenCache,
     limits: &IngestLimits,
     cancel: &CancellationToken,
@@ -410,7 +410,7 @@ pub async fn poll_once(
     if count == 0 {
         timed(pilot, "quit", session.quit()).await?;
         if !pilot.keep_on_server {
-            let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+            let mut conn = pool.acquire().await?;
             store::mark_vanished(&mut conn, pilot.id, &[]).await?;
         }
         return Ok(report);
@@ -535,7 +535,7 @@ pub async fn poll_once(
                         report.oversize += 1;
                         tracing::warn!(pilot = pilot.id, key = ?key, error = %e, "message far over the size limit; its headers will be stored by the next poll");
                         if let Some(key) = &key {
-                            let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+                            let mut conn = pool.acquire().await?;
                             store::record_too_large(&mut conn, pilot.id, key, &e.to_string()).await?;
                         }
                         pipeline.flush_without_session().await?;
@@ -546,7 +546,7 @@ pub async fn poll_once(
                         pilot.metrics.ingest_error("retr");
                         let attempts = match &key {
                             Some(key) => {
-                                let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+                                let mut conn = pool.acquire().await?;
                                 store::record_fetch_failure(&mut conn, pilot.id, key, &e.to_string())
                                     .await?
                             }
@@ -594,7 +594,7 @@ pub async fn poll_once(
     // Deletions take effect only now (RFC 1939 §6).
     timed(pilot, "quit", session.quit()).await?;
     if !pipeline.deleted.is_empty() {
-        let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+        let mut conn = pool.acquire().await?;
         store::mark_deleted(&mut conn, pilot.id, &pipeline.deleted).await?;
     }
     report.deleted = pipeline.deleted.len();
@@ -617,7 +617,7 @@ fn content_key(identity: Option<&Identity>, raw: &[u8]) -> String {
 async fn verify_stored(
     session: &mut Session<Stream>,
     pilot: &Pilot,
-    pool: &PgPool,
+    pool: &Db,
     number: u32,
     uidl: &str,
     copy: &StoredCopy,
@@ -626,7 +626,7 @@ async fn verify_stored(
         Some(identity) => Some(identity),
         // Stored before identities were recorded: compute it from the stored header section.
         None => {
-            let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+            let mut conn = pool.acquire().await?;
             store::stored_head(&mut conn, pilot.id, uidl, identity::MAX_HEADER_BYTES)
                 .await?
                 .and_then(|head| identity::identity(&head))
@@ -665,7 +665,7 @@ async fn top_identity(
 async fn resolve_untrusted(
     session: &mut Session<Stream>,
     pilot: &Pilot,
-    pool: &PgPool,
+    pool: &Db,
     number: u32,
 ) -> Result<Resolution, PollError> {
     let Some(top) = top_identity(session, pilot, number).await? else {
@@ -676,7 +676,7 @@ async fn resolve_untrusted(
         return Ok(Resolution::Fetch { key: None });
     };
     let stored = {
-        let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+        let mut conn = pool.acquire().await?;
         store::stored_identities(&mut conn, pilot.id, &[identity]).await?
     };
     Ok(match stored.get(&identity) {
@@ -738,7 +738,7 @@ async fn headers_only(
 /// The messages being parsed, the batch filling up, the batches being committed, and what may
 /// be deleted. See [`poll_once`] for the memory rule.
 struct Pipeline<'a> {
-    pool: &'a PgPool,
+    pool: &'a Db,
     pilot: &'a Pilot,
     limits: &'a IngestLimits,
     parsing: VecDeque<(Fetched, Option<tokio::task::JoinHandle<ParsedMail>>)>,
@@ -750,7 +750,7 @@ struct Pipeline<'a> {
 }
 
 impl<'a> Pipeline<'a> {
-    fn new(pool: &'a PgPool, pilot: &'a Pilot, limits: &'a IngestLimits) -> Pipeline<'a> {
+    fn new(pool: &'a Db, pilot: &'a Pilot, limits: &'a IngestLimits) -> Pipeline<'a> {
         Pipeline {
             pool,
             pilot,
@@ -961,11 +961,7 @@ struct Target {
 /// on every poll. So when a batch fails with such an error, it is stored again with a savepoint
 /// per message: a refused message is stored raw and flagged `store_error`, the others as usual.
 /// The first attempt has no savepoints, so the common case costs nothing extra.
-async fn commit_batch(
-    pool: PgPool,
-    target: Target,
-    batch: Vec<Ready>,
-) -> Result<Committed, PollError> {
+async fn commit_batch(pool: Db, target: Target, batch: Vec<Ready>) -> Result<Committed, PollError> {
     let committed = match store_batch(&pool, &target, &batch, false).await {
         Err(PollError::Store(e)) if !e.is_transient() => {
             tracing::warn!(pilot = target.pilot_id, error = %e, "a message of the batch was refused by the database; storing the batch message by message");
@@ -984,7 +980,7 @@ async fn commit_batch(
 }
 
 async fn store_batch(
-    pool: &PgPool,
+    pool: &Db,
     target: &Target,
     batch: &[Ready],
     isolate: bool,
@@ -1003,11 +999,11 @@ async fn store_batch(
             let mut savepoint = store::savepoint(&mut tx).await?;
             match store_one(&mut savepoint, target, ready).await {
                 Ok(outcome) => {
-                    savepoint.commit().await.map_err(StoreError::from)?;
+                    savepoint.commit().await?;
                     outcome
                 }
                 Err(e) if !e.is_transient() => {
-                    savepoint.rollback().await.map_err(StoreError::from)?;
+                    savepoint.rollback().await?;
                     out.store_fallbacks += 1;
                     target.metrics.ingest_error("store");
                     tracing::warn!(pilot = target.pilot_id, key = %ready.fetched.key, error = %e, "the database refused this message's parsed fields; storing it raw and flagged");
@@ -1039,7 +1035,7 @@ async fn store_batch(
         }
     }
     // Why before DELE: a DELE is an external action; it may only follow a durable commit.
-    tx.commit().await.map_err(StoreError::from)?;
+    tx.commit().await?;
     Ok(out)
 }
 
@@ -1056,7 +1052,7 @@ enum Stored {
 /// Stores one message under its key. When the key already holds *other* mail (the server gave
 /// a stored message's UIDL to a new one), the new one is stored under its derived key instead.
 async fn store_one(
-    conn: &mut store::PgConnection,
+    conn: &mut store::Tx<'_>,
     target: &Target,
     ready: &Ready,
 ) -> Result<Stored, StoreError> {
@@ -1133,11 +1129,11 @@ async fn store_raw(
     let mut savepoint = store::savepoint(tx).await?;
     match store_one(&mut savepoint, target, &raw_only).await {
         Ok(outcome) => {
-            savepoint.commit().await.map_err(StoreError::from)?;
+            savepoint.commit().await?;
             Ok(outcome)
         }
         Err(e) if !e.is_transient() => {
-            savepoint.rollback().await.map_err(StoreError::from)?;
+            savepoint.rollback().await?;
             tracing::error!(pilot = target.pilot_id, key = %m.key, error = %e, "the database refused this message even raw; it stays on the server");
             store::record_fetch_failure(tx, target.pilot_id, &m.key, &e.to_string()).await?;
             Ok(Stored::Refused)

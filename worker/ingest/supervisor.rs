@@ -30,7 +30,7 @@ use crate::model::retry::Retry;
 use crate::oauth::{self, TokenCache};
 use crate::pop3::Timeouts;
 use crate::secrets::{self, CredentialPolicy, MasterKey};
-use crate::store::{self, AppRow, ConfigListener, PgPool, PilotRow};
+use crate::store::{self, AppRow, ConfigListener, Db, PilotRow};
 use crate::telemetry as metrics;
 
 /// Pacing and limits for every poller.
@@ -91,7 +91,7 @@ pub type StatusBoard = Arc<Mutex<HashMap<i64, PilotStatus>>>;
 
 /// Owns the poller tasks.
 pub struct Supervisor {
-    pool: PgPool,
+    pool: Db,
     tokens: Arc<TokenCache>,
     settings: SupervisorSettings,
     master_key: Option<MasterKey>,
@@ -110,7 +110,7 @@ struct Running {
 impl Supervisor {
     /// A supervisor over the pilots in `pool`.
     pub fn new(
-        pool: PgPool,
+        pool: Db,
         tokens: Arc<TokenCache>,
         settings: SupervisorSettings,
         master_key: Option<MasterKey>,
@@ -296,7 +296,7 @@ impl Supervisor {
     /// logs what it did: how many it upgraded (info), and each value it left alone (warn, once
     /// while the problem stays the same). A database error leaves the v1 values in place; the
     /// pilots using them are refused until a later pass upgrades them.
-    async fn upgrade_unbound(&self, conn: &mut store::PgConnection, key: &MasterKey) {
+    async fn upgrade_unbound(&self, conn: &mut store::Conn, key: &MasterKey) {
         let report = match store::upgrade_unbound_credentials(conn, |owner, stored| {
             secrets::upgrade(stored, key, owner).map_err(|e| e.to_string())
         })
@@ -376,7 +376,7 @@ fn fingerprint(pilot: &PilotRow, app: Option<&AppRow>) -> String {
 /// until the pilot changes ([`Retry::Never`]), with the error and its fix recorded on the pilot.
 async fn pilot_loop(
     pilot: Pilot,
-    pool: PgPool,
+    pool: Db,
     tokens: Arc<TokenCache>,
     settings: SupervisorSettings,
     cancel: CancellationToken,
@@ -474,7 +474,7 @@ fn update(status: &StatusBoard, id: i64, f: impl FnOnce(&mut PilotStatus)) {
     f(entry);
 }
 
-async fn record(pool: &PgPool, id: i64, error: Option<&poller::PollError>) {
+async fn record(pool: &Db, id: i64, error: Option<&poller::PollError>) {
     let result = async {
         let mut conn = pool.acquire().await?;
         match error {

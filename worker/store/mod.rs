@@ -4,14 +4,16 @@
 //! database safely:
 //! - runtime queries (`sqlx::query`, `query_as` with `FromRow`), lowercase SQL, only bound
 //!   parameters; every statement is exercised by a test against a real PostgreSQL;
-//! - functions take `&mut PgConnection` (a pooled connection or a transaction: both deref to
-//!   it), so the caller decides the transaction boundaries;
+//! - functions take `&mut PgConnection` internally; callers pass a [`Conn`] or a [`Tx`] (both
+//!   deref to it), so the caller decides the transaction boundaries without naming sqlx;
 //! - uniqueness is enforced by the database, not by check-then-insert; state changes are
 //!   guarded in their `where` clause and check `rows_affected()`;
 //! - `synchronous_commit` is never turned off: a POP3 `DELE` is taken on the strength of a
 //!   commit, so the commit must be durable;
-//! - callers name store types only: [`ConfigListener`] owns LISTEN, [`begin`] /
-//!   [`savepoint`] / [`Tx`] compose transactions; the model's enums become text in `words`.
+//! - callers name store types only: [`Db`] owns the pool, [`Conn`] is a pooled connection,
+//!   [`ConfigListener`] owns LISTEN, [`Db::begin`] / [`Tx::savepoint`] / [`Tx`] compose
+//!   transactions; the model's enums become text in `words`. Nothing outside `store/` (and
+//!   the lab) mentions sqlx; a test in `tests/it/layers.rs` checks it.
 //!
 //! One file per table family: `apps` (`oauth_apps`), `pilots`, `credentials` (secrets across
 //! both), `messages` (messages, attachments, fetch failures), `work_items` (read-only queue
@@ -48,22 +50,127 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::ConnectOptions;
-pub use sqlx::postgres::PgConnection;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-pub use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Transaction};
+
+/// The store's handle on its database: the pool behind every connection, transaction and
+/// LISTEN ccmail opens. Cheap to clone (clones share the pool). Callers name only [`Db`],
+/// [`Conn`], [`Tx`] and [`ConfigListener`]; sqlx stays inside `store/`.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: PgPool,
+}
+
+impl Db {
+    /// Opens a pool of at most `max_connections` and checks that the server answers
+    /// (see [`connect`]).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Db, StoreError> {
+        connect(url, max_connections).await
+    }
+
+    /// Wraps an existing pool: for the lab's test databases, which build their own.
+    pub fn from_pool(pool: PgPool) -> Db {
+        Db { pool }
+    }
+
+    /// The pool itself: for the lab and tests, whose raw queries check the schema.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A pooled connection, returned to the pool on drop.
+    pub async fn acquire(&self) -> Result<Conn, StoreError> {
+        Ok(Conn(self.pool.acquire().await?))
+    }
+
+    /// Begins a transaction on a pooled connection.
+    pub async fn begin(&self) -> Result<Tx<'static>, StoreError> {
+        Ok(Tx(self.pool.begin().await?))
+    }
+
+    /// Opens a dedicated connection that listens on [`CONFIG_CHANNEL`].
+    pub async fn listen(&self) -> Result<ConfigListener, StoreError> {
+        ConfigListener::connect(self).await
+    }
+
+    /// Applies the pending migrations (see [`migrate`]).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        migrate(self).await
+    }
+
+    /// Closes the pool: waits for connections in use to come back, then closes them all.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+impl From<PgPool> for Db {
+    fn from(pool: PgPool) -> Db {
+        Db { pool }
+    }
+}
+
+/// A pooled connection: store functions take it (via `&mut conn`) outside a transaction.
+#[derive(Debug)]
+pub struct Conn(PoolConnection<Postgres>);
+
+impl std::ops::Deref for Conn {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.0
+    }
+}
 
 /// A transaction (or a savepoint inside one) on the store's database: what callers hold to
-/// compose several store functions atomically; it derefs to the connection they take.
-pub type Tx<'c> = Transaction<'c, Postgres>;
+/// compose several store functions atomically. Dropped without [`Tx::commit`], it rolls back.
+#[derive(Debug)]
+pub struct Tx<'c>(Transaction<'c, Postgres>);
 
-/// Begins a transaction on a pooled connection.
-pub async fn begin(pool: &PgPool) -> Result<Tx<'static>, StoreError> {
-    Ok(pool.begin().await?)
+impl Tx<'_> {
+    /// Commits (or releases the savepoint).
+    pub async fn commit(self) -> Result<(), StoreError> {
+        Ok(self.0.commit().await?)
+    }
+
+    /// Rolls back (to the savepoint, for a savepoint).
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        Ok(self.0.rollback().await?)
+    }
+
+    /// Begins a savepoint inside this transaction: rolling it back undoes only what ran since.
+    pub async fn savepoint(&mut self) -> Result<Tx<'_>, StoreError> {
+        savepoint(self).await
+    }
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Tx<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.0
+    }
+}
+
+/// Begins a transaction on a pooled connection of `db`.
+pub async fn begin(db: &Db) -> Result<Tx<'static>, StoreError> {
+    db.begin().await
 }
 
 /// Begins a savepoint inside `tx`: rolling it back undoes only what ran since.
 pub async fn savepoint<'t>(tx: &'t mut PgConnection) -> Result<Tx<'t>, StoreError> {
-    Ok(sqlx::Connection::begin(tx).await?)
+    Ok(Tx(sqlx::Connection::begin(tx).await?))
 }
 
 pub use apps::{
@@ -106,9 +213,9 @@ pub struct ConfigListener {
 }
 
 impl ConfigListener {
-    /// Opens a dedicated connection from `pool` and listens on [`CONFIG_CHANNEL`].
-    pub async fn connect(pool: &PgPool) -> Result<ConfigListener, StoreError> {
-        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    /// Opens a dedicated connection from `db` and listens on [`CONFIG_CHANNEL`].
+    pub async fn connect(db: &Db) -> Result<ConfigListener, StoreError> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool).await?;
         listener.listen(CONFIG_CHANNEL).await?;
         Ok(ConfigListener { listener })
     }
@@ -188,7 +295,7 @@ fn connect_error(err: sqlx::Error, target: String) -> StoreError {
 /// Opens a connection pool of at most `max_connections` and checks that the server answers.
 ///
 /// When nothing answers, the error names `user@host:port/database` (never the password).
-pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
+pub async fn connect(url: &str, max_connections: u32) -> Result<Db, StoreError> {
     if max_connections == 0 {
         return Err(StoreError::InvalidInput {
             field: "max_connections",
@@ -205,16 +312,17 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
         .map_err(|err| connect_error(err, target))?;
     // A failed close of a healthy probe only costs a server-side session cleanup.
     let _ = sqlx::Connection::close(probe).await;
-    Ok(PgPoolOptions::new()
+    let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_lazy_with(options))
+        .connect_lazy_with(options);
+    Ok(Db { pool })
 }
 
 /// Applies the migrations in `migrations/` that are not applied yet. Safe to run from several
 /// replicas at once (sqlx takes an advisory lock) and a no-op when the schema is current.
-pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    sqlx::migrate!("./migrations").run(pool).await?;
+pub async fn migrate(db: &Db) -> Result<(), StoreError> {
+    sqlx::migrate!("./migrations").run(&db.pool).await?;
     Ok(())
 }
 

@@ -249,7 +249,7 @@ impl SimWorld {
     ) -> Result<PollReport, PollError> {
         poller::poll_once(
             pilot,
-            self.db.pool(),
+            self.db.db(),
             &self.tokens,
             limits,
             &CancellationToken::new(),

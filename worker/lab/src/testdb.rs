@@ -12,7 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use std::str::FromStr as _;
 
-use ccmail::store::{StoreError, migrate};
+use ccmail::store::{Db, StoreError, migrate};
 use sqlx::postgres::PgConnection;
 
 fn parse_url(url: &str) -> Result<PgConnectOptions, StoreError> {
@@ -66,7 +66,7 @@ pub fn admin_url() -> String {
 
 /// A freshly created and migrated database that is dropped at the end of the test.
 pub struct TestDb {
-    pool: PgPool,
+    db: Db,
     url: String,
     name: String,
     admin: PgConnectOptions,
@@ -94,22 +94,29 @@ impl TestDb {
         let options = admin.clone().database(&name);
         let url = options.to_url_lossy().to_string();
         let db = TestDb {
-            pool: PgPoolOptions::new()
-                .max_connections(POOL_SIZE)
-                .connect_lazy_with(options),
+            db: Db::from_pool(
+                PgPoolOptions::new()
+                    .max_connections(POOL_SIZE)
+                    .connect_lazy_with(options),
+            ),
             url,
             name,
             admin,
             dropped: false,
         };
         // From here on, Drop removes the database if migrating fails.
-        migrate(&db.pool).await?;
+        migrate(&db.db).await?;
         Ok(db)
     }
 
     /// The pool of the test database.
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        self.db.pool()
+    }
+
+    /// The store's handle on the test database, for the product code under test.
+    pub fn db(&self) -> &Db {
+        &self.db
     }
 
     /// The URL of the test database, for code that opens its own connections.
@@ -124,7 +131,7 @@ impl TestDb {
 
     /// Closes the pool and drops the database, ending any session still connected to it.
     pub async fn drop_db(mut self) -> Result<(), StoreError> {
-        self.pool.close().await;
+        self.db.close().await;
         let mut conn = self
             .admin
             .connect()
