@@ -235,3 +235,33 @@ fn the_scanner_sees_imports() {
             .is_some_and(|t| t.contains("store"))
     );
 }
+
+#[test]
+fn only_the_store_names_sqlx() {
+    // Callers hold `store::Db`, `Conn` and `Tx`; the database driver stays behind them. The
+    // lab (its own package) is skipped by `rust_files`; tests may use sqlx for raw checks.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("worker");
+    let store = root.join("store");
+    let mut files = Vec::new();
+    rust_files(&root, &mut files);
+    let mut store_mentions = 0;
+    let mut leaks = Vec::new();
+    for file in &files {
+        let src = std::fs::read_to_string(file).unwrap();
+        let mentions = src.contains("sqlx");
+        if file.starts_with(&store) {
+            store_mentions += usize::from(mentions);
+        } else if mentions {
+            leaks.push(file.strip_prefix(&root).unwrap().display().to_string());
+        }
+    }
+    assert!(
+        store_mentions > 0,
+        "the scan found the store's own sqlx use"
+    );
+    assert!(
+        leaks.is_empty(),
+        "sqlx named outside worker/store/: {}",
+        leaks.join(", ")
+    );
+}

@@ -105,12 +105,6 @@ impl Db {
     }
 }
 
-impl From<PgPool> for Db {
-    fn from(pool: PgPool) -> Db {
-        Db { pool }
-    }
-}
-
 /// A pooled connection: store functions take it (via `&mut conn`) outside a transaction.
 #[derive(Debug)]
 pub struct Conn(PoolConnection<Postgres>);
