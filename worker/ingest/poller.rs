@@ -985,7 +985,7 @@ async fn store_batch(
     batch: &[Ready],
     isolate: bool,
 ) -> Result<Committed, PollError> {
-    let mut tx = store::begin(pool).await?;
+    let mut tx = pool.begin().await?;
     let mut out = Committed {
         deletable: Vec::new(),
         stored: 0,
@@ -996,7 +996,7 @@ async fn store_batch(
     };
     for ready in batch {
         let outcome = if isolate {
-            let mut savepoint = store::savepoint(&mut tx).await?;
+            let mut savepoint = tx.savepoint().await?;
             match store_one(&mut savepoint, target, ready).await {
                 Ok(outcome) => {
                     savepoint.commit().await?;
@@ -1126,7 +1126,7 @@ async fn store_raw(
         parsed,
         sha256: ready.sha256,
     };
-    let mut savepoint = store::savepoint(tx).await?;
+    let mut savepoint = tx.savepoint().await?;
     match store_one(&mut savepoint, target, &raw_only).await {
         Ok(outcome) => {
             savepoint.commit().await?;

@@ -140,7 +140,7 @@ impl Tx<'_> {
 
     /// Begins a savepoint inside this transaction: rolling it back undoes only what ran since.
     pub async fn savepoint(&mut self) -> Result<Tx<'_>, StoreError> {
-        savepoint(self).await
+        Ok(Tx(sqlx::Connection::begin(&mut *self.0).await?))
     }
 }
 
@@ -155,16 +155,6 @@ impl std::ops::DerefMut for Tx<'_> {
     fn deref_mut(&mut self) -> &mut PgConnection {
         &mut self.0
     }
-}
-
-/// Begins a transaction on a pooled connection of `db`.
-pub async fn begin(db: &Db) -> Result<Tx<'static>, StoreError> {
-    db.begin().await
-}
-
-/// Begins a savepoint inside `tx`: rolling it back undoes only what ran since.
-pub async fn savepoint<'t>(tx: &'t mut PgConnection) -> Result<Tx<'t>, StoreError> {
-    Ok(Tx(sqlx::Connection::begin(tx).await?))
 }
 
 pub use apps::{
