@@ -22,8 +22,10 @@ fn layer_of(top: &str) -> Option<usize> {
 /// Module path of a source file: `worker/store/pilots.rs` → `["store", "pilots"]`.
 fn module_path(root: &Path, file: &Path) -> Vec<String> {
     let rel = file.strip_prefix(root).unwrap().with_extension("");
-    let mut parts: Vec<String> =
-        rel.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let mut parts: Vec<String> = rel
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
     if matches!(parts.last().map(String::as_str), Some("mod" | "lib")) {
         parts.pop();
     }
@@ -64,8 +66,7 @@ fn imported_paths(me: &[String], src: &str) -> Vec<Vec<String>> {
         while let Some(i) = src[from..].find(kw) {
             let start = from + i;
             from = start + kw.len();
-            if start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_')
-            {
+            if start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_') {
                 continue;
             }
             let tail: String = src[start..]
@@ -103,7 +104,10 @@ fn build_graph(depth: usize) -> Graph {
         if file.ends_with("main.rs") && file.parent() == Some(root.as_path()) {
             continue; // the binary's entry point sits above everything
         }
-        modules.insert(module_path(&root, file), std::fs::read_to_string(file).unwrap());
+        modules.insert(
+            module_path(&root, file),
+            std::fs::read_to_string(file).unwrap(),
+        );
     }
     let known: BTreeSet<Vec<String>> = modules.keys().cloned().collect();
     let key = |p: &[String]| p.iter().take(depth).cloned().collect::<Vec<_>>().join("::");
@@ -191,7 +195,10 @@ fn cycles(graph: &Graph) -> Vec<Vec<String>> {
 fn no_module_imports_one_that_imports_it_back() {
     for depth in 1..=3 {
         let found = cycles(&build_graph(depth));
-        assert!(found.is_empty(), "module cycles at depth {depth}: {found:?}");
+        assert!(
+            found.is_empty(),
+            "module cycles at depth {depth}: {found:?}"
+        );
     }
 }
 
@@ -201,7 +208,9 @@ fn every_import_points_down_or_sideways() {
     let mut wrong = Vec::new();
     for (from, targets) in &graph.edges {
         let Some(lf) = layer_of(from) else {
-            wrong.push(format!("{from} is in no layer: add it to LAYERS and the lib.rs map"));
+            wrong.push(format!(
+                "{from} is in no layer: add it to LAYERS and the lib.rs map"
+            ));
             continue;
         };
         for to in targets {
@@ -219,5 +228,10 @@ fn every_import_points_down_or_sideways() {
 fn the_scanner_sees_imports() {
     // Guards the test itself: a scanner that finds nothing would pass the two rules above.
     let graph = build_graph(1);
-    assert!(graph.edges.get("ingest").is_some_and(|t| t.contains("store")));
+    assert!(
+        graph
+            .edges
+            .get("ingest")
+            .is_some_and(|t| t.contains("store"))
+    );
 }
