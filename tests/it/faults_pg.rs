@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::pg_cluster::PgCluster;
 use crate::support::pipeline::{Ledger, SimWorld, small_limits};
-use crate::support::scenario::{fast_settings, summary, wait_for, with_verb};
+use crate::support::scenario::{fast_settings, summary, with_verb};
+use crate::support::wait::wait_until;
 
 /// How long a scenario may take to drain its mailboxes after the fault.
 const DRAIN: Duration = Duration::from_secs(60);
@@ -115,7 +116,7 @@ impl Running {
 
 /// Waits until every pilot's mailbox is empty.
 async fn drained(world: &SimWorld, rows: &[PilotRow], running: &Running) -> anyhow::Result<()> {
-    wait_for(
+    wait_until(
         "draining the mailboxes",
         DRAIN,
         || async {
@@ -149,7 +150,7 @@ async fn an_immediate_restart_during_ingest_loses_and_doubles_nothing() -> anyho
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     let running = Running::start(&world, pool(&world, &[])?, &ids, small_limits())?;
 
-    let stored_before = wait_for(
+    let stored_before = wait_until(
         "the first work items",
         DRAIN,
         || async { Ok(world.work_items().await? >= 6) },
@@ -195,7 +196,7 @@ async fn the_database_refusing_connections_stops_ingest_without_dele_until_it_re
     fill(&world, &mut ledger, &row, 6, 0xb1_0001)?;
     world.pop.clear_commands();
     // Two failed polls in a row: the poller keeps retrying while the server is gone.
-    wait_for(
+    wait_until(
         "two failed polls while the database is down",
         DRAIN,
         || async { Ok(running.failing(row.id) >= 2) },

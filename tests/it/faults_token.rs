@@ -21,7 +21,8 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::pipeline::{DOMAIN, Ledger, SimWorld, small_limits};
-use crate::support::scenario::{fast_settings, summary, wait_for};
+use crate::support::scenario::{fast_settings, summary};
+use crate::support::wait::wait_until;
 
 /// Pilots sharing the app in every case.
 const PILOTS: usize = 3;
@@ -167,7 +168,7 @@ async fn failing_endpoint(
     let before = world.entra.token_requests();
     let started = tokio::time::Instant::now();
     let running = Running::start(world, &rows)?;
-    wait_for(
+    wait_until(
         "three failed polls of every pilot with the error recorded",
         DEADLINE,
         || async {
@@ -236,7 +237,7 @@ async fn failing_endpoint(
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     if expect.heals {
         world.entra.clear_failures();
-        wait_for(
+        wait_until(
             "recovery after the endpoint heals",
             DEADLINE,
             || async {
@@ -411,7 +412,7 @@ async fn requests_while_polling(
     let before = world.entra.token_requests();
     let started = tokio::time::Instant::now();
     let running = Running::start(world, rows)?;
-    wait_for(
+    wait_until(
         "polls of every pilot",
         DEADLINE,
         || async { Ok(running.min_polls(rows) >= polls) },
@@ -501,7 +502,7 @@ async fn a_still_valid_token_keeps_pollers_working_while_its_refresh_fails() -> 
         rows.iter()
             .all(|r| world.pop.messages(&r.mailbox).is_empty())
     };
-    wait_for(
+    wait_until(
         "the first messages",
         DEADLINE,
         || async { Ok(drained(&world, &rows)) },
@@ -513,7 +514,7 @@ async fn a_still_valid_token_keeps_pollers_working_while_its_refresh_fails() -> 
     // From now on every refresh fails; mail that arrives after the first failed refresh is
     // still fetched with the old token.
     world.entra.fail_next(usize::MAX, TokenFailure::Status(503));
-    wait_for(
+    wait_until(
         "a failed refresh",
         DEADLINE,
         || async { Ok(world.entra.token_requests() >= 2) },
@@ -528,7 +529,7 @@ async fn a_still_valid_token_keeps_pollers_working_while_its_refresh_fails() -> 
             mails.message(&r.mailbox, Kind::Reply),
         )?;
     }
-    wait_for(
+    wait_until(
         "the mail that arrived after the failed refresh",
         DEADLINE,
         || async { Ok(drained(&world, &rows)) },
@@ -537,7 +538,7 @@ async fn a_still_valid_token_keeps_pollers_working_while_its_refresh_fails() -> 
     .await?;
 
     // Once the old token is no longer usable the error reaches the pilots.
-    wait_for(
+    wait_until(
         "the error on every pilot",
         DEADLINE,
         || async {

@@ -11,9 +11,10 @@ use secrecy::ExposeSecret;
 use ccmail::telemetry;
 use ccmail_lab::sim::mailgen::{Kind, MailGen};
 
-use crate::metrics::{free_port, wait_for};
+use crate::metrics::free_port;
 use crate::support::child::CcmailChild;
 use crate::support::pipeline::{Ledger, SimWorld};
+use crate::support::wait::wait_for;
 
 /// Idle connections the test holds: more than the worker's file descriptors allow.
 const IDLE_CONNECTIONS: usize = 1_100;

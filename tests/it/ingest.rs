@@ -23,8 +23,6 @@ use crate::support::pipeline::{
 
 /// How long a supervisor may take to drain the test mailboxes before the test fails.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(90);
-/// How often drain conditions are re-checked.
-const CHECK_EVERY: Duration = Duration::from_millis(50);
 
 fn settings(
     limits: IngestLimits,
@@ -50,17 +48,16 @@ async fn wait_until(
     status: &StatusBoard,
     mut done: impl FnMut() -> bool,
 ) -> anyhow::Result<()> {
-    let until = tokio::time::Instant::now() + deadline;
-    loop {
-        if done() {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > until {
+    crate::support::wait::wait_until(
+        what,
+        deadline,
+        || std::future::ready(Ok(done())),
+        || {
             let board = status.lock().map(|b| format!("{b:?}")).unwrap_or_default();
-            anyhow::bail!("{what} did not happen within {deadline:?}; pollers: {board}");
-        }
-        tokio::time::sleep(CHECK_EVERY).await;
-    }
+            format!("pollers: {board}")
+        },
+    )
+    .await
 }
 
 /// Runs a supervisor over `pilots` until `done` holds, then shuts it down and waits for it.

@@ -98,14 +98,18 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let until = tokio::time::Instant::now() + DEADLINE;
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "timed out waiting for: {what}\nworker log:\n{}",
-            worker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let waited = crate::support::wait::wait_until(
+        what,
+        DEADLINE,
+        || {
+            let fut = condition();
+            async move { Ok(fut.await) }
+        },
+        String::new,
+    )
+    .await;
+    if let Err(e) = waited {
+        panic!("{e}\nworker log:\n{}", worker.log_text());
     }
 }
 

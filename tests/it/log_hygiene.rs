@@ -10,9 +10,9 @@ use secrecy::ExposeSecret;
 use ccmail::store;
 use ccmail_lab::sim::pop3::Fault;
 
-use crate::metrics::wait_for;
 use crate::support::child::CcmailChild;
 use crate::support::pipeline::{DOMAIN, Ledger, SimWorld};
+use crate::support::wait::wait_for;
 
 /// A word that appears only in the mail's HTML text.
 const CONTENT_WORD: &str = "Quokkaparagraph";

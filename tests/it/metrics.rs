@@ -24,31 +24,11 @@ use ccmail_lab::sim::mailgen::MailGen;
 use ccmail_lab::sim::pop3::Pop3Sim;
 use ccmail_lab::testdb::TestDb;
 
+use crate::support::wait::wait_for;
+
 /// The repository root (dashboards/, RUNBOOK.md).
 pub(crate) fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-/// Waits for `check` to return `Some` (polled every 100 ms), failing after `within`.
-pub(crate) async fn wait_for<T, F, Fut>(
-    what: &str,
-    within: Duration,
-    mut check: F,
-) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(v) = check().await {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {within:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A free port on 127.0.0.1 (bound, read, released).

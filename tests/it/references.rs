@@ -20,9 +20,9 @@ use ccmail_lab::sim::pop3::Pop3Sim;
 use ccmail_lab::testdb::TestDb;
 
 use crate::admin::Cli;
-use crate::metrics::wait_for;
 use crate::support::child::CcmailChild;
 use crate::support::pipeline::{Ledger, SimWorld};
+use crate::support::wait::wait_for;
 
 const TENANT: &str = "8f2c1a9e-1111-4222-8333-944455556666";
 const CLIENT: &str = "0a1b2c3d-aaaa-4bbb-8ccc-ddddeeeeffff";

@@ -12,7 +12,9 @@ use nix::unistd::Pid;
 
 /// A running `ccmail` child. Dropping it kills the process if it is still running.
 pub struct CcmailChild {
-    child: tokio::process::Child,
+    /// Behind a lock so that [`CcmailChild::assert_running`] works through `&self` (from
+    /// inside a polled condition).
+    child: std::sync::Mutex<tokio::process::Child>,
     output: PathBuf,
 }
 
@@ -106,12 +108,21 @@ impl CcmailChild {
         let child = command
             .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
-        Ok(CcmailChild { child, output })
+        Ok(CcmailChild {
+            child: std::sync::Mutex::new(child),
+            output,
+        })
     }
 
     /// The child's process id (ccmail's own, also when started through `sh`).
     pub fn pid(&self) -> anyhow::Result<u32> {
-        self.child.id().context("the child was already reaped")
+        self.lock()?.id().context("the child was already reaped")
+    }
+
+    fn lock(&self) -> anyhow::Result<std::sync::MutexGuard<'_, tokio::process::Child>> {
+        self.child
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the child's lock is poisoned"))
     }
 
     /// Everything the child printed so far.
@@ -120,8 +131,9 @@ impl CcmailChild {
     }
 
     /// Fails (with the child's output) if the child has already exited.
-    pub fn assert_running(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
+    pub fn assert_running(&self) -> anyhow::Result<()> {
+        let status = self.lock()?.try_wait()?;
+        if let Some(status) = status {
             bail!(
                 "ccmail exited early with {status}; its output:\n{}",
                 self.output()
@@ -132,7 +144,7 @@ impl CcmailChild {
 
     /// Sends SIGTERM, as a service manager does to stop the worker.
     pub fn terminate(&self) -> anyhow::Result<()> {
-        let pid = self.child.id().context("the child was already reaped")?;
+        let pid = self.pid()?;
         let pid = i32::try_from(pid).context("PID out of range")?;
         kill(Pid::from_raw(pid), Signal::SIGTERM).context("sending SIGTERM")?;
         Ok(())
@@ -140,7 +152,11 @@ impl CcmailChild {
 
     /// Waits for the child to exit, at most `deadline`.
     pub async fn wait(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
-        match tokio::time::timeout(deadline, self.child.wait()).await {
+        let child = self
+            .child
+            .get_mut()
+            .map_err(|_| anyhow::anyhow!("the child's lock is poisoned"))?;
+        match tokio::time::timeout(deadline, child.wait()).await {
             Ok(status) => Ok(status?),
             Err(_) => bail!(
                 "ccmail did not exit within {deadline:?}; its output:\n{}",
@@ -152,9 +168,11 @@ impl CcmailChild {
 
 impl Drop for CcmailChild {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
+        if let Ok(child) = self.child.get_mut()
+            && let Ok(None) = child.try_wait()
+        {
             // SIGKILL to this PID only; tokio reaps it in the background.
-            let _ = self.child.start_kill();
+            let _ = child.start_kill();
         }
     }
 }

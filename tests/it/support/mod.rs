@@ -6,3 +6,4 @@ pub mod pg_cluster;
 pub mod pipeline;
 pub mod scenario;
 pub mod sim_world;
+pub mod wait;
