@@ -576,12 +576,12 @@ async fn a_still_valid_token_keeps_pollers_working_while_its_refresh_fails() -> 
 #[tokio::test]
 async fn an_endless_token_body_fails_at_the_size_limit_and_is_not_read_on() -> anyhow::Result<()> {
     use crate::support::sim_world::{self, within};
-    let world = sim_world::SimWorld::start().await?;
+    let world = sim_world::start().await?;
     let source = world.token_source(TokenSourceOptions::default())?;
     world.entra.fail_next(1, TokenFailure::EndlessBody);
     let err = within(
         "a token request with an endless body",
-        source.request(&world.app()),
+        source.request(&world.credentials()),
     )
     .await?
     .expect_err("an endless body gave a token");
@@ -601,15 +601,19 @@ async fn an_endless_token_body_fails_at_the_size_limit_and_is_not_read_on() -> a
         "the client kept reading: the simulator sent {sent} octets"
     );
     // The next request is served normally.
-    within("a normal token request", source.request(&world.app())).await??;
-    world.stop().await
+    within(
+        "a normal token request",
+        source.request(&world.credentials()),
+    )
+    .await??;
+    world.stop(sim_world::TEST_DEADLINE).await
 }
 
 /// A body that trickles one byte at a time ends at the request deadline, not never.
 #[tokio::test]
 async fn a_trickling_token_body_ends_at_the_request_deadline() -> anyhow::Result<()> {
     use crate::support::sim_world::{self, within};
-    let world = sim_world::SimWorld::start().await?;
+    let world = sim_world::start().await?;
     let source = world.token_source(TokenSourceOptions {
         total_timeout: Duration::from_secs(2),
         ..TokenSourceOptions::default()
@@ -622,7 +626,7 @@ async fn a_trickling_token_body_ends_at_the_request_deadline() -> anyhow::Result
     );
     let err = within(
         "a token request with a trickling body",
-        source.request(&world.app()),
+        source.request(&world.credentials()),
     )
     .await?
     .expect_err("a trickling body gave a token");
@@ -630,5 +634,5 @@ async fn a_trickling_token_body_ends_at_the_request_deadline() -> anyhow::Result
         matches!(err, ccmail::oauth::OAuthError::Timeout { .. }),
         "{err}"
     );
-    world.stop().await
+    world.stop(sim_world::TEST_DEADLINE).await
 }
