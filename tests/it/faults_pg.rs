@@ -20,7 +20,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::pg_cluster::PgCluster;
-use crate::support::pipeline::{Ledger, SimWorld, small_limits};
+use crate::support::pipeline::{Ledger, PipelineWorld, small_limits};
 use crate::support::scenario::{fast_settings, summary, with_verb};
 use crate::support::wait::wait_until;
 
@@ -29,7 +29,7 @@ const DRAIN: Duration = Duration::from_secs(60);
 
 /// A pool on the test database that gives up on an unreachable server after one second (the
 /// default waits 30 s), with extra per-session settings.
-fn pool(world: &SimWorld, settings: &[(&str, &str)]) -> anyhow::Result<PgPool> {
+fn pool(world: &PipelineWorld, settings: &[(&str, &str)]) -> anyhow::Result<PgPool> {
     let options = world
         .db
         .url()
@@ -43,7 +43,7 @@ fn pool(world: &SimWorld, settings: &[(&str, &str)]) -> anyhow::Result<PgPool> {
 
 /// `count` messages of every kind for `row`'s mailbox.
 fn fill(
-    world: &SimWorld,
+    world: &PipelineWorld,
     ledger: &mut Ledger,
     row: &PilotRow,
     count: usize,
@@ -66,7 +66,7 @@ struct Running {
 
 impl Running {
     fn start(
-        world: &SimWorld,
+        world: &PipelineWorld,
         pool: PgPool,
         pilots: &[i64],
         limits: IngestLimits,
@@ -115,7 +115,11 @@ impl Running {
 }
 
 /// Waits until every pilot's mailbox is empty.
-async fn drained(world: &SimWorld, rows: &[PilotRow], running: &Running) -> anyhow::Result<()> {
+async fn drained(
+    world: &PipelineWorld,
+    rows: &[PilotRow],
+    running: &Running,
+) -> anyhow::Result<()> {
     wait_until(
         "draining the mailboxes",
         DRAIN,
@@ -132,7 +136,7 @@ async fn drained(world: &SimWorld, rows: &[PilotRow], running: &Running) -> anyh
 #[tokio::test]
 async fn an_immediate_restart_during_ingest_loses_and_doubles_nothing() -> anyhow::Result<()> {
     let mut cluster = PgCluster::start(&[]).await?;
-    let world = SimWorld::start_on(&cluster.url()).await?;
+    let world = PipelineWorld::start_on(&cluster.url()).await?;
     let mut rows = Vec::new();
     let mut ledger = Ledger::default();
     for (i, name) in ["support", "sales"].into_iter().enumerate() {
@@ -185,7 +189,7 @@ async fn an_immediate_restart_during_ingest_loses_and_doubles_nothing() -> anyho
 async fn the_database_refusing_connections_stops_ingest_without_dele_until_it_returns()
 -> anyhow::Result<()> {
     let mut cluster = PgCluster::start(&[]).await?;
-    let world = SimWorld::start_on(&cluster.url()).await?;
+    let world = PipelineWorld::start_on(&cluster.url()).await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let mut ledger = Ledger::default();
     fill(&world, &mut ledger, &row, 2, 0xb1_0000)?;
@@ -233,7 +237,7 @@ async fn the_database_refusing_connections_stops_ingest_without_dele_until_it_re
 async fn a_statement_timeout_during_a_commit_sends_no_dele_and_the_retry_stores_everything()
 -> anyhow::Result<()> {
     let cluster = PgCluster::start(&[]).await?;
-    let world = SimWorld::start_on(&cluster.url()).await?;
+    let world = PipelineWorld::start_on(&cluster.url()).await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();
@@ -287,7 +291,7 @@ async fn negative_control_async_commit_plus_crash_is_detected_as_loss() -> anyho
     // shared memory, which an immediate stop throws away.
     let mut cluster =
         PgCluster::start(&["wal_writer_delay = 10000ms", "wal_writer_flush_after = 1GB"]).await?;
-    let world = SimWorld::start_on(&cluster.url()).await?;
+    let world = PipelineWorld::start_on(&cluster.url()).await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();

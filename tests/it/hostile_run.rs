@@ -10,7 +10,7 @@ use ccmail_lab::sim::hostile;
 use secrecy::ExposeSecret;
 
 use crate::support::child::CcmailChild;
-use crate::support::pipeline::{DOMAIN, Ledger, SimWorld};
+use crate::support::pipeline::{DOMAIN, Ledger, PipelineWorld};
 use crate::support::wait::poll;
 
 const MIB: u64 = 1024 * 1024;
@@ -70,7 +70,7 @@ const PROCESS_BASE: u64 = 64 * MIB;
 #[tokio::test]
 async fn run_keeps_serving_other_pilots_while_one_is_fed_every_hostile_message()
 -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let victim = world.add_pilot("victim", |_| {}).await?;
     let bystander = world.add_pilot("bystander", |_| {}).await?;
     let mut ledger = Ledger::default();

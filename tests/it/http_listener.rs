@@ -13,7 +13,7 @@ use ccmail_lab::sim::mailgen::{Kind, MailGen};
 
 use crate::metrics::free_port;
 use crate::support::child::CcmailChild;
-use crate::support::pipeline::{Ledger, SimWorld};
+use crate::support::pipeline::{Ledger, PipelineWorld};
 use crate::support::wait::wait_for;
 
 /// Idle connections the test holds: more than the worker's file descriptors allow.
@@ -22,7 +22,7 @@ const IDLE_CONNECTIONS: usize = 1_100;
 const WORKER_NOFILE: u64 = 1_024;
 
 /// Writes the settings of a worker listening on `port`.
-fn write_config(world: &SimWorld, port: u16) -> anyhow::Result<String> {
+fn write_config(world: &PipelineWorld, port: u16) -> anyhow::Result<String> {
     let config = world.dir().join("ccmail.toml");
     std::fs::write(
         &config,
@@ -58,7 +58,7 @@ fn open_fds(pid: u32) -> anyhow::Result<usize> {
 async fn idle_connections_beyond_the_cap_exhaust_nothing_and_stop_neither_health_nor_ingest()
 -> anyhow::Result<()> {
     raise_own_nofile(IDLE_CONNECTIONS as u64 + 256)?;
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let pilot = world
         .add_user_pass_pilot("support", "support-password-1", |_| {})
         .await?;
@@ -154,7 +154,7 @@ async fn idle_connections_beyond_the_cap_exhaust_nothing_and_stop_neither_health
 
 #[tokio::test]
 async fn a_low_soft_open_file_limit_is_raised_to_the_hard_limit_at_start() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let config = write_config(&world, port)?;

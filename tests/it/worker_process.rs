@@ -12,7 +12,7 @@ use ccmail_lab::testdb::TestDb;
 use secrecy::ExposeSecret;
 
 use crate::support::child::CcmailChild;
-use crate::support::pipeline::{Ledger, SimWorld};
+use crate::support::pipeline::{Ledger, PipelineWorld};
 
 /// The worker's shutdown grace in the test settings.
 const GRACE: Duration = Duration::from_secs(10);
@@ -43,7 +43,7 @@ async fn wait_while_running(
 #[tokio::test]
 async fn run_drains_a_mailbox_and_on_sigterm_finishes_the_message_quits_and_exits_zero()
 -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let mut ledger = Ledger::default();
     let mut mails = MailGen::new(0x5167);
