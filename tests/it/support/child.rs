@@ -2,6 +2,7 @@
 //! and a guard that kills it (SIGKILL, by PID) when the test ends without having reaped it,
 //! including when an assertion fails halfway.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -130,6 +131,23 @@ impl CcmailChild {
         std::fs::read_to_string(&self.output).unwrap_or_default()
     }
 
+    /// The address the worker's HTTP listener bound, read from its `serving /metrics` log line
+    /// (`listen = addr`), waiting at most `within`. Settings with `http.listen = "127.0.0.1:0"`
+    /// let the worker pick a free port itself: no port is chosen, released and handed to the
+    /// child, so another process cannot take it in between.
+    pub async fn listen_addr(&self, within: Duration) -> anyhow::Result<SocketAddr> {
+        super::wait::poll(
+            "the worker's `serving /metrics` log line",
+            within,
+            || async {
+                self.assert_running()?;
+                Ok(listen_addr_in(&self.output()))
+            },
+            || format!("its output:\n{}", self.output()),
+        )
+        .await
+    }
+
     /// Fails (with the child's output) if the child has already exited.
     pub fn assert_running(&self) -> anyhow::Result<()> {
         let status = self.lock()?.try_wait()?;
@@ -164,6 +182,41 @@ impl CcmailChild {
             ),
         }
     }
+}
+
+/// The `listen` address of the first `serving /metrics` line of a worker's log (JSON or text,
+/// with or without ANSI colours).
+pub fn listen_addr_in(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter(|l| l.contains("serving /metrics"))
+        .find_map(|line| {
+            let plain = strip_ansi(line);
+            let (_, after) = plain.split_once("listen")?;
+            let start = after.find(|c: char| c.is_ascii_digit())?;
+            let addr: String = after[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                .collect();
+            addr.parse().ok()
+        })
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-letter
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl Drop for CcmailChild {
