@@ -70,7 +70,10 @@ pub(crate) struct WorkerRun {
     pub client_secret: String,
     pub master_key: SecretString,
     pub broken_pilot: i64,
+    /// The worker; kept after it exited, for its log.
     child: Option<CcmailChild>,
+    /// Whether the worker exited successfully, once [`WorkerRun::stop_worker`] reaped it.
+    stopped: Option<bool>,
     _closed: ClosedPort,
 }
 
@@ -150,6 +153,7 @@ impl WorkerRun {
             master_key,
             broken_pilot,
             child: Some(child),
+            stopped: None,
             _closed: closed,
         };
         let addr = run.http.to_string();
@@ -173,6 +177,8 @@ impl WorkerRun {
             .arg("healthcheck")
             .args(args)
             .env_remove("DATABASE_URL")
+            // The settings say port 0 (the worker chose its own): name the bound address.
+            .env("CCMAIL_HTTP_LISTEN", self.http.to_string())
             .stdin(Stdio::null())
             .output()
             .await?;
@@ -239,13 +245,17 @@ impl WorkerRun {
 
     /// SIGTERM, then waits for the worker to exit (SIGKILL after 30 s); returns its success.
     pub async fn stop_worker(&mut self) -> anyhow::Result<bool> {
+        if let Some(success) = self.stopped {
+            return Ok(success);
+        }
         let Some(child) = self.child.as_mut() else {
             return Ok(true);
         };
         child.terminate()?;
         // On a timeout the child is killed (by PID) when the run is dropped.
-        let status = child.wait(Duration::from_secs(30)).await?;
-        Ok(status.success())
+        let success = child.wait(Duration::from_secs(30)).await?.success();
+        self.stopped = Some(success);
+        Ok(success)
     }
 
     /// Stops the worker and the simulators and drops the database.
