@@ -3,10 +3,8 @@
 //! condition with a deadline (work items in the database, maildrops drained, the worker's own
 //! log lines), never on a fixed sleep.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -19,75 +17,44 @@ use ccmail_lab::sim::mailgen::MailGen;
 use ccmail_lab::sim::pop3::Pop3Sim;
 use ccmail_lab::testdb::TestDb;
 
+use crate::support::child::CcmailChild;
+
 const TENANT: &str = "8f2c1a9e-1111-4222-8333-944455556666";
 const DOMAIN: &str = "contoso.example";
 const CLIENT: &str = "0a1b2c3d-aaaa-4bbb-8ccc-ddddeeeeffff";
 const SECRET: &str = "live~reload~secret";
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// `ccmail run` as a child; killed by PID on drop if the test did not stop it.
+/// `ccmail run` as a child ([`CcmailChild`]: killed by PID on drop if the test did not stop
+/// it), with nothing of the test's environment but `env`.
 struct Worker {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
+    child: CcmailChild,
 }
 
 impl Worker {
     fn start(env: &[(String, String)], dir: &Path) -> Worker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ccmail"))
-            .arg("run")
-            .current_dir(dir)
-            .env_clear()
-            .envs(env.iter().cloned())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Worker { child, log }
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let child = CcmailChild::spawn_env_cleared(dir, "worker", &["run"], &env).unwrap();
+        Worker { child }
     }
 
     fn logged(&self, needles: &[&str]) -> bool {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
+        self.child
+            .output()
+            .lines()
             .any(|line| needles.iter().all(|n| line.contains(n)))
     }
 
     fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.child.output()
     }
 
     /// SIGTERM, then wait for the exit with a deadline.
     async fn stop(mut self) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let until = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                tokio::time::Instant::now() < until,
-                "worker ignored SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        self.child.terminate().unwrap();
+        match self.child.wait(DEADLINE).await {
+            Ok(status) => status,
+            Err(e) => panic!("worker ignored SIGTERM: {e}"),
         }
     }
 }

@@ -48,6 +48,26 @@ impl CcmailChild {
             args,
             env,
             nofile,
+            false,
+        )
+    }
+
+    /// As [`CcmailChild::spawn`], with the child's environment `env` only (nothing inherited
+    /// from the test: no `DATABASE_URL`, no `CCMAIL_*`).
+    pub fn spawn_env_cleared(
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<CcmailChild> {
+        CcmailChild::spawn_exe(
+            Path::new(env!("CARGO_BIN_EXE_ccmail")),
+            dir,
+            name,
+            args,
+            env,
+            None,
+            true,
         )
     }
 
@@ -67,7 +87,7 @@ impl CcmailChild {
                 exe.display()
             );
         }
-        CcmailChild::spawn_exe(&exe, dir, name, args, env, None)
+        CcmailChild::spawn_exe(&exe, dir, name, args, env, None, false)
     }
 
     fn spawn_exe(
@@ -77,6 +97,7 @@ impl CcmailChild {
         args: &[&str],
         env: &[(&str, &str)],
         nofile: Option<(u64, u64)>,
+        clear_env: bool,
     ) -> anyhow::Result<CcmailChild> {
         let output = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&output)
@@ -94,6 +115,9 @@ impl CcmailChild {
                 sh
             }
         };
+        if clear_env {
+            command.env_clear();
+        }
         command
             .args(args)
             .current_dir(dir)
