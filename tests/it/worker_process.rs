@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use anyhow::{Context, ensure};
+use anyhow::Context;
 use ccmail_lab::sim::mailgen::{self, Kind, MailGen};
 use ccmail_lab::sim::pop3::Fault;
 use ccmail_lab::testdb::TestDb;
@@ -18,7 +18,6 @@ use crate::support::pipeline::{Ledger, PipelineWorld};
 const GRACE: Duration = Duration::from_secs(10);
 /// How long the worker may take to drain the test mailbox.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
-const CHECK_EVERY: Duration = Duration::from_millis(50);
 
 /// Waits until `done` holds while the child keeps running; fails after `deadline`.
 async fn wait_while_running(
@@ -27,17 +26,17 @@ async fn wait_while_running(
     deadline: Duration,
     mut done: impl FnMut() -> bool,
 ) -> anyhow::Result<()> {
-    let until = tokio::time::Instant::now() + deadline;
-    while !done() {
-        child.assert_running()?;
-        ensure!(
-            tokio::time::Instant::now() < until,
-            "{what} did not happen within {deadline:?}; ccmail's output:\n{}",
-            child.output()
-        );
-        tokio::time::sleep(CHECK_EVERY).await;
-    }
-    Ok(())
+    let child = &*child;
+    crate::support::wait::wait_until(
+        what,
+        deadline,
+        || {
+            let ready = child.assert_running().map(|()| done());
+            std::future::ready(ready)
+        },
+        || format!("ccmail's output:\n{}", child.output()),
+    )
+    .await
 }
 
 #[tokio::test]
