@@ -47,11 +47,20 @@ fn assert_two_step_auth(commands: &[String]) {
 
 /// Waits until the simulator has recorded `command` (it records before acting on it).
 async fn wait_for_command(world: &World, command: &str) -> anyhow::Result<()> {
-    within(&format!("the simulator receiving {command}"), async {
-        while !world.pop.commands().iter().any(|c| c == command) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
+    crate::support::wait::wait_for(
+        &format!("the simulator receiving {command}"),
+        TEST_DEADLINE,
+        || {
+            std::future::ready(
+                world
+                    .pop
+                    .commands()
+                    .iter()
+                    .any(|c| c == command)
+                    .then_some(()),
+            )
+        },
+    )
     .await
 }
 
