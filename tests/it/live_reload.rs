@@ -11,11 +11,10 @@ use secrecy::{ExposeSecret, SecretString};
 
 use ccmail::secrets::MasterKey;
 use ccmail::store;
-use ccmail_lab::sim::cert::TestCa;
-use ccmail_lab::sim::entra::{EntraSim, SimApp};
 use ccmail_lab::sim::mailgen::MailGen;
 use ccmail_lab::sim::pop3::Pop3Sim;
 use ccmail_lab::testdb::TestDb;
+use ccmail_lab::world::World;
 
 use crate::support::child::CcmailChild;
 
@@ -106,23 +105,22 @@ fn cli(env: &[(String, String)], dir: &Path, args: &[&str]) -> Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pilots_added_disabled_and_updated_while_run_is_running() {
-    ccmail::tls::install_crypto_provider();
     let db = TestDb::new().await.unwrap();
-    let ca = TestCa::new("live reload CA").unwrap();
-    let entra = EntraSim::start(&ca).await.unwrap();
-    entra.register_app(SimApp {
-        tenant: TENANT.to_owned(),
-        tenant_domain: DOMAIN.to_owned(),
-        client_id: CLIENT.to_owned(),
-        client_secret: SECRET.to_owned(),
-        secret_expired: false,
-    });
-    // Two servers, so a pilot can be moved to another port and a stopped one observed alone.
-    let pop_a = Pop3Sim::start(&ca, entra.clone()).await.unwrap();
-    let pop_b = Pop3Sim::start(&ca, entra.clone()).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path: PathBuf = dir.path().join("ca.pem");
-    std::fs::write(&ca_path, ca.cert_pem()).unwrap();
+    // The lab's World, whose POP3 simulator is server A; a second one (B) trusts the same
+    // Entra simulator, so a pilot can be moved to another port and a stopped one observed alone.
+    let world = World::builder()
+        .ca_name("live reload CA")
+        .tenant(TENANT)
+        .domain(DOMAIN)
+        .client_id(CLIENT)
+        .client_secret(SECRET)
+        .start()
+        .await
+        .unwrap();
+    let (entra, pop_a) = (&world.entra, &world.pop);
+    let pop_b = Pop3Sim::start(&world.ca, entra.clone()).await.unwrap();
+    let dir = world.dir();
+    let ca_path: PathBuf = world.ca_path();
     let ca_arg = ca_path.display().to_string();
 
     let key = MasterKey::generate();
@@ -167,7 +165,7 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
     }
     cli(
         &env,
-        dir.path(),
+        dir,
         &[
             "pilot",
             "add",
@@ -195,7 +193,7 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
             .id
     };
 
-    let worker = Worker::start(&env, dir.path());
+    let worker = Worker::start(&env, dir);
     wait_until("the first pilot drains", &worker, || async {
         work_items(&db, "support").await == 2 && pop_b.messages(support).is_empty()
     })
@@ -207,7 +205,7 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
     }
     cli(
         &env,
-        dir.path(),
+        dir,
         &[
             "pilot",
             "add",
@@ -233,11 +231,7 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
     .await;
 
     // 2. Disabled while running: its poller stops, no new session on its server.
-    cli(
-        &env,
-        dir.path(),
-        &["pilot", "disable", &support_id.to_string()],
-    );
+    cli(&env, dir, &["pilot", "disable", &support_id.to_string()]);
     let stopped = format!("\"pilot\":{support_id}");
     wait_until("the disabled pilot's poller stops", &worker, || {
         let done = worker.logged(&["poller stopped", &stopped]);
@@ -268,7 +262,7 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
     pop_b.deliver(sales, mail.mixed(sales));
     cli(
         &env,
-        dir.path(),
+        dir,
         &[
             "pilot",
             "update",
