@@ -22,37 +22,13 @@ use ccmail_lab::testdb::TestDb;
 use ccmail_lab::world::World;
 
 use crate::support::child::CcmailChild;
+use crate::support::ports::ClosedPort;
 
 use crate::support::wait::wait_for;
 
 /// The repository root (dashboards/, RUNBOOK.md).
 pub(crate) fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-/// A free port on 127.0.0.1 (bound, read, released), only for programs that cannot bind port
-/// 0 and report their address (Prometheus). ccmail binds port 0 itself and logs the address
-/// (see [`CcmailChild::listen_addr`]).
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
-/// A port on 127.0.0.1 that refuses connections for as long as this value lives: bound (so no
-/// other process can take it) but not listening, so a connect gets RST at once.
-pub(crate) struct ClosedPort(#[allow(dead_code)] tokio::net::TcpSocket, u16);
-
-impl ClosedPort {
-    pub(crate) fn new() -> anyhow::Result<ClosedPort> {
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.bind("127.0.0.1:0".parse()?)?;
-        let port = socket.local_addr()?.port();
-        Ok(ClosedPort(socket, port))
-    }
-
-    pub(crate) fn port(&self) -> u16 {
-        self.1
-    }
 }
 
 const DOMAIN: &str = "contoso.test";

@@ -4,6 +4,7 @@ pub mod dovecot;
 pub mod fault_proxy;
 pub mod pg_cluster;
 pub mod pipeline;
+pub mod ports;
 pub mod scenario;
 pub mod sim_world;
 pub mod wait;
