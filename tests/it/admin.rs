@@ -8,10 +8,9 @@ use std::process::{Command, Output, Stdio};
 use secrecy::ExposeSecret;
 
 use ccmail::secrets::MasterKey;
-use ccmail_lab::sim::cert::TestCa;
-use ccmail_lab::sim::entra::{AppCertificate, EntraSim, SimApp};
-use ccmail_lab::sim::pop3::Pop3Sim;
+use ccmail_lab::sim::entra::AppCertificate;
 use ccmail_lab::testdb::TestDb;
+use ccmail_lab::world::World;
 
 const TENANT: &str = "8f2c1a9e-1111-4222-8333-944455556666";
 const CLIENT: &str = "0a1b2c3d-aaaa-4bbb-8ccc-ddddeeeeffff";
@@ -487,18 +486,17 @@ async fn pilot_add_check_runs_doctor_and_saves_only_what_passes() {
     ccmail::tls::install_crypto_provider();
     let db = TestDb::new().await.unwrap();
     let mut cli = Cli::new(&db);
-    let ca = TestCa::new("admin CLI CA").unwrap();
-    let entra = EntraSim::start(&ca).await.unwrap();
-    entra.register_app(SimApp {
-        tenant: TENANT.to_owned(),
-        tenant_domain: "contoso.example".to_owned(),
-        client_id: CLIENT.to_owned(),
-        client_secret: SECRET.to_owned(),
-        secret_expired: false,
-    });
-    let pop = Pop3Sim::start(&ca, entra.clone()).await.unwrap();
-    pop.add_mailbox("support@contoso.example");
-    pop.add_mailbox("sales@fabrikam.example");
+    let world = World::builder()
+        .ca_name("admin CLI CA")
+        .tenant(TENANT)
+        .domain("contoso.example")
+        .client_id(CLIENT)
+        .client_secret(SECRET)
+        .mailboxes(["support@contoso.example", "sales@fabrikam.example"])
+        .start()
+        .await
+        .unwrap();
+    let (ca, entra, pop) = (&world.ca, &world.entra, &world.pop);
     let ca_path = cli.path("ca.pem", ca.cert_pem());
     cli.env
         .push(("CCMAIL_OAUTH_EXTRA_CA_FILE".into(), ca_path.clone()));

@@ -13,10 +13,10 @@ use ccmail::oauth::{
 };
 use ccmail::ops::doctor::{self, Failure, Login, Report, Target, Verdict};
 use ccmail::pop3::{ServerSpec, Timeouts, TlsMode};
-use ccmail_lab::sim::cert::TestCa;
-use ccmail_lab::sim::entra::{AppCertificate, EntraSim, SimApp, TokenFailure};
+use ccmail_lab::sim::entra::{AppCertificate, SimApp, TokenFailure};
 use ccmail_lab::sim::mailgen::MailGen;
-use ccmail_lab::sim::pop3::{Fault, Pop3Sim};
+use ccmail_lab::sim::pop3::Fault;
+use ccmail_lab::world::World;
 
 const TENANT: &str = "8f2c1a9e-1111-4222-8333-944455556666";
 const DOMAIN: &str = "contoso.example";
@@ -24,26 +24,31 @@ const CLIENT: &str = "0a1b2c3d-aaaa-4bbb-8ccc-ddddeeeeffff";
 const SECRET: &str = "s3cr3t~value.for-doctor";
 const MAILBOX: &str = "support@contoso.example";
 
+/// The lab's [`World`] as the doctor's tenant ([`TENANT`], [`CLIENT`], [`SECRET`], [`MAILBOX`]).
 struct Sims {
-    ca: TestCa,
-    entra: EntraSim,
-    pop: Pop3Sim,
+    world: World,
+}
+
+impl std::ops::Deref for Sims {
+    type Target = World;
+
+    fn deref(&self) -> &World {
+        &self.world
+    }
 }
 
 async fn sims() -> Sims {
-    ccmail::tls::install_crypto_provider();
-    let ca = TestCa::new("doctor test CA").unwrap();
-    let entra = EntraSim::start(&ca).await.unwrap();
-    entra.register_app(SimApp {
-        tenant: TENANT.to_owned(),
-        tenant_domain: DOMAIN.to_owned(),
-        client_id: CLIENT.to_owned(),
-        client_secret: SECRET.to_owned(),
-        secret_expired: false,
-    });
-    let pop = Pop3Sim::start(&ca, entra.clone()).await.unwrap();
-    pop.add_mailbox(MAILBOX);
-    Sims { ca, entra, pop }
+    let world = World::builder()
+        .ca_name("doctor test CA")
+        .tenant(TENANT)
+        .domain(DOMAIN)
+        .client_id(CLIENT)
+        .client_secret(SECRET)
+        .mailboxes([MAILBOX])
+        .start()
+        .await
+        .unwrap();
+    Sims { world }
 }
 
 impl Sims {

@@ -23,7 +23,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::fault_proxy::{CommitCut, FaultProxy, Knobs};
-use crate::support::pipeline::{Ledger, SimWorld, small_limits};
+use crate::support::pipeline::{Ledger, PipelineWorld, small_limits};
 use crate::support::scenario::{summary, with_verb};
 
 /// Messages big enough that a reset or stall at [`CUT_AT`] bytes lands inside the first RETR.
@@ -47,8 +47,8 @@ fn short_timeouts() -> Timeouts {
 async fn proxied_world(
     count: usize,
     timeouts: Timeouts,
-) -> anyhow::Result<(SimWorld, FaultProxy, Pilot, Ledger)> {
-    let world = SimWorld::start().await?;
+) -> anyhow::Result<(PipelineWorld, FaultProxy, Pilot, Ledger)> {
+    let world = PipelineWorld::start().await?;
     let proxy = FaultProxy::start(world.pop.tls_addr()).await?;
     let row = world
         .add_pilot("support", |p| {
@@ -68,7 +68,7 @@ async fn proxied_world(
 
 /// Polls until the mailbox is empty (at most `polls` clean polls), then checks exactly-once.
 async fn recover_and_check(
-    world: &SimWorld,
+    world: &PipelineWorld,
     pilot: &Pilot,
     ledger: &Ledger,
     limits: &IngestLimits,
@@ -198,7 +198,7 @@ async fn a_bandwidth_cap_slows_the_poll_but_it_completes_exactly_once() -> anyho
 /// and after it is applied, in the middle of a RETR; a RETR that hangs or fails; slow bytes.
 #[tokio::test]
 async fn command_level_cuts_including_quit_lose_and_double_nothing() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let limits = small_limits();
     let cases: Vec<(&str, Fault, bool)> = vec![
         ("pop3_cut_mid_retr", Fault::DropAfterRetrBytes(300), true),
@@ -271,7 +271,7 @@ async fn command_level_cuts_including_quit_lose_and_double_nothing() -> anyhow::
 
 /// A pool that reaches the test database through `proxy` (no TLS, so the proxy can read the
 /// protocol), failing fast when the proxy cuts.
-fn pool_through(world: &SimWorld, proxy: &FaultProxy) -> anyhow::Result<Db> {
+fn pool_through(world: &PipelineWorld, proxy: &FaultProxy) -> anyhow::Result<Db> {
     let options: PgConnectOptions = world
         .db
         .url()
@@ -288,7 +288,7 @@ fn pool_through(world: &SimWorld, proxy: &FaultProxy) -> anyhow::Result<Db> {
 }
 
 /// The shared server's address, from the test database URL.
-fn database_addr(world: &SimWorld) -> anyhow::Result<std::net::SocketAddr> {
+fn database_addr(world: &PipelineWorld) -> anyhow::Result<std::net::SocketAddr> {
     let options: PgConnectOptions = world.db.url().parse()?;
     let host = match options.get_host() {
         "localhost" => "127.0.0.1",
@@ -301,7 +301,7 @@ fn database_addr(world: &SimWorld) -> anyhow::Result<std::net::SocketAddr> {
 /// message of the cut batch, the batch is stored exactly when the server got the COMMIT, and
 /// the next poll ends exactly-once (deleting, not re-downloading, what was committed).
 async fn commit_outcome_unknown(cut: CommitCut, name: &str) -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let proxy = FaultProxy::start_postgres(database_addr(&world)?).await?;
     let pool = pool_through(&world, &proxy)?;
     let row = world.add_pilot("support", |_| {}).await?;

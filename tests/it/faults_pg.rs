@@ -19,15 +19,16 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::pg_cluster::PgCluster;
-use crate::support::pipeline::{Ledger, SimWorld, small_limits};
-use crate::support::scenario::{fast_settings, summary, wait_for, with_verb};
+use crate::support::pipeline::{Ledger, PipelineWorld, small_limits};
+use crate::support::scenario::{fast_settings, summary, with_verb};
+use crate::support::wait::wait_until;
 
 /// How long a scenario may take to drain its mailboxes after the fault.
 const DRAIN: Duration = Duration::from_secs(60);
 
 /// A pool on the test database that gives up on an unreachable server after one second (the
 /// default waits 30 s), with extra per-session settings.
-fn pool(world: &SimWorld, settings: &[(&str, &str)]) -> anyhow::Result<Db> {
+fn pool(world: &PipelineWorld, settings: &[(&str, &str)]) -> anyhow::Result<Db> {
     let options = world
         .db
         .url()
@@ -43,7 +44,7 @@ fn pool(world: &SimWorld, settings: &[(&str, &str)]) -> anyhow::Result<Db> {
 
 /// `count` messages of every kind for `row`'s mailbox.
 fn fill(
-    world: &SimWorld,
+    world: &PipelineWorld,
     ledger: &mut Ledger,
     row: &PilotRow,
     count: usize,
@@ -66,7 +67,7 @@ struct Running {
 
 impl Running {
     fn start(
-        world: &SimWorld,
+        world: &PipelineWorld,
         pool: Db,
         pilots: &[i64],
         limits: IngestLimits,
@@ -115,8 +116,12 @@ impl Running {
 }
 
 /// Waits until every pilot's mailbox is empty.
-async fn drained(world: &SimWorld, rows: &[PilotRow], running: &Running) -> anyhow::Result<()> {
-    wait_for(
+async fn drained(
+    world: &PipelineWorld,
+    rows: &[PilotRow],
+    running: &Running,
+) -> anyhow::Result<()> {
+    wait_until(
         "draining the mailboxes",
         DRAIN,
         || async {
@@ -132,7 +137,7 @@ async fn drained(world: &SimWorld, rows: &[PilotRow], running: &Running) -> anyh
 #[tokio::test]
 async fn an_immediate_restart_during_ingest_loses_and_doubles_nothing() -> anyhow::Result<()> {
     let mut cluster = PgCluster::start(&[]).await?;
-    let world = SimWorld::start_on(&cluster.url()).await?;
+    let world = PipelineWorld::start_on(&cluster.url()).await?;
     let mut rows = Vec::new();
     let mut ledger = Ledger::default();
     for (i, name) in ["support", "sales"].into_iter().enumerate() {
@@ -150,7 +155,7 @@ async fn an_immediate_restart_during_ingest_loses_and_doubles_nothing() -> anyho
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     let running = Running::start(&world, pool(&world, &[])?, &ids, small_limits())?;
 
-    let stored_before = wait_for(
+    let stored_before = wait_until(
         "the first work items",
         DRAIN,
         || async { Ok(world.work_items().await? >= 6) },
@@ -185,7 +190,7 @@ async fn an_immediate_restart_during_ingest_loses_and_doubles_nothing() -> anyho
 async fn the_database_refusing_connections_stops_ingest_without_dele_until_it_returns()
 -> anyhow::Result<()> {
     let mut cluster = PgCluster::start(&[]).await?;
-    let world = SimWorld::start_on(&cluster.url()).await?;
+    let world = PipelineWorld::start_on(&cluster.url()).await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let mut ledger = Ledger::default();
     fill(&world, &mut ledger, &row, 2, 0xb1_0000)?;
@@ -196,7 +201,7 @@ async fn the_database_refusing_connections_stops_ingest_without_dele_until_it_re
     fill(&world, &mut ledger, &row, 6, 0xb1_0001)?;
     world.pop.clear_commands();
     // Two failed polls in a row: the poller keeps retrying while the server is gone.
-    wait_for(
+    wait_until(
         "two failed polls while the database is down",
         DRAIN,
         || async { Ok(running.failing(row.id) >= 2) },
@@ -233,7 +238,7 @@ async fn the_database_refusing_connections_stops_ingest_without_dele_until_it_re
 async fn a_statement_timeout_during_a_commit_sends_no_dele_and_the_retry_stores_everything()
 -> anyhow::Result<()> {
     let cluster = PgCluster::start(&[]).await?;
-    let world = SimWorld::start_on(&cluster.url()).await?;
+    let world = PipelineWorld::start_on(&cluster.url()).await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();
@@ -287,7 +292,7 @@ async fn negative_control_async_commit_plus_crash_is_detected_as_loss() -> anyho
     // shared memory, which an immediate stop throws away.
     let mut cluster =
         PgCluster::start(&["wal_writer_delay = 10000ms", "wal_writer_flush_after = 1GB"]).await?;
-    let world = SimWorld::start_on(&cluster.url()).await?;
+    let world = PipelineWorld::start_on(&cluster.url()).await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();

@@ -20,8 +20,9 @@ use ccmail_lab::sim::mailgen::{Kind, MailGen};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::pipeline::{DOMAIN, Ledger, SimWorld, small_limits};
-use crate::support::scenario::{fast_settings, summary, wait_for};
+use crate::support::pipeline::{DOMAIN, Ledger, PipelineWorld, small_limits};
+use crate::support::scenario::{fast_settings, summary};
+use crate::support::wait::wait_until;
 
 /// Pilots sharing the app in every case.
 const PILOTS: usize = 3;
@@ -41,7 +42,7 @@ fn max_requests(base: Duration, elapsed: Duration) -> u64 {
 
 /// A fresh app registration (its own token cache entry) with `PILOTS` pilots, one message each.
 async fn app_with_pilots(
-    world: &SimWorld,
+    world: &PipelineWorld,
     tag: &str,
     ledger: &mut Ledger,
 ) -> anyhow::Result<Vec<PilotRow>> {
@@ -86,7 +87,7 @@ struct Running {
 }
 
 impl Running {
-    fn start(world: &SimWorld, rows: &[PilotRow]) -> anyhow::Result<Running> {
+    fn start(world: &PipelineWorld, rows: &[PilotRow]) -> anyhow::Result<Running> {
         let supervisor = Supervisor::new(
             world.db.db().clone(),
             Arc::clone(&world.tokens),
@@ -130,7 +131,7 @@ impl Running {
 }
 
 /// The stored rows of `rows`' pilots.
-async fn pilot_rows(world: &SimWorld, rows: &[PilotRow]) -> anyhow::Result<Vec<PilotRow>> {
+async fn pilot_rows(world: &PipelineWorld, rows: &[PilotRow]) -> anyhow::Result<Vec<PilotRow>> {
     let mut conn = world.db.pool().acquire().await?;
     let all = store::list_pilots(&mut conn).await?;
     Ok(all
@@ -156,8 +157,8 @@ struct Expect {
 /// and that nothing was lost. Transient faults are then cleared and the mailboxes must drain.
 async fn failing_endpoint(
     name: &str,
-    world: &SimWorld,
-    fail: impl FnOnce(&SimWorld),
+    world: &PipelineWorld,
+    fail: impl FnOnce(&PipelineWorld),
     expect: Expect,
 ) -> anyhow::Result<()> {
     let mut ledger = Ledger::default();
@@ -167,7 +168,7 @@ async fn failing_endpoint(
     let before = world.entra.token_requests();
     let started = tokio::time::Instant::now();
     let running = Running::start(world, &rows)?;
-    wait_for(
+    wait_until(
         "three failed polls of every pilot with the error recorded",
         DEADLINE,
         || async {
@@ -236,7 +237,7 @@ async fn failing_endpoint(
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     if expect.heals {
         world.entra.clear_failures();
-        wait_for(
+        wait_until(
             "recovery after the endpoint heals",
             DEADLINE,
             || async {
@@ -274,7 +275,7 @@ fn aadsts(status: u16, error: &str, code: u32) -> TokenFailure {
 
 #[tokio::test]
 async fn endpoint_down_backs_off_and_surfaces_the_error() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     // Stopping the simulator closes its listener: connection refused. The POP3 side keeps
     // validating tokens in-process, so only the token endpoint is down.
     failing_endpoint(
@@ -300,7 +301,7 @@ async fn endpoint_down_backs_off_and_surfaces_the_error() -> anyhow::Result<()> 
 async fn transient_cases(
     cases: Vec<(&str, TokenFailure, &str, Option<&'static str>)>,
 ) -> anyhow::Result<()> {
-    let mut world = SimWorld::start().await?;
+    let mut world = PipelineWorld::start().await?;
     // A one-second request deadline, so "slow" costs a second, not the default 30.
     world.tokens = Arc::new(TokenCache::new(
         Arc::new(TokenSource::new(TokenSourceOptions {
@@ -372,7 +373,7 @@ async fn throttling_429_and_tenant_throttling_back_off_and_recover() -> anyhow::
 #[tokio::test]
 async fn each_aadsts_configuration_error_is_shown_with_its_fix_and_asked_once() -> anyhow::Result<()>
 {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let cases = [
         (401, "invalid_client", 7000215),
         (401, "invalid_client", 7000222),
@@ -404,14 +405,14 @@ async fn each_aadsts_configuration_error_is_shown_with_its_fix_and_asked_once() 
 
 /// Pollers of `rows` run until each has polled `polls` times; returns the token requests.
 async fn requests_while_polling(
-    world: &SimWorld,
+    world: &PipelineWorld,
     rows: &[PilotRow],
     polls: u64,
 ) -> anyhow::Result<(u64, Duration, Running)> {
     let before = world.entra.token_requests();
     let started = tokio::time::Instant::now();
     let running = Running::start(world, rows)?;
-    wait_for(
+    wait_until(
         "polls of every pilot",
         DEADLINE,
         || async { Ok(running.min_polls(rows) >= polls) },
@@ -427,7 +428,7 @@ async fn requests_while_polling(
 
 #[tokio::test]
 async fn expires_in_huge_or_as_a_string_is_one_request_for_all_pilots() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     for (name, as_string, secs) in [
         ("huge", false, 10 * 365 * 24 * 3600),
         ("string", true, 3599),
@@ -456,7 +457,7 @@ async fn expires_in_huge_or_as_a_string_is_one_request_for_all_pilots() -> anyho
 
 #[tokio::test]
 async fn a_tiny_expires_in_is_refreshed_per_app_not_per_poll() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     world.entra.set_expires_in(4);
     let mut ledger = Ledger::default();
     let rows = app_with_pilots(&world, "exptiny", &mut ledger).await?;
@@ -481,7 +482,7 @@ async fn a_tiny_expires_in_is_refreshed_per_app_not_per_poll() -> anyhow::Result
 
 #[tokio::test]
 async fn a_still_valid_token_keeps_pollers_working_while_its_refresh_fails() -> anyhow::Result<()> {
-    let mut world = SimWorld::start().await?;
+    let mut world = PipelineWorld::start().await?;
     // Tokens live 8 s and are refreshed from 4 s on; handed out while valid for 1 s more.
     world.tokens = Arc::new(TokenCache::new(
         Arc::new(TokenSource::new(TokenSourceOptions {
@@ -497,11 +498,11 @@ async fn a_still_valid_token_keeps_pollers_working_while_its_refresh_fails() -> 
     let mut ledger = Ledger::default();
     let rows = app_with_pilots(&world, "valid", &mut ledger).await?;
     let running = Running::start(&world, &rows)?;
-    let drained = |world: &SimWorld, rows: &[PilotRow]| {
+    let drained = |world: &PipelineWorld, rows: &[PilotRow]| {
         rows.iter()
             .all(|r| world.pop.messages(&r.mailbox).is_empty())
     };
-    wait_for(
+    wait_until(
         "the first messages",
         DEADLINE,
         || async { Ok(drained(&world, &rows)) },
@@ -513,7 +514,7 @@ async fn a_still_valid_token_keeps_pollers_working_while_its_refresh_fails() -> 
     // From now on every refresh fails; mail that arrives after the first failed refresh is
     // still fetched with the old token.
     world.entra.fail_next(usize::MAX, TokenFailure::Status(503));
-    wait_for(
+    wait_until(
         "a failed refresh",
         DEADLINE,
         || async { Ok(world.entra.token_requests() >= 2) },
@@ -528,7 +529,7 @@ async fn a_still_valid_token_keeps_pollers_working_while_its_refresh_fails() -> 
             mails.message(&r.mailbox, Kind::Reply),
         )?;
     }
-    wait_for(
+    wait_until(
         "the mail that arrived after the failed refresh",
         DEADLINE,
         || async { Ok(drained(&world, &rows)) },
@@ -537,7 +538,7 @@ async fn a_still_valid_token_keeps_pollers_working_while_its_refresh_fails() -> 
     .await?;
 
     // Once the old token is no longer usable the error reaches the pilots.
-    wait_for(
+    wait_until(
         "the error on every pilot",
         DEADLINE,
         || async {
@@ -575,12 +576,12 @@ async fn a_still_valid_token_keeps_pollers_working_while_its_refresh_fails() -> 
 #[tokio::test]
 async fn an_endless_token_body_fails_at_the_size_limit_and_is_not_read_on() -> anyhow::Result<()> {
     use crate::support::sim_world::{self, within};
-    let world = sim_world::SimWorld::start().await?;
+    let world = sim_world::start().await?;
     let source = world.token_source(TokenSourceOptions::default())?;
     world.entra.fail_next(1, TokenFailure::EndlessBody);
     let err = within(
         "a token request with an endless body",
-        source.request(&world.app()),
+        source.request(&world.credentials()),
     )
     .await?
     .expect_err("an endless body gave a token");
@@ -600,15 +601,19 @@ async fn an_endless_token_body_fails_at_the_size_limit_and_is_not_read_on() -> a
         "the client kept reading: the simulator sent {sent} octets"
     );
     // The next request is served normally.
-    within("a normal token request", source.request(&world.app())).await??;
-    world.stop().await
+    within(
+        "a normal token request",
+        source.request(&world.credentials()),
+    )
+    .await??;
+    world.stop(sim_world::TEST_DEADLINE).await
 }
 
 /// A body that trickles one byte at a time ends at the request deadline, not never.
 #[tokio::test]
 async fn a_trickling_token_body_ends_at_the_request_deadline() -> anyhow::Result<()> {
     use crate::support::sim_world::{self, within};
-    let world = sim_world::SimWorld::start().await?;
+    let world = sim_world::start().await?;
     let source = world.token_source(TokenSourceOptions {
         total_timeout: Duration::from_secs(2),
         ..TokenSourceOptions::default()
@@ -621,7 +626,7 @@ async fn a_trickling_token_body_ends_at_the_request_deadline() -> anyhow::Result
     );
     let err = within(
         "a token request with a trickling body",
-        source.request(&world.app()),
+        source.request(&world.credentials()),
     )
     .await?
     .expect_err("a trickling body gave a token");
@@ -629,5 +634,5 @@ async fn a_trickling_token_body_ends_at_the_request_deadline() -> anyhow::Result
         matches!(err, ccmail::oauth::OAuthError::Timeout { .. }),
         "{err}"
     );
-    world.stop().await
+    world.stop(sim_world::TEST_DEADLINE).await
 }

@@ -6,7 +6,7 @@ use anyhow::ensure;
 use ccmail::ingest::poller::IngestLimits;
 use ccmail_lab::sim::pop3::Fault;
 
-use crate::support::pipeline::{DOMAIN, Ledger, SimWorld, small_limits};
+use crate::support::pipeline::{DOMAIN, Ledger, PipelineWorld, small_limits};
 
 /// A small plain message carrying `marker` (in its subject too) and this Message-ID.
 fn mail(marker: &str, message_id: &str) -> Vec<u8> {
@@ -21,7 +21,7 @@ fn mail(marker: &str, message_id: &str) -> Vec<u8> {
 
 /// Every delivered message stored exactly once, and the mailbox empty.
 async fn assert_drained(
-    world: &SimWorld,
+    world: &PipelineWorld,
     ledger: &Ledger,
     row: &ccmail::store::PilotRow,
 ) -> anyhow::Result<()> {
@@ -36,7 +36,7 @@ async fn assert_drained(
 /// A poll that stores what it downloads but whose QUIT is never applied (the connection drops
 /// after the command): everything stays on the server, stored.
 async fn interrupted_poll(
-    world: &SimWorld,
+    world: &PipelineWorld,
     pilot: &ccmail::ingest::poller::Pilot,
 ) -> anyhow::Result<()> {
     world.pop.set_fault(Some(Fault::DropAfterCommand {
@@ -60,7 +60,7 @@ fn random_text(len: usize) -> String {
 /// on every poll, so nothing of that mailbox was stored again.
 #[tokio::test]
 async fn a_huge_message_id_is_stored_with_the_rest_of_the_mailbox() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();
@@ -95,7 +95,7 @@ async fn a_huge_message_id_is_stored_with_the_rest_of_the_mailbox() -> anyhow::R
 /// Installs a trigger that refuses, as a data error, every message whose subject contains
 /// `refused-by-db`, and (when `raw_too`) every message whose raw bytes contain `refuse-raw`:
 /// a stand-in for whatever a future sender finds that the database cannot hold.
-async fn refuse_messages(world: &SimWorld, raw_too: bool) -> anyhow::Result<()> {
+async fn refuse_messages(world: &PipelineWorld, raw_too: bool) -> anyhow::Result<()> {
     let raw_rule = if raw_too {
         "or position('refuse-raw'::bytea in new.raw) > 0"
     } else {
@@ -123,7 +123,7 @@ async fn refuse_messages(world: &SimWorld, raw_too: bool) -> anyhow::Result<()> 
 #[tokio::test]
 async fn a_message_the_database_refuses_is_stored_raw_and_the_batch_goes_on() -> anyhow::Result<()>
 {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     refuse_messages(&world, false).await?;
@@ -165,7 +165,7 @@ async fn a_message_the_database_refuses_is_stored_raw_and_the_batch_goes_on() ->
 #[tokio::test]
 async fn a_message_refused_even_raw_stays_on_the_server_and_the_rest_drains() -> anyhow::Result<()>
 {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     refuse_messages(&world, true).await?;
@@ -206,7 +206,7 @@ async fn a_message_refused_even_raw_stays_on_the_server_and_the_rest_drains() ->
 /// Polls until a poll stores nothing new and leaves nothing waiting (errors allowed: a hostile
 /// server breaks sessions), at most `polls` times; returns how many polls ran.
 async fn poll_until_quiet(
-    world: &SimWorld,
+    world: &PipelineWorld,
     pilot: &ccmail::ingest::poller::Pilot,
     limits: &IngestLimits,
     polls: usize,
@@ -225,7 +225,7 @@ async fn poll_until_quiet(
 #[tokio::test]
 async fn two_messages_sharing_a_uidl_are_both_stored_before_either_is_deleted() -> anyhow::Result<()>
 {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();
@@ -254,7 +254,7 @@ async fn two_messages_sharing_a_uidl_are_both_stored_before_either_is_deleted() 
 /// leave the server.
 #[tokio::test]
 async fn identical_copies_sharing_a_uidl_are_one_work_item() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     let raw = mail("copy", "copy@x");
@@ -275,7 +275,7 @@ async fn identical_copies_sharing_a_uidl_are_one_work_item() -> anyhow::Result<(
 /// with no message number: each affects only its own message, and nothing is lost.
 #[tokio::test]
 async fn malformed_uidl_lines_affect_only_their_own_messages() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();
@@ -314,7 +314,7 @@ async fn malformed_uidl_lines_affect_only_their_own_messages() -> anyhow::Result
 /// stored before it is deleted.
 #[tokio::test]
 async fn a_reused_uidl_cannot_make_ccmail_delete_unseen_mail() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();
@@ -347,7 +347,7 @@ async fn a_reused_uidl_cannot_make_ccmail_delete_unseen_mail() -> anyhow::Result
 /// shows it is the same message: the check costs one TOP, no download.
 #[tokio::test]
 async fn a_stored_message_found_again_is_checked_with_top_before_its_dele() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();
@@ -376,7 +376,7 @@ async fn a_stored_message_found_again_is_checked_with_top_before_its_dele() -> a
 /// and the rest of the mailbox drains.
 #[tokio::test]
 async fn an_endless_retr_ends_and_the_rest_of_the_mailbox_drains() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world
         .add_pilot("support", |p| p.max_message_bytes = 256 * 1024)
         .await?;
@@ -418,7 +418,7 @@ async fn an_endless_retr_ends_and_the_rest_of_the_mailbox_drains() -> anyhow::Re
 /// stored as headers and the rest of the mailbox drains.
 #[tokio::test]
 async fn a_trickled_retr_is_cut_by_the_minimum_rate_and_the_rest_drains() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let timeouts = ccmail::pop3::Timeouts {
         command: std::time::Duration::from_secs(2),
@@ -459,7 +459,7 @@ async fn a_trickled_retr_is_cut_by_the_minimum_rate_and_the_rest_drains() -> any
 /// more is waiting; the next polls finish the mailbox.
 #[tokio::test]
 async fn the_poll_deadline_ends_a_poll_between_messages() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();
@@ -493,7 +493,7 @@ async fn the_poll_deadline_ends_a_poll_between_messages() -> anyhow::Result<()> 
 /// drains in capped polls.
 #[tokio::test]
 async fn a_huge_maildrop_drains_in_capped_polls() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();
@@ -527,7 +527,7 @@ async fn a_huge_maildrop_drains_in_capped_polls() -> anyhow::Result<()> {
 /// untrusted UIDLs neither polls in a tight loop nor leaves some of them unstored for ever.
 #[tokio::test]
 async fn untrusted_uidls_of_a_keep_on_server_pilot_neither_starve_nor_spin() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world
         .add_pilot("support", |p| p.keep_on_server = true)
         .await?;

@@ -10,13 +10,13 @@ use ccmail_lab::sim::hostile;
 use secrecy::ExposeSecret;
 
 use crate::support::child::CcmailChild;
-use crate::support::pipeline::{DOMAIN, Ledger, SimWorld};
+use crate::support::pipeline::{DOMAIN, Ledger, PipelineWorld};
+use crate::support::wait::poll;
 
 const MIB: u64 = 1024 * 1024;
 /// "Not blocked" bounds, generous for a busy 2-core machine; not timing goals.
 const SERVED_WITHIN: Duration = Duration::from_secs(60);
 const DRAINED_WITHIN: Duration = Duration::from_secs(300);
-const CHECK_EVERY: Duration = Duration::from_millis(100);
 
 /// Every hostile message the parser and the store are defended against, each with its marker.
 fn hostile_mail() -> Vec<Vec<u8>> {
@@ -70,7 +70,7 @@ const PROCESS_BASE: u64 = 64 * MIB;
 #[tokio::test]
 async fn run_keeps_serving_other_pilots_while_one_is_fed_every_hostile_message()
 -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let victim = world.add_pilot("victim", |_| {}).await?;
     let bystander = world.add_pilot("bystander", |_| {}).await?;
     let mut ledger = Ledger::default();
@@ -123,38 +123,47 @@ async fn run_keeps_serving_other_pilots_while_one_is_fed_every_hostile_message()
     for i in 0..5 {
         let marker = format!("bystander-{i}");
         served.deliver(&world.pop, &bystander.mailbox, plain(&marker))?;
-        let until = tokio::time::Instant::now() + SERVED_WITHIN;
-        loop {
-            child.assert_running()?;
-            let tally = served.check(&world.heads(&[bystander.id]).await?);
-            if tally.stored_once == served.len() {
-                break;
-            }
-            ensure!(
-                tokio::time::Instant::now() < until,
-                "{marker} was not stored within {SERVED_WITHIN:?}; ccmail's output:\n{}",
-                child.output()
-            );
-            tokio::time::sleep(CHECK_EVERY).await;
-        }
+        let (child, served, world) = (&child, &served, &world);
+        poll(
+            &format!("{marker} to be stored"),
+            SERVED_WITHIN,
+            || async move {
+                child.assert_running()?;
+                let tally = served.check(&world.heads(&[bystander.id]).await?);
+                Ok((tally.stored_once == served.len()).then_some(()))
+            },
+            || format!("ccmail's output:\n{}", child.output()),
+        )
+        .await?;
     }
 
-    let until = tokio::time::Instant::now() + DRAINED_WITHIN;
-    loop {
-        child.assert_running()?;
-        let tally = ledger.check(&world.heads(&[victim.id]).await?);
-        if tally.stored_once == ledger.len() && world.pop.messages(&victim.mailbox).is_empty() {
-            tally.assert_exactly_once()?;
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < until,
-            "the victim's mailbox did not drain within {DRAINED_WITHIN:?}: {tally:?}; \
-             ccmail's output:\n{}",
-            child.output()
-        );
-        tokio::time::sleep(CHECK_EVERY).await;
-    }
+    let last = std::sync::Mutex::new(String::new());
+    let (child_ref, ledger_ref, world_ref, last_ref, victim_ref) =
+        (&child, &ledger, &world, &last, &victim);
+    poll(
+        "the victim's mailbox to drain",
+        DRAINED_WITHIN,
+        || async move {
+            let (child, ledger, world, last, victim) =
+                (child_ref, ledger_ref, world_ref, last_ref, victim_ref);
+            child.assert_running()?;
+            let tally = ledger.check(&world.heads(&[victim.id]).await?);
+            let done =
+                tally.stored_once == ledger.len() && world.pop.messages(&victim.mailbox).is_empty();
+            if done {
+                tally.assert_exactly_once()?;
+            }
+            if let Ok(mut l) = last.lock() {
+                *l = format!("{tally:?}");
+            }
+            Ok(done.then_some(()))
+        },
+        || {
+            let tally = last.lock().map(|l| l.clone()).unwrap_or_default();
+            format!("{tally}; ccmail's output:\n{}", child.output())
+        },
+    )
+    .await?;
     served
         .check(&world.heads(&[bystander.id]).await?)
         .assert_exactly_once()?;

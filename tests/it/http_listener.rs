@@ -11,24 +11,24 @@ use secrecy::ExposeSecret;
 use ccmail::telemetry;
 use ccmail_lab::sim::mailgen::{Kind, MailGen};
 
-use crate::metrics::{free_port, wait_for};
 use crate::support::child::CcmailChild;
-use crate::support::pipeline::{Ledger, SimWorld};
+use crate::support::pipeline::{Ledger, PipelineWorld};
+use crate::support::wait::wait_for;
 
 /// Idle connections the test holds: more than the worker's file descriptors allow.
 const IDLE_CONNECTIONS: usize = 1_100;
 /// The worker's open-file limit in the flood test (soft and hard), a common default.
 const WORKER_NOFILE: u64 = 1_024;
 
-/// Writes the settings of a worker listening on `port`.
-fn write_config(world: &SimWorld, port: u16) -> anyhow::Result<String> {
+/// Writes the settings of a worker whose HTTP listener binds a port of its own choosing.
+fn write_config(world: &PipelineWorld) -> anyhow::Result<String> {
     let config = world.dir().join("ccmail.toml");
     std::fs::write(
         &config,
         format!(
             "[worker]\nreload_interval_secs = 1\ninitial_backoff_secs = 1\nmax_backoff_secs = 2\n\n\
              [oauth]\nextra_ca_file = {:?}\n\n[log]\nformat = \"text\"\nlevel = \"info\"\n\n\
-             [http]\nlisten = \"127.0.0.1:{port}\"\n",
+             [http]\nlisten = \"127.0.0.1:0\"\n",
             world.ca_path().display().to_string()
         ),
     )?;
@@ -57,7 +57,7 @@ fn open_fds(pid: u32) -> anyhow::Result<usize> {
 async fn idle_connections_beyond_the_cap_exhaust_nothing_and_stop_neither_health_nor_ingest()
 -> anyhow::Result<()> {
     raise_own_nofile(IDLE_CONNECTIONS as u64 + 256)?;
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let pilot = world
         .add_user_pass_pilot("support", "support-password-1", |_| {})
         .await?;
@@ -68,9 +68,7 @@ async fn idle_connections_beyond_the_cap_exhaust_nothing_and_stop_neither_health
         &pilot.mailbox,
         mails.message(&pilot.mailbox, Kind::Plain),
     )?;
-    let port = free_port()?;
-    let addr = format!("127.0.0.1:{port}");
-    let config = write_config(&world, port)?;
+    let config = write_config(&world)?;
     let key = world.key.to_base64();
     let mut child = CcmailChild::spawn_limited(
         world.dir(),
@@ -82,6 +80,10 @@ async fn idle_connections_beyond_the_cap_exhaust_nothing_and_stop_neither_health
         ],
         Some((WORKER_NOFILE, WORKER_NOFILE)),
     )?;
+    let addr = child
+        .listen_addr(Duration::from_secs(30))
+        .await?
+        .to_string();
     let pop = world.pop.clone();
     let mailbox = pilot.mailbox.clone();
     wait_for(
@@ -153,10 +155,8 @@ async fn idle_connections_beyond_the_cap_exhaust_nothing_and_stop_neither_health
 
 #[tokio::test]
 async fn a_low_soft_open_file_limit_is_raised_to_the_hard_limit_at_start() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
-    let port = free_port()?;
-    let addr = format!("127.0.0.1:{port}");
-    let config = write_config(&world, port)?;
+    let world = PipelineWorld::start().await?;
+    let config = write_config(&world)?;
     let key = world.key.to_base64();
     let mut child = CcmailChild::spawn_limited(
         world.dir(),
@@ -168,6 +168,10 @@ async fn a_low_soft_open_file_limit_is_raised_to_the_hard_limit_at_start() -> an
         ],
         Some((256, 4096)),
     )?;
+    let addr = child
+        .listen_addr(Duration::from_secs(30))
+        .await?
+        .to_string();
     wait_for("/healthz", Duration::from_secs(30), || {
         let addr = addr.clone();
         async move {

@@ -18,13 +18,11 @@ use ccmail_lab::sim::pop3::Fault;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::pipeline::{
-    Ledger, SimWorld, eight_bit_header_message, small_limits, test_timeouts,
+    Ledger, PipelineWorld, eight_bit_header_message, small_limits, test_timeouts,
 };
 
 /// How long a supervisor may take to drain the test mailboxes before the test fails.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(90);
-/// How often drain conditions are re-checked.
-const CHECK_EVERY: Duration = Duration::from_millis(50);
 
 fn settings(
     limits: IngestLimits,
@@ -50,22 +48,21 @@ async fn wait_until(
     status: &StatusBoard,
     mut done: impl FnMut() -> bool,
 ) -> anyhow::Result<()> {
-    let until = tokio::time::Instant::now() + deadline;
-    loop {
-        if done() {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > until {
+    crate::support::wait::wait_until(
+        what,
+        deadline,
+        || std::future::ready(Ok(done())),
+        || {
             let board = status.lock().map(|b| format!("{b:?}")).unwrap_or_default();
-            anyhow::bail!("{what} did not happen within {deadline:?}; pollers: {board}");
-        }
-        tokio::time::sleep(CHECK_EVERY).await;
-    }
+            format!("pollers: {board}")
+        },
+    )
+    .await
 }
 
 /// Runs a supervisor over `pilots` until `done` holds, then shuts it down and waits for it.
 async fn supervise_until(
-    world: &SimWorld,
+    world: &PipelineWorld,
     pilots: &[i64],
     what: &str,
     done: impl FnMut(&StatusBoard) -> bool,
@@ -94,7 +91,7 @@ async fn supervise_until(
 #[tokio::test]
 async fn two_pilots_sharing_one_app_store_500_messages_exactly_once() -> anyhow::Result<()> {
     const LIMIT: u64 = 1024 * 1024;
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let support = world
         .add_pilot("support", |p| p.max_message_bytes = LIMIT)
         .await?;
@@ -200,7 +197,7 @@ async fn two_pilots_sharing_one_app_store_500_messages_exactly_once() -> anyhow:
 
 /// Delivers `count` messages of every kind to `mailbox`.
 fn fill(
-    world: &SimWorld,
+    world: &PipelineWorld,
     ledger: &mut Ledger,
     mailbox: &str,
     count: usize,
@@ -226,7 +223,7 @@ async fn crash_then_recover(
     stored_at_crash: usize,
     left_at_crash: usize,
 ) -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();
@@ -318,7 +315,7 @@ async fn quit_applied_but_unanswered_loses_and_doubles_nothing() -> anyhow::Resu
     .await
 }
 
-fn count_commands(world: &SimWorld, verb: &str) -> usize {
+fn count_commands(world: &PipelineWorld, verb: &str) -> usize {
     world
         .pop
         .commands()
@@ -330,7 +327,7 @@ fn count_commands(world: &SimWorld, verb: &str) -> usize {
 #[tokio::test]
 async fn a_message_whose_retr_always_fails_is_flagged_after_max_attempts_without_blocking_others()
 -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();
@@ -405,7 +402,7 @@ async fn a_message_whose_retr_always_fails_is_flagged_after_max_attempts_without
 async fn an_oversize_message_becomes_one_flagged_headers_only_work_item_and_stays()
 -> anyhow::Result<()> {
     const LIMIT: u64 = 128 * 1024;
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world
         .add_pilot("support", |p| p.max_message_bytes = LIMIT)
         .await?;
@@ -469,7 +466,7 @@ async fn an_oversize_message_becomes_one_flagged_headers_only_work_item_and_stay
 
 #[tokio::test]
 async fn a_keep_on_server_pilot_stores_once_and_deletes_nothing() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world
         .add_pilot("archive", |p| p.keep_on_server = true)
         .await?;
@@ -502,7 +499,7 @@ async fn a_keep_on_server_pilot_stores_once_and_deletes_nothing() -> anyhow::Res
 
 #[tokio::test]
 async fn the_per_poll_cap_leaves_more_waiting_and_the_next_poll_finishes() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();

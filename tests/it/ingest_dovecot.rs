@@ -12,11 +12,13 @@ use ccmail_lab::sim::mailgen::{Kind, MailGen};
 use secrecy::SecretString;
 
 use crate::support::dovecot::{Dovecot, DovecotOptions};
-use crate::support::pipeline::{DOMAIN, Ledger, SimWorld, eight_bit_header_message, small_limits};
+use crate::support::pipeline::{
+    DOMAIN, Ledger, PipelineWorld, eight_bit_header_message, small_limits,
+};
 
 #[tokio::test]
 async fn xoauth2_and_user_pass_pilots_drain_a_real_dovecot_exactly_once() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let dovecot = Dovecot::start(DovecotOptions {
         introspection_url: world.entra.introspection_url(),
         oauth_domain_format: true,

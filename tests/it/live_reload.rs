@@ -3,21 +3,20 @@
 //! condition with a deadline (work items in the database, maildrops drained, the worker's own
 //! log lines), never on a fixed sleep.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
 use ccmail::secrets::MasterKey;
 use ccmail::store;
-use ccmail_lab::sim::cert::TestCa;
-use ccmail_lab::sim::entra::{EntraSim, SimApp};
 use ccmail_lab::sim::mailgen::MailGen;
 use ccmail_lab::sim::pop3::Pop3Sim;
 use ccmail_lab::testdb::TestDb;
+use ccmail_lab::world::World;
+
+use crate::support::child::CcmailChild;
 
 const TENANT: &str = "8f2c1a9e-1111-4222-8333-944455556666";
 const DOMAIN: &str = "contoso.example";
@@ -25,69 +24,36 @@ const CLIENT: &str = "0a1b2c3d-aaaa-4bbb-8ccc-ddddeeeeffff";
 const SECRET: &str = "live~reload~secret";
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// `ccmail run` as a child; killed by PID on drop if the test did not stop it.
+/// `ccmail run` as a child ([`CcmailChild`]: killed by PID on drop if the test did not stop
+/// it), with nothing of the test's environment but `env`.
 struct Worker {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
+    child: CcmailChild,
 }
 
 impl Worker {
     fn start(env: &[(String, String)], dir: &Path) -> Worker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ccmail"))
-            .arg("run")
-            .current_dir(dir)
-            .env_clear()
-            .envs(env.iter().cloned())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Worker { child, log }
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let child = CcmailChild::spawn_env_cleared(dir, "worker", &["run"], &env).unwrap();
+        Worker { child }
     }
 
     fn logged(&self, needles: &[&str]) -> bool {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
+        self.child
+            .output()
+            .lines()
             .any(|line| needles.iter().all(|n| line.contains(n)))
     }
 
     fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.child.output()
     }
 
     /// SIGTERM, then wait for the exit with a deadline.
     async fn stop(mut self) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let until = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                tokio::time::Instant::now() < until,
-                "worker ignored SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        self.child.terminate().unwrap();
+        match self.child.wait(DEADLINE).await {
+            Ok(status) => status,
+            Err(e) => panic!("worker ignored SIGTERM: {e}"),
         }
     }
 }
@@ -98,14 +64,18 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let until = tokio::time::Instant::now() + DEADLINE;
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "timed out waiting for: {what}\nworker log:\n{}",
-            worker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let waited = crate::support::wait::wait_until(
+        what,
+        DEADLINE,
+        || {
+            let fut = condition();
+            async move { Ok(fut.await) }
+        },
+        String::new,
+    )
+    .await;
+    if let Err(e) = waited {
+        panic!("{e}\nworker log:\n{}", worker.log_text());
     }
 }
 
@@ -135,23 +105,22 @@ fn cli(env: &[(String, String)], dir: &Path, args: &[&str]) -> Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pilots_added_disabled_and_updated_while_run_is_running() {
-    ccmail::tls::install_crypto_provider();
     let db = TestDb::new().await.unwrap();
-    let ca = TestCa::new("live reload CA").unwrap();
-    let entra = EntraSim::start(&ca).await.unwrap();
-    entra.register_app(SimApp {
-        tenant: TENANT.to_owned(),
-        tenant_domain: DOMAIN.to_owned(),
-        client_id: CLIENT.to_owned(),
-        client_secret: SECRET.to_owned(),
-        secret_expired: false,
-    });
-    // Two servers, so a pilot can be moved to another port and a stopped one observed alone.
-    let pop_a = Pop3Sim::start(&ca, entra.clone()).await.unwrap();
-    let pop_b = Pop3Sim::start(&ca, entra.clone()).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path: PathBuf = dir.path().join("ca.pem");
-    std::fs::write(&ca_path, ca.cert_pem()).unwrap();
+    // The lab's World, whose POP3 simulator is server A; a second one (B) trusts the same
+    // Entra simulator, so a pilot can be moved to another port and a stopped one observed alone.
+    let world = World::builder()
+        .ca_name("live reload CA")
+        .tenant(TENANT)
+        .domain(DOMAIN)
+        .client_id(CLIENT)
+        .client_secret(SECRET)
+        .start()
+        .await
+        .unwrap();
+    let (entra, pop_a) = (&world.entra, &world.pop);
+    let pop_b = Pop3Sim::start(&world.ca, entra.clone()).await.unwrap();
+    let dir = world.dir();
+    let ca_path: PathBuf = world.ca_path();
     let ca_arg = ca_path.display().to_string();
 
     let key = MasterKey::generate();
@@ -196,7 +165,7 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
     }
     cli(
         &env,
-        dir.path(),
+        dir,
         &[
             "pilot",
             "add",
@@ -224,7 +193,7 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
             .id
     };
 
-    let worker = Worker::start(&env, dir.path());
+    let worker = Worker::start(&env, dir);
     wait_until("the first pilot drains", &worker, || async {
         work_items(&db, "support").await == 2 && pop_b.messages(support).is_empty()
     })
@@ -236,7 +205,7 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
     }
     cli(
         &env,
-        dir.path(),
+        dir,
         &[
             "pilot",
             "add",
@@ -262,11 +231,7 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
     .await;
 
     // 2. Disabled while running: its poller stops, no new session on its server.
-    cli(
-        &env,
-        dir.path(),
-        &["pilot", "disable", &support_id.to_string()],
-    );
+    cli(&env, dir, &["pilot", "disable", &support_id.to_string()]);
     let stopped = format!("\"pilot\":{support_id}");
     wait_until("the disabled pilot's poller stops", &worker, || {
         let done = worker.logged(&["poller stopped", &stopped]);
@@ -297,7 +262,7 @@ async fn pilots_added_disabled_and_updated_while_run_is_running() {
     pop_b.deliver(sales, mail.mixed(sales));
     cli(
         &env,
-        dir.path(),
+        dir,
         &[
             "pilot",
             "update",

@@ -10,9 +10,9 @@ use secrecy::ExposeSecret;
 use ccmail::store;
 use ccmail_lab::sim::pop3::Fault;
 
-use crate::metrics::wait_for;
 use crate::support::child::CcmailChild;
-use crate::support::pipeline::{DOMAIN, Ledger, SimWorld};
+use crate::support::pipeline::{DOMAIN, Ledger, PipelineWorld};
+use crate::support::wait::wait_for;
 
 /// A word that appears only in the mail's HTML text.
 const CONTENT_WORD: &str = "Quokkaparagraph";
@@ -41,7 +41,7 @@ fn html_mail(to: &str, marker: &str, size: usize) -> Vec<u8> {
     raw
 }
 
-fn worker_config(world: &SimWorld, level: &str) -> anyhow::Result<String> {
+fn worker_config(world: &PipelineWorld, level: &str) -> anyhow::Result<String> {
     let config = world.dir().join("ccmail.toml");
     std::fs::write(
         &config,
@@ -58,7 +58,7 @@ fn worker_config(world: &SimWorld, level: &str) -> anyhow::Result<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_logs_keep_ccmails_events_and_copy_no_mail_content() -> anyhow::Result<()> {
     const MAIL_SIZE: usize = 256 * 1024;
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let pilot = world
         .add_user_pass_pilot("support", "support-password-1", |_| {})
         .await?;
@@ -131,7 +131,7 @@ fn has_terminal_control(text: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_text_with_terminal_escapes_is_stored_shown_and_logged_escaped() -> anyhow::Result<()>
 {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let pilot = world
         .add_user_pass_pilot("support", "support-password-1", |_| {})
         .await?;

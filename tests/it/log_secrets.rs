@@ -19,7 +19,8 @@ use secrecy::{ExposeSecret, SecretString};
 use tracing_subscriber::fmt::MakeWriter;
 
 use crate::support::sim_world::{
-    CLIENT_ID, CLIENT_SECRET, MAILBOX, SimWorld, TENANT, app_credentials, relaxed_timeouts, within,
+    self, CLIENT_ID, CLIENT_SECRET, MAILBOX, TENANT, TEST_DEADLINE, app_credentials,
+    relaxed_timeouts, within,
 };
 
 /// The mailbox's USER/PASS password in the simulator.
@@ -74,14 +75,14 @@ async fn no_secret_or_token_in_a_trace_level_log_of_a_full_flow() -> anyhow::Res
         .try_init()
         .map_err(|e| anyhow::anyhow!("installing the capturing subscriber: {e}"))?;
 
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     world.pop.set_password(MAILBOX, PASSWORD);
     world.pop.deliver(
         MAILBOX,
         b"Subject: hello\r\n\r\n.dot line\r\nbody\r\n".to_vec(),
     );
     let cache = world.cache()?;
-    let app = world.app();
+    let app = world.credentials();
 
     // The happy path: token, XOAUTH2, UIDL, RETR, DELE, QUIT.
     let token = within("token", cache.token(&app)).await??;
@@ -147,7 +148,7 @@ async fn no_secret_or_token_in_a_trace_level_log_of_a_full_flow() -> anyhow::Res
         "{}",
         world.pop.auth_failures()
     );
-    world.stop().await?;
+    world.stop(TEST_DEADLINE).await?;
 
     let log = capture.text();
     // The capture works and saw the flow, down to the libraries.

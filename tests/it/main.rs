@@ -26,4 +26,5 @@ mod references;
 mod soak;
 mod store;
 mod support;
+mod worker_in_process;
 mod worker_process;

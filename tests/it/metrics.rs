@@ -13,171 +13,125 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use secrecy::{ExposeSecret, SecretString};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use ccmail::secrets::MasterKey;
 use ccmail::store;
 use ccmail::telemetry;
-use ccmail_lab::sim::cert::TestCa;
-use ccmail_lab::sim::entra::{EntraSim, SimApp};
-use ccmail_lab::sim::mailgen::MailGen;
-use ccmail_lab::sim::pop3::Pop3Sim;
 use ccmail_lab::testdb::TestDb;
+use ccmail_lab::world::World;
+
+use crate::support::child::CcmailChild;
+use crate::support::ports::ClosedPort;
+
+use crate::support::wait::wait_for;
 
 /// The repository root (dashboards/, RUNBOOK.md).
 pub(crate) fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// Waits for `check` to return `Some` (polled every 100 ms), failing after `within`.
-pub(crate) async fn wait_for<T, F, Fut>(
-    what: &str,
-    within: Duration,
-    mut check: F,
-) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(v) = check().await {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {within:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A free port on 127.0.0.1 (bound, read, released).
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
 const DOMAIN: &str = "contoso.test";
 /// Size limit of the pilots; the oversize message exceeds it.
 const SIZE_LIMIT: usize = 256 * 1024;
 
-/// A `ccmail run` process over the simulators and a fresh database, with two working pilots
-/// (support, sales) and one whose server refuses connections (broken).
+/// A `ccmail run` process over the lab's [`World`] and a fresh database, with two working
+/// pilots (support, sales) and one whose server refuses connections (broken).
 pub(crate) struct WorkerRun {
     pub db: TestDb,
-    pub pop: Pop3Sim,
-    pub entra: EntraSim,
+    pub world: World,
     pub http: SocketAddr,
     pub config_path: PathBuf,
     pub mailboxes: Vec<String>,
     pub client_secret: String,
     pub master_key: SecretString,
     pub broken_pilot: i64,
-    mails: MailGen,
-    child: Option<Child>,
-    log_path: PathBuf,
-    dir: tempfile::TempDir,
+    /// The worker; kept after it exited, for its log.
+    child: Option<CcmailChild>,
+    /// Whether the worker exited successfully, once [`WorkerRun::stop_worker`] reaped it.
+    stopped: Option<bool>,
+    _closed: ClosedPort,
 }
 
 impl WorkerRun {
     /// Sets everything up, delivers `messages` mails (plus one malformed and one oversize) to
     /// each working mailbox, starts the worker and waits for `/healthz`.
     pub async fn start(messages: usize) -> anyhow::Result<WorkerRun> {
-        ccmail::tls::install_crypto_provider();
         let db = TestDb::new().await?;
-        let ca = TestCa::new("ccmail metrics test CA")?;
-        let entra = EntraSim::start(&ca).await?;
-        let pop = Pop3Sim::start(&ca, entra.clone()).await?;
-        let dir = tempfile::Builder::new().prefix("ccmail-ops-").tempdir()?;
-        let ca_path = dir.path().join("ca.pem");
-        std::fs::write(&ca_path, ca.cert_pem())?;
-
-        let tenant = "0c5b2f3e-1d2a-4b8e-9f00-5a1e2d3c4b5a".to_owned();
-        let client_id = "6f1e3a2b-0000-4c1d-8e2f-ops000000001".to_owned();
-        let client_secret = format!("ops~{:032x}", fastrand::u128(..));
-        entra.register_app(SimApp {
-            tenant: tenant.clone(),
-            tenant_domain: DOMAIN.to_owned(),
-            client_id: client_id.clone(),
-            client_secret: client_secret.clone(),
-            secret_expired: false,
-        });
+        let mut world = World::builder()
+            .ca_name("ccmail metrics test CA")
+            .tenant("0c5b2f3e-1d2a-4b8e-9f00-5a1e2d3c4b5a")
+            .domain(DOMAIN)
+            .client_id("6f1e3a2b-0000-4c1d-8e2f-ops000000001")
+            .client_secret(&format!("ops~{:032x}", fastrand::u128(..)))
+            .seed(42)
+            .start()
+            .await?;
+        let client_secret = world.client_secret.clone();
         let key = MasterKey::generate();
         let mut conn = db.pool().acquire().await?;
-        let mut app = store::NewApp::new("contoso", &tenant, &client_id, String::new());
-        app.authority = entra.authority();
+        let mut app = store::NewApp::new("contoso", &world.tenant, &world.client_id, String::new());
+        app.authority = world.entra.authority();
         app.seal_credential(&key, &SecretString::from(client_secret.clone()))?;
         app.secret_expires_at = Some(chrono::Utc::now() + chrono::Duration::days(20));
         let app = store::insert_app(&mut conn, &app).await?;
 
-        let mut mails = MailGen::new(42);
         let mut mailboxes = Vec::new();
-        let addr = pop.tls_addr();
-        let closed_port = free_port()?;
+        let closed = ClosedPort::new()?;
         let mut broken_pilot = 0;
         for queue in ["support", "sales", "broken"] {
             let mailbox = format!("{queue}@{DOMAIN}");
-            let mut pilot = store::NewPilot::new(
-                queue,
-                &mailbox,
-                store::PilotAuth::XOAuth2 { app_id: app.id },
-            );
-            pilot.host = addr.ip().to_string();
-            pilot.port = if queue == "broken" {
-                closed_port
-            } else {
-                addr.port()
-            };
-            pilot.tls = store::TlsMode::Implicit;
-            pilot.ca_bundle = Some(ca_path.display().to_string());
-            pilot.poll_interval = Duration::from_secs(1);
+            let mut pilot = world.new_pilot(queue, &mailbox, app.id);
+            if queue == "broken" {
+                pilot.port = closed.port();
+            }
             pilot.max_message_bytes = SIZE_LIMIT as u64;
             let row = store::insert_pilot(&mut conn, &pilot).await?;
             if queue == "broken" {
                 broken_pilot = row.id;
                 continue;
             }
-            pop.add_mailbox(&mailbox);
+            world.pop.add_mailbox(&mailbox);
             for _ in 0..messages {
-                pop.deliver(&mailbox, mails.mixed(&mailbox));
+                let raw = world.mails.mixed(&mailbox);
+                world.pop.deliver(&mailbox, raw);
             }
-            pop.deliver(&mailbox, mails.malformed(&mailbox));
-            pop.deliver(&mailbox, mails.oversize(&mailbox, SIZE_LIMIT + 4096));
+            let raw = world.mails.malformed(&mailbox);
+            world.pop.deliver(&mailbox, raw);
+            let raw = world.mails.oversize(&mailbox, SIZE_LIMIT + 4096);
+            world.pop.deliver(&mailbox, raw);
             mailboxes.push(mailbox);
         }
         drop(conn);
 
-        let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let config_path = dir.path().join("ccmail.toml");
-        std::fs::write(
-            &config_path,
-            format!(
-                "[database]\nurl = {:?}\n\n[http]\nlisten = \"{http}\"\ngauge_refresh_secs = 1\n\n[oauth]\nextra_ca_file = {:?}\n\
-                 allowed_authorities = [{:?}]\n\n\
-                 [pop3]\nallowed_xoauth2_hosts = [\"127.0.0.1\"]\n\n\
-                 [worker]\nreload_interval_secs = 1\ninitial_backoff_secs = 1\nmax_backoff_secs = 2\n\n\
-                 [log]\nformat = \"json\"\nlevel = \"info\"\n",
-                db.url(),
-                ca_path.display().to_string(),
-                entra.authority()
-            ),
+        // The worker binds a port of its own choosing and logs it; see `CcmailChild::listen_addr`.
+        let config_path = world.dir().join("ccmail.toml");
+        std::fs::write(&config_path, world.worker_toml(db.url(), "127.0.0.1:0"))?;
+        let master_key = key.to_base64();
+        let child = CcmailChild::spawn(
+            world.dir(),
+            "worker",
+            &["--config", &config_path.display().to_string(), "run"],
+            // DATABASE_URL would override the settings' database: set it to the same one.
+            &[
+                ("CCMAIL_MASTER_KEY", master_key.expose_secret()),
+                ("DATABASE_URL", db.url()),
+            ],
         )?;
-        let mut run = WorkerRun {
+        let http = child.listen_addr(Duration::from_secs(30)).await?;
+        let run = WorkerRun {
             db,
-            pop,
-            entra,
+            world,
             http,
             config_path,
             mailboxes,
             client_secret,
-            master_key: key.to_base64(),
+            master_key,
             broken_pilot,
-            mails,
-            child: None,
-            log_path: dir.path().join("worker.log"),
-            dir,
+            child: Some(child),
+            stopped: None,
+            _closed: closed,
         };
-        run.spawn()?;
         let addr = run.http.to_string();
         wait_for("the worker's /healthz", Duration::from_secs(30), || {
             let addr = addr.clone();
@@ -191,25 +145,6 @@ impl WorkerRun {
         Ok(run)
     }
 
-    fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::File::create(&self.log_path)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_ccmail"))
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("run")
-            .env("CCMAIL_MASTER_KEY", self.master_key.expose_secret())
-            .env_remove("RUST_LOG")
-            .env_remove("DATABASE_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting `ccmail run`")?;
-        self.child = Some(child);
-        Ok(())
-    }
-
     /// Runs `ccmail --config … healthcheck ARGS`; returns (success, stdout + stderr).
     pub async fn healthcheck(&self, args: &[&str]) -> anyhow::Result<(bool, String)> {
         let out = Command::new(env!("CARGO_BIN_EXE_ccmail"))
@@ -218,6 +153,8 @@ impl WorkerRun {
             .arg("healthcheck")
             .args(args)
             .env_remove("DATABASE_URL")
+            // The settings say port 0 (the worker chose its own): name the bound address.
+            .env("CCMAIL_HTTP_LISTEN", self.http.to_string())
             .stdin(Stdio::null())
             .output()
             .await?;
@@ -233,7 +170,8 @@ impl WorkerRun {
     pub fn deliver_more(&mut self, n: usize) {
         for mailbox in &self.mailboxes {
             for _ in 0..n {
-                self.pop.deliver(mailbox, self.mails.mixed(mailbox));
+                let raw = self.world.mails.mixed(mailbox);
+                self.world.pop.deliver(mailbox, raw);
             }
         }
     }
@@ -247,7 +185,7 @@ impl WorkerRun {
                 let left: usize = self
                     .mailboxes
                     .iter()
-                    .map(|m| self.pop.messages(m).len())
+                    .map(|m| self.world.pop.messages(m).len())
                     .sum();
                 (left <= self.mailboxes.len()).then_some(())
             },
@@ -274,34 +212,33 @@ impl WorkerRun {
 
     /// The worker's log so far.
     pub fn log(&self) -> anyhow::Result<String> {
-        Ok(std::fs::read_to_string(&self.log_path)?)
+        Ok(self
+            .child
+            .as_ref()
+            .map(CcmailChild::output)
+            .unwrap_or_default())
     }
 
     /// SIGTERM, then waits for the worker to exit (SIGKILL after 30 s); returns its success.
     pub async fn stop_worker(&mut self) -> anyhow::Result<bool> {
-        let Some(mut child) = self.child.take() else {
+        if let Some(success) = self.stopped {
+            return Ok(success);
+        }
+        let Some(child) = self.child.as_mut() else {
             return Ok(true);
         };
-        if let Some(pid) = child.id() {
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-        }
-        match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
-            Ok(status) => Ok(status?.success()),
-            Err(_) => {
-                child.kill().await?;
-                bail!("`ccmail run` did not stop within 30 s of SIGTERM")
-            }
-        }
+        child.terminate()?;
+        // On a timeout the child is killed (by PID) when the run is dropped.
+        let success = child.wait(Duration::from_secs(30)).await?.success();
+        self.stopped = Some(success);
+        Ok(success)
     }
 
     /// Stops the worker and the simulators and drops the database.
     pub async fn finish(mut self) -> anyhow::Result<()> {
         let clean = self.stop_worker().await?;
-        self.pop.shutdown();
-        self.entra.shutdown();
+        self.world.stop(Duration::from_secs(30)).await?;
         self.db.drop_db().await?;
-        drop(self.dir);
         ensure!(clean, "`ccmail run` exited with a failure after SIGTERM");
         Ok(())
     }

@@ -22,8 +22,9 @@ use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 
 use crate::support::sim_world::{
-    CLIENT_ID, CLIENT_SECRET, DOMAIN, SimWorld, TENANT, app_credentials, within,
+    self, CLIENT_ID, CLIENT_SECRET, DOMAIN, TENANT, TEST_DEADLINE, app_credentials, within,
 };
+use ccmail_lab::world::World;
 
 /// Calls `cache.token(app)` from `callers` tasks released together, and returns the tokens.
 async fn concurrent_tokens(
@@ -55,9 +56,9 @@ fn secret(t: &AccessToken) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_callers_make_one_request() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     let cache = Arc::new(world.cache()?);
-    let tokens = concurrent_tokens(&cache, &[world.app()], 200).await?;
+    let tokens = concurrent_tokens(&cache, &[world.credentials()], 200).await?;
     assert_eq!(tokens.len(), 200);
     let first = secret(&tokens[0].1).to_owned();
     assert!(tokens.iter().all(|(_, t)| secret(t) == first));
@@ -66,12 +67,12 @@ async fn two_hundred_concurrent_callers_make_one_request() -> anyhow::Result<()>
         "Entra must know the token"
     );
     assert_eq!(world.entra.token_requests(), 1);
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_apps_with_a_hundred_callers_each_make_two_requests() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     const OTHER_TENANT: &str = "0f0f0f0f-0000-4000-8000-0000000000f0";
     world.entra.register_app(SimApp {
         tenant: OTHER_TENANT.to_owned(),
@@ -81,7 +82,7 @@ async fn two_apps_with_a_hundred_callers_each_make_two_requests() -> anyhow::Res
         secret_expired: false,
     });
     let apps = [
-        world.app(),
+        world.credentials(),
         app_credentials(&world.entra, OTHER_TENANT, "other-app", "other-secret"),
     ];
     let cache = Arc::new(world.cache()?);
@@ -102,7 +103,7 @@ async fn two_apps_with_a_hundred_callers_each_make_two_requests() -> anyhow::Res
         assert_eq!(grant.tenant_domain, domain, "each app gets its own token");
     }
     assert_eq!(world.entra.token_requests(), 2);
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 /// Moves tokio's clock forward by `by` without sleeping (the runtime must be current-thread).
@@ -114,7 +115,7 @@ async fn advance_clock(by: Duration) {
 
 #[tokio::test]
 async fn a_failed_refresh_serves_the_old_token_and_backs_off() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     // Lifetime 400 s, refresh 300 s ahead: the refresh window opens at 200 s.
     world.entra.set_expires_in(400);
     let source = world.token_source(TokenSourceOptions {
@@ -129,7 +130,7 @@ async fn a_failed_refresh_serves_the_old_token_and_backs_off() -> anyhow::Result
         max_backoff: Duration::from_secs(600),
     };
     let cache = Arc::new(TokenCache::new(Arc::new(source), policy));
-    let app = world.app();
+    let app = world.credentials();
 
     let old = within("first token", cache.token(&app)).await??;
     assert_eq!(world.entra.token_requests(), 1);
@@ -180,11 +181,11 @@ async fn a_failed_refresh_serves_the_old_token_and_backs_off() -> anyhow::Result
         s.last_error.is_none() && s.consecutive_failures == 0,
         "{s:?}"
     );
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 /// One token request with `app`, expected to fail.
-async fn refused(world: &SimWorld, app: &AppCredentials) -> anyhow::Result<OAuthError> {
+async fn refused(world: &World, app: &AppCredentials) -> anyhow::Result<OAuthError> {
     let source = world.token_source(TokenSourceOptions::default())?;
     match within("token request", source.request(app)).await? {
         Ok(_) => bail!("{} got a token", app.key),
@@ -232,7 +233,7 @@ fn check_aadsts(e: &OAuthError, code: u32, permanent: bool, keyword: &str) -> an
 
 #[tokio::test]
 async fn each_aadsts_answer_maps_to_its_code_permanence_and_fix() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     world.entra.register_app(SimApp {
         tenant: TENANT.to_owned(),
         tenant_domain: DOMAIN.to_owned(),
@@ -317,7 +318,7 @@ async fn each_aadsts_answer_maps_to_its_code_permanence_and_fix() -> anyhow::Res
                 code,
             },
         );
-        let e = refused(&world, &world.app()).await?;
+        let e = refused(&world, &world.credentials()).await?;
         check_aadsts(&e, code, permanent, keyword)?;
     }
     // `temporarily_unavailable` is transient whatever its code.
@@ -329,7 +330,7 @@ async fn each_aadsts_answer_maps_to_its_code_permanence_and_fix() -> anyhow::Res
             code: 90033,
         },
     );
-    let e = refused(&world, &world.app()).await?;
+    let e = refused(&world, &world.credentials()).await?;
     ensure!(e.aadsts() == Some(90033) && e.is_transient(), "{e:?}");
 
     // Every request was made once: the source itself never retries.
@@ -337,16 +338,16 @@ async fn each_aadsts_answer_maps_to_its_code_permanence_and_fix() -> anyhow::Res
         world.entra.token_requests(),
         (cases.len() + injected.len() + 1) as u64
     );
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 #[tokio::test]
 async fn expires_in_as_a_string_is_understood() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     world.entra.set_expires_in_as_string(true);
     world.entra.set_expires_in(1234);
     let source = world.token_source(TokenSourceOptions::default())?;
-    let token = within("token", source.request(&world.app())).await??;
+    let token = within("token", source.request(&world.credentials())).await??;
     let left = token
         .expires_at
         .saturating_duration_since(tokio::time::Instant::now());
@@ -355,7 +356,7 @@ async fn expires_in_as_a_string_is_understood() -> anyhow::Result<()> {
         "expires in {left:?}"
     );
     assert!(world.entra.validate(secret(&token)).is_some());
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 #[tokio::test]
@@ -364,12 +365,12 @@ async fn server_trouble_and_hangs_are_transient() -> anyhow::Result<()> {
     /// Slack for a loaded machine; this checks the deadline is applied, not its precision.
     const SLACK: Duration = Duration::from_secs(5);
 
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     let source = world.token_source(TokenSourceOptions {
         total_timeout: TOTAL,
         ..TokenSourceOptions::default()
     })?;
-    let app = world.app();
+    let app = world.credentials();
     for failure in [
         TokenFailure::Status(500),
         TokenFailure::Status(503),
@@ -405,5 +406,5 @@ async fn server_trouble_and_hangs_are_transient() -> anyhow::Result<()> {
     // The endpoint works again after the faults.
     within("token", source.request(&app)).await??;
     assert_eq!(world.entra.token_requests(), 6);
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }

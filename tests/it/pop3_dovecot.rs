@@ -29,14 +29,14 @@ const RETR_LIMIT: usize = 32 * 1024 * 1024;
 
 /// A running Dovecot whose oauth2 passdb introspects tokens at a running Entra simulator, and
 /// the cache that gets tokens from that simulator.
-struct World {
+struct DovecotWorld {
     dovecot: Dovecot,
     entra: EntraSim,
     cache: TokenCache,
 }
 
-impl World {
-    async fn start() -> anyhow::Result<World> {
+impl DovecotWorld {
+    async fn start() -> anyhow::Result<DovecotWorld> {
         let ca = TestCa::new("ccmail it CA").context("creating the test CA")?;
         let entra = EntraSim::start(&ca).await.context("starting EntraSim")?;
         // The app's tenant domain is the mailbox domain: its token opens every mailbox there.
@@ -55,7 +55,7 @@ impl World {
         dovecot.add_user(MAILBOX, PASSWORD)?;
         let source = token_source(&ca, Default::default())?;
         let cache = TokenCache::new(std::sync::Arc::new(source), Default::default());
-        Ok(World {
+        Ok(DovecotWorld {
             dovecot,
             entra,
             cache,
@@ -110,10 +110,13 @@ impl World {
     }
 
     /// Runs `body`; on failure attaches Dovecot's log. Then stops Dovecot and the simulator.
-    async fn run(self, body: impl AsyncFnOnce(&World) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    async fn run(
+        self,
+        body: impl AsyncFnOnce(&DovecotWorld) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         let result = body(&self).await;
         let result = result.map_err(|e| e.context(format!("Dovecot log:\n{}", self.dovecot.log())));
-        let World { dovecot, entra, .. } = self;
+        let DovecotWorld { dovecot, entra, .. } = self;
         dovecot.stop();
         entra.shutdown();
         within("stopping the Entra simulator", entra.stopped()).await?;
@@ -179,7 +182,7 @@ fn big_message_with_dot_lines() -> Vec<u8> {
 
 #[tokio::test]
 async fn xoauth2_and_user_pass_log_in_over_implicit_tls_and_stls() -> anyhow::Result<()> {
-    let world = World::start().await?;
+    let world = DovecotWorld::start().await?;
     world
         .run(async |w| {
             w.dovecot.deliver(MAILBOX, b"Subject: one\n\nhello\n")?;
@@ -210,7 +213,7 @@ async fn xoauth2_and_user_pass_log_in_over_implicit_tls_and_stls() -> anyhow::Re
 
 #[tokio::test]
 async fn uidl_and_retr_match_the_maildir_byte_for_byte() -> anyhow::Result<()> {
-    let world = World::start().await?;
+    let world = DovecotWorld::start().await?;
     world
         .run(async |w| {
             let small = b"From: a@example.net\nSubject: small\n\n.\n..\nend\n".to_vec();
@@ -272,7 +275,7 @@ async fn uidl_and_retr_match_the_maildir_byte_for_byte() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn dele_removes_only_at_quit() -> anyhow::Result<()> {
-    let world = World::start().await?;
+    let world = DovecotWorld::start().await?;
     world
         .run(async |w| {
             let first = b"Subject: first\n\nfirst\n".to_vec();
@@ -325,7 +328,7 @@ async fn a_bad_token_is_rejected_cleanly_within_the_command_deadline() -> anyhow
     /// Dovecot delays a failed authentication by about 2 s; the client must wait for it and
     /// report the rejection, not a timeout.
     const COMMAND: Duration = Duration::from_secs(8);
-    let world = World::start().await?;
+    let world = DovecotWorld::start().await?;
     world
         .run(async |w| {
             let timeouts = Timeouts {

@@ -17,7 +17,8 @@ use ccmail_lab::sim::cert::TestCa;
 use ccmail_lab::sim::pop3::{AUTH_FAILURE, Fault, RETR_FAILURE};
 use secrecy::SecretString;
 
-use crate::support::sim_world::{MAILBOX, SimWorld, relaxed_timeouts, within};
+use crate::support::sim_world::{self, MAILBOX, TEST_DEADLINE, relaxed_timeouts, within};
+use ccmail_lab::world::World;
 
 /// Generous: the limit for any RETR in these tests.
 const RETR_LIMIT: usize = 16 * 1024 * 1024;
@@ -45,23 +46,32 @@ fn assert_two_step_auth(commands: &[String]) {
 }
 
 /// Waits until the simulator has recorded `command` (it records before acting on it).
-async fn wait_for_command(world: &SimWorld, command: &str) -> anyhow::Result<()> {
-    within(&format!("the simulator receiving {command}"), async {
-        while !world.pop.commands().iter().any(|c| c == command) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
+async fn wait_for_command(world: &World, command: &str) -> anyhow::Result<()> {
+    crate::support::wait::wait_for(
+        &format!("the simulator receiving {command}"),
+        TEST_DEADLINE,
+        || {
+            std::future::ready(
+                world
+                    .pop
+                    .commands()
+                    .iter()
+                    .any(|c| c == command)
+                    .then_some(()),
+            )
+        },
+    )
     .await
 }
 
 #[tokio::test]
 async fn xoauth2_over_implicit_tls_is_two_step_with_a_cached_token() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     let uidl = world
         .pop
         .deliver(MAILBOX, b"Subject: hi\r\n\r\nhello\r\n".to_vec());
     let cache = world.cache()?;
-    let app = world.app();
+    let app = world.credentials();
 
     let token = within("token", cache.token(&app)).await??;
     let client = within(
@@ -99,14 +109,14 @@ async fn xoauth2_over_implicit_tls_is_two_step_with_a_cached_token() -> anyhow::
         "{commands:?}"
     );
     assert_two_step_auth(&commands);
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 #[tokio::test]
 async fn starttls_upgrades_then_asks_capa_again() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     let cache = world.cache()?;
-    let token = within("token", cache.token(&world.app())).await??;
+    let token = within("token", cache.token(&world.credentials())).await??;
 
     let client = within(
         "connect",
@@ -142,17 +152,17 @@ async fn starttls_upgrades_then_asks_capa_again() -> anyhow::Result<()> {
         ]
     );
     assert_two_step_auth(&commands);
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 #[tokio::test]
 async fn a_bad_token_is_rejected_with_exchanges_text_and_is_permanent() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     let spec = world.spec(TlsMode::Implicit, relaxed_timeouts())?;
 
     // A token the tenant never issued, then a real one revoked tenant-wide.
     let cache = world.cache()?;
-    let revoked = within("token", cache.token(&world.app())).await??;
+    let revoked = within("token", cache.token(&world.credentials())).await??;
     world.entra.revoke_all();
     for token in [
         SecretString::from("not-a-token-from-entra"),
@@ -185,12 +195,12 @@ async fn a_bad_token_is_rejected_with_exchanges_text_and_is_permanent() -> anyho
     assert_eq!(world.pop.auth_failures(), 2);
     assert_eq!(world.pop.logins(), 0);
     assert_two_step_auth(&world.pop.commands());
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 #[tokio::test]
 async fn an_untrusted_certificate_is_a_permanent_tls_certificate_error() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     let other_ca = TestCa::new("some other CA")?;
     for tls in [TlsMode::Implicit, TlsMode::StartTls] {
         let addr = match tls {
@@ -221,16 +231,16 @@ async fn an_untrusted_certificate_is_a_permanent_tls_certificate_error() -> anyh
     // No credential ever reached the server.
     assert_eq!(world.pop.logins() + world.pop.auth_failures(), 0);
     assert!(!world.pop.commands().iter().any(|c| c.starts_with("AUTH")));
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 #[tokio::test]
 async fn server_unavailable_is_transient_and_keeps_the_session() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     let uidl = world
         .pop
         .deliver(MAILBOX, b"Subject: a\r\n\r\nbody\r\n".to_vec());
-    let token = within("token", world.cache()?.token(&world.app())).await??;
+    let token = within("token", world.cache()?.token(&world.credentials())).await??;
     let spec = world.spec(TlsMode::Implicit, relaxed_timeouts())?;
 
     // At login (Exchange answers this without a response code).
@@ -285,7 +295,7 @@ async fn server_unavailable_is_transient_and_keeps_the_session() -> anyhow::Resu
     let body = within("RETR", session.retr(1, RETR_LIMIT)).await??;
     assert!(body.ends_with(b"body\r\n"));
     within("QUIT", session.quit()).await??;
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 /// A command whose answer never comes fails with `Timeout` within its deadline, poisons the
@@ -295,11 +305,11 @@ async fn hang_poisons(command: &str) -> anyhow::Result<()> {
     /// Slack for a loaded machine; this checks the deadline is applied, not its precision.
     const SLACK: Duration = Duration::from_secs(5);
 
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     world
         .pop
         .deliver(MAILBOX, b"Subject: a\r\n\r\nbody\r\n".to_vec());
-    let token = within("token", world.cache()?.token(&world.app())).await??;
+    let token = within("token", world.cache()?.token(&world.credentials())).await??;
     world.pop.set_fault(Some(Fault::Hang {
         command: command.to_owned(),
     }));
@@ -359,7 +369,7 @@ async fn hang_poisons(command: &str) -> anyhow::Result<()> {
         1,
         "nothing may be deleted"
     );
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 #[tokio::test]
@@ -390,10 +400,10 @@ fn hostile_timeouts() -> Timeouts {
 const GENEROUS: Duration = Duration::from_secs(25);
 
 async fn login(
-    world: &SimWorld,
+    world: &World,
     timeouts: Timeouts,
 ) -> anyhow::Result<ccmail::pop3::Session<ccmail::pop3::Stream>> {
-    let token = within("token", world.cache()?.token(&world.app())).await??;
+    let token = within("token", world.cache()?.token(&world.credentials())).await??;
     let client = within(
         "connect",
         Client::connect(&world.spec(TlsMode::Implicit, timeouts)?),
@@ -406,7 +416,7 @@ async fn login(
 /// session is poisoned (the rest of that answer is never read as the next one).
 #[tokio::test]
 async fn endless_capa_uidl_and_retr_end_with_an_error_not_a_hang() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     world
         .pop
         .deliver(MAILBOX, b"Subject: a\r\n\r\nbody\r\n".to_vec());
@@ -467,14 +477,14 @@ async fn endless_capa_uidl_and_retr_end_with_an_error_not_a_hang() -> anyhow::Re
         }
         assert!(session.is_poisoned(), "{command}: {err:?}");
     }
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 /// A session deadline (the poller's per-poll deadline) cuts a command the server never
 /// answers, long before the command's own deadline, and nothing more is written.
 #[tokio::test]
 async fn a_session_deadline_cuts_a_hanging_command() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     world
         .pop
         .deliver(MAILBOX, b"Subject: a\r\n\r\nbody\r\n".to_vec());
@@ -507,14 +517,14 @@ async fn a_session_deadline_cuts_a_hanging_command() -> anyhow::Result<()> {
     ensure!(matches!(quit, Err(Error::Poisoned)), "{quit:?}");
     assert_eq!(world.pop.commands(), before, "written after the deadline");
     assert_eq!(world.pop.messages(MAILBOX).len(), 1);
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 /// A body trickled at 1 byte a second keeps the per-read idle deadline happy forever; the
 /// minimum average rate ends it soon after the grace period.
 #[tokio::test]
 async fn a_one_byte_per_second_answer_times_out() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     let big = format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(64 * 1024));
     world.pop.deliver(MAILBOX, big.into_bytes());
     for command in ["CAPA", "UIDL", "RETR"] {
@@ -546,13 +556,13 @@ async fn a_one_byte_per_second_answer_times_out() -> anyhow::Result<()> {
         }
         assert!(elapsed < GENEROUS, "{command}: {elapsed:?}");
     }
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 /// Messages whose listing lines are fine are listed; each bad line costs only its message.
 #[tokio::test]
 async fn one_bad_listing_line_spoils_only_its_own_message() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     let mail = |i: usize| format!("Subject: {i}\r\n\r\n{i}\r\n").into_bytes();
     let good1 = world.pop.deliver(MAILBOX, mail(1));
     world
@@ -607,14 +617,14 @@ async fn one_bad_listing_line_spoils_only_its_own_message() -> anyhow::Result<()
         }
     }
     within("NOOP", session.noop()).await??;
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 /// RFC 1939 §7 lets identical copies share a UIDL, and a hostile server may lie: a UIDL
 /// listed for two messages identifies neither.
 #[tokio::test]
 async fn a_uidl_listed_twice_identifies_neither_message() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     let mail = |i: usize| format!("Subject: {i}\r\n\r\n{i}\r\n").into_bytes();
     world.pop.deliver_with_uidl(MAILBOX, "SAME", mail(1));
     let unique = world.pop.deliver(MAILBOX, mail(2));
@@ -643,14 +653,14 @@ async fn a_uidl_listed_twice_identifies_neither_message() -> anyhow::Result<()> 
             "{entry:?}"
         );
     }
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 /// 700 000 messages (a 40 MB listing, above the old 32 MiB cap) are listed, whole or capped
 /// to the entries a poll can use, and the session goes on.
 #[tokio::test]
 async fn a_maildrop_of_700_000_messages_is_listed() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     let first = world
         .pop
         .deliver(MAILBOX, b"Subject: real\r\n\r\nreal\r\n".to_vec());
@@ -673,13 +683,13 @@ async fn a_maildrop_of_700_000_messages_is_listed() -> anyhow::Result<()> {
     let body = within("RETR", session.retr(1, RETR_LIMIT)).await??;
     assert!(body.ends_with(b"real\r\n"));
     within("QUIT", session.quit()).await??;
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }
 
 /// Terminal escapes and bidi controls in a server's error text never reach a person raw.
 #[tokio::test]
 async fn escapes_in_server_error_text_are_made_visible() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = sim_world::start().await?;
     world.pop.set_fault(Some(Fault::Err {
         command: "STAT".to_owned(),
         line: "-ERR [SYS/TEMP] \x1b[2J\x1b[31mPAY NOW\x1b[0m \u{202e}exe.gnp\u{7}".to_owned(),
@@ -696,5 +706,5 @@ async fn escapes_in_server_error_text_are_made_visible() -> anyhow::Result<()> {
     assert!(shown.contains(r"\x1b[31mPAY NOW"), "{shown}");
     assert!(shown.contains(r"\u{202e}exe.gnp\x07"), "{shown}");
     assert!(err.is_transient(), "the response code survives: {err:?}");
-    world.stop().await
+    world.stop(TEST_DEADLINE).await
 }

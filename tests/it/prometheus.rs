@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use tokio::process::Command;
 
-use crate::metrics::{WorkerRun, dashboard_queries, free_port, repo_path, wait_for};
+use crate::metrics::{WorkerRun, dashboard_queries, repo_path};
+use crate::support::ports::free_port;
+use crate::support::wait::wait_for;
 
 /// The binary's path, or an error that says how to install it. Never a silent skip.
 fn require(binary: &str) -> anyhow::Result<String> {

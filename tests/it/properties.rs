@@ -31,7 +31,7 @@ use secrecy::SecretString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::awkward;
-use crate::support::pipeline::{SimWorld, small_limits};
+use crate::support::pipeline::{PipelineWorld, small_limits};
 
 /// Deadlines for the client properties; on a paused clock they cost no real time.
 const TIMEOUTS: Timeouts = Timeouts {
@@ -765,7 +765,7 @@ fn awkward_corpus_parses_to_storable_fields() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn awkward_corpus_through_the_pipeline_each_stored_once_and_flagged() -> anyhow::Result<()> {
     use sha2::{Digest, Sha256};
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world
         .add_pilot("awkward", |p| p.max_message_bytes = 8 << 20)
         .await?;

@@ -20,9 +20,9 @@ use ccmail_lab::sim::pop3::Pop3Sim;
 use ccmail_lab::testdb::TestDb;
 
 use crate::admin::Cli;
-use crate::metrics::wait_for;
 use crate::support::child::CcmailChild;
-use crate::support::pipeline::{Ledger, SimWorld};
+use crate::support::pipeline::{Ledger, PipelineWorld};
+use crate::support::wait::wait_for;
 
 const TENANT: &str = "8f2c1a9e-1111-4222-8333-944455556666";
 const CLIENT: &str = "0a1b2c3d-aaaa-4bbb-8ccc-ddddeeeeffff";
@@ -260,7 +260,7 @@ async fn a_settings_file_error_names_file_line_and_column_and_quotes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_resolves_no_reference_or_authority_that_would_leak_a_secret()
 -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     // The attacker's token endpoint: TLS the worker trusts, an authority no operator allowed.
     let attacker = EntraSim::start(&world.ca).await?;
     let mut conn = world.db.pool().acquire().await?;
@@ -415,7 +415,7 @@ async fn resolve_pilot_applies_the_credential_policy_of_the_settings() -> anyhow
     use ccmail::pop3::TlsMode;
     use ccmail::secrets::CredentialPolicy;
 
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let allowed = world.credential_policy();
     let xoauth2 = world.add_pilot("support", |_| {}).await?;
     resolve_pilot(
@@ -540,7 +540,7 @@ async fn resolve_pilot_applies_the_credential_policy_of_the_settings() -> anyhow
 /// second, sending credentials to `authorities` (the defaults when empty), with `pop3` added to
 /// its `[pop3]` section. Holds the master key the world sealed its secrets with.
 fn start_worker(
-    world: &SimWorld,
+    world: &PipelineWorld,
     authorities: &[String],
     pop3: &str,
 ) -> anyhow::Result<CcmailChild> {
@@ -576,7 +576,7 @@ fn start_worker(
 /// Waits until the good pilot's mail has been taken from the server and each of `watched` has
 /// either failed or polled successfully; returns the watched pilots' rows.
 async fn settled(
-    world: &SimWorld,
+    world: &PipelineWorld,
     good_mailbox: &str,
     watched: &[i64],
 ) -> anyhow::Result<Vec<store::PilotRow>> {
@@ -632,7 +632,7 @@ fn refused_with(rows: &[store::PilotRow], id: i64, reason: &str) -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sealed_password_copied_or_left_behind_a_changed_server_is_never_sent()
 -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let attacker = Pop3Sim::start(&world.ca, world.entra.clone()).await?;
     let alpha = world
         .add_user_pass_pilot("alpha", "alpha-password-1", |_| {})
@@ -706,7 +706,7 @@ async fn a_sealed_password_copied_or_left_behind_a_changed_server_is_never_sent(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sealed_client_secret_copied_or_left_behind_a_changed_authority_is_never_sent()
 -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     // A second identity provider the operator allowed, which the attacker can read.
     let attacker = EntraSim::start(&world.ca).await?;
     let mut conn = world.db.pool().acquire().await?;
@@ -793,7 +793,7 @@ async fn a_sealed_client_secret_copied_or_left_behind_a_changed_authority_is_nev
 /// though its app and authority are fine and the host's certificate is valid.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_xoauth2_pilot_on_a_host_outside_the_allow_list_gets_no_token() -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     // A server that would accept the tenant's token (it validates against the same Entra).
     let attacker = Pop3Sim::start(&world.ca, world.entra.clone()).await?;
     attacker.add_mailbox(&format!("support@{}", crate::support::pipeline::DOMAIN));
@@ -967,7 +967,7 @@ fn legacy_v1(key: &MasterKey, secret: &str) -> anyhow::Result<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unbound_v1_credentials_are_upgraded_at_start_and_a_copied_one_is_never_sent()
 -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let attacker = Pop3Sim::start(&world.ca, world.entra.clone()).await?;
     let alpha = world
         .add_user_pass_pilot("alpha", "alpha-password-1", |_| {})

@@ -5,19 +5,18 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use anyhow::{Context, ensure};
+use anyhow::Context;
 use ccmail_lab::sim::mailgen::{self, Kind, MailGen};
 use ccmail_lab::sim::pop3::Fault;
 use secrecy::ExposeSecret;
 
 use crate::support::child::CcmailChild;
-use crate::support::pipeline::{Ledger, SimWorld};
+use crate::support::pipeline::{Ledger, PipelineWorld};
 
 /// The worker's shutdown grace in the test settings.
 const GRACE: Duration = Duration::from_secs(10);
 /// How long the worker may take to drain the test mailbox.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
-const CHECK_EVERY: Duration = Duration::from_millis(50);
 
 /// Waits until `done` holds while the child keeps running; fails after `deadline`.
 async fn wait_while_running(
@@ -26,23 +25,23 @@ async fn wait_while_running(
     deadline: Duration,
     mut done: impl FnMut() -> bool,
 ) -> anyhow::Result<()> {
-    let until = tokio::time::Instant::now() + deadline;
-    while !done() {
-        child.assert_running()?;
-        ensure!(
-            tokio::time::Instant::now() < until,
-            "{what} did not happen within {deadline:?}; ccmail's output:\n{}",
-            child.output()
-        );
-        tokio::time::sleep(CHECK_EVERY).await;
-    }
-    Ok(())
+    let child = &*child;
+    crate::support::wait::wait_until(
+        what,
+        deadline,
+        || {
+            let ready = child.assert_running().map(|()| done());
+            std::future::ready(ready)
+        },
+        || format!("ccmail's output:\n{}", child.output()),
+    )
+    .await
 }
 
 #[tokio::test]
 async fn run_drains_a_mailbox_and_on_sigterm_finishes_the_message_quits_and_exits_zero()
 -> anyhow::Result<()> {
-    let world = SimWorld::start().await?;
+    let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let mut ledger = Ledger::default();
     let mut mails = MailGen::new(0x5167);

@@ -31,7 +31,7 @@ impl PgCluster {
         let owner = nix::unistd::User::from_name("postgres")?
             .context("the postgres OS user is missing (install postgresql-15)")?;
         nix::unistd::chown(dir.path(), Some(owner.uid), Some(owner.gid))?;
-        let port = free_port()?;
+        let port = super::ports::free_port()?;
         let mut cluster = PgCluster {
             dir,
             port,
@@ -200,10 +200,4 @@ impl Drop for PgCluster {
 fn path_str(path: &Path) -> anyhow::Result<&str> {
     path.to_str()
         .with_context(|| format!("{} is not UTF-8", path.display()))
-}
-
-/// A port that was free a moment ago (the kernel's pick for an ephemeral bind).
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }

@@ -1,6 +1,6 @@
-//! The whole ingest pipeline wired the way `ccmail run` wires it, against the in-repo
-//! simulators: a fresh migrated database ([`TestDb`]), an [`EntraSim`] token endpoint, an
-//! Exchange-like [`Pop3Sim`], one OAuth app whose client secret is sealed with a [`MasterKey`],
+//! The whole ingest pipeline wired the way `ccmail run` wires it, against the lab's [`World`]
+//! (an Entra simulator token endpoint, an Exchange-like POP3 simulator, the test CA): a fresh
+//! migrated database ([`TestDb`]), one OAuth app whose client secret is sealed with a [`MasterKey`],
 //! and a shared [`TokenCache`]. Pilots are inserted through `ccmail::store` and turned into
 //! runtime pilots by the supervisor's own `resolve_pilot`, so the tests exercise the same path
 //! as production (sealed secret → decrypt → token → XOAUTH2), under the credential policy of a
@@ -10,22 +10,20 @@
 //! the database holds: each marker stored exactly once, full messages byte-identical.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ccmail::ingest::poller::{self, IngestLimits, Pilot, PollError, PollReport};
 use ccmail::ingest::supervisor::resolve_pilot;
-use ccmail::oauth::{CachePolicy, TokenCache, TokenSource, TokenSourceOptions};
-use ccmail::pop3::{Timeouts, TlsMode};
+use ccmail::oauth::TokenCache;
+use ccmail::pop3::Timeouts;
 use ccmail::secrets::{CredentialPolicy, MasterKey};
 use ccmail::store::{self, AppRow, NewPilot, PilotRow};
-use ccmail_lab::sim::cert::TestCa;
-use ccmail_lab::sim::entra::{EntraSim, SimApp};
 use ccmail_lab::sim::mailgen;
 use ccmail_lab::sim::pop3::Pop3Sim;
 use ccmail_lab::testdb::{StoredMessage, TestDb, stored_messages, work_item_count};
+use ccmail_lab::world::World;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -57,80 +55,60 @@ pub fn small_limits() -> IngestLimits {
     }
 }
 
-/// See the module documentation.
-pub struct SimWorld {
+/// See the module documentation. Dereferences to the lab's [`World`] (its simulators, CA,
+/// client secret and directory).
+pub struct PipelineWorld {
     pub db: TestDb,
-    /// The CA that signed both simulators' certificates (another simulator signed by it is
-    /// trusted by the worker too).
-    pub ca: TestCa,
-    pub entra: EntraSim,
-    pub pop: Pop3Sim,
+    pub world: World,
     pub key: MasterKey,
     pub app: AppRow,
     pub tokens: Arc<TokenCache>,
-    /// The client secret registered with the EntraSim (for "never logged" checks).
-    pub client_secret: String,
-    /// Holds the CA bundle file the pilots point at.
-    dir: tempfile::TempDir,
 }
 
-impl SimWorld {
+impl std::ops::Deref for PipelineWorld {
+    type Target = World;
+
+    fn deref(&self) -> &World {
+        &self.world
+    }
+}
+
+impl PipelineWorld {
     /// Starts the simulators, creates the database and registers one app.
-    pub async fn start() -> anyhow::Result<SimWorld> {
-        SimWorld::start_with(TestDb::new().await.context("creating the test database")?).await
+    pub async fn start() -> anyhow::Result<PipelineWorld> {
+        PipelineWorld::start_with(TestDb::new().await.context("creating the test database")?).await
     }
 
-    /// As [`SimWorld::start`], with the test database created on the server of `url` (any
-    /// database URL of that server, e.g. a private cluster's).
-    pub async fn start_on(url: &str) -> anyhow::Result<SimWorld> {
+    /// As [`PipelineWorld::start`], with the test database created on the server of `url`
+    /// (any database URL of that server, e.g. a private cluster's).
+    pub async fn start_on(url: &str) -> anyhow::Result<PipelineWorld> {
         let db = TestDb::on_server(url)
             .await
             .with_context(|| format!("creating a test database on {}", store::redacted_url(url)))?;
-        SimWorld::start_with(db).await
+        PipelineWorld::start_with(db).await
     }
 
-    async fn start_with(db: TestDb) -> anyhow::Result<SimWorld> {
-        ccmail::tls::install_crypto_provider();
-        let ca = TestCa::new("ccmail it CA")?;
-        let entra = EntraSim::start(&ca).await?;
-        let pop = Pop3Sim::start(&ca, entra.clone()).await?;
-        let tenant = "6f2c1d7e-1b2a-4c3d-8e4f-5a6b7c8d9e0f".to_owned();
-        let client_id = format!("it-app-{:08x}", fastrand::u32(..));
-        let client_secret = format!("it~secret~{:032x}", fastrand::u128(..));
-        entra.register_app(SimApp {
-            tenant: tenant.clone(),
-            tenant_domain: DOMAIN.to_owned(),
-            client_id: client_id.clone(),
-            client_secret: client_secret.clone(),
-            secret_expired: false,
-        });
+    async fn start_with(db: TestDb) -> anyhow::Result<PipelineWorld> {
+        let world = World::builder()
+            .ca_name("ccmail it CA")
+            .tenant("6f2c1d7e-1b2a-4c3d-8e4f-5a6b7c8d9e0f")
+            .domain(DOMAIN)
+            .client_id(&format!("it-app-{:08x}", fastrand::u32(..)))
+            .client_secret(&format!("it~secret~{:032x}", fastrand::u128(..)))
+            .start()
+            .await?;
         let key = MasterKey::generate();
-        let mut new_app = store::NewApp::new("it-app", &tenant, &client_id, String::new());
-        new_app.authority = entra.authority();
-        new_app.seal_credential(&key, &SecretString::from(client_secret.clone()))?;
         let app = {
             let mut conn = db.pool().acquire().await?;
-            store::insert_app(&mut conn, &new_app).await?
+            world.insert_app(&mut conn, "it-app", &key).await?
         };
-        let dir = tempfile::Builder::new().prefix("ccmail-it-").tempdir()?;
-        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem())?;
-        let tokens = Arc::new(TokenCache::new(
-            Arc::new(TokenSource::new(TokenSourceOptions {
-                extra_roots: vec![ca.cert_der().clone()],
-                ..TokenSourceOptions::default()
-            })?),
-            CachePolicy::default(),
-        ));
-        Ok(SimWorld {
+        let tokens = Arc::new(world.cache()?);
+        Ok(PipelineWorld {
             db,
-            ca,
-            entra,
-            pop,
+            world,
             key,
             app,
             tokens,
-            client_secret,
-            dir,
         })
     }
 
@@ -147,16 +125,6 @@ impl SimWorld {
         Ok(ccmail::tls::read_pem_bundle(&self.ca_path())?)
     }
 
-    /// The PEM file of the CA that signed both simulators' certificates.
-    pub fn ca_path(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    /// The temporary directory of this world (removed with it).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// A new XOAUTH2 pilot for `local@DOMAIN` on the simulator's implicit-TLS port, polled
     /// every second; `edit` adjusts it before it is stored. The mailbox is created on the sim.
     pub async fn add_pilot(
@@ -166,19 +134,7 @@ impl SimWorld {
     ) -> anyhow::Result<PilotRow> {
         let mailbox = format!("{local}@{DOMAIN}");
         self.pop.add_mailbox(&mailbox);
-        let mut pilot = NewPilot::new(
-            local,
-            &mailbox,
-            store::PilotAuth::XOAuth2 {
-                app_id: self.app.id,
-            },
-        );
-        let addr = self.pop.tls_addr();
-        pilot.host = addr.ip().to_string();
-        pilot.port = addr.port();
-        pilot.tls = TlsMode::Implicit;
-        pilot.ca_bundle = Some(self.ca_path().display().to_string());
-        pilot.poll_interval = Duration::from_secs(1);
+        let mut pilot = self.world.new_pilot(local, &mailbox, self.app.id);
         edit(&mut pilot);
         let mut conn = self.db.pool().acquire().await?;
         Ok(store::insert_pilot(&mut conn, &pilot).await?)
@@ -215,7 +171,7 @@ impl SimWorld {
         self.resolve_with(row, test_timeouts()).await
     }
 
-    /// As [`SimWorld::resolve`], with these POP3 deadlines.
+    /// As [`PipelineWorld::resolve`], with these POP3 deadlines.
     pub async fn resolve_with(&self, row: &PilotRow, timeouts: Timeouts) -> anyhow::Result<Pilot> {
         let app = {
             let mut conn = self.db.pool().acquire().await?;
@@ -277,10 +233,7 @@ impl SimWorld {
 
     /// Stops the simulators and drops the database.
     pub async fn finish(self) -> anyhow::Result<()> {
-        self.pop.shutdown();
-        self.entra.shutdown();
-        self.pop.stopped().await;
-        self.entra.stopped().await;
+        self.world.stop(Duration::from_secs(30)).await?;
         self.db.drop_db().await?;
         Ok(())
     }

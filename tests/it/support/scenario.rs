@@ -1,10 +1,9 @@
 //! Shared pieces of the fault-injection scenarios (`faults_*.rs`): fast supervisor settings,
-//! waiting on a condition with a deadline, counting POP3 commands, and the one summary line
+//! counting POP3 commands, and the one summary line
 //! each scenario prints:
 //!
 //! `scenario=<name> faults=<n> messages=<n> lost=<n> duplicated=<n>`
 
-use std::future::Future;
 use std::time::Duration;
 
 use ccmail::ingest::poller::IngestLimits;
@@ -12,9 +11,6 @@ use ccmail::ingest::supervisor::SupervisorSettings;
 use ccmail::secrets::CredentialPolicy;
 
 use super::pipeline::{Tally, test_timeouts};
-
-/// How often conditions are re-checked.
-pub const CHECK_EVERY: Duration = Duration::from_millis(25);
 
 /// Supervisor settings that retry fast, so a scenario's recovery takes seconds; `credentials`
 /// allow the world's simulators.
@@ -29,30 +25,6 @@ pub fn fast_settings(limits: IngestLimits, credentials: CredentialPolicy) -> Sup
         permanent_retry: Duration::from_secs(1),
         shutdown_grace: Duration::from_secs(10),
         credentials,
-    }
-}
-
-/// Re-checks `done` every [`CHECK_EVERY`] until it holds; fails after `deadline` naming `what`
-/// and whatever `context` says about the state at that moment.
-pub async fn wait_for<F, Fut>(
-    what: &str,
-    deadline: Duration,
-    mut done: F,
-    context: impl Fn() -> String,
-) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<bool>>,
-{
-    let until = tokio::time::Instant::now() + deadline;
-    loop {
-        if done().await? {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > until {
-            anyhow::bail!("{what} did not happen within {deadline:?}; {}", context());
-        }
-        tokio::time::sleep(CHECK_EVERY).await;
     }
 }
 

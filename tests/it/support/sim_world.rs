@@ -1,23 +1,21 @@
-//! A simulated tenant for the tests that drive ccmail's own clients: a fresh [`TestCa`], an
-//! [`EntraSim`] with one app registration for the domain [`DOMAIN`], and a [`Pop3Sim`] that
-//! trusts that Entra simulator and holds the mailbox [`MAILBOX`].
+//! The fixed simulated tenant of the tests that drive ccmail's own clients: [`start`] builds
+//! the lab's [`World`] (a fresh test CA, an Entra simulator with one app registration for the
+//! domain [`DOMAIN`], and a POP3 simulator that trusts it and holds the mailbox [`MAILBOX`])
+//! with well-known ids and secret, so a test can look for them in logs.
 //!
-//! Tokens come from the real HTTP [`TokenSource`] (reqwest over rustls, trusting the test CA)
-//! behind a [`TokenCache`], exactly as the poller gets them. Every simulator is stopped by
-//! [`SimWorld::stop`], which waits (with a deadline) until their tasks have ended.
+//! Tokens come from the real HTTP `TokenSource` (reqwest over rustls, trusting the test CA)
+//! behind a `TokenCache`, exactly as the poller gets them ([`World::cache`]). `World::stop`
+//! waits (with a deadline) until every simulator task has ended.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
-use ccmail::oauth::{
-    AppCredentials, AppKey, CachePolicy, DEFAULT_SCOPE, TokenCache, TokenSource, TokenSourceOptions,
-};
-use ccmail::pop3::{ServerSpec, Timeouts, TlsMode};
+use anyhow::anyhow;
+use ccmail::oauth::{AppCredentials, AppKey, DEFAULT_SCOPE, TokenSource, TokenSourceOptions};
+use ccmail::pop3::Timeouts;
 use ccmail_lab::sim::cert::TestCa;
-use ccmail_lab::sim::entra::{EntraSim, SimApp};
-use ccmail_lab::sim::pop3::Pop3Sim;
+use ccmail_lab::sim::entra::EntraSim;
+use ccmail_lab::world::World;
 use secrecy::SecretString;
 
 /// The simulated tenant's id.
@@ -53,72 +51,19 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> anyhow::Resu
         .map_err(|_| anyhow!("{what} did not finish within {TEST_DEADLINE:?}"))
 }
 
-/// A running simulated tenant; see the module documentation.
-pub struct SimWorld {
-    pub ca: TestCa,
-    pub entra: EntraSim,
-    pub pop: Pop3Sim,
-}
-
-impl SimWorld {
-    /// Starts both simulators, registers the app and creates [`MAILBOX`].
-    pub async fn start() -> anyhow::Result<SimWorld> {
-        let ca = TestCa::new("ccmail it CA").context("creating the test CA")?;
-        let entra = EntraSim::start(&ca).await.context("starting EntraSim")?;
-        entra.register_app(SimApp {
-            tenant: TENANT.to_owned(),
-            tenant_domain: DOMAIN.to_owned(),
-            client_id: CLIENT_ID.to_owned(),
-            client_secret: CLIENT_SECRET.to_owned(),
-            secret_expired: false,
-        });
-        let pop = Pop3Sim::start(&ca, entra.clone())
-            .await
-            .context("starting Pop3Sim")?;
-        pop.add_mailbox(MAILBOX);
-        Ok(SimWorld { ca, entra, pop })
-    }
-
-    /// The registered app's credentials, pointing at the simulated authority.
-    pub fn app(&self) -> AppCredentials {
-        app_credentials(&self.entra, TENANT, CLIENT_ID, CLIENT_SECRET)
-    }
-
-    /// The real HTTP token source, trusting the test CA.
-    pub fn token_source(&self, options: TokenSourceOptions) -> anyhow::Result<TokenSource> {
-        token_source(&self.ca, options)
-    }
-
-    /// A cache over the real HTTP token source with default settings.
-    pub fn cache(&self) -> anyhow::Result<TokenCache> {
-        let source = self.token_source(TokenSourceOptions::default())?;
-        Ok(TokenCache::new(Arc::new(source), CachePolicy::default()))
-    }
-
-    /// The POP3 simulator as a pilot would see it: implicit TLS on its TLS port, `StartTls` on
-    /// its plain port, verified against the test CA.
-    pub fn spec(&self, tls: TlsMode, timeouts: Timeouts) -> anyhow::Result<ServerSpec> {
-        let addr = match tls {
-            TlsMode::Implicit => self.pop.tls_addr(),
-            TlsMode::StartTls | TlsMode::DangerousPlaintext => self.pop.plain_addr(),
-        };
-        Ok(ServerSpec::new(
-            "127.0.0.1",
-            addr.port(),
-            tls,
-            &[self.ca.cert_der().clone()],
-            timeouts,
-        )?)
-    }
-
-    /// Stops both simulators and waits until every one of their tasks has ended.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.pop.shutdown();
-        self.entra.shutdown();
-        within("stopping the POP3 simulator", self.pop.stopped()).await?;
-        within("stopping the Entra simulator", self.entra.stopped()).await?;
-        Ok(())
-    }
+/// Starts the lab's [`World`] as this tenant: the app registered for [`DOMAIN`] with
+/// [`CLIENT_ID`] and [`CLIENT_SECRET`], and [`MAILBOX`] created. Stop it with
+/// `world.stop(TEST_DEADLINE)`.
+pub async fn start() -> anyhow::Result<World> {
+    World::builder()
+        .ca_name("ccmail it CA")
+        .tenant(TENANT)
+        .domain(DOMAIN)
+        .client_id(CLIENT_ID)
+        .client_secret(CLIENT_SECRET)
+        .mailboxes([MAILBOX])
+        .start()
+        .await
 }
 
 /// Credentials for `client_id` in `tenant` at `entra`'s authority, with the Exchange scope.

@@ -14,10 +14,7 @@ use anyhow::{Context, bail};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
-use crate::sim::cert::TestCa;
-use crate::sim::entra::{EntraSim, SimApp};
-use crate::sim::mailgen::MailGen;
-use crate::sim::pop3::Pop3Sim;
+use crate::world::World;
 use ccmail::config::Config;
 use ccmail::ingest::poller::{self, IngestLimits, Pilot, PilotAuth};
 use ccmail::oauth::{
@@ -56,33 +53,29 @@ const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// Serves a filled simulator until standard input closes (the parent exited or is done).
 pub async fn serve_sim(messages: usize, seed: u64) -> anyhow::Result<()> {
-    let ca = TestCa::new("ccmail bench CA")?;
-    let entra = EntraSim::start(&ca).await?;
-    let pop = Pop3Sim::start(&ca, entra.clone()).await?;
-    let client_secret = format!("bench~{:032x}", fastrand::u128(..));
-    let app = SimApp {
-        tenant: "00000000-0000-4000-8000-00000000bead".to_owned(),
-        tenant_domain: "contoso.test".to_owned(),
-        client_id: "bench-client".to_owned(),
-        client_secret: client_secret.clone(),
-        secret_expired: false,
-    };
-    entra.register_app(app.clone());
-    pop.add_mailbox(MAILBOX);
-    let mut mails = MailGen::new(seed);
+    let mut world = World::builder()
+        .ca_name("ccmail bench CA")
+        .tenant("00000000-0000-4000-8000-00000000bead")
+        .domain("contoso.test")
+        .client_id("bench-client")
+        .client_secret(&format!("bench~{:032x}", fastrand::u128(..)))
+        .mailboxes([MAILBOX])
+        .seed(seed)
+        .start()
+        .await?;
     let mut octets = 0u64;
     for _ in 0..messages {
-        let raw = mails.bench_mix(MAILBOX);
+        let raw = world.mails.bench_mix(MAILBOX);
         octets += raw.len() as u64;
-        pop.deliver(MAILBOX, raw);
+        world.pop.deliver(MAILBOX, raw);
     }
     let info = SimInfo {
-        pop3_addr: pop.tls_addr().to_string(),
-        authority: entra.authority(),
-        ca_pem: ca.cert_pem().to_owned(),
-        tenant: app.tenant,
-        client_id: app.client_id,
-        client_secret,
+        pop3_addr: world.pop.tls_addr().to_string(),
+        authority: world.entra.authority(),
+        ca_pem: world.ca.cert_pem().to_owned(),
+        tenant: world.tenant.clone(),
+        client_id: world.client_id.clone(),
+        client_secret: world.client_secret.clone(),
         mailbox: MAILBOX.to_owned(),
         messages,
         octets,
@@ -103,8 +96,7 @@ pub async fn serve_sim(messages: usize, seed: u64) -> anyhow::Result<()> {
         }
     })
     .await?;
-    pop.shutdown();
-    entra.shutdown();
+    world.stop(Duration::from_secs(30)).await?;
     Ok(())
 }
 

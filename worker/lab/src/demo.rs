@@ -1,6 +1,6 @@
 //! `ccmail-lab demo`: the whole pipeline on one machine, with nothing but PostgreSQL.
 //!
-//! It starts the Entra and Exchange simulators, registers an app and two mailbox pilots
+//! It starts the lab's [`World`] (the Entra and Exchange simulators), registers an app and two mailbox pilots
 //! (support@ and sales@ of a demo tenant), fills both mailboxes with realistic generated mail
 //! (multipart/alternative, attachments, non-ASCII names and subjects, replies, one malformed
 //! message and one over the size limit), runs the real supervisor until the mailboxes are
@@ -13,17 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
-use crate::sim::cert::TestCa;
-use crate::sim::entra::{EntraSim, SimApp};
 use crate::sim::mailgen::{self, MailGen};
-use crate::sim::pop3::Pop3Sim;
+use crate::world::World;
 use ccmail::config::Config;
 use ccmail::ingest::supervisor::{Supervisor, SupervisorSettings};
-use ccmail::oauth::{CachePolicy, TokenCache, TokenSource, TokenSourceOptions};
-use ccmail::pop3::TlsMode;
 use ccmail::secrets::MasterKey;
 use ccmail::store;
 
@@ -76,44 +71,24 @@ pub async fn run(config: &Config, options: &DemoOptions) -> anyhow::Result<DemoO
     store::migrate(&pool).await?;
 
     let started = std::time::Instant::now();
-    let ca = TestCa::new("ccmail demo CA")?;
-    let entra = EntraSim::start(&ca).await?;
-    let pop = Pop3Sim::start(&ca, entra.clone()).await?;
     let run_id = format!("{:08x}", fastrand::u32(..));
-    let tenant = format!(
-        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-        fastrand::u32(..),
-        fastrand::u16(..),
-        fastrand::u16(..0x1000),
-        fastrand::u16(..0x1000),
-        fastrand::u64(..0x1_0000_0000_0000)
-    );
     let client_id = format!("{:08x}-demo-app-{run_id}", fastrand::u32(..));
-    let client_secret = format!("demo~{:032x}", fastrand::u128(..));
-    entra.register_app(SimApp {
-        tenant: tenant.clone(),
-        tenant_domain: DEMO_DOMAIN.to_owned(),
-        client_id: client_id.clone(),
-        client_secret: client_secret.clone(),
-        secret_expired: false,
-    });
+    let world = World::builder()
+        .ca_name("ccmail demo CA")
+        .domain(DEMO_DOMAIN)
+        .client_id(&client_id)
+        .client_secret(&format!("demo~{:032x}", fastrand::u128(..)))
+        .start()
+        .await?;
+    let pop = &world.pop;
+    let entra = &world.entra;
 
     // The demo's own master key: the client secret is sealed with it like any other.
     let key = MasterKey::generate();
-    let dir = tempfile::Builder::new().prefix("ccmail-demo-").tempdir()?;
-    let ca_path = dir.path().join("demo-ca.pem");
-    std::fs::write(&ca_path, ca.cert_pem())?;
-
     let mut conn = pool.acquire().await?;
-    let mut app = store::NewApp::new(
-        &format!("demo-{run_id}"),
-        &tenant,
-        &client_id,
-        String::new(),
-    );
-    app.authority = entra.authority();
-    app.seal_credential(&key, &SecretString::from(client_secret))?;
-    let app = store::insert_app(&mut conn, &app).await?;
+    let app = world
+        .insert_app(&mut conn, &format!("demo-{run_id}"), &key)
+        .await?;
 
     let addr = pop.tls_addr();
     let mut pilots = Vec::new();
@@ -123,16 +98,7 @@ pub async fn run(config: &Config, options: &DemoOptions) -> anyhow::Result<DemoO
     for (queue, local) in [("support", "support"), ("sales", "sales")] {
         let mailbox = format!("{local}+{run_id}@{DEMO_DOMAIN}");
         pop.add_mailbox(&mailbox);
-        let mut pilot = store::NewPilot::new(
-            queue,
-            &mailbox,
-            store::PilotAuth::XOAuth2 { app_id: app.id },
-        );
-        pilot.host = addr.ip().to_string();
-        pilot.port = addr.port();
-        pilot.tls = TlsMode::Implicit;
-        pilot.ca_bundle = Some(ca_path.display().to_string());
-        pilot.poll_interval = Duration::from_secs(1);
+        let mut pilot = world.new_pilot(queue, &mailbox, app.id);
         pilot.max_message_bytes = OVERSIZE_LIMIT;
         let row = store::insert_pilot(&mut conn, &pilot).await?;
         pilots.push(row.id);
@@ -154,13 +120,7 @@ pub async fn run(config: &Config, options: &DemoOptions) -> anyhow::Result<DemoO
         "demo: {delivered} messages delivered to 2 simulated Exchange Online mailboxes ({DEMO_DOMAIN}, app {client_id})"
     );
 
-    let tokens = Arc::new(TokenCache::new(
-        Arc::new(TokenSource::new(TokenSourceOptions {
-            extra_roots: vec![ca.cert_der().clone()],
-            ..TokenSourceOptions::default()
-        })?),
-        CachePolicy::default(),
-    ));
+    let tokens = Arc::new(world.cache()?);
     let mut settings = SupervisorSettings::from_config(config);
     // The demo's token endpoint is its own simulator: allowed for this run only.
     settings.credentials.allow_authority(&entra.authority())?;
@@ -261,8 +221,7 @@ pub async fn run(config: &Config, options: &DemoOptions) -> anyhow::Result<DemoO
         outcome.token_requests,
         outcome.elapsed.as_secs_f64()
     );
-    pop.shutdown();
-    entra.shutdown();
+    world.stop(Duration::from_secs(30)).await?;
     if lost > 0 || duplicated > 0 {
         bail!("the demo found {lost} lost and {duplicated} duplicated messages");
     }

@@ -2,7 +2,8 @@
 //!
 //! [`sim`] plays Exchange Online POP3S and the Entra ID token endpoint on 127.0.0.1;
 //! [`testdb`] makes a fresh, migrated PostgreSQL database per test; [`demo`], [`bench`] and
-//! [`soak`] are the `ccmail-lab` subcommands. Invariant: the production crate `ccmail` never
+//! [`soak`] are the `ccmail-lab` subcommands; [`world`] builds the one simulated world they and
+//! the tests run against. Invariant: the production crate `ccmail` never
 //! depends on this one (it is only a dev-dependency there), so no simulator, certificate
 //! generator or test-database helper ships in the product binary.
 
@@ -11,3 +12,4 @@ pub mod demo;
 pub mod sim;
 pub mod soak;
 pub mod testdb;
+pub mod world;

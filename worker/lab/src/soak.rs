@@ -28,12 +28,10 @@ use nix::unistd::Pid;
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
-use crate::sim::cert::TestCa;
-use crate::sim::entra::{EntraSim, SimApp};
 use crate::sim::mailgen::{self, MailGen};
 use crate::sim::pop3::Pop3Sim;
 use crate::testdb::TestDb;
-use ccmail::pop3::TlsMode;
+use crate::world::World;
 use ccmail::secrets::MasterKey;
 use ccmail::store;
 
@@ -219,9 +217,15 @@ pub async fn run(options: &SoakOptions) -> anyhow::Result<SoakReport> {
     let db = TestDb::on_server(&options.database_url)
         .await
         .context("creating the soak database")?;
-    let ca = TestCa::new("ccmail soak CA")?;
-    let entra = EntraSim::start(&ca).await?;
-    let pop = Pop3Sim::start(&ca, entra.clone()).await?;
+    let lab = World::builder()
+        .ca_name("ccmail soak CA")
+        .tenant("0c5d1e2f-3a4b-4c5d-8e6f-7a8b9c0d1e2f")
+        .domain(DOMAIN)
+        .client_id(&format!("soak-app-{:08x}", fastrand::u32(..)))
+        .client_secret(&format!("soak~secret~{:032x}", fastrand::u128(..)))
+        .start()
+        .await?;
+    let (pop, entra) = (&lab.pop, &lab.entra);
     let temp = tempfile::Builder::new().prefix("ccmail-soak-").tempdir()?;
     let log_dir = options
         .log_dir
@@ -229,9 +233,9 @@ pub async fn run(options: &SoakOptions) -> anyhow::Result<SoakReport> {
         .unwrap_or_else(|| temp.path().to_path_buf());
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
 
-    let world = World::set_up(&db, &entra, &pop, &ca, temp.path(), &log_dir).await?;
+    let world = Setup::set_up(&db, &lab, temp.path(), &log_dir).await?;
     world.write_config(&options.log_level)?;
-    let result = drive(options, &world, &db, &pop).await;
+    let result = drive(options, &world, &db, pop).await;
 
     pop.shutdown();
     entra.shutdown();
@@ -245,8 +249,8 @@ pub async fn run(options: &SoakOptions) -> anyhow::Result<SoakReport> {
     Ok(report)
 }
 
-/// The registered app, pilot and worker settings of one soak.
-struct World {
+/// The registered app, pilot and worker settings of one soak (over the lab's [`World`]).
+struct Setup {
     mailbox: String,
     pilot_id: i64,
     config: PathBuf,
@@ -259,50 +263,20 @@ struct World {
     authority: String,
 }
 
-impl World {
-    async fn set_up(
-        db: &TestDb,
-        entra: &EntraSim,
-        pop: &Pop3Sim,
-        ca: &TestCa,
-        dir: &Path,
-        log_dir: &Path,
-    ) -> anyhow::Result<World> {
-        let tenant = "0c5d1e2f-3a4b-4c5d-8e6f-7a8b9c0d1e2f".to_owned();
-        let client_id = format!("soak-app-{:08x}", fastrand::u32(..));
-        let client_secret = format!("soak~secret~{:032x}", fastrand::u128(..));
-        entra.register_app(SimApp {
-            tenant: tenant.clone(),
-            tenant_domain: DOMAIN.to_owned(),
-            client_id: client_id.clone(),
-            client_secret: client_secret.clone(),
-            secret_expired: false,
-        });
+impl Setup {
+    async fn set_up(db: &TestDb, lab: &World, dir: &Path, log_dir: &Path) -> anyhow::Result<Setup> {
         let key = MasterKey::generate();
-        let ca_path = dir.join("ca.pem");
-        std::fs::write(&ca_path, ca.cert_pem())?;
-
+        let ca_path = lab.ca_path();
         let mut conn = db.pool().acquire().await?;
-        let mut app = store::NewApp::new("soak-app", &tenant, &client_id, String::new());
-        app.authority = entra.authority();
-        app.seal_credential(&key, &SecretString::from(client_secret.clone()))?;
-        let app = store::insert_app(&mut conn, &app).await?;
+        let app = lab.insert_app(&mut conn, "soak-app", &key).await?;
         let mailbox = format!("soak@{DOMAIN}");
-        pop.add_mailbox(&mailbox);
-        let mut pilot = store::NewPilot::new(
-            "soak",
-            &mailbox,
-            store::PilotAuth::XOAuth2 { app_id: app.id },
-        );
-        let addr = pop.tls_addr();
-        pilot.host = addr.ip().to_string();
-        pilot.port = addr.port();
-        pilot.tls = TlsMode::Implicit;
-        pilot.ca_bundle = Some(ca_path.display().to_string());
-        pilot.poll_interval = Duration::from_secs(1);
+        lab.pop.add_mailbox(&mailbox);
+        let pilot = lab.new_pilot("soak", &mailbox, app.id);
         let pilot = store::insert_pilot(&mut conn, &pilot).await?;
+        let client_secret = lab.client_secret.clone();
+        let entra = &lab.entra;
 
-        Ok(World {
+        Ok(Setup {
             config: dir.join("ccmail-soak.toml"),
             ca_path,
             mailbox,
@@ -343,7 +317,7 @@ struct Worker {
 impl Worker {
     fn spawn(
         options: &SoakOptions,
-        world: &World,
+        world: &Setup,
         run: usize,
         db_url: &str,
     ) -> anyhow::Result<Worker> {
@@ -427,7 +401,7 @@ fn tail(log: &str) -> &str {
 
 async fn drive(
     options: &SoakOptions,
-    world: &World,
+    world: &Setup,
     db: &TestDb,
     pop: &Pop3Sim,
 ) -> anyhow::Result<SoakReport> {
@@ -649,7 +623,7 @@ async fn tally(
 /// endpoint issued and each XOAUTH2 blob made from them. Returns the log size and the leaks.
 fn scan_logs(
     log_dir: &Path,
-    world: &World,
+    world: &Setup,
     tokens: &[String],
 ) -> anyhow::Result<(u64, Vec<String>)> {
     let mut secrets: Vec<(String, String)> = vec![
