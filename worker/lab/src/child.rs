@@ -191,8 +191,7 @@ impl Child {
 
     /// Fails (with the child's output) if the child has already exited.
     pub fn assert_running(&self) -> anyhow::Result<()> {
-        let status = self.lock()?.try_wait()?;
-        if let Some(status) = status {
+        if let Some(status) = self.exited()? {
             bail!(
                 "{} exited early with {status}; its output:\n{}",
                 self.name,
@@ -215,14 +214,24 @@ impl Child {
         Ok(())
     }
 
-    /// Waits for the child to exit, at most `deadline`.
-    pub async fn wait(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
+    /// The child's exit status if it has exited, `None` while it runs.
+    pub fn exited(&self) -> anyhow::Result<Option<ExitStatus>> {
+        Ok(self.lock()?.try_wait()?)
+    }
+
+    /// Waits for the child to exit, however long that takes (the caller bounds it).
+    pub async fn reap(&mut self) -> anyhow::Result<ExitStatus> {
         let child = self
             .child
             .get_mut()
             .map_err(|_| anyhow::anyhow!("the child's lock is poisoned"))?;
-        match tokio::time::timeout(deadline, child.wait()).await {
-            Ok(status) => Ok(status?),
+        Ok(child.wait().await?)
+    }
+
+    /// Waits for the child to exit, at most `deadline`.
+    pub async fn wait(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
+        match tokio::time::timeout(deadline, self.reap()).await {
+            Ok(status) => status,
             Err(_) => bail!(
                 "{} did not exit within {deadline:?}; its output:\n{}",
                 self.name,
