@@ -34,6 +34,10 @@ pub struct SpawnOptions {
     pub clear_env: bool,
     /// The child's working directory; the owner's when `None`.
     pub current_dir: Option<PathBuf>,
+    /// Give the child a pipe as stdin, held open as long as the [`Child`] lives (instead of
+    /// `/dev/null`): a child that serves until its stdin closes then ends with its owner, also
+    /// when the owner itself is killed.
+    pub stdin_pipe: bool,
 }
 
 impl Child {
@@ -69,6 +73,7 @@ impl Child {
                 nofile,
                 clear_env: false,
                 current_dir: Some(dir.to_owned()),
+                stdin_pipe: false,
             },
         )
     }
@@ -91,6 +96,7 @@ impl Child {
                 nofile: None,
                 clear_env: true,
                 current_dir: Some(dir.to_owned()),
+                stdin_pipe: false,
             },
         )
     }
@@ -129,7 +135,11 @@ impl Child {
         command
             .args(args)
             .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
+            .stdin(if options.stdin_pipe {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             // Belt and braces: tokio kills it too if the guard's handle is dropped.
