@@ -107,6 +107,7 @@ async fn run_keeps_serving_other_pilots_while_one_is_fed_every_hostile_message()
     let key = world.key.to_base64();
     let config_arg = config.display().to_string();
     let mut child = CcmailChild::spawn(
+        crate::support::child::ccmail(),
         world.dir(),
         "run",
         &["--config", &config_arg, "run"],

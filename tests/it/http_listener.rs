@@ -71,6 +71,7 @@ async fn idle_connections_beyond_the_cap_exhaust_nothing_and_stop_neither_health
     let config = write_config(&world)?;
     let key = world.key.to_base64();
     let mut child = CcmailChild::spawn_limited(
+        crate::support::child::ccmail(),
         world.dir(),
         "run",
         &["--config", &config, "run"],
@@ -159,6 +160,7 @@ async fn a_low_soft_open_file_limit_is_raised_to_the_hard_limit_at_start() -> an
     let config = write_config(&world)?;
     let key = world.key.to_base64();
     let mut child = CcmailChild::spawn_limited(
+        crate::support::child::ccmail(),
         world.dir(),
         "run",
         &["--config", &config, "run"],

@@ -33,7 +33,14 @@ struct Worker {
 impl Worker {
     fn start(env: &[(String, String)], dir: &Path) -> Worker {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let child = CcmailChild::spawn_env_cleared(dir, "worker", &["run"], &env).unwrap();
+        let child = CcmailChild::spawn_env_cleared(
+            crate::support::child::ccmail(),
+            dir,
+            "worker",
+            &["run"],
+            &env,
+        )
+        .unwrap();
         Worker { child }
     }
 

@@ -71,6 +71,7 @@ async fn trace_logs_keep_ccmails_events_and_copy_no_mail_content() -> anyhow::Re
     let config = worker_config(&world, "info")?;
     let key = world.key.to_base64();
     let mut child = CcmailChild::spawn(
+        crate::support::child::ccmail(),
         world.dir(),
         "run",
         &["--config", &config, "run"],
@@ -142,6 +143,7 @@ async fn server_text_with_terminal_escapes_is_stored_shown_and_logged_escaped() 
     let config = worker_config(&world, "info")?;
     let key = world.key.to_base64();
     let mut child = CcmailChild::spawn(
+        crate::support::child::ccmail(),
         world.dir(),
         "run",
         &["--config", &config, "run"],

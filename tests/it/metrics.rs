@@ -109,6 +109,7 @@ impl WorkerRun {
         std::fs::write(&config_path, world.worker_toml(db.url(), "127.0.0.1:0"))?;
         let master_key = key.to_base64();
         let child = CcmailChild::spawn(
+            crate::support::child::ccmail(),
             world.dir(),
             "worker",
             &["--config", &config_path.display().to_string(), "run"],

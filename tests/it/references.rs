@@ -334,6 +334,7 @@ async fn the_worker_resolves_no_reference_or_authority_that_would_leak_a_secret(
     let key = world.key.to_base64();
     let config_arg = config.display().to_string();
     let mut child = CcmailChild::spawn(
+        crate::support::child::ccmail(),
         world.dir(),
         "run",
         &["--config", &config_arg, "run"],
@@ -563,6 +564,7 @@ fn start_worker(
     let key = world.key.to_base64();
     let config_arg = config.display().to_string();
     CcmailChild::spawn(
+        crate::support::child::ccmail(),
         world.dir(),
         "run",
         &["--config", &config_arg, "run"],

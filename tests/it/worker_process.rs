@@ -67,6 +67,7 @@ async fn run_drains_a_mailbox_and_on_sigterm_finishes_the_message_quits_and_exit
     let key = world.key.to_base64();
     let config_arg = config.display().to_string();
     let mut child = CcmailChild::spawn(
+        crate::support::child::ccmail(),
         world.dir(),
         "run",
         &["--config", &config_arg, "run"],

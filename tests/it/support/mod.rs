@@ -1,9 +1,10 @@
 //! The integration tests' harness. The simulated world itself is the lab's
 //! (`ccmail_lab::world::World`); here: [`pipeline`] (that world plus a database, a sealed app
 //! and a token cache: `PipelineWorld`), [`sim_world`] (the fixed tenant of the client tests),
-//! [`child`] (the one way to run the `ccmail`/`ccmail-lab` binary as a child: log captured,
-//! killed by PID on drop, bound address read from its log), [`wait`] (the one polling wait
-//! with a deadline), [`ports`] (ports without the bind-drop-reuse race where avoidable), and
+//! [`child`] (the lab's one spawner, `ccmail_lab::child::Child`, as `CcmailChild`, and the
+//! path of the `ccmail` binary: log captured, killed by PID on drop, bound address read from
+//! its log), [`wait`] (the lab's one polling wait with a deadline, shared with the soak),
+//! [`ports`] (ports without the bind-drop-reuse race where avoidable), and
 //! the Dovecot, PostgreSQL-cluster, fault-proxy and scenario helpers.
 
 pub mod awkward;

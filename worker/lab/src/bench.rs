@@ -5,8 +5,7 @@
 //! memory does not count toward the measured process's peak RSS. Peak RSS is read from
 //! `/proc/self/status` (VmHWM) and reset between the two runs through `/proc/self/clear_refs`.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use anyhow::{Context, bail};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
+use crate::child::{Child, SpawnOptions};
 use crate::world::World;
 use ccmail::config::Config;
 use ccmail::ingest::poller::{self, IngestLimits, Pilot, PilotAuth};
@@ -100,35 +100,59 @@ pub async fn serve_sim(messages: usize, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The simulator process: the lab's [`Child`] (killed by PID when dropped), its stdin a pipe
+/// it serves until closed, so it also ends if the bench is killed.
 struct SimChild {
-    child: Child,
+    /// Held for its drop, which kills the simulator.
+    _child: Child,
     info: SimInfo,
+    /// Holds the simulator's log.
+    _dir: tempfile::TempDir,
 }
 
 impl SimChild {
-    fn spawn(args: &BenchArgs) -> anyhow::Result<SimChild> {
-        let exe = std::env::current_exe().context("locating the ccmail binary")?;
-        let mut child = Command::new(exe)
-            .args([
+    async fn spawn(args: &BenchArgs) -> anyhow::Result<SimChild> {
+        let exe = std::env::current_exe().context("locating the ccmail-lab binary")?;
+        let dir = tempfile::tempdir()?;
+        let child = Child::start(
+            &exe,
+            &dir.path().join("sim.log"),
+            &[
                 "sim-serve",
                 "--messages",
                 &args.messages.to_string(),
                 "--seed",
                 &args.seed.to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting the simulator process")?;
-        let stdout = child.stdout.take().context("simulator stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .context("reading the simulator's address")?;
-        let info: SimInfo =
-            serde_json::from_str(&line).with_context(|| format!("simulator said {line:?}"))?;
-        Ok(SimChild { child, info })
+            ],
+            &[],
+            &SpawnOptions {
+                stdin_pipe: true,
+                ..SpawnOptions::default()
+            },
+        )
+        .context("starting the simulator process")?;
+        let info = crate::wait::poll(
+            "the simulator's address line",
+            Duration::from_secs(300),
+            || async {
+                child.assert_running()?;
+                let output = child.output();
+                match output.split_once('\n') {
+                    None => Ok(None),
+                    Some((line, _)) => Ok(Some(
+                        serde_json::from_str::<SimInfo>(line)
+                            .with_context(|| format!("simulator said {line:?}"))?,
+                    )),
+                }
+            },
+            || format!("its output:\n{}", child.output()),
+        )
+        .await?;
+        Ok(SimChild {
+            _child: child,
+            info,
+            _dir: dir,
+        })
     }
 
     fn ca(&self) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
@@ -169,16 +193,6 @@ impl SimChild {
             })?),
             CachePolicy::default(),
         ))
-    }
-}
-
-impl Drop for SimChild {
-    fn drop(&mut self) {
-        // Closing stdin ends the simulator; wait so no process outlives the bench.
-        drop(self.child.stdin.take());
-        if self.child.wait().is_err() {
-            let _ = self.child.kill();
-        }
     }
 }
 
@@ -322,7 +336,7 @@ pub async fn run(config: &Config, args: &BenchArgs) -> anyhow::Result<()> {
         store::redacted_url(&config.database.url)
     );
     let baseline = {
-        let sim = SimChild::spawn(args)?;
+        let sim = SimChild::spawn(args).await?;
         println!(
             "mailbox: {} messages, {:.1} MB",
             sim.info.messages,
@@ -333,7 +347,7 @@ pub async fn run(config: &Config, args: &BenchArgs) -> anyhow::Result<()> {
     // A fresh database for each bench run, dropped afterwards.
     let db = crate::testdb::TestDb::on_server(&config.database.url).await?;
     let full = {
-        let sim = SimChild::spawn(args)?;
+        let sim = SimChild::spawn(args).await?;
         pipeline(&sim, config, db.url()).await
     };
     db.drop_db().await?;

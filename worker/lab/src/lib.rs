@@ -3,13 +3,16 @@
 //! [`sim`] plays Exchange Online POP3S and the Entra ID token endpoint on 127.0.0.1;
 //! [`testdb`] makes a fresh, migrated PostgreSQL database per test; [`demo`], [`bench`] and
 //! [`soak`] are the `ccmail-lab` subcommands; [`world`] builds the one simulated world they and
-//! the tests run against. Invariant: the production crate `ccmail` never
+//! the tests run against; [`child`] and [`wait`] are the one way the tests and the soak run a
+//! binary as a child process and wait for a condition. Invariant: the production crate `ccmail` never
 //! depends on this one (it is only a dev-dependency there), so no simulator, certificate
 //! generator or test-database helper ships in the product binary.
 
 pub mod bench;
+pub mod child;
 pub mod demo;
 pub mod sim;
 pub mod soak;
 pub mod testdb;
+pub mod wait;
 pub mod world;

@@ -19,15 +19,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
+use crate::child::{Child, SpawnOptions};
 use crate::sim::mailgen::{self, MailGen};
 use crate::sim::pop3::Pop3Sim;
 use crate::testdb::TestDb;
@@ -308,86 +308,61 @@ impl Setup {
     }
 }
 
-/// A running worker; dropping it kills the process (SIGKILL to its PID).
-struct Worker {
-    child: tokio::process::Child,
-    log: PathBuf,
-}
-
-impl Worker {
-    fn spawn(
-        options: &SoakOptions,
-        world: &Setup,
-        run: usize,
-        db_url: &str,
-    ) -> anyhow::Result<Worker> {
-        let log = world.log_dir.join(format!("worker-{run}.log"));
-        let out =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let err = out.try_clone()?;
-        let config = world.config.display().to_string();
-        let child = tokio::process::Command::new(&options.worker_exe)
-            .args(["--config", &config, "run"])
-            // Only what the soak decides: no CCMAIL_* or RUST_LOG of the caller's shell.
-            .env_clear()
-            .env("DATABASE_URL", db_url)
-            .env(ccmail::config::MASTER_KEY_ENV, world.key.expose_secret())
+/// Starts run number `run` of the worker (the lab's [`Child`]: dropping it kills the process,
+/// SIGKILL to its PID), its log in `log_dir/worker-<run>.log`.
+fn start_worker(
+    options: &SoakOptions,
+    world: &Setup,
+    run: usize,
+    db_url: &str,
+) -> anyhow::Result<Child> {
+    let log = world.log_dir.join(format!("worker-{run}.log"));
+    let config = world.config.display().to_string();
+    Child::start(
+        &options.worker_exe,
+        &log,
+        &["--config", &config, "run"],
+        &[
+            ("DATABASE_URL", db_url),
+            (ccmail::config::MASTER_KEY_ENV, world.key.expose_secret()),
             // Any free port: another worker on this machine may hold the default one.
-            .env("CCMAIL_HTTP_LISTEN", "127.0.0.1:0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", options.worker_exe.display()))?;
-        Ok(Worker { child, log })
-    }
-
-    fn pid(&self) -> anyhow::Result<Pid> {
-        let pid = self.child.id().context("the worker was already reaped")?;
-        Ok(Pid::from_raw(
-            i32::try_from(pid).context("PID out of range")?,
-        ))
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Fails with the worker's log if it has exited.
-    fn ensure_running(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "the worker exited by itself with {status}; its log ({}):\n{}",
-                self.log.display(),
-                tail(&self.output())
-            );
-        }
-        Ok(())
-    }
-
-    async fn signal_and_wait(
-        &mut self,
-        signal: Signal,
-        deadline: Duration,
-    ) -> anyhow::Result<ExitStatus> {
-        kill(self.pid()?, signal).with_context(|| format!("sending {signal} to the worker"))?;
-        match tokio::time::timeout(deadline, self.child.wait()).await {
-            Ok(status) => Ok(status?),
-            Err(_) => bail!(
-                "the worker did not exit within {deadline:?} of {signal}; its log:\n{}",
-                tail(&self.output())
-            ),
-        }
-    }
+            ("CCMAIL_HTTP_LISTEN", "127.0.0.1:0"),
+        ],
+        // Only what the soak decides: no CCMAIL_* or RUST_LOG of the caller's shell.
+        &SpawnOptions {
+            clear_env: true,
+            ..SpawnOptions::default()
+        },
+    )
 }
 
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SIGKILL to this PID only; tokio reaps it.
-            let _ = self.child.start_kill();
-        }
+/// Fails with the worker's log if it has exited.
+fn ensure_running(worker: &Child) -> anyhow::Result<()> {
+    if let Some(status) = worker.exited()? {
+        bail!(
+            "the worker exited by itself with {status}; its log ({}):\n{}",
+            worker.log_path().display(),
+            tail(&worker.output())
+        );
+    }
+    Ok(())
+}
+
+/// Sends `signal` to the worker and waits for it to exit, at most `deadline`.
+async fn signal_and_wait(
+    worker: &mut Child,
+    signal: Signal,
+    deadline: Duration,
+) -> anyhow::Result<ExitStatus> {
+    worker
+        .signal(signal)
+        .with_context(|| format!("sending {signal} to the worker"))?;
+    match tokio::time::timeout(deadline, worker.reap()).await {
+        Ok(status) => status,
+        Err(_) => bail!(
+            "the worker did not exit within {deadline:?} of {signal}; its log:\n{}",
+            tail(&worker.output())
+        ),
     }
 }
 
@@ -419,16 +394,17 @@ async fn drive(
 
     let mut report = SoakReport::default();
     let mut runs = 0;
-    let mut worker = Worker::spawn(options, world, runs, db.url())?;
+    let mut worker = start_worker(options, world, runs, db.url())?;
     runs += 1;
     for _ in 0..options.kills {
         let stored_at_start = stored_count(db).await?;
         // Progress since this worker started, or nothing left to do.
+        let generator = &generator;
         wait_for(
-            &mut worker,
+            &worker,
             options.deadline,
             "progress after a restart",
-            async || {
+            || async move {
                 let stored = stored_count(db).await?;
                 Ok(stored > stored_at_start
                     || (generator.is_finished() && pop.messages(&world.mailbox).is_empty()))
@@ -443,20 +419,18 @@ async fn drive(
         } else {
             let target = TARGETS[rng.usize(..TARGETS.len())];
             pop.clear_commands();
-            let seen = wait_for_command(&mut worker, pop, target, TARGET_WAIT).await?;
+            let seen = wait_for_command(&worker, pop, target, TARGET_WAIT).await?;
             match seen {
                 Some(command) => format!("at {command}"),
                 // Nothing of the kind came (e.g. no RETR: nothing new was waiting).
                 None => format!("after {} (no {target} came)", last_command(pop)),
             }
         };
-        worker
-            .signal_and_wait(Signal::SIGKILL, Duration::from_secs(10))
-            .await?;
+        signal_and_wait(&mut worker, Signal::SIGKILL, Duration::from_secs(10)).await?;
         *report.kill_points.entry(point).or_default() += 1;
         report.kills += 1;
         pop.clear_commands();
-        worker = Worker::spawn(options, world, runs, db.url())?;
+        worker = start_worker(options, world, runs, db.url())?;
         runs += 1;
     }
 
@@ -465,15 +439,14 @@ async fn drive(
         Err(e) => bail!("the mail generator task failed: {e}"),
     };
     wait_for(
-        &mut worker,
+        &worker,
         options.deadline,
         "the mailbox to drain",
-        async || Ok(pop.messages(&world.mailbox).is_empty()),
+        || async move { Ok(pop.messages(&world.mailbox).is_empty()) },
     )
     .await?;
-    let status = worker
-        .signal_and_wait(Signal::SIGTERM, GRACE + Duration::from_secs(5))
-        .await?;
+    let status =
+        signal_and_wait(&mut worker, Signal::SIGTERM, GRACE + Duration::from_secs(5)).await?;
     ensure!(
         status.success(),
         "the worker exited with {status} after SIGTERM; its log:\n{}",
@@ -526,39 +499,46 @@ async fn generate(
     Ok(markers)
 }
 
-/// Waits until `done` holds while the worker keeps running.
-async fn wait_for(
-    worker: &mut Worker,
+/// Waits until `done` holds while the worker keeps running (the lab's one wait, checking
+/// every [`CHECK_EVERY`]).
+async fn wait_for<F, Fut>(
+    worker: &Child,
     deadline: Duration,
     what: &str,
-    mut done: impl AsyncFnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    let until = tokio::time::Instant::now() + deadline;
-    loop {
-        if done().await? {
-            return Ok(());
-        }
-        worker.ensure_running()?;
-        if tokio::time::Instant::now() >= until {
-            bail!(
-                "waited {deadline:?} for {what}; the worker's log:\n{}",
-                tail(&worker.output())
-            );
-        }
-        tokio::time::sleep(CHECK_EVERY).await;
-    }
+    mut done: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    crate::wait::poll_every(
+        what,
+        deadline,
+        CHECK_EVERY,
+        || {
+            let fut = done();
+            async move {
+                if fut.await? {
+                    return Ok(Some(()));
+                }
+                ensure_running(worker)?;
+                Ok(None)
+            }
+        },
+        || format!("the worker's log:\n{}", tail(&worker.output())),
+    )
+    .await
 }
 
 /// Waits until the server receives a command named `target`; `None` if it does not within
 /// `deadline` (e.g. no RETR because nothing is waiting), which still makes a kill point.
 async fn wait_for_command(
-    worker: &mut Worker,
+    worker: &Child,
     pop: &Pop3Sim,
     target: &str,
     deadline: Duration,
 ) -> anyhow::Result<Option<String>> {
-    let until = tokio::time::Instant::now() + deadline;
-    while tokio::time::Instant::now() < until {
+    crate::wait::watch(deadline, Duration::from_millis(1), || async move {
         if let Some(seen) = pop
             .commands()
             .iter()
@@ -567,10 +547,10 @@ async fn wait_for_command(
         {
             return Ok(Some(command_name(seen).to_owned()));
         }
-        worker.ensure_running()?;
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    Ok(None)
+        ensure_running(worker)?;
+        Ok(None)
+    })
+    .await
 }
 
 fn command_name(line: &str) -> &str {
