@@ -375,8 +375,9 @@ pub async fn ensure_database(url: &str) -> Result<bool, StoreError> {
 }
 
 /// Quotes an SQL identifier: utility statements such as `create database` take no bound
-/// parameters, so the name is quoted (embedded quotes doubled) instead.
-fn quote_ident(name: &str) -> String {
+/// parameters, so the name is quoted (embedded quotes doubled) instead. Public for the lab's
+/// test databases, which create and drop databases the same way.
+pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 

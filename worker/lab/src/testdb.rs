@@ -12,7 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use std::str::FromStr as _;
 
-use ccmail::store::{Db, StoreError, migrate};
+use ccmail::store::{Db, StoreError, migrate, quote_ident};
 use sqlx::postgres::PgConnection;
 
 fn parse_url(url: &str) -> Result<PgConnectOptions, StoreError> {
@@ -32,11 +32,6 @@ fn connect_error(err: sqlx::Error, admin: &PgConnectOptions) -> StoreError {
         ),
         source: err,
     }
-}
-
-/// Quotes an SQL identifier: `create database` takes no bound parameters.
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 async fn create_database(conn: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
