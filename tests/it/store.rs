@@ -1664,3 +1664,49 @@ async fn parser_defects_are_stored_capped_and_shown_with_the_work_item() {
     drop(conn);
     db.drop_db().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_defect_of_nul_bytes_is_capped_after_the_nul_rule_and_the_message_is_stored() {
+    // U+FFFD takes three bytes where NUL took one: capping before the replacement stored up to
+    // three times the cap, which the schema's limit refuses, losing the whole message.
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let pilot = insert_pilot(
+        &mut conn,
+        &NewPilot::new(
+            "support",
+            "s@x",
+            PilotAuth::UserPass {
+                username: "s".into(),
+                credential: "env:POP_PASSWORD".into(),
+            },
+        ),
+    )
+    .await
+    .unwrap();
+    let parsed = ParsedMail {
+        defects: vec!["\0".repeat(5000); 21],
+        message_id: Some(format!("<{}@x>", "\0".repeat(2000))),
+        ..ParsedMail::default()
+    };
+    let new = NewMessage {
+        pilot_id: pilot.id,
+        queue: &pilot.queue,
+        uidl: "UID-NUL",
+        raw: b"Subject: x\r\n\r\nbody\r\n",
+        parsed: &parsed,
+        headers_only: false,
+        flags: &[],
+        identity: None,
+    };
+    insert_message(&mut conn, &new).await.unwrap();
+    let view = recent_work_items(&mut conn, 1).await.unwrap();
+    let shown = &view[0].defects;
+    assert_eq!(shown.len(), 21);
+    for defect in shown {
+        assert!(defect.len() <= 1000, "{} bytes", defect.len());
+        assert!(defect.chars().all(|c| c == '\u{FFFD}'));
+    }
+    drop(conn);
+    db.drop_db().await.unwrap();
+}

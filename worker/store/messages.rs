@@ -146,8 +146,11 @@ fn pg_opt(text: &Option<String>) -> Option<String> {
 }
 
 /// Keeps at most `max` bytes of `text` (on a character boundary), NUL replaced; notes in
-/// `cut` when anything was dropped.
+/// `cut` when anything was dropped. The replacement comes first: U+FFFD takes three bytes
+/// where NUL took one, so cutting first could store three times the cap, over the schema's
+/// limits, and refuse the whole message.
 fn capped(text: &str, max: usize, cut: &mut bool) -> String {
+    let text = pg_text(text);
     let mut end = text.len();
     if end > max {
         *cut = true;
@@ -156,7 +159,7 @@ fn capped(text: &str, max: usize, cut: &mut bool) -> String {
             end -= 1;
         }
     }
-    pg_text(&text[..end]).into_owned()
+    text[..end].to_owned()
 }
 
 /// The parser's defects as the `messages.defects` column keeps them (see [`header_limits`]).
