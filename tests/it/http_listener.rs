@@ -11,6 +11,8 @@ use secrecy::ExposeSecret;
 use ccmail::telemetry;
 use ccmail_lab::sim::mailgen::{Kind, MailGen};
 
+use ccmail_lab::child::SpawnOptions;
+
 use crate::support::child::CcmailChild;
 use crate::support::pipeline::{Ledger, PipelineWorld};
 use crate::support::wait::wait_for;
@@ -70,7 +72,7 @@ async fn idle_connections_beyond_the_cap_exhaust_nothing_and_stop_neither_health
     )?;
     let config = write_config(&world)?;
     let key = world.key.to_base64();
-    let mut child = CcmailChild::spawn_limited(
+    let mut child = CcmailChild::spawn_with(
         crate::support::child::ccmail(),
         world.dir(),
         "run",
@@ -79,7 +81,10 @@ async fn idle_connections_beyond_the_cap_exhaust_nothing_and_stop_neither_health
             ("DATABASE_URL", world.db.url()),
             ("CCMAIL_MASTER_KEY", key.expose_secret()),
         ],
-        Some((WORKER_NOFILE, WORKER_NOFILE)),
+        SpawnOptions {
+            nofile: Some((WORKER_NOFILE, WORKER_NOFILE)),
+            ..SpawnOptions::default()
+        },
     )?;
     let addr = child
         .listen_addr(Duration::from_secs(30))
@@ -159,7 +164,7 @@ async fn a_low_soft_open_file_limit_is_raised_to_the_hard_limit_at_start() -> an
     let world = PipelineWorld::start().await?;
     let config = write_config(&world)?;
     let key = world.key.to_base64();
-    let mut child = CcmailChild::spawn_limited(
+    let mut child = CcmailChild::spawn_with(
         crate::support::child::ccmail(),
         world.dir(),
         "run",
@@ -168,7 +173,10 @@ async fn a_low_soft_open_file_limit_is_raised_to_the_hard_limit_at_start() -> an
             ("DATABASE_URL", world.db.url()),
             ("CCMAIL_MASTER_KEY", key.expose_secret()),
         ],
-        Some((256, 4096)),
+        SpawnOptions {
+            nofile: Some((256, 4096)),
+            ..SpawnOptions::default()
+        },
     )?;
     let addr = child
         .listen_addr(Duration::from_secs(30))

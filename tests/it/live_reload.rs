@@ -11,6 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use ccmail::secrets::MasterKey;
 use ccmail::store;
+use ccmail_lab::child::SpawnOptions;
 use ccmail_lab::sim::mailgen::MailGen;
 use ccmail_lab::sim::pop3::Pop3Sim;
 use ccmail_lab::testdb::TestDb;
@@ -33,12 +34,16 @@ struct Worker {
 impl Worker {
     fn start(env: &[(String, String)], dir: &Path) -> Worker {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let child = CcmailChild::spawn_env_cleared(
+        let child = CcmailChild::spawn_with(
             crate::support::child::ccmail(),
             dir,
             "worker",
             &["run"],
             &env,
+            SpawnOptions {
+                clear_env: true,
+                ..SpawnOptions::default()
+            },
         )
         .unwrap();
         Worker { child }

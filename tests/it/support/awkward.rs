@@ -345,22 +345,5 @@ Content-Disposition: attachment; filename=\"a\0b.txt\"\r\n\r\n\0\0\0\r\n--n--\r\
     all
 }
 
-/// The bytes the POP3 simulator serves for `raw` (and so the bytes ccmail stores): every
-/// bare LF becomes CRLF and the message ends with CRLF (see `ccmail_lab::sim::pop3`).
-pub fn as_served(raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len() + 2);
-    for (i, &b) in raw.iter().enumerate() {
-        if b == b'\n' && (i == 0 || raw[i - 1] != b'\r') {
-            out.push(b'\r');
-        }
-        out.push(b);
-    }
-    if !out.ends_with(b"\r\n") {
-        if out.ends_with(b"\r") {
-            out.push(b'\n');
-        } else {
-            out.extend_from_slice(b"\r\n");
-        }
-    }
-    out
-}
+/// The bytes the POP3 simulator serves for `raw` (and so the bytes ccmail stores).
+pub use ccmail_lab::sim::pop3::as_served;

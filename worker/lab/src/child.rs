@@ -51,54 +51,24 @@ impl Child {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Child> {
-        Child::spawn_limited(exe, dir, name, args, env, None)
+        Child::spawn_with(exe, dir, name, args, env, SpawnOptions::default())
     }
 
-    /// As [`Child::spawn`], with the open-file limit of the child set to `(soft, hard)`
-    /// first (through `sh`'s `ulimit`, which then `exec`s `exe`: the PID is the program's).
-    pub fn spawn_limited(
+    /// As [`Child::spawn`], as `options` say (an open-file limit, a cleared environment);
+    /// the working directory is `dir` and the log `dir/<name>.log` whatever `options` hold.
+    pub fn spawn_with(
         exe: &Path,
         dir: &Path,
         name: &str,
         args: &[&str],
         env: &[(&str, &str)],
-        nofile: Option<(u64, u64)>,
+        options: SpawnOptions,
     ) -> anyhow::Result<Child> {
-        Child::start(
-            exe,
-            &dir.join(format!("{name}.log")),
-            args,
-            env,
-            &SpawnOptions {
-                nofile,
-                clear_env: false,
-                current_dir: Some(dir.to_owned()),
-                stdin_pipe: false,
-            },
-        )
-    }
-
-    /// As [`Child::spawn`], with the child's environment `env` only (nothing inherited
-    /// from the owner: no `DATABASE_URL`, no `CCMAIL_*`).
-    pub fn spawn_env_cleared(
-        exe: &Path,
-        dir: &Path,
-        name: &str,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> anyhow::Result<Child> {
-        Child::start(
-            exe,
-            &dir.join(format!("{name}.log")),
-            args,
-            env,
-            &SpawnOptions {
-                nofile: None,
-                clear_env: true,
-                current_dir: Some(dir.to_owned()),
-                stdin_pipe: false,
-            },
-        )
+        let options = SpawnOptions {
+            current_dir: Some(dir.to_owned()),
+            ..options
+        };
+        Child::start(exe, &dir.join(format!("{name}.log")), args, env, &options)
     }
 
     /// Starts `exe args…` with `env` added (minus `RUST_LOG`), stdout and stderr appended to
@@ -199,16 +169,32 @@ impl Child {
         .await
     }
 
-    /// Fails (with the child's output) if the child has already exited.
+    /// Fails (with the end of the child's log) if the child has already exited.
     pub fn assert_running(&self) -> anyhow::Result<()> {
         if let Some(status) = self.exited()? {
             bail!(
-                "{} exited early with {status}; its output:\n{}",
+                "{} exited early with {status}; {}",
                 self.name,
-                self.output()
+                self.log_tail()
             );
         }
         Ok(())
+    }
+
+    /// The last few KiB of the child's log, with where the whole of it is: enough to see why
+    /// it failed without burying a test's report under a long run's log.
+    pub fn log_tail(&self) -> String {
+        const TAIL_BYTES: usize = 4000;
+        let log = self.output();
+        let start = log.len().saturating_sub(TAIL_BYTES);
+        let start = (start..log.len())
+            .find(|i| log.is_char_boundary(*i))
+            .unwrap_or(log.len());
+        format!(
+            "the end of its log ({}):\n{}",
+            self.output.display(),
+            &log[start..]
+        )
     }
 
     /// Sends SIGTERM, as a service manager does to stop the worker.
@@ -230,7 +216,7 @@ impl Child {
     }
 
     /// Waits for the child to exit, however long that takes (the caller bounds it).
-    pub async fn reap(&mut self) -> anyhow::Result<ExitStatus> {
+    async fn reap(&mut self) -> anyhow::Result<ExitStatus> {
         let child = self
             .child
             .get_mut()
@@ -243,9 +229,9 @@ impl Child {
         match tokio::time::timeout(deadline, self.reap()).await {
             Ok(status) => status,
             Err(_) => bail!(
-                "{} did not exit within {deadline:?}; its output:\n{}",
+                "{} did not exit within {deadline:?}; {}",
                 self.name,
-                self.output()
+                self.log_tail()
             ),
         }
     }
@@ -253,7 +239,7 @@ impl Child {
 
 /// The `listen` address of the first `serving /metrics` line of a worker's log (JSON or text,
 /// with or without ANSI colours).
-pub fn listen_addr_in(log: &str) -> Option<SocketAddr> {
+fn listen_addr_in(log: &str) -> Option<SocketAddr> {
     log.lines()
         .filter(|l| l.contains("serving /metrics"))
         .find_map(|line| {

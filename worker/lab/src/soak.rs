@@ -38,7 +38,7 @@ use ccmail::store;
 /// The simulated tenant's domain.
 const DOMAIN: &str = "contoso.test";
 /// How often conditions (progress, a command seen, a drained mailbox) are checked.
-const CHECK_EVERY: Duration = Duration::from_millis(5);
+const SOAK_CHECK_EVERY: Duration = Duration::from_millis(5);
 /// The worker's shutdown grace in the soak settings.
 const GRACE: Duration = Duration::from_secs(10);
 /// How long a targeted kill waits for its command (polls start every second).
@@ -336,18 +336,6 @@ fn start_worker(
     )
 }
 
-/// Fails with the worker's log if it has exited.
-fn ensure_running(worker: &Child) -> anyhow::Result<()> {
-    if let Some(status) = worker.exited()? {
-        bail!(
-            "the worker exited by itself with {status}; its log ({}):\n{}",
-            worker.log_path().display(),
-            tail(&worker.output())
-        );
-    }
-    Ok(())
-}
-
 /// Sends `signal` to the worker and waits for it to exit, at most `deadline`.
 async fn signal_and_wait(
     worker: &mut Child,
@@ -357,21 +345,7 @@ async fn signal_and_wait(
     worker
         .signal(signal)
         .with_context(|| format!("sending {signal} to the worker"))?;
-    match tokio::time::timeout(deadline, worker.reap()).await {
-        Ok(status) => status,
-        Err(_) => bail!(
-            "the worker did not exit within {deadline:?} of {signal}; its log:\n{}",
-            tail(&worker.output())
-        ),
-    }
-}
-
-fn tail(log: &str) -> &str {
-    let start = log.len().saturating_sub(4000);
-    let start = (start..log.len())
-        .find(|i| log.is_char_boundary(*i))
-        .unwrap_or(log.len());
-    &log[start..]
+    worker.wait(deadline).await
 }
 
 async fn drive(
@@ -400,7 +374,7 @@ async fn drive(
         let stored_at_start = stored_count(db).await?;
         // Progress since this worker started, or nothing left to do.
         let generator = &generator;
-        wait_for(
+        wait_while_running(
             &worker,
             options.deadline,
             "progress after a restart",
@@ -438,7 +412,7 @@ async fn drive(
         Ok(result) => result?,
         Err(e) => bail!("the mail generator task failed: {e}"),
     };
-    wait_for(
+    wait_while_running(
         &worker,
         options.deadline,
         "the mailbox to drain",
@@ -449,8 +423,8 @@ async fn drive(
         signal_and_wait(&mut worker, Signal::SIGTERM, GRACE + Duration::from_secs(5)).await?;
     ensure!(
         status.success(),
-        "the worker exited with {status} after SIGTERM; its log:\n{}",
-        tail(&worker.output())
+        "the worker exited with {status} after SIGTERM; {}",
+        worker.log_tail()
     );
     report.worker_runs = runs;
     report.elapsed = started.elapsed();
@@ -500,8 +474,8 @@ async fn generate(
 }
 
 /// Waits until `done` holds while the worker keeps running (the lab's one wait, checking
-/// every [`CHECK_EVERY`]).
-async fn wait_for<F, Fut>(
+/// every [`SOAK_CHECK_EVERY`]).
+async fn wait_while_running<F, Fut>(
     worker: &Child,
     deadline: Duration,
     what: &str,
@@ -514,18 +488,18 @@ where
     crate::wait::poll_every(
         what,
         deadline,
-        CHECK_EVERY,
+        SOAK_CHECK_EVERY,
         || {
             let fut = done();
             async move {
                 if fut.await? {
                     return Ok(Some(()));
                 }
-                ensure_running(worker)?;
+                worker.assert_running()?;
                 Ok(None)
             }
         },
-        || format!("the worker's log:\n{}", tail(&worker.output())),
+        || worker.log_tail(),
     )
     .await
 }
@@ -547,7 +521,7 @@ async fn wait_for_command(
         {
             return Ok(Some(command_name(seen).to_owned()));
         }
-        ensure_running(worker)?;
+        worker.assert_running()?;
         Ok(None)
     })
     .await

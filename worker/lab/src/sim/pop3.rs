@@ -456,8 +456,9 @@ fn greeting() -> String {
     format!("{GREETING_PREFIX} [{}]", STANDARD.encode(utf16))
 }
 
-/// The message with every line ending as CRLF and a final CRLF.
-fn to_crlf(raw: &[u8]) -> Vec<u8> {
+/// The bytes the simulator serves for `raw` (and so the bytes ccmail stores): every line
+/// ending as CRLF and a final CRLF.
+pub fn as_served(raw: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw.len() + raw.len() / 32 + 2);
     for (i, &b) in raw.iter().enumerate() {
         if b == b'\n' && (i == 0 || raw[i - 1] != b'\r') {
@@ -982,7 +983,7 @@ impl Session {
         let response: Vec<u8> = match verb {
             "STAT" => {
                 let (count, size) = live().fold((0, 0), |(c, s), (_, m)| {
-                    (c + 1, s + estimated_size(to_crlf(&m.raw).len()))
+                    (c + 1, s + estimated_size(as_served(&m.raw).len()))
                 });
                 let count = count + virtual_count;
                 let size = size + virtual_count * VIRTUAL_SIZE;
@@ -990,7 +991,7 @@ impl Session {
             }
             "LIST" if first.is_none() => {
                 let rows: Vec<(usize, usize)> = live()
-                    .map(|(n, m)| (n, estimated_size(to_crlf(&m.raw).len())))
+                    .map(|(n, m)| (n, estimated_size(as_served(&m.raw).len())))
                     .collect();
                 let total: usize =
                     rows.iter().map(|(_, s)| s).sum::<usize>() + virtual_count * VIRTUAL_SIZE;
@@ -1015,7 +1016,7 @@ impl Session {
                 Ok(i) => format!(
                     "+OK {} {}\r\n",
                     i + 1,
-                    estimated_size(to_crlf(&messages[i].raw).len())
+                    estimated_size(as_served(&messages[i].raw).len())
                 )
                 .into_bytes(),
                 Err(e) => format!("{e}\r\n").into_bytes(),
@@ -1043,7 +1044,7 @@ impl Session {
             "TOP" => match (pick(first), second.map(str::parse::<usize>)) {
                 (Ok(i), Some(Ok(lines))) => {
                     let mut out = b"+OK\r\n".to_vec();
-                    out.extend(multiline(&top(&to_crlf(&messages[i].raw), lines)));
+                    out.extend(multiline(&top(&as_served(&messages[i].raw), lines)));
                     out
                 }
                 (Err(e), _) => format!("{e}\r\n").into_bytes(),
@@ -1140,7 +1141,7 @@ impl Session {
             return self.reply(&line).await;
         }
         let mut response = b"+OK\r\n".to_vec();
-        response.extend(multiline(&to_crlf(&message.raw)));
+        response.extend(multiline(&as_served(&message.raw)));
         let cut = self.faults.iter().find_map(|f| match f {
             Fault::DropAfterRetrBytes(n) => Some(*n),
             _ => None,
@@ -1600,7 +1601,7 @@ mod tests {
         let raw = b"Subject: dots\nFrom: a@b.example\n\n.leading dot\n..two dots\nlast".to_vec();
         let uidl = fx.pop.deliver(MAILBOX, raw.clone());
         assert!(uidl.len() <= 70 && uidl.bytes().all(|b| b.is_ascii_graphic()));
-        let crlf_len = to_crlf(&raw).len();
+        let crlf_len = as_served(&raw).len();
 
         let mut c = fx.login(MAILBOX).await?;
         let stat = c.cmd("STAT").await?;
