@@ -91,8 +91,15 @@ pub struct WorkerConfig {
     pub max_poll_secs: Duration,
     /// UIDL listing entries looked at per poll; a larger maildrop drains over several polls.
     pub max_listing_entries: usize,
-    /// A message whose RETR fails this many times is skipped and flagged.
+    /// A message whose download fails this many times is stored as headers only and flagged
+    /// `fetch_failed`. What counts: the server's `-ERR` to its RETR, and a connection that
+    /// breaks while it is the first download of a fresh session; a connection that breaks
+    /// after other downloads of the session went through is the link's fault and not counted.
     pub max_retr_attempts: u32,
+    /// A `fetch_failed` message is downloaded again this long after the last try, and its
+    /// work item completed with the body when it arrives whole.
+    #[serde(with = "secs")]
+    pub refetch_failed_secs: Duration,
     /// Re-read pilots from the database this often (NOTIFY wakes the worker sooner).
     #[serde(with = "secs")]
     pub reload_interval_secs: Duration,
@@ -109,6 +116,11 @@ pub struct WorkerConfig {
     /// Wait after a permanent failure (configuration error) before trying again.
     #[serde(with = "secs")]
     pub permanent_retry_secs: Duration,
+    /// A login refused with the server's generic answer is retried after 15 s, 30 s, then every
+    /// 60 s for this long before it counts as persistent ("login refused", the checklist);
+    /// then after 2, 5 and 10 minutes, then every `permanent_retry_secs`.
+    #[serde(with = "secs")]
+    pub login_refusal_grace_secs: Duration,
 }
 
 /// `[pop3]`
@@ -247,12 +259,14 @@ impl Default for WorkerConfig {
             max_poll_secs: defaults::MAX_POLL_DURATION,
             max_listing_entries: defaults::MAX_LISTING_ENTRIES,
             max_retr_attempts: defaults::MAX_RETR_ATTEMPTS,
+            refetch_failed_secs: defaults::REFETCH_AFTER,
             reload_interval_secs: Duration::from_secs(30),
             shutdown_grace_secs: Duration::from_secs(30),
             poll_jitter: 0.1,
             initial_backoff_secs: Duration::from_secs(5),
             max_backoff_secs: Duration::from_secs(300),
             permanent_retry_secs: Duration::from_secs(900),
+            login_refusal_grace_secs: defaults::LOGIN_REFUSAL_GRACE,
         }
     }
 }
@@ -501,6 +515,8 @@ impl Config {
             ("worker.initial_backoff_secs", w.initial_backoff_secs),
             ("worker.max_backoff_secs", w.max_backoff_secs),
             ("worker.permanent_retry_secs", w.permanent_retry_secs),
+            ("worker.refetch_failed_secs", w.refetch_failed_secs),
+            ("worker.login_refusal_grace_secs", w.login_refusal_grace_secs),
             ("pop3.connect_timeout_secs", p.connect_timeout_secs),
             ("pop3.tls_timeout_secs", p.tls_timeout_secs),
             ("pop3.command_timeout_secs", p.command_timeout_secs),

@@ -382,7 +382,8 @@ async fn an_endless_retr_ends_and_the_rest_of_the_mailbox_drains() -> anyhow::Re
         .await?;
     let pilot = world.resolve(&row).await?;
     let mut ledger = Ledger::default();
-    for marker in ["m1", "endless", "m3"] {
+    // The endless one first: its number stays 1 while the others are deleted around it.
+    for marker in ["endless", "m2", "m3"] {
         ledger.deliver(
             &world.pop,
             &row.mailbox,
@@ -390,7 +391,7 @@ async fn an_endless_retr_ends_and_the_rest_of_the_mailbox_drains() -> anyhow::Re
         )?;
     }
     world.pop.set_fault(Some(Fault::Endless {
-        command: "RETR 2".to_owned(),
+        command: "RETR 1".to_owned(),
     }));
     // Generous: this is "it ended", not a timing goal.
     let polls = tokio::time::timeout(
@@ -426,7 +427,8 @@ async fn a_trickled_retr_is_cut_by_the_minimum_rate_and_the_rest_drains() -> any
     };
     let pilot = world.resolve_with(&row, timeouts).await?;
     let mut ledger = Ledger::default();
-    for marker in ["m1", "trickled", "m3"] {
+    // The trickled one first: its number stays 1 while the others are deleted around it.
+    for marker in ["trickled", "m2", "m3"] {
         ledger.deliver(
             &world.pop,
             &row.mailbox,
@@ -434,7 +436,7 @@ async fn a_trickled_retr_is_cut_by_the_minimum_rate_and_the_rest_drains() -> any
         )?;
     }
     world.pop.set_fault(Some(Fault::Trickle {
-        command: "RETR 2".to_owned(),
+        command: "RETR 1".to_owned(),
         bytes_per_second: 1,
     }));
     tokio::time::timeout(

@@ -36,6 +36,7 @@ fn settings(
         initial_backoff: Duration::from_secs(1),
         max_backoff: Duration::from_secs(2),
         permanent_retry: Duration::from_secs(5),
+        login_refusal_grace: ccmail::model::defaults::LOGIN_REFUSAL_GRACE,
         shutdown_grace: Duration::from_secs(10),
         credentials,
     }

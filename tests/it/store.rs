@@ -878,6 +878,7 @@ async fn known_uidls_mark_deleted_and_fetch_failures() {
         known["D"],
         KnownUidl::Failing {
             attempts: 3,
+            connection_failures: 0,
             too_large: false
         }
     );

@@ -67,6 +67,9 @@ pub struct IngestLimits {
     pub max_listing_entries: usize,
     /// Bounds of parsing one message (parts, depth, sanitising, time).
     pub parse: ParseLimits,
+    /// A message stored as headers only because its download kept failing is downloaded
+    /// again this long after the last try, and completed in place when it arrives whole.
+    pub refetch_after: Duration,
 }
 
 impl Default for IngestLimits {
@@ -81,6 +84,7 @@ impl Default for IngestLimits {
             max_poll_duration: defaults::MAX_POLL_DURATION,
             max_listing_entries: defaults::MAX_LISTING_ENTRIES,
             parse: ParseLimits::default(),
+            refetch_after: defaults::REFETCH_AFTER,
         }
     }
 }
@@ -118,6 +122,39 @@ pub struct PollReport {
     pub unaddressable: usize,
     /// Messages whose parsed fields the database refused: stored raw and flagged.
     pub store_fallbacks: usize,
+    /// Headers-only messages (their download had kept failing) downloaded whole at last and
+    /// completed in place (their work item kept, not doubled).
+    pub completed: usize,
+    /// POP3 sessions this poll used (more than one when it first made earlier deletions stick,
+    /// or when it ran in short sessions after an interrupted poll).
+    pub sessions: usize,
+}
+
+/// How the supervisor asks a poll to run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PollMode {
+    /// At most this many downloads per POP3 session: then the session commits, deletes and
+    /// QUITs, and the poll goes on in a new one (`None`: one session for all of it). Used after
+    /// an interrupted poll, so a link that keeps dropping still shrinks the mailbox with every
+    /// session.
+    pub session_messages: Option<usize>,
+}
+
+/// What a poll did, whether or not it ended in an error: a failed poll may have stored and
+/// deleted messages before the failure.
+#[derive(Debug)]
+pub struct PollOutcome {
+    pub report: PollReport,
+    pub result: Result<(), PollError>,
+    /// Messages downloaded in the session that failed, before it failed.
+    pub downloaded_before_failure: usize,
+}
+
+impl PollOutcome {
+    /// The poll stored or deleted something (so a failure at its end undid no progress).
+    pub fn progressed(&self) -> bool {
+        self.report.stored + self.report.deleted + self.report.completed > 0
+    }
 }
 
 /// Why a poll stopped early. The connection has been dropped without QUIT.
@@ -184,6 +221,8 @@ struct Fetched {
     /// The UIDL was not trusted: if the key turns out to be taken by other mail, the message
     /// is not stored under a second derived key.
     untrusted: bool,
+    /// It is stored as headers only (`fetch_failed`): this whole copy completes that row.
+    completes: bool,
 }
 
 /// A message parsed and ready to be stored.
@@ -213,6 +252,7 @@ struct Committed {
     parse_errors: usize,
     oversize: usize,
     store_fallbacks: usize,
+    completed: usize,
 }
 
 /// How one listed message is handled in this poll.
@@ -224,12 +264,15 @@ enum Plan {
         attempts: u32,
         too_large: bool,
     },
-    /// Stored by an earlier poll that ended before QUIT: check that the server still holds
-    /// that message, then delete it.
-    Verify { uidl: String, copy: StoredCopy },
+    /// Stored as headers only because its download kept failing, and due to be tried again:
+    /// download it and complete the stored row.
+    Refetch { uidl: String },
     /// The server's UIDL for it cannot be trusted (malformed, or shared with another listed
     /// message): it is known by its identity.
     Untrusted { why: String },
+    /// Listed under a stored message's UIDL, but a different message: download it and store
+    /// it under a key derived from its identity or bytes.
+    Derived,
 }
 
 /// What `TOP n 0` and the store say about a message whose UIDL is not trusted.
@@ -272,17 +315,20 @@ async fn open_session(pilot: &Pilot, tokens: &TokenCache) -> Result<Session<Stre
     }
 }
 
-/// The listing as this poll sees it: every usable entry with its plan, in server order; new
-/// mail first, then the checks (stored messages to verify and delete, untrusted UIDLs), so
-/// neither a backlog of checks nor a hostile listing can keep new mail waiting.
+/// The listing as this session sees it, in server order within each group. Stored messages
+/// to verify and delete come first, in a session of their own (see [`poll`]); then new mail
+/// (messages that failed before after the others, so one bad message never holds up the
+/// rest), then the untrusted UIDLs, so neither a backlog of checks nor a hostile listing can
+/// keep new mail waiting.
 struct Listed {
+    verifies: Vec<(u32, String, StoredCopy)>,
     fetches: Vec<(u32, Plan)>,
-    checks: Vec<(u32, Plan)>,
+    untrusted: Vec<(u32, Plan)>,
     /// The listing was cut at `max_listing_entries`.
     truncated: bool,
 }
 
-/// Reads the UIDL listing and decides, per message, what this poll does with it.
+/// Reads the UIDL listing and decides, per message, what this session does with it.
 async fn plan_listing(
     session: &mut Session<Stream>,
     pilot: &Pilot,
@@ -312,59 +358,100 @@ async fn plan_listing(
             _ => None,
         })
         .collect();
-    let known = {
+    let (known, refetch) = {
         let mut conn = pool.acquire().await?;
         if !pilot.keep_on_server && !listing.truncated {
             // Bookkeeping only: a QUIT applied without its reply left rows unmarked.
             store::mark_vanished(&mut conn, pilot.id, &present).await?;
         }
-        store::known_uidls(&mut conn, pilot.id, &present).await?
+        let known = store::known_uidls(&mut conn, pilot.id, &present).await?;
+        let headers_only: Vec<String> = known
+            .iter()
+            .filter(|(_, k)| matches!(k, KnownUidl::Stored { copy, .. } if copy.headers_only))
+            .map(|(uidl, _)| uidl.clone())
+            .collect();
+        let refetch = if headers_only.is_empty() {
+            Default::default()
+        } else {
+            store::refetch_due(&mut conn, pilot.id, &headers_only, limits.refetch_after).await?
+        };
+        (known, refetch)
     };
-    let (mut fetches, mut checks) = (Vec::new(), Vec::new());
+    let mut listed = Listed {
+        verifies: Vec::new(),
+        fetches: Vec::new(),
+        untrusted: Vec::new(),
+        truncated: listing.truncated,
+    };
+    let (mut failed_before, mut refetches) = (Vec::new(), Vec::new());
     let (mut shared, mut invalid) = (0usize, 0usize);
     for entry in listing.entries {
-        let plan = match entry.uidl {
+        let number = entry.number;
+        match entry.uidl {
             pop3::ListedUidl::Unique(uidl) => match known.get(&uidl) {
                 Some(KnownUidl::Stored { copy, .. }) => {
                     report.already_stored += 1;
-                    // Flagged headers-only messages stay on the server for a person.
-                    if copy.headers_only || pilot.keep_on_server {
+                    if copy.headers_only {
+                        // Flagged headers-only messages stay on the server for a person; one
+                        // whose download kept failing is tried again now and then.
+                        if refetch.contains(&uidl) {
+                            refetches.push((number, Plan::Refetch { uidl }));
+                        }
                         continue;
                     }
-                    Plan::Verify { uidl, copy: *copy }
+                    if pilot.keep_on_server {
+                        continue;
+                    }
+                    listed.verifies.push((number, uidl, *copy));
                 }
                 Some(KnownUidl::Failing {
                     attempts,
+                    connection_failures,
                     too_large,
-                }) => Plan::Fetch {
-                    uidl,
-                    attempts: *attempts,
-                    too_large: *too_large,
-                },
-                None => Plan::Fetch {
-                    uidl,
-                    attempts: 0,
-                    too_large: false,
-                },
+                }) => failed_before.push((
+                    number,
+                    Plan::Fetch {
+                        uidl,
+                        attempts: *attempts,
+                        too_large: *too_large,
+                    },
+                    *attempts + *connection_failures,
+                )),
+                None => listed.fetches.push((
+                    number,
+                    Plan::Fetch {
+                        uidl,
+                        attempts: 0,
+                        too_large: false,
+                    },
+                )),
             },
             pop3::ListedUidl::Shared(uidl) => {
                 shared += 1;
-                Plan::Untrusted {
-                    why: format!("UIDL {uidl:?} is listed for more than one message"),
-                }
+                listed.untrusted.push((
+                    number,
+                    Plan::Untrusted {
+                        why: format!("UIDL {uidl:?} is listed for more than one message"),
+                    },
+                ));
             }
             pop3::ListedUidl::Invalid { reason, excerpt } => {
                 invalid += 1;
-                Plan::Untrusted {
-                    why: format!("unusable UIDL line ({reason}): {excerpt}"),
-                }
+                listed.untrusted.push((
+                    number,
+                    Plan::Untrusted {
+                        why: format!("unusable UIDL line ({reason}): {excerpt}"),
+                    },
+                ));
             }
-        };
-        match plan {
-            Plan::Fetch { .. } => fetches.push((entry.number, plan)),
-            Plan::Verify { .. } | Plan::Untrusted { .. } => checks.push((entry.number, plan)),
         }
     }
+    // Fewest failures first: a message that keeps breaking the connection goes last.
+    failed_before.sort_by_key(|(_, _, failures)| *failures);
+    listed
+        .fetches
+        .extend(failed_before.into_iter().map(|(n, plan, _)| (n, plan)));
+    listed.fetches.extend(refetches);
     if shared + invalid > 0 {
         tracing::warn!(
             pilot = pilot.id,
@@ -373,15 +460,75 @@ async fn plan_listing(
             "the server lists messages whose UIDL cannot be trusted; they are known by their identity"
         );
     }
-    Ok(Listed {
-        fetches,
-        checks,
-        truncated: listing.truncated,
-    })
+    Ok(listed)
+}
+
+/// A message whose listed size is over this is not downloaded: its headers are stored and it
+/// is flagged oversize. Exchange Online's `LIST` sizes are estimates a few percent above the
+/// real size, so the margin is wide: half the limit again plus 64 KiB. Anything listed below it
+/// is downloaded with the bounded RETR, which stays the truth (it stops storing at the limit).
+fn listed_size_limit(max_message_bytes: usize) -> u64 {
+    let limit = max_message_bytes as u64;
+    limit.saturating_add(limit / 2).saturating_add(64 * 1024)
+}
+
+/// `LIST` sizes by message number, when the server gives them: an empty map when it refuses
+/// the command or lists too many messages (the bounded RETR then decides alone).
+async fn listed_sizes(
+    session: &mut Session<Stream>,
+    pilot: &Pilot,
+) -> Result<std::collections::HashMap<u32, u64>, PollError> {
+    match timed(pilot, "list", session.list_all()).await {
+        Ok(sizes) => Ok(sizes.into_iter().collect()),
+        Err(e) if !e.poisons_connection() => {
+            tracing::debug!(pilot = pilot.id, error = %e, "no LIST sizes; RETR alone decides what is oversize");
+            Ok(Default::default())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One poll of `pilot` in one session (see [`poll`]): the report, or the error that ended it.
+pub async fn poll_once(
+    pilot: &Pilot,
+    pool: &Db,
+    tokens: &TokenCache,
+    limits: &IngestLimits,
+    cancel: &CancellationToken,
+) -> Result<PollReport, PollError> {
+    let outcome = poll(pilot, pool, tokens, limits, cancel, PollMode::default()).await;
+    outcome.result.map(|()| outcome.report)
+}
+
+/// The poll-wide counters the sessions of one poll share.
+#[derive(Default)]
+struct Progress {
+    report: PollReport,
+    /// Downloads (and header fetches) so far, against `max_messages_per_poll`.
+    fetched: usize,
+    /// Checks (TOP n 0) so far, against the same cap.
+    checked: usize,
+    checks_progressed: bool,
+    /// Messages downloaded in the current session.
+    in_session: usize,
+}
+
+/// What a session leaves for the poll to do next.
+enum Next {
+    Done,
+    /// The session QUIT with work left (deletions made to stick first, or the session budget
+    /// of [`PollMode::session_messages`] used up): go on in a new session.
+    AnotherSession,
 }
 
 /// One poll of `pilot`. Cancellation is honoured between messages, never inside a command:
 /// what was downloaded is committed, deleted and QUIT before returning.
+///
+/// Sessions: when the listing shows messages stored by an earlier poll that never reached
+/// QUIT, the first session only checks and deletes those and QUITs, so that those deletions
+/// stick before any download can be cut off; the downloads follow in a new session. With
+/// `mode.session_messages`, each session downloads at most that many messages, then commits,
+/// deletes and QUITs (RELIABILITY.md, "A link that keeps dropping").
 ///
 /// Downloading, parsing and storing overlap: while message n+1 downloads, message n is parsed
 /// on a parser thread and batch k is committed by a background task (on its own database
@@ -391,125 +538,229 @@ async fn plan_listing(
 /// [`PARSE_ALONE_BYTES`] or more is parsed alone, and one whose parsed footprint exceeds
 /// half a batch is committed alone, after everything else in flight, so a large message never
 /// shares memory with other parses or full batches (RELIABILITY.md, "Memory").
-pub async fn poll_once(
+pub async fn poll(
     pilot: &Pilot,
     pool: &Db,
     tokens: &TokenCache,
     limits: &IngestLimits,
     cancel: &CancellationToken,
-) -> Result<PollReport, PollError> {
+    mode: PollMode,
+) -> PollOutcome {
     let deadline = Instant::now() + limits.max_poll_duration;
+    let mut progress = Progress::default();
+    loop {
+        progress.in_session = 0;
+        progress.report.sessions += 1;
+        let next = session(
+            pilot,
+            pool,
+            tokens,
+            limits,
+            cancel,
+            deadline,
+            mode,
+            &mut progress,
+        )
+        .await;
+        match next {
+            Ok(Next::AnotherSession) if !cancel.is_cancelled() && Instant::now() < deadline => {}
+            Ok(Next::AnotherSession) => {
+                progress.report.more_waiting = true;
+                break;
+            }
+            Ok(Next::Done) => break,
+            Err(e) => {
+                return PollOutcome {
+                    downloaded_before_failure: progress.in_session,
+                    report: progress.report,
+                    result: Err(e),
+                };
+            }
+        }
+    }
+    PollOutcome {
+        report: progress.report,
+        result: Ok(()),
+        downloaded_before_failure: 0,
+    }
+}
+
+/// One POP3 session of a poll: log in, STAT, list, then verify-and-delete or download.
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    pilot: &Pilot,
+    pool: &Db,
+    tokens: &TokenCache,
+    limits: &IngestLimits,
+    cancel: &CancellationToken,
+    deadline: Instant,
+    mode: PollMode,
+    progress: &mut Progress,
+) -> Result<Next, PollError> {
+    let first = progress.report.sessions == 1;
     let mut session = open_session(pilot, tokens).await?;
     // Past the deadline the poll stops between messages; a server that keeps it inside one
     // response longer than that is cut off (the connection is dropped without QUIT).
     session.set_deadline(Some(deadline + pilot.server.timeouts.command * 2));
-    let mut report = PollReport::default();
     let (count, octets) = timed(pilot, "stat", session.stat()).await?;
-    report.on_server = count as usize;
-    report.server_octets = octets;
+    pilot.metrics.messages_on_server(count as usize);
+    if first {
+        progress.report.on_server = count as usize;
+        progress.report.server_octets = octets;
+    }
     if count == 0 {
         timed(pilot, "quit", session.quit()).await?;
         if !pilot.keep_on_server {
             let mut conn = pool.acquire().await?;
             store::mark_vanished(&mut conn, pilot.id, &[]).await?;
         }
-        return Ok(report);
+        return Ok(Next::Done);
     }
-    let listed = plan_listing(&mut session, pilot, pool, limits, &mut report).await?;
+    let report = &mut progress.report;
+    let mut listed = plan_listing(&mut session, pilot, pool, limits, report).await?;
     if listed.truncated {
         report.more_waiting = true;
-        tracing::info!(
-            pilot = pilot.id,
-            looked_at = listed.fetches.len() + listed.checks.len(),
-            "the UIDL listing is longer than worker.max_listing_entries; the rest waits for later polls"
-        );
+        if first {
+            tracing::info!(
+                pilot = pilot.id,
+                looked_at = listed.verifies.len() + listed.fetches.len() + listed.untrusted.len(),
+                "the UIDL listing is longer than worker.max_listing_entries; the rest waits for later polls"
+            );
+        }
     }
 
+    // Stored by an earlier session that never reached QUIT: delete those first, and QUIT, so
+    // the mailbox shrinks even if the downloads that follow are cut off again.
+    let mut deleted: Vec<String> = Vec::new();
+    let mut checks_left = false;
+    for (number, uidl, copy) in std::mem::take(&mut listed.verifies) {
+        if cancel.is_cancelled() || Instant::now() >= deadline {
+            break;
+        }
+        if progress.checked >= limits.max_messages_per_poll {
+            checks_left = true;
+            break;
+        }
+        progress.checked += 1;
+        match verify_stored(&mut session, pilot, pool, number, &uidl, &copy).await? {
+            Some(true) => {
+                progress.checks_progressed = true;
+                timed(pilot, "dele", session.dele(number)).await?;
+                deleted.push(uidl);
+            }
+            // Could not tell: leave it on the server.
+            None => {}
+            Some(false) => {
+                progress.checks_progressed = true;
+                progress.report.untrusted_uidls += 1;
+                pilot.metrics.ingest_error("untrusted_uidl");
+                tracing::warn!(pilot = pilot.id, uidl = %uidl, "the server lists a stored message's UIDL for different mail; storing that mail by its identity");
+                listed.untrusted.insert(0, (number, Plan::Derived));
+            }
+        }
+    }
+    progress.report.more_waiting |= checks_left && progress.checks_progressed;
+    if !deleted.is_empty() {
+        quit_and_record(session, pilot, pool, &deleted, &mut progress.report).await?;
+        return Ok(if listed.fetches.is_empty() && listed.untrusted.is_empty() {
+            Next::Done
+        } else {
+            Next::AnotherSession
+        });
+    }
+
+    let sizes = if listed.fetches.is_empty() {
+        Default::default()
+    } else {
+        listed_sizes(&mut session, pilot).await?
+    };
     let mut pipeline = Pipeline::new(pool, pilot, limits);
     let mut to_delete: Vec<(u32, String)> = Vec::new();
-    // Per poll at most `max_messages_per_poll` downloads and as many checks (TOP n 0).
-    let (mut fetched, mut checked, mut checks_progressed) = (0usize, 0usize, false);
+    let mut session_full = false;
+    let budget = mode.session_messages.map(|n| n.max(1));
 
     let transfer: Result<(), PollError> = async {
-        for (number, plan) in listed.fetches.into_iter().chain(listed.checks) {
+        for (number, plan) in listed.fetches.into_iter().chain(listed.untrusted) {
             if cancel.is_cancelled() {
                 break;
             }
             if Instant::now() >= deadline {
-                report.more_waiting = true;
+                progress.report.more_waiting = true;
                 tracing::warn!(pilot = pilot.id, "poll deadline reached; the rest waits for the next poll");
                 break;
             }
             // DELE what finished committing meanwhile (never before its commit).
-            pipeline.dele_finished(&mut session, &mut report).await?;
-            let (key, attempts, untrusted, too_large) = match plan {
+            pipeline.dele_finished(&mut session, &mut progress.report).await?;
+            let (key, attempts, untrusted, too_large, completes) = match plan {
                 Plan::Fetch {
                     uidl,
                     attempts,
                     too_large,
-                } => (Some(uidl), attempts, false, too_large),
-                Plan::Verify { .. } | Plan::Untrusted { .. }
-                    if checked >= limits.max_messages_per_poll =>
+                } => (Some(uidl), attempts, false, too_large, false),
+                Plan::Refetch { uidl } => (Some(uidl), 0, false, false, true),
+                Plan::Derived => (None, 0, true, false, false),
+                Plan::Untrusted { .. } if progress.checked >= limits.max_messages_per_poll =>
                 {
                     // Poll again soon only if the checks are getting somewhere (a keep-on-server
                     // pilot with many untrusted UIDLs would otherwise poll in a tight loop).
-                    report.more_waiting |= checks_progressed;
+                    progress.report.more_waiting |= progress.checks_progressed;
                     continue;
                 }
-                Plan::Verify { uidl, copy } => {
-                    checked += 1;
-                    match verify_stored(&mut session, pilot, pool, number, &uidl, &copy).await? {
-                        Some(true) => {
-                            checks_progressed = true;
-                            to_delete.push((number, uidl));
-                            continue;
-                        }
-                        // Could not tell: leave it on the server.
-                        None => continue,
-                        Some(false) => {
-                            checks_progressed = true;
-                            report.untrusted_uidls += 1;
-                            pilot.metrics.ingest_error("untrusted_uidl");
-                            tracing::warn!(pilot = pilot.id, uidl = %uidl, "the server lists a stored message's UIDL for different mail; storing that mail by its identity");
-                            (None, 0, true, false)
-                        }
-                    }
-                }
                 Plan::Untrusted { why } => {
-                    report.untrusted_uidls += 1;
+                    progress.report.untrusted_uidls += 1;
                     pilot.metrics.ingest_error("untrusted_uidl");
                     tracing::debug!(pilot = pilot.id, message = number, problem = %why, "UIDL not trusted; the message is known by its identity");
                     // Only a check that leads somewhere counts against the budget: messages of a
                     // keep-on-server pilot, stored already, must not crowd out the others.
                     match resolve_untrusted(&mut session, pilot, pool, number).await? {
                         Resolution::Delete { key } => {
-                            (checked, checks_progressed) = (checked + 1, true);
+                            progress.checked += 1;
+                            progress.checks_progressed = true;
                             to_delete.push((number, key));
                             continue;
                         }
                         Resolution::Leave => continue,
                         Resolution::Fetch { key } => {
-                            (checked, checks_progressed) = (checked + 1, true);
-                            (key, 0, true, false)
+                            progress.checked += 1;
+                            progress.checks_progressed = true;
+                            (key, 0, true, false, false)
                         }
                     }
                 }
             };
-            if fetched >= limits.max_messages_per_poll {
-                report.more_waiting = true;
+            if progress.fetched >= limits.max_messages_per_poll {
+                progress.report.more_waiting = true;
                 continue;
             }
-            fetched += 1;
-            let item = if too_large {
-                report.oversize += 1;
+            if budget.is_some_and(|b| progress.in_session >= b) {
+                // The rest goes to the next session, after this one's deletions stick.
+                session_full = true;
+                break;
+            }
+            let listed_size = sizes.get(&number).copied();
+            let over_listing =
+                listed_size.is_some_and(|size| size > listed_size_limit(pilot.max_message_bytes));
+            if completes && over_listing {
+                // Still too large to try: wait for the next refetch.
+                let mut conn = pool.acquire().await?;
+                store::record_refetch_failure(&mut conn, pilot.id, key.as_deref().unwrap_or_default()).await?;
+                continue;
+            }
+            progress.fetched += 1;
+            let item = if too_large || over_listing {
+                progress.report.oversize += 1;
+                if over_listing {
+                    tracing::warn!(pilot = pilot.id, key = ?key, listed = listed_size, limit = pilot.max_message_bytes, "the server lists this message far over the size limit; storing its headers without downloading it");
+                }
                 headers_only(&mut session, pilot, number, key, Flag::Oversize, untrusted).await?
             } else if attempts >= limits.max_retr_attempts {
-                report.skipped += 1;
-                tracing::warn!(pilot = pilot.id, key = ?key, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
+                progress.report.skipped += 1;
+                tracing::warn!(pilot = pilot.id, key = ?key, attempts, "the server keeps refusing to send this message; storing the headers and leaving the message on the server");
                 headers_only(&mut session, pilot, number, key, Flag::FetchFailed, untrusted).await?
             } else {
                 match timed(pilot, "retr", session.retr(number, pilot.max_message_bytes)).await {
                     Ok(raw) => {
+                        progress.in_session += 1;
                         let identity = identity::identity(&raw);
                         let raw = Bytes::from(raw);
                         let key = key.unwrap_or_else(|| content_key(identity.as_ref(), &raw));
@@ -522,58 +773,86 @@ pub async fn poll_once(
                             flag: None,
                             headers_only: false,
                             untrusted,
+                            completes,
                         }
                     }
+                    Err(pop3::Error::TooLarge { .. } | pop3::Error::ResponseTooLong { .. })
+                        if completes =>
+                    {
+                        // Stored as headers already; it has grown past the limit meanwhile.
+                        let mut conn = pool.acquire().await?;
+                        store::record_refetch_failure(&mut conn, pilot.id, key.as_deref().unwrap_or_default()).await?;
+                        continue;
+                    }
                     Err(pop3::Error::TooLarge { limit, received }) => {
-                        report.oversize += 1;
+                        progress.report.oversize += 1;
                         tracing::warn!(pilot = pilot.id, key = ?key, received, limit, "message over the size limit; storing its headers and leaving it on the server");
                         headers_only(&mut session, pilot, number, key, Flag::Oversize, untrusted).await?
                     }
                     Err(e @ pop3::Error::ResponseTooLong { .. }) => {
                         // Far past the limit: the rest could not be drained, so the connection
                         // is gone. The next poll stores its headers without downloading it.
-                        report.oversize += 1;
+                        progress.report.oversize += 1;
                         tracing::warn!(pilot = pilot.id, key = ?key, error = %e, "message far over the size limit; its headers will be stored by the next poll");
                         if let Some(key) = &key {
                             let mut conn = pool.acquire().await?;
                             store::record_too_large(&mut conn, pilot.id, key, &e.to_string()).await?;
                         }
-                        pipeline.flush_without_session().await?;
+                        pipeline.flush_without_session(&mut progress.report).await?;
                         return Err(e.into());
                     }
                     Err(e) => {
-                        report.retr_failures += 1;
+                        progress.report.retr_failures += 1;
                         pilot.metrics.ingest_error("retr");
-                        let attempts = match &key {
-                            Some(key) => {
+                        let network = e.poisons_connection();
+                        // The connection broke after other downloads of this session went
+                        // through: the link's failure as likely as the message's, so it is
+                        // noted (the message is fetched after the others next time), not
+                        // counted. First in a fresh session (the login and listings had just
+                        // worked), it counts: so a message that always breaks the connection
+                        // is given up on, and one that a flaky link hits now and then is not.
+                        let held_against_it = !network || progress.in_session == 0;
+                        let attempts = match (&key, completes, held_against_it) {
+                            (Some(key), true, _) => {
+                                let mut conn = pool.acquire().await?;
+                                store::record_refetch_failure(&mut conn, pilot.id, key).await?;
+                                0
+                            }
+                            (Some(key), false, false) => {
+                                let mut conn = pool.acquire().await?;
+                                store::record_connection_failure(&mut conn, pilot.id, key, &e.to_string())
+                                    .await?;
+                                0
+                            }
+                            (Some(key), false, true) => {
                                 let mut conn = pool.acquire().await?;
                                 store::record_fetch_failure(&mut conn, pilot.id, key, &e.to_string())
                                     .await?
                             }
                             // Its key depends on its bytes: nothing to count the failure under.
-                            None => 1,
+                            (None, ..) => 1,
                         };
-                        if e.poisons_connection() {
+                        if network {
                             // The connection is gone. What is already downloaded is stored (no
-                            // DELE: that needs a live session), so the next poll makes progress.
-                            pipeline.flush_without_session().await?;
+                            // DELE: that needs a live session); the next poll deletes it first.
+                            pipeline.flush_without_session(&mut progress.report).await?;
                             return Err(e.into());
                         }
-                        if attempts < limits.max_retr_attempts {
-                            tracing::warn!(pilot = pilot.id, key = ?key, error = %e, attempts, "RETR failed; continuing with the next message");
+                        if completes || attempts < limits.max_retr_attempts {
+                            tracing::warn!(pilot = pilot.id, key = ?key, error = %e, attempts, "RETR refused; continuing with the next message");
                             continue;
                         }
                         // That was the last allowed attempt: give up now, while the session is
                         // alive, rather than costing the message one more poll.
-                        report.skipped += 1;
-                        tracing::warn!(pilot = pilot.id, key = ?key, error = %e, attempts, "RETR keeps failing; storing the headers and leaving the message on the server");
+                        progress.report.skipped += 1;
+                        tracing::warn!(pilot = pilot.id, key = ?key, error = %e, attempts, "the server keeps refusing to send this message; storing the headers and leaving the message on the server");
                         headers_only(&mut session, pilot, number, key, Flag::FetchFailed, untrusted).await?
                     }
                 }
             };
-            pipeline.push(item, &mut session, &mut report).await?;
+            pipeline.push(item, &mut session, &mut progress.report).await?;
         }
-        pipeline.finish(&mut session, &mut report).await?;
+        pipeline.finish(&mut session, &mut progress.report).await?;
         for (number, key) in to_delete {
             timed(pilot, "dele", session.dele(number)).await?;
             pipeline.deleted.push(key);
@@ -584,21 +863,37 @@ pub async fn poll_once(
     if let Err(e) = transfer {
         // Let what is already downloaded be stored (not deleted) rather than abort it
         // mid-transaction; the connection is dropped without QUIT.
-        if let Err(drain) = pipeline.finish_without_dele(&mut report).await {
+        if let Err(drain) = pipeline.finish_without_dele(&mut progress.report).await {
             tracing::warn!(pilot = pilot.id, error = %drain, "a background commit failed too");
         }
         return Err(e);
     }
-    // The poll got here in time; QUIT has its own deadline.
+    let deleted = std::mem::take(&mut pipeline.deleted);
+    quit_and_record(session, pilot, pool, &deleted, &mut progress.report).await?;
+    Ok(if session_full {
+        Next::AnotherSession
+    } else {
+        Next::Done
+    })
+}
+
+/// QUIT (which applies the deletions, RFC 1939 §6), then records the deleted keys.
+async fn quit_and_record(
+    mut session: Session<Stream>,
+    pilot: &Pilot,
+    pool: &Db,
+    deleted: &[String],
+    report: &mut PollReport,
+) -> Result<(), PollError> {
+    // The session got here in time; QUIT has its own deadline.
     session.set_deadline(None);
-    // Deletions take effect only now (RFC 1939 §6).
     timed(pilot, "quit", session.quit()).await?;
-    if !pipeline.deleted.is_empty() {
+    if !deleted.is_empty() {
         let mut conn = pool.acquire().await?;
-        store::mark_deleted(&mut conn, pilot.id, &pipeline.deleted).await?;
+        store::mark_deleted(&mut conn, pilot.id, deleted).await?;
     }
-    report.deleted = pipeline.deleted.len();
-    Ok(report)
+    report.deleted += deleted.len();
+    Ok(())
 }
 
 /// The key of a message whose UIDL is not trusted, from what was downloaded: its identity, or
@@ -732,6 +1027,7 @@ async fn headers_only(
         flag: Some(flag),
         headers_only: true,
         untrusted,
+        completes: false,
     })
 }
 
@@ -905,12 +1201,11 @@ impl<'a> Pipeline<'a> {
     }
 
     /// The connection is gone: store everything downloaded so far, delete nothing.
-    async fn flush_without_session(&mut self) -> Result<(), PollError> {
-        let mut report = PollReport::default();
+    async fn flush_without_session(&mut self, report: &mut PollReport) -> Result<(), PollError> {
         while !self.parsing.is_empty() {
-            self.take_parsed(None, &mut report).await?;
+            self.take_parsed(None, report).await?;
         }
-        self.commit_batch(None, &mut report).await
+        self.commit_batch(None, report).await
     }
 
     /// After a failure: let what is downloaded be stored, delete nothing.
@@ -935,6 +1230,7 @@ impl<'a> Pipeline<'a> {
         report.stored_octets += committed.stored_octets;
         report.parse_errors += committed.parse_errors;
         report.store_fallbacks += committed.store_fallbacks;
+        report.completed += committed.completed;
         if let Some(session) = session {
             for (number, key) in committed.deletable {
                 // Why here: the batch's commit has been acknowledged.
@@ -993,6 +1289,7 @@ async fn store_batch(
         parse_errors: 0,
         oversize: 0,
         store_fallbacks: 0,
+        completed: 0,
     };
     for ready in batch {
         let outcome = if isolate {
@@ -1024,10 +1321,14 @@ async fn store_batch(
                 }
                 out.oversize += usize::from(m.flag == Some(Flag::Oversize));
             }
+            Stored::Completed => {
+                out.completed += 1;
+                out.stored_octets += m.raw.len() as u64;
+            }
             Stored::Already => {}
             Stored::Refused => continue,
         }
-        if let Stored::New | Stored::Already = outcome
+        if let Stored::New | Stored::Completed | Stored::Already = outcome
             && !m.headers_only
             && !target.keep_on_server
         {
@@ -1043,6 +1344,8 @@ async fn store_batch(
 enum Stored {
     /// Stored now.
     New,
+    /// A headers-only row was completed with this whole message (its work item kept).
+    Completed,
     /// This very message was stored already (same bytes or identity): it may be deleted.
     Already,
     /// Not stored: the key holds other mail. It stays on the server.
@@ -1068,6 +1371,14 @@ async fn store_one(
         flags: &flags,
         identity: m.identity,
     };
+    if m.completes {
+        // Completed, or left alone when the row is no longer headers-only (completed by a
+        // concurrent poll): then it stays on the server, and a later poll's check deletes it.
+        return Ok(match store::complete_message(conn, &new).await? {
+            Some(_) => Stored::Completed,
+            None => Stored::Refused,
+        });
+    }
     let copy = match store::insert_message(conn, &new).await? {
         Inserted::New { .. } => return Ok(Stored::New),
         Inserted::Existing(copy) => copy,
@@ -1122,6 +1433,7 @@ async fn store_raw(
             flag: Some(Flag::StoreError),
             headers_only: m.headers_only,
             untrusted: m.untrusted,
+            completes: m.completes,
         },
         parsed,
         sha256: ready.sha256,

@@ -25,7 +25,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 pub use crate::ingest::pilot::{ResolveError, app_credentials, resolve_pilot};
-use crate::ingest::poller::{self, IngestLimits, Pilot, PollReport};
+use crate::ingest::poller::{self, IngestLimits, Pilot, PollError, PollReport};
+use crate::pop3;
 use crate::model::retry::Retry;
 use crate::oauth::{self, TokenCache};
 use crate::pop3::Timeouts;
@@ -43,6 +44,8 @@ pub struct SupervisorSettings {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub permanent_retry: Duration,
+    /// How long refused logins are retried quickly before they count as persistent.
+    pub login_refusal_grace: Duration,
     pub shutdown_grace: Duration,
     /// Where credentials may come from and go to (from the settings, never the database).
     /// The supervisor clears its `open_unbound_v1`: it upgrades such values instead.
@@ -64,6 +67,7 @@ impl SupervisorSettings {
                 max_poll_duration: w.max_poll_secs,
                 max_listing_entries: w.max_listing_entries,
                 parse: crate::ingest::parse::ParseLimits::from(&config.parse),
+                refetch_after: w.refetch_failed_secs,
             },
             timeouts: crate::pop3::Timeouts::from(&config.pop3),
             reload_interval: w.reload_interval_secs,
@@ -71,6 +75,7 @@ impl SupervisorSettings {
             initial_backoff: w.initial_backoff_secs,
             max_backoff: w.max_backoff_secs,
             permanent_retry: w.permanent_retry_secs,
+            login_refusal_grace: w.login_refusal_grace_secs,
             shutdown_grace: w.shutdown_grace_secs,
             credentials: config.credential_policy(),
         }
@@ -371,9 +376,7 @@ fn fingerprint(pilot: &PilotRow, app: Option<&AppRow>) -> String {
 }
 
 /// Polls one pilot until cancelled: interval with jitter after success, at once when the
-/// per-poll cap left messages behind; after a failure, what the error's [`Retry`] says:
-/// exponential backoff ([`Retry::Soon`]), `permanent_retry` ([`Retry::Slowly`]), or no retry
-/// until the pilot changes ([`Retry::Never`]), with the error and its fix recorded on the pilot.
+/// per-poll cap left messages behind; after a failure, what [`Pacing`] decides.
 async fn pilot_loop(
     pilot: Pilot,
     pool: Db,
@@ -382,79 +385,76 @@ async fn pilot_loop(
     cancel: CancellationToken,
     status: StatusBoard,
 ) {
-    let mut failures: u32 = 0;
+    let mut pacing = Pacing::default();
     while !cancel.is_cancelled() {
         // Instrumented, not entered: a guard held across an await would tag other tasks' logs.
         let span = tracing::info_span!("poll", pilot = pilot.id, queue = %pilot.queue);
         let started = std::time::Instant::now();
-        let result = poller::poll_once(&pilot, &pool, &tokens, &settings.limits, &cancel)
+        let mode = pacing.mode();
+        let outcome = poller::poll(&pilot, &pool, &tokens, &settings.limits, &cancel, mode)
             .instrument(span)
             .await;
         let took = started.elapsed();
-        let delay = match result {
-            Ok(report) => {
-                pilot
-                    .metrics
-                    .poll_finished(took, Some(report.on_server), None);
-                failures = 0;
-                if report.stored > 0 || report.deleted > 0 {
-                    tracing::info!(
-                        pilot = pilot.id,
-                        stored = report.stored,
-                        deleted = report.deleted,
-                        oversize = report.oversize,
-                        parse_errors = report.parse_errors,
-                        skipped = report.skipped,
-                        on_server = report.on_server,
-                        "poll done"
-                    );
-                }
+        let progressed = outcome.progressed();
+        let decision = pacing.next(
+            &outcome,
+            &settings,
+            pilot.poll_interval,
+            tokio::time::Instant::now(),
+        );
+        let report = outcome.report;
+        if report.stored > 0 || report.deleted > 0 || report.completed > 0 {
+            tracing::info!(
+                pilot = pilot.id,
+                stored = report.stored,
+                deleted = report.deleted,
+                completed = report.completed,
+                oversize = report.oversize,
+                parse_errors = report.parse_errors,
+                skipped = report.skipped,
+                on_server = report.on_server,
+                sessions = report.sessions,
+                "poll done"
+            );
+        }
+        pilot.metrics.login_refused(decision.login_refused);
+        let delay = match outcome.result {
+            Ok(()) => {
+                pilot.metrics.poll_finished(took, None, None);
                 record(&pool, pilot.id, None).await;
-                let again = report.more_waiting;
                 update(&status, pilot.id, |s| {
                     s.last_report = Some(report);
                     s.last_error = None;
                     s.consecutive_failures = 0;
                 });
-                Some(if again {
-                    Duration::ZERO
-                } else {
-                    jittered(pilot.poll_interval, settings.poll_jitter)
-                })
+                decision.delay
             }
             Err(e) => {
                 pilot.metrics.poll_finished(took, None, Some(e.reason()));
-                failures = failures.saturating_add(1);
-                let retry = e.retry();
-                // None: not until the pilot's settings change (the reload that brings the
-                // change cancels this loop and starts a new one).
-                let delay = match retry {
-                    Retry::Soon => Some(oauth::backoff(
-                        settings.initial_backoff,
-                        settings.max_backoff,
-                        failures,
-                    )),
-                    Retry::Slowly => Some(settings.permanent_retry),
-                    Retry::Never => None,
+                let text = match &decision.refusal {
+                    Some(refusal) => refusal.describe(&e, decision.delay),
+                    None => e.to_string(),
                 };
                 tracing::warn!(
                     pilot = pilot.id,
-                    error = %e,
+                    error = %text,
                     fix = e.hint().unwrap_or(""),
-                    permanent = retry != Retry::Soon,
-                    retry = ?retry,
-                    retry_in_s = delay.map(|d| d.as_secs()),
+                    retry = ?e.retry(),
+                    progressed,
+                    retry_in_s = decision.delay.map(|d| d.as_secs()),
                     "poll failed"
                 );
-                record(&pool, pilot.id, Some(&e)).await;
-                let text = e.to_string();
+                record(&pool, pilot.id, Some((&text, e.hint()))).await;
                 update(&status, pilot.id, |s| {
+                    s.last_report = Some(report);
                     s.last_error = Some(text);
-                    s.consecutive_failures = failures;
+                    s.consecutive_failures = pacing.failures;
                 });
-                delay
+                decision.delay
             }
         };
+        // None: not until the pilot's settings change (the reload that brings the change
+        // cancels this loop and starts a new one).
         let Some(delay) = delay else {
             cancel.cancelled().await;
             break;
@@ -467,6 +467,183 @@ async fn pilot_loop(
     tracing::info!(pilot = pilot.id, "poller stopped");
 }
 
+/// What the pilot loop remembers between polls, and the rules for the next one:
+/// - after a success: the poll interval with jitter, or at once when the per-poll cap left
+///   messages behind;
+/// - a failed poll that stored or deleted messages made progress: the backoff starts over at
+///   its first step (a link that drops now and then must not slow a mailbox that drains);
+/// - a login refused with the server's generic answer ([`pop3::Error::AuthRejected`]) is a
+///   state, not a verdict (Exchange Online answers a missing permission, too many sessions on
+///   the mailbox and a permission still propagating all alike): retried after 15 s, 30 s, then
+///   every 60 s; only after 3 refusals over `login_refusal_grace` is it persistent (the
+///   checklist, the metric), retried after 2, 5 and 10 minutes, then every `permanent_retry`;
+/// - other failures: what the error's [`Retry`] says: exponential backoff ([`Retry::Soon`]),
+///   `permanent_retry` ([`Retry::Slowly`]), or no retry until the pilot changes
+///   ([`Retry::Never`]);
+/// - after a poll that was cut off once it had downloaded messages, the next polls use short
+///   sessions (half of what the cut-off session downloaded; commit, DELE, QUIT each), so a
+///   link that keeps dropping still shrinks the mailbox with every session; a clean poll ends
+///   that.
+#[derive(Debug, Default)]
+struct Pacing {
+    /// Consecutive failed polls without progress.
+    failures: u32,
+    /// Consecutive refused logins, since when, and how many of them came after the refusal
+    /// turned persistent.
+    refusals: u32,
+    refused_since: Option<tokio::time::Instant>,
+    persistent_refusals: u32,
+    session_messages: Option<usize>,
+}
+
+/// What [`Pacing::next`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Decision {
+    /// `None`: wait for the pilot's settings to change.
+    delay: Option<Duration>,
+    /// The poll's login was refused: how long that has lasted.
+    refusal: Option<Refusal>,
+    /// The refusal has lasted long enough to be reported as persistent.
+    login_refused: bool,
+}
+
+/// A run of refused logins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Refusal {
+    count: u32,
+    lasted: Duration,
+    persistent: bool,
+}
+
+/// Early retries of a refused login, then every [`REFUSAL_STEADY`] within the grace period.
+const REFUSAL_EARLY: [Duration; 2] = [Duration::from_secs(15), Duration::from_secs(30)];
+const REFUSAL_STEADY: Duration = Duration::from_secs(60);
+/// Retries once the refusal is persistent, before `permanent_retry` takes over.
+const REFUSAL_LATE: [Duration; 3] = [
+    Duration::from_secs(120),
+    Duration::from_secs(300),
+    Duration::from_secs(600),
+];
+/// Refusals (at least) that make a refusal persistent, with the grace period.
+const REFUSALS_TO_PERSIST: u32 = 3;
+
+impl Pacing {
+    fn mode(&self) -> poller::PollMode {
+        poller::PollMode {
+            session_messages: self.session_messages,
+        }
+    }
+
+    fn next(
+        &mut self,
+        outcome: &poller::PollOutcome,
+        settings: &SupervisorSettings,
+        poll_interval: Duration,
+        now: tokio::time::Instant,
+    ) -> Decision {
+        let error = match &outcome.result {
+            Ok(()) => {
+                *self = Pacing::default();
+                let delay = if outcome.report.more_waiting {
+                    Duration::ZERO
+                } else {
+                    jittered(poll_interval, settings.poll_jitter)
+                };
+                return Decision {
+                    delay: Some(delay),
+                    refusal: None,
+                    login_refused: false,
+                };
+            }
+            Err(e) => e,
+        };
+        if outcome.downloaded_before_failure > 0 {
+            self.session_messages = Some((outcome.downloaded_before_failure / 2).max(1));
+        }
+        if let PollError::Pop3(pop3::Error::AuthRejected { .. }) = error {
+            self.refusals = self.refusals.saturating_add(1);
+            let since = *self.refused_since.get_or_insert(now);
+            let lasted = now.saturating_duration_since(since);
+            let persistent =
+                self.refusals >= REFUSALS_TO_PERSIST && lasted >= settings.login_refusal_grace;
+            let delay = if persistent {
+                self.persistent_refusals = self.persistent_refusals.saturating_add(1);
+                let step = usize::try_from(self.persistent_refusals - 1).unwrap_or(usize::MAX);
+                REFUSAL_LATE
+                    .get(step)
+                    .map_or(settings.permanent_retry, |d| (*d).min(settings.permanent_retry))
+            } else {
+                let step = usize::try_from(self.refusals - 1).unwrap_or(usize::MAX);
+                let early = REFUSAL_EARLY.get(step).copied().unwrap_or(REFUSAL_STEADY);
+                // Never slower than the slowest retry the settings allow.
+                early.min(settings.permanent_retry)
+            };
+            self.failures = self.failures.saturating_add(1);
+            return Decision {
+                delay: Some(delay),
+                refusal: Some(Refusal {
+                    count: self.refusals,
+                    lasted,
+                    persistent,
+                }),
+                login_refused: persistent,
+            };
+        }
+        // Any other answer ends a run of refusals: the login got further, or never got there.
+        self.refusals = 0;
+        self.refused_since = None;
+        self.persistent_refusals = 0;
+        self.failures = if outcome.progressed() {
+            1
+        } else {
+            self.failures.saturating_add(1)
+        };
+        let delay = match error.retry() {
+            Retry::Soon => Some(oauth::backoff(
+                settings.initial_backoff,
+                settings.max_backoff,
+                self.failures,
+            )),
+            Retry::Slowly => Some(settings.permanent_retry),
+            Retry::Never => None,
+        };
+        Decision {
+            delay,
+            refusal: None,
+            login_refused: false,
+        }
+    }
+}
+
+impl Refusal {
+    /// The pilot's error text for a refused login: the causes that pass by themselves first,
+    /// while they are plausible.
+    fn describe(&self, error: &PollError, delay: Option<Duration>) -> String {
+        let retry = delay.map_or_else(
+            || "not retried until the pilot changes".to_owned(),
+            |d| format!("retrying in {} s", d.as_secs()),
+        );
+        let times = if self.count == 1 {
+            "once".to_owned()
+        } else {
+            format!("{} times over {} s", self.count, self.lasted.as_secs())
+        };
+        if self.persistent {
+            format!(
+                "{error} (refused {times}: persistent, not a passing session limit or \
+                 propagation delay; check the app's permissions as the fix says; {retry})"
+            )
+        } else {
+            format!(
+                "{error} (refused {times}; often temporary: another session may hold this \
+                 mailbox (another mail client, or another ccmail worker polling it), or a \
+                 permission granted less than an hour ago has not reached the server yet; \
+                 {retry})"
+            )
+        }
+    }
+}
+
 fn update(status: &StatusBoard, id: i64, f: impl FnOnce(&mut PilotStatus)) {
     let mut board = status.lock().unwrap_or_else(|p| p.into_inner());
     let entry = board.entry(id).or_default();
@@ -474,12 +651,14 @@ fn update(status: &StatusBoard, id: i64, f: impl FnOnce(&mut PilotStatus)) {
     f(entry);
 }
 
-async fn record(pool: &Db, id: i64, error: Option<&poller::PollError>) {
+/// Records the poll's outcome on the pilot row: `None` for success, else the error's text and
+/// its fix.
+async fn record(pool: &Db, id: i64, error: Option<(&str, Option<&str>)>) {
     let result = async {
         let mut conn = pool.acquire().await?;
         match error {
             None => store::record_poll_success(&mut conn, id).await,
-            Some(e) => store::record_poll_error(&mut conn, id, &e.to_string(), e.hint()).await,
+            Some((text, hint)) => store::record_poll_error(&mut conn, id, text, hint).await,
         }
     }
     .await;

@@ -32,6 +32,12 @@ pub const COMMIT_CONCURRENCY: usize = 2;
 pub const PARSE_AHEAD: usize = 2;
 /// A poll stops taking new messages after this long.
 pub const MAX_POLL_DURATION: Duration = Duration::from_secs(15 * 60);
+/// A headers-only message whose download kept failing is tried again after a day.
+pub const REFETCH_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+/// A login the server refuses with its generic answer is retried on a short schedule for this
+/// long before the refusal counts as persistent (the time another session takes to end, or a
+/// new permission to reach the server).
+pub const LOGIN_REFUSAL_GRACE: Duration = Duration::from_secs(10 * 60);
 /// UIDL listing entries looked at per poll.
 pub const MAX_LISTING_ENTRIES: usize = 100_000;
 

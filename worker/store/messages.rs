@@ -8,7 +8,7 @@
 //! a reason to lose a message.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
@@ -54,9 +54,15 @@ pub enum KnownUidl {
     /// identity is checked) unless `deleted` (already done) or the pilot keeps mail on the
     /// server.
     Stored { copy: StoredCopy, deleted: bool },
-    /// Not stored; downloading it has failed `attempts` times so far; `too_large`: a download
-    /// ran far past the size limit (store its headers instead of trying again).
-    Failing { attempts: u32, too_large: bool },
+    /// Not stored; `attempts` failed downloads are held against it so far, and
+    /// `connection_failures` more that were not (the connection broke after other downloads);
+    /// `too_large`: a download ran far past the size limit (store its headers instead of
+    /// trying again).
+    Failing {
+        attempts: u32,
+        connection_failures: u32,
+        too_large: bool,
+    },
 }
 
 /// One downloaded message, ready to be stored. `Debug` shows sizes, not mail content.
@@ -245,62 +251,22 @@ pub async fn insert_message(
     conn: &mut PgConnection,
     message: &NewMessage<'_>,
 ) -> Result<Inserted, StoreError> {
-    let parsed = message.parsed;
-    let size = i64::try_from(message.raw.len()).map_err(|_| too_large("raw", message.raw.len()))?;
-    let sha256: [u8; 32] = Sha256::digest(message.raw).into();
     let mut cut = false;
-    let message_id = capped_opt(&parsed.message_id, header_limits::ID_BYTES, &mut cut);
-    let subject = capped_opt(&parsed.subject, header_limits::SUBJECT_BYTES, &mut cut);
-    let from = pg_addresses(&parsed.from, &mut cut);
-    let to = pg_addresses(&parsed.to, &mut cut);
-    let cc = pg_addresses(&parsed.cc, &mut cut);
-    let reply_to = pg_addresses(&parsed.reply_to, &mut cut);
-    let in_reply_to = capped_ids(
-        &parsed.in_reply_to,
-        header_limits::IN_REPLY_TO_IDS,
-        false,
-        &mut cut,
-    );
-    let references = capped_ids(
-        &parsed.references,
-        header_limits::REFERENCES_IDS,
-        true,
-        &mut cut,
-    );
-    let message_row: Option<i64> = sqlx::query_scalar(
-        "insert into messages (pilot_id, uidl, raw, sha256, message_id, subject, from_addrs, \
-         to_addrs, cc_addrs, reply_to_addrs, sent_at, in_reply_to, \"references\", text_body, \
-         html_body, parse_error, size, headers_only, html_sanitized, identity, defects) \
-         select $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-         $19, $20, $21 \
-         where not exists (select 1 from messages where pilot_id = $1 and identity = $20 \
-                           and ($2 like '~ %' or uidl like '~ %')) \
-         on conflict (pilot_id, uidl) do nothing returning id",
-    )
-    .bind(message.pilot_id)
-    .bind(message.uidl)
-    .bind(message.raw)
-    .bind(&sha256[..])
-    .bind(message_id)
-    .bind(subject)
-    .bind(from)
-    .bind(to)
-    .bind(cc)
-    .bind(reply_to)
-    .bind(parsed.date)
-    .bind(in_reply_to)
-    .bind(references)
-    .bind(pg_opt(&parsed.text_body))
-    .bind(pg_opt(&parsed.html_body))
-    .bind(pg_opt(&parsed.parse_error))
-    .bind(size)
-    .bind(message.headers_only)
-    .bind(pg_opt(&parsed.html_sanitized))
-    .bind(message.identity.as_ref().map(|i| &i[..]))
-    .bind(stored_defects(&parsed.defects))
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(|err| unknown_pilot(err, message.pilot_id))?;
+    let columns = MessageColumns::of(message, &mut cut)?;
+    let message_row: Option<i64> = columns
+        .bind(sqlx::query_scalar(
+            "insert into messages (pilot_id, uidl, raw, sha256, message_id, subject, from_addrs, \
+             to_addrs, cc_addrs, reply_to_addrs, sent_at, in_reply_to, \"references\", text_body, \
+             html_body, parse_error, size, headers_only, html_sanitized, identity, defects) \
+             select $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             $18, $19, $20, $21 \
+             where not exists (select 1 from messages where pilot_id = $1 and identity = $20 \
+                               and ($2 like '~ %' or uidl like '~ %')) \
+             on conflict (pilot_id, uidl) do nothing returning id",
+        ))
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|err| unknown_pilot(err, message.pilot_id))?;
     let Some(message_row) = message_row else {
         // Already stored by an earlier poll or a concurrent poller: nothing else to write.
         let mut stored = stored_copy(conn, message.pilot_id, message.uidl).await?;
@@ -316,54 +282,8 @@ pub async fn insert_message(
             }
         })?));
     };
-
-    for (index, attachment) in parsed.attachments.iter().enumerate() {
-        let ordinal = i32::try_from(index).map_err(|_| too_large("attachment count", index))?;
-        let size = i64::try_from(attachment.bytes.len())
-            .map_err(|_| too_large("attachment", attachment.bytes.len()))?;
-        sqlx::query(
-            "insert into attachments (message_id, ordinal, filename, content_type, size, \
-             content_id, inline, bytes) values ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(message_row)
-        .bind(ordinal)
-        .bind(capped_opt(
-            &attachment.filename,
-            header_limits::ATTACHMENT_FIELD_BYTES,
-            &mut cut,
-        ))
-        .bind(capped(
-            &attachment.content_type,
-            header_limits::ATTACHMENT_FIELD_BYTES,
-            &mut cut,
-        ))
-        .bind(size)
-        .bind(capped_opt(
-            &attachment.content_id,
-            header_limits::ATTACHMENT_FIELD_BYTES,
-            &mut cut,
-        ))
-        .bind(attachment.inline)
-        .bind(&attachment.bytes)
-        .execute(&mut *conn)
-        .await?;
-    }
-
-    let mut flags: Vec<String> = Vec::with_capacity(message.flags.len() + 2);
-    let parse_flag = parsed.parse_error.is_some().then_some(FLAG_PARSE_ERROR);
-    let cut_flag = cut.then_some(FLAG_HEADER_TRUNCATED);
-    for flag in message
-        .flags
-        .iter()
-        .copied()
-        .chain(parse_flag)
-        .chain(parsed.flags.iter().copied())
-        .chain(cut_flag)
-    {
-        if !flags.iter().any(|f| *f == flag) {
-            flags.push(flag.as_str().to_owned());
-        }
-    }
+    insert_attachments(conn, message_row, message.parsed, &mut cut).await?;
+    let flags = work_item_flags(message, cut);
     let work_item_id: i64 = sqlx::query_scalar(
         "insert into work_items (message_id, queue, flags) values ($1, $2, $3) returning id",
     )
@@ -379,6 +299,189 @@ pub async fn insert_message(
         .execute(&mut *conn)
         .await?;
     Ok(Inserted::New { work_item_id })
+}
+
+/// Completes a message stored as headers only (flagged `fetch_failed`) with the whole message,
+/// downloaded at last: the message row gets the bytes and what was parsed from them, the
+/// attachments are stored, and its work item, kept as it is (state, queue, place), loses the
+/// `fetch_failed` flag and gains the parser's. No second work item is made. Returns the work
+/// item, or `None` when there is no such headers-only message (completed already, or never
+/// stored that way): nothing is written then.
+///
+/// Call it inside the caller's transaction and `DELE` only after that transaction commits.
+pub async fn complete_message(
+    conn: &mut PgConnection,
+    message: &NewMessage<'_>,
+) -> Result<Option<i64>, StoreError> {
+    let mut cut = false;
+    let columns = MessageColumns::of(message, &mut cut)?;
+    let message_row: Option<i64> = columns
+        .bind(sqlx::query_scalar(
+            "update messages set raw = $3, sha256 = $4, message_id = $5, subject = $6, \
+             from_addrs = $7, to_addrs = $8, cc_addrs = $9, reply_to_addrs = $10, sent_at = $11, \
+             in_reply_to = $12, \"references\" = $13, text_body = $14, html_body = $15, \
+             parse_error = $16, size = $17, headers_only = $18, html_sanitized = $19, \
+             identity = coalesce($20, identity), defects = $21, refetch_attempted_at = null \
+             where pilot_id = $1 and uidl = $2 and headers_only returning id",
+        ))
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(message_row) = message_row else {
+        return Ok(None);
+    };
+    sqlx::query("delete from attachments where message_id = $1")
+        .bind(message_row)
+        .execute(&mut *conn)
+        .await?;
+    insert_attachments(conn, message_row, message.parsed, &mut cut).await?;
+    let flags = work_item_flags(message, cut);
+    let work_item_id: i64 = sqlx::query_scalar(
+        "update work_items set flags = array(select distinct f from unnest(flags || $2) f \
+         where f <> $3 order by f) where message_id = $1 returning id",
+    )
+    .bind(message_row)
+    .bind(&flags)
+    .bind(Flag::FetchFailed.as_str())
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query("delete from fetch_failures where pilot_id = $1 and uidl = $2")
+        .bind(message.pilot_id)
+        .bind(message.uidl)
+        .execute(&mut *conn)
+        .await?;
+    Ok(Some(work_item_id))
+}
+
+/// The values of a `messages` row, capped to the schema's limits, in the order
+/// `$1`…`$21` of [`insert_message`] and [`complete_message`].
+struct MessageColumns<'a> {
+    message: &'a NewMessage<'a>,
+    size: i64,
+    sha256: [u8; 32],
+    message_id: Option<String>,
+    subject: Option<String>,
+    from: Json<Vec<Address>>,
+    to: Json<Vec<Address>>,
+    cc: Json<Vec<Address>>,
+    reply_to: Json<Vec<Address>>,
+    in_reply_to: Vec<String>,
+    references: Vec<String>,
+}
+
+impl<'a> MessageColumns<'a> {
+    fn of(message: &'a NewMessage<'a>, cut: &mut bool) -> Result<Self, StoreError> {
+        let parsed = message.parsed;
+        Ok(MessageColumns {
+            message,
+            size: i64::try_from(message.raw.len())
+                .map_err(|_| too_large("raw", message.raw.len()))?,
+            sha256: Sha256::digest(message.raw).into(),
+            message_id: capped_opt(&parsed.message_id, header_limits::ID_BYTES, cut),
+            subject: capped_opt(&parsed.subject, header_limits::SUBJECT_BYTES, cut),
+            from: pg_addresses(&parsed.from, cut),
+            to: pg_addresses(&parsed.to, cut),
+            cc: pg_addresses(&parsed.cc, cut),
+            reply_to: pg_addresses(&parsed.reply_to, cut),
+            in_reply_to: capped_ids(
+                &parsed.in_reply_to,
+                header_limits::IN_REPLY_TO_IDS,
+                false,
+                cut,
+            ),
+            references: capped_ids(&parsed.references, header_limits::REFERENCES_IDS, true, cut),
+        })
+    }
+
+    fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        let (message, parsed) = (self.message, self.message.parsed);
+        query
+            .bind(message.pilot_id)
+            .bind(message.uidl)
+            .bind(message.raw)
+            .bind(&self.sha256[..])
+            .bind(self.message_id.as_deref())
+            .bind(self.subject.as_deref())
+            .bind(&self.from)
+            .bind(&self.to)
+            .bind(&self.cc)
+            .bind(&self.reply_to)
+            .bind(parsed.date)
+            .bind(&self.in_reply_to)
+            .bind(&self.references)
+            .bind(pg_opt(&parsed.text_body))
+            .bind(pg_opt(&parsed.html_body))
+            .bind(pg_opt(&parsed.parse_error))
+            .bind(self.size)
+            .bind(message.headers_only)
+            .bind(pg_opt(&parsed.html_sanitized))
+            .bind(message.identity.as_ref().map(|i| &i[..]))
+            .bind(stored_defects(&parsed.defects))
+    }
+}
+
+async fn insert_attachments(
+    conn: &mut PgConnection,
+    message_row: i64,
+    parsed: &ParsedMail,
+    cut: &mut bool,
+) -> Result<(), StoreError> {
+    for (index, attachment) in parsed.attachments.iter().enumerate() {
+        let ordinal = i32::try_from(index).map_err(|_| too_large("attachment count", index))?;
+        let size = i64::try_from(attachment.bytes.len())
+            .map_err(|_| too_large("attachment", attachment.bytes.len()))?;
+        sqlx::query(
+            "insert into attachments (message_id, ordinal, filename, content_type, size, \
+             content_id, inline, bytes) values ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(message_row)
+        .bind(ordinal)
+        .bind(capped_opt(
+            &attachment.filename,
+            header_limits::ATTACHMENT_FIELD_BYTES,
+            cut,
+        ))
+        .bind(capped(
+            &attachment.content_type,
+            header_limits::ATTACHMENT_FIELD_BYTES,
+            cut,
+        ))
+        .bind(size)
+        .bind(capped_opt(
+            &attachment.content_id,
+            header_limits::ATTACHMENT_FIELD_BYTES,
+            cut,
+        ))
+        .bind(attachment.inline)
+        .bind(&attachment.bytes)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The work item's flags: the caller's, `parse_error` when parsing failed, the parser's own,
+/// and `header_truncated` when a value was cut; each once.
+fn work_item_flags(message: &NewMessage<'_>, cut: bool) -> Vec<String> {
+    let parsed = message.parsed;
+    let mut flags: Vec<String> = Vec::with_capacity(message.flags.len() + 2);
+    let parse_flag = parsed.parse_error.is_some().then_some(FLAG_PARSE_ERROR);
+    let cut_flag = cut.then_some(FLAG_HEADER_TRUNCATED);
+    for flag in message
+        .flags
+        .iter()
+        .copied()
+        .chain(parse_flag)
+        .chain(parsed.flags.iter().copied())
+        .chain(cut_flag)
+    {
+        if !flags.iter().any(|f| *f == flag) {
+            flags.push(flag.as_str().to_owned());
+        }
+    }
+    flags
 }
 
 /// The stored copy under `(pilot, key)`, if any.
@@ -497,8 +600,8 @@ pub async fn known_uidls(
     pilot_id: i64,
     uidls: &[String],
 ) -> Result<HashMap<String, KnownUidl>, StoreError> {
-    let failing: Vec<(String, i32, bool)> = sqlx::query_as(
-        "select uidl, attempts, too_large from fetch_failures \
+    let failing: Vec<(String, i32, i32, bool)> = sqlx::query_as(
+        "select uidl, attempts, connection_failures, too_large from fetch_failures \
          where pilot_id = $1 and uidl = any($2)",
     )
     .bind(pilot_id)
@@ -516,15 +619,21 @@ pub async fn known_uidls(
     .fetch_all(&mut *conn)
     .await?;
     let mut known = HashMap::with_capacity(failing.len() + stored.len());
-    for (uidl, attempts, too_large) in failing {
-        let attempts = u32::try_from(attempts).map_err(|_| StoreError::UnexpectedValue {
-            column: "fetch_failures.attempts",
-            value: attempts.to_string(),
-        })?;
+    for (uidl, attempts, connection_failures, too_large) in failing {
+        let count = |column, value: i32| {
+            u32::try_from(value).map_err(|_| StoreError::UnexpectedValue {
+                column,
+                value: value.to_string(),
+            })
+        };
         known.insert(
             uidl,
             KnownUidl::Failing {
-                attempts,
+                attempts: count("fetch_failures.attempts", attempts)?,
+                connection_failures: count(
+                    "fetch_failures.connection_failures",
+                    connection_failures,
+                )?,
                 too_large,
             },
         );
@@ -608,6 +717,71 @@ pub async fn record_fetch_failure(
         column: "fetch_failures.attempts",
         value: attempts.to_string(),
     })
+}
+
+/// Records that the connection broke while `uidl` was downloading (reset, timeout, TLS
+/// error) in a way not held against the message: it does not count toward giving up, it is
+/// only noted, so the next polls fetch it after the rest of the mailbox.
+pub async fn record_connection_failure(
+    conn: &mut PgConnection,
+    pilot_id: i64,
+    uidl: &str,
+    error: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "insert into fetch_failures (pilot_id, uidl, last_error, attempts, connection_failures) \
+         values ($1, $2, $3, 0, 1) \
+         on conflict (pilot_id, uidl) do update \
+         set connection_failures = fetch_failures.connection_failures + 1, \
+         last_error = excluded.last_error, last_failed_at = now()",
+    )
+    .bind(pilot_id)
+    .bind(uidl)
+    .bind(pg_text(error).as_ref())
+    .execute(conn)
+    .await
+    .map_err(|err| unknown_pilot(err, pilot_id))?;
+    Ok(())
+}
+
+/// Of these stored UIDLs, the headers-only messages flagged `fetch_failed` that are due to be
+/// downloaded again: not tried for `after` (since they were stored, or since the last try).
+pub async fn refetch_due(
+    conn: &mut PgConnection,
+    pilot_id: i64,
+    uidls: &[String],
+    after: std::time::Duration,
+) -> Result<HashSet<String>, StoreError> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "select m.uidl from messages m join work_items w on w.message_id = m.id \
+         where m.pilot_id = $1 and m.uidl = any($2) and m.headers_only \
+         and $3 = any(w.flags) \
+         and coalesce(m.refetch_attempted_at, m.fetched_at) <= now() - make_interval(secs => $4)",
+    )
+    .bind(pilot_id)
+    .bind(uidls)
+    .bind(Flag::FetchFailed.as_str())
+    .bind(after.as_secs_f64())
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|(uidl,)| uidl).collect())
+}
+
+/// Notes that a headers-only message was tried again and still could not be downloaded: the
+/// next try waits the refetch interval again.
+pub async fn record_refetch_failure(
+    conn: &mut PgConnection,
+    pilot_id: i64,
+    uidl: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "update messages set refetch_attempted_at = now() where pilot_id = $1 and uidl = $2",
+    )
+    .bind(pilot_id)
+    .bind(uidl)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Records that a download of `uidl` ran far past the size limit (the connection had to be

@@ -169,8 +169,9 @@ pub use credentials::{
 pub use error::StoreError;
 pub use messages::{
     FLAG_HEADER_TRUNCATED, FLAG_PARSE_ERROR, Inserted, KnownUidl, NewMessage, StoredCopy,
-    clear_fetch_failure, header_limits, insert_message, known_uidls, mark_deleted, mark_vanished,
-    message_heads, record_fetch_failure, record_too_large, stored_copy, stored_head,
+    clear_fetch_failure, complete_message, header_limits, insert_message, known_uidls,
+    mark_deleted, mark_vanished, message_heads, record_connection_failure, record_fetch_failure,
+    record_refetch_failure, record_too_large, refetch_due, stored_copy, stored_head,
     stored_identities,
 };
 pub use pilots::{

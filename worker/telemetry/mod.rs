@@ -123,6 +123,15 @@ pub const PILOT_UP: MetricDef = MetricDef {
     labels: &[L_PILOT, L_QUEUE],
     buckets: &[],
 };
+/// Whether the pilot's login has been refused persistently.
+pub const LOGIN_REFUSED: MetricDef = MetricDef {
+    name: "ccmail_pilot_login_refused",
+    kind: Kind::Gauge,
+    unit: "",
+    help: "1 while the mailbox server keeps refusing the pilot's login with its generic answer (3 or more refusals over worker.login_refusal_grace_secs): check permissions; 0 otherwise. Shorter refusals (another session on the mailbox, a permission still propagating) are retried quickly and stay 0.",
+    labels: &[L_PILOT, L_QUEUE],
+    buckets: &[],
+};
 /// Wall-clock time of the last successful poll.
 pub const LAST_SUCCESS: MetricDef = MetricDef {
     name: "ccmail_last_successful_poll_timestamp_seconds",
@@ -272,6 +281,7 @@ pub const REFRESH_ERRORS: MetricDef = MetricDef {
 pub const ALL: &[&MetricDef] = &[
     &BUILD_INFO,
     &PILOT_UP,
+    &LOGIN_REFUSED,
     &LAST_SUCCESS,
     &MESSAGES_INGESTED,
     &BYTES_INGESTED,
@@ -307,7 +317,7 @@ pub const ERROR_REASONS: &[&str] = &[
 ];
 /// Values of the `command` label of [`POP3_COMMAND_DURATION`].
 pub const POP3_COMMANDS: &[&str] = &[
-    "connect", "auth", "stat", "uidl", "retr", "top", "dele", "quit",
+    "connect", "auth", "stat", "uidl", "list", "retr", "top", "dele", "quit",
 ];
 /// Values of the `result` label of [`TOKEN_REQUESTS`].
 pub const TOKEN_RESULTS: &[&str] = &["success", "transient_error", "permanent_error"];
@@ -320,6 +330,7 @@ pub struct PilotMetrics {
     id: String,
     queue: String,
     up: Gauge,
+    login_refused: Gauge,
     last_success: Gauge,
     /// What `last_success` was last set to (f64 bits): gauges cannot be read back.
     last_success_value: Arc<AtomicU64>,
@@ -346,6 +357,7 @@ impl PilotMetrics {
         let p = [id.as_str(), queue];
         let m = PilotMetrics {
             up: gauge(&recorder, &PILOT_UP, &p),
+            login_refused: gauge(&recorder, &LOGIN_REFUSED, &p),
             last_success: gauge(&recorder, &LAST_SUCCESS, &p),
             last_success_value: Arc::new(AtomicU64::new(0f64.to_bits())),
             messages: counter(&recorder, &MESSAGES_INGESTED, &p),
@@ -411,6 +423,17 @@ impl PilotMetrics {
                 self.error_counter(reason).increment(1);
             }
         }
+    }
+
+    /// Whether the pilot's login is refused persistently (see [`LOGIN_REFUSED`]).
+    pub fn login_refused(&self, persistent: bool) {
+        self.login_refused.set(if persistent { 1.0 } else { 0.0 });
+    }
+
+    /// A STAT answered: `messages` are waiting in the mailbox (before this session's deletions).
+    /// Set at every STAT, whether or not the poll then succeeds.
+    pub fn messages_on_server(&self, messages: usize) {
+        self.on_server.set(messages as f64);
     }
 
     /// A failure outside a whole poll: one message could not be downloaded (`retr`, the poll

@@ -23,6 +23,7 @@ pub fn fast_settings(limits: IngestLimits, credentials: CredentialPolicy) -> Sup
         initial_backoff: Duration::from_secs(1),
         max_backoff: Duration::from_secs(2),
         permanent_retry: Duration::from_secs(1),
+        login_refusal_grace: ccmail::model::defaults::LOGIN_REFUSAL_GRACE,
         shutdown_grace: Duration::from_secs(10),
         credentials,
     }

@@ -21,11 +21,12 @@
 //!   changed; sessions already running keep theirs.
 //!
 //! Hostile server mode: besides the network faults ([`Fault::Hang`], [`Fault::Slow`], the
-//! drops), a session can answer like a broken or malicious server: an endless multi-line body
-//! ([`Fault::Endless`]), a body trickled at a few bytes per second ([`Fault::Trickle`]), extra
-//! listing lines ([`Fault::ListingLine`]: no message number, a number listed twice …), a huge
-//! listing made of virtual entries ([`Fault::VirtualEntries`]), and maildrops holding
-//! duplicate, malformed or reused UIDLs ([`Pop3Sim::deliver_with_uidl`],
+//! drops, [`Pop3Sim::drop_every_nth_retr`] for a link that keeps dropping), a session can
+//! answer like a broken or malicious server: an endless multi-line body ([`Fault::Endless`]), a
+//! body trickled at a few bytes per second ([`Fault::Trickle`]), extra listing lines
+//! ([`Fault::ListingLine`]: no message number, a number listed twice …), a huge listing made of
+//! virtual entries ([`Fault::VirtualEntries`]), and maildrops holding duplicate, malformed or
+//! reused UIDLs ([`Pop3Sim::deliver_with_uidl`],
 //! [`Pop3Sim::replace_message`]).
 
 use std::collections::{HashMap, VecDeque};
@@ -189,6 +190,8 @@ struct Maildrops {
     faults: Vec<Fault>,
     /// UIDL -> (remaining failures, answer line).
     retr_failures: HashMap<String, (usize, String)>,
+    /// [`Pop3Sim::drop_every_nth_retr`]: (n, RETRs served since it was set, in any session).
+    retr_drops: Option<(u64, u64)>,
     commands: VecDeque<String>,
     next_uid: u64,
 }
@@ -406,6 +409,13 @@ impl Pop3Sim {
     /// (`usize::MAX`: always), in any session.
     pub fn fail_retr(&self, uidl: &str, times: usize) {
         self.fail_retr_with(uidl, times, RETR_FAILURE);
+    }
+
+    /// Cuts the connection in the middle of every `n`th RETR response, counted across all
+    /// sessions and mailboxes from this call on (`0`: never): half of the message is written,
+    /// then the connection closes without TLS close_notify, like a link that keeps dropping.
+    pub fn drop_every_nth_retr(&self, n: u64) {
+        self.shared.lock().retr_drops = (n > 0).then_some((n, 0));
     }
 
     /// As [`Pop3Sim::fail_retr`], answering `line` (which should start with `-ERR`).
@@ -1142,10 +1152,24 @@ impl Session {
         }
         let mut response = b"+OK\r\n".to_vec();
         response.extend(multiline(&as_served(&message.raw)));
-        let cut = self.faults.iter().find_map(|f| match f {
-            Fault::DropAfterRetrBytes(n) => Some(*n),
-            _ => None,
-        });
+        let nth_drop = {
+            let mut state = self.shared.lock();
+            match &mut state.retr_drops {
+                Some((n, served)) => {
+                    *served += 1;
+                    *served % *n == 0
+                }
+                None => false,
+            }
+        };
+        let cut = self
+            .faults
+            .iter()
+            .find_map(|f| match f {
+                Fault::DropAfterRetrBytes(n) => Some(*n),
+                _ => None,
+            })
+            .or(nth_drop.then_some(response.len() / 2));
         match cut {
             Some(n) => {
                 self.send(&response[..n.min(response.len())]).await?;
