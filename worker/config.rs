@@ -516,7 +516,10 @@ impl Config {
             ("worker.max_backoff_secs", w.max_backoff_secs),
             ("worker.permanent_retry_secs", w.permanent_retry_secs),
             ("worker.refetch_failed_secs", w.refetch_failed_secs),
-            ("worker.login_refusal_grace_secs", w.login_refusal_grace_secs),
+            (
+                "worker.login_refusal_grace_secs",
+                w.login_refusal_grace_secs,
+            ),
             ("pop3.connect_timeout_secs", p.connect_timeout_secs),
             ("pop3.tls_timeout_secs", p.tls_timeout_secs),
             ("pop3.command_timeout_secs", p.command_timeout_secs),

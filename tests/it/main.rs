@@ -12,6 +12,7 @@ mod hostile_run;
 mod http_listener;
 mod ingest;
 mod ingest_dovecot;
+mod keep_moving;
 mod layers;
 mod live_reload;
 mod log_hygiene;

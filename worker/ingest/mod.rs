@@ -2,6 +2,7 @@
 
 pub mod identity;
 pub mod observe;
+pub mod pacing;
 pub mod parse;
 pub mod pilot;
 pub mod poller;

@@ -128,6 +128,9 @@ pub struct PollReport {
     /// POP3 sessions this poll used (more than one when it first made earlier deletions stick,
     /// or when it ran in short sessions after an interrupted poll).
     pub sessions: usize,
+    /// Sessions of this poll whose connection broke after they had downloaded messages (the
+    /// poll went on in a new session).
+    pub interruptions: usize,
 }
 
 /// How the supervisor asks a poll to run.
@@ -524,11 +527,13 @@ enum Next {
 /// One poll of `pilot`. Cancellation is honoured between messages, never inside a command:
 /// what was downloaded is committed, deleted and QUIT before returning.
 ///
-/// Sessions: when the listing shows messages stored by an earlier poll that never reached
-/// QUIT, the first session only checks and deletes those and QUITs, so that those deletions
-/// stick before any download can be cut off; the downloads follow in a new session. With
-/// `mode.session_messages`, each session downloads at most that many messages, then commits,
-/// deletes and QUITs (RELIABILITY.md, "A link that keeps dropping").
+/// Sessions (RELIABILITY.md, "A link that keeps dropping"): when the listing shows messages
+/// stored by an earlier session that never reached QUIT, the session only checks and deletes
+/// those and QUITs, so that those deletions stick before any download can be cut off; the
+/// downloads follow in a new session. With `mode.session_messages`, each session downloads at
+/// most that many messages, then commits, deletes and QUITs. When a connection breaks after
+/// its session downloaded messages, the poll goes on in a new session (which deletes those
+/// first) with sessions half as long; one that breaks before its first download ends the poll.
 ///
 /// Downloading, parsing and storing overlap: while message n+1 downloads, message n is parsed
 /// on a parser thread and batch k is committed by a background task (on its own database
@@ -548,7 +553,11 @@ pub async fn poll(
 ) -> PollOutcome {
     let deadline = Instant::now() + limits.max_poll_duration;
     let mut progress = Progress::default();
+    let mut mode = mode;
+    // Whether the session before this one downloaded or deleted anything.
+    let mut last_progressed = false;
     loop {
+        let before = (progress.report.stored, progress.report.deleted);
         progress.in_session = 0;
         progress.report.sessions += 1;
         let next = session(
@@ -562,13 +571,37 @@ pub async fn poll(
             &mut progress,
         )
         .await;
+        let go_on = !cancel.is_cancelled() && Instant::now() < deadline;
+        let progressed =
+            progress.in_session > 0 || (progress.report.stored, progress.report.deleted) != before;
+        let reconnect = std::mem::replace(&mut last_progressed, progressed) || progressed;
         match next {
-            Ok(Next::AnotherSession) if !cancel.is_cancelled() && Instant::now() < deadline => {}
+            Ok(Next::AnotherSession) if go_on => {}
             Ok(Next::AnotherSession) => {
                 progress.report.more_waiting = true;
                 break;
             }
             Ok(Next::Done) => break,
+            // The connection broke, and this session or the one before it got somewhere: go
+            // on at once in a new session, which first deletes what is stored, in sessions half
+            // as long as the last one that broke. Two sessions in a row that get nowhere end the
+            // poll (the supervisor's backoff takes over), so a dead link costs one failed poll,
+            // not a reconnect loop.
+            Err(PollError::Pop3(e)) if go_on && e.poisons_connection() && reconnect => {
+                let shorter = match progress.in_session {
+                    0 => mode.session_messages.unwrap_or(limits.batch_messages),
+                    n => (n / 2).max(1),
+                };
+                tracing::warn!(
+                    pilot = pilot.id,
+                    error = %e,
+                    downloaded = progress.in_session,
+                    next_session_messages = shorter,
+                    "connection lost after downloads; reconnecting to delete what is stored and go on in shorter sessions"
+                );
+                progress.report.interruptions += 1;
+                mode.session_messages = Some(shorter);
+            }
             Err(e) => {
                 return PollOutcome {
                     downloaded_before_failure: progress.in_session,
@@ -662,11 +695,13 @@ async fn session(
     progress.report.more_waiting |= checks_left && progress.checks_progressed;
     if !deleted.is_empty() {
         quit_and_record(session, pilot, pool, &deleted, &mut progress.report).await?;
-        return Ok(if listed.fetches.is_empty() && listed.untrusted.is_empty() {
-            Next::Done
-        } else {
-            Next::AnotherSession
-        });
+        return Ok(
+            if listed.fetches.is_empty() && listed.untrusted.is_empty() {
+                Next::Done
+            } else {
+                Next::AnotherSession
+            },
+        );
     }
 
     let sizes = if listed.fetches.is_empty() {
@@ -806,12 +841,14 @@ async fn session(
                         pilot.metrics.ingest_error("retr");
                         let network = e.poisons_connection();
                         // The connection broke after other downloads of this session went
-                        // through: the link's failure as likely as the message's, so it is
-                        // noted (the message is fetched after the others next time), not
-                        // counted. First in a fresh session (the login and listings had just
+                        // through, or in a poll whose connections broke before: the link's
+                        // failure as likely as the message's, so it is noted (the message is
+                        // fetched after the others next time), not counted. First in a fresh
+                        // session of a poll without breaks (the login and listings had just
                         // worked), it counts: so a message that always breaks the connection
                         // is given up on, and one that a flaky link hits now and then is not.
-                        let held_against_it = !network || progress.in_session == 0;
+                        let held_against_it = !network
+                            || (progress.in_session == 0 && progress.report.interruptions == 0);
                         let attempts = match (&key, completes, held_against_it) {
                             (Some(key), true, _) => {
                                 let mut conn = pool.acquire().await?;

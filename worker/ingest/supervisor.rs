@@ -24,11 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
+use crate::ingest::pacing::{Pacing, PacingSettings};
 pub use crate::ingest::pilot::{ResolveError, app_credentials, resolve_pilot};
-use crate::ingest::poller::{self, IngestLimits, Pilot, PollError, PollReport};
-use crate::pop3;
-use crate::model::retry::Retry;
-use crate::oauth::{self, TokenCache};
+use crate::ingest::poller::{self, IngestLimits, Pilot, PollReport};
+use crate::oauth::TokenCache;
 use crate::pop3::Timeouts;
 use crate::secrets::{self, CredentialPolicy, MasterKey};
 use crate::store::{self, AppRow, ConfigListener, Db, PilotRow};
@@ -78,6 +77,20 @@ impl SupervisorSettings {
             login_refusal_grace: w.login_refusal_grace_secs,
             shutdown_grace: w.shutdown_grace_secs,
             credentials: config.credential_policy(),
+        }
+    }
+}
+
+impl SupervisorSettings {
+    /// What the pilot loop's [`Pacing`] reads, for a pilot polled every `poll_interval`.
+    pub fn pacing(&self, poll_interval: Duration) -> PacingSettings {
+        PacingSettings {
+            poll_interval,
+            poll_jitter: self.poll_jitter,
+            initial_backoff: self.initial_backoff,
+            max_backoff: self.max_backoff,
+            permanent_retry: self.permanent_retry,
+            login_refusal_grace: self.login_refusal_grace,
         }
     }
 }
@@ -377,6 +390,7 @@ fn fingerprint(pilot: &PilotRow, app: Option<&AppRow>) -> String {
 
 /// Polls one pilot until cancelled: interval with jitter after success, at once when the
 /// per-poll cap left messages behind; after a failure, what [`Pacing`] decides.
+/// (See [`crate::ingest::pacing`].)
 async fn pilot_loop(
     pilot: Pilot,
     pool: Db,
@@ -398,8 +412,7 @@ async fn pilot_loop(
         let progressed = outcome.progressed();
         let decision = pacing.next(
             &outcome,
-            &settings,
-            pilot.poll_interval,
+            &settings.pacing(pilot.poll_interval),
             tokio::time::Instant::now(),
         );
         let report = outcome.report;
@@ -448,7 +461,7 @@ async fn pilot_loop(
                 update(&status, pilot.id, |s| {
                     s.last_report = Some(report);
                     s.last_error = Some(text);
-                    s.consecutive_failures = pacing.failures;
+                    s.consecutive_failures = pacing.failures();
                 });
                 decision.delay
             }
@@ -465,183 +478,6 @@ async fn pilot_loop(
         }
     }
     tracing::info!(pilot = pilot.id, "poller stopped");
-}
-
-/// What the pilot loop remembers between polls, and the rules for the next one:
-/// - after a success: the poll interval with jitter, or at once when the per-poll cap left
-///   messages behind;
-/// - a failed poll that stored or deleted messages made progress: the backoff starts over at
-///   its first step (a link that drops now and then must not slow a mailbox that drains);
-/// - a login refused with the server's generic answer ([`pop3::Error::AuthRejected`]) is a
-///   state, not a verdict (Exchange Online answers a missing permission, too many sessions on
-///   the mailbox and a permission still propagating all alike): retried after 15 s, 30 s, then
-///   every 60 s; only after 3 refusals over `login_refusal_grace` is it persistent (the
-///   checklist, the metric), retried after 2, 5 and 10 minutes, then every `permanent_retry`;
-/// - other failures: what the error's [`Retry`] says: exponential backoff ([`Retry::Soon`]),
-///   `permanent_retry` ([`Retry::Slowly`]), or no retry until the pilot changes
-///   ([`Retry::Never`]);
-/// - after a poll that was cut off once it had downloaded messages, the next polls use short
-///   sessions (half of what the cut-off session downloaded; commit, DELE, QUIT each), so a
-///   link that keeps dropping still shrinks the mailbox with every session; a clean poll ends
-///   that.
-#[derive(Debug, Default)]
-struct Pacing {
-    /// Consecutive failed polls without progress.
-    failures: u32,
-    /// Consecutive refused logins, since when, and how many of them came after the refusal
-    /// turned persistent.
-    refusals: u32,
-    refused_since: Option<tokio::time::Instant>,
-    persistent_refusals: u32,
-    session_messages: Option<usize>,
-}
-
-/// What [`Pacing::next`] decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Decision {
-    /// `None`: wait for the pilot's settings to change.
-    delay: Option<Duration>,
-    /// The poll's login was refused: how long that has lasted.
-    refusal: Option<Refusal>,
-    /// The refusal has lasted long enough to be reported as persistent.
-    login_refused: bool,
-}
-
-/// A run of refused logins.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Refusal {
-    count: u32,
-    lasted: Duration,
-    persistent: bool,
-}
-
-/// Early retries of a refused login, then every [`REFUSAL_STEADY`] within the grace period.
-const REFUSAL_EARLY: [Duration; 2] = [Duration::from_secs(15), Duration::from_secs(30)];
-const REFUSAL_STEADY: Duration = Duration::from_secs(60);
-/// Retries once the refusal is persistent, before `permanent_retry` takes over.
-const REFUSAL_LATE: [Duration; 3] = [
-    Duration::from_secs(120),
-    Duration::from_secs(300),
-    Duration::from_secs(600),
-];
-/// Refusals (at least) that make a refusal persistent, with the grace period.
-const REFUSALS_TO_PERSIST: u32 = 3;
-
-impl Pacing {
-    fn mode(&self) -> poller::PollMode {
-        poller::PollMode {
-            session_messages: self.session_messages,
-        }
-    }
-
-    fn next(
-        &mut self,
-        outcome: &poller::PollOutcome,
-        settings: &SupervisorSettings,
-        poll_interval: Duration,
-        now: tokio::time::Instant,
-    ) -> Decision {
-        let error = match &outcome.result {
-            Ok(()) => {
-                *self = Pacing::default();
-                let delay = if outcome.report.more_waiting {
-                    Duration::ZERO
-                } else {
-                    jittered(poll_interval, settings.poll_jitter)
-                };
-                return Decision {
-                    delay: Some(delay),
-                    refusal: None,
-                    login_refused: false,
-                };
-            }
-            Err(e) => e,
-        };
-        if outcome.downloaded_before_failure > 0 {
-            self.session_messages = Some((outcome.downloaded_before_failure / 2).max(1));
-        }
-        if let PollError::Pop3(pop3::Error::AuthRejected { .. }) = error {
-            self.refusals = self.refusals.saturating_add(1);
-            let since = *self.refused_since.get_or_insert(now);
-            let lasted = now.saturating_duration_since(since);
-            let persistent =
-                self.refusals >= REFUSALS_TO_PERSIST && lasted >= settings.login_refusal_grace;
-            let delay = if persistent {
-                self.persistent_refusals = self.persistent_refusals.saturating_add(1);
-                let step = usize::try_from(self.persistent_refusals - 1).unwrap_or(usize::MAX);
-                REFUSAL_LATE
-                    .get(step)
-                    .map_or(settings.permanent_retry, |d| (*d).min(settings.permanent_retry))
-            } else {
-                let step = usize::try_from(self.refusals - 1).unwrap_or(usize::MAX);
-                let early = REFUSAL_EARLY.get(step).copied().unwrap_or(REFUSAL_STEADY);
-                // Never slower than the slowest retry the settings allow.
-                early.min(settings.permanent_retry)
-            };
-            self.failures = self.failures.saturating_add(1);
-            return Decision {
-                delay: Some(delay),
-                refusal: Some(Refusal {
-                    count: self.refusals,
-                    lasted,
-                    persistent,
-                }),
-                login_refused: persistent,
-            };
-        }
-        // Any other answer ends a run of refusals: the login got further, or never got there.
-        self.refusals = 0;
-        self.refused_since = None;
-        self.persistent_refusals = 0;
-        self.failures = if outcome.progressed() {
-            1
-        } else {
-            self.failures.saturating_add(1)
-        };
-        let delay = match error.retry() {
-            Retry::Soon => Some(oauth::backoff(
-                settings.initial_backoff,
-                settings.max_backoff,
-                self.failures,
-            )),
-            Retry::Slowly => Some(settings.permanent_retry),
-            Retry::Never => None,
-        };
-        Decision {
-            delay,
-            refusal: None,
-            login_refused: false,
-        }
-    }
-}
-
-impl Refusal {
-    /// The pilot's error text for a refused login: the causes that pass by themselves first,
-    /// while they are plausible.
-    fn describe(&self, error: &PollError, delay: Option<Duration>) -> String {
-        let retry = delay.map_or_else(
-            || "not retried until the pilot changes".to_owned(),
-            |d| format!("retrying in {} s", d.as_secs()),
-        );
-        let times = if self.count == 1 {
-            "once".to_owned()
-        } else {
-            format!("{} times over {} s", self.count, self.lasted.as_secs())
-        };
-        if self.persistent {
-            format!(
-                "{error} (refused {times}: persistent, not a passing session limit or \
-                 propagation delay; check the app's permissions as the fix says; {retry})"
-            )
-        } else {
-            format!(
-                "{error} (refused {times}; often temporary: another session may hold this \
-                 mailbox (another mail client, or another ccmail worker polling it), or a \
-                 permission granted less than an hour ago has not reached the server yet; \
-                 {retry})"
-            )
-        }
-    }
 }
 
 fn update(status: &StatusBoard, id: i64, f: impl FnOnce(&mut PilotStatus)) {
@@ -665,8 +501,4 @@ async fn record(pool: &Db, id: i64, error: Option<(&str, Option<&str>)>) {
     if let Err(e) = result {
         tracing::warn!(pilot = id, error = %e, "could not record the poll outcome");
     }
-}
-
-fn jittered(interval: Duration, jitter: f64) -> Duration {
-    interval + interval.mul_f64(jitter * fastrand::f64())
 }
