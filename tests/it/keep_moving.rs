@@ -268,3 +268,30 @@ async fn a_fetch_failed_message_is_completed_in_place_when_it_downloads_later() 
     ensure!(world.pop.messages(&row.mailbox).is_empty());
     world.finish().await
 }
+
+/// A server whose `LIST` never ends: the sizes are only a shortcut, so after the one poll that
+/// `LIST` breaks, the pilot's polls go on without it and the mailbox drains.
+#[tokio::test]
+async fn an_endless_list_costs_one_poll_not_the_mailbox() -> anyhow::Result<()> {
+    let world = PipelineWorld::start().await?;
+    let row = world.add_pilot("support", |_| {}).await?;
+    let pilot = world.resolve(&row).await?;
+    let mut ledger = Ledger::default();
+    for i in 0..3 {
+        ledger.deliver(&world.pop, &row.mailbox, mail(&format!("m{i}"), 2_000))?;
+    }
+    world
+        .pop
+        .set_fault(Some(ccmail_lab::sim::pop3::Fault::Endless {
+            command: "LIST".to_owned(),
+        }));
+    let limits = IngestLimits::default();
+    let first = world.poll(&pilot, &limits).await;
+    ensure!(first.is_err(), "{first:?}");
+    let report = world.poll(&pilot, &limits).await?;
+    ensure!(report.stored == 3 && report.deleted == 3, "{report:?}");
+    ledger
+        .check(&world.heads(&[row.id]).await?)
+        .assert_exactly_once()?;
+    world.finish().await
+}

@@ -56,6 +56,27 @@ pub struct Pilot {
     pub poll_interval: Duration,
     /// The pilot's series, labelled with its id and queue.
     pub metrics: crate::telemetry::PilotMetrics,
+    /// What the pollers learned about this pilot's server while it runs.
+    pub quirks: ServerQuirks,
+}
+
+/// What polls of one pilot learn about its server and remember until the pilot restarts.
+#[derive(Debug, Clone, Default)]
+pub struct ServerQuirks {
+    /// A `LIST` answer broke the connection (endless, over the listing limit): later polls
+    /// do without listed sizes (the bounded RETR decides alone what is oversize).
+    list_broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ServerQuirks {
+    pub fn list_broken(&self) -> bool {
+        self.list_broken.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_list_broken(&self) {
+        self.list_broken
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Why a pilot cannot be started.
@@ -267,6 +288,7 @@ pub fn resolve(
         max_message_bytes: usize::try_from(row.max_message_bytes).unwrap_or(usize::MAX),
         poll_interval: row.poll_interval,
         metrics: crate::telemetry::global().pilot_metrics(id, &row.queue),
+        quirks: ServerQuirks::default(),
     })
 }
 

@@ -476,18 +476,27 @@ fn listed_size_limit(max_message_bytes: usize) -> u64 {
 }
 
 /// `LIST` sizes by message number, when the server gives them: an empty map when it refuses
-/// the command or lists too many messages (the bounded RETR then decides alone).
+/// the command or lists too many messages (the bounded RETR then decides alone). A `LIST`
+/// that breaks the connection fails this session, and later polls of the pilot do without it,
+/// so a server with a broken `LIST` costs one poll, not the mailbox.
 async fn listed_sizes(
     session: &mut Session<Stream>,
     pilot: &Pilot,
 ) -> Result<std::collections::HashMap<u32, u64>, PollError> {
+    if pilot.quirks.list_broken() {
+        return Ok(Default::default());
+    }
     match timed(pilot, "list", session.list_all()).await {
         Ok(sizes) => Ok(sizes.into_iter().collect()),
         Err(e) if !e.poisons_connection() => {
             tracing::debug!(pilot = pilot.id, error = %e, "no LIST sizes; RETR alone decides what is oversize");
             Ok(Default::default())
         }
-        Err(e) => Err(e.into()),
+        Err(e) => {
+            tracing::warn!(pilot = pilot.id, error = %e, "the LIST answer broke the connection; polls of this pilot go on without listed sizes");
+            pilot.quirks.set_list_broken();
+            Err(e.into())
+        }
     }
 }
 

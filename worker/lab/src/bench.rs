@@ -295,6 +295,7 @@ async fn pipeline(sim: &SimChild, config: &Config, url: &str) -> anyhow::Result<
         max_message_bytes: MAX_MESSAGE,
         poll_interval: Duration::from_secs(60),
         metrics: ccmail::telemetry::global().pilot_metrics(row.id, &row.queue),
+        quirks: Default::default(),
     };
     let limits = IngestLimits {
         max_messages_per_poll: usize::MAX,
