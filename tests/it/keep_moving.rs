@@ -295,3 +295,116 @@ async fn an_endless_list_costs_one_poll_not_the_mailbox() -> anyhow::Result<()> 
         .assert_exactly_once()?;
     world.finish().await
 }
+
+/// Another session holds the mailbox for 100 s (Exchange limits sessions per mailbox and
+/// answers a login beyond the limit with its generic authentication failure). The supervisor
+/// polls every 5 s; its refused logins are retried after 15 s, 30 s, then every 60 s, so the
+/// first message is stored within 60 s (plus the poll itself, 10 s allowed) of the other
+/// session ending — not after `permanent_retry_secs` (900 s). Meanwhile the pilot's error names
+/// another session as a cause, and the login is not reported as persistently refused.
+#[tokio::test]
+async fn a_mailbox_held_by_another_session_is_polled_within_a_minute_of_its_release()
+-> anyhow::Result<()> {
+    use ccmail::ingest::poller::PilotAuth;
+    use ccmail::ingest::supervisor::{Supervisor, SupervisorSettings};
+
+    const HOLD: Duration = Duration::from_secs(100);
+    const AFTER_RELEASE: Duration = Duration::from_secs(70);
+    let world = PipelineWorld::start().await?;
+    let row = world
+        .add_pilot("support", |p| p.poll_interval = Duration::from_secs(5))
+        .await?;
+    let pilot = world.resolve(&row).await?;
+    let mut ledger = Ledger::default();
+    ledger.deliver(&world.pop, &row.mailbox, mail("waiting", 2_000))?;
+    world
+        .pop
+        .limit_sessions(&row.mailbox, Some((1, ccmail_lab::sim::pop3::AUTH_FAILURE)));
+
+    // The other session: logged in and idle.
+    let PilotAuth::XOAuth2 { app, .. } = &pilot.auth else {
+        anyhow::bail!("the pilot logs in with XOAUTH2");
+    };
+    let token = world.tokens.token(app).await?;
+    let held = ccmail::pop3::Client::connect(&pilot.server)
+        .await?
+        .auth_xoauth2(&pilot.mailbox, token.secret())
+        .await?;
+    let held_since = Instant::now();
+    ensure!(world.pop.open_sessions(&row.mailbox) == 1);
+
+    let settings = SupervisorSettings {
+        limits: IngestLimits::default(),
+        timeouts: crate::support::pipeline::test_timeouts(),
+        reload_interval: Duration::from_secs(30),
+        poll_jitter: 0.0,
+        initial_backoff: Duration::from_secs(5),
+        max_backoff: Duration::from_secs(300),
+        permanent_retry: Duration::from_secs(900),
+        login_refusal_grace: Duration::from_secs(600),
+        shutdown_grace: Duration::from_secs(10),
+        credentials: world.credential_policy(),
+    };
+    let supervisor = Supervisor::new(
+        world.db.db().clone(),
+        std::sync::Arc::clone(&world.tokens),
+        settings,
+        Some(world.master_key()?),
+    )
+    .only_pilots([row.id]);
+    let status = supervisor.status();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(supervisor.run(shutdown.clone()));
+
+    let outcome = async {
+        // The refusal is recorded on the pilot row with the passing causes first.
+        let db = world.db.db().clone();
+        let id = row.id;
+        crate::support::wait::wait_until(
+            "the refused login recorded on the pilot",
+            HOLD,
+            || {
+                let db = db.clone();
+                async move {
+                    let mut conn = db.acquire().await?;
+                    let row = ccmail::store::get_pilot(&mut conn, id).await?;
+                    Ok(row
+                        .last_error
+                        .is_some_and(|e| e.contains("another session")))
+                }
+            },
+            || format!("{:?}", status.lock().map(|b| format!("{b:?}"))),
+        )
+        .await?;
+        ensure!(
+            world.pop.messages(&row.mailbox).len() == 1,
+            "mail was taken while the mailbox was held"
+        );
+        let text = format!("{:?}", status.lock().map(|b| format!("{b:?}")));
+        ensure!(!text.contains("persistent"), "{text}");
+
+        tokio::time::sleep_until(held_since + HOLD).await;
+        held.quit().await?;
+        let released = Instant::now();
+        let pop = world.pop.clone();
+        let mailbox = row.mailbox.clone();
+        crate::support::wait::wait_until(
+            "the first message stored after the other session ended",
+            AFTER_RELEASE,
+            || std::future::ready(Ok(pop.messages(&mailbox).is_empty())),
+            || format!("{:?}", status.lock().map(|b| format!("{b:?}"))),
+        )
+        .await?;
+        let waited = released.elapsed();
+        eprintln!("stored {waited:?} after the other session ended");
+        anyhow::Ok(())
+    }
+    .await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), task).await??;
+    outcome?;
+    ledger
+        .check(&world.heads(&[row.id]).await?)
+        .assert_exactly_once()?;
+    world.finish().await
+}

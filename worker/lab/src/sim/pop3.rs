@@ -19,6 +19,9 @@
 //! - Credentials (AUTH blobs, PASS arguments) never reach logs or [`Pop3Sim::commands`].
 //! - Faults are read when a session starts and apply to every session started until they are
 //!   changed; sessions already running keep theirs.
+//! - A mailbox may limit how many sessions are logged in at once
+//!   ([`Pop3Sim::limit_sessions`]), as Exchange Online does; a login beyond the limit gets
+//!   the configured refusal, by default Exchange's generic [`AUTH_FAILURE`].
 //!
 //! Hostile server mode: besides the network faults ([`Fault::Hang`], [`Fault::Slow`], the
 //! drops, [`Pop3Sim::drop_every_nth_retr`] for a link that keeps dropping), a session can
@@ -200,6 +203,11 @@ struct Maildrops {
 struct Mailbox {
     password: Option<String>,
     messages: Vec<Message>,
+    /// [`Pop3Sim::limit_sessions`]: at most this many sessions logged in at once, and the
+    /// answer to a login beyond that.
+    session_limit: Option<(usize, String)>,
+    /// Sessions logged in to this mailbox now.
+    open_sessions: usize,
 }
 
 #[derive(Clone)]
@@ -287,6 +295,29 @@ impl Pop3Sim {
             .entry(address.to_ascii_lowercase())
             .or_default()
             .password = Some(password.to_owned());
+    }
+
+    /// Lets at most `max` sessions be logged in to `address` at once, like Exchange Online's
+    /// per-mailbox session limit; a login beyond it is answered with `answer` (Exchange's
+    /// generic [`AUTH_FAILURE`], or e.g. `-ERR Server Unavailable. 21`) and the session stays
+    /// unauthenticated. `None` lifts the limit. A session counts from its login until it ends
+    /// (QUIT, drop, fault).
+    pub fn limit_sessions(&self, address: &str, limit: Option<(usize, &str)>) {
+        self.shared
+            .lock()
+            .boxes
+            .entry(address.to_ascii_lowercase())
+            .or_default()
+            .session_limit = limit.map(|(max, answer)| (max, answer.to_owned()));
+    }
+
+    /// Sessions logged in to `address` right now.
+    pub fn open_sessions(&self, address: &str) -> usize {
+        self.shared
+            .lock()
+            .boxes
+            .get(&address.to_ascii_lowercase())
+            .map_or(0, |b| b.open_sessions)
     }
 
     /// Delivers a message (LF or CRLF line endings; stored as given, served with CRLF) and
@@ -638,6 +669,17 @@ struct Session {
     state: SessionState,
 }
 
+impl Drop for Session {
+    /// A logged-in session leaves its mailbox's session count however it ends.
+    fn drop(&mut self) {
+        if let SessionState::Transaction { mailbox, .. } = &self.state
+            && let Some(entry) = self.shared.lock().boxes.get_mut(mailbox)
+        {
+            entry.open_sessions = entry.open_sessions.saturating_sub(1);
+        }
+    }
+}
+
 impl Session {
     async fn serve(&mut self) -> Result<(), End> {
         let greeting = greeting();
@@ -805,7 +847,10 @@ impl Session {
             return self.reply("-ERR Command is not valid in this state.").await;
         };
         if self.password_ok(&user, password) {
-            self.login(&user);
+            if let Err(answer) = self.login(&user) {
+                self.state = SessionState::Authorization { user: None };
+                return self.reply(&answer).await;
+            }
             self.reply("+OK User successfully logged on.").await
         } else {
             self.shared.auth_failures.fetch_add(1, Ordering::SeqCst);
@@ -885,10 +930,10 @@ impl Session {
 
     async fn finish_auth(&mut self, user: Option<String>) -> Result<(), End> {
         match user {
-            Some(user) => {
-                self.login(&user);
-                self.reply(AUTH_SUCCESS).await
-            }
+            Some(user) => match self.login(&user) {
+                Ok(()) => self.reply(AUTH_SUCCESS).await,
+                Err(answer) => self.reply(&answer).await,
+            },
             None => {
                 self.shared.auth_failures.fetch_add(1, Ordering::SeqCst);
                 self.reply(AUTH_FAILURE).await
@@ -919,16 +964,28 @@ impl Session {
         exists && domain.eq_ignore_ascii_case(&grant.tenant_domain)
     }
 
-    /// Enters TRANSACTION with a snapshot of the maildrop.
-    fn login(&mut self, user: &str) {
+    /// Enters TRANSACTION with a snapshot of the maildrop, unless the mailbox's session limit
+    /// is reached: then the answer to send instead (the login is refused).
+    fn login(&mut self, user: &str) -> Result<(), String> {
         let mailbox = user.to_ascii_lowercase();
-        let messages = self
-            .shared
-            .lock()
-            .boxes
-            .get(&mailbox)
-            .map(|b| b.messages.clone())
-            .unwrap_or_default();
+        let messages = {
+            let mut state = self.shared.lock();
+            let entry = state.boxes.entry(mailbox.clone()).or_default();
+            if let Some((max, answer)) = &entry.session_limit
+                && entry.open_sessions >= *max
+            {
+                let answer = answer.clone();
+                drop(state);
+                self.shared.auth_failures.fetch_add(1, Ordering::SeqCst);
+                tracing::debug!(
+                    mailbox,
+                    "pop3 simulator: session limit reached, login refused"
+                );
+                return Err(answer);
+            }
+            entry.open_sessions += 1;
+            entry.messages.clone()
+        };
         self.shared.logins.fetch_add(1, Ordering::SeqCst);
         tracing::debug!(mailbox, messages = messages.len(), "pop3 simulator login");
         self.state = SessionState::Transaction {
@@ -936,6 +993,7 @@ impl Session {
             deleted: vec![false; messages.len()],
             messages,
         };
+        Ok(())
     }
 
     async fn transaction(&mut self, verb: &str, args: &str) -> Result<(), End> {
