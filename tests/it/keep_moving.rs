@@ -270,12 +270,17 @@ async fn a_fetch_failed_message_is_completed_in_place_when_it_downloads_later() 
 }
 
 /// A server whose `LIST` never ends: the sizes are only a shortcut, so after the one poll that
-/// `LIST` breaks, the pilot's polls go on without it and the mailbox drains.
+/// `LIST` breaks, the pilot's polls go on without it and the mailbox drains. The failed poll
+/// still sets `ccmail_messages_on_server` from its STAT.
 #[tokio::test]
 async fn an_endless_list_costs_one_poll_not_the_mailbox() -> anyhow::Result<()> {
     let world = PipelineWorld::start().await?;
     let row = world.add_pilot("support", |_| {}).await?;
-    let pilot = world.resolve(&row).await?;
+    // Loaded the way the supervisor loads it, so /metrics shows its series.
+    let pilot = poller::Pilot {
+        metrics: ccmail::telemetry::global().pilot_loaded(row.id, &row.queue, None),
+        ..world.resolve(&row).await?
+    };
     let mut ledger = Ledger::default();
     for i in 0..3 {
         ledger.deliver(&world.pop, &row.mailbox, mail(&format!("m{i}"), 2_000))?;
@@ -288,6 +293,11 @@ async fn an_endless_list_costs_one_poll_not_the_mailbox() -> anyhow::Result<()> 
     let limits = IngestLimits::default();
     let first = world.poll(&pilot, &limits).await;
     ensure!(first.is_err(), "{first:?}");
+    // The gauge follows every STAT, not only successful polls.
+    let id = row.id.to_string();
+    let on_server = ccmail::telemetry::global()
+        .value(&ccmail::telemetry::MESSAGES_ON_SERVER, &[&id, &row.queue]);
+    ensure!(on_server == Some(3.0), "ccmail_messages_on_server {on_server:?} after a failed poll");
     let report = world.poll(&pilot, &limits).await?;
     ensure!(report.stored == 3 && report.deleted == 3, "{report:?}");
     ledger
