@@ -19,6 +19,13 @@
 //! - Credentials (AUTH blobs, PASS arguments) never reach logs or [`Pop3Sim::commands`].
 //! - Faults are read when a session starts and apply to every session started until they are
 //!   changed; sessions already running keep theirs.
+//! - With a session limit ([`Pop3Sim::set_session_limit`]) at most that many sessions are
+//!   logged into one mailbox at once; a session holds its place from login until it ends in
+//!   any way, and a login beyond the limit is refused with the configured line (the session
+//!   stays in AUTHORIZATION). Sessions already logged in are never thrown out.
+//! - With a token limit ([`Pop3Sim::set_token_limit`]) an XOAUTH2 response longer than the
+//!   limit is answered with [`ONE_LINE_AUTH_ERROR`] and the connection closed, as Exchange
+//!   Online does with an oversized token.
 //!
 //! Hostile server mode: besides the network faults ([`Fault::Hang`], [`Fault::Slow`], the
 //! drops), a session can answer like a broken or malicious server: an endless multi-line body
@@ -54,6 +61,9 @@ pub const ONE_LINE_AUTH_ERROR: &str = "-ERR Protocol error. Connection is closed
 pub const AUTH_SUCCESS: &str = "+OK User successfully authenticated.";
 /// The start of the greeting (a base64 server id in brackets follows).
 pub const GREETING_PREFIX: &str = "+OK The Microsoft Exchange POP3 service is ready.";
+/// The line Exchange Online answers a login with while its backend is busy or unavailable
+/// (one of the answers [`Pop3Sim::set_session_limit`] can give).
+pub const SERVER_UNAVAILABLE: &str = "-ERR Server Unavailable. 21";
 /// The default answer of a message made to fail with [`Pop3Sim::fail_retr`].
 pub const RETR_FAILURE: &str = "-ERR [SYS/TEMP] Server Unavailable. 21";
 
@@ -191,6 +201,12 @@ struct Maildrops {
     retr_failures: HashMap<String, (usize, String)>,
     commands: VecDeque<String>,
     next_uid: u64,
+    /// At most this many sessions logged into one mailbox, and the answer beyond it.
+    session_limit: Option<(usize, String)>,
+    /// Longest XOAUTH2 response (base64 octets) accepted.
+    token_limit: Option<usize>,
+    /// Sessions logged in now, by mailbox.
+    active: HashMap<String, usize>,
 }
 
 #[derive(Default)]
@@ -387,6 +403,29 @@ impl Pop3Sim {
         self.shared.lock().commands.clear();
     }
 
+    /// Allows at most `max` sessions logged into one mailbox at once (`None`: no limit); a
+    /// login beyond it is answered with `line` ([`AUTH_FAILURE`], as Exchange Online usually
+    /// answers, or [`SERVER_UNAVAILABLE`]). Applies to logins from now on.
+    pub fn set_session_limit(&self, max: Option<usize>, line: &str) {
+        self.shared.lock().session_limit = max.map(|n| (n, line.to_owned()));
+    }
+
+    /// Sessions logged into `address` now.
+    pub fn active_sessions(&self, address: &str) -> usize {
+        self.shared
+            .lock()
+            .active
+            .get(&address.to_ascii_lowercase())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Answers an XOAUTH2 response longer than `octets` (base64, as sent) with
+    /// [`ONE_LINE_AUTH_ERROR`] and closes the connection (`None`: no limit).
+    pub fn set_token_limit(&self, octets: Option<usize>) {
+        self.shared.lock().token_limit = octets;
+    }
+
     /// Replaces the injected faults with `fault` (or none) for sessions started from now on.
     pub fn set_fault(&self, fault: Option<Fault>) {
         self.shared.lock().faults = fault.into_iter().collect();
@@ -576,6 +615,7 @@ async fn run_session(
         mute: false,
         trickle: None,
         state: SessionState::Authorization { user: None },
+        _slot: None,
     };
     match session.serve().await {
         Ok(()) | Err(End::Close) => {}
@@ -626,6 +666,27 @@ struct Session {
     /// at once) has been written.
     trickle: Option<(usize, bool)>,
     state: SessionState,
+    /// This session's place under the session limit, held from login until it ends.
+    _slot: Option<Slot>,
+}
+
+/// A logged-in session's count in [`Maildrops::active`]; given back when dropped, so every
+/// way a session ends (QUIT, error, drop, cancel) frees it.
+struct Slot {
+    shared: Arc<Shared>,
+    mailbox: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        if let Some(n) = state.active.get_mut(&self.mailbox) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                state.active.remove(&self.mailbox);
+            }
+        }
+    }
 }
 
 impl Session {
@@ -795,7 +856,11 @@ impl Session {
             return self.reply("-ERR Command is not valid in this state.").await;
         };
         if self.password_ok(&user, password) {
-            self.login(&user);
+            if let Err(refusal) = self.login(&user) {
+                self.shared.auth_failures.fetch_add(1, Ordering::SeqCst);
+                self.state = SessionState::Authorization { user: None };
+                return self.reply(&refusal).await;
+            }
             self.reply("+OK User successfully logged on.").await
         } else {
             self.shared.auth_failures.fetch_add(1, Ordering::SeqCst);
@@ -823,6 +888,14 @@ impl Session {
                 let Some(blob) = self.sasl_response(None).await? else {
                     return Ok(());
                 };
+                let limit = self.shared.lock().token_limit;
+                if limit.is_some_and(|max| blob.len() > max) {
+                    // Exchange Online answers an oversized token like a protocol error and
+                    // hangs up.
+                    self.shared.auth_failures.fetch_add(1, Ordering::SeqCst);
+                    self.reply(ONE_LINE_AUTH_ERROR).await?;
+                    return Err(End::Close);
+                }
                 let user = decode_base64(&blob)
                     .and_then(|bytes| parse_xoauth2(&bytes))
                     .filter(|(user, token)| self.bearer_ok(user, token))
@@ -875,10 +948,13 @@ impl Session {
 
     async fn finish_auth(&mut self, user: Option<String>) -> Result<(), End> {
         match user {
-            Some(user) => {
-                self.login(&user);
-                self.reply(AUTH_SUCCESS).await
-            }
+            Some(user) => match self.login(&user) {
+                Ok(()) => self.reply(AUTH_SUCCESS).await,
+                Err(refusal) => {
+                    self.shared.auth_failures.fetch_add(1, Ordering::SeqCst);
+                    self.reply(&refusal).await
+                }
+            },
             None => {
                 self.shared.auth_failures.fetch_add(1, Ordering::SeqCst);
                 self.reply(AUTH_FAILURE).await
@@ -909,16 +985,29 @@ impl Session {
         exists && domain.eq_ignore_ascii_case(&grant.tenant_domain)
     }
 
-    /// Enters TRANSACTION with a snapshot of the maildrop.
-    fn login(&mut self, user: &str) {
+    /// Enters TRANSACTION with a snapshot of the maildrop, unless the mailbox already has as
+    /// many sessions as the session limit allows: then the refusal line.
+    fn login(&mut self, user: &str) -> Result<(), String> {
         let mailbox = user.to_ascii_lowercase();
-        let messages = self
-            .shared
-            .lock()
-            .boxes
-            .get(&mailbox)
-            .map(|b| b.messages.clone())
-            .unwrap_or_default();
+        let messages = {
+            let mut state = self.shared.lock();
+            let active = state.active.get(&mailbox).copied().unwrap_or(0);
+            if let Some((max, line)) = &state.session_limit
+                && active >= *max
+            {
+                return Err(line.clone());
+            }
+            *state.active.entry(mailbox.clone()).or_insert(0) += 1;
+            state
+                .boxes
+                .get(&mailbox)
+                .map(|b| b.messages.clone())
+                .unwrap_or_default()
+        };
+        self._slot = Some(Slot {
+            shared: self.shared.clone(),
+            mailbox: mailbox.clone(),
+        });
         self.shared.logins.fetch_add(1, Ordering::SeqCst);
         tracing::debug!(mailbox, messages = messages.len(), "pop3 simulator login");
         self.state = SessionState::Transaction {
@@ -926,6 +1015,7 @@ impl Session {
             deleted: vec![false; messages.len()],
             messages,
         };
+        Ok(())
     }
 
     async fn transaction(&mut self, verb: &str, args: &str) -> Result<(), End> {
@@ -1491,6 +1581,60 @@ mod tests {
         assert_eq!(p.cmd("AUTH XOAUTH2").await?, "+ ");
         assert_eq!(p.cmd(&xoauth2(MAILBOX, &token)).await?, AUTH_SUCCESS);
         assert_eq!(fx.pop.sessions(), 2);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn session_limit_refuses_logins_beyond_it_until_a_session_ends() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        fx.pop.set_session_limit(Some(1), AUTH_FAILURE);
+        let first = fx.login(MAILBOX).await?;
+        assert_eq!(fx.pop.active_sessions(MAILBOX), 1);
+        let token = fx.token().await?;
+        let mut second = fx.tls().await?;
+        second.line().await?;
+        assert_eq!(second.cmd("AUTH XOAUTH2").await?, "+ ");
+        assert_eq!(second.cmd(&xoauth2(MAILBOX, &token)).await?, AUTH_FAILURE);
+        // Still in AUTHORIZATION: a transaction command is refused.
+        assert!(second.cmd("STAT").await?.starts_with("-ERR"));
+
+        fx.pop.set_session_limit(Some(1), SERVER_UNAVAILABLE);
+        assert_eq!(second.cmd("AUTH XOAUTH2").await?, "+ ");
+        assert_eq!(
+            second.cmd(&xoauth2(MAILBOX, &token)).await?,
+            SERVER_UNAVAILABLE
+        );
+
+        drop(first);
+        crate::wait::wait_for("the first session to end", Duration::from_secs(10), || {
+            let n = fx.pop.active_sessions(MAILBOX);
+            async move { (n == 0).then_some(()) }
+        })
+        .await?;
+        assert_eq!(second.cmd("AUTH XOAUTH2").await?, "+ ");
+        assert_eq!(second.cmd(&xoauth2(MAILBOX, &token)).await?, AUTH_SUCCESS);
+        assert_eq!(fx.pop.active_sessions(MAILBOX), 1);
+        assert_eq!(fx.pop.auth_failures(), 2);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn token_limit_answers_a_long_blob_with_the_protocol_error_and_closes()
+    -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        let token = fx.token().await?;
+        let blob = xoauth2(MAILBOX, &token);
+        fx.pop.set_token_limit(Some(blob.len() - 1));
+        let mut c = fx.tls().await?;
+        c.line().await?;
+        assert_eq!(c.cmd("AUTH XOAUTH2").await?, "+ ");
+        assert_eq!(c.cmd(&blob).await?, ONE_LINE_AUTH_ERROR);
+        assert!(c.rest().await.is_empty(), "closed after the error");
+        assert_eq!(fx.pop.logins(), 0);
+
+        fx.pop.set_token_limit(Some(blob.len()));
+        fx.login(MAILBOX).await?;
+        assert_eq!(fx.pop.logins(), 1);
         Ok(())
     }
 
