@@ -129,6 +129,9 @@ pub enum Fault {
     /// maildrop for free. Every other command treats those numbers as out of range. Their
     /// UIDL lines are about 57 octets, so 700 000 of them make a 40 MB listing.
     VirtualEntries { count: usize },
+    /// Accept the connection (and the TLS handshake on the implicit-TLS port) but never send
+    /// the greeting; the socket stays open until the client leaves or the simulator stops.
+    NoGreeting,
 }
 
 impl Fault {
@@ -141,9 +144,10 @@ impl Fault {
             | Fault::Endless { command }
             | Fault::Trickle { command, .. }
             | Fault::ListingLine { command, .. } => Some(command),
-            Fault::DropAfterRetrBytes(_) | Fault::Slow { .. } | Fault::VirtualEntries { .. } => {
-                None
-            }
+            Fault::DropAfterRetrBytes(_)
+            | Fault::Slow { .. }
+            | Fault::VirtualEntries { .. }
+            | Fault::NoGreeting => None,
         }
     }
 
@@ -691,6 +695,9 @@ impl Drop for Slot {
 
 impl Session {
     async fn serve(&mut self) -> Result<(), End> {
+        if self.faults.contains(&Fault::NoGreeting) {
+            return self.hang().await;
+        }
         let greeting = greeting();
         self.reply(&greeting).await?;
         loop {
@@ -726,7 +733,8 @@ impl Session {
                     Fault::DropAfterRetrBytes(_)
                     | Fault::Slow { .. }
                     | Fault::ListingLine { .. }
-                    | Fault::VirtualEntries { .. } => {}
+                    | Fault::VirtualEntries { .. }
+                    | Fault::NoGreeting => {}
                 }
             }
             let done = self.command(&line).await;
