@@ -14,6 +14,7 @@
 //! did.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use secrecy::{ExposeSecret, SecretString};
@@ -97,6 +98,16 @@ impl Client<Stream> {
     /// Connects, performs TLS as the spec says, reads the greeting and asks CAPA. Each step has
     /// its own deadline.
     pub async fn connect(spec: &ServerSpec) -> Result<Client<Stream>, Error> {
+        Client::connect_greeting_within(spec, None).await
+    }
+
+    /// [`Client::connect`], waiting at most `greeting` (when shorter than the command
+    /// deadline) for the greeting: a diagnosis wants a server that accepts the connection but
+    /// never greets found quickly.
+    pub async fn connect_greeting_within(
+        spec: &ServerSpec,
+        greeting: Option<Duration>,
+    ) -> Result<Client<Stream>, Error> {
         let t = spec.timeouts;
         let tcp = match timeout(
             t.connect,
@@ -125,13 +136,13 @@ impl Client<Stream> {
             TlsMode::Implicit => {
                 let tls = handshake(spec, tcp).await?;
                 let conn = Connection::new(Stream::Tls(Box::new(tls)), true, t);
-                let mut client = Client::from_connection(conn, false).await?;
+                let mut client = Client::greeted(conn, false, greeting).await?;
                 client.capa().await?;
                 Ok(client)
             }
             TlsMode::StartTls => {
                 let conn = Connection::new(Stream::Plain(tcp), false, t);
-                let mut client = Client::from_connection(conn, false).await?;
+                let mut client = Client::greeted(conn, false, greeting).await?;
                 let offers_stls = client.capa().await?.is_some_and(|c| c.has("STLS"));
                 if !offers_stls {
                     return Err(Error::NotSupported {
@@ -282,10 +293,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     async fn from_connection(
-        mut conn: Connection<S>,
+        conn: Connection<S>,
         allow_plaintext_auth: bool,
     ) -> Result<Client<S>, Error> {
-        let greeting = conn.read_status("greeting").await?;
+        Client::greeted(conn, allow_plaintext_auth, None).await
+    }
+
+    /// Reads the greeting, within `within` when given (the connection's hard deadline is
+    /// restored afterwards).
+    async fn greeted(
+        mut conn: Connection<S>,
+        allow_plaintext_auth: bool,
+        within: Option<Duration>,
+    ) -> Result<Client<S>, Error> {
+        let hard = conn.deadline();
+        if let Some(within) = within {
+            let limit = Instant::now() + within;
+            conn.set_deadline(Some(hard.map_or(limit, |h| h.min(limit))));
+        }
+        let greeting = conn.read_status("greeting").await;
+        conn.set_deadline(hard);
+        let greeting = greeting?;
         if !greeting.ok {
             return Err(server_error("greeting", greeting));
         }
