@@ -92,6 +92,10 @@ impl Sims {
             },
             retr: None,
             max_message_bytes: 10 * 1024 * 1024,
+            greeting_timeout: doctor::GREETING_TIMEOUT,
+            // Short: the second login only has to come after the first has ended.
+            login_retry_pause: Some(Duration::from_millis(100)),
+            known: doctor::Known::default(),
         }
     }
 

@@ -297,7 +297,10 @@ async fn an_endless_list_costs_one_poll_not_the_mailbox() -> anyhow::Result<()> 
     let id = row.id.to_string();
     let on_server = ccmail::telemetry::global()
         .value(&ccmail::telemetry::MESSAGES_ON_SERVER, &[&id, &row.queue]);
-    ensure!(on_server == Some(3.0), "ccmail_messages_on_server {on_server:?} after a failed poll");
+    ensure!(
+        on_server == Some(3.0),
+        "ccmail_messages_on_server {on_server:?} after a failed poll"
+    );
     let report = world.poll(&pilot, &limits).await?;
     ensure!(report.stored == 3 && report.deleted == 3, "{report:?}");
     ledger
@@ -329,7 +332,7 @@ async fn a_mailbox_held_by_another_session_is_polled_within_a_minute_of_its_rele
     ledger.deliver(&world.pop, &row.mailbox, mail("waiting", 2_000))?;
     world
         .pop
-        .limit_sessions(&row.mailbox, Some((1, ccmail_lab::sim::pop3::AUTH_FAILURE)));
+        .set_session_limit(Some(1), ccmail_lab::sim::pop3::AUTH_FAILURE);
 
     // The other session: logged in and idle.
     let PilotAuth::XOAuth2 { app, .. } = &pilot.auth else {
@@ -341,7 +344,7 @@ async fn a_mailbox_held_by_another_session_is_polled_within_a_minute_of_its_rele
         .auth_xoauth2(&pilot.mailbox, token.secret())
         .await?;
     let held_since = Instant::now();
-    ensure!(world.pop.open_sessions(&row.mailbox) == 1);
+    ensure!(world.pop.active_sessions(&row.mailbox) == 1);
 
     let settings = SupervisorSettings {
         limits: IngestLimits::default(),

@@ -253,7 +253,7 @@ async fn server_unavailable_is_transient_and_keeps_the_session() -> anyhow::Resu
         Ok(_) => bail!("login succeeded despite the fault"),
         Err(e) => e,
     };
-    ensure!(matches!(err, Error::AuthRejected { .. }), "{err:?}");
+    ensure!(matches!(err, Error::ServerBusy { .. }), "{err:?}");
     assert!(err.is_transient() && !err.is_permanent(), "{err}");
 
     // In the transaction state, with the RFC 2449 code.

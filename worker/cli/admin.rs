@@ -794,12 +794,34 @@ fn doctor_timeouts(config: &Config, timeout: Option<u64>) -> crate::pop3::Timeou
 
 pub(crate) async fn doctor_command(config: &Config, args: DoctorArgs) -> anyhow::Result<()> {
     init_logs(config, true);
-    let target = doctor_target(config, &args).await?;
-    let report = doctor::diagnose(
-        &target,
-        &crate::oauth::TokenSourceOptions::from_config(&config.oauth)?,
-    )
-    .await;
+    let report = match doctor_target(config, &args).await {
+        Ok(mut target) => {
+            if let Some(secs) = args.greeting_timeout {
+                target.greeting_timeout = Duration::from_secs(secs);
+            }
+            if let Some(secs) = args.login_retry_pause {
+                target.login_retry_pause = (secs > 0).then(|| Duration::from_secs(secs));
+            }
+            doctor::diagnose(
+                &target,
+                &crate::oauth::TokenSourceOptions::from_config(&config.oauth)?,
+            )
+            .await
+        }
+        // Settings doctor cannot use (an unreadable secret, an invalid field): the settings
+        // step fails, and the message is printed once, in the report.
+        Err(e) => match settings_error(&e) {
+            Some(message) => doctor::unusable_settings(
+                args.mailbox
+                    .as_deref()
+                    .or(args.pilot.as_deref())
+                    .unwrap_or("-"),
+                "-",
+                &message,
+            ),
+            None => return Err(e),
+        },
+    };
     if args.json {
         print_json(&report)?;
     } else {
@@ -809,6 +831,55 @@ pub(crate) async fn doctor_command(config: &Config, args: DoctorArgs) -> anyhow:
         0 => Ok(()),
         code => Err(ExitWith(code).into()),
     }
+}
+
+/// The message of `e` when it says the stored settings or the given secret cannot be used
+/// (an unreadable secret or reference, an invalid field): doctor's settings failure. Refusals
+/// of the credential policy stay errors of the command.
+fn settings_error(e: &anyhow::Error) -> Option<String> {
+    use crate::secrets::SecretError as S;
+    e.chain().find_map(|cause| {
+        if let Some(r) = cause.downcast_ref::<pilot::ResolveError>() {
+            return matches!(
+                r,
+                pilot::ResolveError::Secret { .. }
+                    | pilot::ResolveError::Invalid { .. }
+                    | pilot::ResolveError::Certificate { .. }
+                    | pilot::ResolveError::CaBundle { .. }
+            )
+            .then(|| r.to_string());
+        }
+        cause.downcast_ref::<S>().and_then(|s| {
+            matches!(
+                s,
+                S::EnvMissing { .. }
+                    | S::FileUnreadable { .. }
+                    | S::FileNotUtf8 { .. }
+                    | S::Empty { .. }
+            )
+            .then(|| s.to_string())
+        })
+    })
+}
+
+/// What the database knows about the mailbox that can explain a refused login.
+async fn known_about(
+    conn: &mut sqlx::PgConnection,
+    mailbox: &str,
+    app: Option<&store::AppRow>,
+) -> anyhow::Result<doctor::Known> {
+    let pilots = store::find_pilots_by_mailbox(conn, mailbox).await?;
+    let last_poll = pilots
+        .iter()
+        .filter_map(|p| {
+            let at = p.last_success_at.max(p.last_error_at)?;
+            Some((at, p.id, p.enabled))
+        })
+        .max_by_key(|(at, _, _)| *at);
+    Ok(doctor::Known {
+        last_poll,
+        app_added: app.map(|a| a.created_at),
+    })
 }
 
 async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Target> {
@@ -821,7 +892,7 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
             store::PilotAuth::UserPass { .. } => None,
         };
         let mut pilot = new_pilot_from_row(&row);
-        apply_settings(&mut pilot, &args.settings)?;
+        apply_settings(&mut pilot, &args.server.settings())?;
         if let (Some(from), Some(to), store::PilotAuth::UserPass { credential, .. }) =
             (row.credential_owner(), pilot.credential_owner(), &row.auth)
             && needs_rebinding(credential, &from, &to)
@@ -833,7 +904,10 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
                 row.id
             );
         }
-        return pilot_target(config, &pilot, app.as_ref(), args.retr, args.timeout);
+        let known = known_about(&mut conn, &row.mailbox, app.as_ref()).await?;
+        let mut target = pilot_target(config, &pilot, app.as_ref(), args.retr, args.timeout)?;
+        target.known = known;
+        return Ok(target);
     }
     let Some(mailbox) = &args.mailbox else {
         bail!(
@@ -842,11 +916,13 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
     };
     admin::validate_mailbox(mailbox)?;
     let mut app_row = None;
+    let mut known = doctor::Known::default();
     let (auth, login) = if let Some(name) = &args.app {
         let pool = open(config).await?;
         let mut conn = pool.acquire().await?;
         let row = find_app(&mut conn, name).await?;
         let auth = store::PilotAuth::XOAuth2 { app_id: row.id };
+        known = known_about(&mut conn, mailbox, Some(&row)).await?;
         app_row = Some(row);
         (auth, None)
     } else if let (Some(tenant), Some(client_id)) = (&args.tenant, &args.client_id) {
@@ -857,7 +933,7 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
         )?;
         let credential = match certificate_source_loaded(&args.certificate)? {
             Some(cert) => Credential::Certificate(cert),
-            None => Credential::Secret(read_secret(&args.secret, "client secret", &config.credential_policy())?.context(
+            None => Credential::Secret(read_secret(&args.secret.source(), "client secret", &config.credential_policy())?.context(
                 "pass the client secret with --secret-stdin, --secret-file PATH or --secret-env NAME, or --certificate and --private-key-file",
             )?),
         };
@@ -879,7 +955,12 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
             }),
         )
     } else if let Some(username) = &args.username {
-        let password = read_secret(&args.secret, "password", &config.credential_policy())?.context(
+        let password = read_secret(
+            &args.secret.source(),
+            "password",
+            &config.credential_policy(),
+        )?
+        .context(
             "USER/PASS needs the password: --secret-stdin, --secret-file PATH or --secret-env NAME",
         )?;
         (
@@ -906,9 +987,14 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
     {
         pilot.host = cloud.preset().pop_host.to_owned();
     }
-    apply_settings(&mut pilot, &args.settings)?;
+    apply_settings(&mut pilot, &args.server.settings())?;
     match login {
-        None => pilot_target(config, &pilot, app_row.as_ref(), args.retr, args.timeout),
+        None => {
+            let mut target =
+                pilot_target(config, &pilot, app_row.as_ref(), args.retr, args.timeout)?;
+            target.known = known;
+            Ok(target)
+        }
         Some(login) => {
             // Explicit credentials: build the target around them (nothing stored is read).
             check_destination(&config.credential_policy(), &pilot)?;
@@ -919,6 +1005,9 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
                 login,
                 retr: args.retr,
                 max_message_bytes: usize::try_from(pilot.max_message_bytes).unwrap_or(usize::MAX),
+                greeting_timeout: doctor::GREETING_TIMEOUT,
+                login_retry_pause: Some(doctor::LOGIN_RETRY_PAUSE),
+                known,
             })
         }
     }

@@ -309,12 +309,13 @@ struct DoctorArgs {
     /// Explicit app: tenant id or domain (with --client-id and a secret or certificate).
     #[arg(long, requires = "client_id")]
     tenant: Option<String>,
+    /// Explicit app: the application (client) id (with --tenant).
     #[arg(long)]
     client_id: Option<String>,
     #[command(flatten)]
     cloud: CloudArgs,
     #[command(flatten)]
-    secret: SecretSource,
+    secret: DoctorSecret,
     #[command(flatten)]
     certificate: CertificateSource,
     /// Mailbox to log into (required unless --pilot).
@@ -324,15 +325,86 @@ struct DoctorArgs {
     #[arg(long)]
     username: Option<String>,
     #[command(flatten)]
-    settings: PilotSettings,
+    server: DoctorServer,
     /// Fetch and parse message N after login, without deleting it.
     #[arg(long, value_name = "N")]
     retr: Option<u32>,
     /// Seconds to wait for each network step (default: the [pop3] settings).
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     timeout: Option<u64>,
+    /// Seconds to wait for the server's greeting once connected (default 10).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    greeting_timeout: Option<u64>,
+    /// Seconds to wait before a second login after Exchange's generic authentication failure,
+    /// to tell a momentary refusal from a persistent one (default 5; 0: no second login).
+    #[arg(long, value_name = "SECS")]
+    login_retry_pause: Option<u64>,
+    /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// The secret doctor uses once (never stored).
+#[derive(Args, Debug)]
+#[group(required = false, multiple = false)]
+struct DoctorSecret {
+    /// Read the client secret or password from standard input (one line).
+    #[arg(long)]
+    secret_stdin: bool,
+    /// Read the client secret or password from this file (trailing newline ignored).
+    #[arg(long, value_name = "PATH")]
+    secret_file: Option<PathBuf>,
+    /// Read the client secret or password from this environment variable.
+    #[arg(long, value_name = "NAME")]
+    secret_env: Option<String>,
+    /// Refused: a secret on the command line leaks into shell history and process lists.
+    #[arg(long, hide = true, value_name = "VALUE")]
+    secret: Option<String>,
+}
+
+impl DoctorSecret {
+    fn source(&self) -> SecretSource {
+        SecretSource {
+            secret_stdin: self.secret_stdin,
+            secret_file: self.secret_file.clone(),
+            secret_env: self.secret_env.clone(),
+            secret: self.secret.clone(),
+        }
+    }
+}
+
+/// The server settings doctor checks (the pilot's, replaced where given).
+#[derive(Args, Debug)]
+struct DoctorServer {
+    /// POP3 server (default: the pilot's, else the app's cloud POP host, outlook.office365.com).
+    #[arg(long)]
+    host: Option<String>,
+    /// POP3 port (default: the pilot's, else 995).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    port: Option<u16>,
+    /// implicit (port 995, the default), starttls, or dangerous_plaintext (tests only).
+    #[arg(long, value_parser = parse_tls)]
+    tls: Option<TlsMode>,
+    /// Extra PEM CA bundle for this server (on-premises, private CA).
+    #[arg(long, value_name = "PEM")]
+    ca_bundle: Option<PathBuf>,
+    /// Largest message --retr downloads, in octets (default: the pilot's, else 50 MiB).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_message_bytes: Option<u64>,
+}
+
+impl DoctorServer {
+    fn settings(&self) -> PilotSettings {
+        PilotSettings {
+            host: self.host.clone(),
+            port: self.port,
+            tls: self.tls,
+            ca_bundle: self.ca_bundle.clone(),
+            poll_interval: None,
+            keep_on_server: None,
+            max_message_bytes: self.max_message_bytes,
+        }
+    }
 }
 
 /// Ends the process with this exit code after the output is written (doctor, `pilot add --check`).

@@ -199,7 +199,8 @@ impl PollError {
     pub fn reason(&self) -> &'static str {
         match self {
             PollError::Token(_) => "token",
-            PollError::Pop3(pop3::Error::AuthRejected { .. }) => "auth",
+            PollError::Pop3(pop3::Error::AuthRejected { .. })
+            | PollError::Pop3(pop3::Error::TokenTooLong { .. }) => "auth",
             PollError::Pop3(pop3::Error::Timeout { .. }) => "timeout",
             PollError::Pop3(pop3::Error::TlsCertificate { .. })
             | PollError::Pop3(pop3::Error::TlsHandshake { .. }) => "tls",

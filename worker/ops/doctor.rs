@@ -11,6 +11,7 @@
 //! and never prints a secret or a token (only the token's length).
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -24,6 +25,14 @@ pub const LONG_TOKEN: usize = 4000;
 pub use super::admin::EXPIRY_WARNING_DAYS;
 /// A maildrop with at least this many messages waiting gets a warning.
 pub const LARGE_MAILDROP: u32 = 1000;
+/// How long doctor waits for the greeting by default (the worker waits its command deadline).
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pause before the second login that tells a momentary refusal from a persistent one.
+pub const LOGIN_RETRY_PAUSE: Duration = Duration::from_secs(5);
+/// A poll this recent means a worker may hold a session on the mailbox right now.
+const RECENT_POLL_MINUTES: i64 = 10;
+/// Exchange Online can take this long to apply a permission change.
+const PROPAGATION_MINUTES: i64 = 60;
 
 /// How doctor logs in: the poller's own login type, built by the same resolver.
 pub use crate::ingest::pilot::Login;
@@ -40,6 +49,24 @@ pub struct Target {
     pub retr: Option<u32>,
     /// Largest message `--retr` downloads.
     pub max_message_bytes: usize,
+    /// Longest wait for the greeting (shorter than the command deadline to matter).
+    pub greeting_timeout: Duration,
+    /// After Exchange's generic authentication failure, log in once more after this pause
+    /// (`None`: do not).
+    pub login_retry_pause: Option<Duration>,
+    /// What the database knows about this mailbox, for the authentication-failure verdict.
+    pub known: Known,
+}
+
+/// What the database says that can explain a refused login.
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// The latest poll of this mailbox by a ccmail worker (any stored pilot on it), with the
+    /// pilot's id and whether it is enabled.
+    pub last_poll: Option<(DateTime<Utc>, i64, bool)>,
+    /// When the app was added to ccmail (a permission granted around then may still be
+    /// propagating).
+    pub app_added: Option<DateTime<Utc>>,
 }
 
 impl Target {
@@ -51,6 +78,9 @@ impl Target {
             login: pilot.auth,
             retr,
             max_message_bytes: pilot.max_message_bytes,
+            greeting_timeout: GREETING_TIMEOUT,
+            login_retry_pause: Some(LOGIN_RETRY_PAUSE),
+            known: Known::default(),
         }
     }
 }
@@ -110,6 +140,11 @@ pub enum Failure {
     Protocol,
     /// The login was refused (for XOAUTH2: Exchange's generic authentication failure).
     LoginRejected,
+    /// The server refused the login for now: busy, throttled or its backend unavailable
+    /// (`Server Unavailable. 21`, `[SYS/TEMP]`, `[IN-USE]`).
+    ServerBusy,
+    /// The server cut the login off after the token: longer than it accepts.
+    TokenTooLong,
     /// Logged in, but STAT / UIDL / RETR failed.
     Mailbox,
 }
@@ -126,6 +161,8 @@ impl Failure {
             Failure::Timeout => 22,
             Failure::Protocol => 23,
             Failure::LoginRejected => 30,
+            Failure::ServerBusy => 31,
+            Failure::TokenTooLong => 32,
             Failure::Mailbox => 40,
         }
     }
@@ -144,7 +181,9 @@ Exit codes:
   21  TLS: untrusted or mismatched certificate, TLS version or handshake failure
   22  timeout: the POP3 server stopped answering
   23  protocol: bad greeting, XOAUTH2 not offered, unexpected answer
-  30  login rejected (for XOAUTH2 the Exchange checklist is printed)
+  30  login rejected (for XOAUTH2: other sessions, propagation, then the Exchange checklist)
+  31  server busy / temporarily unavailable at login (Server Unavailable, [SYS/TEMP], [IN-USE])
+  32  token rejected as too long (the server cut the login off after the token)
   40  mailbox: STAT, UIDL or RETR failed after login";
 
 /// Everything doctor found.
@@ -264,7 +303,12 @@ pub async fn diagnose(target: &Target, token_options: &TokenSourceOptions) -> Re
         Login::UserPass { .. } => None,
     };
 
-    let client = match Client::connect(&target.server).await {
+    let client = match Client::connect_greeting_within(
+        &target.server,
+        Some(target.greeting_timeout),
+    )
+    .await
+    {
         Ok(client) => client,
         Err(e) => {
             connect_failure(&mut report, target, &e);
@@ -349,23 +393,69 @@ pub async fn diagnose(target: &Target, token_options: &TokenSourceOptions) -> Re
         }
         (Login::XOAuth2 { .. }, None) => return report,
     };
+    let accepted = match &target.login {
+        Login::XOAuth2 { .. } => {
+            format!("XOAUTH2 (two-step) accepted for user={}", target.mailbox)
+        }
+        Login::UserPass { username, .. } => format!("USER/PASS accepted for {username}"),
+    };
     let mut session = match login {
-        Ok(session) => session,
+        Ok(session) => {
+            report.push("login", Verdict::Pass, accepted);
+            session
+        }
         Err(e) => {
-            login_failure(&mut report, target, &e, token.as_ref().map(|t| t.len()));
-            return report;
+            let generic = matches!(e, pop3::Error::AuthRejected { .. }) && !e.is_transient();
+            let second = match (generic, target.login_retry_pause) {
+                (true, Some(pause)) => {
+                    Some((pause, login_again(target, token.as_ref(), pause).await))
+                }
+                _ => None,
+            };
+            match second {
+                Some((pause, Ok(session))) => {
+                    report.push_fix(
+                        "login",
+                        Verdict::Warn,
+                        format!(
+                            "{accepted}, but only at the second try: the first was refused ({e}); the same \
+                             login {}s later passed, so the refusal was momentary"
+                        , pause.as_secs()),
+                        vec![
+                            "a momentary refusal is most often another session on this mailbox (another mail \
+                             client or a ccmail worker) or a permission still reaching Exchange Online"
+                                .to_owned(),
+                        ],
+                    );
+                    session
+                }
+                Some((pause, Err(again))) => {
+                    let note = format!(
+                        "a second login {}s later was refused too ({again}): the refusal is persistent",
+                        pause.as_secs()
+                    );
+                    login_failure(
+                        &mut report,
+                        target,
+                        &e,
+                        token.as_ref().map(|t| t.len()),
+                        Some(note),
+                    );
+                    return report;
+                }
+                None => {
+                    login_failure(
+                        &mut report,
+                        target,
+                        &e,
+                        token.as_ref().map(|t| t.len()),
+                        None,
+                    );
+                    return report;
+                }
+            }
         }
     };
-    report.push(
-        "login",
-        Verdict::Pass,
-        match &target.login {
-            Login::XOAuth2 { .. } => {
-                format!("XOAUTH2 (two-step) accepted for user={}", target.mailbox)
-            }
-            Login::UserPass { username, .. } => format!("USER/PASS accepted for {username}"),
-        },
-    );
 
     let (count, octets) = match session.stat().await {
         Ok(stat) => stat,
@@ -461,6 +551,52 @@ pub async fn diagnose(target: &Target, token_options: &TokenSourceOptions) -> Re
             format!("QUIT failed ({e}); nothing was deleted"),
         ),
     }
+    report
+}
+
+/// The login once more after `pause`, on a new connection (the first one is gone).
+async fn login_again(
+    target: &Target,
+    token: Option<&oauth::AccessToken>,
+    pause: Duration,
+) -> Result<pop3::Session<pop3::Stream>, pop3::Error> {
+    // A pause, not a poll: what is measured is whether the refusal lasts.
+    tokio::time::sleep(pause).await;
+    let client =
+        Client::connect_greeting_within(&target.server, Some(target.greeting_timeout)).await?;
+    match (&target.login, token) {
+        (Login::XOAuth2 { .. }, Some(token)) => {
+            client.auth_xoauth2(&target.mailbox, token.secret()).await
+        }
+        (Login::UserPass { username, password }, _) => {
+            client.auth_user_pass(username, password).await
+        }
+        (Login::XOAuth2 { .. }, None) => Err(pop3::Error::InvalidRequest(
+            "no token for the second login".to_owned(),
+        )),
+    }
+}
+
+/// A report for settings doctor cannot use at all (an unreadable secret, an invalid field):
+/// the settings step fails with `error`, printed once.
+pub fn unusable_settings(mailbox: &str, server: &str, error: &str) -> Report {
+    let mut report = Report {
+        mailbox: mailbox.to_owned(),
+        server: server.to_owned(),
+        checks: Vec::new(),
+        failure: None,
+        messages: None,
+    };
+    report.fail(
+        "settings",
+        Failure::Settings,
+        error.to_owned(),
+        vec![
+            "fix the named setting (for an env: reference: set the variable in doctor's environment, \
+             or store the secret with `ccmail app rotate-secret`), then run doctor again"
+                .to_owned(),
+        ],
+    );
     report
 }
 
@@ -600,7 +736,8 @@ fn token_failure(report: &mut Report, app: &AppCredentials, name: Option<&str>, 
             "the tenant in use is {} at {}: fix it with `ccmail app update {app_ref} --tenant <tenant id>` (or --cloud)",
             app.key.tenant, app.key.authority
         )),
-        Some(70011) | Some(1002012) | Some(700022) | Some(500011) => fix.push(format!(
+        Some(500011) => fix.push(resource_not_found_fix(app, app_ref)),
+        Some(70011) | Some(1002012) | Some(700022) => fix.push(format!(
             "the scope in use is {:?}: fix it with `ccmail app update {app_ref} --scope {}`",
             app.key.scope,
             oauth::DEFAULT_SCOPE
@@ -620,6 +757,28 @@ fn token_failure(report: &mut Report, app: &AppCredentials, name: Option<&str>, 
     report.fail("token", class, summary, fix);
 }
 
+/// AADSTS500011 (resource principal not found), for the scope actually requested: a wrong
+/// scope is fixed by the right one; with the right one already in use the cause is the tenant.
+fn resource_not_found_fix(app: &AppCredentials, app_ref: &str) -> String {
+    if app.key.scope.eq_ignore_ascii_case(oauth::DEFAULT_SCOPE) {
+        format!(
+            "the scope in use is already {}, so the resource missing is the tenant's: tenant {} has no \
+             Office 365 Exchange Online service principal (appId 00000002-0000-0ff1-ce00-000000000000; \
+             no Exchange Online subscription), or the tenant id names another tenant, or the tenant is in \
+             another cloud than {} (fix with `ccmail app update {app_ref} --tenant <tenant id>` or --cloud)",
+            app.key.scope, app.key.tenant, app.key.authority
+        )
+    } else {
+        format!(
+            "the scope in use is {:?}: Exchange Online's POP resource is {}; fix it with `ccmail app update \
+             {app_ref} --scope {}` (or --cloud for a national cloud)",
+            app.key.scope,
+            oauth::DEFAULT_SCOPE,
+            oauth::DEFAULT_SCOPE
+        )
+    }
+}
+
 fn connect_failure(report: &mut Report, target: &Target, e: &pop3::Error) {
     let place = format!("{}:{}", target.server.host, target.server.port);
     let (class, summary, mut fix) = match e {
@@ -631,6 +790,24 @@ fn connect_failure(report: &mut Report, target: &Target, e: &pop3::Error) {
                 crate::store::DEFAULT_HOST,
                 crate::store::DEFAULT_PORT
             )],
+        ),
+        pop3::Error::Timeout {
+            during: "greeting",
+            after,
+        } => (
+            Failure::Timeout,
+            match target.server.tls {
+                pop3::TlsMode::Implicit => format!(
+                    "{place} accepted the TCP connection and the TLS handshake but never sent the POP3 greeting (waited {after:?})"
+                ),
+                _ => format!(
+                    "{place} accepted the TCP connection but never sent the POP3 greeting (waited {after:?})"
+                ),
+            },
+            vec![
+                "the server (or a proxy or load balancer in front of it) takes connections but no POP3 service answers: check that this host and port are the mailbox's POP3 server, and the server's POP3 service".to_owned(),
+                format!("to wait longer, pass --greeting-timeout SECS (now {}s)", target.greeting_timeout.as_secs()),
+            ],
         ),
         pop3::Error::Timeout { during, after } => (
             Failure::Timeout,
@@ -683,8 +860,34 @@ fn connect_failure(report: &mut Report, target: &Target, e: &pop3::Error) {
     report.fail("connect", class, summary, fix);
 }
 
-fn login_failure(report: &mut Report, target: &Target, e: &pop3::Error, token_len: Option<usize>) {
+fn login_failure(
+    report: &mut Report,
+    target: &Target,
+    e: &pop3::Error,
+    token_len: Option<usize>,
+    second_try: Option<String>,
+) {
     match (e, &target.login) {
+        (pop3::Error::ServerBusy { .. }, _) => report.fail(
+            "login",
+            Failure::ServerBusy,
+            format!("server busy / temporarily unavailable: {e} (TCP, TLS, greeting and CAPA passed)"),
+            vec![
+                "wait a few minutes and run doctor again: this answer is about the server's state, not the credentials".to_owned(),
+                format!("check that no other session holds {} (another mail client, or a ccmail worker polling it)", target.mailbox),
+                "if it lasts: Exchange Online is throttling this mailbox or has a backend problem (Microsoft 365 admin center > Health > Service health)".to_owned(),
+            ],
+        ),
+        (pop3::Error::TokenTooLong { length, .. }, _) => report.fail(
+            "login",
+            Failure::TokenTooLong,
+            format!("token rejected as too long: the server cut the login off after a token of {length} characters ({e})"),
+            vec![
+                format!("Exchange Online refuses tokens much over {LONG_TOKEN} characters; this one has {length}"),
+                "make the token smaller: remove API permissions the app does not need (API permissions), and the group and role claims (Token configuration; groupMembershipClaims \"None\" in the manifest)".to_owned(),
+                "then run doctor again: the token step prints the new length".to_owned(),
+            ],
+        ),
         (pop3::Error::Timeout { during, after }, _) => report.fail(
             "login",
             Failure::Timeout,
@@ -692,16 +895,13 @@ fn login_failure(report: &mut Report, target: &Target, e: &pop3::Error, token_le
             vec!["retry; if it persists the server is overloaded or a proxy holds the connection".to_owned()],
         ),
         (pop3::Error::AuthRejected { .. }, Login::XOAuth2 { app, .. }) if !e.is_transient() => {
-            let mut summary = format!("{e}");
+            let mut summary = format!("generic authentication failure: {e}");
             if let Some(len) = token_len {
                 let _ = write!(summary, " [token length {len}]");
             }
-            report.fail(
-                "login",
-                Failure::LoginRejected,
-                summary,
-                exchange_checklist(&target.mailbox, app),
-            );
+            let mut fix = other_causes(target, second_try);
+            fix.extend(exchange_checklist(&target.mailbox, app));
+            report.fail("login", Failure::LoginRejected, summary, fix);
         }
         (pop3::Error::AuthRejected { .. }, Login::UserPass { username, .. }) if !e.is_transient() => {
             report.fail(
@@ -733,6 +933,45 @@ fn login_failure(report: &mut Report, target: &Target, e: &pop3::Error, token_le
     }
 }
 
+/// The causes of Exchange's generic authentication failure that are not a missing permission,
+/// first, with what doctor saw of them.
+fn other_causes(target: &Target, second_try: Option<String>) -> Vec<String> {
+    let now = Utc::now();
+    let mut out = vec![
+        "Exchange gives this same answer for several causes; the ones that are not a missing permission first:".to_owned(),
+        format!(
+            "A. Another session on {}: too many sessions on one mailbox (another mail client, or a ccmail worker polling it) are refused like a bad login.",
+            target.mailbox
+        ),
+    ];
+    match target.known.last_poll {
+        Some((at, pilot, enabled)) if (now - at).num_minutes() < RECENT_POLL_MINUTES => out.push(format!(
+            "     the database shows pilot {pilot} ({}) was polled by a ccmail worker {} min ago ({at}): a worker may hold the mailbox; stop it with `ccmail pilot disable {pilot}` while checking, or wait for its poll to end",
+            if enabled { "enabled" } else { "disabled" },
+            (now - at).num_minutes()
+        )),
+        Some((at, pilot, _)) => out.push(format!(
+            "     the database shows pilot {pilot} last polled at {at}, not recently; look for other mail clients on the mailbox"
+        )),
+        None => out.push("     no ccmail pilot in this database has polled this mailbox; look for other mail clients on it".to_owned()),
+    }
+    if let Some(note) = second_try {
+        out.push(format!("     {note}"));
+    }
+    out.push(format!(
+        "B. A permission granted less than {PROPAGATION_MINUTES} minutes ago: Exchange Online can take up to an hour to apply it; wait and run doctor again."
+    ));
+    if let Some(added) = target.known.app_added {
+        let minutes = (now - added).num_minutes();
+        if minutes < PROPAGATION_MINUTES {
+            out.push(format!(
+                "     this app was added to ccmail {minutes} min ago: if its permissions were granted then, they may still be propagating"
+            ));
+        }
+    }
+    out
+}
+
 /// EXCHANGE.md §2's ordered checklist for `-ERR Authentication failure`, with the commands
 /// filled in for this app and mailbox.
 pub fn exchange_checklist(mailbox: &str, app: &AppCredentials) -> Vec<String> {
@@ -752,7 +991,7 @@ pub fn exchange_checklist(mailbox: &str, app: &AppCredentials) -> Vec<String> {
         );
     }
     vec![
-        "Exchange answered with its generic authentication failure; check these in order:".to_owned(),
+        "Then the permissions, in order:".to_owned(),
         format!(
             "1. API permission: Azure portal > App registrations > {client} > API permissions: \
              Office 365 Exchange Online > Application permission POP.AccessAsApp (not delegated), \
@@ -805,6 +1044,8 @@ mod tests {
             Failure::Timeout,
             Failure::Protocol,
             Failure::LoginRejected,
+            Failure::ServerBusy,
+            Failure::TokenTooLong,
             Failure::Mailbox,
         ];
         let mut codes: Vec<u8> = all.iter().map(|f| f.exit_code()).collect();

@@ -14,9 +14,10 @@
 //! did.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
@@ -97,6 +98,16 @@ impl Client<Stream> {
     /// Connects, performs TLS as the spec says, reads the greeting and asks CAPA. Each step has
     /// its own deadline.
     pub async fn connect(spec: &ServerSpec) -> Result<Client<Stream>, Error> {
+        Client::connect_greeting_within(spec, None).await
+    }
+
+    /// [`Client::connect`], waiting at most `greeting` (when shorter than the command
+    /// deadline) for the greeting: a diagnosis wants a server that accepts the connection but
+    /// never greets found quickly.
+    pub async fn connect_greeting_within(
+        spec: &ServerSpec,
+        greeting: Option<Duration>,
+    ) -> Result<Client<Stream>, Error> {
         let t = spec.timeouts;
         let tcp = match timeout(
             t.connect,
@@ -125,13 +136,13 @@ impl Client<Stream> {
             TlsMode::Implicit => {
                 let tls = handshake(spec, tcp).await?;
                 let conn = Connection::new(Stream::Tls(Box::new(tls)), true, t);
-                let mut client = Client::from_connection(conn, false).await?;
+                let mut client = Client::greeted(conn, false, greeting).await?;
                 client.capa().await?;
                 Ok(client)
             }
             TlsMode::StartTls => {
                 let conn = Connection::new(Stream::Plain(tcp), false, t);
-                let mut client = Client::from_connection(conn, false).await?;
+                let mut client = Client::greeted(conn, false, greeting).await?;
                 let offers_stls = client.capa().await?.is_some_and(|c| c.has("STLS"));
                 if !offers_stls {
                     return Err(Error::NotSupported {
@@ -237,7 +248,35 @@ fn server_error(command: &'static str, status: StatusLine) -> Error {
     }
 }
 
+/// Whether a refused login says the server is busy rather than judging the credentials:
+/// RFC 2449 `[SYS/TEMP]` and `[IN-USE]`, and Exchange Online's `Server Unavailable. 21`
+/// (sent without a response code).
+fn is_busy(status: &StatusLine) -> bool {
+    matches!(status.code.as_deref(), Some("SYS/TEMP") | Some("IN-USE"))
+        || status
+            .text
+            .to_ascii_lowercase()
+            .starts_with("server unavailable")
+}
+
+/// Exchange Online answers an XOAUTH2 response carrying a token longer than it accepts with
+/// `-ERR Protocol error. Connection is closed. 10` and hangs up.
+fn is_cut_off(status: &StatusLine) -> bool {
+    status.code.is_none()
+        && status
+            .text
+            .to_ascii_lowercase()
+            .starts_with("protocol error. connection is closed")
+}
+
 fn auth_rejected(mechanism: &'static str, status: StatusLine, detail: Option<String>) -> Error {
+    if is_busy(&status) {
+        return Error::ServerBusy {
+            mechanism,
+            code: status.code,
+            text: status.text,
+        };
+    }
     Error::AuthRejected {
         mechanism,
         code: status.code,
@@ -254,10 +293,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     async fn from_connection(
-        mut conn: Connection<S>,
+        conn: Connection<S>,
         allow_plaintext_auth: bool,
     ) -> Result<Client<S>, Error> {
-        let greeting = conn.read_status("greeting").await?;
+        Client::greeted(conn, allow_plaintext_auth, None).await
+    }
+
+    /// Reads the greeting, within `within` when given (the connection's hard deadline is
+    /// restored afterwards).
+    async fn greeted(
+        mut conn: Connection<S>,
+        allow_plaintext_auth: bool,
+        within: Option<Duration>,
+    ) -> Result<Client<S>, Error> {
+        let hard = conn.deadline();
+        if let Some(within) = within {
+            let limit = Instant::now() + within;
+            conn.set_deadline(Some(hard.map_or(limit, |h| h.min(limit))));
+        }
+        let greeting = conn.read_status("greeting").await;
+        conn.set_deadline(hard);
+        let greeting = greeting?;
         if !greeting.ok {
             return Err(server_error("greeting", greeting));
         }
@@ -354,6 +410,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             .await?
         {
             AuthReply::Done(status) if status.ok => Ok(Session { conn: self.conn }),
+            // Only right after the response: the same line to the bare `AUTH XOAUTH2` would
+            // be a different mistake.
+            AuthReply::Done(status) if is_cut_off(&status) => Err(Error::TokenTooLong {
+                length: token.expose_secret().len(),
+                text: status.text,
+            }),
             AuthReply::Done(status) => Err(auth_rejected(MECH, status, None)),
             AuthReply::Continue(challenge) => {
                 let detail = sasl::decode_challenge(&challenge);
@@ -723,6 +785,50 @@ mod tests {
         assert!(err.hint().unwrap().contains("POP.AccessAsApp"));
         assert!(!err.to_string().contains("bad\u{1}"));
         server.await.unwrap();
+    }
+
+    /// The answers Exchange gives a login for a busy server or a token it cannot take are
+    /// classified, not folded into the generic authentication failure.
+    #[tokio::test]
+    async fn busy_server_and_cut_off_token_are_their_own_errors() {
+        let token = SecretString::from("x".repeat(4321));
+        let blob = sasl::xoauth2_response("a@b.test", &token);
+        for (answer, after_blob) in [
+            ("-ERR Server Unavailable. 21\r\n", true),
+            ("-ERR [SYS/TEMP] try later\r\n", true),
+            ("-ERR [IN-USE] mailbox locked\r\n", false),
+            ("-ERR Server Unavailable. 21\r\n", false),
+            ("-ERR Protocol error. Connection is closed. 10\r\n", true),
+        ] {
+            let (client_side, server_side) = duplex(1 << 16);
+            let mut steps = vec![Step::S(GREETING), c("AUTH XOAUTH2")];
+            if after_blob {
+                steps.push(Step::S("+ \r\n"));
+                steps.push(Step::C(format!("{}\r\n", blob.expose_secret())));
+            }
+            steps.push(Step::S(answer));
+            let server = tokio::spawn(serve(server_side, steps));
+            let client = Client::new(client_side, true, Timeouts::default())
+                .await
+                .unwrap();
+            let err = client.auth_xoauth2("a@b.test", &token).await.unwrap_err();
+            if answer.contains("Protocol error") {
+                assert!(
+                    matches!(err, Error::TokenTooLong { length: 4321, .. }),
+                    "{err:?}"
+                );
+                assert_eq!(err.retry(), crate::model::retry::Retry::Slowly);
+                assert!(err.to_string().contains("4321 characters"), "{err}");
+                assert!(err.hint().unwrap().contains("group"), "{err}");
+            } else {
+                assert!(matches!(err, Error::ServerBusy { .. }), "{answer}: {err:?}");
+                assert_eq!(err.retry(), crate::model::retry::Retry::Soon);
+                assert!(err.is_transient() && !err.is_permanent());
+                assert!(err.hint().unwrap().contains("another"), "{err}");
+            }
+            assert!(!err.to_string().contains("xxxx"), "{err}");
+            server.await.unwrap();
+        }
     }
 
     #[tokio::test]

@@ -85,6 +85,23 @@ pub enum Error {
         /// The decoded error challenge, if the server sent one (Dovecot does).
         detail: Option<String>,
     },
+    /// The login was refused because the server is busy or its backend unavailable for now
+    /// (Exchange's `Server Unavailable. 21`, RFC 2449 `[SYS/TEMP]` or `[IN-USE]`): not a
+    /// verdict on the credentials.
+    #[error("the server is busy or temporarily unavailable and refused the {mechanism} login: {}", display_status(.code, .text))]
+    ServerBusy {
+        mechanism: &'static str,
+        code: Option<String>,
+        text: String,
+    },
+    /// The server answered the XOAUTH2 response itself with a protocol error and closed the
+    /// connection: what Exchange Online does with a token longer than it accepts.
+    #[error("the XOAUTH2 login was cut off after a token of {length} characters ({}): the token is too long for the server", display_status(&None, .text))]
+    TokenTooLong {
+        /// Characters of the bearer token (never the token itself).
+        length: usize,
+        text: String,
+    },
     #[error("the server does not offer {what}; {hint}")]
     NotSupported {
         what: &'static str,
@@ -123,6 +140,7 @@ impl Error {
             | Error::Closed
             | Error::Protocol(_)
             | Error::ResponseTooLong { .. }
+            | Error::ServerBusy { .. }
             | Error::Poisoned => true,
             Error::Server { code, text, .. } | Error::AuthRejected { code, text, .. } => {
                 matches!(
@@ -136,6 +154,7 @@ impl Error {
             | Error::ListingTooLarge { .. }
             | Error::TooManyEntries { .. }
             | Error::NotSupported { .. }
+            | Error::TokenTooLong { .. }
             | Error::PlaintextAuthRefused
             | Error::InvalidRequest(_)
             | Error::InvalidCommand(_) => false,
@@ -147,7 +166,8 @@ impl Error {
     pub fn is_permanent(&self) -> bool {
         match self {
             Error::AuthRejected { .. } => !self.is_transient(),
-            Error::TlsCertificate { .. }
+            Error::TokenTooLong { .. }
+            | Error::TlsCertificate { .. }
             | Error::TlsConfig(_)
             | Error::NotSupported { .. }
             | Error::PlaintextAuthRefused
@@ -164,8 +184,9 @@ impl Error {
 
     /// The supervisor's decision (see [`crate::model::retry`]): [`Retry::Soon`] for everything
     /// transient and for failures of one message or answer (an oversized message, a refusal
-    /// without a permanent code); [`Retry::Slowly`] for what needs a person (credentials,
-    /// certificates, missing capabilities, a maildrop too large to list); [`Retry::Never`]
+    /// without a permanent code, a busy server at login); [`Retry::Slowly`] for what needs a
+    /// person (credentials, a token too long, certificates, missing capabilities, a maildrop
+    /// too large to list); [`Retry::Never`]
     /// for requests the pilot's own settings make impossible (a host name or user name that
     /// cannot be sent, TLS settings that do not build, credentials over plaintext).
     pub fn retry(&self) -> Retry {
@@ -180,6 +201,7 @@ impl Error {
             Error::Server { .. } => Retry::Soon,
             Error::TlsCertificate { .. }
             | Error::NotSupported { .. }
+            | Error::TokenTooLong { .. }
             | Error::ListingTooLarge { .. }
             | Error::TooManyEntries { .. } => Retry::Slowly,
             Error::Connect { .. }
@@ -189,6 +211,7 @@ impl Error {
             | Error::Closed
             | Error::Protocol(_)
             | Error::ResponseTooLong { .. }
+            | Error::ServerBusy { .. }
             | Error::Poisoned
             | Error::TooLarge { .. } => Retry::Soon,
         }
@@ -213,15 +236,31 @@ impl Error {
                 mechanism: "XOAUTH2",
                 ..
             } if !self.is_transient() => Some(
-                "check, in order: POP.AccessAsApp application permission with admin consent; \
-                 New-ServicePrincipal with the Enterprise Application's object id; \
-                 Add-MailboxPermission FullAccess for this mailbox; the mailbox address; \
-                 the token scope https://outlook.office365.com/.default; POP enabled on the \
-                 mailbox (run `ccmail doctor` for the commands)",
+                "Exchange gives this answer for more than permissions; first: another session \
+                 holding this mailbox (another mail client, or a second ccmail worker polling \
+                 the same pilot), or a permission granted less than an hour ago that has not \
+                 reached Exchange yet (wait and retry). Then check, in order: POP.AccessAsApp \
+                 application permission with admin consent; New-ServicePrincipal with the \
+                 Enterprise Application's object id; Add-MailboxPermission FullAccess for this \
+                 mailbox; the mailbox address; the token scope \
+                 https://outlook.office365.com/.default; POP enabled on the mailbox (run \
+                 `ccmail doctor` for the commands)",
             ),
             Error::AuthRejected { .. } if !self.is_transient() => {
                 Some("check the user name and password of this mailbox")
             }
+            Error::ServerBusy { .. } => Some(
+                "the server refused the login for now: wait a few minutes and retry; check that \
+                 no other session (another mail client or a second ccmail worker) holds this \
+                 mailbox; if it lasts, Exchange Online is throttling this mailbox or has a \
+                 backend problem (Microsoft 365 admin center > Service health)",
+            ),
+            Error::TokenTooLong { .. } => Some(
+                "the access token (its length is in the error) is longer than Exchange Online \
+                 accepts (tokens over about 4000 characters have been refused): remove API \
+                 permissions the app does not need and its group or role claims (Token \
+                 configuration; groupMembershipClaims in the manifest), then request a new token",
+            ),
             Error::TlsCertificate { hint, .. } => Some(hint),
             Error::NotSupported { hint, .. } => Some(hint),
             Error::PlaintextAuthRefused => {
@@ -269,6 +308,21 @@ mod tests {
             (server(Some("SYS/PERM"), "gone"), Retry::Slowly),
             (auth(Some("SYS/TEMP")), Retry::Soon),
             (auth(None), Retry::Slowly),
+            (
+                Error::ServerBusy {
+                    mechanism: "XOAUTH2",
+                    code: None,
+                    text: "Server Unavailable. 21".to_owned(),
+                },
+                Retry::Soon,
+            ),
+            (
+                Error::TokenTooLong {
+                    length: 5000,
+                    text: "Protocol error. Connection is closed. 10".to_owned(),
+                },
+                Retry::Slowly,
+            ),
             (
                 Error::TooLarge {
                     limit: 1,

@@ -19,9 +19,13 @@
 //! - Credentials (AUTH blobs, PASS arguments) never reach logs or [`Pop3Sim::commands`].
 //! - Faults are read when a session starts and apply to every session started until they are
 //!   changed; sessions already running keep theirs.
-//! - A mailbox may limit how many sessions are logged in at once
-//!   ([`Pop3Sim::limit_sessions`]), as Exchange Online does; a login beyond the limit gets
-//!   the configured refusal, by default Exchange's generic [`AUTH_FAILURE`].
+//! - With a session limit ([`Pop3Sim::set_session_limit`]) at most that many sessions are
+//!   logged into one mailbox at once; a session holds its place from login until it ends in
+//!   any way, and a login beyond the limit is refused with the configured line (the session
+//!   stays in AUTHORIZATION). Sessions already logged in are never thrown out.
+//! - With a token limit ([`Pop3Sim::set_token_limit`]) an XOAUTH2 response longer than the
+//!   limit is answered with [`ONE_LINE_AUTH_ERROR`] and the connection closed, as Exchange
+//!   Online does with an oversized token.
 //!
 //! Hostile server mode: besides the network faults ([`Fault::Hang`], [`Fault::Slow`], the
 //! drops, [`Pop3Sim::drop_every_nth_retr`] for a link that keeps dropping), a session can
@@ -58,6 +62,9 @@ pub const ONE_LINE_AUTH_ERROR: &str = "-ERR Protocol error. Connection is closed
 pub const AUTH_SUCCESS: &str = "+OK User successfully authenticated.";
 /// The start of the greeting (a base64 server id in brackets follows).
 pub const GREETING_PREFIX: &str = "+OK The Microsoft Exchange POP3 service is ready.";
+/// The line Exchange Online answers a login with while its backend is busy or unavailable
+/// (one of the answers [`Pop3Sim::set_session_limit`] can give).
+pub const SERVER_UNAVAILABLE: &str = "-ERR Server Unavailable. 21";
 /// The default answer of a message made to fail with [`Pop3Sim::fail_retr`].
 pub const RETR_FAILURE: &str = "-ERR [SYS/TEMP] Server Unavailable. 21";
 
@@ -123,6 +130,9 @@ pub enum Fault {
     /// maildrop for free. Every other command treats those numbers as out of range. Their
     /// UIDL lines are about 57 octets, so 700 000 of them make a 40 MB listing.
     VirtualEntries { count: usize },
+    /// Accept the connection (and the TLS handshake on the implicit-TLS port) but never send
+    /// the greeting; the socket stays open until the client leaves or the simulator stops.
+    NoGreeting,
 }
 
 impl Fault {
@@ -135,9 +145,10 @@ impl Fault {
             | Fault::Endless { command }
             | Fault::Trickle { command, .. }
             | Fault::ListingLine { command, .. } => Some(command),
-            Fault::DropAfterRetrBytes(_) | Fault::Slow { .. } | Fault::VirtualEntries { .. } => {
-                None
-            }
+            Fault::DropAfterRetrBytes(_)
+            | Fault::Slow { .. }
+            | Fault::VirtualEntries { .. }
+            | Fault::NoGreeting => None,
         }
     }
 
@@ -197,17 +208,18 @@ struct Maildrops {
     retr_drops: Option<(u64, u64)>,
     commands: VecDeque<String>,
     next_uid: u64,
+    /// At most this many sessions logged into one mailbox, and the answer beyond it.
+    session_limit: Option<(usize, String)>,
+    /// Longest XOAUTH2 response (base64 octets) accepted.
+    token_limit: Option<usize>,
+    /// Sessions logged in now, by mailbox.
+    active: HashMap<String, usize>,
 }
 
 #[derive(Default)]
 struct Mailbox {
     password: Option<String>,
     messages: Vec<Message>,
-    /// [`Pop3Sim::limit_sessions`]: at most this many sessions logged in at once, and the
-    /// answer to a login beyond that.
-    session_limit: Option<(usize, String)>,
-    /// Sessions logged in to this mailbox now.
-    open_sessions: usize,
 }
 
 #[derive(Clone)]
@@ -295,29 +307,6 @@ impl Pop3Sim {
             .entry(address.to_ascii_lowercase())
             .or_default()
             .password = Some(password.to_owned());
-    }
-
-    /// Lets at most `max` sessions be logged in to `address` at once, like Exchange Online's
-    /// per-mailbox session limit; a login beyond it is answered with `answer` (Exchange's
-    /// generic [`AUTH_FAILURE`], or e.g. `-ERR Server Unavailable. 21`) and the session stays
-    /// unauthenticated. `None` lifts the limit. A session counts from its login until it ends
-    /// (QUIT, drop, fault).
-    pub fn limit_sessions(&self, address: &str, limit: Option<(usize, &str)>) {
-        self.shared
-            .lock()
-            .boxes
-            .entry(address.to_ascii_lowercase())
-            .or_default()
-            .session_limit = limit.map(|(max, answer)| (max, answer.to_owned()));
-    }
-
-    /// Sessions logged in to `address` right now.
-    pub fn open_sessions(&self, address: &str) -> usize {
-        self.shared
-            .lock()
-            .boxes
-            .get(&address.to_ascii_lowercase())
-            .map_or(0, |b| b.open_sessions)
     }
 
     /// Delivers a message (LF or CRLF line endings; stored as given, served with CRLF) and
@@ -419,6 +408,29 @@ impl Pop3Sim {
     /// Forgets the recorded command lines.
     pub fn clear_commands(&self) {
         self.shared.lock().commands.clear();
+    }
+
+    /// Allows at most `max` sessions logged into one mailbox at once (`None`: no limit); a
+    /// login beyond it is answered with `line` ([`AUTH_FAILURE`], as Exchange Online usually
+    /// answers, or [`SERVER_UNAVAILABLE`]). Applies to logins from now on.
+    pub fn set_session_limit(&self, max: Option<usize>, line: &str) {
+        self.shared.lock().session_limit = max.map(|n| (n, line.to_owned()));
+    }
+
+    /// Sessions logged into `address` now.
+    pub fn active_sessions(&self, address: &str) -> usize {
+        self.shared
+            .lock()
+            .active
+            .get(&address.to_ascii_lowercase())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Answers an XOAUTH2 response longer than `octets` (base64, as sent) with
+    /// [`ONE_LINE_AUTH_ERROR`] and closes the connection (`None`: no limit).
+    pub fn set_token_limit(&self, octets: Option<usize>) {
+        self.shared.lock().token_limit = octets;
     }
 
     /// Replaces the injected faults with `fault` (or none) for sessions started from now on.
@@ -617,6 +629,7 @@ async fn run_session(
         mute: false,
         trickle: None,
         state: SessionState::Authorization { user: None },
+        _slot: None,
     };
     match session.serve().await {
         Ok(()) | Err(End::Close) => {}
@@ -667,21 +680,34 @@ struct Session {
     /// at once) has been written.
     trickle: Option<(usize, bool)>,
     state: SessionState,
+    /// This session's place under the session limit, held from login until it ends.
+    _slot: Option<Slot>,
 }
 
-impl Drop for Session {
-    /// A logged-in session leaves its mailbox's session count however it ends.
+/// A logged-in session's count in [`Maildrops::active`]; given back when dropped, so every
+/// way a session ends (QUIT, error, drop, cancel) frees it.
+struct Slot {
+    shared: Arc<Shared>,
+    mailbox: String,
+}
+
+impl Drop for Slot {
     fn drop(&mut self) {
-        if let SessionState::Transaction { mailbox, .. } = &self.state
-            && let Some(entry) = self.shared.lock().boxes.get_mut(mailbox)
-        {
-            entry.open_sessions = entry.open_sessions.saturating_sub(1);
+        let mut state = self.shared.lock();
+        if let Some(n) = state.active.get_mut(&self.mailbox) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                state.active.remove(&self.mailbox);
+            }
         }
     }
 }
 
 impl Session {
     async fn serve(&mut self) -> Result<(), End> {
+        if self.faults.contains(&Fault::NoGreeting) {
+            return self.hang().await;
+        }
         let greeting = greeting();
         self.reply(&greeting).await?;
         loop {
@@ -717,7 +743,8 @@ impl Session {
                     Fault::DropAfterRetrBytes(_)
                     | Fault::Slow { .. }
                     | Fault::ListingLine { .. }
-                    | Fault::VirtualEntries { .. } => {}
+                    | Fault::VirtualEntries { .. }
+                    | Fault::NoGreeting => {}
                 }
             }
             let done = self.command(&line).await;
@@ -847,9 +874,10 @@ impl Session {
             return self.reply("-ERR Command is not valid in this state.").await;
         };
         if self.password_ok(&user, password) {
-            if let Err(answer) = self.login(&user) {
+            if let Err(refusal) = self.login(&user) {
+                self.shared.auth_failures.fetch_add(1, Ordering::SeqCst);
                 self.state = SessionState::Authorization { user: None };
-                return self.reply(&answer).await;
+                return self.reply(&refusal).await;
             }
             self.reply("+OK User successfully logged on.").await
         } else {
@@ -878,6 +906,14 @@ impl Session {
                 let Some(blob) = self.sasl_response(None).await? else {
                     return Ok(());
                 };
+                let limit = self.shared.lock().token_limit;
+                if limit.is_some_and(|max| blob.len() > max) {
+                    // Exchange Online answers an oversized token like a protocol error and
+                    // hangs up.
+                    self.shared.auth_failures.fetch_add(1, Ordering::SeqCst);
+                    self.reply(ONE_LINE_AUTH_ERROR).await?;
+                    return Err(End::Close);
+                }
                 let user = decode_base64(&blob)
                     .and_then(|bytes| parse_xoauth2(&bytes))
                     .filter(|(user, token)| self.bearer_ok(user, token))
@@ -932,7 +968,10 @@ impl Session {
         match user {
             Some(user) => match self.login(&user) {
                 Ok(()) => self.reply(AUTH_SUCCESS).await,
-                Err(answer) => self.reply(&answer).await,
+                Err(refusal) => {
+                    self.shared.auth_failures.fetch_add(1, Ordering::SeqCst);
+                    self.reply(&refusal).await
+                }
             },
             None => {
                 self.shared.auth_failures.fetch_add(1, Ordering::SeqCst);
@@ -964,28 +1003,29 @@ impl Session {
         exists && domain.eq_ignore_ascii_case(&grant.tenant_domain)
     }
 
-    /// Enters TRANSACTION with a snapshot of the maildrop, unless the mailbox's session limit
-    /// is reached: then the answer to send instead (the login is refused).
+    /// Enters TRANSACTION with a snapshot of the maildrop, unless the mailbox already has as
+    /// many sessions as the session limit allows: then the refusal line.
     fn login(&mut self, user: &str) -> Result<(), String> {
         let mailbox = user.to_ascii_lowercase();
         let messages = {
             let mut state = self.shared.lock();
-            let entry = state.boxes.entry(mailbox.clone()).or_default();
-            if let Some((max, answer)) = &entry.session_limit
-                && entry.open_sessions >= *max
+            let active = state.active.get(&mailbox).copied().unwrap_or(0);
+            if let Some((max, line)) = &state.session_limit
+                && active >= *max
             {
-                let answer = answer.clone();
-                drop(state);
-                self.shared.auth_failures.fetch_add(1, Ordering::SeqCst);
-                tracing::debug!(
-                    mailbox,
-                    "pop3 simulator: session limit reached, login refused"
-                );
-                return Err(answer);
+                return Err(line.clone());
             }
-            entry.open_sessions += 1;
-            entry.messages.clone()
+            *state.active.entry(mailbox.clone()).or_insert(0) += 1;
+            state
+                .boxes
+                .get(&mailbox)
+                .map(|b| b.messages.clone())
+                .unwrap_or_default()
         };
+        self._slot = Some(Slot {
+            shared: self.shared.clone(),
+            mailbox: mailbox.clone(),
+        });
         self.shared.logins.fetch_add(1, Ordering::SeqCst);
         tracing::debug!(mailbox, messages = messages.len(), "pop3 simulator login");
         self.state = SessionState::Transaction {
@@ -1573,6 +1613,60 @@ mod tests {
         assert_eq!(p.cmd("AUTH XOAUTH2").await?, "+ ");
         assert_eq!(p.cmd(&xoauth2(MAILBOX, &token)).await?, AUTH_SUCCESS);
         assert_eq!(fx.pop.sessions(), 2);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn session_limit_refuses_logins_beyond_it_until_a_session_ends() -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        fx.pop.set_session_limit(Some(1), AUTH_FAILURE);
+        let first = fx.login(MAILBOX).await?;
+        assert_eq!(fx.pop.active_sessions(MAILBOX), 1);
+        let token = fx.token().await?;
+        let mut second = fx.tls().await?;
+        second.line().await?;
+        assert_eq!(second.cmd("AUTH XOAUTH2").await?, "+ ");
+        assert_eq!(second.cmd(&xoauth2(MAILBOX, &token)).await?, AUTH_FAILURE);
+        // Still in AUTHORIZATION: a transaction command is refused.
+        assert!(second.cmd("STAT").await?.starts_with("-ERR"));
+
+        fx.pop.set_session_limit(Some(1), SERVER_UNAVAILABLE);
+        assert_eq!(second.cmd("AUTH XOAUTH2").await?, "+ ");
+        assert_eq!(
+            second.cmd(&xoauth2(MAILBOX, &token)).await?,
+            SERVER_UNAVAILABLE
+        );
+
+        drop(first);
+        crate::wait::wait_for("the first session to end", Duration::from_secs(10), || {
+            let n = fx.pop.active_sessions(MAILBOX);
+            async move { (n == 0).then_some(()) }
+        })
+        .await?;
+        assert_eq!(second.cmd("AUTH XOAUTH2").await?, "+ ");
+        assert_eq!(second.cmd(&xoauth2(MAILBOX, &token)).await?, AUTH_SUCCESS);
+        assert_eq!(fx.pop.active_sessions(MAILBOX), 1);
+        assert_eq!(fx.pop.auth_failures(), 2);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn token_limit_answers_a_long_blob_with_the_protocol_error_and_closes()
+    -> anyhow::Result<()> {
+        let fx = fixture().await?;
+        let token = fx.token().await?;
+        let blob = xoauth2(MAILBOX, &token);
+        fx.pop.set_token_limit(Some(blob.len() - 1));
+        let mut c = fx.tls().await?;
+        c.line().await?;
+        assert_eq!(c.cmd("AUTH XOAUTH2").await?, "+ ");
+        assert_eq!(c.cmd(&blob).await?, ONE_LINE_AUTH_ERROR);
+        assert!(c.rest().await.is_empty(), "closed after the error");
+        assert_eq!(fx.pop.logins(), 0);
+
+        fx.pop.set_token_limit(Some(blob.len()));
+        fx.login(MAILBOX).await?;
+        assert_eq!(fx.pop.logins(), 1);
         Ok(())
     }
 
