@@ -10,6 +10,9 @@
 //!   reported the same way, so one hostile message cannot take a poller down.
 //! * **Text is PostgreSQL-safe.** Every string is valid UTF-8 without NUL characters
 //!   (PostgreSQL `text` rejects U+0000), so storing a `ParsedMail` cannot fail on content.
+//! * **Header sections are repaired first** (`sections.rs`) where `mail-parser` reads them
+//!   differently from the RFCs and loses text: a header section ends at its first line that
+//!   is not a header field (RFC 5322), blank line or not. Each repair is listed in `defects`.
 //! * **Legacy 8-bit headers are decoded.** Header lines that are not valid UTF-8 are decoded
 //!   with the charset of the top-level `Content-Type` (what the sending client used), or
 //!   windows-1252 when none is declared, instead of becoming U+FFFD.
@@ -44,6 +47,7 @@
 mod census;
 mod filename;
 mod html;
+mod sections;
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -365,8 +369,9 @@ impl Drop for Tree<'_> {
 }
 
 fn parse_checked(raw: &[u8], limits: &ParseLimits) -> ParsedMail {
-    let transcoded = transcode_8bit_headers(raw);
-    let whole: &[u8] = transcoded.as_deref().unwrap_or(raw);
+    let repaired = sections::repair(raw);
+    let transcoded = transcode_8bit_headers(&repaired.bytes);
+    let whole: &[u8] = transcoded.as_deref().unwrap_or(&repaired.bytes);
     let census = census::census(whole, caps(limits));
     let input = match census.cut {
         Some(cut) => &whole[..cut.offset.min(whole.len())],
@@ -411,7 +416,7 @@ fn parse_checked(raw: &[u8], limits: &ParseLimits) -> ParsedMail {
         mime_depth: census.depth,
         ..ParsedMail::default()
     };
-    let mut notes = Vec::new();
+    let mut notes = repaired.notes;
     if census.cut.is_some() {
         parsed.flag(FLAG_MIME_TRUNCATED);
         notes.push(truncation_reason(&census, limits, whole.len()));
@@ -1248,6 +1253,29 @@ Content-Disposition: attachment;\r\n\tfilename*0*=utf-8''%D0%A1%D1%87%D1%91%D1%8
         let plain = fixture("plain_text_only");
         assert_eq!(plain.html_body, None);
         assert!(plain.text_body.unwrap().contains("40 licences"));
+    }
+
+    #[test]
+    fn a_header_section_without_its_blank_line_keeps_the_body() {
+        let top = fixture("headers_without_blank_line");
+        let text = top.text_body.unwrap_or_default();
+        assert!(text.starts_with("Hello team,\r\nNote: this line"), "{text}");
+        let parts = fixture("part_headers_without_blank_line");
+        assert_eq!(
+            parts.text_body.as_deref(),
+            Some("Der Text beginnt direkt nach den Feldern.")
+        );
+        let names: Vec<_> = parts
+            .attachments
+            .iter()
+            .map(|a| a.filename.clone())
+            .collect();
+        assert_eq!(names, [Some("leer.csv".into()), Some("rest.txt".into())]);
+        assert!(parts.attachments[0].bytes.is_empty());
+        assert_eq!(
+            parts.attachments[1].bytes,
+            b"the message ends inside this part"
+        );
     }
 
     #[test]
