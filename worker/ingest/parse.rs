@@ -13,9 +13,10 @@
 //! * **Header sections are repaired first** (`sections.rs`) where `mail-parser` reads them
 //!   differently from the RFCs and loses text: a header section ends at its first line that
 //!   is not a header field (RFC 5322), blank line or not. Each repair is listed in `defects`.
-//! * **Legacy 8-bit headers are decoded.** Header lines that are not valid UTF-8 are decoded
-//!   with the charset of the top-level `Content-Type` (what the sending client used), or
-//!   windows-1252 when none is declared, instead of becoming U+FFFD.
+//! * **Legacy 8-bit headers are decoded.** In header lines that are not valid UTF-8, the
+//!   valid UTF-8 sequences stay UTF-8 and the other bytes are decoded with the charset of
+//!   the top-level `Content-Type` (what the sending client used), or windows-1252 when none
+//!   is declared, instead of becoming U+FFFD (`decode_mixed`).
 //! * **Bodies**: `text_body` joins every inline text part (HTML-only mail gets text derived
 //!   from the HTML); `html_body` is `None` unless the message has a real `text/html` part.
 //! * **Attachments** are every non-body part, in MIME order, with transfer-decoded bytes
@@ -936,15 +937,78 @@ fn transcode_8bit_headers(raw: &[u8]) -> Option<Vec<u8>> {
     let decode = body_charset(head)
         .and_then(|cs| charset_decoder(cs.as_bytes()))
         .or_else(|| charset_decoder(b"windows-1252"))?;
+    let single_byte = is_single_byte(decode);
     let mut out = Vec::with_capacity(raw.len() + raw.len() / 8);
     for line in head.split_inclusive(|&b| b == b'\n') {
         match std::str::from_utf8(line) {
             Ok(_) => out.extend_from_slice(line),
-            Err(_) => out.extend_from_slice(decode(line).as_bytes()),
+            Err(_) => out.extend_from_slice(decode_mixed(line, decode, single_byte).as_bytes()),
         }
     }
     out.extend_from_slice(&raw[end..]);
     Some(out)
+}
+
+/// Whether `decode` reads one byte as one character: decoding the 128 high bytes together
+/// gives what decoding them one by one gives (a multi-byte charset pairs them up).
+fn is_single_byte(decode: fn(&[u8]) -> String) -> bool {
+    let high: Vec<u8> = (0x80..=0xFF).collect();
+    let each: String = high
+        .iter()
+        .map(|b| decode(std::slice::from_ref(b)))
+        .collect();
+    decode(&high) == each
+}
+
+/// A header line that is not valid UTF-8, decoded: its valid UTF-8 sequences as UTF-8 (a
+/// client that writes UTF-8 raw, RFC 6532, may still paste in a stray legacy byte), the
+/// other bytes with the legacy charset `decode`. With a single-byte charset that is byte by
+/// byte (each invalid byte is one character of it, not U+FFFD: the sender's text is
+/// recovered, and the raw message keeps the bytes anyway). A multi-byte charset needs its
+/// byte sequences whole, so there it decodes each run between white space that is not
+/// UTF-8 (none of those charsets uses the bytes of a space or tab inside a character).
+fn decode_mixed(line: &[u8], decode: fn(&[u8]) -> String, single_byte: bool) -> String {
+    let mut out = String::with_capacity(line.len() + line.len() / 2);
+    if !single_byte {
+        let mut rest = line;
+        while !rest.is_empty() {
+            let split = rest
+                .iter()
+                .position(|&b| b == b' ' || b == b'\t')
+                .unwrap_or(rest.len());
+            let (run, after) = rest.split_at(split);
+            match std::str::from_utf8(run) {
+                Ok(text) => out.push_str(text),
+                Err(_) => out.push_str(&decode(run)),
+            }
+            if let Some((&sep, after)) = after.split_first() {
+                out.push(char::from(sep));
+                rest = after;
+            } else {
+                rest = after;
+            }
+        }
+        return out;
+    }
+    let mut rest = line;
+    while !rest.is_empty() {
+        match std::str::from_utf8(rest) {
+            Ok(text) => {
+                out.push_str(text);
+                break;
+            }
+            Err(e) => {
+                let (valid, after) = rest.split_at(e.valid_up_to());
+                if let Ok(text) = std::str::from_utf8(valid) {
+                    out.push_str(text);
+                }
+                let bad = e.error_len().unwrap_or(after.len()).min(after.len());
+                out.push_str(&decode(&after[..bad]));
+                rest = &after[bad..];
+            }
+        }
+    }
+    out
 }
 
 /// Offset just past the blank line that ends the header section (or the whole input).
@@ -1110,6 +1174,25 @@ mod tests {
                 .unwrap()
                 .contains("“Quoted” text costs 10€ – thanks")
         );
+    }
+
+    #[test]
+    fn utf8_and_stray_8bit_bytes_in_one_header_both_decode() {
+        let mixed = fixture("header_mixed_utf8_and_8bit");
+        assert_eq!(
+            mixed.subject.as_deref(),
+            Some("Grüße 😀 aus der Straße, Preis 10 €")
+        );
+        assert_eq!(mixed.from[0].name.as_deref(), Some("Jürgen Müller"));
+        // A multi-byte legacy charset decodes its runs whole; UTF-8 runs stay UTF-8.
+        let mut raw = "Subject: Grüße ".as_bytes().to_vec();
+        raw.extend_from_slice(
+            b"\x8e\x52\x93\x63\r\nContent-Type: text/plain; charset=shift_jis\r\n\r\nx\r\n",
+        );
+        assert_eq!(parse(&raw).subject.as_deref(), Some("Grüße 山田"));
+        let sjis = charset_decoder(b"shift_jis").unwrap();
+        assert!(!is_single_byte(sjis));
+        assert!(is_single_byte(charset_decoder(b"windows-1252").unwrap()));
     }
 
     #[test]
