@@ -11,9 +11,13 @@
 //!   inserted before that line. A message whose first line is not a field is left alone:
 //!   it has no header section to repair (the parse reports it).
 //!
+//! * **Adjacent encoded words of one charset** are joined before they are decoded
+//!   ([`join_encoded_words`]), so a character split across two of them survives.
+//!
 //! Bounds: every byte is looked at a fixed number of times; at most [`MAX_BOUNDARIES`]
 //! nested multiparts are followed (deeper ones are read by `mail-parser` as they are); the
-//! output is the input plus the inserted line breaks.
+//! output is at most the input plus the inserted line breaks and a third for re-encoded
+//! words (joined words hold at most [`MAX_JOINED`] bytes each).
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -23,6 +27,8 @@ use mail_parser::parsers::MessageStream;
 
 /// Nested multiparts followed at once; deeper ones are left as `mail-parser` reads them.
 const MAX_BOUNDARIES: usize = 64;
+/// Decoded bytes one joined encoded word may hold; a longer run is joined in pieces.
+const MAX_JOINED: usize = 16 * 1024;
 /// Bytes of a Content-Type field read to learn a part's boundary; longer ones are left.
 const MAX_CONTENT_TYPE: usize = 16 * 1024;
 
@@ -139,12 +145,20 @@ impl Walk<'_> {
     fn section(&mut self, start: usize, top: bool) -> Option<usize> {
         let raw = self.raw;
         let boundary = self.boundaries.last().cloned();
-        let mut content_type: Option<Range<usize>> = None;
+        let mut content_type: Option<Vec<u8>> = None;
+        let mut edits = Vec::new();
         let end = fields(raw, start, top, boundary.as_deref(), |field| {
-            if is_named(&raw[field.clone()], b"content-type") {
-                content_type = Some(field);
+            let bytes = &raw[field.clone()];
+            let joined = join_encoded_words(bytes);
+            let done = joined.as_deref().unwrap_or(bytes);
+            if is_named(done, b"content-type") {
+                content_type = (done.len() <= MAX_CONTENT_TYPE).then(|| done.to_vec());
+            }
+            if let Some(with) = joined {
+                edits.push(Edit { at: field, with });
             }
         })?;
+        self.edits.append(&mut edits);
         let body = match end {
             End::Blank(body) => body,
             End::Missing(at) => {
@@ -163,7 +177,7 @@ impl Walk<'_> {
             End::Eof => raw.len(),
         };
         if let Some(field) = content_type
-            && let Some(boundary) = multipart_boundary(&raw[field])
+            && let Some(boundary) = multipart_boundary(&field)
             && self.boundaries.len() < MAX_BOUNDARIES
         {
             self.boundaries.push(boundary);
@@ -316,6 +330,126 @@ fn value(field: &[u8]) -> &[u8] {
         .map_or(&[][..], |colon| &field[colon + 1..])
 }
 
+/// RFC 2047 §6.2: white space between adjacent encoded words is not displayed, and a
+/// character may be split across two words (RFC 2047 §5 asks senders not to, mailers do:
+/// some split base64 by length). `mail-parser` decodes each word to text on its own, so a
+/// split character becomes U+FFFD. Here each run of adjacent words of one charset (only
+/// white space and line folds between them) becomes one base64 word holding their joined
+/// bytes, which `mail-parser` then decodes once. Works for B and Q words and for every
+/// charset, multi-byte and stateful ones included. Returns `None` when nothing was joined.
+fn join_encoded_words(field: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let mut out = Vec::new();
+    let mut copied = 0;
+    let mut pos = 0;
+    while let Some(found) = find(&field[pos..], b"=?") {
+        let start = pos + found;
+        let Some(first) = encoded_word(field, start) else {
+            pos = start + 2;
+            continue;
+        };
+        let charset = first.charset(field);
+        let mut joined = first.bytes;
+        let mut words = 1;
+        let mut end = first.end;
+        loop {
+            let next = end
+                + field[end..]
+                    .iter()
+                    .take_while(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+                    .count();
+            let Some(word) = encoded_word(field, next) else {
+                break;
+            };
+            if !word.charset(field).eq_ignore_ascii_case(charset)
+                || joined.len() + word.bytes.len() > MAX_JOINED
+            {
+                break;
+            }
+            joined.extend_from_slice(&word.bytes);
+            words += 1;
+            end = word.end;
+        }
+        if words > 1 {
+            out.extend_from_slice(&field[copied..start]);
+            out.extend_from_slice(b"=?");
+            out.extend_from_slice(&field[first.label]);
+            out.extend_from_slice(b"?B?");
+            out.extend_from_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(&joined)
+                    .as_bytes(),
+            );
+            out.extend_from_slice(b"?=");
+            copied = end;
+        }
+        pos = end;
+    }
+    if copied == 0 {
+        return None;
+    }
+    out.extend_from_slice(&field[copied..]);
+    Some(out)
+}
+
+/// One RFC 2047 encoded word, decoded to its charset's bytes.
+struct Word {
+    /// The charset label as written, `*language` included (RFC 2231 §5).
+    label: Range<usize>,
+    end: usize,
+    bytes: Vec<u8>,
+}
+
+impl Word {
+    fn charset<'f>(&self, field: &'f [u8]) -> &'f [u8] {
+        let label = &field[self.label.clone()];
+        label.split(|&b| b == b'*').next().unwrap_or(label)
+    }
+}
+
+/// The encoded word `=?charset?B|Q?text?=` at `start`, decoded with `mail-parser`'s own
+/// word decoders. RFC 2047 §2: no white space or `?` inside; the charset is at most 64
+/// bytes here (the longest registered name is 45). Each call looks at most at the bytes up
+/// to the word's end or the next `?` or white space, so a scan stays linear.
+fn encoded_word(field: &[u8], start: usize) -> Option<Word> {
+    let rest = field.get(start..)?.strip_prefix(b"=?")?;
+    let label_len = rest
+        .iter()
+        .take(65)
+        .position(|&b| b == b'?')
+        .filter(|&n| n > 0 && n <= 64)?;
+    let label = &rest[..label_len];
+    if label.iter().any(|b| !(33..=126).contains(b)) {
+        return None;
+    }
+    let after = &rest[label_len + 1..];
+    let (&encoding, after) = after.split_first()?;
+    let text = after.strip_prefix(b"?")?;
+    let text_len = text
+        .iter()
+        .position(|&b| b == b'?' || b.is_ascii_whitespace())?;
+    if !text[text_len..].starts_with(b"?=") {
+        return None;
+    }
+    let text_start = start + 2 + label_len + 3;
+    let end = text_start + text_len + 2;
+    let mut stream = MessageStream::new(&field[text_start..end]);
+    let bytes = match encoding {
+        b'B' | b'b' => stream.decode_base64_word(),
+        b'Q' | b'q' => stream.decode_quoted_printable_word(),
+        _ => None,
+    }?;
+    Some(Word {
+        label: start + 2..start + 2 + label_len,
+        end,
+        bytes,
+    })
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
 /// The boundary of a `multipart/*` Content-Type field, as `mail-parser` reads it.
 fn multipart_boundary(field: &[u8]) -> Option<Vec<u8>> {
     let value = value(field);
@@ -397,5 +531,43 @@ Content-Type: multipart/alternative; boundary=i\r\n\r\n--i\r\nContent-Type: text
         let out = repaired(raw);
         assert!(out.contains("--o\r\nnot a header"), "{out}");
         assert!(out.contains("text/plain\r\n\r\nlate body"), "{out}");
+    }
+
+    #[test]
+    fn adjacent_encoded_words_of_one_charset_are_joined() {
+        let joined = |field: &[u8]| {
+            join_encoded_words(field).map(|f| String::from_utf8_lossy(&f).into_owned())
+        };
+        // "ü" split between two B words, then a folded Q word of the same charset.
+        assert_eq!(
+            joined(b"Subject: =?UTF-8?B?R3LD?=\r\n =?utf-8?B?vA==?= =?UTF-8?Q?e_x?=\r\n")
+                .as_deref(),
+            Some("Subject: =?UTF-8?B?R3LDvGUgeA==?=\r\n")
+        );
+        // Different charsets, a single word, malformed words: nothing to join.
+        for field in [
+            &b"Cc: =?ISO-8859-1?Q?caf=E9?= =?UTF-8?Q?_=E2=82=AC?= <a@b>\r\n"[..],
+            b"Subject: =?UTF-8?B?R3LDvA==?= plain\r\n",
+            b"Subject: =?UTF-8?B?R3LD?= x =?UTF-8?B?vA==?=\r\n",
+            b"Subject: =?=?=?=?UTF-8?Q?a b?= =?UTF-8?Q??=\r\n",
+        ] {
+            assert_eq!(joined(field), None, "{field:?}");
+        }
+    }
+
+    #[test]
+    fn joining_stays_bounded_on_hostile_fields() {
+        // 200,000 adjacent words: joined in pieces of at most MAX_JOINED bytes.
+        let mut field = b"Subject:".to_vec();
+        for _ in 0..200_000 {
+            field.extend_from_slice(b" =?UTF-8?Q?ab?=");
+        }
+        field.extend_from_slice(b"\r\n");
+        let out = join_encoded_words(&field).unwrap_or_default();
+        let words = out.windows(3).filter(|w| w == b"?B?").count();
+        assert_eq!(words, 400_000 / MAX_JOINED + 1);
+        // Many starts that never complete.
+        let field = [b"Subject: ".as_slice(), &b"=?".repeat(300_000)].concat();
+        assert_eq!(join_encoded_words(&field), None);
     }
 }
