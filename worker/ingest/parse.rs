@@ -14,7 +14,9 @@
 //!   differently from the RFCs and loses text: a header section ends at its first line that
 //!   is not a header field (RFC 5322), blank line or not; adjacent encoded words of one
 //!   charset are joined before decoding (RFC 2047 §6.2), so a character split across two
-//!   survives. Repairs that change the structure are listed in `defects`.
+//!   survives; a Content-Type without a complete `type/subtype` (`text`) is read as
+//!   `text/plain` with its parameters (RFC 2045 §5.2). Repairs that change the structure
+//!   are listed in `defects`.
 //! * **Legacy 8-bit headers are decoded.** In header lines that are not valid UTF-8, the
 //!   valid UTF-8 sequences stay UTF-8 and the other bytes are decoded with the charset of
 //!   the top-level `Content-Type` (what the sending client used), or windows-1252 when none

@@ -14,6 +14,9 @@
 //! * **Adjacent encoded words of one charset** are joined before they are decoded
 //!   ([`join_encoded_words`]), so a character split across two of them survives.
 //!
+//! * **An incomplete Content-Type** (`text`, `text/`, none at all) is completed to
+//!   `text/plain` ([`complete_content_type`]), so the part is a body, not a nameless file.
+//!
 //! Bounds: every byte is looked at a fixed number of times; at most [`MAX_BOUNDARIES`]
 //! nested multiparts are followed (deeper ones are read by `mail-parser` as they are); the
 //! output is at most the input plus the inserted line breaks and a third for re-encoded
@@ -46,6 +49,7 @@ pub(super) fn repair(raw: &[u8]) -> Repaired<'_> {
         edits: Vec::new(),
         boundaries: Vec::new(),
         missing_blank_lines: 0,
+        incomplete_types: 0,
     };
     walk.run();
     let mut notes = Vec::new();
@@ -63,6 +67,23 @@ pub(super) fn repair(raw: &[u8]) -> Repaired<'_> {
                 "it"
             } else {
                 "them"
+            },
+        ));
+    }
+    if walk.incomplete_types > 0 {
+        notes.push(format!(
+            "{} Content-Type field{} no type/subtype: read as text/plain with {} \
+             parameters (RFC 2045 §5.2)",
+            walk.incomplete_types,
+            if walk.incomplete_types == 1 {
+                " has"
+            } else {
+                "s have"
+            },
+            if walk.incomplete_types == 1 {
+                "its"
+            } else {
+                "their"
             },
         ));
     }
@@ -110,6 +131,7 @@ struct Walk<'a> {
     /// Boundaries of the open multiparts, innermost last.
     boundaries: Vec<Vec<u8>>,
     missing_blank_lines: usize,
+    incomplete_types: usize,
 }
 
 impl Walk<'_> {
@@ -147,18 +169,25 @@ impl Walk<'_> {
         let boundary = self.boundaries.last().cloned();
         let mut content_type: Option<Vec<u8>> = None;
         let mut edits = Vec::new();
+        let mut incomplete_types = 0;
         let end = fields(raw, start, top, boundary.as_deref(), |field| {
             let bytes = &raw[field.clone()];
-            let joined = join_encoded_words(bytes);
-            let done = joined.as_deref().unwrap_or(bytes);
-            if is_named(done, b"content-type") {
+            let mut changed = join_encoded_words(bytes);
+            if is_named(bytes, b"content-type") {
+                if let Some(completed) = complete_content_type(changed.as_deref().unwrap_or(bytes))
+                {
+                    changed = Some(completed);
+                    incomplete_types += 1;
+                }
+                let done = changed.as_deref().unwrap_or(bytes);
                 content_type = (done.len() <= MAX_CONTENT_TYPE).then(|| done.to_vec());
             }
-            if let Some(with) = joined {
+            if let Some(with) = changed {
                 edits.push(Edit { at: field, with });
             }
         })?;
         self.edits.append(&mut edits);
+        self.incomplete_types += incomplete_types;
         let body = match end {
             End::Blank(body) => body,
             End::Missing(at) => {
@@ -328,6 +357,56 @@ fn value(field: &[u8]) -> &[u8] {
         .iter()
         .position(|&b| b == b':')
         .map_or(&[][..], |colon| &field[colon + 1..])
+}
+
+/// RFC 2045 §5.2: a Content-Type field without a complete `type/subtype` (`text`,
+/// `text/`, `/plain`, nothing) is read as `text/plain`; its parameters (charset, name) are
+/// kept, the charset defaulting to what an undeclared one is (UTF-8 read leniently, a
+/// superset of the RFC's US-ASCII). `mail-parser` instead reads `text` as an unnamed
+/// non-body part. A bare `multipart` (with its boundary) becomes `multipart/mixed`, what
+/// RFC 2046 §5.1.7 makes of any multipart it does not know. `None` when the type is
+/// complete.
+fn complete_content_type(field: &[u8]) -> Option<Vec<u8>> {
+    let colon = field.iter().position(|&b| b == b':')?;
+    let value = &field[colon + 1..];
+    let lead = value.iter().take_while(|b| b.is_ascii_whitespace()).count();
+    let type_len = value[lead..]
+        .iter()
+        .position(|&b| b == b';')
+        .unwrap_or(value.len() - lead);
+    let written = value[lead..lead + type_len].trim_ascii_end();
+    if written.contains(&b'(') {
+        // A comment (RFC 2045 §5.1 allows them): left to mail-parser.
+        return None;
+    }
+    let complete = written
+        .iter()
+        .position(|&b| b == b'/')
+        .is_some_and(|slash| {
+            !written[..slash].trim_ascii().is_empty()
+                && !written[slash + 1..].trim_ascii().is_empty()
+        });
+    if complete {
+        return None;
+    }
+    let replacement: &[u8] = if written.eq_ignore_ascii_case(b"multipart") {
+        b"multipart/mixed"
+    } else {
+        b"text/plain"
+    };
+    let mut out = Vec::with_capacity(field.len() + replacement.len() + 1);
+    if written.is_empty() && value[..lead].contains(&b'\n') {
+        // `Content-Type:` without a value: the type goes on the field's own line.
+        out.extend_from_slice(&field[..colon + 1]);
+        out.push(b' ');
+        out.extend_from_slice(replacement);
+        out.extend_from_slice(value);
+    } else {
+        out.extend_from_slice(&field[..colon + 1 + lead]);
+        out.extend_from_slice(replacement);
+        out.extend_from_slice(&value[lead + written.len()..]);
+    }
+    Some(out)
 }
 
 /// RFC 2047 §6.2: white space between adjacent encoded words is not displayed, and a
@@ -569,5 +648,50 @@ Content-Type: multipart/alternative; boundary=i\r\n\r\n--i\r\nContent-Type: text
         // Many starts that never complete.
         let field = [b"Subject: ".as_slice(), &b"=?".repeat(300_000)].concat();
         assert_eq!(join_encoded_words(&field), None);
+    }
+
+    #[test]
+    fn an_incomplete_content_type_becomes_text_plain() {
+        let completed = |field: &[u8]| {
+            complete_content_type(field).map(|f| String::from_utf8_lossy(&f).into_owned())
+        };
+        for (field, expected) in [
+            (
+                &b"Content-Type: text\r\n"[..],
+                "Content-Type: text/plain\r\n",
+            ),
+            (
+                b"Content-Type: text; charset=utf-8\r\n",
+                "Content-Type: text/plain; charset=utf-8\r\n",
+            ),
+            (b"content-type:text/\n", "content-type:text/plain\n"),
+            (
+                b"Content-Type: /html ; x=y\r\n",
+                "Content-Type: text/plain ; x=y\r\n",
+            ),
+            (
+                b"Content-Type: ; charset=us-ascii\r\n",
+                "Content-Type: text/plain; charset=us-ascii\r\n",
+            ),
+            (b"Content-Type:\r\n", "Content-Type: text/plain\r\n"),
+            (
+                b"Content-Type:\r\n text;\r\n charset=x\r\n",
+                "Content-Type:\r\n text/plain;\r\n charset=x\r\n",
+            ),
+            (
+                b"Content-Type: multipart; boundary=b\r\n",
+                "Content-Type: multipart/mixed; boundary=b\r\n",
+            ),
+        ] {
+            assert_eq!(completed(field).as_deref(), Some(expected), "{field:?}");
+        }
+        for field in [
+            &b"Content-Type: text/plain\r\n"[..],
+            b"Content-Type: TEXT / HTML; charset=utf-8\r\n",
+            b"Content-Type: text/plain (a comment)\r\n",
+            b"Content-Type: (comment) text\r\n",
+        ] {
+            assert_eq!(completed(field), None, "{field:?}");
+        }
     }
 }
