@@ -23,6 +23,9 @@
 //!   is declared, instead of becoming U+FFFD (`decode_mixed`).
 //! * **Bodies**: `text_body` joins every inline text part (HTML-only mail gets text derived
 //!   from the HTML); `html_body` is `None` unless the message has a real `text/html` part.
+//!   A `text/plain` part with a file name (`filename=` or `name=`, inline or not) is a file:
+//!   it is an attachment with that name and not part of `text_body`, unless the message has
+//!   no other body text (e.g. the whole message is that part), when it is both.
 //! * **Attachments** are every non-body part, in MIME order, with transfer-decoded bytes
 //!   (text attachments keep their original charset bytes). A nested `message/rfc822` is one
 //!   attachment holding the nested message's raw bytes. File names are made safe to offer
@@ -445,7 +448,22 @@ fn parse_checked(raw: &[u8], limits: &ParseLimits) -> ParsedMail {
     let found = defects(input, message, census.cut.is_none());
     let text_parts: HashSet<u32> = message.text_body.iter().copied().collect();
     let html_parts: HashSet<u32> = message.html_body.iter().copied().collect();
-    let attachment_parts: Vec<usize> = message
+    // A text part the sender gave a file name is a file, also when mail-parser took it as
+    // body text (inline, or the whole message): it is kept as an attachment with its name.
+    let named_texts: HashSet<u32> = message
+        .text_body
+        .iter()
+        .copied()
+        .filter(|&id| {
+            message
+                .part(id)
+                .is_some_and(|p| matches!(p.body, PartType::Text(_)) && has_filename(input, p))
+        })
+        .collect();
+    // Its text is not shown as body too, unless the message has no other body text: an
+    // agent must not get an empty body for a message that has text.
+    let named_in_body = message.text_body.iter().all(|id| named_texts.contains(id));
+    let mut attachment_parts: Vec<usize> = message
         .attachments
         .iter()
         .filter(|&&id| match message.part(id).map(|p| &p.body) {
@@ -454,15 +472,24 @@ fn parse_checked(raw: &[u8], limits: &ParseLimits) -> ParsedMail {
             Some(_) => true,
             None => false,
         })
+        .chain(&named_texts)
         .map(|&id| id as usize)
         .collect();
+    // MIME order: part ids grow in the order parts appear.
+    attachment_parts.sort_unstable();
+    attachment_parts.dedup();
 
     // Bodies are moved out of the tree, not copied: a 48 MB text would otherwise be held
     // three times (decoded by mail-parser, copied, joined).
     let mut texts = Vec::new();
     for i in 0..message.text_body.len() {
         let id = message.text_body[i];
-        let once = message.text_body.iter().filter(|&&t| t == id).count() == 1;
+        let named = named_texts.contains(&id);
+        if named && !named_in_body {
+            continue;
+        }
+        // A named part shown as body is an attachment too: its text is copied, not moved.
+        let once = !named && message.text_body.iter().filter(|&&t| t == id).count() == 1;
         let piece = match message.parts.get_mut(id as usize) {
             Some(part) if once && matches!(part.body, PartType::Text(_)) => {
                 match std::mem::take(&mut part.body) {
@@ -703,6 +730,12 @@ fn take_contents(part: &mut MessagePart<'_>) -> Vec<u8> {
         }
         _ => part.contents().to_vec(),
     }
+}
+
+/// Whether the part carries a file name (Content-Disposition `filename`, Content-Type
+/// `name`, RFC 2231 continuations included).
+fn has_filename(input: &[u8], part: &MessagePart<'_>) -> bool {
+    non_empty(part.attachment_name()).is_some() || rfc2231_continued_filename(input, part).is_some()
 }
 
 /// RFC 2231 §3-4 file name split into `filename*0*`, `filename*1*` … continuations.
@@ -1362,6 +1395,34 @@ Content-Disposition: attachment;\r\n\tfilename*0*=utf-8''%D0%A1%D1%87%D1%91%D1%8
         assert_eq!(
             parts.attachments[1].bytes,
             b"the message ends inside this part"
+        );
+    }
+
+    #[test]
+    fn a_named_text_part_is_an_attachment_not_body_text() {
+        let parsed = fixture("inline_text_part_with_filename");
+        assert_eq!(
+            parsed.text_body.as_deref(),
+            Some("The log files are attached.")
+        );
+        let notes = &parsed.attachments[0];
+        assert_eq!(notes.filename.as_deref(), Some("notes.txt"));
+        assert!(notes.inline);
+        assert_eq!(notes.bytes, b"notes: caf\xe9");
+        assert_eq!(
+            parsed.attachments[1].filename.as_deref(),
+            Some("server.log")
+        );
+        // The only text of the message is both: the agent still sees it.
+        let single = fixture("single_part_text_with_filename");
+        assert!(single.text_body.unwrap_or_default().contains("3 Stück"));
+        assert_eq!(
+            single.attachments[0].filename.as_deref(),
+            Some("bestellung.txt")
+        );
+        assert_eq!(
+            single.attachments[0].bytes,
+            "Bestellung 4711: 3 Stück\r\n".as_bytes()
         );
     }
 
