@@ -279,7 +279,8 @@ pub struct MimeCensus {
 }
 
 /// Counts `raw`'s MIME structure against `limits` the way [`parse_with_limits`] does before
-/// it parses (without its 8-bit header transcoding), for diagnostics and the fuzzer.
+/// it parses (without its header-section repairs and 8-bit header transcoding), for
+/// diagnostics and the fuzzer.
 pub fn mime_census(raw: &[u8], limits: &ParseLimits) -> MimeCensus {
     let census = census::census(raw, caps(limits));
     MimeCensus {
