@@ -18,7 +18,8 @@
 //!   `text/plain` ([`complete_content_type`]), so the part is a body, not a nameless file.
 //!
 //! Bounds: every byte is looked at a fixed number of times; at most [`MAX_BOUNDARIES`]
-//! nested multiparts are followed (deeper ones are read by `mail-parser` as they are); the
+//! nested multiparts are followed (from a deeper one on, the rest of the message is left as
+//! `mail-parser` reads it); the
 //! output is at most the input plus the inserted line breaks and a third for re-encoded
 //! words (joined words hold at most [`MAX_JOINED`] bytes each).
 
@@ -207,8 +208,12 @@ impl Walk<'_> {
         };
         if let Some(field) = content_type
             && let Some(boundary) = multipart_boundary(&field)
-            && self.boundaries.len() < MAX_BOUNDARIES
         {
+            if self.boundaries.len() == MAX_BOUNDARIES {
+                // Deeper parts cannot be told apart from their parents' any more (a
+                // boundary may be a prefix of another): the rest is left as it is.
+                return None;
+            }
             self.boundaries.push(boundary);
         }
         Some(body)
@@ -693,5 +698,18 @@ Content-Type: multipart/alternative; boundary=i\r\n\r\n--i\r\nContent-Type: text
         ] {
             assert_eq!(completed(field), None, "{field:?}");
         }
+    }
+
+    #[test]
+    fn nesting_past_the_tracked_depth_is_left_alone() {
+        let mut raw = String::from("Subject: deep\r\n");
+        for level in 0..=MAX_BOUNDARIES {
+            raw.push_str(&format!(
+                "Content-Type: multipart/mixed; boundary=\"b{level}\"\r\n\r\n--b{level}\r\n"
+            ));
+        }
+        // A part past the cap that the walk would otherwise repair.
+        raw.push_str("Content-Type: text/plain\r\nno blank line\r\n--b64--\r\n");
+        assert!(matches!(repair(raw.as_bytes()).bytes, Cow::Borrowed(_)));
     }
 }
