@@ -10,11 +10,22 @@
 //!   reported the same way, so one hostile message cannot take a poller down.
 //! * **Text is PostgreSQL-safe.** Every string is valid UTF-8 without NUL characters
 //!   (PostgreSQL `text` rejects U+0000), so storing a `ParsedMail` cannot fail on content.
-//! * **Legacy 8-bit headers are decoded.** Header lines that are not valid UTF-8 are decoded
-//!   with the charset of the top-level `Content-Type` (what the sending client used), or
-//!   windows-1252 when none is declared, instead of becoming U+FFFD.
+//! * **Header sections are repaired first** (`sections.rs`) where `mail-parser` reads them
+//!   differently from the RFCs and loses text: a header section ends at its first line that
+//!   is not a header field (RFC 5322), blank line or not; adjacent encoded words of one
+//!   charset are joined before decoding (RFC 2047 §6.2), so a character split across two
+//!   survives; a Content-Type without a complete `type/subtype` (`text`) is read as
+//!   `text/plain` with its parameters (RFC 2045 §5.2). Repairs that change the structure
+//!   are listed in `defects`.
+//! * **Legacy 8-bit headers are decoded.** In header lines that are not valid UTF-8, the
+//!   valid UTF-8 sequences stay UTF-8 and the other bytes are decoded with the charset of
+//!   the top-level `Content-Type` (what the sending client used), or windows-1252 when none
+//!   is declared, instead of becoming U+FFFD (`decode_mixed`).
 //! * **Bodies**: `text_body` joins every inline text part (HTML-only mail gets text derived
 //!   from the HTML); `html_body` is `None` unless the message has a real `text/html` part.
+//!   A `text/plain` part with a file name (`filename=` or `name=`, inline or not) is a file:
+//!   it is an attachment with that name and not part of `text_body`, unless the message has
+//!   no other body text (e.g. the whole message is that part), when it is both.
 //! * **Attachments** are every non-body part, in MIME order, with transfer-decoded bytes
 //!   (text attachments keep their original charset bytes). A nested `message/rfc822` is one
 //!   attachment holding the nested message's raw bytes. File names are made safe to offer
@@ -44,6 +55,7 @@
 mod census;
 mod filename;
 mod html;
+mod sections;
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -267,7 +279,8 @@ pub struct MimeCensus {
 }
 
 /// Counts `raw`'s MIME structure against `limits` the way [`parse_with_limits`] does before
-/// it parses (without its 8-bit header transcoding), for diagnostics and the fuzzer.
+/// it parses (without its header-section repairs and 8-bit header transcoding), for
+/// diagnostics and the fuzzer.
 pub fn mime_census(raw: &[u8], limits: &ParseLimits) -> MimeCensus {
     let census = census::census(raw, caps(limits));
     MimeCensus {
@@ -365,8 +378,9 @@ impl Drop for Tree<'_> {
 }
 
 fn parse_checked(raw: &[u8], limits: &ParseLimits) -> ParsedMail {
-    let transcoded = transcode_8bit_headers(raw);
-    let whole: &[u8] = transcoded.as_deref().unwrap_or(raw);
+    let repaired = sections::repair(raw);
+    let transcoded = transcode_8bit_headers(&repaired.bytes);
+    let whole: &[u8] = transcoded.as_deref().unwrap_or(&repaired.bytes);
     let census = census::census(whole, caps(limits));
     let input = match census.cut {
         Some(cut) => &whole[..cut.offset.min(whole.len())],
@@ -411,7 +425,7 @@ fn parse_checked(raw: &[u8], limits: &ParseLimits) -> ParsedMail {
         mime_depth: census.depth,
         ..ParsedMail::default()
     };
-    let mut notes = Vec::new();
+    let mut notes = repaired.notes;
     if census.cut.is_some() {
         parsed.flag(FLAG_MIME_TRUNCATED);
         notes.push(truncation_reason(&census, limits, whole.len()));
@@ -435,7 +449,22 @@ fn parse_checked(raw: &[u8], limits: &ParseLimits) -> ParsedMail {
     let found = defects(input, message, census.cut.is_none());
     let text_parts: HashSet<u32> = message.text_body.iter().copied().collect();
     let html_parts: HashSet<u32> = message.html_body.iter().copied().collect();
-    let attachment_parts: Vec<usize> = message
+    // A text part the sender gave a file name is a file, also when mail-parser took it as
+    // body text (inline, or the whole message): it is kept as an attachment with its name.
+    let named_texts: HashSet<u32> = message
+        .text_body
+        .iter()
+        .copied()
+        .filter(|&id| {
+            message
+                .part(id)
+                .is_some_and(|p| matches!(p.body, PartType::Text(_)) && has_filename(input, p))
+        })
+        .collect();
+    // Its text is not shown as body too, unless the message has no other body text: an
+    // agent must not get an empty body for a message that has text.
+    let named_in_body = message.text_body.iter().all(|id| named_texts.contains(id));
+    let mut attachment_parts: Vec<usize> = message
         .attachments
         .iter()
         .filter(|&&id| match message.part(id).map(|p| &p.body) {
@@ -444,15 +473,24 @@ fn parse_checked(raw: &[u8], limits: &ParseLimits) -> ParsedMail {
             Some(_) => true,
             None => false,
         })
+        .chain(&named_texts)
         .map(|&id| id as usize)
         .collect();
+    // MIME order: part ids grow in the order parts appear.
+    attachment_parts.sort_unstable();
+    attachment_parts.dedup();
 
     // Bodies are moved out of the tree, not copied: a 48 MB text would otherwise be held
     // three times (decoded by mail-parser, copied, joined).
     let mut texts = Vec::new();
     for i in 0..message.text_body.len() {
         let id = message.text_body[i];
-        let once = message.text_body.iter().filter(|&&t| t == id).count() == 1;
+        let named = named_texts.contains(&id);
+        if named && !named_in_body {
+            continue;
+        }
+        // A named part shown as body is an attachment too: its text is copied, not moved.
+        let once = !named && message.text_body.iter().filter(|&&t| t == id).count() == 1;
         let piece = match message.parts.get_mut(id as usize) {
             Some(part) if once && matches!(part.body, PartType::Text(_)) => {
                 match std::mem::take(&mut part.body) {
@@ -695,6 +733,12 @@ fn take_contents(part: &mut MessagePart<'_>) -> Vec<u8> {
     }
 }
 
+/// Whether the part carries a file name (Content-Disposition `filename`, Content-Type
+/// `name`, RFC 2231 continuations included).
+fn has_filename(input: &[u8], part: &MessagePart<'_>) -> bool {
+    non_empty(part.attachment_name()).is_some() || rfc2231_continued_filename(input, part).is_some()
+}
+
 /// RFC 2231 §3-4 file name split into `filename*0*`, `filename*1*` … continuations.
 ///
 /// mail-parser decodes each continuation separately, so a UTF-8 character split across two
@@ -931,15 +975,78 @@ fn transcode_8bit_headers(raw: &[u8]) -> Option<Vec<u8>> {
     let decode = body_charset(head)
         .and_then(|cs| charset_decoder(cs.as_bytes()))
         .or_else(|| charset_decoder(b"windows-1252"))?;
+    let single_byte = is_single_byte(decode);
     let mut out = Vec::with_capacity(raw.len() + raw.len() / 8);
     for line in head.split_inclusive(|&b| b == b'\n') {
         match std::str::from_utf8(line) {
             Ok(_) => out.extend_from_slice(line),
-            Err(_) => out.extend_from_slice(decode(line).as_bytes()),
+            Err(_) => out.extend_from_slice(decode_mixed(line, decode, single_byte).as_bytes()),
         }
     }
     out.extend_from_slice(&raw[end..]);
     Some(out)
+}
+
+/// Whether `decode` reads one byte as one character: decoding the 128 high bytes together
+/// gives what decoding them one by one gives (a multi-byte charset pairs them up).
+fn is_single_byte(decode: fn(&[u8]) -> String) -> bool {
+    let high: Vec<u8> = (0x80..=0xFF).collect();
+    let each: String = high
+        .iter()
+        .map(|b| decode(std::slice::from_ref(b)))
+        .collect();
+    decode(&high) == each
+}
+
+/// A header line that is not valid UTF-8, decoded: its valid UTF-8 sequences as UTF-8 (a
+/// client that writes UTF-8 raw, RFC 6532, may still paste in a stray legacy byte), the
+/// other bytes with the legacy charset `decode`. With a single-byte charset that is byte by
+/// byte (each invalid byte is one character of it, not U+FFFD: the sender's text is
+/// recovered, and the raw message keeps the bytes anyway). A multi-byte charset needs its
+/// byte sequences whole, so there it decodes each run between white space that is not
+/// UTF-8 (none of those charsets uses the bytes of a space or tab inside a character).
+fn decode_mixed(line: &[u8], decode: fn(&[u8]) -> String, single_byte: bool) -> String {
+    let mut out = String::with_capacity(line.len() + line.len() / 2);
+    if !single_byte {
+        let mut rest = line;
+        while !rest.is_empty() {
+            let split = rest
+                .iter()
+                .position(|&b| b == b' ' || b == b'\t')
+                .unwrap_or(rest.len());
+            let (run, after) = rest.split_at(split);
+            match std::str::from_utf8(run) {
+                Ok(text) => out.push_str(text),
+                Err(_) => out.push_str(&decode(run)),
+            }
+            if let Some((&sep, after)) = after.split_first() {
+                out.push(char::from(sep));
+                rest = after;
+            } else {
+                rest = after;
+            }
+        }
+        return out;
+    }
+    let mut rest = line;
+    while !rest.is_empty() {
+        match std::str::from_utf8(rest) {
+            Ok(text) => {
+                out.push_str(text);
+                break;
+            }
+            Err(e) => {
+                let (valid, after) = rest.split_at(e.valid_up_to());
+                if let Ok(text) = std::str::from_utf8(valid) {
+                    out.push_str(text);
+                }
+                let bad = e.error_len().unwrap_or(after.len()).min(after.len());
+                out.push_str(&decode(&after[..bad]));
+                rest = &after[bad..];
+            }
+        }
+    }
+    out
 }
 
 /// Offset just past the blank line that ends the header section (or the whole input).
@@ -1108,6 +1215,25 @@ mod tests {
     }
 
     #[test]
+    fn utf8_and_stray_8bit_bytes_in_one_header_both_decode() {
+        let mixed = fixture("header_mixed_utf8_and_8bit");
+        assert_eq!(
+            mixed.subject.as_deref(),
+            Some("Grüße 😀 aus der Straße, Preis 10 €")
+        );
+        assert_eq!(mixed.from[0].name.as_deref(), Some("Jürgen Müller"));
+        // A multi-byte legacy charset decodes its runs whole; UTF-8 runs stay UTF-8.
+        let mut raw = "Subject: Grüße ".as_bytes().to_vec();
+        raw.extend_from_slice(
+            b"\x8e\x52\x93\x63\r\nContent-Type: text/plain; charset=shift_jis\r\n\r\nx\r\n",
+        );
+        assert_eq!(parse(&raw).subject.as_deref(), Some("Grüße 山田"));
+        let sjis = charset_decoder(b"shift_jis").unwrap();
+        assert!(!is_single_byte(sjis));
+        assert!(is_single_byte(charset_decoder(b"windows-1252").unwrap()));
+    }
+
+    #[test]
     fn nul_bytes_never_reach_text_fields() {
         let parsed = fixture("nul_and_invalid_utf8_headers");
         let json = serde_json::to_string(&parsed).unwrap();
@@ -1248,6 +1374,57 @@ Content-Disposition: attachment;\r\n\tfilename*0*=utf-8''%D0%A1%D1%87%D1%91%D1%8
         let plain = fixture("plain_text_only");
         assert_eq!(plain.html_body, None);
         assert!(plain.text_body.unwrap().contains("40 licences"));
+    }
+
+    #[test]
+    fn a_header_section_without_its_blank_line_keeps_the_body() {
+        let top = fixture("headers_without_blank_line");
+        let text = top.text_body.unwrap_or_default();
+        assert!(text.starts_with("Hello team,\r\nNote: this line"), "{text}");
+        let parts = fixture("part_headers_without_blank_line");
+        assert_eq!(
+            parts.text_body.as_deref(),
+            Some("Der Text beginnt direkt nach den Feldern.")
+        );
+        let names: Vec<_> = parts
+            .attachments
+            .iter()
+            .map(|a| a.filename.clone())
+            .collect();
+        assert_eq!(names, [Some("leer.csv".into()), Some("rest.txt".into())]);
+        assert!(parts.attachments[0].bytes.is_empty());
+        assert_eq!(
+            parts.attachments[1].bytes,
+            b"the message ends inside this part"
+        );
+    }
+
+    #[test]
+    fn a_named_text_part_is_an_attachment_not_body_text() {
+        let parsed = fixture("inline_text_part_with_filename");
+        assert_eq!(
+            parsed.text_body.as_deref(),
+            Some("The log files are attached.")
+        );
+        let notes = &parsed.attachments[0];
+        assert_eq!(notes.filename.as_deref(), Some("notes.txt"));
+        assert!(notes.inline);
+        assert_eq!(notes.bytes, b"notes: caf\xe9");
+        assert_eq!(
+            parsed.attachments[1].filename.as_deref(),
+            Some("server.log")
+        );
+        // The only text of the message is both: the agent still sees it.
+        let single = fixture("single_part_text_with_filename");
+        assert!(single.text_body.unwrap_or_default().contains("3 Stück"));
+        assert_eq!(
+            single.attachments[0].filename.as_deref(),
+            Some("bestellung.txt")
+        );
+        assert_eq!(
+            single.attachments[0].bytes,
+            "Bestellung 4711: 3 Stück\r\n".as_bytes()
+        );
     }
 
     #[test]
