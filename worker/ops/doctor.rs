@@ -419,8 +419,8 @@ pub async fn diagnose(target: &Target, token_options: &TokenSourceOptions) -> Re
                         Verdict::Warn,
                         format!(
                             "{accepted}, but only at the second try: the first was refused ({e}); the same \
-                             login {}s later passed, so the refusal was momentary"
-                        , pause.as_secs()),
+                             login {pause:?} later passed, so the refusal was momentary"
+                        ),
                         vec![
                             "a momentary refusal is most often another session on this mailbox (another mail \
                              client or a ccmail worker) or a permission still reaching Exchange Online"
@@ -431,8 +431,7 @@ pub async fn diagnose(target: &Target, token_options: &TokenSourceOptions) -> Re
                 }
                 Some((pause, Err(again))) => {
                     let note = format!(
-                        "a second login {}s later was refused too ({again}): the refusal is persistent",
-                        pause.as_secs()
+                        "a second login {pause:?} later was refused too ({again}): the refusal is persistent"
                     );
                     login_failure(
                         &mut report,
