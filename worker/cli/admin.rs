@@ -864,7 +864,7 @@ fn settings_error(e: &anyhow::Error) -> Option<String> {
 
 /// What the database knows about the mailbox that can explain a refused login.
 async fn known_about(
-    conn: &mut sqlx::PgConnection,
+    conn: &mut store::Conn,
     mailbox: &str,
     app: Option<&store::AppRow>,
 ) -> anyhow::Result<doctor::Known> {

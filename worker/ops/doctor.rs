@@ -7,6 +7,12 @@
 //! PowerShell commands filled in with this app's ids and this mailbox. Each failure class has
 //! its own process exit code ([`Failure::exit_code`]), so scripts can branch on it.
 //!
+//! Exchange answers a missing permission, too many sessions on the mailbox and a permission
+//! still propagating with the same generic authentication failure, so that verdict names the
+//! non-permission causes first (with the mailbox's last poll from the database) and doctor
+//! logs in once more after a short pause to tell a momentary refusal from a persistent one.
+//! A busy server and a token cut off as too long have verdicts of their own.
+//!
 //! Invariants: doctor never deletes mail (no `DELE`; `QUIT` without `DELE` removes nothing),
 //! and never prints a secret or a token (only the token's length).
 
