@@ -15,7 +15,7 @@ use ccmail::ops::doctor::{self, Failure, Login, Report, Target, Verdict};
 use ccmail::pop3::{ServerSpec, Timeouts, TlsMode};
 use ccmail_lab::sim::entra::{AppCertificate, SimApp, TokenFailure};
 use ccmail_lab::sim::mailgen::MailGen;
-use ccmail_lab::sim::pop3::Fault;
+use ccmail_lab::sim::pop3::{AUTH_FAILURE, Fault, SERVER_UNAVAILABLE};
 use ccmail_lab::world::World;
 
 const TENANT: &str = "8f2c1a9e-1111-4222-8333-944455556666";
@@ -532,4 +532,307 @@ async fn a_key_that_does_not_match_its_certificate_is_refused_when_loaded() {
     .unwrap_err();
     assert!(err.to_string().contains("does not belong"), "{err}");
     assert!(!err.to_string().contains("PRIVATE KEY-----\n"), "{err}");
+}
+
+/// A session of the app on `mailbox`, logged in and held open (as another client would).
+async fn hold_session(s: &Sims, mailbox: &str) -> ccmail::pop3::Session<ccmail::pop3::Stream> {
+    let source = ccmail::oauth::TokenSource::new(s.token_options()).unwrap();
+    let token = source
+        .request(&s.app(TENANT, CLIENT, SECRET))
+        .await
+        .unwrap();
+    let client = ccmail::pop3::Client::connect(&s.server(true, Timeouts::default()))
+        .await
+        .unwrap();
+    client.auth_xoauth2(mailbox, token.secret()).await.unwrap()
+}
+
+/// The position of each needle in `text`, in order; panics when one is missing or out of order.
+fn in_order(text: &str, needles: &[&str]) {
+    let mut at = 0;
+    for needle in needles {
+        let found = text[at..]
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} missing or out of order in:\n{text}"));
+        at += found;
+    }
+}
+
+#[tokio::test]
+async fn over_the_session_limit_names_the_other_session_before_the_checklist() {
+    let s = sims().await;
+    s.pop.set_session_limit(Some(1), AUTH_FAILURE);
+    // Another client holds the mailbox for the whole run.
+    let held = hold_session(&s, MAILBOX).await;
+    assert_eq!(s.pop.active_sessions(MAILBOX), 1);
+    let mut target = s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET));
+    // The database's view: a worker polled this mailbox (pilot 7) two minutes ago.
+    target.known.last_poll = Some((Utc::now() - chrono::Duration::minutes(2), 7, true));
+    target.known.app_added = Some(Utc::now() - chrono::Duration::minutes(20));
+    let report = s.diagnose(&target).await;
+    let (summary, fix) = failed(&report, "login", Failure::LoginRejected);
+    assert!(
+        summary.contains("generic authentication failure"),
+        "{summary}"
+    );
+    in_order(
+        &fix,
+        &[
+            &format!("Another session on {MAILBOX}"),
+            "pilot 7 (enabled) was polled by a ccmail worker 2 min ago",
+            "ccmail pilot disable 7",
+            "a second login 100ms later was refused too",
+            "persistent",
+            "less than 60 minutes ago",
+            "this app was added to ccmail 20 min ago",
+            "POP.AccessAsApp",
+            "Add-MailboxPermission",
+        ],
+    );
+    // Both logins were refused by the limit, not by the credentials.
+    assert_eq!(s.pop.auth_failures(), 2);
+    assert_eq!(report.exit_code(), 30);
+    drop(held);
+
+    // Without a recent poll in the database, doctor says so.
+    let target = s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET));
+    let held = hold_session(&s, MAILBOX).await;
+    let report = s.diagnose(&target).await;
+    let (_, fix) = failed(&report, "login", Failure::LoginRejected);
+    assert!(
+        fix.contains("no ccmail pilot in this database has polled this mailbox"),
+        "{fix}"
+    );
+    drop(held);
+}
+
+#[tokio::test]
+async fn a_token_longer_than_the_server_accepts_is_its_own_verdict() {
+    let s = sims().await;
+    s.entra.set_token_length(6000);
+    // The server cuts off an XOAUTH2 response over 5000 octets.
+    s.pop.set_token_limit(Some(5000));
+    let report = s
+        .diagnose(&s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET)))
+        .await;
+    let token = report.check("token").unwrap().summary.clone();
+    let length: usize = token
+        .split(" characters")
+        .next()
+        .and_then(|t| t.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no length in {token:?}"));
+    assert!(length > 4000, "{token}");
+    let (summary, fix) = failed(&report, "login", Failure::TokenTooLong);
+    assert!(summary.contains("token rejected as too long"), "{summary}");
+    assert!(
+        summary.contains(&format!("token of {length} characters")),
+        "{summary}"
+    );
+    assert!(
+        !summary.contains("generic authentication failure"),
+        "{summary}"
+    );
+    assert!(fix.contains("group and role claims"), "{fix}");
+    assert!(!fix.contains("POP.AccessAsApp"), "{fix}");
+    assert_eq!(report.exit_code(), 32);
+}
+
+#[tokio::test]
+async fn a_busy_server_at_login_is_its_own_class_with_advice() {
+    let s = sims().await;
+    // Exchange's answer while the mailbox is held beyond its session limit.
+    s.pop.set_session_limit(Some(1), SERVER_UNAVAILABLE);
+    let held = hold_session(&s, MAILBOX).await;
+    let report = s
+        .diagnose(&s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET)))
+        .await;
+    for step in ["connect", "greeting", "capabilities"] {
+        assert_eq!(report.check(step).unwrap().verdict, Verdict::Pass, "{step}");
+    }
+    let (summary, fix) = failed(&report, "login", Failure::ServerBusy);
+    assert!(
+        summary.contains("server busy / temporarily unavailable"),
+        "{summary}"
+    );
+    assert!(summary.contains("Server Unavailable. 21"), "{summary}");
+    in_order(&fix, &["wait", "no other session", "throttling"]);
+    assert_eq!(report.exit_code(), 31);
+    drop(held);
+    s.pop.set_session_limit(None, AUTH_FAILURE);
+
+    // The RFC 2449 codes at login are the same class.
+    for line in [
+        "-ERR [SYS/TEMP] try again later",
+        "-ERR [IN-USE] mailbox locked",
+    ] {
+        s.pop.set_fault(Some(Fault::Err {
+            command: "AUTH".to_owned(),
+            line: line.to_owned(),
+        }));
+        let report = s
+            .diagnose(&s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET)))
+            .await;
+        let (summary, _) = failed(&report, "login", Failure::ServerBusy);
+        assert!(summary.contains(&line[5..]), "{summary}");
+    }
+}
+
+#[tokio::test]
+async fn an_unreadable_env_secret_is_a_settings_failure_printed_once() {
+    let db = ccmail_lab::testdb::TestDb::new().await.unwrap();
+    let cli = crate::admin::Cli::new(&db);
+    cli.ok(
+        &[
+            "app",
+            "add",
+            "--name",
+            "a",
+            "--tenant",
+            TENANT,
+            "--client-id",
+            CLIENT,
+            "--secret-env",
+            "DOCTOR_APP_SECRET",
+        ],
+        None,
+    );
+    cli.ok(
+        &[
+            "pilot",
+            "add",
+            "--queue",
+            "support",
+            "--mailbox",
+            MAILBOX,
+            "--app",
+            "a",
+        ],
+        None,
+    );
+    // DOCTOR_APP_SECRET is not set in doctor's environment.
+    let out = cli.run(&["doctor", "--pilot", MAILBOX], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stdout}{stderr}");
+    assert!(stdout.contains("[FAIL] settings"), "{stdout}");
+    let all = format!("{stdout}{stderr}");
+    // The message once (it names the variable and the reference), not once per cause.
+    assert_eq!(
+        all.matches("environment variable DOCTOR_APP_SECRET")
+            .count(),
+        1,
+        "printed once:\n{all}"
+    );
+    assert!(all.contains("is not set"), "{all}");
+    assert!(stdout.contains("exit code 3"), "{stdout}");
+}
+
+#[tokio::test]
+async fn aadsts500011_fix_depends_on_the_scope_in_use() {
+    let s = sims().await;
+    let refuse = || {
+        s.entra.fail_next(
+            1,
+            TokenFailure::Aadsts {
+                status: 400,
+                error: "invalid_resource".to_owned(),
+                code: 500011,
+            },
+        )
+    };
+    // The right scope already: the cause is the tenant, not the scope.
+    refuse();
+    let report = s
+        .diagnose(&s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET)))
+        .await;
+    let (summary, fix) = failed(&report, "token", Failure::TokenRefused);
+    assert!(summary.contains("AADSTS500011"), "{summary}");
+    assert!(
+        fix.contains("already https://outlook.office365.com/.default"),
+        "{fix}"
+    );
+    assert!(
+        fix.contains("Office 365 Exchange Online service principal"),
+        "{fix}"
+    );
+    assert!(fix.contains(&format!("tenant {TENANT}")), "{fix}");
+    assert!(
+        !fix.contains("--scope"),
+        "no advice to set the scope in use: {fix}"
+    );
+
+    // Another scope: set the right one.
+    refuse();
+    let mut app = s.app(TENANT, CLIENT, SECRET);
+    app.key.scope = "https://graph.microsoft.com/.default".to_owned();
+    let report = s.diagnose(&s.target(MAILBOX, app)).await;
+    let (_, fix) = failed(&report, "token", Failure::TokenRefused);
+    assert!(
+        fix.contains("--scope https://outlook.office365.com/.default"),
+        "{fix}"
+    );
+    assert!(
+        fix.contains("https://graph.microsoft.com/.default"),
+        "{fix}"
+    );
+}
+
+#[tokio::test]
+async fn tls_without_a_greeting_fails_fast_and_says_so() {
+    let s = sims().await;
+    s.pop.set_fault(Some(Fault::NoGreeting));
+    let mut target = s.target(MAILBOX, s.app(TENANT, CLIENT, SECRET));
+    // The command deadline stays long (60 s); the greeting's own deadline is what counts.
+    assert!(target.server.timeouts.command >= Duration::from_secs(60));
+    target.greeting_timeout = Duration::from_secs(1);
+    // A generous bound: far below the 60 s doctor used to wait.
+    let report = tokio::time::timeout(Duration::from_secs(30), s.diagnose(&target))
+        .await
+        .expect("doctor waited for the command deadline, not the greeting's");
+    let (summary, fix) = failed(&report, "connect", Failure::Timeout);
+    assert!(
+        summary.contains(
+            "accepted the TCP connection and the TLS handshake but never sent the POP3 greeting"
+        ),
+        "{summary}"
+    );
+    assert!(fix.contains("--greeting-timeout"), "{fix}");
+    assert_eq!(report.exit_code(), 22);
+}
+
+#[test]
+fn doctor_help_shows_only_the_flags_it_uses_each_with_help() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ccmail"))
+        .args(["doctor", "--help"])
+        .env_clear()
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    // Pilot settings doctor never uses.
+    for unused in ["--poll-interval", "--keep-on-server", "--queue"] {
+        assert!(!help.contains(unused), "{unused} shown:\n{help}");
+    }
+    for used in [
+        "--greeting-timeout",
+        "--login-retry-pause",
+        "--retr",
+        "--json",
+        "--client-id",
+    ] {
+        assert!(help.contains(used), "{used} missing:\n{help}");
+    }
+    // `--help` puts each flag's description on the line below it.
+    let lines: Vec<&str> = help.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim_start().starts_with("--") {
+            let text = lines.get(i + 1).map(|l| l.trim()).unwrap_or_default();
+            assert!(!text.is_empty(), "no help text: {line}");
+        }
+    }
+    // Doctor stores nothing: no wording from the commands that do.
+    for stored in ["Store a reference", "sealed into the database"] {
+        assert!(!help.contains(stored), "{stored:?} shown:\n{help}");
+    }
 }

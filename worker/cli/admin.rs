@@ -864,7 +864,7 @@ fn settings_error(e: &anyhow::Error) -> Option<String> {
 
 /// What the database knows about the mailbox that can explain a refused login.
 async fn known_about(
-    conn: &mut sqlx::PgConnection,
+    conn: &mut store::Conn,
     mailbox: &str,
     app: Option<&store::AppRow>,
 ) -> anyhow::Result<doctor::Known> {
@@ -931,7 +931,7 @@ async fn doctor_target(config: &Config, args: &DoctorArgs) -> anyhow::Result<Tar
             (oauth::DEFAULT_AUTHORITY, oauth::DEFAULT_SCOPE),
             &config.credential_policy(),
         )?;
-        let credential = match certificate_source_loaded(&args.certificate)? {
+        let credential = match certificate_source_loaded(&args.certificate.source())? {
             Some(cert) => Credential::Certificate(cert),
             None => Credential::Secret(read_secret(&args.secret.source(), "client secret", &config.credential_policy())?.context(
                 "pass the client secret with --secret-stdin, --secret-file PATH or --secret-env NAME, or --certificate and --private-key-file",

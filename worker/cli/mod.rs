@@ -317,7 +317,7 @@ struct DoctorArgs {
     #[command(flatten)]
     secret: DoctorSecret,
     #[command(flatten)]
-    certificate: CertificateSource,
+    certificate: DoctorCertificate,
     /// Mailbox to log into (required unless --pilot).
     #[arg(long)]
     mailbox: Option<String>,
@@ -369,6 +369,30 @@ impl DoctorSecret {
             secret_file: self.secret_file.clone(),
             secret_env: self.secret_env.clone(),
             secret: self.secret.clone(),
+        }
+    }
+}
+
+/// A certificate credential doctor uses once (never stored).
+#[derive(Args, Debug)]
+struct DoctorCertificate {
+    /// PEM certificate uploaded to the app registration (Certificates & secrets).
+    #[arg(long, value_name = "PEM", requires = "private_key_file")]
+    certificate: Option<PathBuf>,
+    /// PEM private key of the certificate (PKCS#8 or PKCS#1 RSA); read, never stored.
+    #[arg(long, value_name = "PEM", requires = "certificate")]
+    private_key_file: Option<PathBuf>,
+    /// Client-assertion signature: RS256 (header x5t = SHA-1 thumbprint) or PS256 (x5t#S256).
+    #[arg(long, default_value_t = oauth::AssertionAlg::Rs256, value_parser = parse_alg)]
+    alg: oauth::AssertionAlg,
+}
+
+impl DoctorCertificate {
+    fn source(&self) -> CertificateSource {
+        CertificateSource {
+            certificate: self.certificate.clone(),
+            private_key_file: self.private_key_file.clone(),
+            alg: self.alg,
         }
     }
 }

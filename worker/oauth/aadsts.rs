@@ -73,7 +73,7 @@ pub const AADSTS: &[Aadsts] = &[
     entry(
         500011,
         "the resource principal (Exchange Online) was not found in the tenant",
-        "resource principal not found: the tenant has no Exchange Online (licence) or the scope names the wrong resource",
+        "resource principal not found: the resource the scope names does not exist in this tenant; with the scope https://outlook.office365.com/.default the tenant lacks the Office 365 Exchange Online service principal (no Exchange Online subscription), or the tenant id or cloud is another one",
     ),
     entry(
         700027,

@@ -7,6 +7,12 @@
 //! PowerShell commands filled in with this app's ids and this mailbox. Each failure class has
 //! its own process exit code ([`Failure::exit_code`]), so scripts can branch on it.
 //!
+//! Exchange answers a missing permission, too many sessions on the mailbox and a permission
+//! still propagating with the same generic authentication failure, so that verdict names the
+//! non-permission causes first (with the mailbox's last poll from the database) and doctor
+//! logs in once more after a short pause to tell a momentary refusal from a persistent one.
+//! A busy server and a token cut off as too long have verdicts of their own.
+//!
 //! Invariants: doctor never deletes mail (no `DELE`; `QUIT` without `DELE` removes nothing),
 //! and never prints a secret or a token (only the token's length).
 
@@ -419,8 +425,8 @@ pub async fn diagnose(target: &Target, token_options: &TokenSourceOptions) -> Re
                         Verdict::Warn,
                         format!(
                             "{accepted}, but only at the second try: the first was refused ({e}); the same \
-                             login {}s later passed, so the refusal was momentary"
-                        , pause.as_secs()),
+                             login {pause:?} later passed, so the refusal was momentary"
+                        ),
                         vec![
                             "a momentary refusal is most often another session on this mailbox (another mail \
                              client or a ccmail worker) or a permission still reaching Exchange Online"
@@ -431,8 +437,7 @@ pub async fn diagnose(target: &Target, token_options: &TokenSourceOptions) -> Re
                 }
                 Some((pause, Err(again))) => {
                     let note = format!(
-                        "a second login {}s later was refused too ({again}): the refusal is persistent",
-                        pause.as_secs()
+                        "a second login {pause:?} later was refused too ({again}): the refusal is persistent"
                     );
                     login_failure(
                         &mut report,
