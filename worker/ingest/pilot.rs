@@ -79,20 +79,21 @@ impl ServerQuirks {
     }
 }
 
-/// Why a pilot cannot be started.
+/// Why a pilot cannot be started. The causes are fields of the message, not error sources,
+/// so a report that prints an error with its chain (`{:#}`) names each cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     #[error("pilot {pilot} uses XOAUTH2 but its app is missing")]
     MissingApp { pilot: i64 },
-    #[error("secret of {what}: {source}")]
+    #[error("secret of {what}: {error}")]
     Secret {
         what: String,
-        source: secrets::SecretError,
+        error: secrets::SecretError,
     },
-    #[error("credential of {what}: {source}")]
+    #[error("credential of {what}: {error}")]
     Refused {
         what: String,
-        source: secrets::SecretError,
+        error: secrets::SecretError,
     },
     #[error("pilot {pilot}: {field} is invalid: {reason}")]
     Invalid {
@@ -102,15 +103,15 @@ pub enum ResolveError {
     },
     #[error("certificate credential of app {app}: {reason}")]
     Certificate { app: String, reason: String },
-    #[error("CA bundle of pilot {pilot}: {source}")]
+    #[error("CA bundle of pilot {pilot}: {error}")]
     CaBundle {
         pilot: i64,
-        source: crate::tls::TlsConfigError,
+        error: crate::tls::TlsConfigError,
     },
-    #[error("pilot {pilot}: {source}")]
+    #[error("pilot {pilot}: {error}")]
     Server {
         pilot: i64,
-        source: crate::pop3::Error,
+        error: crate::pop3::Error,
     },
 }
 
@@ -161,12 +162,12 @@ fn resolve_secret(
         if source.is_refusal() {
             ResolveError::Refused {
                 what: what(),
-                source,
+                error: source,
             }
         } else {
             ResolveError::Secret {
                 what: what(),
-                source,
+                error: source,
             }
         }
     })
@@ -186,7 +187,7 @@ pub fn app_credentials(
         .check_authority(&app.authority)
         .map_err(|source| ResolveError::Refused {
             what: what(),
-            source,
+            error: source,
         })?;
     let secret = resolve_secret(&app.credential, key, policy, &app.credential_owner(), what)?;
     let certificate = app.certificate().map_err(|e| ResolveError::Certificate {
@@ -246,7 +247,7 @@ pub fn resolve(
         .check_pop3_host(&row.host, row.tls)
         .map_err(|source| ResolveError::Refused {
             what: format!("pilot {}", id),
-            source,
+            error: source,
         })?;
     let auth = match &row.auth {
         store::PilotAuth::XOAuth2 { .. } => {
@@ -254,7 +255,7 @@ pub fn resolve(
                 .check_xoauth2_host(&row.host)
                 .map_err(|source| ResolveError::Refused {
                     what: format!("pilot {}", id),
-                    source,
+                    error: source,
                 })?;
             let app = app.ok_or(ResolveError::MissingApp { pilot: id })?;
             Login::XOAuth2 {
@@ -298,11 +299,11 @@ pub fn resolve(
 pub fn server(id: i64, row: &NewPilot, timeouts: Timeouts) -> Result<ServerSpec, ResolveError> {
     let extra_roots: Vec<CertificateDer<'static>> = match &row.ca_bundle {
         Some(path) => crate::tls::read_pem_bundle(std::path::Path::new(path))
-            .map_err(|source| ResolveError::CaBundle { pilot: id, source })?,
+            .map_err(|source| ResolveError::CaBundle { pilot: id, error: source })?,
         None => Vec::new(),
     };
     ServerSpec::new(row.host.clone(), row.port, row.tls, &extra_roots, timeouts)
-        .map_err(|source| ResolveError::Server { pilot: id, source })
+        .map_err(|source| ResolveError::Server { pilot: id, error: source })
 }
 
 /// [`resolve`] for a stored pilot: its row and the app it logs in with.
@@ -314,4 +315,25 @@ pub fn resolve_pilot(
     timeouts: Timeouts,
 ) -> Result<Pilot, ResolveError> {
     resolve(row.id, &row.settings(), app, key, policy, timeouts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_is_named_once_when_the_error_is_printed_with_its_chain() {
+        let error = ResolveError::Secret {
+            what: "pilot 7".to_owned(),
+            error: secrets::SecretError::EnvMissing {
+                name: "APP_SECRET".to_owned(),
+            },
+        };
+        let cause = secrets::SecretError::EnvMissing {
+            name: "APP_SECRET".to_owned(),
+        }
+        .to_string();
+        let chained = format!("{:#}", anyhow::Error::from(error));
+        assert_eq!(chained.matches(&cause).count(), 1, "{chained}");
+    }
 }
