@@ -475,16 +475,22 @@ fn update(status: &StatusBoard, id: i64, f: impl FnOnce(&mut PilotStatus)) {
 }
 
 async fn record(pool: &Db, id: i64, error: Option<&poller::PollError>) {
-    let result = async {
+    let attempt = || async {
         let mut conn = pool.acquire().await?;
         match error {
             None => store::record_poll_success(&mut conn, id).await,
             Some(e) => store::record_poll_error(&mut conn, id, &e.to_string(), e.hint()).await,
         }
-    }
-    .await;
+    };
+    // Why a second attempt: the poll's own failure often broke the connection it used (a
+    // restart, a relay cut), and the pool hands out a fresh one the second time.
+    let result = match attempt().await {
+        Err(e) if e.is_transient() => attempt().await,
+        other => other,
+    };
     if let Err(e) = result {
-        tracing::warn!(pilot = id, error = %e, "could not record the poll outcome");
+        metrics::global().status_record_failed();
+        tracing::warn!(pilot = id, error = %e, "could not record the poll outcome on the pilot's row");
     }
 }
 
