@@ -23,6 +23,9 @@ use crate::oauth::{CachePolicy, TokenCache, TokenSource, TokenSourceOptions};
 use crate::store;
 use crate::telemetry::{self, HttpLimits};
 
+/// How long shutdown waits for the gauge refresh to notice it is cancelled.
+const REFRESH_STOP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Binds `http.listen` and runs the worker until `shutdown` is cancelled, then drains.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listener = bind(config).await?;
@@ -80,8 +83,16 @@ pub async fn run_on(
         Ok(Err(e)) => tracing::warn!(error = %e, "HTTP listener failed"),
         Err(e) => tracing::warn!(error = %e, "HTTP listener task failed"),
     }
-    if let Err(e) = refresh.await {
-        tracing::warn!(error = %e, "gauge refresh task failed");
+    // Why bounded: a refresh stuck on a database connection that went silent must not keep
+    // the process from exiting; its reads change nothing.
+    let mut refresh = refresh;
+    match tokio::time::timeout(REFRESH_STOP, &mut refresh).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "gauge refresh task failed"),
+        Err(_) => {
+            refresh.abort();
+            tracing::warn!("gauge refresh still waiting for the database at shutdown; abandoned");
+        }
     }
     result
 }

@@ -475,12 +475,14 @@ fn update(status: &StatusBoard, id: i64, f: impl FnOnce(&mut PilotStatus)) {
 }
 
 async fn record(pool: &Db, id: i64, error: Option<&poller::PollError>) {
-    let attempt = || async {
-        let mut conn = pool.acquire().await?;
-        match error {
-            None => store::record_poll_success(&mut conn, id).await,
-            Some(e) => store::record_poll_error(&mut conn, id, &e.to_string(), e.hint()).await,
-        }
+    let attempt = || {
+        pool.within("poll outcome record", async {
+            let mut conn = pool.acquire().await?;
+            match error {
+                None => store::record_poll_success(&mut conn, id).await,
+                Some(e) => store::record_poll_error(&mut conn, id, &e.to_string(), e.hint()).await,
+            }
+        })
     };
     // Why a second attempt: the poll's own failure often broke the connection it used (a
     // restart, a relay cut), and the pool hands out a fresh one the second time.

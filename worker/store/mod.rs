@@ -154,9 +154,19 @@ impl Db {
         let options = parse_url(url)?;
         let target = describe_target(&options);
         let options = settings.session_options(options);
+        let check = settings.operation_timeout;
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.acquire_timeout)
+            // Why a bounded ping on release: sqlx tests a returned connection with a ping that
+            // has no deadline, so a connection whose step timed out on a silent network would
+            // hold its pool slot forever. One that does not answer in time is closed instead.
+            .after_release(move |conn, _| {
+                Box::pin(async move {
+                    let answered = tokio::time::timeout(check, sqlx::Connection::ping(conn)).await;
+                    Ok(matches!(answered, Ok(Ok(()))))
+                })
+            })
             .connect_lazy_with(options.clone());
         Ok(Db {
             pool,
@@ -195,6 +205,23 @@ impl Db {
         .await
         .inspect_err(|_| conn.0.close_on_drop())?;
         Ok(())
+    }
+
+    /// Runs a caller-composed store operation (acquire plus statements) within the
+    /// client-side operation deadline: past it the operation is dropped (its connection is
+    /// tested with a bounded ping on release, and closed if silent) and the caller gets the
+    /// transient [`StoreError::Deadline`]. For operations outside a [`Tx`], whose statements
+    /// have only the server-side `statement_timeout`, which a silent network never delivers.
+    pub async fn within<T>(
+        &self,
+        operation: &'static str,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let after = self.pool.options().get_acquire_timeout() + self.operation_timeout;
+        match tokio::time::timeout(after, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Deadline { operation, after }),
+        }
     }
 
     /// Wraps an existing pool: for the lab's test databases, which build their own.
