@@ -317,3 +317,44 @@ async fn run_waits_for_a_database_that_is_down_and_readyz_is_red_while_it_is_fro
     tally.assert_exactly_once()?;
     world.finish().await
 }
+
+#[tokio::test]
+async fn every_pooled_session_carries_the_server_side_timeouts_and_migrations_are_exempt()
+-> anyhow::Result<()> {
+    let db = ccmail_lab::testdb::TestDb::new().await?;
+    let pool = Db::connect_lazy(db.url(), &quick_settings())?;
+    let shown: (String, String, String) = sqlx::query_as(
+        "select current_setting('statement_timeout'), \
+         current_setting('idle_in_transaction_session_timeout'), \
+         current_setting('tcp_keepalives_idle')",
+    )
+    .fetch_one(pool.pool())
+    .await?;
+    ensure!(
+        shown == ("10s".to_owned(), "2s".to_owned(), "5".to_owned()),
+        "{shown:?}"
+    );
+    // A migration may run longer than an ingest statement: `migrate` lifts the limit for
+    // itself and gives the connection back with the session's own value.
+    pool.migrate().await?;
+    let after: String = sqlx::query_scalar("select current_setting('statement_timeout')")
+        .fetch_one(pool.pool())
+        .await?;
+    ensure!(after == "10s", "{after}");
+    pool.ping().await?;
+    pool.close().await;
+
+    let zero = DbSettings {
+        operation_timeout: Duration::ZERO,
+        ..quick_settings()
+    };
+    let refused = Db::connect_lazy(db.url(), &zero)
+        .err()
+        .context("a zero deadline is refused")?;
+    ensure!(
+        refused.to_string().contains("operation_timeout"),
+        "{refused}"
+    );
+    db.drop_db().await?;
+    Ok(())
+}

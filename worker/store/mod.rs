@@ -185,9 +185,9 @@ impl Db {
         let timeout = self.pool.options().get_acquire_timeout();
         let connect = tokio::time::timeout(timeout, options.connect())
             .await
-            .map_err(|_| StoreError::Unreachable {
-                target: target.clone(),
-                source: sqlx::Error::PoolTimedOut,
+            .map_err(|_| StoreError::Deadline {
+                operation: "connect",
+                after: timeout,
             })?;
         let probe = connect.map_err(|err| connect_error(err, target.clone()))?;
         // A failed close of a healthy probe only costs a server-side session cleanup.
@@ -540,7 +540,21 @@ fn validate(settings: &DbSettings) -> Result<(), StoreError> {
 /// Applies the migrations in `migrations/` that are not applied yet. Safe to run from several
 /// replicas at once (sqlx takes an advisory lock) and a no-op when the schema is current.
 pub async fn migrate(db: &Db) -> Result<(), StoreError> {
-    sqlx::migrate!("./migrations").run(&db.pool).await?;
+    let mut conn = db.acquire().await?;
+    // Why lifted: a migration may rewrite a large table, which must not be cut off by the
+    // per-statement limit meant for ingest. The session's own values come back afterwards.
+    sqlx::query("set statement_timeout = 0")
+        .execute(&mut *conn)
+        .await?;
+    let applied = sqlx::migrate!("./migrations").run_direct(&mut *conn).await;
+    let restored = sqlx::query("reset statement_timeout")
+        .execute(&mut *conn)
+        .await;
+    if restored.is_err() {
+        // A connection whose limit could not be restored is not handed out again.
+        conn.0.close_on_drop();
+    }
+    applied?;
     Ok(())
 }
 
