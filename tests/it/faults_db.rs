@@ -358,3 +358,53 @@ async fn every_pooled_session_carries_the_server_side_timeouts_and_migrations_ar
     db.drop_db().await?;
     Ok(())
 }
+
+/// The value of the unlabelled counter `name` in this process's exposition.
+fn counter_value(name: &str) -> f64 {
+    telemetry::global()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_poll_outcome_that_cannot_be_recorded_is_counted_and_ingest_resumes_after_a_freeze()
+-> anyhow::Result<()> {
+    const RECORD_ERRORS: &str = "ccmail_status_record_errors_total";
+    let cluster = PgCluster::start(&[]).await?;
+    let proxy = FaultProxy::start_postgres(upstream(&cluster)?).await?;
+    let world = PipelineWorld::start_on(&cluster.url()).await?;
+    let row = world.add_pilot("support", |_| {}).await?;
+    let mut ledger = Ledger::default();
+    fill(&world, &mut ledger, &row, 3, 0xd3_0000)?;
+    let pool = Db::connect_lazy(&through(&proxy, world.db.url())?, &quick_settings())?;
+    let running = Running::start(&world, pool, &[row.id])?;
+    recovered(&world, std::slice::from_ref(&row), &ledger, || {
+        running.board()
+    })
+    .await?;
+    let before = counter_value(RECORD_ERRORS);
+
+    // Every connection goes silent: polls fail on their deadlines, and so does writing that
+    // failure to the pilot's row, which must be counted rather than lost without a trace.
+    proxy.freeze();
+    wait_until(
+        "a failed status record counted",
+        RECOVERY,
+        || async { Ok(counter_value(RECORD_ERRORS) > before) },
+        || running.board(),
+    )
+    .await?;
+    proxy.thaw();
+    fill(&world, &mut ledger, &row, 3, 0xd3_0001)?;
+    recovered(&world, std::slice::from_ref(&row), &ledger, || {
+        running.board()
+    })
+    .await?;
+    running.stop().await?;
+    let tally = ledger.check(&world.heads(&[row.id]).await?);
+    summary("db_frozen_status_record", 1, ledger.len(), &tally);
+    tally.assert_exactly_once()?;
+    world.finish().await
+}
