@@ -3,7 +3,9 @@
 //! of the pollers, and the drain on shutdown. The CLI calls [`run`] with a token cancelled by
 //! SIGTERM/SIGINT; a test can call it in-process with its own token.
 //!
-//! Ordering invariants: the listener is bound before migrating (a container probe sees the
+//! Ordering invariants: the listener serves before the database is reached (`ccmail run`
+//! waits for PostgreSQL with backoff, `/readyz` red meanwhile, SIGTERM still stops it); the
+//! listener is bound before migrating (a container probe sees the
 //! process alive during a long migration, and a port conflict is reported before any work
 //! starts); the listener stops only after the pollers have drained (metrics stay readable
 //! while the last messages are committed).
@@ -20,6 +22,9 @@ use crate::ingest::supervisor::{Supervisor, SupervisorSettings};
 use crate::oauth::{CachePolicy, TokenCache, TokenSource, TokenSourceOptions};
 use crate::store;
 use crate::telemetry::{self, HttpLimits};
+
+/// How long shutdown waits for the gauge refresh to notice it is cancelled.
+const REFRESH_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Binds `http.listen` and runs the worker until `shutdown` is cancelled, then drains.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -44,7 +49,10 @@ pub async fn run_on(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let pool = store::connect(&config.database.url, config.database.max_connections).await?;
+    let pool = store::Db::connect_lazy(
+        &config.database.url,
+        &store::DbSettings::from_config(&config.database),
+    )?;
     match listener.local_addr() {
         Ok(addr) => tracing::info!(listen = %addr, "serving /metrics, /healthz and /readyz"),
         Err(e) => tracing::warn!(error = %e, "HTTP listener has no local address"),
@@ -61,7 +69,13 @@ pub async fn run_on(
         config.http.gauge_refresh_secs,
         http_stop.clone(),
     ));
-    let result = supervise(config, pool, shutdown).await;
+    // Why the listener first: while the database is away `/healthz` answers and `/readyz`
+    // says why the worker is not ready, instead of the process exiting and restarting.
+    let result = match wait_for_database(config, &pool, &shutdown).await {
+        Ok(true) => supervise(config, pool, shutdown).await,
+        Ok(false) => Ok(()),
+        Err(e) => Err(e),
+    };
     // Metrics stay available until the pollers have drained.
     http_stop.cancel();
     match http.await {
@@ -69,10 +83,61 @@ pub async fn run_on(
         Ok(Err(e)) => tracing::warn!(error = %e, "HTTP listener failed"),
         Err(e) => tracing::warn!(error = %e, "HTTP listener task failed"),
     }
-    if let Err(e) = refresh.await {
-        tracing::warn!(error = %e, "gauge refresh task failed");
+    // Why bounded: a refresh stuck on a database connection that went silent must not keep
+    // the process from exiting; its reads change nothing.
+    let mut refresh = refresh;
+    match tokio::time::timeout(REFRESH_STOP, &mut refresh).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "gauge refresh task failed"),
+        Err(_) => {
+            refresh.abort();
+            tracing::warn!("gauge refresh still waiting for the database at shutdown; abandoned");
+        }
     }
     result
+}
+
+/// Waits until the database answers, retrying with backoff (logged, so an operator sees what
+/// the worker waits for). True once it answers; false when `shutdown` came first. A refusal
+/// that only an operator can fix (login refused, database missing) ends the wait with that
+/// error.
+async fn wait_for_database(
+    config: &Config,
+    pool: &store::Db,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let target = store::redacted_url(&config.database.url);
+    let mut backoff = crate::model::defaults::DB_WAIT_INITIAL_BACKOFF;
+    let mut attempts: u32 = 0;
+    loop {
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            outcome = pool.ping_server() => outcome,
+        };
+        match outcome {
+            Ok(()) => {
+                if attempts > 0 {
+                    tracing::info!(database = %target, attempts, "the database answers");
+                }
+                return Ok(true);
+            }
+            Err(e) if e.is_transient() => {
+                attempts += 1;
+                tracing::warn!(
+                    database = %target,
+                    error = %e,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "waiting for the database; /readyz stays red until it answers"
+                );
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(crate::model::defaults::DB_WAIT_MAX_BACKOFF);
+    }
 }
 
 /// Migrates, builds the shared token cache and runs the supervisor until `shutdown`.

@@ -70,6 +70,21 @@ pub struct DatabaseConfig {
     /// PostgreSQL URL; `DATABASE_URL` overrides it.
     pub url: String,
     pub max_connections: u32,
+    /// Server-side `statement_timeout` of the worker's sessions.
+    #[serde(with = "secs")]
+    pub statement_timeout_secs: Duration,
+    /// Server-side `idle_in_transaction_session_timeout` of the worker's sessions.
+    #[serde(with = "secs")]
+    pub idle_in_transaction_timeout_secs: Duration,
+    /// Time to get a pooled connection (including opening one).
+    #[serde(with = "secs")]
+    pub acquire_timeout_secs: Duration,
+    /// Client-side deadline of a begin, savepoint, commit or rollback.
+    #[serde(with = "secs")]
+    pub operation_timeout_secs: Duration,
+    /// Idle seconds before the server sends TCP keepalive probes on a session's socket.
+    #[serde(with = "secs")]
+    pub tcp_keepalive_secs: Duration,
 }
 
 /// `[worker]`
@@ -243,7 +258,12 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             url: DEFAULT_DATABASE_URL.to_owned(),
-            max_connections: 10,
+            max_connections: defaults::DB_MAX_CONNECTIONS,
+            statement_timeout_secs: defaults::DB_STATEMENT_TIMEOUT,
+            idle_in_transaction_timeout_secs: defaults::DB_IDLE_IN_TRANSACTION_TIMEOUT,
+            acquire_timeout_secs: defaults::DB_ACQUIRE_TIMEOUT,
+            operation_timeout_secs: defaults::DB_OPERATION_TIMEOUT,
+            tcp_keepalive_secs: defaults::DB_TCP_KEEPALIVE,
         }
     }
 }
@@ -511,6 +531,26 @@ impl Config {
         }
         let at_least_a_second = [
             ("worker.max_poll_secs", w.max_poll_secs),
+            (
+                "database.statement_timeout_secs",
+                self.database.statement_timeout_secs,
+            ),
+            (
+                "database.idle_in_transaction_timeout_secs",
+                self.database.idle_in_transaction_timeout_secs,
+            ),
+            (
+                "database.acquire_timeout_secs",
+                self.database.acquire_timeout_secs,
+            ),
+            (
+                "database.operation_timeout_secs",
+                self.database.operation_timeout_secs,
+            ),
+            (
+                "database.tcp_keepalive_secs",
+                self.database.tcp_keepalive_secs,
+            ),
             ("worker.reload_interval_secs", w.reload_interval_secs),
             ("worker.initial_backoff_secs", w.initial_backoff_secs),
             ("worker.max_backoff_secs", w.max_backoff_secs),

@@ -3,6 +3,7 @@
 mod admin;
 mod doctor;
 mod dovecot_harness;
+mod faults_db;
 mod faults_net;
 mod faults_pg;
 mod faults_token;

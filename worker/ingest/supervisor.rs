@@ -490,15 +490,23 @@ fn update(status: &StatusBoard, id: i64, f: impl FnOnce(&mut PilotStatus)) {
 /// Records the poll's outcome on the pilot row: `None` for success, else the error's text and
 /// its fix.
 async fn record(pool: &Db, id: i64, error: Option<(&str, Option<&str>)>) {
-    let result = async {
-        let mut conn = pool.acquire().await?;
-        match error {
-            None => store::record_poll_success(&mut conn, id).await,
-            Some((text, hint)) => store::record_poll_error(&mut conn, id, text, hint).await,
-        }
-    }
-    .await;
+    let attempt = || {
+        pool.within("poll outcome record", async {
+            let mut conn = pool.acquire().await?;
+            match error {
+                None => store::record_poll_success(&mut conn, id).await,
+                Some((text, hint)) => store::record_poll_error(&mut conn, id, text, hint).await,
+            }
+        })
+    };
+    // Why a second attempt: the poll's own failure often broke the connection it used (a
+    // restart, a relay cut), and the pool hands out a fresh one the second time.
+    let result = match attempt().await {
+        Err(e) if e.is_transient() => attempt().await,
+        other => other,
+    };
     if let Err(e) = result {
-        tracing::warn!(pilot = id, error = %e, "could not record the poll outcome");
+        metrics::global().status_record_failed();
+        tracing::warn!(pilot = id, error = %e, "could not record the poll outcome on the pilot's row");
     }
 }

@@ -60,3 +60,22 @@ pub const PARSE_TIME_BASE: Duration = Duration::from_secs(10);
 pub const PARSE_TIME_PER_MIB: Duration = Duration::from_secs(1);
 /// Parses still running past their budget at the same time before parsing only headers.
 pub const PARSE_MAX_ABANDONED: usize = 2;
+
+/// Connections in the worker's database pool.
+pub const DB_MAX_CONNECTIONS: u32 = 10;
+/// Server-side limit of one statement (`statement_timeout`).
+pub const DB_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Server-side limit of a transaction left idle (`idle_in_transaction_session_timeout`).
+pub const DB_IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time to get a pooled connection, including opening a new one.
+pub const DB_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Client-side deadline of one transaction step (begin, savepoint, commit, rollback): longer
+/// than the statement timeout, so a slow server's own error arrives first.
+pub const DB_OPERATION_TIMEOUT: Duration = Duration::from_secs(45);
+/// Idle time before the server probes a session's socket (TCP keepalive).
+pub const DB_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+/// First wait between attempts to reach the database at start-up; it doubles up to
+/// [`DB_WAIT_MAX_BACKOFF`].
+pub const DB_WAIT_INITIAL_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest wait between attempts to reach the database at start-up.
+pub const DB_WAIT_MAX_BACKOFF: Duration = Duration::from_secs(15);

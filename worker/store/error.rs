@@ -88,18 +88,30 @@ pub enum StoreError {
         "column {column} holds an unexpected value {value:?}; the schema and ccmail disagree, run `ccmail migrate` with a matching version"
     )]
     UnexpectedValue { column: &'static str, value: String },
+    #[error(
+        "the database did not answer a {operation} within {}s; the connection is abandoned and \
+         the work is retried (check the network to PostgreSQL and the server's load, or raise \
+         database.operation_timeout_secs)",
+        after.as_secs()
+    )]
+    Deadline {
+        operation: &'static str,
+        after: std::time::Duration,
+    },
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }
 
 impl StoreError {
-    /// True when retrying the same operation later may succeed: the connection dropped or
-    /// timed out, the pool had no free connection, the server is shutting down or starting,
+    /// True when retrying the same operation later may succeed: the connection dropped, timed
+    /// out or spoke garbage (a restart seen through a TCP relay answers the TLS request with a
+    /// stray byte: sqlx reports a protocol error), the pool had no free connection or is
+    /// closing, the server is shutting down or starting,
     /// a statement or lock wait ran into its timeout (a busy or locked table clears), or the
     /// transaction lost a serialization race. Everything else needs a change first.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Unreachable { .. } => true,
+            StoreError::Unreachable { .. } | StoreError::Deadline { .. } => true,
             StoreError::Database(err) => sqlx_is_transient(err),
             StoreError::Migrate(sqlx::migrate::MigrateError::Execute(err)) => {
                 sqlx_is_transient(err)
@@ -130,7 +142,10 @@ impl StoreError {
 
 fn sqlx_is_transient(err: &sqlx::Error) -> bool {
     match err {
+        // Connection-level failures: the next connection may well work.
         sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
@@ -248,5 +263,31 @@ mod tests {
             value: "\"x\"".into(),
         };
         assert!(dup.is_permanent());
+    }
+
+    #[test]
+    fn connection_level_failures_are_transient() {
+        use crate::model::retry::Retry;
+        // What a PostgreSQL restart behind a TCP relay looks like to sqlx.
+        let relay = sqlx::Error::Protocol("unexpected response from SSLRequest: 0x00".into());
+        let tls = sqlx::Error::Tls("handshake eof".into());
+        for err in [
+            relay,
+            tls,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::PoolTimedOut,
+        ] {
+            let err = StoreError::Database(err);
+            assert!(err.is_transient(), "{err}");
+            assert_eq!(err.retry(), Retry::Soon, "{err}");
+        }
+        let late = StoreError::Deadline {
+            operation: "commit",
+            after: std::time::Duration::from_secs(30),
+        };
+        assert!(late.is_transient());
+        let text = late.to_string();
+        assert!(text.contains("commit") && text.contains("30s"), "{text}");
+        assert!(text.contains("database.operation_timeout_secs"), "{text}");
     }
 }

@@ -54,12 +54,89 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
+/// The deadlines of every store call (`[database]` settings; see [`DbSettings::from_config`]).
+///
+/// Two layers, because either alone leaves a hole: the server-side timeouts end a statement
+/// that runs too long or a transaction left open (and free its locks), but they cannot help
+/// when the network or the server host goes silent; the client-side deadline (acquire, begin,
+/// savepoint, commit, rollback, LISTEN) ends the wait on this side whatever the server does.
+/// TCP keepalive is asked of the server (`tcp_keepalives_*`, so a vanished worker's session
+/// and locks are dropped); sqlx 0.8 offers no hook to set it on the client's own socket, so
+/// on this side the client deadline is what bounds a silent connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DbSettings {
+    /// Connections in the pool at most.
+    pub max_connections: u32,
+    /// Server-side `statement_timeout` of every pooled session.
+    pub statement_timeout: Duration,
+    /// Server-side `idle_in_transaction_session_timeout` of every pooled session.
+    pub idle_in_transaction_timeout: Duration,
+    /// Time to get a pooled connection (including opening a new one).
+    pub acquire_timeout: Duration,
+    /// Client-side deadline of one transaction step (begin, savepoint, commit, rollback).
+    pub operation_timeout: Duration,
+    /// Idle time after which the server starts TCP keepalive probes on the session's socket.
+    pub tcp_keepalive: Duration,
+}
+
+impl Default for DbSettings {
+    fn default() -> Self {
+        use crate::model::defaults;
+        DbSettings {
+            max_connections: defaults::DB_MAX_CONNECTIONS,
+            statement_timeout: defaults::DB_STATEMENT_TIMEOUT,
+            idle_in_transaction_timeout: defaults::DB_IDLE_IN_TRANSACTION_TIMEOUT,
+            acquire_timeout: defaults::DB_ACQUIRE_TIMEOUT,
+            operation_timeout: defaults::DB_OPERATION_TIMEOUT,
+            tcp_keepalive: defaults::DB_TCP_KEEPALIVE,
+        }
+    }
+}
+
+impl DbSettings {
+    /// The settings `[database]` asks for (checked to be at least 1 when they load).
+    pub fn from_config(database: &crate::config::DatabaseConfig) -> DbSettings {
+        DbSettings {
+            max_connections: database.max_connections,
+            statement_timeout: database.statement_timeout_secs,
+            idle_in_transaction_timeout: database.idle_in_transaction_timeout_secs,
+            acquire_timeout: database.acquire_timeout_secs,
+            operation_timeout: database.operation_timeout_secs,
+            tcp_keepalive: database.tcp_keepalive_secs,
+        }
+    }
+
+    /// The per-session settings sent in the startup packet (no extra round trip, and a
+    /// session that reconnects after a restart gets them again).
+    fn session_options(&self, options: PgConnectOptions) -> PgConnectOptions {
+        let millis = |d: Duration| d.as_millis().to_string();
+        let secs = |d: Duration| d.as_secs().max(1).to_string();
+        // Probes every interval, dropped after `count` unanswered: about a minute after the
+        // idle time for the defaults.
+        let interval = (self.tcp_keepalive.as_secs() / 3).max(1).to_string();
+        options.options([
+            ("statement_timeout", millis(self.statement_timeout)),
+            (
+                "idle_in_transaction_session_timeout",
+                millis(self.idle_in_transaction_timeout),
+            ),
+            ("tcp_keepalives_idle", secs(self.tcp_keepalive)),
+            ("tcp_keepalives_interval", interval),
+            ("tcp_keepalives_count", "3".to_owned()),
+        ])
+    }
+}
+
 /// The store's handle on its database: the pool behind every connection, transaction and
 /// LISTEN ccmail opens. Cheap to clone (clones share the pool). Callers name only [`Db`],
 /// [`Conn`], [`Tx`] and [`ConfigListener`]; sqlx stays inside `store/`.
 #[derive(Clone, Debug)]
 pub struct Db {
     pool: PgPool,
+    /// Client-side deadline of each transaction step, handed to every [`Tx`].
+    operation_timeout: Duration,
+    /// A direct connection's options, for [`Db::ping_server`].
+    target: Option<(PgConnectOptions, String)>,
 }
 
 impl Db {
@@ -69,9 +146,98 @@ impl Db {
         connect(url, max_connections).await
     }
 
+    /// A pool with `settings` whose connections open on first use: nothing is dialled yet.
+    /// For `ccmail run`, which serves `/readyz` (red) while it waits for the database with
+    /// [`Db::ping_server`].
+    pub fn connect_lazy(url: &str, settings: &DbSettings) -> Result<Db, StoreError> {
+        validate(settings)?;
+        let options = parse_url(url)?;
+        let target = describe_target(&options);
+        let options = settings.session_options(options);
+        let check = settings.operation_timeout;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.acquire_timeout)
+            // Why a bounded ping on release: sqlx tests a returned connection with a ping that
+            // has no deadline, so a connection whose step timed out on a silent network would
+            // hold its pool slot forever. One that does not answer in time is closed instead.
+            .after_release(move |conn, _| {
+                Box::pin(async move {
+                    let answered = tokio::time::timeout(check, sqlx::Connection::ping(conn)).await;
+                    Ok(matches!(answered, Ok(Ok(()))))
+                })
+            })
+            .connect_lazy_with(options.clone());
+        Ok(Db {
+            pool,
+            operation_timeout: settings.operation_timeout,
+            target: Some((options, target)),
+        })
+    }
+
+    /// Opens one direct connection (not pooled) and closes it, within the acquire timeout:
+    /// the error says why the server cannot be used (refused, login, missing database), which
+    /// a pool's "timed out" would hide.
+    pub async fn ping_server(&self) -> Result<(), StoreError> {
+        let Some((options, target)) = &self.target else {
+            return self.ping().await;
+        };
+        let timeout = self.pool.options().get_acquire_timeout();
+        let connect = tokio::time::timeout(timeout, options.connect())
+            .await
+            .map_err(|_| StoreError::Deadline {
+                operation: "connect",
+                after: timeout,
+            })?;
+        let probe = connect.map_err(|err| connect_error(err, target.clone()))?;
+        // A failed close of a healthy probe only costs a server-side session cleanup.
+        let _ = sqlx::Connection::close(probe).await;
+        Ok(())
+    }
+
+    /// `select 1` on a pooled connection within the operation deadline: the cheap "does the
+    /// database answer" of `/readyz`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.acquire().await?;
+        deadline("select 1", self.operation_timeout, async {
+            sqlx::query("select 1").execute(&mut *conn).await
+        })
+        .await
+        .inspect_err(|_| conn.0.close_on_drop())?;
+        Ok(())
+    }
+
+    /// Runs a caller-composed store operation (acquire plus statements) within the
+    /// client-side operation deadline: past it the operation is dropped (its connection is
+    /// tested with a bounded ping on release, and closed if silent) and the caller gets the
+    /// transient [`StoreError::Deadline`]. For operations outside a [`Tx`], whose statements
+    /// have only the server-side `statement_timeout`, which a silent network never delivers.
+    pub async fn within<T>(
+        &self,
+        operation: &'static str,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let after = self.pool.options().get_acquire_timeout() + self.operation_timeout;
+        match tokio::time::timeout(after, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Deadline { operation, after }),
+        }
+    }
+
     /// Wraps an existing pool: for the lab's test databases, which build their own.
     pub fn from_pool(pool: PgPool) -> Db {
-        Db { pool }
+        Db {
+            pool,
+            operation_timeout: crate::model::defaults::DB_OPERATION_TIMEOUT,
+            target: None,
+        }
+    }
+
+    /// The same pool with another client-side deadline per transaction step: for tests that
+    /// freeze a connection and cannot wait for the default.
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Db {
+        self.operation_timeout = timeout;
+        self
     }
 
     /// The pool itself: for the lab and tests, whose raw queries check the schema.
@@ -79,19 +245,34 @@ impl Db {
         &self.pool
     }
 
-    /// A pooled connection, returned to the pool on drop.
+    /// A pooled connection, returned to the pool on drop. Bounded by the pool's acquire
+    /// timeout (which includes the liveness check of an idle connection).
     pub async fn acquire(&self) -> Result<Conn, StoreError> {
         Ok(Conn(self.pool.acquire().await?))
     }
 
-    /// Begins a transaction on a pooled connection.
+    /// Begins a transaction on a pooled connection, within the acquire timeout plus the
+    /// operation deadline.
     pub async fn begin(&self) -> Result<Tx<'static>, StoreError> {
-        Ok(Tx(self.pool.begin().await?))
+        let within = self.pool.options().get_acquire_timeout() + self.operation_timeout;
+        let tx = deadline("begin", within, self.pool.begin()).await?;
+        Ok(Tx {
+            inner: tx,
+            timeout: self.operation_timeout,
+        })
     }
 
-    /// Opens a dedicated connection that listens on [`CONFIG_CHANNEL`].
+    /// Opens a dedicated connection that listens on [`CONFIG_CHANNEL`], within the acquire
+    /// timeout plus the operation deadline.
     pub async fn listen(&self) -> Result<ConfigListener, StoreError> {
-        ConfigListener::connect(self).await
+        let within = self.pool.options().get_acquire_timeout() + self.operation_timeout;
+        match tokio::time::timeout(within, ConfigListener::connect(self)).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Deadline {
+                operation: "listen",
+                after: within,
+            }),
+        }
     }
 
     /// Applies the pending migrations (see [`migrate`]).
@@ -124,36 +305,66 @@ impl std::ops::DerefMut for Conn {
 
 /// A transaction (or a savepoint inside one) on the store's database: what callers hold to
 /// compose several store functions atomically. Dropped without [`Tx::commit`], it rolls back.
+///
+/// Each step (commit, rollback, savepoint) has the pool's client-side deadline, so a
+/// connection that goes silent mid-commit fails the caller with [`StoreError::Deadline`]
+/// (transient) instead of hanging it. The commit's outcome is then unknown: whatever the
+/// caller does next must be safe either way (ingest sends no `DELE`, and the retry finds
+/// what did commit by its unique key).
 #[derive(Debug)]
-pub struct Tx<'c>(Transaction<'c, Postgres>);
+pub struct Tx<'c> {
+    inner: Transaction<'c, Postgres>,
+    timeout: Duration,
+}
 
 impl Tx<'_> {
-    /// Commits (or releases the savepoint).
+    /// Commits (or releases the savepoint), within the operation deadline.
     pub async fn commit(self) -> Result<(), StoreError> {
-        Ok(self.0.commit().await?)
+        deadline("commit", self.timeout, self.inner.commit()).await
     }
 
-    /// Rolls back (to the savepoint, for a savepoint).
+    /// Rolls back (to the savepoint, for a savepoint), within the operation deadline.
     pub async fn rollback(self) -> Result<(), StoreError> {
-        Ok(self.0.rollback().await?)
+        deadline("rollback", self.timeout, self.inner.rollback()).await
     }
 
     /// Begins a savepoint inside this transaction: rolling it back undoes only what ran since.
     pub async fn savepoint(&mut self) -> Result<Tx<'_>, StoreError> {
-        Ok(Tx(sqlx::Connection::begin(&mut *self.0).await?))
+        let timeout = self.timeout;
+        let inner = deadline(
+            "savepoint",
+            timeout,
+            sqlx::Connection::begin(&mut *self.inner),
+        )
+        .await?;
+        Ok(Tx { inner, timeout })
+    }
+}
+
+/// Runs one store step with a client-side deadline: past it the step's future is dropped
+/// (its connection is not reused for anything else of the caller's) and the caller gets the
+/// transient [`StoreError::Deadline`].
+async fn deadline<T>(
+    operation: &'static str,
+    after: Duration,
+    step: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(after, step).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(StoreError::Deadline { operation, after }),
     }
 }
 
 impl std::ops::Deref for Tx<'_> {
     type Target = PgConnection;
     fn deref(&self) -> &PgConnection {
-        &self.0
+        &self.inner
     }
 }
 
 impl std::ops::DerefMut for Tx<'_> {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        &mut self.0
+        &mut self.inner
     }
 }
 
@@ -212,9 +423,6 @@ impl ConfigListener {
         Ok(())
     }
 }
-
-/// How long to wait for a pooled connection (and for the first connection at start-up).
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Parses a database URL into connect options, without echoing the URL (it may hold a password).
 fn parse_url(url: &str) -> Result<PgConnectOptions, StoreError> {
@@ -277,37 +485,77 @@ fn connect_error(err: sqlx::Error, target: String) -> StoreError {
     }
 }
 
-/// Opens a connection pool of at most `max_connections` and checks that the server answers.
+/// Opens a connection pool of at most `max_connections` (the other [`DbSettings`] at their
+/// defaults) and checks that the server answers.
 ///
 /// When nothing answers, the error names `user@host:port/database` (never the password).
 pub async fn connect(url: &str, max_connections: u32) -> Result<Db, StoreError> {
-    if max_connections == 0 {
+    connect_with(
+        url,
+        &DbSettings {
+            max_connections,
+            ..DbSettings::default()
+        },
+    )
+    .await
+}
+
+/// Opens a connection pool with `settings` and checks that the server answers.
+pub async fn connect_with(url: &str, settings: &DbSettings) -> Result<Db, StoreError> {
+    let db = Db::connect_lazy(url, settings)?;
+    // One direct connection first: the pool would retry a refused connection until its
+    // acquire timeout and then report only "timed out", hiding the cause.
+    db.ping_server().await?;
+    Ok(db)
+}
+
+/// Settings the pool cannot work with, refused before anything is dialled.
+fn validate(settings: &DbSettings) -> Result<(), StoreError> {
+    if settings.max_connections == 0 {
         return Err(StoreError::InvalidInput {
             field: "max_connections",
             reason: "must be at least 1".to_owned(),
         });
     }
-    let options = parse_url(url)?;
-    let target = describe_target(&options);
-    // One direct connection first: the pool would retry a refused connection until its
-    // acquire timeout and then report only "timed out", hiding the cause.
-    let probe = options
-        .connect()
-        .await
-        .map_err(|err| connect_error(err, target))?;
-    // A failed close of a healthy probe only costs a server-side session cleanup.
-    let _ = sqlx::Connection::close(probe).await;
-    let pool = PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_lazy_with(options);
-    Ok(Db { pool })
+    let durations = [
+        ("statement_timeout", settings.statement_timeout),
+        (
+            "idle_in_transaction_timeout",
+            settings.idle_in_transaction_timeout,
+        ),
+        ("acquire_timeout", settings.acquire_timeout),
+        ("operation_timeout", settings.operation_timeout),
+        ("tcp_keepalive", settings.tcp_keepalive),
+    ];
+    for (field, value) in durations {
+        if value < Duration::from_secs(1) {
+            return Err(StoreError::InvalidInput {
+                field,
+                reason: "must be at least 1 second".to_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Applies the migrations in `migrations/` that are not applied yet. Safe to run from several
 /// replicas at once (sqlx takes an advisory lock) and a no-op when the schema is current.
 pub async fn migrate(db: &Db) -> Result<(), StoreError> {
-    sqlx::migrate!("./migrations").run(&db.pool).await?;
+    let mut conn = db.acquire().await?;
+    // Why lifted: a migration may rewrite a large table, which must not be cut off by the
+    // per-statement limit meant for ingest. The session's own values come back afterwards.
+    sqlx::query("set statement_timeout = 0")
+        .execute(&mut *conn)
+        .await?;
+    let applied = sqlx::migrate!("./migrations").run_direct(&mut *conn).await;
+    let restored = sqlx::query("reset statement_timeout")
+        .execute(&mut *conn)
+        .await;
+    if restored.is_err() {
+        // A connection whose limit could not be restored is not handed out again.
+        conn.0.close_on_drop();
+    }
+    applied?;
     Ok(())
 }
 

@@ -277,6 +277,16 @@ pub const REFRESH_ERRORS: MetricDef = MetricDef {
     buckets: &[],
 };
 
+/// Poll outcomes (success or error) that could not be written to the pilot's row.
+pub const STATUS_RECORD_ERRORS: MetricDef = MetricDef {
+    name: "ccmail_status_record_errors_total",
+    kind: Kind::Counter,
+    unit: "",
+    help: "Poll outcomes that could not be recorded on the pilot's row (the row shows an older outcome; the log has the error).",
+    labels: &[],
+    buckets: &[],
+};
+
 /// Every metric, in the order `/metrics` lists them.
 pub const ALL: &[&MetricDef] = &[
     &BUILD_INFO,
@@ -298,6 +308,7 @@ pub const ALL: &[&MetricDef] = &[
     &WORK_ITEMS,
     &OLDEST_QUEUED_AGE,
     &REFRESH_ERRORS,
+    &STATUS_RECORD_ERRORS,
 ];
 
 /// Values of the `reason` label of [`INGEST_ERRORS`]: the poll errors of
@@ -522,6 +533,7 @@ pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
     refresh_errors: Counter,
+    status_record_errors: Counter,
     state: Mutex<State>,
 }
 
@@ -604,10 +616,13 @@ impl Metrics {
         gauge(&recorder, &BUILD_INFO, &[env!("CARGO_PKG_VERSION")]).set(1.0);
         let refresh_errors = counter(&recorder, &REFRESH_ERRORS, &[]);
         refresh_errors.increment(0);
+        let status_record_errors = counter(&recorder, &STATUS_RECORD_ERRORS, &[]);
+        status_record_errors.increment(0);
         Metrics {
             handle: recorder.handle(),
             recorder,
             refresh_errors,
+            status_record_errors,
             state: Mutex::new(State::default()),
         }
     }
@@ -784,6 +799,11 @@ impl Metrics {
     /// A periodic database read failed.
     pub fn refresh_failed(&self) {
         self.refresh_errors.increment(1);
+    }
+
+    /// A poll's outcome could not be written to its pilot's row.
+    pub fn status_record_failed(&self) {
+        self.status_record_errors.increment(1);
     }
 
     // ---- exposition ----

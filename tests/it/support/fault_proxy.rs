@@ -14,6 +14,14 @@
 //! commit is unknown to it. The client's bytes of the cut transaction (from its `BEGIN`) are
 //! kept so a test can tell which rows it carried.
 //!
+//! Freezing (a host that stops answering without closing anything): [`FaultProxy::freeze`]
+//! turns every live connection into a black hole (bytes either way are read and dropped, the
+//! sockets stay open for as long as the proxy lives) and holds new connections the same way
+//! without dialling the server; [`FaultProxy::thaw`] lets new connections through again (the
+//! frozen ones stay dead, as TCP sessions through a rebooted middlebox do).
+//! [`CommitCut::Freeze`] freezes only the connection that sends the next `COMMIT`, before
+//! forwarding it.
+//!
 //! Invariants: the proxy listens on 127.0.0.1 only; dropping it stops accepting and ends every
 //! proxied connection (its tasks are aborted).
 
@@ -34,6 +42,10 @@ pub enum CommitCut {
     /// Forward `COMMIT`, wait for the server's answer, then reset the client without it: the
     /// server has committed, the client cannot know.
     AfterReply,
+    /// Hold `COMMIT` and go silent on that connection, keeping its sockets open: the client
+    /// waits for an answer that never comes; the server rolls back when its
+    /// `idle_in_transaction_session_timeout` ends the session.
+    Freeze,
 }
 
 /// Byte-level faults applied to connections accepted while set.
@@ -62,6 +74,8 @@ struct Shared {
     /// Faults that actually fired (resets, stalls, commit cuts).
     faults: AtomicU64,
     downstream_bytes: AtomicU64,
+    /// Set by [`FaultProxy::freeze`], cleared by [`FaultProxy::thaw`].
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -105,6 +119,7 @@ impl FaultProxy {
             connections: AtomicU64::new(0),
             faults: AtomicU64::new(0),
             downstream_bytes: AtomicU64::new(0),
+            frozen: std::sync::atomic::AtomicBool::new(false),
         });
         let acceptor = tokio::spawn(accept_loop(listener, upstream, postgres, shared.clone()));
         Ok(FaultProxy {
@@ -139,6 +154,16 @@ impl FaultProxy {
     /// The client's bytes of every transaction whose commit was cut, oldest first.
     pub fn cut_transactions(&self) -> Vec<Vec<u8>> {
         self.shared.lock().cut_transactions.clone()
+    }
+
+    /// Freezes every live connection and holds new ones (see the module documentation).
+    pub fn freeze(&self) {
+        self.shared.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets new connections through again; connections frozen so far stay silent.
+    pub fn thaw(&self) {
+        self.shared.frozen.store(false, Ordering::SeqCst);
     }
 
     /// Connections accepted so far.
@@ -177,12 +202,26 @@ async fn accept_loop(
         let knobs = shared.lock().knobs;
         let shared = shared.clone();
         connections.spawn(async move {
+            if shared.frozen.load(Ordering::SeqCst) {
+                black_hole(client).await;
+                return;
+            }
             if let Ok(server) = TcpStream::connect(upstream).await {
                 relay(client, server, knobs, postgres, &shared).await;
             }
         });
         // Reap finished connections so the set does not grow for the proxy's lifetime.
         while connections.try_join_next().is_some() {}
+    }
+}
+
+/// Reads and drops whatever `client` sends until it closes: a peer that went silent.
+async fn black_hole(mut client: TcpStream) {
+    let mut sink = vec![0u8; 16 * 1024];
+    while let Ok(n) = client.read(&mut sink).await {
+        if n == 0 {
+            return;
+        }
     }
 }
 
@@ -296,6 +335,12 @@ async fn relay(
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
+                if shared.frozen.load(Ordering::SeqCst) {
+                    shared.faults.fetch_add(1, Ordering::SeqCst);
+                    drop(server);
+                    black_hole(client).await;
+                    return;
+                }
                 if stalled {
                     continue;
                 }
@@ -329,6 +374,13 @@ async fn relay(
                                     swallow_reply = true;
                                     bytes
                                 }
+                                CommitCut::Freeze => {
+                                    // The server keeps the session (and its open
+                                    // transaction) until its idle timeout ends it.
+                                    let _server = server;
+                                    black_hole(client).await;
+                                    return;
+                                }
                             }
                         }
                     };
@@ -342,6 +394,12 @@ async fn relay(
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
+                if shared.frozen.load(Ordering::SeqCst) {
+                    shared.faults.fetch_add(1, Ordering::SeqCst);
+                    drop(server);
+                    black_hole(client).await;
+                    return;
+                }
                 if swallow_reply {
                     // The server has answered the COMMIT: it is durable, and the client will
                     // never hear so.
