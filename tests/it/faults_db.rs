@@ -221,6 +221,35 @@ async fn a_connection_frozen_mid_commit_fails_within_its_deadline_and_the_retry_
     world.finish().await
 }
 
+/// The connection goes silent in the middle of a batch's inserts (after `BEGIN`, no answer to
+/// the statement, not even the server's statement timeout): the batch's own deadline
+/// (`database.operation_timeout_secs` × 4 plus one acquire: 15 s here) fails it as transient,
+/// nothing of it is deleted from the server, and the retry stores everything once.
+#[tokio::test]
+async fn a_connection_frozen_mid_insert_fails_within_the_batch_deadline_and_the_retry_stores_once()
+-> anyhow::Result<()> {
+    let cluster = PgCluster::start(&[]).await?;
+    let proxy = FaultProxy::start_postgres(upstream(&cluster)?).await?;
+    let world = PipelineWorld::start_on(&cluster.url()).await?;
+    let row = world.add_pilot("support", |_| {}).await?;
+    let mut ledger = Ledger::default();
+    fill(&world, &mut ledger, &row, 8, 0xd1_0100)?;
+    proxy.freeze_next_statement_in_transaction();
+    let pool = Db::connect_lazy(&through(&proxy, world.db.url())?, &quick_settings())?;
+    let running = Running::start(&world, pool, &[row.id])?;
+    recovered(&world, std::slice::from_ref(&row), &ledger, || {
+        running.board()
+    })
+    .await?;
+    running.stop().await?;
+    ensure!(proxy.faults() == 1, "exactly one statement was frozen");
+    let tally = ledger.check(&world.heads(&[row.id]).await?);
+    summary("db_frozen_mid_insert", 1, ledger.len(), &tally);
+    tally.assert_exactly_once()?;
+    ensure!(world.work_items().await? == ledger.len() as i64);
+    world.finish().await
+}
+
 /// `/readyz`'s status code (200 or 503), or an error when nothing answers.
 async fn readyz(addr: &str) -> anyhow::Result<u16> {
     match telemetry::probe(addr, "/readyz", Duration::from_secs(10)).await {

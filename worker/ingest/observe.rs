@@ -14,10 +14,14 @@ use crate::telemetry::{self, AppInfo, Metrics, QueueCount, Readiness};
 
 /// Reads the work-item gauges and the apps (names, client-secret expiry) once.
 pub async fn refresh_from_database(pool: &Db, metrics: &Metrics) -> Result<(), StoreError> {
-    let mut conn = pool.acquire().await?;
-    let apps = store::list_apps(&mut conn).await?;
-    let counts = store::queue_counts(&mut conn).await?;
-    let oldest = store::oldest_queued_age(&mut conn).await?;
+    let (apps, counts, oldest) = pool
+        .with_conn("refresh the gauges", async |conn| {
+            let apps = store::list_apps(conn).await?;
+            let counts = store::queue_counts(conn).await?;
+            let oldest = store::oldest_queued_age(conn).await?;
+            Ok((apps, counts, oldest))
+        })
+        .await?;
     let apps: Vec<AppInfo> = apps
         .iter()
         .map(|a| AppInfo {

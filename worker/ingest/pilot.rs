@@ -298,12 +298,22 @@ pub fn resolve(
 /// credentials given on the command line.
 pub fn server(id: i64, row: &NewPilot, timeouts: Timeouts) -> Result<ServerSpec, ResolveError> {
     let extra_roots: Vec<CertificateDer<'static>> = match &row.ca_bundle {
-        Some(path) => crate::tls::read_pem_bundle(std::path::Path::new(path))
-            .map_err(|source| ResolveError::CaBundle { pilot: id, error: source })?,
+        Some(path) => {
+            crate::tls::read_pem_bundle(std::path::Path::new(path)).map_err(|source| {
+                ResolveError::CaBundle {
+                    pilot: id,
+                    error: source,
+                }
+            })?
+        }
         None => Vec::new(),
     };
-    ServerSpec::new(row.host.clone(), row.port, row.tls, &extra_roots, timeouts)
-        .map_err(|source| ResolveError::Server { pilot: id, error: source })
+    ServerSpec::new(row.host.clone(), row.port, row.tls, &extra_roots, timeouts).map_err(|source| {
+        ResolveError::Server {
+            pilot: id,
+            error: source,
+        }
+    })
 }
 
 /// [`resolve`] for a stored pilot: its row and the app it logs in with.

@@ -362,25 +362,27 @@ async fn plan_listing(
             _ => None,
         })
         .collect();
-    let (known, refetch) = {
-        let mut conn = pool.acquire().await?;
-        if !pilot.keep_on_server && !listing.truncated {
-            // Bookkeeping only: a QUIT applied without its reply left rows unmarked.
-            store::mark_vanished(&mut conn, pilot.id, &present).await?;
-        }
-        let known = store::known_uidls(&mut conn, pilot.id, &present).await?;
-        let headers_only: Vec<String> = known
-            .iter()
-            .filter(|(_, k)| matches!(k, KnownUidl::Stored { copy, .. } if copy.headers_only))
-            .map(|(uidl, _)| uidl.clone())
-            .collect();
-        let refetch = if headers_only.is_empty() {
-            Default::default()
-        } else {
-            store::refetch_due(&mut conn, pilot.id, &headers_only, limits.refetch_after).await?
-        };
-        (known, refetch)
-    };
+    let truncated = listing.truncated;
+    let (known, refetch) = pool
+        .with_conn("what the store knows of the listing", async |conn| {
+            if !pilot.keep_on_server && !truncated {
+                // Bookkeeping only: a QUIT applied without its reply left rows unmarked.
+                store::mark_vanished(conn, pilot.id, &present).await?;
+            }
+            let known = store::known_uidls(conn, pilot.id, &present).await?;
+            let headers_only: Vec<String> = known
+                .iter()
+                .filter(|(_, k)| matches!(k, KnownUidl::Stored { copy, .. } if copy.headers_only))
+                .map(|(uidl, _)| uidl.clone())
+                .collect();
+            let refetch = if headers_only.is_empty() {
+                Default::default()
+            } else {
+                store::refetch_due(conn, pilot.id, &headers_only, limits.refetch_after).await?
+            };
+            Ok((known, refetch))
+        })
+        .await?;
     let mut listed = Listed {
         verifies: Vec::new(),
         fetches: Vec::new(),
@@ -654,8 +656,10 @@ async fn session(
     if count == 0 {
         timed(pilot, "quit", session.quit()).await?;
         if !pilot.keep_on_server {
-            let mut conn = pool.acquire().await?;
-            store::mark_vanished(&mut conn, pilot.id, &[]).await?;
+            pool.with_conn("mark vanished messages", async |conn| {
+                store::mark_vanished(conn, pilot.id, &[]).await
+            })
+            .await?;
         }
         return Ok(Next::Done);
     }
@@ -787,8 +791,7 @@ async fn session(
                 listed_size.is_some_and(|size| size > listed_size_limit(pilot.max_message_bytes));
             if completes && over_listing {
                 // Still too large to try: wait for the next refetch.
-                let mut conn = pool.acquire().await?;
-                store::record_refetch_failure(&mut conn, pilot.id, key.as_deref().unwrap_or_default()).await?;
+                record_refetch_failure(pool, pilot, key.as_deref()).await?;
                 continue;
             }
             progress.fetched += 1;
@@ -825,8 +828,7 @@ async fn session(
                         if completes =>
                     {
                         // Stored as headers already; it has grown past the limit meanwhile.
-                        let mut conn = pool.acquire().await?;
-                        store::record_refetch_failure(&mut conn, pilot.id, key.as_deref().unwrap_or_default()).await?;
+                        record_refetch_failure(pool, pilot, key.as_deref()).await?;
                         continue;
                     }
                     Err(pop3::Error::TooLarge { limit, received }) => {
@@ -840,8 +842,11 @@ async fn session(
                         progress.report.oversize += 1;
                         tracing::warn!(pilot = pilot.id, key = ?key, error = %e, "message far over the size limit; its headers will be stored by the next poll");
                         if let Some(key) = &key {
-                            let mut conn = pool.acquire().await?;
-                            store::record_too_large(&mut conn, pilot.id, key, &e.to_string()).await?;
+                            let why = e.to_string();
+                            pool.with_conn("record a message far over the size limit", async |conn| {
+                                store::record_too_large(conn, pilot.id, key, &why).await
+                            })
+                            .await?;
                         }
                         pipeline.flush_without_session(&mut progress.report).await?;
                         return Err(e.into());
@@ -860,21 +865,24 @@ async fn session(
                         let held_against_it = !network
                             || (progress.in_session == 0 && progress.report.interruptions == 0);
                         let attempts = match (&key, completes, held_against_it) {
-                            (Some(key), true, _) => {
-                                let mut conn = pool.acquire().await?;
-                                store::record_refetch_failure(&mut conn, pilot.id, key).await?;
+                            (Some(_), true, _) => {
+                                record_refetch_failure(pool, pilot, key.as_deref()).await?;
                                 0
                             }
                             (Some(key), false, false) => {
-                                let mut conn = pool.acquire().await?;
-                                store::record_connection_failure(&mut conn, pilot.id, key, &e.to_string())
-                                    .await?;
+                                let why = e.to_string();
+                                pool.with_conn("record a broken download", async |conn| {
+                                    store::record_connection_failure(conn, pilot.id, key, &why).await
+                                })
+                                .await?;
                                 0
                             }
                             (Some(key), false, true) => {
-                                let mut conn = pool.acquire().await?;
-                                store::record_fetch_failure(&mut conn, pilot.id, key, &e.to_string())
-                                    .await?
+                                let why = e.to_string();
+                                pool.with_conn("record a failed download", async |conn| {
+                                    store::record_fetch_failure(conn, pilot.id, key, &why).await
+                                })
+                                .await?
                             }
                             // Its key depends on its bytes: nothing to count the failure under.
                             (None, ..) => 1,
@@ -924,6 +932,22 @@ async fn session(
     })
 }
 
+/// Notes a failed try of a headers-only message, so the next waits the refetch interval.
+async fn record_refetch_failure(
+    pool: &Db,
+    pilot: &Pilot,
+    key: Option<&str>,
+) -> Result<(), PollError> {
+    let Some(key) = key else {
+        return Ok(());
+    };
+    pool.with_conn("record a failed refetch", async |conn| {
+        store::record_refetch_failure(conn, pilot.id, key).await
+    })
+    .await?;
+    Ok(())
+}
+
 /// QUIT (which applies the deletions, RFC 1939 §6), then records the deleted keys.
 async fn quit_and_record(
     mut session: Session<Stream>,
@@ -936,8 +960,10 @@ async fn quit_and_record(
     session.set_deadline(None);
     timed(pilot, "quit", session.quit()).await?;
     if !deleted.is_empty() {
-        let mut conn = pool.acquire().await?;
-        store::mark_deleted(&mut conn, pilot.id, deleted).await?;
+        pool.with_conn("mark deleted messages", async |conn| {
+            store::mark_deleted(conn, pilot.id, deleted).await
+        })
+        .await?;
     }
     report.deleted += deleted.len();
     Ok(())
@@ -967,12 +993,12 @@ async fn verify_stored(
     let stored_identity = match copy.identity {
         Some(identity) => Some(identity),
         // Stored before identities were recorded: compute it from the stored header section.
-        None => {
-            let mut conn = pool.acquire().await?;
-            store::stored_head(&mut conn, pilot.id, uidl, identity::MAX_HEADER_BYTES)
-                .await?
-                .and_then(|head| identity::identity(&head))
-        }
+        None => pool
+            .with_conn("a stored header section", async |conn| {
+                store::stored_head(conn, pilot.id, uidl, identity::MAX_HEADER_BYTES).await
+            })
+            .await?
+            .and_then(|head| identity::identity(&head)),
     };
     if let Some(stored_identity) = stored_identity {
         return Ok(match top_identity(session, pilot, number).await? {
@@ -1017,10 +1043,11 @@ async fn resolve_untrusted(
         // Nothing to know it by before downloading it: its bytes decide its key.
         return Ok(Resolution::Fetch { key: None });
     };
-    let stored = {
-        let mut conn = pool.acquire().await?;
-        store::stored_identities(&mut conn, pilot.id, &[identity]).await?
-    };
+    let stored = pool
+        .with_conn("stored identities", async |conn| {
+            store::stored_identities(conn, pilot.id, &[identity]).await
+        })
+        .await?;
     Ok(match stored.get(&identity) {
         Some(false) if !pilot.keep_on_server => Resolution::Delete {
             key: identity::derived_key(&identity),
@@ -1304,11 +1331,22 @@ struct Target {
 /// on every poll. So when a batch fails with such an error, it is stored again with a savepoint
 /// per message: a refused message is stored raw and flagged `store_error`, the others as usual.
 /// The first attempt has no savepoints, so the common case costs nothing extra.
+///
+/// Each attempt has a deadline of [`BATCH_STEPS`] database operation deadlines: a connection
+/// that goes silent in the middle of an insert (no answer, not even the server's statement
+/// timeout) fails the batch as transient instead of holding the poll.
 async fn commit_batch(pool: Db, target: Target, batch: Vec<Ready>) -> Result<Committed, PollError> {
-    let committed = match store_batch(&pool, &target, &batch, false).await {
-        Err(PollError::Store(e)) if !e.is_transient() => {
+    let attempt = |isolate| {
+        pool.within_steps(
+            "store a batch of messages",
+            BATCH_STEPS,
+            store_batch(&pool, &target, &batch, isolate),
+        )
+    };
+    let committed = match attempt(false).await {
+        Err(e) if !e.is_transient() => {
             tracing::warn!(pilot = target.pilot_id, error = %e, "a message of the batch was refused by the database; storing the batch message by message");
-            store_batch(&pool, &target, &batch, true).await?
+            attempt(true).await?
         }
         other => other?,
     };
@@ -1322,12 +1360,15 @@ async fn commit_batch(pool: Db, target: Target, batch: Vec<Ready>) -> Result<Com
     Ok(committed)
 }
 
+/// Operation deadlines (`database.operation_timeout_secs`) one batch may take in all.
+const BATCH_STEPS: u32 = 4;
+
 async fn store_batch(
     pool: &Db,
     target: &Target,
     batch: &[Ready],
     isolate: bool,
-) -> Result<Committed, PollError> {
+) -> Result<Committed, StoreError> {
     let mut tx = pool.begin().await?;
     let mut out = Committed {
         deletable: Vec::new(),
@@ -1353,7 +1394,7 @@ async fn store_batch(
                     tracing::warn!(pilot = target.pilot_id, key = %ready.fetched.key, error = %e, "the database refused this message's parsed fields; storing it raw and flagged");
                     store_raw(&mut tx, target, ready, &e).await?
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         } else {
             store_one(&mut tx, target, ready).await?
@@ -1461,7 +1502,7 @@ async fn store_raw(
     target: &Target,
     ready: &Ready,
     error: &StoreError,
-) -> Result<Stored, PollError> {
+) -> Result<Stored, StoreError> {
     let m = &ready.fetched;
     let parsed = ParsedMail {
         parse_error: Some(format!(

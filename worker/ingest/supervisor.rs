@@ -165,7 +165,12 @@ impl Supervisor {
         let mut running: HashMap<i64, Running> = HashMap::new();
         let mut listener = self.listen().await;
         loop {
-            if let Err(e) = self.reconcile(&tracker, &shutdown, &mut running).await {
+            // Bounded by the store's deadlines, and cut short by a shutdown.
+            let reconciled = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.reconcile(&tracker, &shutdown, &mut running) => r,
+            };
+            if let Err(e) = reconciled {
                 tracing::warn!(error = %e, "could not read pilots; keeping the current set");
             }
             let wait = tokio::time::sleep(self.settings.reload_interval);
@@ -211,14 +216,16 @@ impl Supervisor {
         shutdown: &CancellationToken,
         running: &mut HashMap<i64, Running>,
     ) -> Result<(), store::StoreError> {
-        let rows = {
-            let mut conn = self.pool.acquire().await?;
-            // A supervisor restricted to some pilots (the demo) leaves other rows alone.
-            if let (Some(key), None) = (&self.master_key, &self.only) {
-                self.upgrade_unbound(&mut conn, key).await;
-            }
-            store::enabled_pilots_with_apps(&mut conn).await?
-        };
+        let rows = self
+            .pool
+            .with_conn("read the pilots", async |conn| {
+                // A supervisor restricted to some pilots (the demo) leaves other rows alone.
+                if let (Some(key), None) = (&self.master_key, &self.only) {
+                    self.upgrade_unbound(conn, key).await;
+                }
+                store::enabled_pilots_with_apps(conn).await
+            })
+            .await?;
         let mut wanted: HashMap<i64, (String, PilotRow, Option<AppRow>, metrics::PilotMetrics)> =
             HashMap::new();
         for (pilot, app) in rows {
@@ -270,10 +277,14 @@ impl Supervisor {
                     handle.ingest_error("config");
                     // A row that breaks the schema's limits cannot even take its error: log
                     // it and go on, so one bad row never keeps the other pilots from starting.
-                    let mut conn = self.pool.acquire().await?;
-                    if let Err(record) =
-                        store::record_poll_error(&mut conn, id, &e.to_string(), e.hint()).await
-                    {
+                    let (text, hint) = (e.to_string(), e.hint());
+                    let recorded = self
+                        .pool
+                        .with_conn("record why a pilot cannot start", async |conn| {
+                            store::record_poll_error(conn, id, &text, hint).await
+                        })
+                        .await;
+                    if let Err(record) = recorded {
                         tracing::warn!(pilot = id, error = %record, "could not record why the pilot cannot start");
                     }
                     // Remember the fingerprint so the error is not rewritten every reload.

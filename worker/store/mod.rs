@@ -224,6 +224,37 @@ impl Db {
         }
     }
 
+    /// Acquires a connection and runs `work` on it, the whole within the operation deadline
+    /// of [`Db::within`]: the way callers outside a [`Tx`] reach the database, so a silent
+    /// connection cannot hold them.
+    pub async fn with_conn<T>(
+        &self,
+        operation: &'static str,
+        work: impl AsyncFnOnce(&mut Conn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.within(operation, async {
+            let mut conn = self.acquire().await?;
+            work(&mut conn).await
+        })
+        .await
+    }
+
+    /// As [`Db::within`] with a deadline of `steps` operation deadlines (and one acquire):
+    /// for a caller-composed transaction of many statements, such as a batch of messages.
+    pub async fn within_steps<T>(
+        &self,
+        operation: &'static str,
+        steps: u32,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let after =
+            self.pool.options().get_acquire_timeout() + self.operation_timeout * steps.max(1);
+        match tokio::time::timeout(after, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Deadline { operation, after }),
+        }
+    }
+
     /// Wraps an existing pool: for the lab's test databases, which build their own.
     pub fn from_pool(pool: PgPool) -> Db {
         Db {

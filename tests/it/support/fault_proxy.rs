@@ -20,7 +20,8 @@
 //! without dialling the server; [`FaultProxy::thaw`] lets new connections through again (the
 //! frozen ones stay dead, as TCP sessions through a rebooted middlebox do).
 //! [`CommitCut::Freeze`] freezes only the connection that sends the next `COMMIT`, before
-//! forwarding it.
+//! forwarding it; [`FaultProxy::freeze_next_statement_in_transaction`] the one that next sends
+//! a statement inside a transaction (an insert of a batch, say).
 //!
 //! Invariants: the proxy listens on 127.0.0.1 only; dropping it stops accepting and ends every
 //! proxied connection (its tasks are aborted).
@@ -66,6 +67,8 @@ struct State {
     commit_cut: Option<CommitCut>,
     /// Client bytes (from `BEGIN` to `COMMIT`) of each transaction whose commit was cut.
     cut_transactions: Vec<Vec<u8>>,
+    /// Armed by [`FaultProxy::freeze_next_statement_in_transaction`].
+    freeze_in_transaction: bool,
 }
 
 struct Shared {
@@ -149,6 +152,13 @@ impl FaultProxy {
     /// Cuts the next `COMMIT` any proxied PostgreSQL connection sends.
     pub fn cut_next_commit(&self, cut: CommitCut) {
         self.shared.lock().commit_cut = Some(cut);
+    }
+
+    /// Freezes the connection that next sends a statement inside a transaction (after its
+    /// `BEGIN`, before its `COMMIT`): the client waits for an answer to an insert that never
+    /// comes, with its sockets open; the server ends the session at its idle timeout.
+    pub fn freeze_next_statement_in_transaction(&self) {
+        self.shared.lock().freeze_in_transaction = true;
     }
 
     /// The client's bytes of every transaction whose commit was cut, oldest first.
@@ -238,6 +248,8 @@ enum PgEvent {
     Forward(Vec<u8>),
     /// A `COMMIT` query message (not yet forwarded).
     Commit(Vec<u8>),
+    /// A message sent inside an open transaction (after `BEGIN`).
+    InTransaction(Vec<u8>),
 }
 
 /// Splits the client → server byte stream of a PostgreSQL connection into messages (protocol
@@ -301,6 +313,10 @@ impl PgFrontend {
             }
             if let Some(t) = &mut self.transaction {
                 t.extend_from_slice(&message);
+                if query.as_deref() != Some("BEGIN") {
+                    events.push(PgEvent::InTransaction(message));
+                    continue;
+                }
             }
             events.push(PgEvent::Forward(message));
         }
@@ -352,6 +368,16 @@ async fn relay(
                 for event in events {
                     let bytes = match event {
                         PgEvent::Forward(bytes) => bytes,
+                        PgEvent::InTransaction(bytes) => {
+                            let armed = std::mem::take(&mut shared.lock().freeze_in_transaction);
+                            if armed {
+                                shared.faults.fetch_add(1, Ordering::SeqCst);
+                                let _server = server;
+                                black_hole(client).await;
+                                return;
+                            }
+                            bytes
+                        }
                         PgEvent::Commit(bytes) => {
                             let armed = shared.lock().commit_cut.take();
                             let Some(cut) = armed else {
