@@ -1538,7 +1538,7 @@ async fn store_raw(
             store::record_fetch_failure(tx, target.pilot_id, &m.key, &e.to_string()).await?;
             Ok(Stored::Refused)
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 
