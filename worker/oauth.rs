@@ -58,7 +58,7 @@ impl AppCredentials {
     }
 }
 
-/// How an app authenticates to the token endpoint (EXCHANGE.md §1).
+/// How an app authenticates to the token endpoint (docs/exchange-online.md, "Credentials").
 #[derive(Clone)]
 pub enum Credential {
     /// `client_secret`: the secret's Value.

@@ -193,8 +193,8 @@ async fn refused(world: &World, app: &AppCredentials) -> anyhow::Result<OAuthErr
     }
 }
 
-/// Checks an AADSTS answer: code, permanence, and the fix from EXCHANGE.md's table (which
-/// must mention `keyword`).
+/// Checks an AADSTS answer: code, permanence, and the fix from the AADSTS table
+/// (docs/exchange-online.md) (which must mention `keyword`).
 fn check_aadsts(e: &OAuthError, code: u32, permanent: bool, keyword: &str) -> anyhow::Result<()> {
     ensure!(
         matches!(e, OAuthError::Entra(_)),

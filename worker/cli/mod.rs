@@ -104,7 +104,8 @@ struct SecretSource {
     secret: Option<String>,
 }
 
-/// A certificate credential instead of a client secret (EXCHANGE.md, "Certificate credentials").
+/// A certificate credential instead of a client secret (docs/exchange-online.md, "Certificate
+/// credentials").
 #[derive(Args, Debug)]
 struct CertificateSource {
     /// PEM certificate uploaded to the app registration (Certificates & secrets).

@@ -1,5 +1,5 @@
-//! The one table of Entra ID's AADSTS codes that an admin will hit (EXCHANGE.md's table):
-//! what each means, how to fix it, and whether it only says "slow down".
+//! The one table of Entra ID's AADSTS codes that an admin will hit (docs/exchange-online.md,
+//! "AADSTS codes"): what each means, how to fix it, and whether it only says "slow down".
 //!
 //! Invariant: every code has a meaning and a fix; the token error's retry decision, its
 //! one-line hint and doctor's explanation all read this table, so they cannot disagree.

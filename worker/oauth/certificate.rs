@@ -1,5 +1,5 @@
 //! Certificate credentials: the client assertion (private_key_jwt) an app sends instead of a
-//! client secret (EXCHANGE.md §1, "Certificate credentials").
+//! client secret (docs/exchange-online.md, "Certificate credentials").
 //!
 //! The assertion is a JWT signed with the certificate's RSA private key, either RS256 with
 //! `x5t` = base64url SHA-1 thumbprint of the DER certificate, or PS256 with `x5t#S256` =

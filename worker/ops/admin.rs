@@ -201,8 +201,9 @@ pub struct CloudPreset {
 }
 
 impl Cloud {
-    /// Authority, scope and POP host of this cloud (EXCHANGE.md §1: the sovereign POP hosts
-    /// and scopes are unconfirmed, so each stays overridable).
+    /// Authority, scope and POP host of this cloud (docs/exchange-online.md, "Token endpoint and
+    /// scope per cloud": the sovereign POP hosts and scopes are unconfirmed, so each stays
+    /// overridable).
     pub fn preset(self) -> CloudPreset {
         match self {
             Cloud::Global => CloudPreset {

@@ -1,11 +1,11 @@
 //! `ccmail doctor`: the seed's POP3 test script done right, one verdict per step.
 //!
-//! The steps follow EXCHANGE.md §4, in the order a login needs them: settings and credential
-//! expiry → token request → TCP + TLS connect → greeting → CAPA (XOAUTH2 advertised) → the
-//! two-step XOAUTH2 login → STAT / UIDL → optionally `RETR n` parsed (never deleted) → QUIT.
+//! The steps follow docs/exchange-online.md, in the order a login needs them: settings and
+//! credential expiry → token request → TCP + TLS connect → greeting → CAPA (XOAUTH2 advertised) →
+//! the two-step XOAUTH2 login → STAT / UIDL → optionally `RETR n` parsed (never deleted) → QUIT.
 //! The first failing step ends the run; every failure names its cause and the fix, with the
-//! PowerShell commands filled in with this app's ids and this mailbox. Each failure class has
-//! its own process exit code ([`Failure::exit_code`]), so scripts can branch on it.
+//! PowerShell commands filled in with this app's ids and this mailbox. Each failure class has its
+//! own process exit code ([`Failure::exit_code`]), so scripts can branch on it.
 //!
 //! Exchange answers a missing permission, too many sessions on the mailbox and a permission
 //! still propagating with the same generic authentication failure, so that verdict names the
@@ -26,7 +26,8 @@ use crate::ingest::parse;
 use crate::oauth::{self, AppCredentials, Credential, OAuthError, TokenSource, TokenSourceOptions};
 use crate::pop3::{self, Client, ServerSpec};
 
-/// Tokens longer than this have been rejected by Exchange Online (EXCHANGE.md §2).
+/// Tokens longer than this have been rejected by Exchange Online (docs/exchange-online.md, "How
+/// Exchange Online's POP3 behaves").
 pub const LONG_TOKEN: usize = 4000;
 pub use super::admin::EXPIRY_WARNING_DAYS;
 /// A maildrop with at least this many messages waiting gets a warning.
@@ -977,8 +978,8 @@ fn other_causes(target: &Target, second_try: Option<String>) -> Vec<String> {
     out
 }
 
-/// EXCHANGE.md §2's ordered checklist for `-ERR Authentication failure`, with the commands
-/// filled in for this app and mailbox.
+/// docs/exchange-online.md's ordered checklist ("The generic authentication failure") for `-ERR
+/// Authentication failure`, with the commands filled in for this app and mailbox.
 pub fn exchange_checklist(mailbox: &str, app: &AppCredentials) -> Vec<String> {
     let client = &app.key.client_id;
     let tenant = &app.key.tenant;

@@ -41,7 +41,7 @@ mod tests {
     use super::*;
 
     /// Microsoft's documented example ("Authenticate an IMAP, POP or SMTP connection using
-    /// OAuth"), quoted in EXCHANGE.md.
+    /// OAuth"), as docs/exchange-online.md describes the login.
     #[test]
     fn microsoft_documented_xoauth2_vector() {
         let token = SecretString::from("EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA");

@@ -1,11 +1,11 @@
 //! An Entra-ID-like OAuth 2.0 token endpoint (client-credentials grant only) and an RFC 7662
 //! introspection endpoint, for `ccmail-lab demo`, the benchmark and the tests.
 //!
-//! The token endpoint speaks HTTPS on 127.0.0.1 with a certificate from the caller's
-//! [`TestCa`] and answers the way Microsoft's v2.0 endpoint does (EXCHANGE.md §1): the same URL
-//! shape, the same success JSON, the same AADSTS error JSON and HTTP statuses. The
-//! introspection endpoint speaks plain HTTP on its own port, because a real Dovecot calls it and
-//! cannot easily trust our CA.
+//! The token endpoint speaks HTTPS on 127.0.0.1 with a certificate from the caller's [`TestCa`] and
+//! answers the way Microsoft's v2.0 endpoint does (docs/exchange-online.md, "Token endpoint and
+//! scope per cloud"): the same URL shape, the same success JSON, the same AADSTS error JSON and
+//! HTTP statuses. The introspection endpoint speaks plain HTTP on its own port, because a real
+//! Dovecot calls it and cannot easily trust our CA.
 //!
 //! Invariants:
 //! - Client secrets and access tokens never reach logs or `Debug` output.

@@ -1,11 +1,11 @@
 //! An Exchange-Online-like POP3 server, for `ccmail-lab demo`, the benchmark and the tests.
 //!
-//! It listens on 127.0.0.1 with an implicit-TLS port (like 995) and a plain port that offers
-//! `STLS` (like 110), and answers the way Exchange Online does (EXCHANGE.md §2): the greeting,
-//! the CAPA list, two-step `AUTH XOAUTH2` only (the one-line form closes the connection), the
-//! single auth-failure line for every app-only mistake, estimated `LIST` sizes. Bearer tokens
-//! are checked against an [`EntraSim`]: a token is good for every existing mailbox of its
-//! tenant's domain.
+//! It listens on 127.0.0.1 with an implicit-TLS port (like 995) and a plain port that offers `STLS`
+//! (like 110), and answers the way Exchange Online does (docs/exchange-online.md, "How Exchange
+//! Online's POP3 behaves"): the greeting, the CAPA list, two-step `AUTH XOAUTH2` only (the one-line
+//! form closes the connection), the single auth-failure line for every app-only mistake, estimated
+//! `LIST` sizes. Bearer tokens are checked against an [`EntraSim`]: a token is good for every
+//! existing mailbox of its tenant's domain.
 //!
 //! Invariants (RFC 1939):
 //! - Only `QUIT` in the TRANSACTION state removes messages marked by `DELE`; a session that
@@ -562,8 +562,8 @@ fn top(crlf: &[u8], lines: usize) -> Vec<u8> {
     out
 }
 
-/// Exchange Online's `LIST` sizes are estimates (EXCHANGE.md §2): a few percent and a constant
-/// above the real size, never the exact octet count.
+/// Exchange Online's `LIST` sizes are estimates (docs/exchange-online.md, "How Exchange Online's
+/// POP3 behaves"): a few percent and a constant above the real size, never the exact octet count.
 fn estimated_size(crlf_len: usize) -> usize {
     crlf_len + crlf_len / 25 + 97
 }
