@@ -474,6 +474,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             disabled,
             json,
         } => {
+            let secret = SecretSource::from(secret);
             admin::validate_queue(&queue)?;
             admin::validate_mailbox(&mailbox)?;
             if let Some(username) = &username {
@@ -651,6 +652,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
             settings,
             secret,
         } => {
+            let secret = SecretSource::from(secret);
             let row = find_pilot(&mut conn, &pilot).await?;
             let mut new = new_pilot_from_row(&row);
             if let Some(q) = queue {

@@ -35,7 +35,7 @@ use secret_input::{read_secret, seal_for, secret_input, stored_input, stored_sec
     about = "Contact-center mailboxes into PostgreSQL work items"
 )]
 pub struct Cli {
-    /// Settings file (default: config/ccmail.toml when it exists).
+    /// Settings file (default: config/ccmail.toml in the working directory, when it exists).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -104,6 +104,37 @@ struct SecretSource {
     secret: Option<String>,
 }
 
+/// Where a USER/PASS pilot's password comes from: the same sources as [`SecretSource`], under
+/// the same flag names, with help that speaks of the password.
+#[derive(Args, Debug)]
+#[group(required = false, multiple = false)]
+struct PasswordSource {
+    /// Read the USER/PASS password from standard input (one line).
+    #[arg(long)]
+    secret_stdin: bool,
+    /// Read the USER/PASS password from this file (trailing newline ignored); it is sealed
+    /// into the database.
+    #[arg(long, value_name = "PATH")]
+    secret_file: Option<PathBuf>,
+    /// Store a reference to this environment variable, which holds the USER/PASS password.
+    #[arg(long, value_name = "NAME")]
+    secret_env: Option<String>,
+    /// Refused: a password on the command line leaks into shell history and process lists.
+    #[arg(long, hide = true, value_name = "VALUE")]
+    secret: Option<String>,
+}
+
+impl From<PasswordSource> for SecretSource {
+    fn from(p: PasswordSource) -> SecretSource {
+        SecretSource {
+            secret_stdin: p.secret_stdin,
+            secret_file: p.secret_file,
+            secret_env: p.secret_env,
+            secret: p.secret,
+        }
+    }
+}
+
 /// A certificate credential instead of a client secret (docs/exchange-online.md, "Certificate
 /// credentials").
 #[derive(Args, Debug)]
@@ -147,7 +178,7 @@ enum AppCommand {
         /// Tenant id (GUID) or verified domain; not `common`.
         #[arg(long)]
         tenant: String,
-        /// Application (client) id.
+        /// Application (client) ID, from the app registration's overview page.
         #[arg(long)]
         client_id: String,
         #[command(flatten)]
@@ -162,32 +193,42 @@ enum AppCommand {
     },
     /// List apps (credentials are never shown).
     List {
+        /// Print JSON for scripts instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Show one app (by name or id).
     Show {
+        /// The app's name or id.
         app: String,
+        /// Print JSON for scripts instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Change an app's name, tenant, client id, cloud, authority, scope or expiry date.
     Update {
+        /// The app's name or id.
         app: String,
+        /// New name.
         #[arg(long)]
         name: Option<String>,
+        /// New tenant id (GUID) or verified domain; not `common`.
         #[arg(long)]
         tenant: Option<String>,
+        /// New Application (client) ID, from the app registration's overview page.
         #[arg(long)]
         client_id: Option<String>,
         #[command(flatten)]
         cloud: CloudArgs,
+        /// When the client secret (or certificate) expires (YYYY-MM-DD), for the expiry warnings.
         #[arg(long, value_name = "DATE")]
         secret_expires: Option<chrono::NaiveDate>,
     },
     /// Store a new client secret, or switch to (or renew) a certificate credential.
     RotateSecret {
+        /// The app's name or id.
         app: String,
+        /// When the new client secret (or certificate) expires (YYYY-MM-DD).
         #[arg(long, value_name = "DATE")]
         secret_expires: Option<chrono::NaiveDate>,
         #[command(flatten)]
@@ -196,7 +237,10 @@ enum AppCommand {
         certificate: CertificateSource,
     },
     /// Remove an app that no pilot uses.
-    Remove { app: String },
+    Remove {
+        /// The app's name or id.
+        app: String,
+    },
 }
 
 /// Pilot settings shared by `add` and `update` (all optional for `update`).
@@ -248,34 +292,40 @@ enum PilotCommand {
         username: Option<String>,
         #[command(flatten)]
         settings: PilotSettings,
-        /// Password source for USER/PASS.
         #[command(flatten)]
-        secret: SecretSource,
+        secret: PasswordSource,
         /// Run `ccmail doctor` against the pilot first and save it only if every step passes.
         #[arg(long)]
         check: bool,
         /// Save it disabled.
         #[arg(long)]
         disabled: bool,
+        /// Print the saved pilot as JSON for scripts.
         #[arg(long)]
         json: bool,
     },
     /// List pilots with their last poll outcome.
     List {
+        /// Print JSON for scripts instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Show one pilot (by id or mailbox).
     Show {
+        /// The pilot's id or mailbox.
         pilot: String,
+        /// Print JSON for scripts instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Change a pilot; a running worker restarts its poller within seconds.
     Update {
+        /// The pilot's id or mailbox.
         pilot: String,
+        /// New queue for its work items.
         #[arg(long)]
         queue: Option<String>,
+        /// New mailbox address (the XOAUTH2 user).
         #[arg(long)]
         mailbox: Option<String>,
         /// Log in with this app (XOAUTH2 pilots).
@@ -286,16 +336,24 @@ enum PilotCommand {
         no_ca_bundle: bool,
         #[command(flatten)]
         settings: PilotSettings,
-        /// New password source (USER/PASS pilots).
         #[command(flatten)]
-        secret: SecretSource,
+        secret: PasswordSource,
     },
     /// Start polling a pilot again.
-    Enable { pilot: String },
+    Enable {
+        /// The pilot's id or mailbox.
+        pilot: String,
+    },
     /// Stop polling a pilot (its stored mail stays).
-    Disable { pilot: String },
+    Disable {
+        /// The pilot's id or mailbox.
+        pilot: String,
+    },
     /// Remove a pilot that has no stored mail (disable it otherwise).
-    Remove { pilot: String },
+    Remove {
+        /// The pilot's id or mailbox.
+        pilot: String,
+    },
 }
 
 #[derive(Args)]
