@@ -28,5 +28,6 @@ mod references;
 mod soak;
 mod store;
 mod support;
+mod walkthrough;
 mod worker_in_process;
 mod worker_process;
