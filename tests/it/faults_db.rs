@@ -8,22 +8,18 @@
 //! red within [`READY_RED`] of a freeze; a worker started while the database is down ingests
 //! within [`RECOVERY`] of the database coming up.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use ccmail::ingest::supervisor::{StatusBoard, Supervisor};
 use ccmail::store::{Db, DbSettings, PilotRow};
 use ccmail::telemetry;
-use ccmail_lab::sim::mailgen::{Kind, MailGen};
 use secrecy::ExposeSecret;
-use tokio_util::sync::CancellationToken;
 
 use crate::support::child::CcmailChild;
 use crate::support::fault_proxy::{CommitCut, FaultProxy};
 use crate::support::pg_cluster::PgCluster;
 use crate::support::pipeline::{Ledger, PipelineWorld, small_limits};
-use crate::support::scenario::{fast_settings, summary};
+use crate::support::scenario::{Running, fill, summary};
 use crate::support::wait::wait_until;
 
 /// Time to recover from each fault: every delivered message stored once, mailboxes empty.
@@ -56,64 +52,6 @@ fn upstream(cluster: &PgCluster) -> anyhow::Result<std::net::SocketAddr> {
     let (_, rest) = url.split_once('@').context("a URL with a user")?;
     let (addr, _) = rest.split_once('/').context("a URL with a database")?;
     Ok(addr.parse()?)
-}
-
-fn fill(
-    world: &PipelineWorld,
-    ledger: &mut Ledger,
-    row: &PilotRow,
-    count: usize,
-    seed: u64,
-) -> anyhow::Result<()> {
-    let mut mails = MailGen::new(seed);
-    for k in 0..count {
-        let raw = mails.message(&row.mailbox, Kind::ALL[k % Kind::ALL.len()]);
-        ledger.deliver(&world.pop, &row.mailbox, raw)?;
-    }
-    Ok(())
-}
-
-/// A supervisor over `pilots`, on a pool that reaches the database through the relay.
-struct Running {
-    status: StatusBoard,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    fn start(world: &PipelineWorld, pool: Db, pilots: &[i64]) -> anyhow::Result<Running> {
-        let supervisor = Supervisor::new(
-            pool,
-            Arc::clone(&world.tokens),
-            fast_settings(small_limits(), world.credential_policy()),
-            Some(world.master_key()?),
-        )
-        .only_pilots(pilots.iter().copied());
-        let status = supervisor.status();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(supervisor.run(shutdown.clone()));
-        Ok(Running {
-            status,
-            shutdown,
-            task,
-        })
-    }
-
-    fn board(&self) -> String {
-        self.status
-            .lock()
-            .map(|b| format!("{b:?}"))
-            .unwrap_or_default()
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .context("the supervisor did not stop within 20 s")?
-            .context("the supervisor panicked")?;
-        Ok(())
-    }
 }
 
 /// Waits (at most [`RECOVERY`]) until every pilot's mailbox is empty and every delivered
@@ -160,7 +98,7 @@ async fn a_restart_behind_a_tcp_relay_is_retried_soon_and_stores_everything_once
         }));
     let pool = Db::connect_lazy(&through(&proxy, world.db.url())?, &quick_settings())?;
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    let running = Running::start(&world, pool, &ids)?;
+    let running = Running::start(&world, pool, &ids, small_limits())?;
     wait_until(
         "the first work items",
         RECOVERY,
@@ -192,33 +130,60 @@ async fn a_restart_behind_a_tcp_relay_is_retried_soon_and_stores_everything_once
     world.finish().await
 }
 
-#[tokio::test]
-async fn a_connection_frozen_mid_commit_fails_within_its_deadline_and_the_retry_stores_once()
--> anyhow::Result<()> {
+/// Where a test freezes one database connection, keeping its sockets open.
+#[derive(Clone, Copy)]
+enum FreezeAt {
+    /// At the next `COMMIT`, before forwarding it.
+    Commit,
+    /// At the next statement inside a transaction (an insert of a batch).
+    Statement,
+}
+
+/// Freezes one connection at `at` while a supervisor stores 8 messages through the relay, then
+/// checks that everything is stored exactly once (within [`RECOVERY`]).
+async fn a_frozen_connection_is_recovered_from(
+    at: FreezeAt,
+    name: &str,
+    seed: u64,
+) -> anyhow::Result<()> {
     let cluster = PgCluster::start(&[]).await?;
     let proxy = FaultProxy::start_postgres(upstream(&cluster)?).await?;
     let world = PipelineWorld::start_on(&cluster.url()).await?;
     let row = world.add_pilot("support", |_| {}).await?;
     let mut ledger = Ledger::default();
-    fill(&world, &mut ledger, &row, 8, 0xd1_0000)?;
-    proxy.cut_next_commit(CommitCut::Freeze);
+    fill(&world, &mut ledger, &row, 8, seed)?;
+    match at {
+        FreezeAt::Commit => proxy.cut_next_commit(CommitCut::Freeze),
+        FreezeAt::Statement => proxy.freeze_next_statement_in_transaction(),
+    }
     let pool = Db::connect_lazy(&through(&proxy, world.db.url())?, &quick_settings())?;
-    let running = Running::start(&world, pool, &[row.id])?;
+    let running = Running::start(&world, pool, &[row.id], small_limits())?;
     recovered(&world, std::slice::from_ref(&row), &ledger, || {
         running.board()
     })
     .await?;
     running.stop().await?;
-    ensure!(proxy.faults() == 1, "exactly one commit was frozen");
     ensure!(
-        proxy.cut_transactions().len() == 1,
-        "the frozen transaction was recorded"
+        proxy.faults() == 1,
+        "{name}: exactly one connection was frozen"
     );
+    if let FreezeAt::Commit = at {
+        ensure!(
+            proxy.cut_transactions().len() == 1,
+            "the frozen transaction was recorded"
+        );
+    }
     let tally = ledger.check(&world.heads(&[row.id]).await?);
-    summary("db_frozen_mid_commit", 1, ledger.len(), &tally);
+    summary(name, 1, ledger.len(), &tally);
     tally.assert_exactly_once()?;
     ensure!(world.work_items().await? == ledger.len() as i64);
     world.finish().await
+}
+
+#[tokio::test]
+async fn a_connection_frozen_mid_commit_fails_within_its_deadline_and_the_retry_stores_once()
+-> anyhow::Result<()> {
+    a_frozen_connection_is_recovered_from(FreezeAt::Commit, "db_frozen_mid_commit", 0xd1_0000).await
 }
 
 /// The connection goes silent in the middle of a batch's inserts (after `BEGIN`, no answer to
@@ -228,26 +193,8 @@ async fn a_connection_frozen_mid_commit_fails_within_its_deadline_and_the_retry_
 #[tokio::test]
 async fn a_connection_frozen_mid_insert_fails_within_the_batch_deadline_and_the_retry_stores_once()
 -> anyhow::Result<()> {
-    let cluster = PgCluster::start(&[]).await?;
-    let proxy = FaultProxy::start_postgres(upstream(&cluster)?).await?;
-    let world = PipelineWorld::start_on(&cluster.url()).await?;
-    let row = world.add_pilot("support", |_| {}).await?;
-    let mut ledger = Ledger::default();
-    fill(&world, &mut ledger, &row, 8, 0xd1_0100)?;
-    proxy.freeze_next_statement_in_transaction();
-    let pool = Db::connect_lazy(&through(&proxy, world.db.url())?, &quick_settings())?;
-    let running = Running::start(&world, pool, &[row.id])?;
-    recovered(&world, std::slice::from_ref(&row), &ledger, || {
-        running.board()
-    })
-    .await?;
-    running.stop().await?;
-    ensure!(proxy.faults() == 1, "exactly one statement was frozen");
-    let tally = ledger.check(&world.heads(&[row.id]).await?);
-    summary("db_frozen_mid_insert", 1, ledger.len(), &tally);
-    tally.assert_exactly_once()?;
-    ensure!(world.work_items().await? == ledger.len() as i64);
-    world.finish().await
+    a_frozen_connection_is_recovered_from(FreezeAt::Statement, "db_frozen_mid_insert", 0xd1_0100)
+        .await
 }
 
 /// `/readyz`'s status code (200 or 503), or an error when nothing answers.
@@ -408,7 +355,7 @@ async fn a_poll_outcome_that_cannot_be_recorded_is_counted_and_ingest_resumes_af
     let mut ledger = Ledger::default();
     fill(&world, &mut ledger, &row, 3, 0xd3_0000)?;
     let pool = Db::connect_lazy(&through(&proxy, world.db.url())?, &quick_settings())?;
-    let running = Running::start(&world, pool, &[row.id])?;
+    let running = Running::start(&world, pool, &[row.id], small_limits())?;
     recovered(&world, std::slice::from_ref(&row), &ledger, || {
         running.board()
     })

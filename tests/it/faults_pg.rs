@@ -7,20 +7,17 @@
 //! `synchronous_commit = off` and the cluster is stopped immediately after the poll's DELE and
 //! QUIT — and asserts that the ledger DETECTS the loss, so a green suite means something.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use ccmail::ingest::poller::{self, IngestLimits, PollError};
-use ccmail::ingest::supervisor::{StatusBoard, Supervisor};
+use ccmail::ingest::poller::{self, PollError};
 use ccmail::store::{Db, PilotRow};
-use ccmail_lab::sim::mailgen::{Kind, MailGen};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::pg_cluster::PgCluster;
 use crate::support::pipeline::{Ledger, PipelineWorld, small_limits};
-use crate::support::scenario::{fast_settings, summary, with_verb};
+use crate::support::scenario::{Running, fill, summary, with_verb};
 use crate::support::wait::wait_until;
 
 /// How long a scenario may take to drain its mailboxes after the fault.
@@ -40,79 +37,6 @@ fn pool(world: &PipelineWorld, settings: &[(&str, &str)]) -> anyhow::Result<Db> 
             .acquire_timeout(Duration::from_secs(1))
             .connect_lazy_with(options),
     ))
-}
-
-/// `count` messages of every kind for `row`'s mailbox.
-fn fill(
-    world: &PipelineWorld,
-    ledger: &mut Ledger,
-    row: &PilotRow,
-    count: usize,
-    seed: u64,
-) -> anyhow::Result<()> {
-    let mut mails = MailGen::new(seed);
-    for k in 0..count {
-        let raw = mails.message(&row.mailbox, Kind::ALL[k % Kind::ALL.len()]);
-        ledger.deliver(&world.pop, &row.mailbox, raw)?;
-    }
-    Ok(())
-}
-
-/// A running supervisor over `pilots` with its own pool.
-struct Running {
-    status: StatusBoard,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    fn start(
-        world: &PipelineWorld,
-        pool: Db,
-        pilots: &[i64],
-        limits: IngestLimits,
-    ) -> anyhow::Result<Running> {
-        let supervisor = Supervisor::new(
-            pool,
-            Arc::clone(&world.tokens),
-            fast_settings(limits, world.credential_policy()),
-            Some(world.master_key()?),
-        )
-        .only_pilots(pilots.iter().copied());
-        let status = supervisor.status();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(supervisor.run(shutdown.clone()));
-        Ok(Running {
-            status,
-            shutdown,
-            task,
-        })
-    }
-
-    fn board(&self) -> String {
-        self.status
-            .lock()
-            .map(|b| format!("{b:?}"))
-            .unwrap_or_default()
-    }
-
-    /// The most consecutive failures any pilot has now.
-    fn failing(&self, id: i64) -> u32 {
-        self.status
-            .lock()
-            .ok()
-            .and_then(|b| b.get(&id).map(|s| s.consecutive_failures))
-            .unwrap_or(0)
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .context("the supervisor did not stop within 20 s")?
-            .context("the supervisor panicked")?;
-        Ok(())
-    }
 }
 
 /// Waits until every pilot's mailbox is empty.
@@ -214,12 +138,7 @@ async fn the_database_refusing_connections_stops_ingest_without_dele_until_it_re
         "nothing is downloaded or deleted while the database is unreachable: {commands:?}"
     );
     ensure!(world.pop.messages(&row.mailbox).len() == 6);
-    let shown = running
-        .status
-        .lock()
-        .ok()
-        .and_then(|b| b.get(&row.id).and_then(|s| s.last_error.clone()))
-        .unwrap_or_default();
+    let shown = running.last_error(row.id);
     ensure!(
         shown.contains("database"),
         "the poller's error names the database: {shown}"
