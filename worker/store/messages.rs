@@ -700,16 +700,45 @@ pub async fn record_fetch_failure(
     uidl: &str,
     error: &str,
 ) -> Result<u32, StoreError> {
+    note_failure(conn, pilot_id, uidl, error, Failure::HeldAgainstIt).await
+}
+
+/// Which counter of `fetch_failures` a failed download adds to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// `attempts`: held against the message.
+    HeldAgainstIt,
+    /// `connection_failures`: the connection broke, not held against it.
+    Connection,
+    /// `attempts`, and `too_large` set: it ran far past the size limit.
+    TooLarge,
+}
+
+/// Adds one failure of `kind` to `uidl`'s row (made if needed) and returns its `attempts`.
+async fn note_failure(
+    conn: &mut PgConnection,
+    pilot_id: i64,
+    uidl: &str,
+    error: &str,
+    kind: Failure,
+) -> Result<u32, StoreError> {
+    let held = i32::from(kind != Failure::Connection);
     let attempts: i32 = sqlx::query_scalar(
-        "insert into fetch_failures (pilot_id, uidl, last_error) values ($1, $2, $3) \
+        "insert into fetch_failures \
+         (pilot_id, uidl, last_error, attempts, connection_failures, too_large) \
+         values ($1, $2, $3, $4, 1 - $4, $5) \
          on conflict (pilot_id, uidl) do update \
-         set attempts = fetch_failures.attempts + 1, last_error = excluded.last_error, \
-         last_failed_at = now() \
+         set attempts = fetch_failures.attempts + $4, \
+         connection_failures = fetch_failures.connection_failures + 1 - $4, \
+         too_large = fetch_failures.too_large or $5, \
+         last_error = excluded.last_error, last_failed_at = now() \
          returning attempts",
     )
     .bind(pilot_id)
     .bind(uidl)
     .bind(pg_text(error).as_ref())
+    .bind(held)
+    .bind(kind == Failure::TooLarge)
     .fetch_one(conn)
     .await
     .map_err(|err| unknown_pilot(err, pilot_id))?;
@@ -728,19 +757,7 @@ pub async fn record_connection_failure(
     uidl: &str,
     error: &str,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "insert into fetch_failures (pilot_id, uidl, last_error, attempts, connection_failures) \
-         values ($1, $2, $3, 0, 1) \
-         on conflict (pilot_id, uidl) do update \
-         set connection_failures = fetch_failures.connection_failures + 1, \
-         last_error = excluded.last_error, last_failed_at = now()",
-    )
-    .bind(pilot_id)
-    .bind(uidl)
-    .bind(pg_text(error).as_ref())
-    .execute(conn)
-    .await
-    .map_err(|err| unknown_pilot(err, pilot_id))?;
+    note_failure(conn, pilot_id, uidl, error, Failure::Connection).await?;
     Ok(())
 }
 
@@ -792,19 +809,7 @@ pub async fn record_too_large(
     uidl: &str,
     error: &str,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "insert into fetch_failures (pilot_id, uidl, last_error, too_large) \
-         values ($1, $2, $3, true) \
-         on conflict (pilot_id, uidl) do update \
-         set attempts = fetch_failures.attempts + 1, last_error = excluded.last_error, \
-         last_failed_at = now(), too_large = true",
-    )
-    .bind(pilot_id)
-    .bind(uidl)
-    .bind(pg_text(error).as_ref())
-    .execute(conn)
-    .await
-    .map_err(|err| unknown_pilot(err, pilot_id))?;
+    note_failure(conn, pilot_id, uidl, error, Failure::TooLarge).await?;
     Ok(())
 }
 
