@@ -5,7 +5,7 @@
 //! may list one UIDL for two messages, or give a stored message's UIDL to a new one. Before
 //! ccmail deletes a message it did not download in this session, it checks that the message on
 //! the server is the one it stored, by this fingerprint; a message whose UIDL cannot be trusted
-//! is stored and deleted by its identity instead (DESIGN.md, "Order of operations").
+//! is stored and deleted by its identity instead (RELIABILITY.md, "Guarantees").
 //!
 //! Which fields: `Message-ID`, `Date`, `From`, `Sender`, `To`, `Cc`, `Subject` and every
 //! `Received` trace field, as written (unfolded, runs of white space collapsed; names

@@ -1,19 +1,24 @@
 //! One poll of one mailbox pilot: list, download, store, delete — in the order that makes loss
-//! and duplicates impossible (DESIGN.md, "Order of operations per message").
+//! and duplicates impossible (RELIABILITY.md, "Guarantees" and "Crash matrix").
 //!
 //! 1. The token is obtained *before* the connection is opened (Exchange drops idle
 //!    unauthenticated connections after about a minute; a slow token endpoint must not eat it).
-//! 2. `UIDL` lists the maildrop; UIDLs already stored are never downloaded again.
-//! 3. New messages are downloaded (`RETR`, bounded by the pilot's size limit) and parsed, and a
-//!    batch of them is stored in one transaction: message, attachments, work item, UIDL.
+//! 2. `UIDL` lists the maildrop; UIDLs already stored are never downloaded again. Stored
+//!    messages still listed (an earlier session never reached QUIT) are checked, deleted and
+//!    QUIT in a session of their own before anything is downloaded.
+//! 3. New messages are downloaded (`RETR`, bounded by the pilot's size limit; one the `LIST`
+//!    shows far over it is not downloaded) and parsed, and a batch of them is stored in one
+//!    transaction: message, attachments, work item, UIDL.
 //! 4. Only after that commit is acknowledged are they marked with `DELE`.
 //! 5. `QUIT` applies the deletions; only after its `+OK` are the rows marked deleted. Any
 //!    failure before QUIT drops the connection without QUIT, so the server deletes nothing and
-//!    the next poll finds those UIDLs stored and only deletes them.
+//!    the next session finds those UIDLs stored and only deletes them (RELIABILITY.md,
+//!    "Progress is never undone by a fault").
 //!
 //! A message over the size limit gets a work item with its headers (`TOP n 0`) and stays on the
-//! server; a message whose RETR keeps failing is flagged the same way after
-//! `max_retr_attempts`. Neither blocks the rest of the mailbox.
+//! server; a message whose download keeps failing is flagged the same way after
+//! `max_retr_attempts` and tried again after `refetch_after`. Neither blocks the rest of the
+//! mailbox.
 //!
 //! The server is not trusted to name messages truthfully:
 //! - a message is deleted only when this session stored it, or found it stored with the same
