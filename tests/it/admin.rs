@@ -392,7 +392,7 @@ async fn pilots_are_validated_listed_updated_enabled_disabled_and_removed() {
         ],
         None,
     );
-    assert!(err.contains("--password"), "{err}");
+    assert!(err.contains("--password-stdin"), "{err}");
 
     let added = cli.json(&[
         "pilot",
@@ -599,7 +599,7 @@ async fn key_rotate_reseals_every_secret_under_the_new_key() {
             "billing@mail.example",
             "--host",
             "pop.mail.example",
-            "--secret-stdin",
+            "--password-stdin",
         ],
         Some("pilot-password-7\n"),
     );

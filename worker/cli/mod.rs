@@ -105,22 +105,23 @@ struct SecretSource {
 }
 
 /// Where a USER/PASS pilot's password comes from: the same sources as [`SecretSource`], under
-/// the same flag names, with help that speaks of the password.
+/// flags named for the password (`--password-stdin` …; the `--secret-*` names still work),
+/// with help that speaks of the password.
 #[derive(Args, Debug)]
 #[group(required = false, multiple = false)]
 struct PasswordSource {
     /// Read the USER/PASS password from standard input (one line).
-    #[arg(long)]
+    #[arg(long = "password-stdin", visible_alias = "secret-stdin")]
     secret_stdin: bool,
     /// Read the USER/PASS password from this file (trailing newline ignored); it is sealed
     /// into the database.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long = "password-file", visible_alias = "secret-file", value_name = "PATH")]
     secret_file: Option<PathBuf>,
     /// Store a reference to this environment variable, which holds the USER/PASS password.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long = "password-env", visible_alias = "secret-env", value_name = "NAME")]
     secret_env: Option<String>,
     /// Refused: a password on the command line leaks into shell history and process lists.
-    #[arg(long, hide = true, value_name = "VALUE")]
+    #[arg(long = "password", alias = "secret", hide = true, value_name = "VALUE")]
     secret: Option<String>,
 }
 

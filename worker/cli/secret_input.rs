@@ -27,9 +27,15 @@ pub(super) fn secret_input(
     policy: &CredentialPolicy,
 ) -> anyhow::Result<Option<SecretInput>> {
     if source.secret.is_some() {
+        // A pilot's password has flags of its own name (`--password-stdin` …).
+        let flag = if what.contains("password") {
+            "password"
+        } else {
+            "secret"
+        };
         bail!(
             "refusing a {what} on the command line (it would stay in shell history and process lists); \
-             pass it with --secret-stdin, --secret-file PATH, or --secret-env NAME"
+             pass it with --{flag}-stdin, --{flag}-file PATH, or --{flag}-env NAME"
         );
     }
     if let Some(name) = &source.secret_env {
