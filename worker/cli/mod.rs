@@ -115,10 +115,18 @@ struct PasswordSource {
     secret_stdin: bool,
     /// Read the USER/PASS password from this file (trailing newline ignored); it is sealed
     /// into the database.
-    #[arg(long = "password-file", visible_alias = "secret-file", value_name = "PATH")]
+    #[arg(
+        long = "password-file",
+        visible_alias = "secret-file",
+        value_name = "PATH"
+    )]
     secret_file: Option<PathBuf>,
     /// Store a reference to this environment variable, which holds the USER/PASS password.
-    #[arg(long = "password-env", visible_alias = "secret-env", value_name = "NAME")]
+    #[arg(
+        long = "password-env",
+        visible_alias = "secret-env",
+        value_name = "NAME"
+    )]
     secret_env: Option<String>,
     /// Refused: a password on the command line leaks into shell history and process lists.
     #[arg(long = "password", alias = "secret", hide = true, value_name = "VALUE")]
