@@ -57,8 +57,13 @@ pub struct Decision {
     pub delay: Option<Duration>,
     /// The poll's login was refused: how long that has lasted.
     pub refusal: Option<Refusal>,
+}
+
+impl Decision {
     /// The refusal has lasted long enough to be reported as persistent.
-    pub login_refused: bool,
+    pub fn login_refused(&self) -> bool {
+        self.refusal.as_ref().is_some_and(|r| r.persistent)
+    }
 }
 
 /// A run of refused logins.
@@ -112,7 +117,6 @@ impl Pacing {
                 return Decision {
                     delay: Some(delay),
                     refusal: None,
-                    login_refused: false,
                 };
             }
             Err(e) => e,
@@ -148,7 +152,6 @@ impl Pacing {
                     lasted,
                     persistent,
                 }),
-                login_refused: persistent,
             };
         }
         // Any other answer ends a run of refusals: the login got further, or never got there.
@@ -172,7 +175,6 @@ impl Pacing {
         Decision {
             delay,
             refusal: None,
-            login_refused: false,
         }
     }
 }
@@ -270,7 +272,7 @@ mod tests {
         for _ in 0..20 {
             let d = pacing.next(&refused(), &s, at);
             let refusal = d.refusal.clone().unwrap();
-            assert_eq!(d.login_refused, refusal.persistent);
+            assert_eq!(d.login_refused(), refusal.persistent);
             if refusal.persistent && persistent_at.is_none() {
                 persistent_at = Some(at - start);
             }
@@ -289,7 +291,7 @@ mod tests {
         assert!(delays.contains(&120) && delays.contains(&300) && delays.contains(&600));
         // A success ends the state.
         let d = pacing.next(&ok(), &s, at);
-        assert!(!d.login_refused && d.refusal.is_none());
+        assert!(!d.login_refused() && d.refusal.is_none());
         assert_eq!(d.delay, Some(s.poll_interval));
         assert_eq!(
             pacing.next(&refused(), &s, at).delay,

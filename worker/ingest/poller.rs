@@ -1466,10 +1466,13 @@ async fn store_one(
     };
     if m.completes {
         // Completed, or left alone when the row is no longer headers-only (completed by a
-        // concurrent poll): then it stays on the server, and a later poll's check deletes it.
+        // concurrent poll; a later poll's check deletes it) or the download is other mail.
         return Ok(match store::complete_message(conn, &new).await? {
             Some(_) => Stored::Completed,
-            None => Stored::Refused,
+            None => {
+                tracing::warn!(pilot = target.pilot_id, key = %m.key, "the download does not match the stored headers of this UIDL (or they were completed meanwhile); it stays on the server");
+                Stored::Refused
+            }
         });
     }
     let copy = match store::insert_message(conn, &new).await? {

@@ -441,7 +441,7 @@ async fn pilot_loop(
                 "poll done"
             );
         }
-        pilot.metrics.login_refused(decision.login_refused);
+        pilot.metrics.login_refused(decision.login_refused());
         let delay = match outcome.result {
             Ok(()) => {
                 pilot.metrics.poll_finished(took, None, None);

@@ -306,7 +306,13 @@ pub async fn insert_message(
 /// attachments are stored, and its work item, kept as it is (state, queue, place), loses the
 /// `fetch_failed` flag and gains the parser's. No second work item is made. Returns the work
 /// item, or `None` when there is no such headers-only message (completed already, or never
-/// stored that way): nothing is written then.
+/// stored that way) or when the download is not that message: nothing of it is written then,
+/// and the row's next refetch waits the interval again.
+///
+/// The download completes the row only when it is the same message: the same identity, or
+/// (for a header section that names nothing) starting with the stored header bytes. A server
+/// that lists other mail under the stored UIDL cannot overwrite the stored row, and that mail
+/// is not deleted for it.
 ///
 /// Call it inside the caller's transaction and `DELE` only after that transaction commits.
 pub async fn complete_message(
@@ -322,11 +328,14 @@ pub async fn complete_message(
              in_reply_to = $12, \"references\" = $13, text_body = $14, html_body = $15, \
              parse_error = $16, size = $17, headers_only = $18, html_sanitized = $19, \
              identity = coalesce($20, identity), defects = $21, refetch_attempted_at = null \
-             where pilot_id = $1 and uidl = $2 and headers_only returning id",
+             where pilot_id = $1 and uidl = $2 and headers_only \
+             and (identity = $20 or substring($3 from 1 for octet_length(raw)) = raw) \
+             returning id",
         ))
         .fetch_optional(&mut *conn)
         .await?;
     let Some(message_row) = message_row else {
+        record_refetch_failure(conn, message.pilot_id, message.uidl).await?;
         return Ok(None);
     };
     sqlx::query("delete from attachments where message_id = $1")

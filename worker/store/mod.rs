@@ -217,11 +217,7 @@ impl Db {
         operation: &'static str,
         work: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let after = self.pool.options().get_acquire_timeout() + self.operation_timeout;
-        match tokio::time::timeout(after, work).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Deadline { operation, after }),
-        }
+        self.within_steps(operation, 1, work).await
     }
 
     /// Acquires a connection and runs `work` on it, the whole within the operation deadline
