@@ -583,3 +583,57 @@ async fn the_openapi_document_lists_every_route_and_each_is_served() {
     );
     api.stop().await;
 }
+
+/// A property-based fuzzer (schemathesis, from PyPI; `.ci/run` installs it) generates
+/// requests from the OpenAPI document, valid and invalid, for every operation; none may be
+/// answered with a server error, and every answer must match the document's status codes.
+#[tokio::test]
+async fn a_property_based_fuzzer_driven_by_the_openapi_document_finds_no_server_error() {
+    let found = std::process::Command::new("schemathesis")
+        .arg("--version")
+        .output();
+    assert!(
+        found.is_ok_and(|o| o.status.success()),
+        "schemathesis is not installed; install it with `python3 -m pip install schemathesis==4.32.5` (.ci/run does this)"
+    );
+    let api = Api::start().await;
+    let pilot = work::pilot(api.db.db(), "nowhere").await;
+    work::items(api.db.db(), pilot, "nowhere", 200).await;
+    let admin = api.key("fuzz", Role::Admin, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let doc_path = dir.path().join("openapi.json");
+    std::fs::write(&doc_path, api::openapi().to_json().unwrap()).unwrap();
+    let origin = api.base.trim_end_matches("/api/v1").to_owned();
+    let out = tokio::process::Command::new("schemathesis")
+        .arg("run")
+        .arg(&doc_path)
+        .args(["--url", &origin])
+        .args(["--header", &format!("Authorization: Bearer {admin}")])
+        .args(["--checks", "not_a_server_error,status_code_conformance"])
+        .args(["--max-examples", "60", "--seed", "1", "--workers", "1"])
+        .args(["--phases", "examples,coverage,fuzzing"])
+        .args(["--no-color", "--request-timeout", "10"])
+        .current_dir(dir.path())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "schemathesis found problems:\n{text}");
+    println!(
+        "{}",
+        text.lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    api.stop().await;
+}
