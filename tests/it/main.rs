@@ -15,6 +15,7 @@ mod ingest;
 mod ingest_dovecot;
 mod keep_moving;
 mod layers;
+mod leases;
 mod live_reload;
 mod log_hygiene;
 mod log_secrets;

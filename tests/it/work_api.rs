@@ -668,7 +668,7 @@ async fn a_property_based_fuzzer_driven_by_the_openapi_document_finds_no_server_
         .args(["--url", &origin])
         .args(["--header", &format!("Authorization: Bearer {admin}")])
         .args(["--checks", "not_a_server_error,status_code_conformance"])
-        .args(["--max-examples", "60", "--seed", "1", "--workers", "1"])
+        .args(["--max-examples", "40", "--seed", "1", "--workers", "1"])
         .args(["--phases", "examples,coverage,fuzzing"])
         .args(["--no-color", "--request-timeout", "10"])
         .current_dir(dir.path())

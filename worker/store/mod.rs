@@ -18,7 +18,8 @@
 //! One file per table family: `apps` (`oauth_apps`), `pilots`, `credentials` (secrets across
 //! both), `messages` (messages, attachments, fetch failures), `work_items` (queue views and
 //! the work item with its message), `lifecycle` (claims and every transition, with their
-//! events), `api_keys` (API keys and kept `Idempotency-Key` answers), `text_limits` (admin-set text rules, mirrored by migration 0007), `words` (enum
+//! events), `api_keys` (API keys and kept `Idempotency-Key` answers), `leases` (replicas and pilot
+//! leases with fencing), `text_limits` (admin-set text rules, mirrored by migration 0007), `words` (enum
 //! text), `error`.
 
 /// The `oauth_apps` columns `AppRow` reads.
@@ -42,6 +43,7 @@ mod api_keys;
 mod apps;
 mod credentials;
 mod error;
+pub mod leases;
 pub mod lifecycle;
 mod messages;
 mod pilots;
