@@ -30,6 +30,7 @@ mod soak;
 mod store;
 mod support;
 mod walkthrough;
+mod web_console;
 mod work_api;
 mod work_cli;
 mod work_store;

@@ -1568,11 +1568,16 @@ async fn migrations_apply_on_an_empty_database_and_twice_is_a_no_op() {
         [
             "api_keys",
             "attachments",
+            "audit_log",
             "fetch_failures",
             "idempotency_keys",
             "messages",
             "oauth_apps",
+            "pilot_leases",
             "pilots",
+            "replicas",
+            "users",
+            "web_sessions",
             "work_item_events",
             "work_items"
         ]

@@ -498,3 +498,20 @@ pub async fn queue_exists(conn: &mut PgConnection, queue: &str) -> Result<bool, 
     .await?;
     Ok(found)
 }
+
+/// The claim token of item `id` while `agent` holds it (offered or accepted).
+pub async fn claim_token_of(
+    conn: &mut PgConnection,
+    id: i64,
+    agent: &str,
+) -> Result<Option<String>, StoreError> {
+    let token: Option<Option<String>> = sqlx::query_scalar(
+        "select claim_token from work_items where id = $1 and agent = $2 \
+         and status in ('offered', 'accepted')",
+    )
+    .bind(id)
+    .bind(agent)
+    .fetch_optional(conn)
+    .await?;
+    Ok(token.flatten())
+}
