@@ -102,6 +102,7 @@ fn message<'a>(pilot: &'a PilotRow, uidl: &'a str, parsed: &'a ParsedMail) -> Ne
         headers_only: false,
         flags: &[],
         identity: None,
+        sha256: None,
     }
 }
 
@@ -1654,6 +1655,7 @@ async fn parser_defects_are_stored_capped_and_shown_with_the_work_item() {
         headers_only: false,
         flags: &[],
         identity: None,
+        sha256: None,
     };
     insert_message(&mut conn, &new).await.unwrap();
     let view = recent_work_items(&mut conn, 1).await.unwrap();
@@ -1699,6 +1701,7 @@ async fn a_defect_of_nul_bytes_is_capped_after_the_nul_rule_and_the_message_is_s
         headers_only: false,
         flags: &[],
         identity: None,
+        sha256: None,
     };
     insert_message(&mut conn, &new).await.unwrap();
     let view = recent_work_items(&mut conn, 1).await.unwrap();

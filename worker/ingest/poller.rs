@@ -1505,6 +1505,7 @@ async fn store_one(
         headers_only: m.headers_only,
         flags: &flags,
         identity: m.identity,
+        sha256: Some(ready.sha256),
     };
     if m.completes {
         // Completed, or left alone when the row is no longer headers-only (completed by a
