@@ -289,7 +289,18 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let service = hyper_util::service::TowerToHyperService::new(router(ready));
+    serve_router(listener, router(ready), limits, shutdown).await
+}
+
+/// Serves `app` on `listener` under `limits` until `shutdown` (the hardened listener of
+/// [`serve`], for any routes: the agents' API uses it too).
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let service = hyper_util::service::TowerToHyperService::new(app);
     let open = Arc::new(Open::default());
     let tracker = TaskTracker::new();
     let mut warned_at: Option<Instant> = None;
