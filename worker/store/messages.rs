@@ -285,7 +285,14 @@ pub async fn insert_message(
             }
         })?));
     };
-    insert_attachments(conn, message_row, message.parsed, &mut cut).await?;
+    insert_attachments(
+        conn,
+        message_row,
+        message.raw.len(),
+        message.parsed,
+        &mut cut,
+    )
+    .await?;
     let flags = work_item_flags(message, cut);
     // One round trip: the work item, and the failed downloads this message leaves behind.
     let work_item_id: i64 = sqlx::query_scalar(
@@ -343,7 +350,14 @@ pub async fn complete_message(
         .bind(message_row)
         .execute(&mut *conn)
         .await?;
-    insert_attachments(conn, message_row, message.parsed, &mut cut).await?;
+    insert_attachments(
+        conn,
+        message_row,
+        message.raw.len(),
+        message.parsed,
+        &mut cut,
+    )
+    .await?;
     let flags = work_item_flags(message, cut);
     let work_item_id: i64 = sqlx::query_scalar(
         "update work_items set flags = array(select distinct f from unnest(flags || $2) f \
@@ -439,6 +453,7 @@ impl<'a> MessageColumns<'a> {
 async fn insert_attachments(
     conn: &mut PgConnection,
     message_row: i64,
+    message_raw_len: usize,
     parsed: &ParsedMail,
     cut: &mut bool,
 ) -> Result<(), StoreError> {
@@ -458,6 +473,7 @@ async fn insert_attachments(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
+    let (mut starts, mut ends) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for (index, attachment) in attachments.iter().enumerate() {
         ordinals.push(i32::try_from(index).map_err(|_| too_large("attachment count", index))?);
         sizes.push(
@@ -480,14 +496,29 @@ async fn insert_attachments(
             cut,
         ));
         inlines.push(attachment.inline);
-        bytes.push(attachment.bytes.as_slice());
+        // Written once: a base64 attachment the parser found verbatim in the raw message is
+        // read back from there (`attachment_bytes`).
+        match attachment.raw_range {
+            Some((start, end)) if end as usize <= message_raw_len => {
+                bytes.push(None);
+                starts.push(Some(i64::from(start)));
+                ends.push(Some(i64::from(end)));
+            }
+            _ => {
+                bytes.push(Some(attachment.bytes.as_slice()));
+                starts.push(None);
+                ends.push(None);
+            }
+        }
     }
     sqlx::query(
         "insert into attachments (message_id, ordinal, filename, content_type, size, \
-         content_id, inline, bytes) \
-         select $1, a.ordinal, a.filename, a.content_type, a.size, a.content_id, a.inline, a.bytes \
+         content_id, inline, bytes, raw_start, raw_end) \
+         select $1, a.ordinal, a.filename, a.content_type, a.size, a.content_id, a.inline, \
+         a.bytes, a.raw_start, a.raw_end \
          from unnest($2::int4[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::bool[], \
-         $8::bytea[]) as a(ordinal, filename, content_type, size, content_id, inline, bytes)",
+         $8::bytea[], $9::int8[], $10::int8[]) \
+         as a(ordinal, filename, content_type, size, content_id, inline, bytes, raw_start, raw_end)",
     )
     .bind(message_row)
     .bind(&ordinals)
@@ -497,10 +528,40 @@ async fn insert_attachments(
     .bind(&content_ids)
     .bind(&inlines)
     .bind(&bytes)
+    .bind(&starts)
+    .bind(&ends)
     .execute(&mut *conn)
     .await?;
     Ok(())
 }
+
+/// The bytes of a stored attachment from its row: `bytes` when it has them, else the decoded
+/// `encoded` range of the raw message (see [`ATTACHMENT_RANGE_SQL`]). A range that does not
+/// decode (the row was edited by hand) is an error naming the attachment, never wrong bytes
+/// served silently.
+pub(super) fn attachment_bytes(
+    bytes: Option<Vec<u8>>,
+    encoded: Option<Vec<u8>>,
+) -> Result<Vec<u8>, StoreError> {
+    match (bytes, encoded) {
+        (Some(bytes), _) => Ok(bytes),
+        (None, Some(encoded)) => mail_parser::decoders::base64::base64_decode(&encoded).ok_or(
+            StoreError::UnexpectedValue {
+                column: "attachments.raw_start",
+                value: "a range of the raw message that is not base64".to_owned(),
+            },
+        ),
+        (None, None) => Err(StoreError::UnexpectedValue {
+            column: "attachments.bytes",
+            value: "null without a range of the raw message".to_owned(),
+        }),
+    }
+}
+
+/// The SQL expression for an attachment's encoded range (`a` the attachment, `m` its
+/// message), null when it has its own bytes; read with [`attachment_bytes`].
+pub(super) const ATTACHMENT_RANGE_SQL: &str = "case when a.bytes is null then \
+     substring(m.raw from (a.raw_start + 1)::int for (a.raw_end - a.raw_start)::int) end";
 
 /// The work item's flags: the caller's, `parse_error` when parsing failed, the parser's own,
 /// and `header_truncated` when a value was cut; each once.
