@@ -964,7 +964,7 @@ async fn queue_views_count_and_age_work_items() {
         .execute(&mut *conn)
         .await
         .unwrap();
-    sqlx::query("update work_items set enqueued_at = now() - interval '1 hour', status = 'done' where id = $1")
+    sqlx::query("update work_items set enqueued_at = now() - interval '1 hour', status = 'done', done_at = now() where id = $1")
         .bind(items[0])
         .execute(&mut *conn)
         .await
@@ -1569,11 +1569,14 @@ async fn migrations_apply_on_an_empty_database_and_twice_is_a_no_op() {
     assert_eq!(
         tables,
         [
+            "api_keys",
             "attachments",
             "fetch_failures",
+            "idempotency_keys",
             "messages",
             "oauth_apps",
             "pilots",
+            "work_item_events",
             "work_items"
         ]
     );

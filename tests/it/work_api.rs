@@ -246,6 +246,64 @@ async fn a_stale_claimant_gets_409_for_every_step_and_nothing_changes() {
 }
 
 #[tokio::test]
+async fn an_expired_offer_and_an_expired_lease_come_back_ahead_of_later_items() {
+    let api = Api::start().await;
+    let rescue = tokio::spawn(api::rescue_loop(
+        api.db.db().clone(),
+        ApiSettings::default(),
+        api.stop.clone(),
+    ));
+    let pilot = work::pilot(api.db.db(), "q").await;
+    let first = work::items(api.db.db(), pilot, "q", 2).await;
+    let ann = api.key("ann", Role::Agent, &["q"]).await;
+    let bob = api.key("bob", Role::Agent, &["q"]).await;
+    let (_, a) = api.post(Some(&ann), "/queues/q/claim", json!({})).await;
+    let (a_id, a_token) = offer(&a);
+    let (status, _) = api
+        .post(
+            Some(&ann),
+            &format!("/work-items/{a_id}/accept"),
+            json!({"claim_token": a_token}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, b) = api.post(Some(&bob), "/queues/q/claim", json!({})).await;
+    let (b_id, _) = offer(&b);
+    assert_eq!((a_id, b_id), (first[0], first[1]));
+    let later = work::items(api.db.db(), pilot, "q", 2).await;
+    work::expire(api.db.db(), a_id).await;
+    work::expire(api.db.db(), b_id).await;
+    wait_until(
+        "the rescue step to put both back",
+        Duration::from_secs(20),
+        || async {
+            Ok(work::row(api.db.db(), a_id).await.0 == "queued"
+                && work::row(api.db.db(), b_id).await.0 == "queued")
+        },
+        String::new,
+    )
+    .await
+    .unwrap();
+    let (status, all) = api
+        .post(Some(&bob), "/queues/q/claim", json!({"max": 10}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{all}");
+    let order: Vec<i64> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(order, [a_id, b_id, later[0], later[1]]);
+    assert_eq!(
+        work::actions(api.db.db(), a_id).await,
+        ["offered", "accepted", "lease_expired", "offered"]
+    );
+    rescue.abort();
+    api.stop().await;
+}
+
+#[tokio::test]
 async fn the_same_post_with_the_same_idempotency_key_is_one_transition_with_one_answer() {
     let api = Api::start().await;
     let pilot = work::pilot(api.db.db(), "q").await;
@@ -580,6 +638,60 @@ async fn the_openapi_document_lists_every_route_and_each_is_served() {
     assert_eq!(
         unknown.headers()["content-type"],
         "application/problem+json"
+    );
+    api.stop().await;
+}
+
+/// A property-based fuzzer (schemathesis, from PyPI; `.ci/run` installs it) generates
+/// requests from the OpenAPI document, valid and invalid, for every operation; none may be
+/// answered with a server error, and every answer must match the document's status codes.
+#[tokio::test]
+async fn a_property_based_fuzzer_driven_by_the_openapi_document_finds_no_server_error() {
+    let found = std::process::Command::new("schemathesis")
+        .arg("--version")
+        .output();
+    assert!(
+        found.is_ok_and(|o| o.status.success()),
+        "schemathesis is not installed; install it with `python3 -m pip install schemathesis==4.32.5` (.ci/run does this)"
+    );
+    let api = Api::start().await;
+    let pilot = work::pilot(api.db.db(), "nowhere").await;
+    work::items(api.db.db(), pilot, "nowhere", 200).await;
+    let admin = api.key("fuzz", Role::Admin, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let doc_path = dir.path().join("openapi.json");
+    std::fs::write(&doc_path, api::openapi().to_json().unwrap()).unwrap();
+    let origin = api.base.trim_end_matches("/api/v1").to_owned();
+    let out = tokio::process::Command::new("schemathesis")
+        .arg("run")
+        .arg(&doc_path)
+        .args(["--url", &origin])
+        .args(["--header", &format!("Authorization: Bearer {admin}")])
+        .args(["--checks", "not_a_server_error,status_code_conformance"])
+        .args(["--max-examples", "40", "--seed", "1", "--workers", "1"])
+        .args(["--phases", "examples,coverage,fuzzing"])
+        .args(["--no-color", "--request-timeout", "10"])
+        .current_dir(dir.path())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "schemathesis found problems:\n{text}");
+    println!(
+        "{}",
+        text.lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     api.stop().await;
 }

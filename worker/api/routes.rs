@@ -32,7 +32,7 @@ use super::auth::Principal;
 use super::problem::{PROBLEM_JSON, Problem};
 use super::waker::FALLBACK_POLL;
 use crate::model::WorkItemStatus;
-use crate::store::{self, Role, Tx, lifecycle};
+use crate::store::{self, Role, lifecycle};
 use crate::telemetry;
 
 // ---------------------------------------------------------------------------------------
@@ -531,9 +531,10 @@ fn idempotency_key(
     }))
 }
 
-/// A POST's transaction, begun with its `Idempotency-Key` reserved (when it has one).
+/// A POST's session: a transaction with its `Idempotency-Key` reserved when it has one, else
+/// a plain connection (the step is one statement, atomic on its own).
 struct Pending<'k> {
-    tx: Tx<'static>,
+    tx: store::Session,
     idem: Option<&'k IdemKey>,
     api_key_id: i64,
 }
@@ -546,8 +547,16 @@ async fn begin<'k>(
     idem: Option<&'k IdemKey>,
 ) -> Result<Result<Pending<'k>, Answer>, Problem> {
     let db = state.db();
+    let Some(k) = idem else {
+        let conn = db.acquire().await.map_err(Problem::from_store)?;
+        return Ok(Ok(Pending {
+            tx: store::Session::Conn(conn),
+            idem,
+            api_key_id: principal.0.id,
+        }));
+    };
     let mut tx = db.begin().await.map_err(Problem::from_store)?;
-    if let Some(k) = idem {
+    {
         // Why first: a concurrent request with the same key waits on this row until this
         // transaction ends, so the work is done once.
         let first =
@@ -584,7 +593,7 @@ async fn begin<'k>(
         }
     }
     Ok(Ok(Pending {
-        tx,
+        tx: store::Session::Tx(tx),
         idem,
         api_key_id: principal.0.id,
     }))
@@ -729,6 +738,12 @@ fn step_answer(
             Answer::ok(step_response(&moved), effects)
         }
         lifecycle::Step::Refused(current) => {
+            if !principal.0.covers(&current.queue) {
+                return Answer::problem(
+                    Problem::forbidden("this key may not act on the item's queue"),
+                    vec![Effect::Stale { step }],
+                );
+            }
             if let Some(holder) = &current.agent
                 && holder != principal.name()
                 && principal.role() == Role::Agent
@@ -800,6 +815,7 @@ async fn list_queues(State(state): State<ApiState>, principal: Principal) -> Res
     request_body(content = Option<ClaimRequest>, content_type = "application/json"),
     responses(
         (status = 200, body = ClaimResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json", description = "A malformed Idempotency-Key"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -831,18 +847,7 @@ async fn claim(
                     settings.max_claim_wait.as_secs()
                 )));
             }
-            let exists = state
-                .db()
-                .with_conn("queue", async |conn| {
-                    store::queue_exists(conn, &queue).await
-                })
-                .await
-                .map_err(Problem::from_store)?;
-            if !exists {
-                return Err(Problem::not_found(format!(
-                    "no queue {queue:?}: no pilot feeds it and no item is in it"
-                )));
-            }
+            let mut known_queue = false;
             let idem = idempotency_key(&headers, &format!("claim {queue}"), &body)?;
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs_f64(wait);
             let notify = state.waker().queue(&queue);
@@ -867,6 +872,19 @@ async fn claim(
                 )
                 .await
                 .map_err(Problem::from_store)?;
+                if claims.is_empty() && !known_queue {
+                    // Only an empty claim asks whether the queue exists at all.
+                    if !store::queue_exists(&mut pending.tx, &queue)
+                        .await
+                        .map_err(Problem::from_store)?
+                    {
+                        pending.rollback().await?;
+                        return Err(Problem::not_found(format!(
+                            "no queue {queue:?}: no pilot feeds it and no item is in it"
+                        )));
+                    }
+                    known_queue = true;
+                }
                 if !claims.is_empty() || last {
                     let effects = vec![Effect::Claimed {
                         queue: queue.clone(),
@@ -915,6 +933,7 @@ async fn claim(
         (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn list_work_items(
     State(state): State<ApiState>,
@@ -1110,7 +1129,8 @@ async fn agent_step(
                 }
             };
             check_token(&token)?;
-            item_in_reach(&state, &principal, id).await?;
+            // No read before the step: the step's own guard (this agent, this token) is the
+            // check; who may see what is decided from the item only when it is refused.
             let idem = idempotency_key(&headers, &format!("{} {id}", step.word()), &body)?;
             let settings = state.settings().clone();
             let mut pending = match begin(&state, &principal, idem.as_ref()).await? {
@@ -1166,6 +1186,7 @@ async fn agent_step(
     request_body = ClaimStep,
     responses(
         (status = 200, body = StepResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json", description = "A malformed Idempotency-Key"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -1189,6 +1210,7 @@ async fn accept(
     request_body = ClaimStep,
     responses(
         (status = 200, body = StepResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json", description = "A malformed Idempotency-Key"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -1213,6 +1235,7 @@ async fn heartbeat(
     request_body = ReleaseRequest,
     responses(
         (status = 200, body = StepResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json", description = "A malformed Idempotency-Key"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -1236,6 +1259,7 @@ async fn release(
     request_body = CompleteRequest,
     responses(
         (status = 200, body = StepResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json", description = "A malformed Idempotency-Key"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -1260,6 +1284,7 @@ async fn complete(
     request_body = TransferRequest,
     responses(
         (status = 200, body = StepResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json", description = "A malformed Idempotency-Key"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -1343,6 +1368,7 @@ async fn transfer(
     request_body = CancelRequest,
     responses(
         (status = 200, body = StepResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json", description = "A malformed Idempotency-Key"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -1398,6 +1424,7 @@ async fn cancel(
     request_body(content = Option<RequeueRequest>, content_type = "application/json"),
     responses(
         (status = 200, body = StepResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json", description = "A malformed Idempotency-Key"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),

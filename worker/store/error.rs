@@ -98,6 +98,12 @@ pub enum StoreError {
         operation: &'static str,
         after: std::time::Duration,
     },
+    #[error(
+        "this replica no longer holds the lease of pilot {pilot} (another replica took it over, \
+         or it expired while this one was stalled); the batch is not stored here and nothing is \
+         deleted, the holder polls the mailbox"
+    )]
+    Fenced { pilot: i64 },
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }

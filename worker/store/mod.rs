@@ -18,7 +18,8 @@
 //! One file per table family: `apps` (`oauth_apps`), `pilots`, `credentials` (secrets across
 //! both), `messages` (messages, attachments, fetch failures), `work_items` (queue views and
 //! the work item with its message), `lifecycle` (claims and every transition, with their
-//! events), `api_keys` (API keys and kept `Idempotency-Key` answers), `text_limits` (admin-set text rules, mirrored by migration 0007), `words` (enum
+//! events), `api_keys` (API keys and kept `Idempotency-Key` answers), `leases` (replicas and pilot
+//! leases with fencing), `text_limits` (admin-set text rules, mirrored by migration 0007), `words` (enum
 //! text), `error`.
 
 /// The `oauth_apps` columns `AppRow` reads.
@@ -42,6 +43,7 @@ mod api_keys;
 mod apps;
 mod credentials;
 mod error;
+pub mod leases;
 pub mod lifecycle;
 mod messages;
 mod pilots;
@@ -413,6 +415,51 @@ impl std::ops::Deref for Tx<'_> {
 impl std::ops::DerefMut for Tx<'_> {
     fn deref_mut(&mut self) -> &mut PgConnection {
         &mut self.inner
+    }
+}
+
+/// Either a transaction or a plain pooled connection (each statement its own transaction):
+/// for callers that need a transaction only sometimes, such as a request that is one
+/// guarded statement unless it also keeps an idempotent answer.
+pub enum Session {
+    Tx(Tx<'static>),
+    Conn(Conn),
+}
+
+impl Session {
+    /// Commits a transaction; a plain connection has nothing to commit.
+    pub async fn commit(self) -> Result<(), StoreError> {
+        match self {
+            Session::Tx(tx) => tx.commit().await,
+            Session::Conn(_) => Ok(()),
+        }
+    }
+
+    /// Rolls a transaction back; a plain connection has nothing to undo.
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        match self {
+            Session::Tx(tx) => tx.rollback().await,
+            Session::Conn(_) => Ok(()),
+        }
+    }
+}
+
+impl std::ops::Deref for Session {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        match self {
+            Session::Tx(tx) => tx,
+            Session::Conn(conn) => conn,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match self {
+            Session::Tx(tx) => tx,
+            Session::Conn(conn) => conn,
+        }
     }
 }
 

@@ -476,8 +476,9 @@ pub fn probe_address(listen: &str) -> String {
 /// `GET path` on the listener at `addr` (plain HTTP/1.1); the body when the status is 2xx.
 pub async fn probe(addr: &str, path: &str, timeout: Duration) -> Result<String, ProbeError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    /// Answers of /healthz and /readyz are a line; a larger one is cut, not buffered.
-    const MAX_ANSWER: u64 = 64 * 1024;
+    /// Answers of /healthz and /readyz are a line, and /metrics of a few thousand pilots fits
+    /// with room to spare; anything larger is cut, not buffered.
+    const MAX_ANSWER: u64 = 16 * 1024 * 1024;
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(addr)
             .await

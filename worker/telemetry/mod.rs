@@ -386,6 +386,17 @@ pub const WORK_ACTIONS: &[&str] = &[
     "requeued",
 ];
 
+/// Values of the `step` label of [`WORK_STALE_STEPS`].
+pub const WORK_STEPS: &[&str] = &[
+    "accept",
+    "heartbeat",
+    "release",
+    "complete",
+    "transfer",
+    "cancel",
+    "requeue",
+];
+
 /// Every metric, in the order `/metrics` lists them.
 pub const ALL: &[&MetricDef] = &[
     &BUILD_INFO,
@@ -726,6 +737,9 @@ impl Metrics {
         refresh_errors.increment(0);
         let status_record_errors = counter(&recorder, &STATUS_RECORD_ERRORS, &[]);
         status_record_errors.increment(0);
+        for step in WORK_STEPS {
+            counter(&recorder, &WORK_STALE_STEPS, &[step]).increment(0);
+        }
         Metrics {
             handle: recorder.handle(),
             recorder,
@@ -818,12 +832,15 @@ impl Metrics {
     }
 
     /// Registers the work series of `queue` at zero, so rates and alerts work before the
-    /// first claim.
+    /// first claim (called for every queue the gauge refresh sees).
     pub fn work_queue_seen(&self, queue: &str) {
         self.work_claimed(queue, 0, &[]);
         self.work_rescued(queue, 0, 0, 0);
         for action in WORK_ACTIONS {
             counter(&self.recorder, &WORK_TRANSITIONS, &[queue, action]).increment(0);
+        }
+        for def in [&WORK_TIME_TO_OFFER, &WORK_TIME_TO_ACCEPT, &WORK_HANDLE_TIME] {
+            let _registered = histogram(&self.recorder, def, &[queue]);
         }
     }
 
@@ -947,6 +964,10 @@ impl Metrics {
         }
         state.refreshed.insert(WORK_ITEMS.name, items);
         state.refreshed.insert(OLDEST_QUEUED_AGE.name, ages);
+        drop(state);
+        for q in &queues {
+            self.work_queue_seen(q);
+        }
     }
 
     /// Folds the histogram samples recorded since the last scrape into their buckets. The
@@ -1124,7 +1145,8 @@ mod tests {
             for label in def.labels {
                 assert!(
                     [
-                        "pilot", "queue", "app", "reason", "result", "command", "status", "version"
+                        "pilot", "queue", "app", "reason", "result", "command", "status",
+                        "version", "action", "step"
                     ]
                     .contains(label),
                     "{}: label {label} is not from the fixed sets",
@@ -1218,6 +1240,36 @@ mod tests {
         assert_eq!(m.value(&TOKEN_REQUESTS, &["contoso", "success"]), Some(1.0));
         assert_eq!(m.value(&TOKEN_EXPIRY, &["contoso"]), Some(5000.0));
         assert_eq!(m.value(&TOKEN_FAILURES, &["contoso"]), Some(0.0));
+    }
+
+    #[test]
+    fn a_refreshed_queue_has_its_work_series_at_zero() {
+        let m = Metrics::new();
+        m.queues_refreshed(
+            &[QueueCount {
+                queue: "support".to_owned(),
+                status: WorkItemStatus::Queued,
+                count: 3,
+            }],
+            &[],
+        );
+        let text = m.render();
+        assert!(
+            text.contains("ccmail_work_items{queue=\"support\",status=\"queued\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ccmail_work_claims_total{queue=\"support\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ccmail_work_handle_seconds_bucket{queue=\"support\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("ccmail_work_stale_steps_total{step=\"accept\"} 0\n"),
+            "{text}"
+        );
     }
 
     #[test]
