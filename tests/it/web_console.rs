@@ -351,6 +351,105 @@ async fn an_agent_logs_in_takes_reads_and_completes_and_hostile_html_runs_nothin
         .to_owned();
     assert!(csp.contains("default-src 'none'"), "{csp}");
 
+    // An agent cannot open an admin page.
+    b.goto(&format!("{base}/admin/pilots")).await.unwrap();
+    wait_path(b, "/admin/pilots").await;
+    assert_eq!(text_of(b, "h1").await, "Not allowed");
+
+    browser.stop().await;
+    stop.cancel();
+    server.await.unwrap().unwrap();
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_sees_every_pilot_with_its_health_and_the_fix_for_its_last_error() {
+    let db = TestDb::new().await.unwrap();
+    let healthy = work::pilot(db.db(), "support").await;
+    let failing = work::pilot(db.db(), "billing").await;
+    work::items(db.db(), healthy, "support", 3).await;
+    sqlx::query("update pilots set last_success_at = now() - interval '1 minute' where id = $1")
+        .bind(healthy)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    sqlx::query(
+        "update pilots set last_error = 'login refused: -ERR Authentication failure',          last_error_hint = 'run ccmail doctor --pilot billing@example.test',          last_error_at = now() where id = $1",
+    )
+    .bind(failing)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let mut conn = db.db().acquire().await.unwrap();
+    ccmail::store::leases::acquire_lease(&mut conn, healthy, "replica-7", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let hash = web::session::hash_password(PASSWORD.to_owned())
+        .await
+        .unwrap();
+    ccmail::store::users::insert_user(&mut conn, "root", Role::Admin, &[], &hash)
+        .await
+        .unwrap();
+    drop(conn);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(web::serve(
+        listener,
+        WebState::new(
+            db.db().clone(),
+            WebSettings::from_config(
+                &ccmail::config::WebConfig::default(),
+                ApiSettings::default(),
+            ),
+        ),
+        web::limits(&ccmail::config::WebConfig::default()),
+        stop.clone(),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let browser = Browser::start(dir.path()).await;
+    let b = &browser.client;
+    b.goto(&format!("{base}/login")).await.unwrap();
+    b.wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::Css("#name"))
+        .await
+        .unwrap()
+        .send_keys("root")
+        .await
+        .unwrap();
+    b.find(Locator::Css("#password"))
+        .await
+        .unwrap()
+        .send_keys(PASSWORD)
+        .await
+        .unwrap();
+    b.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_path(b, "/agent").await;
+    b.goto(&format!("{base}/admin/pilots")).await.unwrap();
+    let table = text_of(b, "#pilots").await;
+    for want in [
+        "support@example.test",
+        "healthy",
+        "replica-7",
+        "billing@example.test",
+        "failing",
+        "Authentication failure",
+        "Fix: run ccmail doctor --pilot billing@example.test",
+    ] {
+        assert!(table.contains(want), "{want} missing from:\n{table}");
+    }
+    std::fs::write(
+        screenshot_dir().join("pilots-overview.png"),
+        b.screenshot().await.unwrap(),
+    )
+    .unwrap();
     browser.stop().await;
     stop.cancel();
     server.await.unwrap().unwrap();

@@ -143,6 +143,7 @@ pub fn router(state: WebState) -> Router {
         )
         .route("/agent/items/{id}/complete", post(pages::complete))
         .route("/agent/items/{id}/release", post(pages::release))
+        .route("/admin/pilots", get(pages::admin_pilots))
         .route("/static/app.css", get(pages::stylesheet))
         .fallback(pages::not_found)
         .layer(axum::middleware::map_response(pages::security_headers))

@@ -712,3 +712,113 @@ pub async fn stylesheet() -> Response {
 pub async fn not_found() -> Response {
     problem(StatusCode::NOT_FOUND, "Not found", "There is no such page.")
 }
+
+// ---------------------------------------------------------------------------------------
+// Admin pages
+
+struct PilotLine {
+    mailbox: String,
+    queue: String,
+    health: &'static str,
+    last_success: Option<String>,
+    last_error: Option<String>,
+    hint: Option<String>,
+    oldest: Option<String>,
+    holder: Option<String>,
+    secret_days: Option<i64>,
+    /// `soon` (shown red) under 30 days.
+    secret_class: &'static str,
+}
+
+#[derive(Template)]
+#[template(path = "admin_pilots.html")]
+struct PilotsPage {
+    user: String,
+    role: String,
+    csrf: String,
+    pilots: Vec<PilotLine>,
+}
+
+/// A pilot's health from its last outcomes: disabled; failing (its last poll failed and none
+/// succeeded in 15 minutes); degraded (its last poll failed, an earlier one recently
+/// succeeded); healthy.
+fn health(p: &store::PilotRow, now: chrono::DateTime<chrono::Utc>) -> &'static str {
+    if !p.enabled {
+        return "disabled";
+    }
+    let failed_last = match (p.last_error_at, p.last_success_at) {
+        (Some(e), Some(s)) => e > s,
+        (Some(_), None) => true,
+        _ => false,
+    };
+    if !failed_last {
+        return "healthy";
+    }
+    match p.last_success_at {
+        Some(s) if now - s < chrono::Duration::minutes(15) => "degraded",
+        _ => "failing",
+    }
+}
+
+pub async fn admin_pilots(State(state): State<WebState>, viewer: Viewer) -> Response {
+    if viewer.user.role != Role::Admin {
+        return forbidden("The pilots overview is for admins.");
+    }
+    let loaded = state
+        .db()
+        .with_conn("pilots overview", async |conn| {
+            let pilots = store::list_pilots(conn).await?;
+            let apps = store::list_apps(conn).await?;
+            let oldest = store::oldest_queued_age(conn).await?;
+            let holders = store::leases::lease_holders(conn).await?;
+            Ok((pilots, apps, oldest, holders))
+        })
+        .await;
+    let (pilots, apps, oldest, holders) = match loaded {
+        Ok(l) => l,
+        Err(e) => return store_failure(e),
+    };
+    let now = chrono::Utc::now();
+    let lines = pilots
+        .iter()
+        .map(|p| {
+            let app = match &p.auth {
+                store::PilotAuth::XOAuth2 { app_id } => apps.iter().find(|a| a.id == *app_id),
+                _ => None,
+            };
+            let secret_days = app
+                .and_then(|a| a.secret_expires_at)
+                .map(|t| (t - now).num_days());
+            PilotLine {
+                secret_class: if secret_days.is_some_and(|d| d < 30) {
+                    "soon"
+                } else {
+                    ""
+                },
+                mailbox: p.mailbox.clone(),
+                queue: p.queue.clone(),
+                health: health(p, now),
+                last_success: p
+                    .last_success_at
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                last_error: p.last_error.clone(),
+                hint: p.last_error_hint.clone(),
+                oldest: oldest
+                    .iter()
+                    .find(|(q, _)| *q == p.queue)
+                    .map(|(_, age)| age_text(age.as_secs_f64())),
+                holder: holders
+                    .iter()
+                    .find(|h| h.pilot_id == p.id && h.live)
+                    .map(|h| h.holder.clone()),
+                secret_days,
+            }
+        })
+        .collect();
+    render(PilotsPage {
+        user: viewer.user.name.clone(),
+        role: viewer.user.role.to_string(),
+        csrf: viewer.csrf.clone(),
+        pilots: lines,
+    })
+}
