@@ -367,7 +367,12 @@ async fn an_admin_sees_every_pilot_with_its_health_and_the_fix_for_its_last_erro
     let db = TestDb::new().await.unwrap();
     let healthy = work::pilot(db.db(), "support").await;
     let failing = work::pilot(db.db(), "billing").await;
-    work::items(db.db(), healthy, "support", 3).await;
+    let held = work::items(db.db(), healthy, "support", 3).await[0];
+    sqlx::query("update work_items set status = 'held', held_reason = 'offer_limit' where id = $1")
+        .bind(held)
+        .execute(db.pool())
+        .await
+        .unwrap();
     sqlx::query("update pilots set last_success_at = now() - interval '1 minute' where id = $1")
         .bind(healthy)
         .execute(db.pool())
@@ -450,6 +455,33 @@ async fn an_admin_sees_every_pilot_with_its_health_and_the_fix_for_its_last_erro
         b.screenshot().await.unwrap(),
     )
     .unwrap();
+    // The supervisor's view: held items first; releasing one puts it back in its queue.
+    b.goto(&format!("{base}/supervisor/items")).await.unwrap();
+    let items = text_of(b, "#items").await;
+    assert!(items.contains("offer_limit"), "{items}");
+    b.find(Locator::Css(&format!("#requeue-{held}")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let status = text_of(b, "[role=status]").await;
+    assert!(status.contains("held → queued"), "{status}");
+    let (state, actor): (String, String) = sqlx::query_as(
+        "select w.status, e.actor from work_items w join work_item_events e on e.work_item_id = w.id \
+         where w.id = $1 and e.action = 'requeued'",
+    )
+    .bind(held)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), actor.as_str()), ("queued", "user:root"));
+    let audited: i64 =
+        sqlx::query_scalar("select count(*) from audit_log where action = 'work.requeue'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(audited, 1);
     browser.stop().await;
     stop.cancel();
     server.await.unwrap().unwrap();

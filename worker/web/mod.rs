@@ -144,6 +144,15 @@ pub fn router(state: WebState) -> Router {
         .route("/agent/items/{id}/complete", post(pages::complete))
         .route("/agent/items/{id}/release", post(pages::release))
         .route("/admin/pilots", get(pages::admin_pilots))
+        .route("/supervisor/items", get(pages::supervisor_items))
+        .route(
+            "/supervisor/items/{id}/requeue",
+            post(pages::supervisor_requeue),
+        )
+        .route(
+            "/supervisor/items/{id}/cancel",
+            post(pages::supervisor_cancel),
+        )
         .route("/static/app.css", get(pages::stylesheet))
         .fallback(pages::not_found)
         .layer(axum::middleware::map_response(pages::security_headers))

@@ -822,3 +822,235 @@ pub async fn admin_pilots(State(state): State<WebState>, viewer: Viewer) -> Resp
         pilots: lines,
     })
 }
+
+// ---------------------------------------------------------------------------------------
+// Supervisor pages
+
+struct ItemLine {
+    id: i64,
+    queue: String,
+    subject: String,
+    agent: String,
+    why: String,
+    status: &'static str,
+    cancellable: bool,
+}
+
+#[derive(Template)]
+#[template(path = "supervisor.html")]
+struct SupervisorPage {
+    user: String,
+    role: String,
+    csrf: String,
+    message: Option<String>,
+    states: Vec<(&'static str, bool)>,
+    items: Vec<ItemLine>,
+}
+
+#[derive(Deserialize)]
+pub struct StateQuery {
+    status: Option<String>,
+}
+
+async fn supervisor_page(
+    state: &WebState,
+    viewer: &Viewer,
+    status: WorkItemStatus,
+    message: Option<String>,
+) -> Response {
+    let filter = store::WorkFilter {
+        queues: viewer.user.queues.clone(),
+        status: Some(status),
+        before_id: None,
+        limit: 200,
+    };
+    let rows = match state
+        .db()
+        .with_conn("items", async |conn| {
+            store::list_work_items(conn, &filter).await
+        })
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return store_failure(e),
+    };
+    let items = rows
+        .into_iter()
+        .filter(|(s, _)| viewer.user.covers(&s.queue))
+        .map(|(s, v)| ItemLine {
+            id: s.id,
+            queue: s.queue.clone(),
+            subject: v.subject.unwrap_or_else(|| "(no subject)".to_owned()),
+            agent: s.agent.clone().or(s.done_by.clone()).unwrap_or_default(),
+            why: s
+                .held_reason
+                .clone()
+                .or(s.cancel_reason.clone())
+                .unwrap_or_default(),
+            status: s.status.as_str(),
+            cancellable: !s.status.is_final(),
+        })
+        .collect();
+    render(SupervisorPage {
+        user: viewer.user.name.clone(),
+        role: viewer.user.role.to_string(),
+        csrf: viewer.csrf.clone(),
+        message,
+        states: WorkItemStatus::ALL
+            .iter()
+            .map(|s| (s.as_str(), *s == status))
+            .collect(),
+        items,
+    })
+}
+
+fn supervisor_only(viewer: &Viewer) -> Option<Response> {
+    (viewer.user.role == Role::Agent).then(|| forbidden("This page is for supervisors and admins."))
+}
+
+pub async fn supervisor_items(
+    State(state): State<WebState>,
+    viewer: Viewer,
+    query: Result<axum::extract::Query<StateQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Some(r) = supervisor_only(&viewer) {
+        return r;
+    }
+    let status = query
+        .ok()
+        .and_then(|q| q.0.status)
+        .and_then(|s| WorkItemStatus::parse(&s))
+        .unwrap_or(WorkItemStatus::Held);
+    supervisor_page(&state, &viewer, status, None).await
+}
+
+#[derive(Deserialize)]
+pub struct OverrideForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    expected: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn override_item(
+    state: WebState,
+    viewer: Viewer,
+    path: Result<Path<i64>, PathRejection>,
+    form: OverrideForm,
+    cancel: bool,
+) -> Response {
+    if let Some(r) = supervisor_only(&viewer) {
+        return r;
+    }
+    if !session::csrf_matches(&form.csrf, &viewer.csrf) {
+        return forbidden("The form was not sent from this session's page (CSRF check).");
+    }
+    let Some(id) = item_id(path) else {
+        return not_found().await;
+    };
+    let Some(expected) = WorkItemStatus::parse(&form.expected) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "Malformed form",
+            "The form names no state.",
+        );
+    };
+    let reason = form.reason.clone();
+    if cancel && !["spam", "merged", "withdrawn", "duplicate"].contains(&reason.as_str()) {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "Malformed form",
+            "Choose why the item is cancelled.",
+        );
+    }
+    let actor = viewer.actor();
+    let covers = match state
+        .db()
+        .with_conn("work item", async |conn| {
+            store::work_item_state(conn, id).await
+        })
+        .await
+    {
+        Ok(Some(s)) => viewer.user.covers(&s.queue),
+        Ok(None) => return not_found().await,
+        Err(e) => return store_failure(e),
+    };
+    if !covers {
+        return forbidden("You do not supervise this item's queue.");
+    }
+    let outcome = state
+        .db()
+        .with_conn("supervisor step", async |conn| {
+            let step = if cancel {
+                lifecycle::Override::Cancel { reason: &reason }
+            } else {
+                lifecycle::Override::Requeue
+            };
+            let moved = lifecycle::override_step(
+                conn,
+                id,
+                &actor,
+                step,
+                Some("from the console"),
+                Some(expected),
+            )
+            .await?;
+            if let lifecycle::Step::Done(m) = &moved {
+                users::audit(
+                    conn,
+                    &actor,
+                    if cancel {
+                        "work.cancel"
+                    } else {
+                        "work.requeue"
+                    },
+                    Some(&format!("work_item:{id}")),
+                    &serde_json::json!({"from": m.from.as_str(), "reason": reason}),
+                )
+                .await?;
+            }
+            Ok(moved)
+        })
+        .await;
+    match outcome {
+        Ok(lifecycle::Step::Done(m)) => {
+            supervisor_page(
+                &state,
+                &viewer,
+                expected,
+                Some(format!("Item {id}: {} → {}.", m.from, m.to)),
+            )
+            .await
+        }
+        Ok(lifecycle::Step::Refused(current)) => problem(
+            StatusCode::CONFLICT,
+            "Changed meanwhile",
+            format!(
+                "Item {id} is {} now, not {expected}; nothing was changed. Reload the list.",
+                current.status
+            ),
+        ),
+        Ok(lifecycle::Step::NotFound) => not_found().await,
+        Err(e) => store_failure(e),
+    }
+}
+
+pub async fn supervisor_requeue(
+    State(state): State<WebState>,
+    viewer: Viewer,
+    path: Result<Path<i64>, PathRejection>,
+    Form(form): Form<OverrideForm>,
+) -> Response {
+    override_item(state, viewer, path, form, false).await
+}
+
+pub async fn supervisor_cancel(
+    State(state): State<WebState>,
+    viewer: Viewer,
+    path: Result<Path<i64>, PathRejection>,
+    Form(form): Form<OverrideForm>,
+) -> Response {
+    override_item(state, viewer, path, form, true).await
+}
