@@ -137,6 +137,33 @@ async fn text_of(b: &fantoccini::Client, css: &str) -> String {
         .unwrap()
 }
 
+/// axe-core's accessibility rules run in the page: the serious and critical violations
+/// (`.ci/run` installs axe-core from npm into target/axe).
+async fn accessibility_violations(b: &fantoccini::Client) -> Vec<String> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/axe/node_modules/axe-core/axe.min.js");
+    let source = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!(
+            "{} is missing; install it with `npm install --prefix target/axe axe-core@4.10.3` (.ci/run does this)",
+            path.display()
+        )
+    });
+    b.execute(&format!("{source}; return true;"), vec![])
+        .await
+        .unwrap();
+    let found = b
+        .execute_async(
+            "const done = arguments[arguments.length - 1]; \
+             axe.run(document).then(r => done(r.violations \
+                 .filter(v => v.impact === 'serious' || v.impact === 'critical') \
+                 .map(v => v.id + ': ' + v.help + ' (' + v.nodes.length + ')')));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    serde_json::from_value(found).unwrap()
+}
+
 fn screenshot_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
     std::fs::create_dir_all(&dir).unwrap();
@@ -202,6 +229,23 @@ async fn an_agent_logs_in_takes_reads_and_completes_and_hostile_html_runs_nothin
     // Logged out: any page leads to the login.
     b.goto(&format!("{base}/agent")).await.unwrap();
     wait_path(b, "/login").await;
+    text_of(b, "#name").await;
+    assert_eq!(
+        accessibility_violations(b).await,
+        Vec::<String>::new(),
+        "login page"
+    );
+    // Negative control: the same check sees a field without a label.
+    b.execute(
+        "document.body.insertAdjacentHTML('beforeend', '<input id=unlabelled>'); return true;",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let seen = accessibility_violations(b).await;
+    assert!(seen.iter().any(|v| v.starts_with("label")), "{seen:?}");
+    b.goto(&format!("{base}/login")).await.unwrap();
+    text_of(b, "#name").await;
     b.find(Locator::Css("#name"))
         .await
         .unwrap()
@@ -242,6 +286,11 @@ async fn an_agent_logs_in_takes_reads_and_completes_and_hostile_html_runs_nothin
         .unwrap();
     wait_path(b, "/agent").await;
     text_of(b, "#take-support").await;
+    assert_eq!(
+        accessibility_violations(b).await,
+        Vec::<String>::new(),
+        "queues page"
+    );
     let shots = screenshot_dir();
     std::fs::write(
         shots.join("agent-queues.png"),
@@ -279,6 +328,11 @@ async fn an_agent_logs_in_takes_reads_and_completes_and_hostile_html_runs_nothin
     .await
     .unwrap();
     std::fs::write(shots.join("agent-item.png"), b.screenshot().await.unwrap()).unwrap();
+    assert_eq!(
+        accessibility_violations(b).await,
+        Vec::<String>::new(),
+        "item page"
+    );
     // ... and nothing in it ran or loaded: the canary saw no request at all.
     assert_eq!(
         *hits.lock().unwrap(),
@@ -439,6 +493,11 @@ async fn an_admin_sees_every_pilot_with_its_health_and_the_fix_for_its_last_erro
     wait_path(b, "/agent").await;
     b.goto(&format!("{base}/admin/pilots")).await.unwrap();
     let table = text_of(b, "#pilots").await;
+    assert_eq!(
+        accessibility_violations(b).await,
+        Vec::<String>::new(),
+        "pilots page"
+    );
     for want in [
         "support@example.test",
         "healthy",
@@ -458,6 +517,11 @@ async fn an_admin_sees_every_pilot_with_its_health_and_the_fix_for_its_last_erro
     // The supervisor's view: held items first; releasing one puts it back in its queue.
     b.goto(&format!("{base}/supervisor/items")).await.unwrap();
     let items = text_of(b, "#items").await;
+    assert_eq!(
+        accessibility_violations(b).await,
+        Vec::<String>::new(),
+        "items page"
+    );
     assert!(items.contains("offer_limit"), "{items}");
     b.find(Locator::Css(&format!("#requeue-{held}")))
         .await
