@@ -49,6 +49,63 @@ async fn canary() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
     (port, hits)
 }
 
+/// The console served in this process on a free port.
+struct Console {
+    base: String,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Console {
+    async fn start(db: &TestDb) -> Console {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let settings = ccmail::config::WebConfig::default();
+        let server = tokio::spawn(web::serve(
+            listener,
+            WebState::new(
+                db.db().clone(),
+                WebSettings::from_config(&settings, ApiSettings::default()),
+            ),
+            web::limits(&settings),
+            stop.clone(),
+        ));
+        Console { base, stop, server }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.server.await.unwrap().unwrap();
+    }
+}
+
+/// Logs `name` in through the login form and waits for the queues page.
+async fn log_in(b: &fantoccini::Client, base: &str, name: &str) {
+    b.goto(&format!("{base}/login")).await.unwrap();
+    b.wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::Css("#name"))
+        .await
+        .unwrap()
+        .send_keys(name)
+        .await
+        .unwrap();
+    b.find(Locator::Css("#password"))
+        .await
+        .unwrap()
+        .send_keys(PASSWORD)
+        .await
+        .unwrap();
+    b.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_path(b, "/agent").await;
+}
+
 struct Browser {
     driver: Child,
     client: fantoccini::Client,
@@ -207,21 +264,8 @@ async fn an_agent_logs_in_takes_reads_and_completes_and_hostile_html_runs_nothin
         .unwrap();
     drop(conn);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(web::serve(
-        listener,
-        WebState::new(
-            db.db().clone(),
-            WebSettings::from_config(
-                &ccmail::config::WebConfig::default(),
-                ApiSettings::default(),
-            ),
-        ),
-        web::limits(&ccmail::config::WebConfig::default()),
-        stop.clone(),
-    ));
+    let console = Console::start(&db).await;
+    let base = console.base.clone();
 
     let dir = tempfile::tempdir().unwrap();
     let browser = Browser::start(dir.path()).await;
@@ -411,8 +455,7 @@ async fn an_agent_logs_in_takes_reads_and_completes_and_hostile_html_runs_nothin
     assert_eq!(text_of(b, "h1").await, "Not allowed");
 
     browser.stop().await;
-    stop.cancel();
-    server.await.unwrap().unwrap();
+    console.stop().await;
     db.drop_db().await.unwrap();
 }
 
@@ -451,46 +494,12 @@ async fn an_admin_sees_every_pilot_with_its_health_and_the_fix_for_its_last_erro
         .await
         .unwrap();
     drop(conn);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(web::serve(
-        listener,
-        WebState::new(
-            db.db().clone(),
-            WebSettings::from_config(
-                &ccmail::config::WebConfig::default(),
-                ApiSettings::default(),
-            ),
-        ),
-        web::limits(&ccmail::config::WebConfig::default()),
-        stop.clone(),
-    ));
+    let console = Console::start(&db).await;
+    let base = console.base.clone();
     let dir = tempfile::tempdir().unwrap();
     let browser = Browser::start(dir.path()).await;
     let b = &browser.client;
-    b.goto(&format!("{base}/login")).await.unwrap();
-    b.wait()
-        .at_most(Duration::from_secs(20))
-        .for_element(Locator::Css("#name"))
-        .await
-        .unwrap()
-        .send_keys("root")
-        .await
-        .unwrap();
-    b.find(Locator::Css("#password"))
-        .await
-        .unwrap()
-        .send_keys(PASSWORD)
-        .await
-        .unwrap();
-    b.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_path(b, "/agent").await;
+    log_in(b, &base, "root").await;
     b.goto(&format!("{base}/admin/pilots")).await.unwrap();
     let table = text_of(b, "#pilots").await;
     assert_eq!(
@@ -547,7 +556,6 @@ async fn an_admin_sees_every_pilot_with_its_health_and_the_fix_for_its_last_erro
             .unwrap();
     assert_eq!(audited, 1);
     browser.stop().await;
-    stop.cancel();
-    server.await.unwrap().unwrap();
+    console.stop().await;
     db.drop_db().await.unwrap();
 }

@@ -367,6 +367,53 @@ impl Modify for BearerAuth {
 )]
 struct ApiDoc;
 
+/// The path of a step on a work item.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct ItemPath {
+    /// The work item's id.
+    id: i64,
+}
+
+/// The header every POST may carry.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct IdempotencyHeader {
+    /// Replays the first answer for the same key and request (1 to 200 visible ASCII
+    /// characters).
+    #[param(rename = "Idempotency-Key")]
+    idempotency_key: Option<String>,
+}
+
+/// The answers of a step on a work item.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum StepAnswers {
+    /// The item after the step.
+    #[response(status = 200)]
+    Moved(StepResponse),
+    /// A malformed Idempotency-Key.
+    #[response(status = 400, content_type = "application/problem+json")]
+    BadRequest(Problem),
+    /// No key, or an unknown or revoked one.
+    #[response(status = 401, content_type = "application/problem+json")]
+    Unauthorized(Problem),
+    /// The key's role or queues do not allow it, or another agent holds the item.
+    #[response(status = 403, content_type = "application/problem+json")]
+    Forbidden(Problem),
+    /// No such work item.
+    #[response(status = 404, content_type = "application/problem+json")]
+    NotFound(Problem),
+    /// The claim or the state is no longer current; nothing changed.
+    #[response(status = 409, content_type = "application/problem+json")]
+    Stale(Problem),
+    /// The body is not what the route takes.
+    #[response(status = 422, content_type = "application/problem+json")]
+    Invalid(Problem),
+}
+
 /// Every route with its description: the one list both the router and the document come
 /// from.
 fn routes() -> OpenApiRouter<ApiState> {
@@ -1194,18 +1241,9 @@ async fn agent_step(
 /// Accepts an offer: the caller then holds the item until `lease_expires_at`, renewed by
 /// heartbeats.
 #[utoipa::path(post, path = "/api/v1/work-items/{id}/accept", tag = "work items",
-    params(("id" = i64, Path, description = "The work item's id"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for the same key and request")),
+    params(ItemPath, IdempotencyHeader),
     request_body = ClaimStep,
-    responses(
-        (status = 200, body = StepResponse),
-        (status = 400, body = Problem, content_type = "application/problem+json", description = "A malformed Idempotency-Key"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, body = Problem, content_type = "application/problem+json", description = "The claim is no longer current; nothing changed"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
-    ))]
+    responses(StepAnswers))]
 async fn accept(
     State(state): State<ApiState>,
     principal: Principal,
@@ -1218,18 +1256,9 @@ async fn accept(
 
 /// Renews the lease on an accepted item for `api.lease_secs` from now.
 #[utoipa::path(post, path = "/api/v1/work-items/{id}/heartbeat", tag = "work items",
-    params(("id" = i64, Path, description = "The work item's id"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for the same key and request")),
+    params(ItemPath, IdempotencyHeader),
     request_body = ClaimStep,
-    responses(
-        (status = 200, body = StepResponse),
-        (status = 400, body = Problem, content_type = "application/problem+json", description = "A malformed Idempotency-Key"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, body = Problem, content_type = "application/problem+json", description = "The claim is no longer current; nothing changed"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
-    ))]
+    responses(StepAnswers))]
 async fn heartbeat(
     State(state): State<ApiState>,
     principal: Principal,
@@ -1243,18 +1272,9 @@ async fn heartbeat(
 /// Gives an offer (rejected) or an accepted item (released) back to its queue, where it
 /// keeps its place.
 #[utoipa::path(post, path = "/api/v1/work-items/{id}/release", tag = "work items",
-    params(("id" = i64, Path, description = "The work item's id"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for the same key and request")),
+    params(ItemPath, IdempotencyHeader),
     request_body = ReleaseRequest,
-    responses(
-        (status = 200, body = StepResponse),
-        (status = 400, body = Problem, content_type = "application/problem+json", description = "A malformed Idempotency-Key"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, body = Problem, content_type = "application/problem+json", description = "The claim is no longer current; nothing changed"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
-    ))]
+    responses(StepAnswers))]
 async fn release(
     State(state): State<ApiState>,
     principal: Principal,
@@ -1267,18 +1287,9 @@ async fn release(
 
 /// Completes an accepted item.
 #[utoipa::path(post, path = "/api/v1/work-items/{id}/complete", tag = "work items",
-    params(("id" = i64, Path, description = "The work item's id"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for the same key and request")),
+    params(ItemPath, IdempotencyHeader),
     request_body = CompleteRequest,
-    responses(
-        (status = 200, body = StepResponse),
-        (status = 400, body = Problem, content_type = "application/problem+json", description = "A malformed Idempotency-Key"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, body = Problem, content_type = "application/problem+json", description = "The claim is no longer current; nothing changed"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
-    ))]
+    responses(StepAnswers))]
 async fn complete(
     State(state): State<ApiState>,
     principal: Principal,
@@ -1292,18 +1303,9 @@ async fn complete(
 /// Moves an item to another queue, where it waits with its original age: by the agent
 /// holding it (with its claim token) or by a supervisor (without).
 #[utoipa::path(post, path = "/api/v1/work-items/{id}/transfer", tag = "work items",
-    params(("id" = i64, Path, description = "The work item's id"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for the same key and request")),
+    params(ItemPath, IdempotencyHeader),
     request_body = TransferRequest,
-    responses(
-        (status = 200, body = StepResponse),
-        (status = 400, body = Problem, content_type = "application/problem+json", description = "A malformed Idempotency-Key"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, body = Problem, content_type = "application/problem+json", description = "The claim or the state is no longer current; nothing changed"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
-    ))]
+    responses(StepAnswers))]
 async fn transfer(
     State(state): State<ApiState>,
     principal: Principal,
@@ -1376,18 +1378,9 @@ async fn transfer(
 /// Cancels an item (spam, merged, withdrawn…); the mail stays stored and visible. Ends any
 /// claim on it. Supervisor and admin keys.
 #[utoipa::path(post, path = "/api/v1/work-items/{id}/cancel", tag = "work items",
-    params(("id" = i64, Path, description = "The work item's id"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for the same key and request")),
+    params(ItemPath, IdempotencyHeader),
     request_body = CancelRequest,
-    responses(
-        (status = 200, body = StepResponse),
-        (status = 400, body = Problem, content_type = "application/problem+json", description = "A malformed Idempotency-Key"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, body = Problem, content_type = "application/problem+json", description = "The state is no longer what was expected; nothing changed"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
-    ))]
+    responses(StepAnswers))]
 async fn cancel(
     State(state): State<ApiState>,
     principal: Principal,
@@ -1432,18 +1425,9 @@ async fn cancel(
 /// reopens a done or cancelled one, takes an offered or accepted one from its agent.
 /// Supervisor and admin keys.
 #[utoipa::path(post, path = "/api/v1/work-items/{id}/requeue", tag = "work items",
-    params(("id" = i64, Path, description = "The work item's id"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for the same key and request")),
+    params(ItemPath, IdempotencyHeader),
     request_body(content = Option<RequeueRequest>, content_type = "application/json"),
-    responses(
-        (status = 200, body = StepResponse),
-        (status = 400, body = Problem, content_type = "application/problem+json", description = "A malformed Idempotency-Key"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, body = Problem, content_type = "application/problem+json", description = "The state is no longer what was expected; nothing changed"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
-    ))]
+    responses(StepAnswers))]
 async fn requeue(
     State(state): State<ApiState>,
     principal: Principal,

@@ -141,17 +141,12 @@ pub fn router(state: WebState) -> Router {
             "/agent/items/{id}/attachments/{ordinal}",
             get(pages::item_attachment),
         )
-        .route("/agent/items/{id}/complete", post(pages::complete))
-        .route("/agent/items/{id}/release", post(pages::release))
+        .route("/agent/items/{id}/{action}", post(pages::agent_step))
         .route("/admin/pilots", get(pages::admin_pilots))
         .route("/supervisor/items", get(pages::supervisor_items))
         .route(
-            "/supervisor/items/{id}/requeue",
-            post(pages::supervisor_requeue),
-        )
-        .route(
-            "/supervisor/items/{id}/cancel",
-            post(pages::supervisor_cancel),
+            "/supervisor/items/{id}/{action}",
+            post(pages::supervisor_step),
         )
         .route("/static/app.css", get(pages::stylesheet))
         .fallback(pages::not_found)

@@ -614,17 +614,24 @@ pub struct StepForm {
     claim_token: String,
 }
 
-async fn step(
-    state: WebState,
+/// Complete or Release (`/agent/items/{id}/complete|release`).
+pub async fn agent_step(
+    State(state): State<WebState>,
     viewer: Viewer,
-    path: Result<Path<i64>, PathRejection>,
-    form: StepForm,
-    complete: bool,
+    path: Result<Path<(i64, String)>, PathRejection>,
+    Form(form): Form<StepForm>,
 ) -> Response {
     if !session::csrf_matches(&form.csrf, &viewer.csrf) {
         return forbidden("The form was not sent from this session's page (CSRF check).");
     }
-    let Some(id) = item_id(path) else {
+    let Some((id, complete)) = path.ok().and_then(|Path((id, action))| {
+        let complete = match action.as_str() {
+            "complete" => true,
+            "release" => false,
+            _ => return None,
+        };
+        (id > 0).then_some((id, complete))
+    }) else {
         return not_found().await;
     };
     let me = viewer.actor();
@@ -678,24 +685,6 @@ async fn step(
         Ok(lifecycle::Step::NotFound) => not_found().await,
         Err(e) => store_failure(e),
     }
-}
-
-pub async fn complete(
-    State(state): State<WebState>,
-    viewer: Viewer,
-    path: Result<Path<i64>, PathRejection>,
-    Form(form): Form<StepForm>,
-) -> Response {
-    step(state, viewer, path, form, true).await
-}
-
-pub async fn release(
-    State(state): State<WebState>,
-    viewer: Viewer,
-    path: Result<Path<i64>, PathRejection>,
-    Form(form): Form<StepForm>,
-) -> Response {
-    step(state, viewer, path, form, false).await
 }
 
 pub async fn stylesheet() -> Response {
@@ -934,12 +923,12 @@ pub struct OverrideForm {
     reason: String,
 }
 
-async fn override_item(
-    state: WebState,
+/// Requeue (release a held item) or Cancel (`/supervisor/items/{id}/requeue|cancel`).
+pub async fn supervisor_step(
+    State(state): State<WebState>,
     viewer: Viewer,
-    path: Result<Path<i64>, PathRejection>,
-    form: OverrideForm,
-    cancel: bool,
+    path: Result<Path<(i64, String)>, PathRejection>,
+    Form(form): Form<OverrideForm>,
 ) -> Response {
     if let Some(r) = supervisor_only(&viewer) {
         return r;
@@ -947,7 +936,14 @@ async fn override_item(
     if !session::csrf_matches(&form.csrf, &viewer.csrf) {
         return forbidden("The form was not sent from this session's page (CSRF check).");
     }
-    let Some(id) = item_id(path) else {
+    let Some((id, cancel)) = path.ok().and_then(|Path((id, action))| {
+        let cancel = match action.as_str() {
+            "cancel" => true,
+            "requeue" => false,
+            _ => return None,
+        };
+        (id > 0).then_some((id, cancel))
+    }) else {
         return not_found().await;
     };
     let Some(expected) = WorkItemStatus::parse(&form.expected) else {
@@ -1035,22 +1031,4 @@ async fn override_item(
         Ok(lifecycle::Step::NotFound) => not_found().await,
         Err(e) => store_failure(e),
     }
-}
-
-pub async fn supervisor_requeue(
-    State(state): State<WebState>,
-    viewer: Viewer,
-    path: Result<Path<i64>, PathRejection>,
-    Form(form): Form<OverrideForm>,
-) -> Response {
-    override_item(state, viewer, path, form, false).await
-}
-
-pub async fn supervisor_cancel(
-    State(state): State<WebState>,
-    viewer: Viewer,
-    path: Result<Path<i64>, PathRejection>,
-    Form(form): Form<OverrideForm>,
-) -> Response {
-    override_item(state, viewer, path, form, true).await
 }
