@@ -1238,67 +1238,45 @@ async fn agent_step(
     )
 }
 
-/// Accepts an offer: the caller then holds the item until `lease_expires_at`, renewed by
-/// heartbeats.
-#[utoipa::path(post, path = "/api/v1/work-items/{id}/accept", tag = "work items",
-    params(ItemPath, IdempotencyHeader),
-    request_body = ClaimStep,
-    responses(StepAnswers))]
-async fn accept(
-    State(state): State<ApiState>,
-    principal: Principal,
-    path: Result<Path<i64>, PathRejection>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    agent_step(state, principal, path, headers, body, AgentStep::Accept).await
+/// A documented route for an agent's step under its claim: the OpenAPI description, the
+/// request body it takes, and the step it runs.
+macro_rules! agent_step_route {
+    ($(#[doc = $doc:literal])* $name:ident, $path:literal, $body:ty, $step:expr) => {
+        $(#[doc = $doc])*
+        #[utoipa::path(post, path = $path, tag = "work items",
+            params(ItemPath, IdempotencyHeader),
+            request_body = $body,
+            responses(StepAnswers))]
+        async fn $name(
+            State(state): State<ApiState>,
+            principal: Principal,
+            path: Result<Path<i64>, PathRejection>,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> Response {
+            agent_step(state, principal, path, headers, body, $step).await
+        }
+    };
 }
 
-/// Renews the lease on an accepted item for `api.lease_secs` from now.
-#[utoipa::path(post, path = "/api/v1/work-items/{id}/heartbeat", tag = "work items",
-    params(ItemPath, IdempotencyHeader),
-    request_body = ClaimStep,
-    responses(StepAnswers))]
-async fn heartbeat(
-    State(state): State<ApiState>,
-    principal: Principal,
-    path: Result<Path<i64>, PathRejection>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    agent_step(state, principal, path, headers, body, AgentStep::Heartbeat).await
-}
-
-/// Gives an offer (rejected) or an accepted item (released) back to its queue, where it
-/// keeps its place.
-#[utoipa::path(post, path = "/api/v1/work-items/{id}/release", tag = "work items",
-    params(ItemPath, IdempotencyHeader),
-    request_body = ReleaseRequest,
-    responses(StepAnswers))]
-async fn release(
-    State(state): State<ApiState>,
-    principal: Principal,
-    path: Result<Path<i64>, PathRejection>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    agent_step(state, principal, path, headers, body, AgentStep::Release).await
-}
-
-/// Completes an accepted item.
-#[utoipa::path(post, path = "/api/v1/work-items/{id}/complete", tag = "work items",
-    params(ItemPath, IdempotencyHeader),
-    request_body = CompleteRequest,
-    responses(StepAnswers))]
-async fn complete(
-    State(state): State<ApiState>,
-    principal: Principal,
-    path: Result<Path<i64>, PathRejection>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    agent_step(state, principal, path, headers, body, AgentStep::Complete).await
-}
+agent_step_route!(
+    /// Accepts an offer: the caller then holds the item until `lease_expires_at`, renewed by
+    /// heartbeats.
+    accept, "/api/v1/work-items/{id}/accept", ClaimStep, AgentStep::Accept
+);
+agent_step_route!(
+    /// Renews the lease on an accepted item for `api.lease_secs` from now.
+    heartbeat, "/api/v1/work-items/{id}/heartbeat", ClaimStep, AgentStep::Heartbeat
+);
+agent_step_route!(
+    /// Gives an offer (rejected) or an accepted item (released) back to its queue, where it
+    /// keeps its place.
+    release, "/api/v1/work-items/{id}/release", ReleaseRequest, AgentStep::Release
+);
+agent_step_route!(
+    /// Completes an accepted item.
+    complete, "/api/v1/work-items/{id}/complete", CompleteRequest, AgentStep::Complete
+);
 
 /// Moves an item to another queue, where it waits with its original age: by the agent
 /// holding it (with its claim token) or by a supervisor (without).
