@@ -102,6 +102,8 @@ fn message<'a>(pilot: &'a PilotRow, uidl: &'a str, parsed: &'a ParsedMail) -> Ne
         headers_only: false,
         flags: &[],
         identity: None,
+        triage: None,
+        sender_rate: None,
     }
 }
 
@@ -1654,6 +1656,8 @@ async fn parser_defects_are_stored_capped_and_shown_with_the_work_item() {
         headers_only: false,
         flags: &[],
         identity: None,
+        triage: None,
+        sender_rate: None,
     };
     insert_message(&mut conn, &new).await.unwrap();
     let view = recent_work_items(&mut conn, 1).await.unwrap();
@@ -1699,6 +1703,8 @@ async fn a_defect_of_nul_bytes_is_capped_after_the_nul_rule_and_the_message_is_s
         headers_only: false,
         flags: &[],
         identity: None,
+        triage: None,
+        sender_rate: None,
     };
     insert_message(&mut conn, &new).await.unwrap();
     let view = recent_work_items(&mut conn, 1).await.unwrap();

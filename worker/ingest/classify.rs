@@ -458,7 +458,7 @@ fn message_ids(value: &str) -> Vec<String> {
         let after = &rest[start + 1..];
         let Some(end) = after.find('>') else { break };
         let id = after[..end].trim();
-        if !id.is_empty() && id.len() <= 998 {
+        if !id.is_empty() && id.len() <= 998 && !id.chars().any(crate::display::is_unsafe) {
             ids.push(id.to_owned());
         }
         rest = &after[end + 1..];
@@ -523,8 +523,12 @@ fn dsn_recipients(bytes: &[u8]) -> Vec<DsnRecipient> {
             .trim();
         out.push(DsnRecipient {
             final_recipient: Some(evidence_text(address)),
-            action: fields.first("action").map(|v| first_token(v)),
-            status: fields.first("status").map(|v| first_token(v)),
+            action: fields
+                .first("action")
+                .map(|v| evidence_text(&first_token(v))),
+            status: fields
+                .first("status")
+                .map(|v| evidence_text(&first_token(v))),
             diagnostic: fields.first("diagnostic-code").map(evidence_text),
         });
         if out.len() >= DSN_RECIPIENTS {

@@ -218,3 +218,180 @@ impl Triage {
         }
     }
 }
+
+/// The loop breaker's rate rule: more than `max_messages` from one sender to one pilot
+/// within `window` makes the next ones `loop` (`[classify]` settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SenderRate {
+    pub max_messages: u32,
+    pub window: std::time::Duration,
+}
+
+/// How a message was threaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThreadRule {
+    /// `In-Reply-To` names a stored message of the same tenant.
+    InReplyTo,
+    /// A `References` id (newest first) names a stored message, and the guard held: the
+    /// same normalised subject, or the sender takes part in that conversation.
+    References,
+    /// A bounce or receipt returns headers of a message whose conversation is stored.
+    ReportOriginal,
+    /// Outlook's `Thread-Index` root matches, with `Thread-Topic` or the sender as guard.
+    ThreadIndex,
+    /// None of the above: a new conversation.
+    New,
+}
+
+impl ThreadRule {
+    /// Every rule, in the order they are tried.
+    pub const ALL: [ThreadRule; 5] = [
+        ThreadRule::InReplyTo,
+        ThreadRule::References,
+        ThreadRule::ReportOriginal,
+        ThreadRule::ThreadIndex,
+        ThreadRule::New,
+    ];
+
+    /// The stored word (`messages.thread_rule`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ThreadRule::InReplyTo => "in_reply_to",
+            ThreadRule::References => "references",
+            ThreadRule::ReportOriginal => "report_original",
+            ThreadRule::ThreadIndex => "thread_index",
+            ThreadRule::New => "new",
+        }
+    }
+
+    /// The rule of a stored word.
+    pub fn parse(word: &str) -> Option<ThreadRule> {
+        ThreadRule::ALL.into_iter().find(|r| r.as_str() == word)
+    }
+}
+
+/// Why the loop breaker made a message `loop` (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LoopTrip {
+    /// `X-Loop` names this mailbox.
+    XLoop,
+    /// The same `Message-ID` and content were stored for this pilot before.
+    SeenBefore,
+    /// More messages from the sender within the window than the rate rule allows.
+    SenderRate,
+}
+
+impl LoopTrip {
+    /// Every reason.
+    pub const ALL: [LoopTrip; 3] = [LoopTrip::XLoop, LoopTrip::SeenBefore, LoopTrip::SenderRate];
+
+    /// The label word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoopTrip::XLoop => "x_loop",
+            LoopTrip::SeenBefore => "seen_before",
+            LoopTrip::SenderRate => "sender_rate",
+        }
+    }
+}
+
+/// Reply and forward prefixes stripped from a subject (English, German, Nordic, French,
+/// Dutch, Italian, Spanish, Portuguese, Polish, Finnish, Chinese), and the automatic-reply
+/// prefixes mail systems add, so an out-of-office answer keys like the mail it answers.
+const SUBJECT_PREFIXES: [&str; 26] = [
+    "re",
+    "aw",
+    "sv",
+    "vs",
+    "antw",
+    "fwd",
+    "fw",
+    "wg",
+    "tr",
+    "rv",
+    "enc",
+    "odp",
+    "res",
+    "r",
+    "doorst",
+    "vl",
+    "fs",
+    "ynt",
+    "回复",
+    "转发",
+    "automatic reply",
+    "auto",
+    "autosvar",
+    "automatische antwort",
+    "abwesenheitsnotiz",
+    "réponse automatique",
+];
+
+/// Characters of a subject key kept: enough to tell conversations apart.
+pub const SUBJECT_KEY_CHARS: usize = 300;
+
+/// The normalised subject that threading compares: reply/forward prefixes (`Re:`, `AW:`,
+/// `SV:`, `Fwd:`, `WG:`, `TR:`, `Re[2]:`, `RE :` …) and list tags (`[users]`, `[#123]`) stripped
+/// from the front, repeatedly; white space collapsed; lowercase; at most
+/// [`SUBJECT_KEY_CHARS`] characters. Never used alone to thread a message.
+pub fn subject_key(subject: &str) -> String {
+    let mut rest: String = subject
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(4 * SUBJECT_KEY_CHARS)
+        .collect::<String>()
+        .to_lowercase();
+    loop {
+        let trimmed = rest.trim_start();
+        let mut next = None;
+        if let Some(tagged) = trimmed.strip_prefix('[')
+            && let Some(end) = tagged.find(']')
+            && end <= 64
+        {
+            next = Some(tagged[end + 1..].to_owned());
+        } else if let Some((head, tail)) = trimmed.split_once([':', '：']) {
+            // `Re`, `Re[2]`, `Re(2)`, `RE ` before the colon.
+            let word = head
+                .trim_end()
+                .trim_end_matches(|c: char| c.is_ascii_digit() || "[]()".contains(c))
+                .trim_end();
+            if SUBJECT_PREFIXES.contains(&word) {
+                next = Some(tail.to_owned());
+            }
+        }
+        match next {
+            Some(n) => rest = n,
+            None => break,
+        }
+    }
+    rest.trim().chars().take(SUBJECT_KEY_CHARS).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_key;
+
+    #[test]
+    fn subject_key_strips_prefixes_and_list_tags() {
+        for (subject, key) in [
+            ("Invoice 4471", "invoice 4471"),
+            ("Re: Invoice 4471", "invoice 4471"),
+            ("RE: AW: SV: Fwd: WG: TR: Invoice 4471", "invoice 4471"),
+            ("Re[2]: Invoice 4471", "invoice 4471"),
+            ("RE : Invoice  4471 ", "invoice 4471"),
+            ("[users] Re: [#8812] Invoice 4471", "invoice 4471"),
+            ("Automatic reply: Re: Invoice 4471", "invoice 4471"),
+            ("回复：Invoice 4471", "invoice 4471"),
+            ("Reminder: Invoice 4471", "reminder: invoice 4471"),
+            ("Re:", ""),
+            ("", ""),
+        ] {
+            assert_eq!(subject_key(subject), key, "{subject:?}");
+        }
+        assert_eq!(subject_key(&"Re: ".repeat(10_000)), "");
+        assert!(subject_key(&"x".repeat(100_000)).chars().count() <= 300);
+    }
+}

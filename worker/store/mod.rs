@@ -38,6 +38,7 @@ macro_rules! pilot_columns {
 }
 
 mod apps;
+mod conversations;
 mod credentials;
 mod error;
 mod messages;
@@ -400,6 +401,9 @@ pub use apps::{
     DEFAULT_PORT, DEFAULT_SCOPE, NewApp, StoredCertificate, delete_app, get_app, get_app_by_name,
     insert_app, list_apps, set_app_certificate, set_app_credential, update_app,
     update_app_resealed,
+};
+pub use conversations::{
+    Explanation, MAX_PARTICIPANTS, Placement, Threaded, class_policies, explain, set_class_policy,
 };
 pub use credentials::{
     CredentialHolder, UnboundUpgrade, reseal_credentials, upgrade_unbound_credentials,

@@ -1,0 +1,391 @@
+//! Threading, the class policy and the loop breaker against a real PostgreSQL: messages go
+//! through the real parser and classifier into `insert_message`, as a poller stores them.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+use sha2::Digest as _;
+use sqlx::PgConnection;
+
+use ccmail::ingest::classify::classify;
+use ccmail::ingest::parse::parse;
+use ccmail::model::triage::{Action, MailClass, SenderRate};
+use ccmail::secrets::{MasterKey, Owner};
+use ccmail::store::*;
+use ccmail_lab::testdb::TestDb;
+
+const CLASSIFY_FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/classify");
+
+async fn app(conn: &mut PgConnection, name: &str, tenant: &str) -> AppRow {
+    let key = MasterKey::generate();
+    let owner = Owner::app(DEFAULT_AUTHORITY, tenant, name, false);
+    let credential = key
+        .seal(&SecretString::from("s3cr3t".to_owned()), &owner)
+        .unwrap();
+    insert_app(conn, &NewApp::new(name, tenant, name, credential))
+        .await
+        .unwrap()
+}
+
+async fn pilot(conn: &mut PgConnection, queue: &str, mailbox: &str, app_id: i64) -> PilotRow {
+    let new = NewPilot::new(queue, mailbox, PilotAuth::XOAuth2 { app_id });
+    insert_pilot(conn, &new).await.unwrap()
+}
+
+/// What one stored message came to.
+#[derive(Debug)]
+struct Stored {
+    work_item: i64,
+    conversation: i64,
+    rule: String,
+    evidence: serde_json::Value,
+    class: String,
+    status: String,
+    held_reason: Option<String>,
+    flags: Vec<String>,
+}
+
+/// Parses, classifies and stores `raw` for `pilot` under `uidl`, as the poller does.
+async fn ingest(
+    conn: &mut PgConnection,
+    pilot: &PilotRow,
+    uidl: &str,
+    raw: &[u8],
+    rate: Option<SenderRate>,
+) -> Stored {
+    let parsed = parse(raw);
+    let triage = classify(raw, &parsed, &pilot.mailbox);
+    let identity = ccmail::ingest::identity::identity(raw);
+    let new = NewMessage {
+        pilot_id: pilot.id,
+        queue: &pilot.queue,
+        uidl,
+        raw,
+        parsed: &parsed,
+        headers_only: false,
+        flags: &[],
+        identity,
+        triage: Some(&triage),
+        sender_rate: rate,
+    };
+    let inserted = insert_message(conn, &new).await.unwrap();
+    let work_item = inserted.work_item().expect("a new work item");
+    stored(conn, work_item).await
+}
+
+async fn stored(conn: &mut PgConnection, work_item: i64) -> Stored {
+    let e = explain(conn, work_item).await.unwrap().unwrap();
+    Stored {
+        work_item,
+        conversation: e.conversation_id.unwrap(),
+        rule: e.thread_rule.unwrap(),
+        evidence: e.thread_evidence.unwrap(),
+        class: e.class.unwrap(),
+        status: e.status,
+        held_reason: e.held_reason,
+        flags: e.flags,
+    }
+}
+
+fn mail(headers: &str) -> Vec<u8> {
+    format!(
+        "{}\r\n\r\nBody text.\r\n",
+        headers.trim().replace('\n', "\r\n")
+    )
+    .into_bytes()
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{CLASSIFY_FIXTURES}/{name}.eml")).unwrap()
+}
+
+async fn setup() -> (TestDb, PilotRow) {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let a = app(&mut conn, "support-app", "contoso.onmicrosoft.com").await;
+    let p = pilot(&mut conn, "support", "support@contoso.com", a.id).await;
+    drop(conn);
+    (db, p)
+}
+
+const INVOICE: &str = "From: Ana Silva <ana.silva@example.org>
+To: support@contoso.com
+Subject: Invoice 4471 is wrong
+Message-ID: <CAF1a2b3c4@mail.example.org>";
+
+#[tokio::test]
+async fn conversations_a_reply_by_in_reply_to_continues_the_conversation() {
+    let (db, p) = setup().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    let first = ingest(&mut conn, &p, "1", &mail(INVOICE), None).await;
+    assert_eq!(
+        (first.rule.as_str(), first.class.as_str()),
+        ("new", "human")
+    );
+    assert_eq!(first.status, "queued");
+    let reply = mail(
+        "From: Ana Silva <ana.silva@example.org>
+To: support@contoso.com
+Subject: AW: Invoice 4471 is wrong
+Message-ID: <CAF1a2b3c5@mail.example.org>
+In-Reply-To: <CAF1a2b3c4@mail.example.org>",
+    );
+    let second = ingest(&mut conn, &p, "2", &reply, None).await;
+    assert_eq!(second.conversation, first.conversation);
+    assert_eq!(second.rule, "in_reply_to");
+    assert_eq!(second.evidence["message_id"], "CAF1a2b3c4@mail.example.org");
+    let (count, last, participants): (i32, i64, Vec<String>) = sqlx::query_as(
+        "select message_count, last_message_id, participants from conversations where id = $1",
+    )
+    .bind(first.conversation)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(count, 2);
+    let last_item: i64 = sqlx::query_scalar("select id from work_items where message_id = $1")
+        .bind(last)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(last_item, second.work_item);
+    // The pilot's own mailbox never counts as a participant (a forged From must not pass).
+    assert_eq!(participants, vec!["ana.silva@example.org".to_owned()]);
+}
+
+#[tokio::test]
+async fn conversations_re_invoice_from_a_stranger_opens_a_new_conversation() {
+    let (db, p) = setup().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    let first = ingest(&mut conn, &p, "1", &mail(INVOICE), None).await;
+
+    // Subject alone never threads.
+    let stranger = mail(
+        "From: Eve <eve@elsewhere.example>
+To: support@contoso.com
+Subject: Re: Invoice 4471 is wrong
+Message-ID: <eve-1@elsewhere.example>",
+    );
+    let s = ingest(&mut conn, &p, "2", &stranger, None).await;
+    assert_ne!(s.conversation, first.conversation);
+    assert_eq!(s.rule, "new");
+
+    // A stored id in References with another subject from a non-participant: rejected.
+    let guessed = mail(
+        "From: Eve <eve@elsewhere.example>
+To: support@contoso.com
+Subject: Re: Please pay this instead
+Message-ID: <eve-2@elsewhere.example>
+References: <CAF1a2b3c4@mail.example.org>",
+    );
+    let g = ingest(&mut conn, &p, "3", &guessed, None).await;
+    assert_ne!(g.conversation, first.conversation);
+    assert_eq!(g.rule, "new");
+    assert_eq!(g.evidence["rejected"][0]["header"], "References");
+
+    // The same id with the same normalised subject passes the guard, newest id first.
+    let cc_reply = mail(
+        "From: Bruno <bruno@example.org>
+To: support@contoso.com
+Subject: RE: Fwd: Invoice 4471 is wrong
+Message-ID: <bruno-1@example.org>
+References: <CAF1a2b3c4@mail.example.org> <not-stored@example.org>",
+    );
+    let c = ingest(&mut conn, &p, "4", &cc_reply, None).await;
+    assert_eq!(c.conversation, first.conversation);
+    assert_eq!(c.rule, "references");
+    assert_eq!(c.evidence["guard"], "same_subject");
+
+    // A participant passes the guard whatever the subject.
+    let participant = mail(
+        "From: Ana Silva <ana.silva@example.org>
+To: support@contoso.com
+Subject: one more thing
+Message-ID: <CAF1a2b3c9@mail.example.org>
+References: <CAF1a2b3c4@mail.example.org>",
+    );
+    let a = ingest(&mut conn, &p, "5", &participant, None).await;
+    assert_eq!(a.conversation, first.conversation);
+    assert_eq!(a.evidence["guard"], "sender_is_participant");
+}
+
+#[tokio::test]
+async fn conversations_outlook_reply_with_only_thread_index_continues_by_thread_index() {
+    let (db, p) = setup().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    // The conversation's first message, as Outlook writes it: Thread-Index is the root alone.
+    let first = mail(
+        "From: Bruno Keller <bruno.keller@fabrikam.example>
+To: support@contoso.com
+Subject: Your case 10250
+Thread-Topic: Your case 10250
+Thread-Index: AdoIweCjXzyaHitNTo+aCxwtPk9QYQ==
+Message-ID: <DB7PR04MB1111-first@DB7PR04MB1111.eurprd04.prod.outlook.com>",
+    );
+    let f = ingest(&mut conn, &p, "1", &first, None).await;
+    let reply = ingest(
+        &mut conn,
+        &p,
+        "2",
+        &fixture("outlook_reply_thread_index_only"),
+        None,
+    )
+    .await;
+    assert_eq!(reply.conversation, f.conversation);
+    assert_eq!(reply.rule, "thread_index");
+    assert_eq!(reply.evidence["guard"], "same_thread_topic");
+
+    // The same root with another topic from a stranger: rejected, a new conversation.
+    let forged = mail(
+        "From: Eve <eve@elsewhere.example>
+To: support@contoso.com
+Subject: Payment details changed
+Thread-Topic: Payment details changed
+Thread-Index: AdoIweCjXzyaHitNTo+aCxwtPk9QYQAAobLD
+Message-ID: <eve-3@elsewhere.example>",
+    );
+    let e = ingest(&mut conn, &p, "3", &forged, None).await;
+    assert_ne!(e.conversation, f.conversation);
+    assert_eq!(e.evidence["rejected"][0]["header"], "Thread-Index");
+}
+
+#[tokio::test]
+async fn conversations_are_shared_within_a_tenant_only() {
+    let (db, support) = setup().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    let same_tenant_app = app(&mut conn, "sales-app", "contoso.onmicrosoft.com").await;
+    let sales = pilot(&mut conn, "sales", "sales@contoso.com", same_tenant_app.id).await;
+    let other_app = app(&mut conn, "other-app", "fabrikam.onmicrosoft.com").await;
+    let other = pilot(&mut conn, "other", "help@fabrikam.example", other_app.id).await;
+    let first = ingest(&mut conn, &support, "1", &mail(INVOICE), None).await;
+    let reply = mail(
+        "From: Ana Silva <ana.silva@example.org>
+To: sales@contoso.com, help@fabrikam.example
+Subject: Re: Invoice 4471 is wrong
+Message-ID: <CAF1a2b3d0@mail.example.org>
+In-Reply-To: <CAF1a2b3c4@mail.example.org>",
+    );
+    let in_sales = ingest(&mut conn, &sales, "1", &reply, None).await;
+    assert_eq!(in_sales.conversation, first.conversation);
+    let in_other = ingest(&mut conn, &other, "1", &reply, None).await;
+    assert_ne!(in_other.conversation, first.conversation);
+    assert_eq!(in_other.rule, "new");
+}
+
+#[tokio::test]
+async fn conversations_a_bounce_attaches_to_the_conversation_of_the_bounced_reply() {
+    let (db, p) = setup().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    set_class_policy(
+        &mut conn,
+        p.id,
+        MailClass::Bounce,
+        Some(Action::RouteFlagged),
+    )
+    .await
+    .unwrap();
+    let first = ingest(&mut conn, &p, "1", &mail(INVOICE), None).await;
+    // Our reply to it bounced; the report returns the reply's headers (In-Reply-To: the
+    // customer's message).
+    let bounce = ingest(&mut conn, &p, "2", &fixture("postfix_ndr"), None).await;
+    assert_eq!(bounce.class, "bounce");
+    assert_eq!(bounce.conversation, first.conversation);
+    assert_eq!(bounce.rule, "report_original");
+    assert_eq!(bounce.status, "queued");
+    assert!(bounce.flags.contains(&"automatic".to_owned()));
+    let e = explain(&mut conn, bounce.work_item).await.unwrap().unwrap();
+    let evidence = e.class_evidence.unwrap();
+    assert_eq!(evidence["recipients"][0]["status"], "5.1.1");
+    assert_eq!(evidence["rule"], "dsn_failed");
+}
+
+#[tokio::test]
+async fn conversations_loop_breaker_rate_rule_trips_after_the_limit_and_stores_everything() {
+    let (db, p) = setup().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    set_class_policy(&mut conn, p.id, MailClass::Loop, Some(Action::RouteFlagged))
+        .await
+        .unwrap();
+    let rate = SenderRate {
+        max_messages: 3,
+        window: Duration::from_secs(600),
+    };
+    let mut classes = Vec::new();
+    for n in 0..5 {
+        let raw = mail(&format!(
+            "From: robot@partner.example
+To: support@contoso.com
+Subject: Re: Re: Ticket {n}
+Message-ID: <robot-{n}@partner.example>"
+        ));
+        let s = ingest(&mut conn, &p, &format!("u{n}"), &raw, Some(rate)).await;
+        classes.push(s.class);
+    }
+    assert_eq!(classes, ["human", "human", "human", "loop", "loop"]);
+    let stored: i64 = sqlx::query_scalar("select count(*) from work_items")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(stored, 5);
+    // Another sender is not affected.
+    let other = mail(
+        "From: ana.silva@example.org
+To: support@contoso.com
+Subject: Hello
+Message-ID: <ana-x@example.org>",
+    );
+    assert_eq!(
+        ingest(&mut conn, &p, "other", &other, Some(rate))
+            .await
+            .class,
+        "human"
+    );
+}
+
+#[tokio::test]
+async fn conversations_a_message_seen_before_is_a_loop() {
+    let (db, p) = setup().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    set_class_policy(&mut conn, p.id, MailClass::Loop, Some(Action::Route))
+        .await
+        .unwrap();
+    let raw = mail(INVOICE);
+    assert_eq!(ingest(&mut conn, &p, "1", &raw, None).await.class, "human");
+    // The same message under another UIDL (a loop brought it back).
+    let again = ingest(&mut conn, &p, "2", &raw, None).await;
+    assert_eq!(again.class, "loop");
+    let e = explain(&mut conn, again.work_item).await.unwrap().unwrap();
+    assert_eq!(e.class_evidence.unwrap()["rule"], "seen_before");
+    let sha: Vec<u8> = sqlx::query_scalar("select sha256 from messages where uidl = '2'")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(sha, sha2::Sha256::digest(&raw).to_vec());
+}
+
+/// Held mail needs the `held` work-item status (schema version 11).
+#[tokio::test]
+async fn conversations_default_policy_holds_automatic_mail_with_its_class_as_reason() {
+    let (db, p) = setup().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    let first = ingest(&mut conn, &p, "1", &mail(INVOICE), None).await;
+    assert_eq!(first.status, "queued");
+    for (uidl, name, class) in [
+        ("2", "gmail_vacation", "auto_reply"),
+        ("3", "read_receipt_mdn", "receipt"),
+        ("4", "postfix_ndr", "bounce"),
+        ("5", "x_loop_this_mailbox", "loop"),
+    ] {
+        let s = ingest(&mut conn, &p, uidl, &fixture(name), None).await;
+        assert_eq!(s.class, class, "{name}");
+        assert_eq!(s.status, "held", "{name}");
+        assert_eq!(s.held_reason.as_deref(), Some(class), "{name}");
+    }
+    let list = ingest(&mut conn, &p, "6", &fixture("mailing_list_post"), None).await;
+    assert_eq!(
+        (list.status.as_str(), list.class.as_str()),
+        ("queued", "auto_generated")
+    );
+    assert!(list.flags.contains(&"automatic".to_owned()));
+    let policies = class_policies(&mut conn, p.id).await.unwrap();
+    assert!(policies.iter().all(|(_, _, default)| *default));
+}
