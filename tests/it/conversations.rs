@@ -389,3 +389,72 @@ async fn conversations_default_policy_holds_automatic_mail_with_its_class_as_rea
     let policies = class_policies(&mut conn, p.id).await.unwrap();
     assert!(policies.iter().all(|(_, _, default)| *default));
 }
+
+/// Two mailboxes whose careless auto-responders answer each other: every reply lands in the
+/// other mailbox, both polled by ccmail. The loop breaker's rate rule turns the excess into
+/// `loop` (held, never offered); every message is stored exactly once, and the whole storm is
+/// one conversation across the two pilots (one tenant).
+#[tokio::test]
+async fn conversations_two_auto_responding_mailboxes_are_stopped_by_the_loop_breaker()
+-> anyhow::Result<()> {
+    use crate::support::pipeline::{DOMAIN, Ledger, PipelineWorld, small_limits};
+    use ccmail_lab::sim::mailgen::careless_auto_reply;
+
+    let world = PipelineWorld::start().await?;
+    let a_row = world.add_pilot("alpha", |_| {}).await?;
+    let b_row = world.add_pilot("beta", |_| {}).await?;
+    let (a, b) = (format!("alpha@{DOMAIN}"), format!("beta@{DOMAIN}"));
+    let (alpha, beta) = (world.resolve(&a_row).await?, world.resolve(&b_row).await?);
+    let limits = ccmail::ingest::poller::IngestLimits {
+        sender_rate: SenderRate {
+            max_messages: 4,
+            window: Duration::from_secs(3600),
+        },
+        ..small_limits()
+    };
+    let mut ledger = Ledger::default();
+    // A customer's first message to alpha starts it; each responder answers what it got.
+    let mut last_to_a = careless_auto_reply(&format!("customer@{DOMAIN}"), &mail(INVOICE), 0);
+    ledger.deliver(&world.pop, &a, last_to_a.clone())?;
+    let rounds = 10;
+    for n in 1..=rounds {
+        world.poll(&alpha, &limits).await?;
+        let to_b = careless_auto_reply(&a, &last_to_a, n);
+        ledger.deliver(&world.pop, &b, to_b.clone())?;
+        world.poll(&beta, &limits).await?;
+        last_to_a = careless_auto_reply(&b, &to_b, n);
+        ledger.deliver(&world.pop, &a, last_to_a.clone())?;
+    }
+    world.poll(&alpha, &limits).await?;
+
+    let heads = world.heads(&[a_row.id, b_row.id]).await?;
+    ledger.check(&heads).assert_exactly_once()?;
+    let mut conn = world.db.pool().acquire().await?;
+    let rows: Vec<(i64, String, String, Option<String>, i64)> = sqlx::query_as(
+        "select m.pilot_id, m.class, w.status, w.held_reason, m.conversation_id \
+         from messages m join work_items w on w.message_id = m.id order by m.id",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    assert_eq!(rows.len(), ledger.len());
+    // alpha: the customer's message and 10 replies from beta; beta: 10 replies from alpha.
+    // Per pilot, the responder's first 4 are within the rate and routed, the other 6 loop.
+    for (pilot, routed_expected) in [(a_row.id, 5), (b_row.id, 4)] {
+        let mine: Vec<_> = rows.iter().filter(|r| r.0 == pilot).collect();
+        let loops = mine.iter().filter(|r| r.1 == "loop").count();
+        let held = mine
+            .iter()
+            .filter(|r| r.2 == "held" && r.3.as_deref() == Some("loop"))
+            .count();
+        let routed = mine.iter().filter(|r| r.2 == "queued").count();
+        assert_eq!(
+            (loops, held, routed),
+            (6, 6, routed_expected),
+            "pilot {pilot}: {mine:?}"
+        );
+    }
+    let conversations: std::collections::HashSet<i64> = rows.iter().map(|r| r.4).collect();
+    assert_eq!(conversations.len(), 1, "{rows:?}");
+    drop(conn);
+    world.finish().await
+}
