@@ -30,5 +30,6 @@ mod soak;
 mod store;
 mod support;
 mod walkthrough;
+mod work_store;
 mod worker_in_process;
 mod worker_process;

@@ -9,19 +9,38 @@
 pub enum WorkItemStatus {
     /// Waiting for an agent.
     Queued,
-    /// An agent has it.
-    Assigned,
+    /// Offered to one agent, who has until the offer expires to accept it.
+    Offered,
+    /// An agent works on it, holding a lease it renews.
+    Accepted,
     /// Handled.
     Done,
+    /// Withdrawn (spam, merged, no longer needed); the mail stays stored.
+    Cancelled,
+    /// Kept for a supervisor, never offered (automatic mail, too many offers).
+    Held,
 }
 
 impl WorkItemStatus {
     /// Every status, in life order.
-    pub const ALL: [WorkItemStatus; 3] = [
+    pub const ALL: [WorkItemStatus; 6] = [
         WorkItemStatus::Queued,
-        WorkItemStatus::Assigned,
+        WorkItemStatus::Offered,
+        WorkItemStatus::Accepted,
         WorkItemStatus::Done,
+        WorkItemStatus::Cancelled,
+        WorkItemStatus::Held,
     ];
+
+    /// An agent holds it under a claim token.
+    pub fn is_claimed(self) -> bool {
+        matches!(self, WorkItemStatus::Offered | WorkItemStatus::Accepted)
+    }
+
+    /// Nothing more happens to it unless someone reopens it.
+    pub fn is_final(self) -> bool {
+        matches!(self, WorkItemStatus::Done | WorkItemStatus::Cancelled)
+    }
 }
 
 /// Why a work item needs a closer look: what ingest or the parser could not do normally.

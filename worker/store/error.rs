@@ -201,7 +201,16 @@ pub(crate) fn explain_constraint(name: &str) -> &'static str {
         "oauth_apps_certificate_consistent" => {
             "a certificate credential needs both the certificate and its algorithm (RS256 or PS256)"
         }
-        "work_items_status" => "status must be queued, assigned or done",
+        "api_keys_role" => "role must be agent, supervisor or admin",
+        "api_keys_name_form" => {
+            "name must be 1 to 100 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
+        }
+        "api_keys_agent_queues" => "an agent key must name at least one queue (--queue)",
+        "work_items_queue_length" => "queue must be 1 to 200 bytes",
+        "work_items_reason_length" | "work_item_events_reason_length" => {
+            "a reason must be at most 1000 bytes"
+        }
+        "work_items_status" => "status must be queued, offered, accepted, done, cancelled or held",
         "pilots_queue_limits" => "queue must be at most 100 characters, without control characters",
         "pilots_mailbox_limits" | "pilots_username_limits" => {
             "mailbox and username must be at most 320 characters, without control characters"

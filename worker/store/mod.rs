@@ -16,8 +16,9 @@
 //!   the lab) mentions sqlx; a test in `tests/it/layers.rs` checks it.
 //!
 //! One file per table family: `apps` (`oauth_apps`), `pilots`, `credentials` (secrets across
-//! both), `messages` (messages, attachments, fetch failures), `work_items` (read-only queue
-//! views), `text_limits` (admin-set text rules, mirrored by migration 0007), `words` (enum
+//! both), `messages` (messages, attachments, fetch failures), `work_items` (queue views and
+//! the work item with its message), `lifecycle` (claims and every transition, with their
+//! events), `api_keys` (API keys and kept `Idempotency-Key` answers), `text_limits` (admin-set text rules, mirrored by migration 0007), `words` (enum
 //! text), `error`.
 
 /// The `oauth_apps` columns `AppRow` reads.
@@ -37,10 +38,12 @@ macro_rules! pilot_columns {
     };
 }
 
+mod api_keys;
 mod apps;
 mod conversations;
 mod credentials;
 mod error;
+pub mod lifecycle;
 mod messages;
 mod pilots;
 mod text_limits;
@@ -303,6 +306,24 @@ impl Db {
         }
     }
 
+    /// Opens a dedicated connection that listens on [`WORK_CHANNEL`], within the acquire
+    /// timeout plus the operation deadline.
+    pub async fn listen_work(&self) -> Result<WorkListener, StoreError> {
+        let within = self.pool.options().get_acquire_timeout() + self.operation_timeout;
+        let connect = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+            listener.listen(WORK_CHANNEL).await?;
+            Ok(WorkListener { listener })
+        };
+        match tokio::time::timeout(within, connect).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Deadline {
+                operation: "listen",
+                after: within,
+            }),
+        }
+    }
+
     /// Applies the pending migrations (see [`migrate`]).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         migrate(self).await
@@ -396,6 +417,10 @@ impl std::ops::DerefMut for Tx<'_> {
     }
 }
 
+pub use api_keys::{
+    ApiKey, KeptAnswer, Role, authenticate_api_key, expire_idempotency_keys, insert_api_key,
+    keep_answer, kept_answer, list_api_keys, reserve_idempotency_key, revoke_api_key,
+};
 pub use apps::{
     AppRow, DEFAULT_AUTHORITY, DEFAULT_HOST, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLL_INTERVAL,
     DEFAULT_PORT, DEFAULT_SCOPE, NewApp, StoredCertificate, delete_app, get_app, get_app_by_name,
@@ -423,7 +448,10 @@ pub use pilots::{
 };
 pub use text_limits::{TextLimit, limits};
 pub use work_items::{
-    QueueCount, WorkItemView, oldest_queued_age, queue_counts, recent_work_items,
+    AttachmentContent, AttachmentInfo, QueueCount, QueueSummary, WorkFilter, WorkItemDetail,
+    WorkItemState, WorkItemView, attachment_content, list_work_items, oldest_queued_age,
+    queue_counts, queue_exists, queue_summaries, raw_message, recent_work_items, work_item_detail,
+    work_item_state,
 };
 
 use error::{db_error, sqlstate};
@@ -452,6 +480,26 @@ impl ConfigListener {
     pub async fn changed(&mut self) -> Result<(), StoreError> {
         self.listener.recv().await?;
         Ok(())
+    }
+}
+
+/// The LISTEN/NOTIFY channel on which a trigger names the queue of a work item that is (or
+/// becomes) queued; delivered at commit, folded per transaction. A wake-up hint for long-poll
+/// claims: the claim itself decides what is there.
+pub const WORK_CHANNEL: &str = "ccmail_work_queued";
+
+/// A LISTEN on [`WORK_CHANNEL`].
+pub struct WorkListener {
+    listener: sqlx::postgres::PgListener,
+}
+
+impl WorkListener {
+    /// Waits for the next queue that got work. An error means the connection is broken: drop
+    /// this listener and connect again (notifications sent meanwhile are lost, so callers
+    /// re-check every queue they wait on).
+    pub async fn next_queue(&mut self) -> Result<String, StoreError> {
+        let notification = self.listener.recv().await?;
+        Ok(notification.payload().to_owned())
     }
 }
 

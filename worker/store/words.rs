@@ -13,8 +13,11 @@ impl WorkItemStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             WorkItemStatus::Queued => "queued",
-            WorkItemStatus::Assigned => "assigned",
+            WorkItemStatus::Offered => "offered",
+            WorkItemStatus::Accepted => "accepted",
             WorkItemStatus::Done => "done",
+            WorkItemStatus::Cancelled => "cancelled",
+            WorkItemStatus::Held => "held",
         }
     }
 

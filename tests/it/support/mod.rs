@@ -17,3 +17,4 @@ pub mod ports;
 pub mod scenario;
 pub mod sim_world;
 pub mod wait;
+pub mod work;
