@@ -380,6 +380,17 @@ async fn conversations_default_policy_holds_automatic_mail_with_its_class_as_rea
         assert_eq!(s.status, "held", "{name}");
         assert_eq!(s.held_reason.as_deref(), Some(class), "{name}");
     }
+    let events: Vec<(String, String)> =
+        sqlx::query_as("select action, reason from work_item_events order by id")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert_eq!(events[0].0, "held");
+    assert!(
+        events[0].1.contains("auto_submitted_auto_replied"),
+        "{events:?}"
+    );
     let list = ingest(&mut conn, &p, "6", &fixture("mailing_list_post"), None).await;
     assert_eq!(
         (list.status.as_str(), list.class.as_str()),
@@ -457,4 +468,120 @@ async fn conversations_two_auto_responding_mailboxes_are_stopped_by_the_loop_bre
     assert_eq!(conversations.len(), 1, "{rows:?}");
     drop(conn);
     world.finish().await
+}
+
+/// `ccmail work backfill` classes and threads messages stored before conversations existed,
+/// once (a second run finds nothing), without touching their work items; `ccmail work
+/// explain` shows the result; `ccmail work policy` shows and sets the class policy.
+#[tokio::test]
+async fn conversations_backfill_explain_and_policy_commands() {
+    use crate::admin::Cli;
+
+    let (db, p) = setup().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    let first = ingest(&mut conn, &p, "1", &mail(INVOICE), None).await;
+    let reply = mail(
+        "From: Ana Silva <ana.silva@example.org>
+To: support@contoso.com
+Subject: Re: Invoice 4471 is wrong
+Message-ID: <CAF1a2b3c5@mail.example.org>
+In-Reply-To: <CAF1a2b3c4@mail.example.org>",
+    );
+    let second = ingest(&mut conn, &p, "2", &reply, None).await;
+    let vacation = ingest(&mut conn, &p, "3", &fixture("gmail_vacation"), None).await;
+    // As stored before schema version 12: no conversation, no class; every item queued.
+    sqlx::query(
+        "update messages set conversation_id = null, thread_rule = null, thread_evidence = null, \
+         class = null, class_evidence = null",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("delete from conversations")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("update work_items set status = 'queued', held_reason = null")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+
+    let cli = Cli::new(&db);
+    let out = cli.ok(&["work", "backfill", "--batch", "2"], None);
+    assert!(out.contains("backfilled 3 messages"), "{out}");
+    let out = cli.ok(&["work", "backfill"], None);
+    assert!(out.contains("backfilled 0 messages"), "{out}");
+
+    let (a, b, v) = (
+        stored(&mut conn, first.work_item).await,
+        stored(&mut conn, second.work_item).await,
+        stored(&mut conn, vacation.work_item).await,
+    );
+    assert_eq!(b.conversation, a.conversation);
+    assert_eq!(b.rule, "in_reply_to");
+    assert_eq!(v.class, "auto_reply");
+    assert_eq!(
+        v.status, "queued",
+        "the backfill leaves work items as they are"
+    );
+
+    let text = cli.ok(&["work", "explain", &v.work_item.to_string()], None);
+    for expected in [
+        "class                  auto_reply",
+        "auto_submitted_auto_replied",
+        "threading rule",
+    ] {
+        assert!(text.contains(expected), "{expected:?} not in:\n{text}");
+    }
+    let json = cli.json(&["work", "explain", &b.work_item.to_string(), "--json"]);
+    assert_eq!(json["thread_rule"], "in_reply_to");
+    assert_eq!(json["conversation_id"], a.conversation);
+    let (_, err) = cli.fails(&["work", "explain", "999999"], None);
+    assert!(err.contains("no work item 999999"), "{err}");
+
+    let pilot = p.id.to_string();
+    let table = cli.ok(&["work", "policy", "--pilot", &pilot], None);
+    assert!(
+        table.contains("auto_reply") && table.contains("hold"),
+        "{table}"
+    );
+    let set = cli.json(&[
+        "work",
+        "policy",
+        "--pilot",
+        &pilot,
+        "--class",
+        "auto_reply",
+        "--action",
+        "route",
+        "--json",
+    ]);
+    let row = |v: &serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["class"] == "auto_reply")
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(row(&set)["action"], "route");
+    assert_eq!(row(&set)["default"], false);
+    let (_, err) = cli.fails(
+        &[
+            "work", "policy", "--pilot", &pilot, "--class", "spam", "--action", "hold",
+        ],
+        None,
+    );
+    assert!(err.contains("unknown class \"spam\""), "{err}");
+    let reset = cli.json(&[
+        "work",
+        "policy",
+        "--pilot",
+        &pilot,
+        "--class",
+        "auto_reply",
+        "--default",
+        "--json",
+    ]);
+    assert_eq!(row(&reset)["action"], "hold");
 }

@@ -6,6 +6,7 @@
 //! commands log warnings to stderr only, so their stdout stays a clean report.
 
 mod admin;
+mod explain;
 mod logs;
 mod secret_input;
 
@@ -59,6 +60,9 @@ enum Command {
     /// Master key for secrets stored in the database.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Work items: conversations and automatic mail (explain, backfill, class policy).
+    #[command(subcommand)]
+    Work(explain::TriageCommand),
     /// Probe a running worker's HTTP listener (container health checks): exit 0 when healthy.
     Healthcheck {
         /// Probe /readyz (database reachable, migrations applied) instead of /healthz.
@@ -568,6 +572,7 @@ async fn with_settings(config: Config, command: Command) -> anyhow::Result<()> {
         Command::App(cmd) => admin::app_command(&config, cmd).await,
         Command::Pilot(cmd) => admin::pilot_command(&config, cmd).await,
         Command::Doctor(args) => admin::doctor_command(&config, *args).await,
+        Command::Work(cmd) => explain::triage_command(&config, cmd).await,
         Command::Healthcheck {
             ready,
             addr,

@@ -52,6 +52,9 @@ pub struct Facts<'a> {
     pub triage: Option<&'a Triage>,
     /// The loop breaker's rate rule; `None`: no rate rule.
     pub sender_rate: Option<SenderRate>,
+    /// For a message stored already (backfill): its row, so that only earlier rows count as
+    /// "seen before". `None` for a message being stored.
+    pub stored_row: Option<i64>,
 }
 
 /// Whether a message started a conversation or continued one.
@@ -197,7 +200,7 @@ pub async fn place(conn: &mut PgConnection, facts: &Facts<'_>) -> Result<Placeme
                      order by ord) from found), '[]'::jsonb), \
                  (select to_jsonb(outlook) from outlook), \
                  $8::text is not null and exists (select 1 from messages where pilot_id = $1 and message_id = $8 \
-                     and (sha256 = $9 or identity = $10)), \
+                     and (sha256 = $9 or identity = $10) and ($12::bigint is null or id < $12)), \
                  case when $5::text is null or $11::float8 is null then 0::bigint else \
                      (select count(*) from messages where pilot_id = $1 \
                       and lower(from_addrs -> 0 ->> 'email') = $5 \
@@ -216,6 +219,7 @@ pub async fn place(conn: &mut PgConnection, facts: &Facts<'_>) -> Result<Placeme
         .bind(&facts.sha256[..])
         .bind(facts.identity.map(|i| &i[..]))
         .bind(facts.sender_rate.map(|r| r.window.as_secs_f64()))
+        .bind(facts.stored_row)
         .fetch_one(&mut *conn)
         .await?;
     let (Json(candidates), outlook, seen_before, recent, policies, fresh_id) = row;
@@ -385,6 +389,82 @@ struct OutlookMatch {
     conversation: i64,
     same_topic: Option<bool>,
     participant: bool,
+}
+
+/// A stored message without a class yet (stored before schema version 12), for the backfill.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Unclassified {
+    pub id: i64,
+    pub pilot_id: i64,
+    pub mailbox: String,
+    pub queue: String,
+    pub raw: Vec<u8>,
+    pub sha256: Vec<u8>,
+    pub identity: Option<Vec<u8>>,
+    pub subject: Option<String>,
+}
+
+/// Up to `limit` messages without a class, oldest first, after row `after`.
+pub async fn unclassified(
+    conn: &mut PgConnection,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<Unclassified>, StoreError> {
+    Ok(sqlx::query_as(
+        "select m.id, m.pilot_id, p.mailbox, w.queue, m.raw, m.sha256, m.identity, m.subject \
+         from messages m join pilots p on p.id = m.pilot_id \
+         join work_items w on w.message_id = m.id \
+         where m.class is null and m.id > $1 order by m.id limit $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Gives the stored message `row` the conversation and class of `placement` (the backfill),
+/// with its conversation's side, in one statement guarded by `class is null`: returns false
+/// (and writes nothing) when the row has a class already (a concurrent backfill). The work
+/// item is left as it is: mail already routed or handled is not taken back.
+pub async fn backfill_message(
+    conn: &mut PgConnection,
+    row: &Unclassified,
+    placement: &Placement,
+) -> Result<bool, StoreError> {
+    let done: Option<i64> = sqlx::query_scalar(
+        "with m as (update messages set conversation_id = $2, thread_rule = $3, \
+             thread_evidence = $4, class = $5, class_evidence = $6 \
+             where id = $1 and class is null returning id, pilot_id), \
+         own as (select lower(mailbox) as mailbox from pilots where id = $11), \
+         created as (insert into conversations (id, pilot_id, queue, subject_key, subject, \
+             participants, thread_index, first_message_id, last_message_id) \
+             select $2, m.pilot_id, $7, $8, left($12, 300), \
+                 array(select p from unnest($9::text[]) p where p <> (select mailbox from own) limit 100), \
+                 $10, m.id, m.id from m where $13), \
+         continued as (update conversations c set last_message_id = greatest(c.last_message_id, m.id), \
+             message_count = c.message_count + 1, updated_at = now(), \
+             thread_index = coalesce(c.thread_index, $10), \
+             participants = array(select p from (select distinct p from unnest(c.participants || $9::text[]) p) d \
+                 where p <> (select mailbox from own) order by p limit 100) \
+             from m where c.id = $2 and not $13) \
+         select id from m",
+    )
+    .bind(row.id)
+    .bind(placement.conversation_id)
+    .bind(placement.rule.as_str())
+    .bind(Json(&placement.thread_evidence))
+    .bind(placement.class().as_str())
+    .bind(Json(&placement.classification))
+    .bind(&row.queue)
+    .bind(placement.subject_key())
+    .bind(placement.participants())
+    .bind(placement.thread_index())
+    .bind(row.pilot_id)
+    .bind(row.subject.as_deref())
+    .bind(placement.threaded == Threaded::Created)
+    .fetch_optional(conn)
+    .await?;
+    Ok(done.is_some())
 }
 
 /// Sets what a pilot does with a class of mail (`None`: back to the default).

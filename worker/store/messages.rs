@@ -275,6 +275,7 @@ pub async fn insert_message(
             identity: message.identity.as_ref(),
             triage: message.triage,
             sender_rate: message.sender_rate,
+            stored_row: None,
         },
     )
     .await?;
@@ -343,14 +344,22 @@ pub async fn insert_message(
     // names its class so a supervisor sees why).
     let held = (placement.action == Action::Hold).then(|| placement.class().as_str());
     let work_item_id: i64 = sqlx::query_scalar(
-        "insert into work_items (message_id, queue, flags, status, held_reason) \
-         values ($1, $2, $3, $4, $5) returning id",
+        "with w as (insert into work_items (message_id, queue, flags, status, held_reason) \
+         values ($1, $2, $3, $4, $5) returning id), \
+         e as (insert into work_item_events (work_item_id, actor, action, to_status, reason) \
+         select id, 'system', 'held', 'held', $6 from w where $5::text is not null) \
+         select id from w",
     )
     .bind(message_row)
     .bind(message.queue)
     .bind(&flags)
     .bind(if held.is_some() { "held" } else { "queued" })
     .bind(held)
+    .bind(format!(
+        "class {} by rule {}: the pilot's policy holds it",
+        placement.class(),
+        placement.classification.rule
+    ))
     .fetch_one(&mut *conn)
     .await?;
 

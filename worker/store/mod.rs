@@ -428,7 +428,8 @@ pub use apps::{
     update_app_resealed,
 };
 pub use conversations::{
-    Explanation, MAX_PARTICIPANTS, Placement, Threaded, class_policies, explain, set_class_policy,
+    Explanation, Facts, MAX_PARTICIPANTS, Placement, Threaded, Unclassified, backfill_message,
+    class_policies, explain, place, set_class_policy, unclassified,
 };
 pub use credentials::{
     CredentialHolder, UnboundUpgrade, reseal_credentials, upgrade_unbound_credentials,
