@@ -84,3 +84,21 @@ create table pilot_class_policies (
 
 -- Version 11 adds the column with the lifecycle; this keeps version 12 applicable on its own.
 alter table work_items add column if not exists held_reason text;
+
+-- Sticky routing: the agent who completes an item of a conversation is remembered on it, so the
+-- API can prefer that agent for the conversation's next item. A trigger, so that every path
+-- that completes an item (API, CLI, supervisor) records it.
+create function conversations_note_completion() returns trigger
+language plpgsql as $$
+begin
+    update conversations c set last_completed_by = new.done_by, updated_at = now()
+    from messages m
+    where m.id = new.message_id and c.id = m.conversation_id;
+    return null;
+end;
+$$;
+
+create trigger work_items_completed_sticky after update of status on work_items
+    for each row
+    when (new.status = 'done' and old.status is distinct from 'done' and new.done_by is not null)
+    execute function conversations_note_completion();

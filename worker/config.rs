@@ -1099,6 +1099,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("http.listen"), "{e}");
+        let e = Config::from_sources(
+            toml::Table::new(),
+            "defaults",
+            &env(&[("CCMAIL_CLASSIFY_LOOP_MAX_MESSAGES", "0")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("classify.loop_max_messages"), "{e}");
+        let c = Config::from_sources(
+            toml::Table::new(),
+            "defaults",
+            &env(&[("CCMAIL_CLASSIFY_LOOP_WINDOW_SECS", "120")]),
+        )
+        .unwrap();
+        assert_eq!(c.classify.loop_window_secs, Duration::from_secs(120));
     }
 
     #[test]

@@ -153,6 +153,22 @@ In-Reply-To: <CAF1a2b3c4@mail.example.org>",
 }
 
 #[tokio::test]
+async fn conversations_remember_the_agent_who_completed_an_item() {
+    let (db, p) = setup().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    let first = ingest(&mut conn, &p, "1", &mail(INVOICE), None).await;
+    sqlx::query(
+        "update work_items set status = 'done', done_at = now(), done_by = 'agent-7' where id = $1",
+    )
+    .bind(first.work_item)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let e = explain(&mut conn, first.work_item).await.unwrap().unwrap();
+    assert_eq!(e.last_completed_by.as_deref(), Some("agent-7"));
+}
+
+#[tokio::test]
 async fn conversations_re_invoice_from_a_stranger_opens_a_new_conversation() {
     let (db, p) = setup().await;
     let mut conn = db.pool().acquire().await.unwrap();
@@ -206,6 +222,28 @@ References: <CAF1a2b3c4@mail.example.org>",
     let a = ingest(&mut conn, &p, "5", &participant, None).await;
     assert_eq!(a.conversation, first.conversation);
     assert_eq!(a.evidence["guard"], "sender_is_participant");
+}
+
+#[tokio::test]
+async fn conversations_an_empty_subject_is_no_guard() {
+    let (db, p) = setup().await;
+    let mut conn = db.pool().acquire().await.unwrap();
+    let first = mail(
+        "From: Ana Silva <ana.silva@example.org>
+To: support@contoso.com
+Message-ID: <no-subject-1@example.org>",
+    );
+    let f = ingest(&mut conn, &p, "1", &first, None).await;
+    let stranger = mail(
+        "From: Eve <eve@elsewhere.example>
+To: support@contoso.com
+Subject: Re:
+Message-ID: <eve-4@elsewhere.example>
+References: <no-subject-1@example.org>",
+    );
+    let e = ingest(&mut conn, &p, "2", &stranger, None).await;
+    assert_ne!(e.conversation, f.conversation);
+    assert_eq!(e.rule, "new");
 }
 
 #[tokio::test]

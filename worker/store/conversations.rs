@@ -5,7 +5,8 @@
 //! 1. `in_reply_to`: an `In-Reply-To` id equals the `Message-ID` of a stored message of the
 //!    same tenant (pilots whose apps share an Entra tenant; a password pilot is its own);
 //! 2. `references`: a `References` id, newest first, names such a message, and a guard holds:
-//!    the same normalised subject, or the sender is a participant of that conversation;
+//!    the same normalised subject (not empty), or the sender is a participant of that
+//!    conversation;
 //! 3. `report_original`: a bounce or receipt returns headers whose ids name such a message;
 //! 4. `thread_index`: Outlook's `Thread-Index` root matches a conversation, guarded by
 //!    `Thread-Topic` (same normalised subject) or the sender being a participant;
@@ -111,12 +112,12 @@ impl Placement {
     }
 }
 
-/// Lowercase sender address (the first `From` mailbox), if any.
+/// Lowercase sender address (the first `From` mailbox, as the rate rule's index reads it).
 fn sender(parsed: &ParsedMail) -> Option<String> {
     parsed
         .from
-        .iter()
-        .find_map(|a| a.email.as_deref())
+        .first()
+        .and_then(|a| a.email.as_deref())
         .map(|e| e.trim().to_lowercase())
         .filter(|e| !e.is_empty() && e.len() <= 320)
 }
@@ -182,14 +183,14 @@ pub async fn place(conn: &mut PgConnection, facts: &Facts<'_>) -> Result<Placeme
              refs as (select r.id, r.kind, r.ord from unnest($2::text[], $3::text[]) with ordinality as r(id, kind, ord)), \
              found as ( \
                  select distinct on (r.ord) r.ord, r.id, r.kind, m.id as message_row, c.id as conversation_id, \
-                        c.subject_key = $4 as same_subject, coalesce($5 = any(c.participants), false) as participant \
+                        ($4 <> '' and c.subject_key = $4) as same_subject, coalesce($5 = any(c.participants), false) as participant \
                  from refs r \
                  join messages m on m.message_id = r.id and m.conversation_id is not null \
                       and m.pilot_id in (select id from tenant) \
                  join conversations c on c.id = m.conversation_id \
                  order by r.ord, m.id desc), \
              outlook as ( \
-                 select c.id as conversation, c.subject_key = $7 as same_topic, \
+                 select c.id as conversation, ($7 <> '' and c.subject_key = $7) as same_topic, \
                         coalesce($5 = any(c.participants), false) as participant \
                  from conversations c \
                  where $6::text is not null and c.thread_index = $6 and c.pilot_id in (select id from tenant) \
