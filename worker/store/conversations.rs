@@ -174,8 +174,7 @@ pub async fn place(conn: &mut PgConnection, facts: &Facts<'_>) -> Result<Placeme
         }
     }
 
-    let row: (Json<Vec<Candidate>>, Option<Json<OutlookMatch>>, bool, i64, Option<Json<HashMap<String, String>>>, i64) =
-        sqlx::query_as(
+    let row: Lookup = sqlx::query_as(
             "with tenant as ( \
                  select p.id from pilots p where p.id = $1 \
                  or p.app_id in (select a.id from oauth_apps a where a.tenant = \
@@ -198,16 +197,16 @@ pub async fn place(conn: &mut PgConnection, facts: &Facts<'_>) -> Result<Placeme
              select \
                  coalesce((select jsonb_agg(jsonb_build_object('id', id, 'kind', kind, 'message', message_row, \
                      'conversation', conversation_id, 'same_subject', same_subject, 'participant', participant) \
-                     order by ord) from found), '[]'::jsonb), \
-                 (select to_jsonb(outlook) from outlook), \
+                     order by ord) from found), '[]'::jsonb) as candidates, \
+                 (select to_jsonb(outlook) from outlook) as outlook, \
                  $8::text is not null and exists (select 1 from messages where pilot_id = $1 and message_id = $8 \
-                     and (sha256 = $9 or identity = $10) and ($12::bigint is null or id < $12)), \
+                     and (sha256 = $9 or identity = $10) and ($12::bigint is null or id < $12)) as seen_before, \
                  case when $5::text is null or $11::float8 is null then 0::bigint else \
                      (select count(*) from messages where pilot_id = $1 \
                       and lower(from_addrs -> 0 ->> 'email') = $5 \
-                      and fetched_at > now() - make_interval(secs => $11)) end, \
-                 (select jsonb_object_agg(class, action) from pilot_class_policies where pilot_id = $1), \
-                 nextval(pg_get_serial_sequence('conversations', 'id'))",
+                      and fetched_at > now() - make_interval(secs => $11)) end as recent, \
+                 (select jsonb_object_agg(class, action) from pilot_class_policies where pilot_id = $1) as policies, \
+                 nextval(pg_get_serial_sequence('conversations', 'id')) as fresh_id",
         )
         .bind(facts.pilot_id)
         .bind(&ids)
@@ -223,7 +222,14 @@ pub async fn place(conn: &mut PgConnection, facts: &Facts<'_>) -> Result<Placeme
         .bind(facts.stored_row)
         .fetch_one(&mut *conn)
         .await?;
-    let (Json(candidates), outlook, seen_before, recent, policies, fresh_id) = row;
+    let Lookup {
+        candidates: Json(candidates),
+        outlook,
+        seen_before,
+        recent,
+        policies,
+        fresh_id,
+    } = row;
 
     // Threading: the first candidate whose guard holds.
     let mut rejected: Vec<Value> = Vec::new();
@@ -373,6 +379,17 @@ fn header_of(rule: ThreadRule) -> &'static str {
         ThreadRule::ThreadIndex => "Thread-Index",
         ThreadRule::New => "",
     }
+}
+
+/// What [`place`]'s one query reads.
+#[derive(sqlx::FromRow)]
+struct Lookup {
+    candidates: Json<Vec<Candidate>>,
+    outlook: Option<Json<OutlookMatch>>,
+    seen_before: bool,
+    recent: i64,
+    policies: Option<Json<HashMap<String, String>>>,
+    fresh_id: i64,
 }
 
 #[derive(Debug, serde::Deserialize)]
