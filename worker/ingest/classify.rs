@@ -600,12 +600,7 @@ impl Headers {
     /// [`HEADER_SECTION_LIMIT`] bytes.
     fn read(raw: &[u8]) -> Headers {
         let raw = &raw[..raw.len().min(HEADER_SECTION_LIMIT)];
-        let end = find(raw, b"\r\n\r\n")
-            .into_iter()
-            .chain(find(raw, b"\n\n"))
-            .min()
-            .unwrap_or(raw.len());
-        Headers::read_block(&raw[..end])
+        Headers::read_block(&raw[..header_end(raw)])
     }
 
     /// A block of `Name: value` lines (a header section, a report's field block).
@@ -659,8 +654,20 @@ impl Headers {
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// Where the header section of `raw` ends: at its first empty line (CRLF or bare LF), read
+/// line by line so that only the header section is looked at, however large the body.
+fn header_end(raw: &[u8]) -> usize {
+    let mut start = 0;
+    for (i, &b) in raw.iter().enumerate() {
+        if b == b'\n' {
+            let line = &raw[start..i];
+            if line.is_empty() || line == b"\r" {
+                return start;
+            }
+            start = i + 1;
+        }
+    }
+    raw.len()
 }
 
 #[cfg(test)]

@@ -139,6 +139,61 @@ fn participants(parsed: &ParsedMail) -> Vec<String> {
     out
 }
 
+/// The threading candidates of [`place`]: the stored messages that `$2` (ids, in the order
+/// the rules try them, with their rule in `$3`) name within the tenant of pilot `$1`, each
+/// with the guards' facts, and the conversation of Outlook's `Thread-Index` root `$6`.
+macro_rules! lookup_threading {
+    () => {
+        "with tenant as ( \
+             select p.id from pilots p where p.id = $1 \
+             or p.app_id in (select a.id from oauth_apps a where a.tenant = \
+                 (select o.tenant from pilots q join oauth_apps o on o.id = q.app_id where q.id = $1))), \
+         refs as (select r.id, r.kind, r.ord from unnest($2::text[], $3::text[]) with ordinality as r(id, kind, ord)), \
+         found as ( \
+             select distinct on (r.ord) r.ord, r.id, r.kind, m.id as message_row, c.id as conversation_id, \
+                    ($4 <> '' and c.subject_key = $4) as same_subject, coalesce($5 = any(c.participants), false) as participant \
+             from refs r \
+             join messages m on m.message_id = r.id and m.conversation_id is not null \
+                  and m.pilot_id in (select id from tenant) \
+             join conversations c on c.id = m.conversation_id \
+             order by r.ord, m.id desc), \
+         outlook as ( \
+             select c.id as conversation, ($7 <> '' and c.subject_key = $7) as same_topic, \
+                    coalesce($5 = any(c.participants), false) as participant \
+             from conversations c \
+             where $6::text is not null and c.thread_index = $6 and c.pilot_id in (select id from tenant) \
+             order by c.id desc limit 1) \
+         select \
+             coalesce((select jsonb_agg(jsonb_build_object('id', id, 'kind', kind, 'message', message_row, \
+                 'conversation', conversation_id, 'same_subject', same_subject, 'participant', participant) \
+                 order by ord) from found), '[]'::jsonb) as candidates, \
+             (select to_jsonb(outlook) from outlook) as outlook, "
+    };
+}
+
+/// The rest of [`place`]'s lookup: seen before (`$8` Message-ID with the bytes `$9` or
+/// identity `$10`, in rows before `$12` when given), the sender `$5`'s messages within `$11`
+/// seconds (counted up to `$13`, all the rule needs), the pilot's class policy and a fresh
+/// conversation id.
+macro_rules! lookup_common {
+    () => {
+        "$8::text is not null and exists (select 1 from messages where pilot_id = $1 and message_id = $8 \
+             and (sha256 = $9 or identity = $10) and ($12::bigint is null or id < $12)) as seen_before, \
+         case when $5::text is null or $11::float8 is null then 0::bigint else \
+             (select count(*) from (select 1 from messages where pilot_id = $1 \
+              and lower(from_addrs -> 0 ->> 'email') = $5 \
+              and fetched_at > now() - make_interval(secs => $11) limit $13) recent) end as recent, \
+         (select jsonb_object_agg(class, action) from pilot_class_policies where pilot_id = $1) as policies, \
+         nextval(pg_get_serial_sequence('conversations', 'id')) as fresh_id"
+    };
+}
+
+const LOOKUP_THREADED: &str = concat!(lookup_threading!(), lookup_common!());
+const LOOKUP_UNTHREADED: &str = concat!(
+    "select '[]'::jsonb as candidates, null::jsonb as outlook, ",
+    lookup_common!()
+);
+
 /// Decides the conversation, class and action of a message about to be stored. Reads only;
 /// see the module documentation.
 pub async fn place(conn: &mut PgConnection, facts: &Facts<'_>) -> Result<Placement, StoreError> {
@@ -174,40 +229,15 @@ pub async fn place(conn: &mut PgConnection, facts: &Facts<'_>) -> Result<Placeme
         }
     }
 
-    let row: Lookup = sqlx::query_as(
-            "with tenant as ( \
-                 select p.id from pilots p where p.id = $1 \
-                 or p.app_id in (select a.id from oauth_apps a where a.tenant = \
-                     (select o.tenant from pilots q join oauth_apps o on o.id = q.app_id where q.id = $1))), \
-             refs as (select r.id, r.kind, r.ord from unnest($2::text[], $3::text[]) with ordinality as r(id, kind, ord)), \
-             found as ( \
-                 select distinct on (r.ord) r.ord, r.id, r.kind, m.id as message_row, c.id as conversation_id, \
-                        ($4 <> '' and c.subject_key = $4) as same_subject, coalesce($5 = any(c.participants), false) as participant \
-                 from refs r \
-                 join messages m on m.message_id = r.id and m.conversation_id is not null \
-                      and m.pilot_id in (select id from tenant) \
-                 join conversations c on c.id = m.conversation_id \
-                 order by r.ord, m.id desc), \
-             outlook as ( \
-                 select c.id as conversation, ($7 <> '' and c.subject_key = $7) as same_topic, \
-                        coalesce($5 = any(c.participants), false) as participant \
-                 from conversations c \
-                 where $6::text is not null and c.thread_index = $6 and c.pilot_id in (select id from tenant) \
-                 order by c.id desc limit 1) \
-             select \
-                 coalesce((select jsonb_agg(jsonb_build_object('id', id, 'kind', kind, 'message', message_row, \
-                     'conversation', conversation_id, 'same_subject', same_subject, 'participant', participant) \
-                     order by ord) from found), '[]'::jsonb) as candidates, \
-                 (select to_jsonb(outlook) from outlook) as outlook, \
-                 $8::text is not null and exists (select 1 from messages where pilot_id = $1 and message_id = $8 \
-                     and (sha256 = $9 or identity = $10) and ($12::bigint is null or id < $12)) as seen_before, \
-                 case when $5::text is null or $11::float8 is null then 0::bigint else \
-                     (select count(*) from messages where pilot_id = $1 \
-                      and lower(from_addrs -> 0 ->> 'email') = $5 \
-                      and fetched_at > now() - make_interval(secs => $11)) end as recent, \
-                 (select jsonb_object_agg(class, action) from pilot_class_policies where pilot_id = $1) as policies, \
-                 nextval(pg_get_serial_sequence('conversations', 'id')) as fresh_id",
-        )
+    // Mail that names no other message (most new mail) skips the threading lookups: a
+    // statement without them is cheaper to run and to plan.
+    let threading = !ids.is_empty() || triage.thread_index.is_some();
+    let sql = if threading {
+        LOOKUP_THREADED
+    } else {
+        LOOKUP_UNTHREADED
+    };
+    let row: Lookup = sqlx::query_as(sql)
         .bind(facts.pilot_id)
         .bind(&ids)
         .bind(&kinds)
@@ -220,6 +250,7 @@ pub async fn place(conn: &mut PgConnection, facts: &Facts<'_>) -> Result<Placeme
         .bind(facts.identity.map(|i| &i[..]))
         .bind(facts.sender_rate.map(|r| r.window.as_secs_f64()))
         .bind(facts.stored_row)
+        .bind(facts.sender_rate.map(|r| i64::from(r.max_messages)))
         .fetch_one(&mut *conn)
         .await?;
     let Lookup {
@@ -339,7 +370,7 @@ pub async fn place(conn: &mut PgConnection, facts: &Facts<'_>) -> Result<Placeme
                     rule: "sender_rate".to_owned(),
                     source: "From".to_owned(),
                     value: format!(
-                        "{} earlier messages from this sender within {} s (limit {})",
+                        "at least {} earlier messages from this sender within {} s (limit {})",
                         recent,
                         rate.window.as_secs(),
                         rate.max_messages
