@@ -127,7 +127,7 @@ fn participants(parsed: &ParsedMail) -> Vec<String> {
     let all: [&Vec<Address>; 3] = [&parsed.from, &parsed.to, &parsed.cc];
     for address in all.into_iter().flatten() {
         if let Some(email) = address.email.as_deref() {
-            let email = email.trim().to_lowercase();
+            let email = crate::model::text::nul_free(email.trim()).to_lowercase();
             if !email.is_empty() && email.len() <= 320 && !out.contains(&email) {
                 out.push(email);
             }
@@ -200,20 +200,23 @@ pub async fn place(conn: &mut PgConnection, facts: &Facts<'_>) -> Result<Placeme
     let parsed = facts.parsed;
     let human = Triage::human();
     let triage = facts.triage.unwrap_or(&human);
-    let sender = sender(parsed);
-    let key = subject_key(parsed.subject.as_deref().unwrap_or(""));
+    // Values built by hand may hold NUL (the parser's never do); text parameters cannot.
+    let nul_free = |t: &str| crate::model::text::nul_free(t).into_owned();
+    let sender = sender(parsed).map(|s| nul_free(&s));
+    let key = nul_free(&subject_key(parsed.subject.as_deref().unwrap_or("")));
     let topic_key = triage
         .thread_index
         .as_ref()
         .and_then(|t| t.topic.as_deref())
-        .map(subject_key);
+        .map(|t| nul_free(&subject_key(t)));
 
     // Candidate ids in the order the rules try them.
     let mut ids: Vec<String> = Vec::new();
     let mut kinds: Vec<&'static str> = Vec::new();
     let mut push = |id: &str, kind: &'static str, ids: &mut Vec<String>| {
-        if ids.len() < MAX_CANDIDATE_IDS && !id.is_empty() && !ids.iter().any(|i| i == id) {
-            ids.push(id.to_owned());
+        let id = crate::model::text::nul_free(id);
+        if ids.len() < MAX_CANDIDATE_IDS && !id.is_empty() && !ids.iter().any(|i| *i == id) {
+            ids.push(id.into_owned());
             kinds.push(kind);
         }
     };
@@ -245,7 +248,13 @@ pub async fn place(conn: &mut PgConnection, facts: &Facts<'_>) -> Result<Placeme
         .bind(sender.as_deref())
         .bind(triage.thread_index.as_ref().map(|t| t.root.as_str()))
         .bind(topic_key.as_deref())
-        .bind(parsed.message_id.as_deref().filter(|id| id.len() <= 998))
+        .bind(
+            parsed
+                .message_id
+                .as_deref()
+                .filter(|id| id.len() <= 998)
+                .map(nul_free),
+        )
         .bind(&facts.sha256[..])
         .bind(facts.identity.map(|i| &i[..]))
         .bind(facts.sender_rate.map(|r| r.window.as_secs_f64()))

@@ -279,10 +279,21 @@ pub async fn insert_message(
         },
     )
     .await?;
-    // One statement writes the row and its conversation's side (a new conversation, or the
-    // continued one's last message, count and participants), so a message that turns out to
-    // be stored already writes neither. The pilot's own mailbox is never a participant.
-    let message_row: Option<i64> = columns
+    // The work item's flags are known before anything is written: the attachments' values
+    // are capped by the same rule when they are inserted below.
+    let attachments_cut = would_cut_attachments(message.parsed);
+    let mut flags = work_item_flags(message, cut || attachments_cut);
+    if placement.action == Action::RouteFlagged {
+        flags.push(Flag::Automatic.as_str().to_owned());
+    }
+    // Held mail is stored and counted like any other, and never offered (`held_reason`
+    // names its class so a supervisor sees why).
+    let held = (placement.action == Action::Hold).then(|| placement.class().as_str());
+    // One statement writes the row, its conversation's side (a new conversation, or the
+    // continued one's last message, count and participants), its work item (and the event of
+    // a held one) and forgets the key's fetch failures, so a message that turns out to be
+    // stored already writes none of them. The pilot's own mailbox is never a participant.
+    let rows: Option<Vec<i64>> = columns
         .bind(sqlx::query_scalar(
             "with m as (insert into messages (pilot_id, uidl, raw, sha256, message_id, subject, \
              from_addrs, to_addrs, cc_addrs, reply_to_addrs, sent_at, in_reply_to, \"references\", \
@@ -304,8 +315,14 @@ pub async fn insert_message(
                  thread_index = coalesce(c.thread_index, $31), \
                  participants = array(select p from (select distinct p from unnest(c.participants || $30::text[]) p) d \
                      where p <> (select mailbox from own) order by p limit 100) \
-                 from m where c.id = $22 and not $27) \
-             select id from m",
+                 from m where c.id = $22 and not $27), \
+             w as (insert into work_items (message_id, queue, flags, status, held_reason) \
+                 select m.id, $28, $32, $33, $34 from m returning id), \
+             e as (insert into work_item_events (work_item_id, actor, action, to_status, reason) \
+                 select id, 'system', 'held', 'held', $35 from w where $34::text is not null), \
+             f as (delete from fetch_failures where pilot_id = $1 and uidl = $2 \
+                 and exists (select 1 from m)) \
+             select array[m.id, w.id] from m, w",
         ))
         .bind(placement.conversation_id)
         .bind(placement.rule.as_str())
@@ -317,10 +334,18 @@ pub async fn insert_message(
         .bind(placement.subject_key())
         .bind(placement.participants())
         .bind(placement.thread_index())
+        .bind(&flags)
+        .bind(if held.is_some() { "held" } else { "queued" })
+        .bind(held)
+        .bind(format!(
+            "class {} by rule {}: the pilot's policy holds it",
+            placement.class(),
+            placement.classification.rule
+        ))
         .fetch_optional(&mut *conn)
         .await
         .map_err(|err| unknown_pilot(err, message.pilot_id))?;
-    let Some(message_row) = message_row else {
+    let Some(&[message_row, work_item_id]) = rows.as_deref() else {
         // Already stored by an earlier poll or a concurrent poller: nothing else to write.
         let mut stored = stored_copy(conn, message.pilot_id, message.uidl).await?;
         if stored.is_none()
@@ -336,38 +361,6 @@ pub async fn insert_message(
         })?));
     };
     insert_attachments(conn, message_row, message.parsed, &mut cut).await?;
-    let mut flags = work_item_flags(message, cut);
-    if placement.action == Action::RouteFlagged {
-        flags.push(Flag::Automatic.as_str().to_owned());
-    }
-    // Held mail is stored and counted like any other, and never offered (`held_reason`
-    // names its class so a supervisor sees why).
-    let held = (placement.action == Action::Hold).then(|| placement.class().as_str());
-    let work_item_id: i64 = sqlx::query_scalar(
-        "with w as (insert into work_items (message_id, queue, flags, status, held_reason) \
-         values ($1, $2, $3, $4, $5) returning id), \
-         e as (insert into work_item_events (work_item_id, actor, action, to_status, reason) \
-         select id, 'system', 'held', 'held', $6 from w where $5::text is not null) \
-         select id from w",
-    )
-    .bind(message_row)
-    .bind(message.queue)
-    .bind(&flags)
-    .bind(if held.is_some() { "held" } else { "queued" })
-    .bind(held)
-    .bind(format!(
-        "class {} by rule {}: the pilot's policy holds it",
-        placement.class(),
-        placement.classification.rule
-    ))
-    .fetch_one(&mut *conn)
-    .await?;
-
-    sqlx::query("delete from fetch_failures where pilot_id = $1 and uidl = $2")
-        .bind(message.pilot_id)
-        .bind(message.uidl)
-        .execute(&mut *conn)
-        .await?;
     Ok(Inserted::New {
         work_item_id,
         class: placement.class(),
@@ -504,6 +497,30 @@ impl<'a> MessageColumns<'a> {
             .bind(message.identity.as_ref().map(|i| &i[..]))
             .bind(stored_defects(&parsed.defects))
     }
+}
+
+/// Whether storing `parsed`'s attachments cuts any of their values (what
+/// [`insert_attachments`] will find), so the work item's flags can be written first.
+fn would_cut_attachments(parsed: &ParsedMail) -> bool {
+    let mut cut = false;
+    for attachment in &parsed.attachments {
+        let _ = capped_opt(
+            &attachment.filename,
+            header_limits::ATTACHMENT_FIELD_BYTES,
+            &mut cut,
+        );
+        let _ = capped(
+            &attachment.content_type,
+            header_limits::ATTACHMENT_FIELD_BYTES,
+            &mut cut,
+        );
+        let _ = capped_opt(
+            &attachment.content_id,
+            header_limits::ATTACHMENT_FIELD_BYTES,
+            &mut cut,
+        );
+    }
+    cut
 }
 
 async fn insert_attachments(
