@@ -23,9 +23,11 @@ COPY migrations ./migrations
 # Settings: mount your own as /app/config/ccmail.toml, or use CCMAIL_* variables.
 COPY config/ccmail.example.toml ./config/ccmail.example.toml
 ENV CCMAIL_HTTP_LISTEN=0.0.0.0:9898 \
+    CCMAIL_API_LISTEN=0.0.0.0:9899 \
     CCMAIL_LOG_FORMAT=json
 USER 10001:10001
-EXPOSE 9898
+# 9898: /metrics and health; 9899: the agents' API (keys from `ccmail api-key create`).
+EXPOSE 9898 9899
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["ccmail", "healthcheck"]
 ENTRYPOINT ["ccmail"]

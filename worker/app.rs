@@ -1,6 +1,7 @@
 //! `ccmail run`'s wiring, as a library function: the database pool, the HTTP listener for
-//! `/metrics`, `/healthz` and `/readyz`, the gauge refresh, the token cache and the supervisor
-//! of the pollers, and the drain on shutdown. The CLI calls [`run`] with a token cancelled by
+//! `/metrics`, `/healthz` and `/readyz`, the agents' API on its own listener, the rescue of
+//! expired offers and leases, the gauge refresh, the token cache and the supervisor of the
+//! pollers, and the drain on shutdown. The CLI calls [`run`] with a token cancelled by
 //! SIGTERM/SIGINT; a test can call it in-process with its own token.
 //!
 //! Ordering invariants: the listener serves before the database is reached (`ccmail run`
@@ -16,6 +17,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::{self, ApiSettings, ApiState};
 use crate::config::Config;
 use crate::ingest::observe;
 use crate::ingest::supervisor::{Supervisor, SupervisorSettings};
@@ -26,10 +28,26 @@ use crate::telemetry::{self, HttpLimits};
 /// How long shutdown waits for the gauge refresh to notice it is cancelled.
 const REFRESH_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Binds `http.listen` and runs the worker until `shutdown` is cancelled, then drains.
+/// Binds `http.listen` (and `api.listen` when the API is enabled) and runs the worker until
+/// `shutdown` is cancelled, then drains.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listener = bind(config).await?;
-    run_on(config, listener, shutdown).await
+    let api = if config.api.enabled {
+        Some(bind_api(config).await?)
+    } else {
+        None
+    };
+    run_with(config, listener, api, shutdown).await
+}
+
+/// Binds the agents' API listener the settings name; the error says which setting to change.
+pub async fn bind_api(config: &Config) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(&config.api.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} for the agents' API (set api.listen or CCMAIL_API_LISTEN to a free address, or api.enabled = false)",
+            config.api.listen
+        )
+    })
 }
 
 /// Binds the HTTP listener the settings name; the error says which setting to change.
@@ -43,10 +61,23 @@ pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
 }
 
 /// Runs the worker with an HTTP listener the caller bound (a test binds port 0 and reads the
-/// address from the listener before handing it over), until `shutdown` is cancelled.
+/// address from the listener before handing it over), until `shutdown` is cancelled; the
+/// agents' API is not served.
 pub async fn run_on(
     config: &Config,
     listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_with(config, listener, None, shutdown).await
+}
+
+/// Runs the worker with the listeners the caller bound: `/metrics` and health on `listener`,
+/// the agents' API on `api` when given. The rescue of expired offers and leases runs either
+/// way.
+pub async fn run_with(
+    config: &Config,
+    listener: TcpListener,
+    api: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let pool = store::Db::connect_lazy(
@@ -69,6 +100,20 @@ pub async fn run_on(
         config.http.gauge_refresh_secs,
         http_stop.clone(),
     ));
+    let api_settings = ApiSettings::from_config(&config.api);
+    let api_task = api.map(|api_listener| {
+        match api_listener.local_addr() {
+            Ok(addr) => tracing::info!(listen = %addr, "serving the agents' API at /api/v1"),
+            Err(e) => tracing::warn!(error = %e, "API listener has no local address"),
+        }
+        tokio::spawn(api::serve(
+            api_listener,
+            ApiState::new(pool.clone(), api_settings, shutdown.clone()),
+            api::limits(&config.api),
+            http_stop.clone(),
+        ))
+    });
+
     // Why the listener first: while the database is away `/healthz` answers and `/readyz`
     // says why the worker is not ready, instead of the process exiting and restarting.
     let result = match wait_for_database(config, &pool, &shutdown).await {
@@ -83,6 +128,14 @@ pub async fn run_on(
         Ok(Err(e)) => tracing::warn!(error = %e, "HTTP listener failed"),
         Err(e) => tracing::warn!(error = %e, "HTTP listener task failed"),
     }
+    if let Some(api_task) = api_task {
+        match api_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "API listener failed"),
+            Err(e) => tracing::warn!(error = %e, "API listener task failed"),
+        }
+    }
+
     // Why bounded: a refresh stuck on a database connection that went silent must not keep
     // the process from exiting; its reads change nothing.
     let mut refresh = refresh;
@@ -147,6 +200,12 @@ async fn supervise(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     store::migrate(&pool).await?;
+    // After migrating: the rescue step needs the lifecycle's columns.
+    let rescue = tokio::spawn(api::rescue_loop(
+        pool.clone(),
+        ApiSettings::from_config(&config.api),
+        shutdown.clone(),
+    ));
     let tokens = Arc::new(TokenCache::new(
         Arc::new(TokenSource::new(TokenSourceOptions::from_config(
             &config.oauth,
@@ -161,5 +220,8 @@ async fn supervise(
     );
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "ccmail worker started");
     supervisor.run(shutdown).await;
+    // Why abandoned, not awaited: a rescue pass only moves expired claims back, which the
+    // next pass (of any process) does as well.
+    rescue.abort();
     Ok(())
 }

@@ -44,6 +44,7 @@ pub struct Config {
     pub oauth: OAuthConfig,
     pub secrets: SecretsConfig,
     pub http: HttpConfig,
+    pub api: ApiConfig,
     pub log: LogConfig,
     /// The master key, resolved once when the settings load (from `CCMAIL_MASTER_KEY`, else
     /// `secrets.master_key_file`); never written out.
@@ -249,6 +250,72 @@ pub struct HttpConfig {
     pub gauge_refresh_secs: Duration,
 }
 
+/// `[api]`: the agents' HTTP API (`/api/v1`) and the work-item lifecycle's timings.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Whether `ccmail run` serves the API (the rescue of expired offers and leases runs
+    /// either way).
+    pub enabled: bool,
+    /// Address of the API listener; its own, so it can be exposed to the contact center's
+    /// network without exposing `/metrics`.
+    pub listen: String,
+    /// Connections held at most (long-poll claims hold one each while they wait).
+    pub max_connections: usize,
+    /// A client must send a complete request head within this time.
+    #[serde(with = "secs")]
+    pub header_read_timeout_secs: Duration,
+    /// A kept-alive connection with no request is closed after this.
+    #[serde(with = "secs")]
+    pub idle_timeout_secs: Duration,
+    /// Any connection is closed after this long (after the request in progress).
+    #[serde(with = "secs")]
+    pub max_connection_lifetime_secs: Duration,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// An offer not accepted within this time goes back to its queue.
+    #[serde(with = "secs")]
+    pub offer_timeout_secs: Duration,
+    /// An accepted item whose agent sends no heartbeat within this time goes back to its
+    /// queue (the agent is taken as lost).
+    #[serde(with = "secs")]
+    pub lease_secs: Duration,
+    /// After this many offers an item that comes back is held for a supervisor instead.
+    pub max_offers: u32,
+    /// Longest wait a long-poll claim may ask for.
+    #[serde(with = "secs")]
+    pub max_claim_wait_secs: Duration,
+    /// Most items one claim may take (a dispatcher's batch).
+    pub max_claim_batch: u32,
+    /// How often expired offers and leases are put back.
+    #[serde(with = "secs")]
+    pub rescue_interval_secs: Duration,
+    /// How long the first answer to a POST with an `Idempotency-Key` is kept for replays.
+    #[serde(with = "secs")]
+    pub idempotency_retention_secs: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            enabled: true,
+            listen: "127.0.0.1:9899".to_owned(),
+            max_connections: 512,
+            header_read_timeout_secs: Duration::from_secs(10),
+            idle_timeout_secs: Duration::from_secs(60),
+            max_connection_lifetime_secs: Duration::from_secs(600),
+            max_body_bytes: 64 * 1024,
+            offer_timeout_secs: Duration::from_secs(30),
+            lease_secs: Duration::from_secs(300),
+            max_offers: 5,
+            max_claim_wait_secs: Duration::from_secs(30),
+            max_claim_batch: 100,
+            rescue_interval_secs: Duration::from_secs(1),
+            idempotency_retention_secs: Duration::from_secs(86_400),
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -442,8 +509,8 @@ impl ConfigError {
     }
 }
 
-const SECTIONS: [&str; 8] = [
-    "database", "worker", "pop3", "classify", "oauth", "secrets", "http", "log",
+const SECTIONS: [&str; 9] = [
+    "database", "worker", "pop3", "classify", "oauth", "secrets", "http", "api", "log",
 ];
 
 impl Config {
@@ -544,6 +611,10 @@ impl Config {
                 u64::from(self.database.max_connections),
             ),
             ("http.max_connections", self.http.max_connections as u64),
+            ("api.max_connections", self.api.max_connections as u64),
+            ("api.max_body_bytes", self.api.max_body_bytes as u64),
+            ("api.max_offers", u64::from(self.api.max_offers)),
+            ("api.max_claim_batch", u64::from(self.api.max_claim_batch)),
         ];
         for (key, value) in at_least_one {
             if value == 0 {
@@ -602,6 +673,22 @@ impl Config {
                 self.http.max_connection_lifetime_secs,
             ),
             ("http.gauge_refresh_secs", self.http.gauge_refresh_secs),
+            (
+                "api.header_read_timeout_secs",
+                self.api.header_read_timeout_secs,
+            ),
+            ("api.idle_timeout_secs", self.api.idle_timeout_secs),
+            (
+                "api.max_connection_lifetime_secs",
+                self.api.max_connection_lifetime_secs,
+            ),
+            ("api.offer_timeout_secs", self.api.offer_timeout_secs),
+            ("api.lease_secs", self.api.lease_secs),
+            ("api.rescue_interval_secs", self.api.rescue_interval_secs),
+            (
+                "api.idempotency_retention_secs",
+                self.api.idempotency_retention_secs,
+            ),
         ];
         for (key, value) in at_least_a_second {
             if value < Duration::from_secs(1) {
@@ -625,6 +712,27 @@ impl Config {
         }
         self.reference_policy()?;
         self.try_credential_policy()?;
+        if self.api.max_claim_wait_secs >= self.api.max_connection_lifetime_secs {
+            return Err(invalid(
+                "api.max_claim_wait_secs",
+                "must be shorter than api.max_connection_lifetime_secs",
+            ));
+        }
+        if self.api.max_claim_batch > 1000 {
+            return Err(invalid("api.max_claim_batch", "must be at most 1000"));
+        }
+        if self.api.max_offers > 1000 {
+            return Err(invalid("api.max_offers", "must be at most 1000"));
+        }
+        if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                key: "api.listen",
+                message: format!(
+                    "{:?} is not an address like 127.0.0.1:9899",
+                    self.api.listen
+                ),
+            });
+        }
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::Invalid {
                 key: "http.listen",

@@ -7,6 +7,7 @@
 //! | 1 | [`cli`] | the `ccmail` commands: clap definitions and one handler per command |
 //! | 2 | [`app`] | `ccmail run`'s wiring: pool, HTTP listener, supervisor, drain |
 //! | 3 | [`ingest`] | parsing, the pilot resolver, the pollers and their supervisor |
+//! | 3 | [`api`] | the agents' HTTP API (`/api/v1`): claims, steps, items, OpenAPI; the rescue loop |
 //! | 3 | [`ops`] | `doctor` (step-by-step checks with fixes) and `admin` (validation, views) |
 //! | 4 | [`store`] | all SQL: apps, pilots, credentials, messages, work items, LISTEN |
 //! | 4 | [`pop3`] | the sans-IO POP3 codec, the client's typed states, the TLS connection |
@@ -24,6 +25,7 @@
 //! the rule. The simulators, the demo, the bench and the soak live in the `ccmail-lab`
 //! package (`worker/lab`), which builds on this one and is never part of the product.
 
+pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;

@@ -30,6 +30,8 @@ mod soak;
 mod store;
 mod support;
 mod walkthrough;
+mod work_api;
+mod work_cli;
 mod work_store;
 mod worker_in_process;
 mod worker_process;

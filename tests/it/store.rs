@@ -944,6 +944,11 @@ async fn queue_views_count_and_age_work_items() {
     let parsed = parsed_mail();
     let mut items = Vec::new();
     for uidl in ["1", "2", "3"] {
+        // Three different messages (the same one again would be held as a loop).
+        let parsed = ParsedMail {
+            message_id: Some(format!("m{uidl}@contoso.com")),
+            ..parsed_mail()
+        };
         items.push(
             insert_message(&mut conn, &message(&support, uidl, &parsed))
                 .await
@@ -963,7 +968,7 @@ async fn queue_views_count_and_age_work_items() {
         .execute(&mut *conn)
         .await
         .unwrap();
-    sqlx::query("update work_items set enqueued_at = now() - interval '1 hour', status = 'done' where id = $1")
+    sqlx::query("update work_items set enqueued_at = now() - interval '1 hour', status = 'done', done_at = now() where id = $1")
         .bind(items[0])
         .execute(&mut *conn)
         .await
@@ -1568,11 +1573,16 @@ async fn migrations_apply_on_an_empty_database_and_twice_is_a_no_op() {
     assert_eq!(
         tables,
         [
+            "api_keys",
             "attachments",
+            "conversations",
             "fetch_failures",
+            "idempotency_keys",
             "messages",
             "oauth_apps",
+            "pilot_class_policies",
             "pilots",
+            "work_item_events",
             "work_items"
         ]
     );

@@ -11,8 +11,6 @@ use crate::model::triage::{Action, MailClass};
 use crate::ops::admin::{key_values, or_dash, table};
 use crate::store;
 
-use super::init_logs;
-
 /// The conversation and class commands of `ccmail work`.
 #[derive(Subcommand)]
 pub enum TriageCommand {
@@ -61,30 +59,23 @@ pub struct PolicyArgs {
     pub json: bool,
 }
 
-async fn open(config: &Config) -> anyhow::Result<store::Db> {
-    let pool = store::connect(&config.database.url, 2).await?;
-    store::migrate(&pool).await?;
-    Ok(pool)
-}
-
-/// Runs one of the commands.
-pub async fn triage_command(config: &Config, command: TriageCommand) -> anyhow::Result<()> {
-    init_logs(config, true);
-    let db = open(config).await?;
+/// Runs one of the commands (the `work` handler has set up logging and opened `db`).
+pub async fn triage_command(
+    config: &Config,
+    db: &store::Db,
+    command: TriageCommand,
+) -> anyhow::Result<()> {
     match command {
-        TriageCommand::Explain(args) => explain(&db, args).await,
-        TriageCommand::Backfill(args) => backfill(config, &db, args).await,
-        TriageCommand::Policy(args) => policy(&db, args).await,
+        TriageCommand::Explain(args) => explain(db, args).await,
+        TriageCommand::Backfill(args) => backfill(config, db, args).await,
+        TriageCommand::Policy(args) => policy(db, args).await,
     }
 }
 
 async fn explain(db: &store::Db, args: ExplainArgs) -> anyhow::Result<()> {
     let mut conn = db.acquire().await?;
     let Some(e) = store::explain(&mut conn, args.id).await? else {
-        bail!(
-            "no work item {}; `ccmail work list` (or the API) shows them",
-            args.id
-        );
+        bail!("no work item {}; `ccmail work list` shows them", args.id);
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&e)?);

@@ -9,6 +9,7 @@ mod admin;
 mod explain;
 mod logs;
 mod secret_input;
+mod work;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,9 +61,12 @@ enum Command {
     /// Master key for secrets stored in the database.
     #[command(subcommand)]
     Key(KeyCommand),
-    /// Work items: conversations and automatic mail (explain, backfill, class policy).
+    /// Work items: list, show, requeue, cancel, events.
     #[command(subcommand)]
-    Work(explain::TriageCommand),
+    Work(work::WorkCommand),
+    /// Keys for the agents' HTTP API.
+    #[command(subcommand, name = "api-key")]
+    ApiKey(work::ApiKeyCommand),
     /// Probe a running worker's HTTP listener (container health checks): exit 0 when healthy.
     Healthcheck {
         /// Probe /readyz (database reachable, migrations applied) instead of /healthz.
@@ -572,7 +576,8 @@ async fn with_settings(config: Config, command: Command) -> anyhow::Result<()> {
         Command::App(cmd) => admin::app_command(&config, cmd).await,
         Command::Pilot(cmd) => admin::pilot_command(&config, cmd).await,
         Command::Doctor(args) => admin::doctor_command(&config, *args).await,
-        Command::Work(cmd) => explain::triage_command(&config, cmd).await,
+        Command::Work(cmd) => work::work_command(&config, cmd).await,
+        Command::ApiKey(cmd) => work::api_key_command(&config, cmd).await,
         Command::Healthcheck {
             ready,
             addr,

@@ -57,6 +57,8 @@ mod filename;
 mod html;
 mod sections;
 
+pub use filename::safe_filename;
+
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -75,7 +77,6 @@ pub use crate::model::mail::{
 };
 
 use self::census::{Census, CutReason};
-use self::filename::safe_filename;
 use crate::model::{Flag, text};
 
 /// Nesting beyond which a message is flagged [`FLAG_MIME_TOO_DEEP`]. Real mail stays far

@@ -417,6 +417,51 @@ impl std::ops::DerefMut for Tx<'_> {
     }
 }
 
+/// Either a transaction or a plain pooled connection (each statement its own transaction):
+/// for callers that need a transaction only sometimes, such as a request that is one
+/// guarded statement unless it also keeps an idempotent answer.
+pub enum Session {
+    Tx(Tx<'static>),
+    Conn(Conn),
+}
+
+impl Session {
+    /// Commits a transaction; a plain connection has nothing to commit.
+    pub async fn commit(self) -> Result<(), StoreError> {
+        match self {
+            Session::Tx(tx) => tx.commit().await,
+            Session::Conn(_) => Ok(()),
+        }
+    }
+
+    /// Rolls a transaction back; a plain connection has nothing to undo.
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        match self {
+            Session::Tx(tx) => tx.rollback().await,
+            Session::Conn(_) => Ok(()),
+        }
+    }
+}
+
+impl std::ops::Deref for Session {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        match self {
+            Session::Tx(tx) => tx,
+            Session::Conn(conn) => conn,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match self {
+            Session::Tx(tx) => tx,
+            Session::Conn(conn) => conn,
+        }
+    }
+}
+
 pub use api_keys::{
     ApiKey, KeptAnswer, Role, authenticate_api_key, expire_idempotency_keys, insert_api_key,
     keep_answer, kept_answer, list_api_keys, reserve_idempotency_key, revoke_api_key,

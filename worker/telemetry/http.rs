@@ -289,7 +289,18 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let service = hyper_util::service::TowerToHyperService::new(router(ready));
+    serve_router(listener, router(ready), limits, shutdown).await
+}
+
+/// Serves `app` on `listener` under `limits` until `shutdown` (the hardened listener of
+/// [`serve`], for any routes: the agents' API uses it too).
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let service = hyper_util::service::TowerToHyperService::new(app);
     let open = Arc::new(Open::default());
     let tracker = TaskTracker::new();
     let mut warned_at: Option<Instant> = None;
@@ -465,8 +476,9 @@ pub fn probe_address(listen: &str) -> String {
 /// `GET path` on the listener at `addr` (plain HTTP/1.1); the body when the status is 2xx.
 pub async fn probe(addr: &str, path: &str, timeout: Duration) -> Result<String, ProbeError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    /// Answers of /healthz and /readyz are a line; a larger one is cut, not buffered.
-    const MAX_ANSWER: u64 = 64 * 1024;
+    /// Answers of /healthz and /readyz are a line, and /metrics of a few thousand pilots fits
+    /// with room to spare; anything larger is cut, not buffered.
+    const MAX_ANSWER: u64 = 16 * 1024 * 1024;
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(addr)
             .await

@@ -50,6 +50,7 @@ use metrics_exporter_prometheus::{
 
 pub use http::{
     HttpLimits, ProbeError, Readiness, ReadyFuture, probe, probe_address, router, serve,
+    serve_router,
 };
 
 /// What kind of series a metric has.
@@ -254,7 +255,7 @@ pub const WORK_ITEMS: MetricDef = MetricDef {
     name: "ccmail_work_items",
     kind: Kind::Gauge,
     unit: "",
-    help: "Work items in the database, by queue and status (queued, assigned, done).",
+    help: "Work items in the database, by queue and status (queued, offered, accepted, done, cancelled, held).",
     labels: &[L_QUEUE, "status"],
     buckets: &[],
 };
@@ -328,6 +329,114 @@ pub const CLASSES: &[&str] = &[
 pub const CONVERSATION_OUTCOMES: &[&str] = &["created", "continued"];
 /// Values of the `reason` label of [`LOOP_TRIPS`].
 pub const LOOP_REASONS: &[&str] = &["x_loop", "seen_before", "sender_rate"];
+/// Waits of work items, from seconds to hours.
+const WAIT_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 86400.0,
+];
+
+/// Items offered to agents by claims.
+pub const WORK_CLAIMS: MetricDef = MetricDef {
+    name: "ccmail_work_claims_total",
+    kind: Kind::Counter,
+    unit: "",
+    help: "Work items offered to an agent by a claim (a batch claim counts each item).",
+    labels: &[L_QUEUE],
+    buckets: &[],
+};
+/// Transitions of work items by what happened.
+pub const WORK_TRANSITIONS: MetricDef = MetricDef {
+    name: "ccmail_work_transitions_total",
+    kind: Kind::Counter,
+    unit: "",
+    help: "Work-item transitions by action: accepted, rejected, released, completed, transferred, cancelled, requeued (claims are ccmail_work_claims_total; expiries are counted by their own metrics).",
+    labels: &[L_QUEUE, "action"],
+    buckets: &[],
+};
+/// Offers that expired before the agent accepted.
+pub const WORK_OFFER_TIMEOUTS: MetricDef = MetricDef {
+    name: "ccmail_work_offer_timeouts_total",
+    kind: Kind::Counter,
+    unit: "",
+    help: "Offers not accepted in time, put back in their queue by the rescue step.",
+    labels: &[L_QUEUE],
+    buckets: &[],
+};
+/// Leases that expired: the agent is taken as lost.
+pub const WORK_LEASE_EXPIRIES: MetricDef = MetricDef {
+    name: "ccmail_work_lease_expiries_total",
+    kind: Kind::Counter,
+    unit: "",
+    help: "Accepted items whose agent stopped renewing the lease (reason agent_lost), put back in their queue.",
+    labels: &[L_QUEUE],
+    buckets: &[],
+};
+/// Items held for a supervisor after too many offers.
+pub const WORK_OFFER_LIMIT_HOLDS: MetricDef = MetricDef {
+    name: "ccmail_work_offer_limit_holds_total",
+    kind: Kind::Counter,
+    unit: "",
+    help: "Items that came back after api.max_offers offers and were held for a supervisor instead of being offered again.",
+    labels: &[L_QUEUE],
+    buckets: &[],
+};
+/// Agents' steps refused because the claim was no longer theirs.
+pub const WORK_STALE_STEPS: MetricDef = MetricDef {
+    name: "ccmail_work_stale_steps_total",
+    kind: Kind::Counter,
+    unit: "",
+    help: "Agents' steps refused with no change because the claim token or the state was no longer current (409).",
+    labels: &["step"],
+    buckets: &[],
+};
+/// From entering the queue to the first offer.
+pub const WORK_TIME_TO_OFFER: MetricDef = MetricDef {
+    name: "ccmail_work_time_to_first_offer_seconds",
+    kind: Kind::Histogram,
+    unit: "seconds",
+    help: "Time from a work item entering its queue to its first offer.",
+    labels: &[L_QUEUE],
+    buckets: WAIT_BUCKETS,
+};
+/// From entering the queue to the first accept.
+pub const WORK_TIME_TO_ACCEPT: MetricDef = MetricDef {
+    name: "ccmail_work_time_to_accept_seconds",
+    kind: Kind::Histogram,
+    unit: "seconds",
+    help: "Time from a work item entering its queue to an agent first accepting it.",
+    labels: &[L_QUEUE],
+    buckets: WAIT_BUCKETS,
+};
+/// From accept to completion.
+pub const WORK_HANDLE_TIME: MetricDef = MetricDef {
+    name: "ccmail_work_handle_seconds",
+    kind: Kind::Histogram,
+    unit: "seconds",
+    help: "Time an agent held a work item, from accepting to completing it.",
+    labels: &[L_QUEUE],
+    buckets: WAIT_BUCKETS,
+};
+
+/// Values of the `action` label of [`WORK_TRANSITIONS`].
+pub const WORK_ACTIONS: &[&str] = &[
+    "accepted",
+    "rejected",
+    "released",
+    "completed",
+    "transferred",
+    "cancelled",
+    "requeued",
+];
+
+/// Values of the `step` label of [`WORK_STALE_STEPS`].
+pub const WORK_STEPS: &[&str] = &[
+    "accept",
+    "heartbeat",
+    "release",
+    "complete",
+    "transfer",
+    "cancel",
+    "requeue",
+];
 
 /// Every metric, in the order `/metrics` lists them.
 pub const ALL: &[&MetricDef] = &[
@@ -354,6 +463,15 @@ pub const ALL: &[&MetricDef] = &[
     &MESSAGES_BY_CLASS,
     &CONVERSATIONS,
     &LOOP_TRIPS,
+    &WORK_CLAIMS,
+    &WORK_TRANSITIONS,
+    &WORK_OFFER_TIMEOUTS,
+    &WORK_LEASE_EXPIRIES,
+    &WORK_OFFER_LIMIT_HOLDS,
+    &WORK_STALE_STEPS,
+    &WORK_TIME_TO_OFFER,
+    &WORK_TIME_TO_ACCEPT,
+    &WORK_HANDLE_TIME,
 ];
 
 /// Values of the `reason` label of [`INGEST_ERRORS`]: the poll errors of
@@ -688,6 +806,9 @@ impl Metrics {
         refresh_errors.increment(0);
         let status_record_errors = counter(&recorder, &STATUS_RECORD_ERRORS, &[]);
         status_record_errors.increment(0);
+        for step in WORK_STEPS {
+            counter(&recorder, &WORK_STALE_STEPS, &[step]).increment(0);
+        }
         Metrics {
             handle: recorder.handle(),
             recorder,
@@ -735,6 +856,61 @@ impl Metrics {
             .then(|| value.parse().ok())
             .flatten()
         })
+    }
+
+    // ---- work items (the agents' API and the rescue step) ----
+
+    /// A claim offered `count` items of `queue`; `first_offer_waits` are the waits of those
+    /// offered for the first time.
+    pub fn work_claimed(&self, queue: &str, count: u64, first_offer_waits: &[f64]) {
+        counter(&self.recorder, &WORK_CLAIMS, &[queue]).increment(count);
+        let h = histogram(&self.recorder, &WORK_TIME_TO_OFFER, &[queue]);
+        for wait in first_offer_waits {
+            h.record(*wait);
+        }
+    }
+
+    /// A transition of an item of `queue` (`action` one of [`WORK_ACTIONS`]), with the wait
+    /// until its first accept or the time it was handled when the step knows them.
+    pub fn work_moved(
+        &self,
+        queue: &str,
+        action: &str,
+        first_accept_wait: Option<f64>,
+        handled: Option<f64>,
+    ) {
+        counter(&self.recorder, &WORK_TRANSITIONS, &[queue, action]).increment(1);
+        if let Some(wait) = first_accept_wait {
+            histogram(&self.recorder, &WORK_TIME_TO_ACCEPT, &[queue]).record(wait);
+        }
+        if let Some(secs) = handled {
+            histogram(&self.recorder, &WORK_HANDLE_TIME, &[queue]).record(secs);
+        }
+    }
+
+    /// The rescue step put back items of `queue`.
+    pub fn work_rescued(&self, queue: &str, offers_expired: u64, leases_expired: u64, held: u64) {
+        counter(&self.recorder, &WORK_OFFER_TIMEOUTS, &[queue]).increment(offers_expired);
+        counter(&self.recorder, &WORK_LEASE_EXPIRIES, &[queue]).increment(leases_expired);
+        counter(&self.recorder, &WORK_OFFER_LIMIT_HOLDS, &[queue]).increment(held);
+    }
+
+    /// An agent's `step` was refused as stale.
+    pub fn work_stale(&self, step: &str) {
+        counter(&self.recorder, &WORK_STALE_STEPS, &[step]).increment(1);
+    }
+
+    /// Registers the work series of `queue` at zero, so rates and alerts work before the
+    /// first claim (called for every queue the gauge refresh sees).
+    pub fn work_queue_seen(&self, queue: &str) {
+        self.work_claimed(queue, 0, &[]);
+        self.work_rescued(queue, 0, 0, 0);
+        for action in WORK_ACTIONS {
+            counter(&self.recorder, &WORK_TRANSITIONS, &[queue, action]).increment(0);
+        }
+        for def in [&WORK_TIME_TO_OFFER, &WORK_TIME_TO_ACCEPT, &WORK_HANDLE_TIME] {
+            let _registered = histogram(&self.recorder, def, &[queue]);
+        }
     }
 
     // ---- pilots (the supervisor and the poller) ----
@@ -857,6 +1033,10 @@ impl Metrics {
         }
         state.refreshed.insert(WORK_ITEMS.name, items);
         state.refreshed.insert(OLDEST_QUEUED_AGE.name, ages);
+        drop(state);
+        for q in &queues {
+            self.work_queue_seen(q);
+        }
     }
 
     /// Folds the histogram samples recorded since the last scrape into their buckets. The
@@ -1034,7 +1214,8 @@ mod tests {
             for label in def.labels {
                 assert!(
                     [
-                        "pilot", "queue", "app", "reason", "result", "command", "status", "version"
+                        "pilot", "queue", "app", "reason", "result", "command", "status",
+                        "version", "action", "step"
                     ]
                     .contains(label),
                     "{}: label {label} is not from the fixed sets",
@@ -1128,6 +1309,36 @@ mod tests {
         assert_eq!(m.value(&TOKEN_REQUESTS, &["contoso", "success"]), Some(1.0));
         assert_eq!(m.value(&TOKEN_EXPIRY, &["contoso"]), Some(5000.0));
         assert_eq!(m.value(&TOKEN_FAILURES, &["contoso"]), Some(0.0));
+    }
+
+    #[test]
+    fn a_refreshed_queue_has_its_work_series_at_zero() {
+        let m = Metrics::new();
+        m.queues_refreshed(
+            &[QueueCount {
+                queue: "support".to_owned(),
+                status: WorkItemStatus::Queued,
+                count: 3,
+            }],
+            &[],
+        );
+        let text = m.render();
+        assert!(
+            text.contains("ccmail_work_items{queue=\"support\",status=\"queued\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ccmail_work_claims_total{queue=\"support\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ccmail_work_handle_seconds_bucket{queue=\"support\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("ccmail_work_stale_steps_total{step=\"accept\"} 0\n"),
+            "{text}"
+        );
     }
 
     #[test]

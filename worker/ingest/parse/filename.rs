@@ -14,7 +14,7 @@ const MAX_BYTES: usize = 255;
 const MAX_EXTENSION_BYTES: usize = 16;
 
 /// Returns the sanitised form of `name`, or `None` when nothing usable is left.
-pub(crate) fn safe_filename(name: &str) -> Option<String> {
+pub fn safe_filename(name: &str) -> Option<String> {
     // Only the last path component: `../../etc/passwd` is `passwd`, `C:\x\evil.bat` is
     // `evil.bat`.
     let base = name.rsplit(['/', '\\']).next().unwrap_or(name);

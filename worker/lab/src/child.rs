@@ -71,8 +71,9 @@ impl Child {
         Child::start(exe, &dir.join(format!("{name}.log")), args, env, &options)
     }
 
-    /// Starts `exe args…` with `env` added (minus `RUST_LOG`), stdout and stderr appended to
-    /// a fresh file at `log`, as `options` say.
+    /// Starts `exe args…` with `env` added (minus `RUST_LOG`; plus `CCMAIL_API_LISTEN` on a
+    /// free port unless `env` names it), stdout and stderr appended to a fresh file at `log`,
+    /// as `options` say.
     pub fn start(
         exe: &Path,
         log: &Path,
@@ -114,6 +115,11 @@ impl Child {
             .stderr(Stdio::from(err))
             // Belt and braces: tokio kills it too if the guard's handle is dropped.
             .kill_on_drop(true);
+        // Why: the agents' API listens on a fixed port by default; two workers of parallel
+        // tests would fight over it. A caller that wants it elsewhere names it.
+        if !env.iter().any(|(k, _)| *k == "CCMAIL_API_LISTEN") {
+            command.env("CCMAIL_API_LISTEN", "127.0.0.1:0");
+        }
         for (key, value) in env {
             command.env(key, value);
         }
@@ -163,6 +169,21 @@ impl Child {
             || async {
                 self.assert_running()?;
                 Ok(listen_addr_in(&self.output()))
+            },
+            || format!("its output:\n{}", self.output()),
+        )
+        .await
+    }
+
+    /// The address the worker's agents' API bound, read from its `serving the agents' API`
+    /// log line, waiting at most `within` (settings with `api.listen = "127.0.0.1:0"`).
+    pub async fn api_addr(&self, within: Duration) -> anyhow::Result<SocketAddr> {
+        crate::wait::poll(
+            "the worker's `serving the agents' API` log line",
+            within,
+            || async {
+                self.assert_running()?;
+                Ok(addr_in(&self.output(), "serving the agents' API"))
             },
             || format!("its output:\n{}", self.output()),
         )
@@ -240,18 +261,21 @@ impl Child {
 /// The `listen` address of the first `serving /metrics` line of a worker's log (JSON or text,
 /// with or without ANSI colours).
 fn listen_addr_in(log: &str) -> Option<SocketAddr> {
-    log.lines()
-        .filter(|l| l.contains("serving /metrics"))
-        .find_map(|line| {
-            let plain = strip_ansi(line);
-            let (_, after) = plain.split_once("listen")?;
-            let start = after.find(|c: char| c.is_ascii_digit())?;
-            let addr: String = after[start..]
-                .chars()
-                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                .collect();
-            addr.parse().ok()
-        })
+    addr_in(log, "serving /metrics")
+}
+
+/// The `listen` address of the first log line containing `marker`.
+fn addr_in(log: &str, marker: &str) -> Option<SocketAddr> {
+    log.lines().filter(|l| l.contains(marker)).find_map(|line| {
+        let plain = strip_ansi(line);
+        let (_, after) = plain.split_once("listen")?;
+        let start = after.find(|c: char| c.is_ascii_digit())?;
+        let addr: String = after[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect();
+        addr.parse().ok()
+    })
 }
 
 fn strip_ansi(line: &str) -> String {

@@ -15,4 +15,6 @@ pub mod sim;
 pub mod soak;
 pub mod testdb;
 pub mod wait;
+pub mod work_bench;
+pub mod workload;
 pub mod world;

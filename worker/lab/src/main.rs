@@ -37,6 +37,8 @@ enum Command {
     },
     /// Measure the pipeline against a raw POP3 download of the same mail.
     Bench(ccmail_lab::bench::BenchArgs),
+    /// Measure how fast agents take work: store-level and HTTP claim/accept/complete cycles.
+    BenchWork(ccmail_lab::work_bench::WorkBenchArgs),
     /// Kill the worker with SIGKILL at random moments while mail keeps arriving, then check
     /// every delivered message was stored exactly once (uses a fresh database, dropped after).
     Soak(SoakArgs),
@@ -91,6 +93,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             ccmail_lab::demo::run(&config, &options).await.map(drop)
         }
         Command::Bench(args) => ccmail_lab::bench::run(&config, &args).await,
+        Command::BenchWork(args) => ccmail_lab::work_bench::run(&args).await,
         Command::Soak(args) => soak(&config, args).await,
         Command::SimServe { messages, seed } => ccmail_lab::bench::serve_sim(messages, seed).await,
     }

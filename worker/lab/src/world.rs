@@ -268,12 +268,14 @@ impl World {
         pilot
     }
 
-    /// Worker settings (TOML) for this world: `database_url`, HTTP on `listen`, the CA trusted
+    /// Worker settings (TOML) for this world: `database_url`, HTTP on `listen`, the agents' API
+    /// on a port of its own choosing, the CA trusted
     /// for tokens, the simulator's authority and host allowed, quick reloads and backoffs,
     /// JSON logs at info. Callers append sections of their own.
     pub fn worker_toml(&self, database_url: &str, listen: &str) -> String {
         format!(
             "[database]\nurl = {:?}\n\n[http]\nlisten = {listen:?}\ngauge_refresh_secs = 1\n\n\
+             [api]\nlisten = \"127.0.0.1:0\"\n\n\
              [oauth]\nextra_ca_file = {:?}\nallowed_authorities = [{:?}]\n\n\
              [pop3]\nallowed_xoauth2_hosts = [\"127.0.0.1\"]\n\n\
              [worker]\nreload_interval_secs = 1\ninitial_backoff_secs = 1\nmax_backoff_secs = 2\n\n\
