@@ -7,7 +7,8 @@
 //! every name they mention against a running worker's `/metrics`.
 //!
 //! **Labels** come only from small fixed sets: the pilot id, the queue, the app's name, a
-//! fixed reason/result/command/status word, and the build version. Never a mailbox address,
+//! fixed reason/result/command/status word, a mail class or threading outcome word, and the
+//! build version. Never a mailbox address,
 //! subject, UIDL or error text: those belong in logs, and would make every series unique.
 //!
 //! **Recording** goes through a `metrics-exporter-prometheus` recorder owned by [`Metrics`]
@@ -1215,7 +1216,7 @@ mod tests {
                 assert!(
                     [
                         "pilot", "queue", "app", "reason", "result", "command", "status",
-                        "version", "action", "step"
+                        "version", "action", "step", "class", "outcome"
                     ]
                     .contains(label),
                     "{}: label {label} is not from the fixed sets",
