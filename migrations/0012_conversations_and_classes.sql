@@ -10,7 +10,7 @@
 -- Invariants the database keeps:
 --   * `messages.thread_rule` and `messages.class` are known words (or null: rows stored
 --     before this version, until `ccmail work backfill` gives them one);
---   * a conversation names its first and last message; both belong to it;
+--   * a message's conversation exists (checked at commit);
 --   * `pilot_class_policies` holds only known classes and actions (no row: the default).
 -- The work item of held mail has status `held` and `held_reason` = its class; the status
 -- word itself is version 11's (work-item lifecycle).
@@ -59,11 +59,9 @@ alter table messages
         (conversation_id is null) = (thread_rule is null)
     );
 
-alter table conversations
-    add constraint conversations_first_message_fkey foreign key (first_message_id)
-        references messages (id) on delete restrict deferrable initially deferred,
-    add constraint conversations_last_message_fkey foreign key (last_message_id)
-        references messages (id) on delete restrict deferrable initially deferred;
+-- `first_message_id` and `last_message_id` are written by the statement that stores the message
+-- they name (messages are never deleted: pilots with mail cannot be removed), so they carry no
+-- foreign key: two checks per stored message saved on the ingest path.
 
 create index messages_conversation_idx on messages (conversation_id, id);
 create index conversations_thread_index_idx on conversations (thread_index) where thread_index is not null;

@@ -184,7 +184,7 @@ macro_rules! lookup_common {
               and lower(from_addrs -> 0 ->> 'email') = $5 \
               and fetched_at > now() - make_interval(secs => $11) limit $13) recent) end as recent, \
          (select jsonb_object_agg(class, action) from pilot_class_policies where pilot_id = $1) as policies, \
-         nextval(pg_get_serial_sequence('conversations', 'id')) as fresh_id"
+         nextval('conversations_id_seq'::regclass) as fresh_id"
     };
 }
 
