@@ -24,6 +24,7 @@ use crate::ingest::supervisor::{Supervisor, SupervisorSettings};
 use crate::oauth::{CachePolicy, TokenCache, TokenSource, TokenSourceOptions};
 use crate::store;
 use crate::telemetry::{self, HttpLimits};
+use crate::web::{self, WebSettings, WebState};
 
 /// How long shutdown waits for the gauge refresh to notice it is cancelled.
 const REFRESH_STOP: std::time::Duration = std::time::Duration::from_secs(5);
@@ -37,7 +38,22 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     } else {
         None
     };
-    run_with(config, listener, api, shutdown).await
+    let web = if config.web.enabled {
+        Some(bind_web(config).await?)
+    } else {
+        None
+    };
+    run_listeners(config, listener, api, web, shutdown).await
+}
+
+/// Binds the web console's listener the settings name.
+pub async fn bind_web(config: &Config) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(&config.web.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} for the web console (set web.listen or CCMAIL_WEB_LISTEN to a free address, or web.enabled = false)",
+            config.web.listen
+        )
+    })
 }
 
 /// Binds the agents' API listener the settings name; the error says which setting to change.
@@ -80,6 +96,17 @@ pub async fn run_with(
     api: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_listeners(config, listener, api, None, shutdown).await
+}
+
+/// As [`run_with`], with the web console on `web` when given.
+pub async fn run_listeners(
+    config: &Config,
+    listener: TcpListener,
+    api: Option<TcpListener>,
+    web: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let pool = store::Db::connect_lazy(
         &config.database.url,
         &store::DbSettings::from_config(&config.database),
@@ -108,12 +135,27 @@ pub async fn run_with(
         }
         tokio::spawn(api::serve(
             api_listener,
-            ApiState::new(pool.clone(), api_settings, shutdown.clone()),
+            ApiState::new(pool.clone(), api_settings.clone(), shutdown.clone()),
             api::limits(&config.api),
             http_stop.clone(),
         ))
     });
 
+    let web_task = web.map(|web_listener| {
+        match web_listener.local_addr() {
+            Ok(addr) => tracing::info!(listen = %addr, "serving the web console"),
+            Err(e) => tracing::warn!(error = %e, "web console listener has no local address"),
+        }
+        tokio::spawn(web::serve(
+            web_listener,
+            WebState::new(
+                pool.clone(),
+                WebSettings::from_config(&config.web, api_settings.clone()),
+            ),
+            web::limits(&config.web),
+            http_stop.clone(),
+        ))
+    });
     // Why the listener first: while the database is away `/healthz` answers and `/readyz`
     // says why the worker is not ready, instead of the process exiting and restarting.
     let result = match wait_for_database(config, &pool, &shutdown).await {
@@ -127,6 +169,13 @@ pub async fn run_with(
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "HTTP listener failed"),
         Err(e) => tracing::warn!(error = %e, "HTTP listener task failed"),
+    }
+    if let Some(web_task) = web_task {
+        match web_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "web console listener failed"),
+            Err(e) => tracing::warn!(error = %e, "web console listener task failed"),
+        }
     }
     if let Some(api_task) = api_task {
         match api_task.await {

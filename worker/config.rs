@@ -45,6 +45,7 @@ pub struct Config {
     pub secrets: SecretsConfig,
     pub http: HttpConfig,
     pub api: ApiConfig,
+    pub web: WebConfig,
     pub log: LogConfig,
     /// The master key, resolved once when the settings load (from `CCMAIL_MASTER_KEY`, else
     /// `secrets.master_key_file`); never written out.
@@ -316,6 +317,49 @@ impl Default for ApiConfig {
     }
 }
 
+/// `[web]`: the web console for people (agents today), on its own listener.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Whether `ccmail run` serves the console.
+    pub enabled: bool,
+    /// Address of the console's listener.
+    pub listen: String,
+    /// Mark the session cookie `Secure` (set it when a TLS proxy serves the console).
+    pub secure_cookies: bool,
+    /// A login lasts this long.
+    #[serde(with = "secs")]
+    pub session_lifetime_secs: Duration,
+    /// Failed logins of one user name allowed per `login_window_secs`.
+    pub max_failed_logins: u32,
+    #[serde(with = "secs")]
+    pub login_window_secs: Duration,
+    pub max_connections: usize,
+    #[serde(with = "secs")]
+    pub header_read_timeout_secs: Duration,
+    #[serde(with = "secs")]
+    pub idle_timeout_secs: Duration,
+    #[serde(with = "secs")]
+    pub max_connection_lifetime_secs: Duration,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            enabled: false,
+            listen: "127.0.0.1:9900".to_owned(),
+            secure_cookies: false,
+            session_lifetime_secs: Duration::from_secs(12 * 3600),
+            max_failed_logins: 5,
+            login_window_secs: Duration::from_secs(300),
+            max_connections: 256,
+            header_read_timeout_secs: Duration::from_secs(10),
+            idle_timeout_secs: Duration::from_secs(60),
+            max_connection_lifetime_secs: Duration::from_secs(600),
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -509,8 +553,8 @@ impl ConfigError {
     }
 }
 
-const SECTIONS: [&str; 9] = [
-    "database", "worker", "pop3", "classify", "oauth", "secrets", "http", "api", "log",
+const SECTIONS: [&str; 10] = [
+    "database", "worker", "pop3", "classify", "oauth", "secrets", "http", "api", "web", "log",
 ];
 
 impl Config {
@@ -615,6 +659,11 @@ impl Config {
             ("api.max_body_bytes", self.api.max_body_bytes as u64),
             ("api.max_offers", u64::from(self.api.max_offers)),
             ("api.max_claim_batch", u64::from(self.api.max_claim_batch)),
+            (
+                "web.max_failed_logins",
+                u64::from(self.web.max_failed_logins),
+            ),
+            ("web.max_connections", self.web.max_connections as u64),
         ];
         for (key, value) in at_least_one {
             if value == 0 {
@@ -685,6 +734,17 @@ impl Config {
             ("api.offer_timeout_secs", self.api.offer_timeout_secs),
             ("api.lease_secs", self.api.lease_secs),
             ("api.rescue_interval_secs", self.api.rescue_interval_secs),
+            ("web.session_lifetime_secs", self.web.session_lifetime_secs),
+            ("web.login_window_secs", self.web.login_window_secs),
+            (
+                "web.header_read_timeout_secs",
+                self.web.header_read_timeout_secs,
+            ),
+            ("web.idle_timeout_secs", self.web.idle_timeout_secs),
+            (
+                "web.max_connection_lifetime_secs",
+                self.web.max_connection_lifetime_secs,
+            ),
             (
                 "api.idempotency_retention_secs",
                 self.api.idempotency_retention_secs,
@@ -723,6 +783,15 @@ impl Config {
         }
         if self.api.max_offers > 1000 {
             return Err(invalid("api.max_offers", "must be at most 1000"));
+        }
+        if self.web.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                key: "web.listen",
+                message: format!(
+                    "{:?} is not an address like 127.0.0.1:9900",
+                    self.web.listen
+                ),
+            });
         }
         if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::Invalid {

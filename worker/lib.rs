@@ -8,6 +8,7 @@
 //! | 2 | [`app`] | `ccmail run`'s wiring: pool, HTTP listener, supervisor, drain |
 //! | 3 | [`ingest`] | parsing, the pilot resolver, the pollers and their supervisor |
 //! | 3 | [`api`] | the agents' HTTP API (`/api/v1`): claims, steps, items, OpenAPI; the rescue loop |
+//! | 3 | [`web`] | the web console: server-rendered pages, accounts' sessions, CSRF, CSP |
 //! | 3 | [`ops`] | `doctor` (step-by-step checks with fixes) and `admin` (validation, views) |
 //! | 4 | [`store`] | all SQL: apps, pilots, credentials, messages, work items, LISTEN |
 //! | 4 | [`pop3`] | the sans-IO POP3 codec, the client's typed states, the TLS connection |
@@ -39,3 +40,4 @@ pub mod secrets;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod web;

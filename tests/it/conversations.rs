@@ -67,6 +67,7 @@ async fn ingest(
         identity,
         triage: Some(&triage),
         sender_rate: rate,
+        sha256: None,
     };
     let inserted = insert_message(conn, &new).await.unwrap();
     let work_item = inserted.work_item().expect("a new work item");

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["cli"],
     &["app"],
-    &["ingest", "ops", "api"],
+    &["ingest", "ops", "api", "web"],
     &["store", "pop3", "oauth", "telemetry"],
     &["model", "config", "secrets", "tls", "display", "retry"],
 ];

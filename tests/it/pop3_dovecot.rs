@@ -274,6 +274,73 @@ async fn uidl_and_retr_match_the_maildir_byte_for_byte() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn pipelined_retr_and_dele_match_the_maildir_and_delete_only_at_quit() -> anyhow::Result<()> {
+    let world = DovecotWorld::start().await?;
+    world
+        .run(async |w| {
+            let mut delivered = Vec::new();
+            for i in 0..40u32 {
+                let raw = if i == 7 {
+                    big_message_with_dot_lines()
+                } else {
+                    format!("From: c{i}@example.net\nSubject: n{i}\n\n.dot {i}\n..two\nend\n")
+                        .into_bytes()
+                };
+                delivered.push((w.dovecot.deliver(MAILBOX, &raw)?, raw));
+            }
+            let mut session = w.xoauth2(TlsMode::Implicit).await?;
+            ensure!(session.pipelining(), "Dovecot's CAPA lists PIPELINING");
+            let numbers: Vec<u32> = within("UIDL", session.uidl_all())
+                .await??
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            ensure!(numbers.len() == delivered.len(), "UIDL {numbers:?}");
+            // C: RETR 1 … RETR 16 before any answer; each answer read in turn, the window
+            // topped up; DELE of every even message joins the RETRs in flight.
+            let mut next = 0;
+            for (i, n) in numbers.iter().enumerate() {
+                next = usize::max(next, i);
+                while next < numbers.len()
+                    && session.in_flight() < ccmail::pop3::client::PIPELINE_WINDOW
+                {
+                    within(
+                        "RETR sent ahead",
+                        session.send_retr(numbers[next], RETR_LIMIT),
+                    )
+                    .await??;
+                    next += 1;
+                }
+                let body = within("RETR", session.retr(*n, RETR_LIMIT)).await??;
+                let (path, raw) = &delivered[i];
+                ensure!(
+                    crlf(&body) == crlf(raw),
+                    "pipelined RETR {n} ({} octets) differs from delivery {} ({} octets)",
+                    body.len(),
+                    path.display(),
+                    raw.len()
+                );
+                if n % 2 == 0 {
+                    within("DELE", session.dele(*n)).await??;
+                }
+            }
+            ensure!(session.in_flight() > 0, "no DELE was pipelined");
+            // Nothing is deleted before QUIT, which reads every DELE's answer first.
+            ensure!(
+                w.dovecot.maildir_messages(MAILBOX)?.len() == 40,
+                "deleted before QUIT"
+            );
+            within("QUIT", session.quit()).await??;
+            ensure!(
+                w.dovecot.maildir_messages(MAILBOX)?.len() == 20,
+                "QUIT did not delete the 20 marked messages"
+            );
+            Ok(())
+        })
+        .await
+}
+
+#[tokio::test]
 async fn dele_removes_only_at_quit() -> anyhow::Result<()> {
     let world = DovecotWorld::start().await?;
     world

@@ -73,6 +73,7 @@ fn parsed_mail() -> ParsedMail {
                 content_id: None,
                 inline: false,
                 bytes: b"%PDF-1.4 fake".to_vec(),
+                raw_range: None,
             },
             Attachment {
                 filename: None,
@@ -80,6 +81,7 @@ fn parsed_mail() -> ParsedMail {
                 content_id: Some("<logo>".into()),
                 inline: true,
                 bytes: vec![0x89, b'P', b'N', b'G'],
+                raw_range: None,
             },
         ],
         parse_error: None,
@@ -104,6 +106,7 @@ fn message<'a>(pilot: &'a PilotRow, uidl: &'a str, parsed: &'a ParsedMail) -> Ne
         identity: None,
         triage: None,
         sender_rate: None,
+        sha256: None,
     }
 }
 
@@ -1575,13 +1578,18 @@ async fn migrations_apply_on_an_empty_database_and_twice_is_a_no_op() {
         [
             "api_keys",
             "attachments",
+            "audit_log",
             "conversations",
             "fetch_failures",
             "idempotency_keys",
             "messages",
             "oauth_apps",
             "pilot_class_policies",
+            "pilot_leases",
             "pilots",
+            "replicas",
+            "users",
+            "web_sessions",
             "work_item_events",
             "work_items"
         ]
@@ -1668,6 +1676,7 @@ async fn parser_defects_are_stored_capped_and_shown_with_the_work_item() {
         identity: None,
         triage: None,
         sender_rate: None,
+        sha256: None,
     };
     insert_message(&mut conn, &new).await.unwrap();
     let view = recent_work_items(&mut conn, 1).await.unwrap();
@@ -1715,6 +1724,7 @@ async fn a_defect_of_nul_bytes_is_capped_after_the_nul_rule_and_the_message_is_s
         identity: None,
         triage: None,
         sender_rate: None,
+        sha256: None,
     };
     insert_message(&mut conn, &new).await.unwrap();
     let view = recent_work_items(&mut conn, 1).await.unwrap();
@@ -1726,4 +1736,88 @@ async fn a_defect_of_nul_bytes_is_capped_after_the_nul_rule_and_the_message_is_s
     }
     drop(conn);
     db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_base64_attachment_is_stored_once_and_read_back_byte_for_byte() {
+    let db = TestDb::new().await.unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let app = app(&mut conn, "a").await;
+    let p = pilot(&mut conn, "support", "s@x", app.id).await;
+    let mut rng = fastrand::Rng::with_seed(0xa77);
+    let big: Vec<u8> = (0..100_000).map(|_| rng.u8(..)).collect();
+    let small = b"short note".to_vec();
+    let qp_text = "caf\u{e9} ".repeat(2_000);
+    let encode = |bytes: &[u8]| {
+        use base64::Engine as _;
+        let text = base64::engine::general_purpose::STANDARD.encode(bytes);
+        let lines: Vec<&str> = text
+            .as_bytes()
+            .chunks(76)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        lines.join("\r\n")
+    };
+    let raw = format!(
+        "From: c@example.net\r\nSubject: files\r\nMIME-Version: 1.0\r\n\
+         Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n\
+         --b1\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n\
+         --b1\r\nContent-Type: application/octet-stream; name=\"big.bin\"\r\n\
+         Content-Transfer-Encoding: base64\r\n\r\n{}\r\n\
+         --b1\r\nContent-Type: application/octet-stream; name=\"small.bin\"\r\n\
+         Content-Transfer-Encoding: base64\r\n\r\n{}\r\n\
+         --b1\r\nContent-Type: text/plain; charset=utf-8; name=\"note.txt\"\r\n\
+         Content-Disposition: attachment; filename=\"note.txt\"\r\n\
+         Content-Transfer-Encoding: quoted-printable\r\n\r\n{}\r\n--b1--\r\n",
+        encode(&big),
+        encode(&small),
+        qp_text.replace('\u{e9}', "=C3=A9")
+    )
+    .into_bytes();
+    let parsed = ccmail::ingest::parse::parse(&raw);
+    assert_eq!(parsed.attachments.len(), 3, "{parsed:?}");
+    assert!(parsed.attachments[0].raw_range.is_some(), "{parsed:?}");
+    assert!(
+        parsed.attachments[1].raw_range.is_none(),
+        "small ones keep their bytes"
+    );
+    assert!(
+        parsed.attachments[2].raw_range.is_none(),
+        "quoted-printable keeps its bytes"
+    );
+    let mut new = message(&p, "UID-ATT", &parsed);
+    new.raw = &raw;
+    let item = insert_message(&mut conn, &new)
+        .await
+        .unwrap()
+        .work_item()
+        .unwrap();
+    let stored: Vec<(Option<Vec<u8>>, Option<i64>, i64)> =
+        sqlx::query_as("select bytes, raw_start, size from attachments order by ordinal")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    assert!(
+        stored[0].0.is_none() && stored[0].1.is_some(),
+        "the big one is a range"
+    );
+    assert_eq!(stored[0].2, big.len() as i64);
+    assert_eq!(stored[1].0.as_deref(), Some(&small[..]));
+    for (ordinal, want) in [(0, &big), (1, &small), (2, &parsed.attachments[2].bytes)] {
+        let content = attachment_content(&mut conn, item, ordinal)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&content.bytes, want, "attachment {ordinal}");
+    }
+    // The schema refuses an attachment with neither bytes nor a range.
+    let err =
+        sqlx::query("update attachments set raw_start = null, raw_end = null where bytes is null")
+            .execute(&mut *conn)
+            .await
+            .unwrap_err();
+    assert!(
+        err.to_string().contains("attachments_bytes_or_range"),
+        "{err}"
+    );
 }

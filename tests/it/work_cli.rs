@@ -142,3 +142,71 @@ async fn operators_list_show_cancel_requeue_and_read_the_events() {
     assert_eq!(json.as_array().unwrap().len(), 2);
     db.drop_db().await.unwrap();
 }
+
+#[tokio::test]
+async fn console_accounts_take_a_password_from_stdin_only_and_store_argon2id() {
+    let db = TestDb::new().await.unwrap();
+    work::pilot(db.db(), "support").await;
+    let cli = Cli::new(&db);
+    let (_, err) = cli.fails(
+        &[
+            "user",
+            "add",
+            "--name",
+            "ann",
+            "--role",
+            "agent",
+            "--password-stdin",
+        ],
+        Some("long enough password\n"),
+    );
+    assert!(err.contains("--queue"), "{err}");
+    let (_, err) = cli.fails(
+        &[
+            "user",
+            "add",
+            "--name",
+            "ann",
+            "--role",
+            "agent",
+            "--queue",
+            "support",
+            "--password-stdin",
+        ],
+        Some("short\n"),
+    );
+    assert!(err.contains("at least 12"), "{err}");
+    let out = cli.ok(
+        &[
+            "user",
+            "add",
+            "--name",
+            "ann",
+            "--role",
+            "agent",
+            "--queue",
+            "support",
+            "--password-stdin",
+        ],
+        Some("correct horse battery staple\n"),
+    );
+    assert!(out.contains("created"), "{out}");
+    let hash: String = sqlx::query_scalar("select password_hash from users where name = 'ann'")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(!hash.contains("correct horse"));
+    assert!(
+        ccmail::web::session::verify_password("correct horse battery staple".into(), hash.clone())
+            .await
+    );
+    assert!(!ccmail::web::session::verify_password("wrong".into(), hash).await);
+    let audited: i64 =
+        sqlx::query_scalar("select count(*) from audit_log where action = 'user.add'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(audited, 1);
+    db.drop_db().await.unwrap();
+}

@@ -414,3 +414,64 @@ async fn schema_version_11_returns_assigned_items_to_their_queue_with_an_event()
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn rescuers_running_at_once_put_each_expired_claim_back_exactly_once() {
+    let db = TestDb::new().await.unwrap();
+    let pilot = work::pilot(db.db(), "q").await;
+    work::items(db.db(), pilot, "q", 300).await;
+    let mut conn = db.db().acquire().await.unwrap();
+    let claims = lifecycle::claim(&mut conn, "q", "ann", 300, OFFER)
+        .await
+        .unwrap();
+    for c in claims.iter().take(100) {
+        done(
+            lifecycle::accept(&mut conn, c.id, &c.claim_token, "ann", LEASE)
+                .await
+                .unwrap(),
+        );
+    }
+    sqlx::query(
+        "update work_items set offer_expires_at = case when status = 'offered' then now() - interval '1 second' end, \
+         lease_expires_at = case when status = 'accepted' then now() - interval '1 second' end",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    drop(conn);
+    let barrier = Arc::new(tokio::sync::Barrier::new(4));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (pool, barrier) = (db.db().clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let mut moved = (0, 0);
+            loop {
+                let mut conn = pool.acquire().await.unwrap();
+                let r = lifecycle::rescue(&mut conn, 5, 25).await.unwrap();
+                if r.is_empty() {
+                    return moved;
+                }
+                for (_, r) in r {
+                    moved.0 += r.offers_expired;
+                    moved.1 += r.leases_expired;
+                }
+            }
+        }));
+    }
+    let mut total = (0, 0);
+    for t in tasks {
+        let m = t.await.unwrap();
+        total = (total.0 + m.0, total.1 + m.1);
+    }
+    assert_eq!(total, (200, 100), "offers and leases, each once");
+    let (queued, rescued): (i64, i64) = sqlx::query_as(
+        "select (select count(*) from work_items where status = 'queued'), \
+         (select count(*) from work_item_events where action in ('offer_expired', 'lease_expired'))",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!((queued, rescued), (300, 300));
+    db.drop_db().await.unwrap();
+}

@@ -661,6 +661,17 @@ fn check_text(field: &str, value: Option<&str>, max: usize) -> Result<(), Proble
     }
 }
 
+/// A queue name as the schema allows it: 1 to 200 bytes, no control characters (NUL
+/// included, which PostgreSQL's text refuses).
+fn check_queue_name(queue: &str) -> Result<(), Problem> {
+    if queue.is_empty() || queue.len() > 200 || queue.chars().any(char::is_control) {
+        return Err(Problem::invalid(
+            "a queue name is 1 to 200 bytes without control characters",
+        ));
+    }
+    Ok(())
+}
+
 fn check_token(token: &str) -> Result<(), Problem> {
     if token.is_empty() || token.len() > 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(Problem::invalid(
@@ -831,6 +842,7 @@ async fn claim(
     respond(
         async {
             let request: ClaimRequest = parse_body(&body)?;
+            check_queue_name(&queue)?;
             principal.require_queue(&queue)?;
             let settings = state.settings();
             let max = request.max.unwrap_or(1);
@@ -951,6 +963,7 @@ async fn list_work_items(
             }
             let queues = match &query.queue {
                 Some(q) => {
+                    check_queue_name(q)?;
                     principal.require_queue(q)?;
                     vec![q.clone()]
                 }
@@ -1302,7 +1315,7 @@ async fn transfer(
         async {
             let id = item_id(path)?;
             let request: TransferRequest = parse_required(&body)?;
-            check_text("queue", Some(&request.queue), 200)?;
+            check_queue_name(&request.queue)?;
             let item = item_in_reach(&state, &principal, id).await?;
             if request.claim_token.is_none() {
                 principal.require_supervisor("a transfer without a claim token")?;
@@ -1513,7 +1526,7 @@ async fn events(
 
 /// Content types a browser may be told as they are: they cannot run script in ccmail's
 /// origin. Everything else is sent as `application/octet-stream`.
-const PASSIVE_TYPES: &[&str] = &[
+pub(crate) const PASSIVE_TYPES: &[&str] = &[
     "application/pdf",
     "image/png",
     "image/jpeg",
@@ -1530,7 +1543,7 @@ const PASSIVE_TYPES: &[&str] = &[
 
 /// `Content-Disposition: attachment` with an ASCII fallback name and the UTF-8 name
 /// (RFC 6266 / RFC 8187); the name is the sanitised one whatever the sender wrote.
-fn disposition(name: Option<&str>, fallback: &str) -> HeaderValue {
+pub(crate) fn disposition(name: Option<&str>, fallback: &str) -> HeaderValue {
     let safe = name
         .and_then(crate::ingest::parse::safe_filename)
         .unwrap_or_else(|| fallback.to_owned());
@@ -1561,7 +1574,7 @@ fn disposition(name: Option<&str>, fallback: &str) -> HeaderValue {
 }
 
 /// Headers of every download: saved, never rendered or sniffed, never cached by proxies.
-fn download(content_type: &str, disposition: HeaderValue, bytes: Vec<u8>) -> Response {
+pub(crate) fn download(content_type: &str, disposition: HeaderValue, bytes: Vec<u8>) -> Response {
     let content_type = HeaderValue::from_str(content_type)
         .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
     let mut response = (StatusCode::OK, bytes).into_response();

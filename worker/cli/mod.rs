@@ -67,6 +67,9 @@ enum Command {
     /// Keys for the agents' HTTP API.
     #[command(subcommand, name = "api-key")]
     ApiKey(work::ApiKeyCommand),
+    /// Web console accounts.
+    #[command(subcommand)]
+    User(work::UserCommand),
     /// Probe a running worker's HTTP listener (container health checks): exit 0 when healthy.
     Healthcheck {
         /// Probe /readyz (database reachable, migrations applied) instead of /healthz.
@@ -578,6 +581,7 @@ async fn with_settings(config: Config, command: Command) -> anyhow::Result<()> {
         Command::Doctor(args) => admin::doctor_command(&config, *args).await,
         Command::Work(cmd) => work::work_command(&config, cmd).await,
         Command::ApiKey(cmd) => work::api_key_command(&config, cmd).await,
+        Command::User(cmd) => work::user_command(&config, cmd).await,
         Command::Healthcheck {
             ready,
             addr,

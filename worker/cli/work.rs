@@ -463,3 +463,68 @@ pub(crate) async fn api_key_command(config: &Config, cmd: ApiKeyCommand) -> anyh
         }
     }
 }
+
+#[derive(Subcommand)]
+pub(crate) enum UserCommand {
+    /// Create a console account; the password is read from standard input (one line, at least
+    /// 12 characters) and stored only as its argon2id hash.
+    Add {
+        /// The login name (also the actor `user:<name>` in events).
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// A queue the user works (repeat for several). Required for agents.
+        #[arg(long = "queue", value_name = "QUEUE")]
+        queues: Vec<String>,
+        /// Read the password from standard input (the only way: never on the command line).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
+}
+
+pub(crate) async fn user_command(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
+    init_logs(config, true);
+    let UserCommand::Add {
+        name,
+        role,
+        queues,
+        password_stdin: _,
+    } = cmd;
+    let role = Role::from(role);
+    if role == Role::Agent && queues.is_empty() {
+        bail!("an agent must work at least one queue: --queue QUEUE (repeat for several)");
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let password = line.trim_end_matches(['\r', '\n']).to_owned();
+    if password.chars().count() < 12 {
+        bail!("the password must be at least 12 characters (read one line from standard input)");
+    }
+    if password.len() > 1024 {
+        bail!("the password must be at most 1024 bytes");
+    }
+    let db = open(config).await?;
+    let mut conn = db.acquire().await?;
+    for q in &queues {
+        if !store::queue_exists(&mut conn, q).await? {
+            bail!(
+                "no queue {q:?}: no pilot feeds it and no item is in it (`ccmail pilot list` shows the queues)"
+            );
+        }
+    }
+    let hash = crate::web::session::hash_password(password)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let user = store::users::insert_user(&mut conn, &name, role, &queues, &hash).await?;
+    store::users::audit(
+        &mut conn,
+        &actor(),
+        "user.add",
+        Some(&format!("user:{}", user.name)),
+        &serde_json::json!({"role": user.role.as_str(), "queues": user.queues}),
+    )
+    .await?;
+    println!("user {:?} created ({})", user.name, user.role);
+    Ok(())
+}

@@ -6,5 +6,6 @@ pub mod observe;
 pub mod pacing;
 pub mod parse;
 pub mod pilot;
+pub mod placement;
 pub mod poller;
 pub mod supervisor;

@@ -526,9 +526,12 @@ fn parse_checked(raw: &[u8], limits: &ParseLimits) -> ParsedMail {
         parsed.html_body = Some(html);
     }
 
+    // Offsets name bytes of the stored raw message only when nothing was repaired or
+    // transcoded before parsing.
+    let in_raw = std::ptr::eq(input.as_ptr(), raw.as_ptr());
     for id in attachment_parts {
         if let Some(part) = message.parts.get_mut(id) {
-            parsed.attachments.push(attachment(input, part));
+            parsed.attachments.push(attachment(input, part, in_raw));
         }
     }
     notes.extend(found);
@@ -675,7 +678,26 @@ fn content_type(part: &MessagePart<'_>) -> String {
 
 /// Builds the attachment for `part`, moving its decoded bytes out of the tree where they
 /// are used as they are.
-fn attachment(input: &[u8], part: &mut MessagePart<'_>) -> Attachment {
+/// Attachments smaller than this keep their bytes: a range saves little on them and costs a
+/// second decode.
+const RANGE_MIN_BYTES: usize = 4096;
+
+/// The range of `input` holding `part`'s base64 body, if decoding exactly that range gives
+/// exactly `bytes` (mail-parser decodes while it searches for the boundary; its slice
+/// decoder on the recorded range agrees on well-formed bodies, and anything else keeps its
+/// bytes).
+fn base64_range(input: &[u8], part: &MessagePart<'_>, bytes: &[u8]) -> Option<(u32, u32)> {
+    if part.encoding != Encoding::Base64
+        || part.is_encoding_problem
+        || bytes.len() < RANGE_MIN_BYTES
+    {
+        return None;
+    }
+    let body = slice(input, part.offset_body, part.offset_end)?;
+    (base64_decode(body).as_deref() == Some(bytes)).then_some((part.offset_body, part.offset_end))
+}
+
+fn attachment(input: &[u8], part: &mut MessagePart<'_>, in_raw: bool) -> Attachment {
     let content_type = content_type(part);
     let mut filename =
         rfc2231_continued_filename(input, part).or_else(|| non_empty(part.attachment_name()));
@@ -711,12 +733,14 @@ fn attachment(input: &[u8], part: &mut MessagePart<'_>) -> Attachment {
     } else {
         take_contents(part)
     };
+    let raw_range = in_raw.then(|| base64_range(input, part, &bytes)).flatten();
     Attachment {
         filename: filename.as_deref().and_then(safe_filename),
         content_type,
         content_id,
         inline,
         bytes,
+        raw_range,
     }
 }
 

@@ -771,8 +771,31 @@ async fn session(
     let mut session_full = false;
     let budget = mode.session_messages.map(|n| n.max(1));
 
+    let plans: Vec<(u32, Plan)> = listed.fetches.into_iter().chain(listed.untrusted).collect();
+    // The messages this loop will certainly RETR (if nothing else happens first), by position:
+    // under PIPELINING these are sent ahead. One sent ahead but then not asked for is read and
+    // thrown away by the session, so a wrong guess costs bandwidth, never correctness.
+    let foreseen: Vec<Option<u32>> = plans
+        .iter()
+        .map(|(number, plan)| {
+            let over_listing = sizes
+                .get(number)
+                .is_some_and(|size| *size > listed_size_limit(pilot.max_message_bytes));
+            match plan {
+                Plan::Fetch {
+                    attempts,
+                    too_large: false,
+                    ..
+                } if *attempts < limits.max_retr_attempts && !over_listing => Some(*number),
+                Plan::Refetch { .. } if !over_listing => Some(*number),
+                _ => None,
+            }
+        })
+        .collect();
+    let mut next_ahead = 0usize;
+
     let transfer: Result<(), PollError> = async {
-        for (number, plan) in listed.fetches.into_iter().chain(listed.untrusted) {
+        for (position, (number, plan)) in plans.into_iter().enumerate() {
             if cancel.is_cancelled() {
                 break;
             }
@@ -849,6 +872,25 @@ async fn session(
                 tracing::warn!(pilot = pilot.id, key = ?key, attempts, "the server keeps refusing to send this message; storing the headers and leaving the message on the server");
                 headers_only(&mut session, pilot, number, key, Flag::FetchFailed, untrusted).await?
             } else {
+                if session.pipelining() && foreseen[position].is_some() && !cancel.is_cancelled() {
+                    // RFC 2449 PIPELINING: keep the window of RETRs full, this one first, so the
+                    // server streams the next messages while this one is parsed and stored.
+                    // Never past what this poll and session may still fetch.
+                    let may_fetch = limits
+                        .max_messages_per_poll
+                        .saturating_sub(progress.fetched - 1)
+                        .min(budget.map_or(usize::MAX, |b| b.saturating_sub(progress.in_session)));
+                    next_ahead = next_ahead.max(position);
+                    while next_ahead < foreseen.len()
+                        && session.in_flight() < pop3::client::PIPELINE_WINDOW
+                        && session.retrs_in_flight().count() < may_fetch
+                    {
+                        if let Some(ahead) = foreseen[next_ahead] {
+                            session.send_retr(ahead, pilot.max_message_bytes).await?;
+                        }
+                        next_ahead += 1;
+                    }
+                }
                 match timed(pilot, "retr", session.retr(number, pilot.max_message_bytes)).await {
                     Ok(raw) => {
                         progress.in_session += 1;
@@ -1516,6 +1558,7 @@ async fn store_one(
         identity: m.identity,
         triage: Some(&ready.triage),
         sender_rate: Some(target.sender_rate),
+        sha256: Some(ready.sha256),
     };
     if m.completes {
         // Completed, or left alone when the row is no longer headers-only (completed by a

@@ -64,6 +64,11 @@ pub struct Attachment {
     /// The part's bytes after base64 / quoted-printable decoding.
     #[serde(skip)]
     pub bytes: Vec<u8>,
+    /// Where `bytes` lie base64-encoded in the raw message (`start..end`, octets), when
+    /// decoding exactly that range gives exactly `bytes` (checked by the parser): the store
+    /// then keeps the range instead of a second copy.
+    #[serde(skip)]
+    pub raw_range: Option<(u32, u32)>,
 }
 
 /// The parsed view of one message.
@@ -122,6 +127,7 @@ impl std::fmt::Debug for Attachment {
             .field("content_id", &self.content_id)
             .field("inline", &self.inline)
             .field("size", &self.bytes.len())
+            .field("raw_range", &self.raw_range)
             .finish()
     }
 }

@@ -13,6 +13,7 @@
 //! that does not identify exactly one message is reported as such, never passed on as if it
 //! did.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,7 +86,27 @@ pub struct Client<S> {
 #[derive(Debug)]
 pub struct Session<S> {
     conn: Connection<S>,
+    /// The server listed `PIPELINING` in CAPA (RFC 2449 §6.6).
+    offers_pipelining: bool,
+    /// Commands may be sent ahead: offered, and not turned off by the caller.
+    pipelining: bool,
+    /// Commands sent ahead whose replies are not read yet, oldest first; at most
+    /// [`PIPELINE_WINDOW`]. Every command other than the `RETR` at the front (and a pipelined
+    /// `DELE`) first settles these.
+    pending: VecDeque<Pending>,
 }
+
+/// A command sent ahead under PIPELINING, awaiting its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    Retr { n: u32, limit: usize },
+    Dele(u32),
+}
+
+/// Most commands a [`Session`] keeps in flight under PIPELINING. The server streams the
+/// replies into the socket while the client parses and stores the previous message; a few are
+/// enough to hide the round trip, and the kernel's socket buffers (not ours) hold what waits.
+pub const PIPELINE_WINDOW: usize = 16;
 
 /// Upper bound of a CAPA body: real ones are a few hundred octets.
 const CAPA_LIMIT: usize = 64 * 1024;
@@ -409,7 +430,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             .sasl_step(&Command::SaslResponse(&response))
             .await?
         {
-            AuthReply::Done(status) if status.ok => Ok(Session { conn: self.conn }),
+            AuthReply::Done(status) if status.ok => Ok(self.into_session()),
             // Only right after the response: the same line to the bare `AUTH XOAUTH2` would
             // be a different mistake.
             AuthReply::Done(status) if is_cut_off(&status) => Err(Error::TokenTooLong {
@@ -421,13 +442,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 let detail = sasl::decode_challenge(&challenge);
                 let empty = SecretString::from("");
                 match self.conn.sasl_step(&Command::SaslResponse(&empty)).await? {
-                    AuthReply::Done(status) if status.ok => Ok(Session { conn: self.conn }),
+                    AuthReply::Done(status) if status.ok => Ok(self.into_session()),
                     AuthReply::Done(status) => Err(auth_rejected(MECH, status, detail)),
                     AuthReply::Continue(_) => Err(Error::Protocol(
                         "a second SASL challenge after the XOAUTH2 error challenge".to_owned(),
                     )),
                 }
             }
+        }
+    }
+
+    /// The TRANSACTION state on this connection; PIPELINING is used if the last CAPA offered it.
+    fn into_session(self) -> Session<S> {
+        let pipelining = self
+            .capabilities
+            .as_ref()
+            .is_some_and(|caps| caps.has("PIPELINING"));
+        Session {
+            conn: self.conn,
+            offers_pipelining: pipelining,
+            pipelining,
+            pending: VecDeque::new(),
         }
     }
 
@@ -447,7 +482,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if !status.ok {
             return Err(auth_rejected(MECH, status, None));
         }
-        Ok(Session { conn: self.conn })
+        Ok(self.into_session())
     }
 }
 
@@ -470,7 +505,107 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.conn.deadline()
     }
 
+    /// Whether the server offers PIPELINING, so [`Session::send_retr`] may be used.
+    pub fn pipelining(&self) -> bool {
+        self.pipelining
+    }
+
+    /// Turns PIPELINING off (or back on, if the server offered it) for this session; what is
+    /// in flight already is still read in turn.
+    pub fn set_pipelining(&mut self, on: bool) {
+        self.pipelining = on && self.offers_pipelining;
+    }
+
+    /// Replies still to be read for commands sent ahead.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Message numbers of the `RETR`s sent ahead, oldest first.
+    pub fn retrs_in_flight(&self) -> impl Iterator<Item = u32> + '_ {
+        self.pending.iter().filter_map(|p| match p {
+            Pending::Retr { n, .. } => Some(*n),
+            Pending::Dele(_) => None,
+        })
+    }
+
+    /// RFC 2449 §6.6: sends `RETR n` now and reads its reply later, in order, when
+    /// [`Session::retr`] asks for `n` (with `limit`, kept to drain the body if it is never
+    /// asked for). Only when the server offers PIPELINING, and at most
+    /// [`PIPELINE_WINDOW`] commands in flight ([`Error::InvalidRequest`] otherwise, nothing
+    /// written). The write has the command deadline; a failure poisons the session.
+    pub async fn send_retr(&mut self, n: u32, limit: usize) -> Result<(), Error> {
+        self.send_ahead(Pending::Retr { n, limit }).await
+    }
+
+    async fn send_ahead(&mut self, what: Pending) -> Result<(), Error> {
+        if !self.pipelining {
+            return Err(Error::InvalidRequest(
+                "commands sent ahead need a server that offers PIPELINING".to_owned(),
+            ));
+        }
+        if self.pending.len() >= PIPELINE_WINDOW {
+            return Err(Error::InvalidRequest(format!(
+                "at most {PIPELINE_WINDOW} commands may be in flight"
+            )));
+        }
+        let cmd = match what {
+            Pending::Retr { n, .. } => Command::Retr(n),
+            Pending::Dele(n) => Command::Dele(n),
+        };
+        self.conn.send(&cmd).await?;
+        self.pending.push_back(what);
+        Ok(())
+    }
+
+    /// Reads the reply to the oldest command sent ahead. A `RETR` body is read and thrown
+    /// away (nobody asked for it any more: none of it is kept, the wire limit of its own
+    /// `limit` applies, the session stays usable); a refused `DELE` poisons the session, because the caller has
+    /// already moved on as if it had been accepted and must not reach QUIT.
+    async fn settle_front(&mut self) -> Result<(), Error> {
+        let Some(front) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        match front {
+            Pending::Retr { n, limit } => {
+                let status = self.conn.read_status("RETR").await?;
+                if status.ok {
+                    tracing::debug!(
+                        message = n,
+                        "discarding a RETR sent ahead that was not used"
+                    );
+                    let mut decoder =
+                        MultiLine::with_wire_limit(0, codec::default_wire_limit(limit));
+                    self.conn.read_body(&mut decoder, "RETR").await?;
+                }
+                Ok(())
+            }
+            Pending::Dele(n) => {
+                let status = self.conn.read_status("DELE").await?;
+                if status.ok {
+                    Ok(())
+                } else {
+                    self.conn.poison();
+                    Err(Error::Protocol(format!(
+                        "DELE {n}, sent ahead, was refused ({}); the session ends without QUIT so nothing is deleted",
+                        status.text
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Reads every reply still outstanding; see [`Session::settle_front`].
+    async fn settle_all(&mut self) -> Result<(), Error> {
+        while !self.pending.is_empty() {
+            self.settle_front().await?;
+        }
+        Ok(())
+    }
+
     async fn simple(&mut self, cmd: Command<'_>) -> Result<StatusLine, Error> {
+        // Replies come back in order: those of commands sent ahead come first.
+        self.settle_all().await?;
         let name = cmd.name();
         let status = self.conn.command(&cmd).await?;
         if status.ok {
@@ -597,12 +732,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// `RETR n` into memory, at most `limit` octets. Over the limit: [`Error::TooLarge`], the
     /// rest of the message is read and discarded and the session stays usable.
+    ///
+    /// If `RETR n` was sent ahead ([`Session::send_retr`]), the replies before it are read
+    /// first (a `RETR` nobody asked for any more is read and thrown away) and then its own;
+    /// otherwise the command is sent now.
     pub async fn retr(&mut self, n: u32, limit: usize) -> Result<Vec<u8>, Error> {
-        self.multiline(Command::Retr(n), limit).await
+        let sent_ahead = |p: &Pending| matches!(p, Pending::Retr { n: m, .. } if *m == n);
+        if !self.pending.iter().any(sent_ahead) {
+            return self.multiline(Command::Retr(n), limit).await;
+        }
+        while !self.pending.front().is_some_and(sent_ahead) {
+            self.settle_front().await?;
+        }
+        self.pending.pop_front();
+        let status = self.conn.read_status("RETR").await?;
+        if !status.ok {
+            return Err(server_error("RETR", status));
+        }
+        self.conn.read_multiline(limit, "RETR").await
     }
 
     /// `DELE n`: marks the message; the server removes it only at QUIT.
+    ///
+    /// While other commands are in flight under PIPELINING the `DELE` joins them and its reply
+    /// is read in turn; if the server refuses it then, the session is poisoned (it must end
+    /// without QUIT, so nothing is deleted): a caller may count a pipelined `DELE` as done
+    /// only once QUIT succeeded.
     pub async fn dele(&mut self, n: u32) -> Result<(), Error> {
+        if self.pipelining && !self.pending.is_empty() && self.pending.len() < PIPELINE_WINDOW {
+            return self.send_ahead(Pending::Dele(n)).await;
+        }
         self.simple(Command::Dele(n)).await.map(drop)
     }
 
@@ -985,6 +1144,143 @@ mod tests {
         s.rset().await.unwrap();
         s.noop().await.unwrap();
         s.dele(1).await.unwrap();
+        s.quit().await.unwrap();
+        server.await.unwrap();
+    }
+
+    const CAPA_PIPELINING: &str = "+OK\r\nTOP\r\nUIDL\r\nPIPELINING\r\nUSER\r\n.\r\n";
+
+    async fn pipelining_session(client_side: DuplexStream) -> Session<DuplexStream> {
+        let mut client = Client::new(client_side, true, Timeouts::default())
+            .await
+            .unwrap();
+        client.capa().await.unwrap();
+        client
+            .auth_user_pass("agent@contoso.test", &SecretString::from("s3cret"))
+            .await
+            .unwrap()
+    }
+
+    fn pipelining_login() -> Vec<Step> {
+        vec![
+            Step::S("+OK ready\r\n"),
+            c("CAPA"),
+            Step::S(CAPA_PIPELINING),
+            c("USER agent@contoso.test"),
+            Step::S("+OK\r\n"),
+            c("PASS s3cret"),
+            Step::S("+OK logged in\r\n"),
+        ]
+    }
+
+    #[tokio::test]
+    async fn pipelined_retrs_and_dele_are_answered_in_order() {
+        let (client_side, server_side) = duplex(1 << 16);
+        let mut script = pipelining_login();
+        script.extend([
+            // All three RETRs reach the server before it answers any of them.
+            c("RETR 1"),
+            c("RETR 2"),
+            c("RETR 3"),
+            Step::S("+OK\r\none\r\n.\r\n+OK\r\n..two\r\n.\r\n-ERR no such message\r\n"),
+            // Sent while RETR 2 and 3 are unanswered: it joins them.
+            c("DELE 1"),
+            Step::S("+OK\r\n"),
+            c("RETR 4"),
+            Step::S("+OK\r\nnobody asks for this one\r\n.\r\n"),
+            c("NOOP"),
+            Step::S("+OK\r\n"),
+            c("QUIT"),
+            Step::S("+OK bye\r\n"),
+        ]);
+        let server = tokio::spawn(serve(server_side, script));
+        let mut s = pipelining_session(client_side).await;
+        assert!(s.pipelining());
+        for n in 1..=3 {
+            s.send_retr(n, 1000).await.unwrap();
+        }
+        assert_eq!(s.retrs_in_flight().collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(s.retr(1, 1000).await.unwrap(), b"one\r\n");
+        s.dele(1).await.unwrap();
+        assert_eq!(s.in_flight(), 3);
+        assert_eq!(s.retr(2, 1000).await.unwrap(), b".two\r\n");
+        let err = s.retr(3, 1000).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Server {
+                    command: "RETR",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(!s.is_poisoned());
+        // Sent ahead, never asked for: another command reads it first and throws it away.
+        s.send_retr(4, 1000).await.unwrap();
+        s.noop().await.unwrap();
+        assert_eq!(s.in_flight(), 0);
+        s.quit().await.unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_refused_pipelined_dele_poisons_the_session_before_quit() {
+        let (client_side, server_side) = duplex(1 << 16);
+        let mut script = pipelining_login();
+        script.extend([
+            c("RETR 1"),
+            Step::S("+OK\r\none\r\n.\r\n"),
+            c("RETR 2"),
+            c("DELE 1"),
+            Step::S("+OK\r\ntwo\r\n.\r\n-ERR [SYS/TEMP] try later\r\n"),
+        ]);
+        let server = tokio::spawn(serve(server_side, script));
+        let mut s = pipelining_session(client_side).await;
+        s.send_retr(1, 1000).await.unwrap();
+        assert_eq!(s.retr(1, 1000).await.unwrap(), b"one\r\n");
+        s.send_retr(2, 1000).await.unwrap();
+        s.dele(1).await.unwrap();
+        assert_eq!(s.retr(2, 1000).await.unwrap(), b"two\r\n");
+        let written = server.await.unwrap();
+        // QUIT reads the DELE's refusal first and then writes nothing: no deletion applies.
+        let err = s.quit().await.unwrap_err();
+        assert!(
+            matches!(err, Error::Protocol(ref m) if m.contains("DELE 1")),
+            "{err:?}"
+        );
+        assert_eq!(written.last().map(String::as_str), Some("DELE 1\r\n"));
+    }
+
+    #[tokio::test]
+    async fn without_pipelining_nothing_is_sent_ahead() {
+        let (client_side, server_side) = duplex(1 << 16);
+        let server = tokio::spawn(serve(
+            server_side,
+            vec![
+                Step::S("+OK ready\r\n"),
+                c("CAPA"),
+                Step::S("+OK\r\nUIDL\r\nUSER\r\n.\r\n"),
+                c("USER agent@contoso.test"),
+                Step::S("+OK\r\n"),
+                c("PASS s3cret"),
+                Step::S("+OK logged in\r\n"),
+                c("RETR 1"),
+                Step::S("+OK\r\none\r\n.\r\n"),
+                c("QUIT"),
+                Step::S("+OK bye\r\n"),
+            ],
+        ));
+        let mut s = pipelining_session(client_side).await;
+        assert!(!s.pipelining());
+        let err = s.send_retr(1, 1000).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidRequest(_)), "{err:?}");
+        s.set_pipelining(true);
+        assert!(
+            !s.pipelining(),
+            "turned on although the server does not offer it"
+        );
+        assert_eq!(s.retr(1, 1000).await.unwrap(), b"one\r\n");
         s.quit().await.unwrap();
         server.await.unwrap();
     }

@@ -349,6 +349,24 @@ impl Framer {
                     }
                 }
                 BodyState::Mid => {
+                    // The common case, a whole line in the buffer: its LF found at once and
+                    // its content (without the CR of a CRLF; a CR elsewhere in the line is
+                    // content) handed over in one go.
+                    if let Some(lf) = memchr::memchr(b'\n', &buf[i..]) {
+                        let end = i + lf;
+                        let content_end = if lf > 0 && buf[end - 1] == b'\r' {
+                            end - 1
+                        } else {
+                            end
+                        };
+                        if content_end > i {
+                            sink.content(&buf[i..content_end]);
+                        }
+                        sink.line_end();
+                        i = end + 1;
+                        self.state = BodyState::LineStart;
+                        continue;
+                    }
                     // Copy the run up to the next CR or LF in one go.
                     let run = buf[i..]
                         .iter()

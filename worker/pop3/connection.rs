@@ -306,6 +306,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.check(result)
     }
 
+    /// Writes one command without reading its reply (RFC 2449 §6.6 PIPELINING: the replies
+    /// come back in order and are read later with [`Connection::read_status`]). The write has
+    /// the command deadline, capped by the hard one; past the hard deadline nothing is
+    /// written. Poisons the connection on failure.
+    pub async fn send(&mut self, cmd: &Command<'_>) -> Result<(), Error> {
+        self.ensure_usable()?;
+        tracing::trace!(command = ?cmd, "pop3 send (pipelined)");
+        let bytes = cmd.encode().map_err(Error::InvalidCommand)?;
+        let during = cmd.name();
+        let started = Instant::now();
+        let own = later(started, self.timeouts.command);
+        let until = self.cap(own);
+        let result = if until <= started {
+            Err(Error::Timeout {
+                during,
+                after: Duration::ZERO,
+            })
+        } else {
+            match timeout_at(until, self.write_all(&bytes)).await {
+                Ok(r) => r,
+                Err(_) => Err(self.timed_out(during, started, until, own)),
+            }
+        };
+        drop(bytes);
+        self.check(result)
+    }
+
+    /// Poisons the connection: the caller found the stream in a state it cannot continue from.
+    pub fn poison(&mut self) {
+        self.poisoned = true;
+    }
+
     /// The error for a status-line wait cut at `until`: the command deadline, or the time
     /// waited when the hard deadline came first.
     fn timed_out(

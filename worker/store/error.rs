@@ -98,6 +98,12 @@ pub enum StoreError {
         operation: &'static str,
         after: std::time::Duration,
     },
+    #[error(
+        "this replica no longer holds the lease of pilot {pilot} (another replica took it over, \
+         or it expired while this one was stalled); the batch is not stored here and nothing is \
+         deleted, the holder polls the mailbox"
+    )]
+    Fenced { pilot: i64 },
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -206,6 +212,12 @@ pub(crate) fn explain_constraint(name: &str) -> &'static str {
             "name must be 1 to 100 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
         }
         "api_keys_agent_queues" => "an agent key must name at least one queue (--queue)",
+        "users_role" => "role must be agent, supervisor or admin",
+        "users_name_form" => {
+            "name must be 1 to 100 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
+        }
+        "users_agent_queues" => "an agent must work at least one queue (--queue)",
+        "users_password_is_argon2id" => "a password is stored only as an argon2id hash",
         "work_items_queue_length" => "queue must be 1 to 200 bytes",
         "work_items_reason_length" | "work_item_events_reason_length" => {
             "a reason must be at most 1000 bytes"

@@ -89,6 +89,9 @@ pub struct NewMessage<'a> {
     pub triage: Option<&'a Triage>,
     /// The loop breaker's rate rule (`[classify]`); `None`: none.
     pub sender_rate: Option<SenderRate>,
+    /// SHA-256 of `raw` when the caller has computed it already (hashing a large message
+    /// again costs a pass over its bytes); computed here when `None`.
+    pub sha256: Option<[u8; 32]>,
 }
 
 /// What [`insert_message`] did.
@@ -360,7 +363,14 @@ pub async fn insert_message(
             }
         })?));
     };
-    insert_attachments(conn, message_row, message.parsed, &mut cut).await?;
+    insert_attachments(
+        conn,
+        message_row,
+        message.raw.len(),
+        message.parsed,
+        &mut cut,
+    )
+    .await?;
     Ok(Inserted::New {
         work_item_id,
         class: placement.class(),
@@ -410,7 +420,14 @@ pub async fn complete_message(
         .bind(message_row)
         .execute(&mut *conn)
         .await?;
-    insert_attachments(conn, message_row, message.parsed, &mut cut).await?;
+    insert_attachments(
+        conn,
+        message_row,
+        message.raw.len(),
+        message.parsed,
+        &mut cut,
+    )
+    .await?;
     let flags = work_item_flags(message, cut);
     let work_item_id: i64 = sqlx::query_scalar(
         "update work_items set flags = array(select distinct f from unnest(flags || $2) f \
@@ -452,7 +469,9 @@ impl<'a> MessageColumns<'a> {
             message,
             size: i64::try_from(message.raw.len())
                 .map_err(|_| too_large("raw", message.raw.len()))?,
-            sha256: Sha256::digest(message.raw).into(),
+            sha256: message
+                .sha256
+                .unwrap_or_else(|| Sha256::digest(message.raw).into()),
             message_id: capped_opt(&parsed.message_id, header_limits::ID_BYTES, cut),
             subject: capped_opt(&parsed.subject, header_limits::SUBJECT_BYTES, cut),
             from: pg_addresses(&parsed.from, cut),
@@ -523,45 +542,120 @@ fn would_cut_attachments(parsed: &ParsedMail) -> bool {
     cut
 }
 
+/// All attachments of a message in one statement (one round trip however many there are):
+/// parallel arrays, one element per attachment, unnested into rows.
 async fn insert_attachments(
     conn: &mut PgConnection,
     message_row: i64,
+    message_raw_len: usize,
     parsed: &ParsedMail,
     cut: &mut bool,
 ) -> Result<(), StoreError> {
-    for (index, attachment) in parsed.attachments.iter().enumerate() {
-        let ordinal = i32::try_from(index).map_err(|_| too_large("attachment count", index))?;
-        let size = i64::try_from(attachment.bytes.len())
-            .map_err(|_| too_large("attachment", attachment.bytes.len()))?;
-        sqlx::query(
-            "insert into attachments (message_id, ordinal, filename, content_type, size, \
-             content_id, inline, bytes) values ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(message_row)
-        .bind(ordinal)
-        .bind(capped_opt(
+    let attachments = &parsed.attachments;
+    if attachments.is_empty() {
+        return Ok(());
+    }
+    let n = attachments.len();
+    let (mut ordinals, mut filenames, mut content_types, mut sizes) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut content_ids, mut inlines, mut bytes) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut starts, mut ends) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for (index, attachment) in attachments.iter().enumerate() {
+        ordinals.push(i32::try_from(index).map_err(|_| too_large("attachment count", index))?);
+        sizes.push(
+            i64::try_from(attachment.bytes.len())
+                .map_err(|_| too_large("attachment", attachment.bytes.len()))?,
+        );
+        filenames.push(capped_opt(
             &attachment.filename,
             header_limits::ATTACHMENT_FIELD_BYTES,
             cut,
-        ))
-        .bind(capped(
+        ));
+        content_types.push(capped(
             &attachment.content_type,
             header_limits::ATTACHMENT_FIELD_BYTES,
             cut,
-        ))
-        .bind(size)
-        .bind(capped_opt(
+        ));
+        content_ids.push(capped_opt(
             &attachment.content_id,
             header_limits::ATTACHMENT_FIELD_BYTES,
             cut,
-        ))
-        .bind(attachment.inline)
-        .bind(&attachment.bytes)
-        .execute(&mut *conn)
-        .await?;
+        ));
+        inlines.push(attachment.inline);
+        // Written once: a base64 attachment the parser found verbatim in the raw message is
+        // read back from there (`attachment_bytes`).
+        match attachment.raw_range {
+            Some((start, end)) if end as usize <= message_raw_len => {
+                bytes.push(None);
+                starts.push(Some(i64::from(start)));
+                ends.push(Some(i64::from(end)));
+            }
+            _ => {
+                bytes.push(Some(attachment.bytes.as_slice()));
+                starts.push(None);
+                ends.push(None);
+            }
+        }
     }
+    sqlx::query(
+        "insert into attachments (message_id, ordinal, filename, content_type, size, \
+         content_id, inline, bytes, raw_start, raw_end) \
+         select $1, a.ordinal, a.filename, a.content_type, a.size, a.content_id, a.inline, \
+         a.bytes, a.raw_start, a.raw_end \
+         from unnest($2::int4[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::bool[], \
+         $8::bytea[], $9::int8[], $10::int8[]) \
+         as a(ordinal, filename, content_type, size, content_id, inline, bytes, raw_start, raw_end)",
+    )
+    .bind(message_row)
+    .bind(&ordinals)
+    .bind(&filenames)
+    .bind(&content_types)
+    .bind(&sizes)
+    .bind(&content_ids)
+    .bind(&inlines)
+    .bind(&bytes)
+    .bind(&starts)
+    .bind(&ends)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
+
+/// The bytes of a stored attachment from its row: `bytes` when it has them, else the decoded
+/// `encoded` range of the raw message (see [`ATTACHMENT_RANGE_SQL`]). A range that does not
+/// decode (the row was edited by hand) is an error naming the attachment, never wrong bytes
+/// served silently.
+pub(super) fn attachment_bytes(
+    bytes: Option<Vec<u8>>,
+    encoded: Option<Vec<u8>>,
+) -> Result<Vec<u8>, StoreError> {
+    match (bytes, encoded) {
+        (Some(bytes), _) => Ok(bytes),
+        (None, Some(encoded)) => mail_parser::decoders::base64::base64_decode(&encoded).ok_or(
+            StoreError::UnexpectedValue {
+                column: "attachments.raw_start",
+                value: "a range of the raw message that is not base64".to_owned(),
+            },
+        ),
+        (None, None) => Err(StoreError::UnexpectedValue {
+            column: "attachments.bytes",
+            value: "null without a range of the raw message".to_owned(),
+        }),
+    }
+}
+
+/// The SQL expression for an attachment's encoded range (`a` the attachment, `m` its
+/// message), null when it has its own bytes; read with [`attachment_bytes`].
+pub(super) const ATTACHMENT_RANGE_SQL: &str = "case when a.bytes is null then \
+     substring(m.raw from (a.raw_start + 1)::int for (a.raw_end - a.raw_start)::int) end";
 
 /// The work item's flags: the caller's, `parse_error` when parsing failed, the parser's own,
 /// and `header_truncated` when a value was cut; each once.

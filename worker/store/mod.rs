@@ -18,7 +18,8 @@
 //! One file per table family: `apps` (`oauth_apps`), `pilots`, `credentials` (secrets across
 //! both), `messages` (messages, attachments, fetch failures), `work_items` (queue views and
 //! the work item with its message), `lifecycle` (claims and every transition, with their
-//! events), `api_keys` (API keys and kept `Idempotency-Key` answers), `text_limits` (admin-set text rules, mirrored by migration 0007), `words` (enum
+//! events), `api_keys` (API keys and kept `Idempotency-Key` answers), `leases` (replicas and pilot
+//! leases with fencing), `users` (console accounts, sessions, audit log), `text_limits` (admin-set text rules, mirrored by migration 0007), `words` (enum
 //! text), `error`.
 
 /// The `oauth_apps` columns `AppRow` reads.
@@ -43,10 +44,12 @@ mod apps;
 mod conversations;
 mod credentials;
 mod error;
+pub mod leases;
 pub mod lifecycle;
 mod messages;
 mod pilots;
 mod text_limits;
+pub mod users;
 mod words;
 mod work_items;
 
@@ -495,9 +498,9 @@ pub use pilots::{
 pub use text_limits::{TextLimit, limits};
 pub use work_items::{
     AttachmentContent, AttachmentInfo, QueueCount, QueueSummary, WorkFilter, WorkItemDetail,
-    WorkItemState, WorkItemView, attachment_content, list_work_items, oldest_queued_age,
-    queue_counts, queue_exists, queue_summaries, raw_message, recent_work_items, work_item_detail,
-    work_item_state,
+    WorkItemState, WorkItemView, attachment_content, claim_token_of, list_work_items,
+    oldest_queued_age, queue_counts, queue_exists, queue_summaries, raw_message, recent_work_items,
+    work_item_detail, work_item_state,
 };
 
 use error::{db_error, sqlstate};

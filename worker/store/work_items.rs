@@ -363,21 +363,27 @@ pub async fn attachment_content(
     struct Row {
         #[sqlx(flatten)]
         info: AttachmentRecord,
-        bytes: Vec<u8>,
+        bytes: Option<Vec<u8>>,
+        encoded: Option<Vec<u8>>,
     }
-    let row: Option<Row> = sqlx::query_as(
+    // An attachment stored as a range of the raw message (schema 13) is decoded from it.
+    let row: Option<Row> = sqlx::query_as(&format!(
         "select a.ordinal, a.filename, a.content_type, a.size, a.inline, a.content_id, \
-         a.bytes from work_items w join attachments a on a.message_id = w.message_id \
-         where w.id = $1 and a.ordinal = $2",
-    )
+         a.bytes, {} as encoded from work_items w join attachments a on a.message_id = w.message_id \
+         join messages m on m.id = a.message_id where w.id = $1 and a.ordinal = $2",
+        super::messages::ATTACHMENT_RANGE_SQL
+    ))
     .bind(id)
     .bind(ordinal)
     .fetch_optional(conn)
     .await?;
-    Ok(row.map(|r| AttachmentContent {
-        info: r.info.into_info(),
-        bytes: r.bytes,
-    }))
+    row.map(|r| {
+        Ok(AttachmentContent {
+            info: r.info.into_info(),
+            bytes: super::messages::attachment_bytes(r.bytes, r.encoded)?,
+        })
+    })
+    .transpose()
 }
 
 /// The message of work item `id` exactly as downloaded (the `.eml`).
@@ -497,4 +503,21 @@ pub async fn queue_exists(conn: &mut PgConnection, queue: &str) -> Result<bool, 
     .fetch_one(conn)
     .await?;
     Ok(found)
+}
+
+/// The claim token of item `id` while `agent` holds it (offered or accepted).
+pub async fn claim_token_of(
+    conn: &mut PgConnection,
+    id: i64,
+    agent: &str,
+) -> Result<Option<String>, StoreError> {
+    let token: Option<Option<String>> = sqlx::query_scalar(
+        "select claim_token from work_items where id = $1 and agent = $2 \
+         and status in ('offered', 'accepted')",
+    )
+    .bind(id)
+    .bind(agent)
+    .fetch_optional(conn)
+    .await?;
+    Ok(token.flatten())
 }

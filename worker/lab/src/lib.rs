@@ -1,6 +1,7 @@
 //! ccmail's lab: everything that exercises the product without being part of it.
 //!
 //! [`sim`] plays Exchange Online POP3S and the Entra ID token endpoint on 127.0.0.1;
+//! [`dovecot`] runs a private Dovecot POP3S server as a child process;
 //! [`testdb`] makes a fresh, migrated PostgreSQL database per test; [`demo`], [`bench`] and
 //! [`soak`] are the `ccmail-lab` subcommands; [`world`] builds the one simulated world they and
 //! the tests run against; [`child`] and [`wait`] are the one way the tests and the soak run a
@@ -11,6 +12,7 @@
 pub mod bench;
 pub mod child;
 pub mod demo;
+pub mod dovecot;
 pub mod sim;
 pub mod soak;
 pub mod testdb;

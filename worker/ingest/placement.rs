@@ -1,0 +1,146 @@
+//! Which replica polls which pilot: rendezvous (highest-random-weight) hashing over the live
+//! replicas.
+//!
+//! Every replica computes the same answer from the same list of live replicas, without
+//! talking to the others: each (replica, pilot) pair gets a pseudo-random score and the pilot
+//! goes to the replica with the highest one. So the pilots spread evenly, and when a replica
+//! joins or leaves only the pilots it gains or loses move (about 1/n of them), never a
+//! reshuffle of the rest. Leases (`store::leases`) make the answer safe while replicas
+//! disagree for a moment: a pilot is polled only under its lease.
+
+use sha2::{Digest, Sha256};
+
+/// A replica's seed: the first 8 bytes of the SHA-256 of its id (stable across versions and
+/// machines, unlike the standard library's hasher).
+fn seed(replica: &str) -> u64 {
+    let digest = Sha256::digest(replica.as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(bytes)
+}
+
+/// SplitMix64's finaliser: a bijective mix, so distinct inputs never share a score.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The live replicas, each with its seed, ready for many placements.
+#[derive(Debug, Clone)]
+pub struct Replicas {
+    seeds: Vec<(u64, String)>,
+}
+
+impl Replicas {
+    pub fn new<S: AsRef<str>>(ids: &[S]) -> Replicas {
+        let mut seeds: Vec<(u64, String)> = ids
+            .iter()
+            .map(|id| (seed(id.as_ref()), id.as_ref().to_owned()))
+            .collect();
+        seeds.sort();
+        seeds.dedup();
+        Replicas { seeds }
+    }
+
+    /// The replica that should poll `pilot`; none when no replica is live.
+    pub fn owner(&self, pilot: i64) -> Option<&str> {
+        self.seeds
+            .iter()
+            // Ties (equal scores of distinct seeds cannot happen: `mix` is a bijection) fall to
+            // the id, so every replica breaks them the same way.
+            .max_by_key(|(s, id)| (mix(s ^ (pilot as u64)), id.as_str()))
+            .map(|(_, id)| id.as_str())
+    }
+
+    /// Of `pilots`, those `me` should poll.
+    pub fn mine<'p>(&self, me: &str, pilots: impl IntoIterator<Item = &'p i64>) -> Vec<i64> {
+        pilots
+            .into_iter()
+            .copied()
+            .filter(|p| self.owner(*p) == Some(me))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.seeds.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seeds.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn spread(replicas: &Replicas, pilots: i64) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for p in 1..=pilots {
+            *counts
+                .entry(replicas.owner(p).unwrap_or("").to_owned())
+                .or_default() += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn five_thousand_pilots_spread_over_three_replicas_within_ten_percent() {
+        let r = Replicas::new(&["ccmail-a-1234", "ccmail-b-5678", "ccmail-c-9012"]);
+        let counts = spread(&r, 5000);
+        assert_eq!(counts.len(), 3);
+        let even = 5000.0 / 3.0;
+        for (id, n) in &counts {
+            let off = (*n as f64 - even).abs() / even;
+            assert!(off <= 0.10, "{id}: {n} pilots, {:.1} % off", off * 100.0);
+        }
+    }
+
+    #[test]
+    fn a_replica_joining_or_leaving_moves_only_its_own_share() {
+        let three = Replicas::new(&["a", "b", "c"]);
+        let four = Replicas::new(&["a", "b", "c", "d"]);
+        let (mut moved, mut to_new) = (0, 0);
+        for p in 1..=6000 {
+            let (before, after) = (three.owner(p), four.owner(p));
+            if before != after {
+                moved += 1;
+                if after == Some("d") {
+                    to_new += 1;
+                }
+            }
+        }
+        assert_eq!(
+            moved, to_new,
+            "a pilot moves only to the replica that joined"
+        );
+        assert!(
+            (1200..=1800).contains(&moved),
+            "about a quarter moves: {moved}"
+        );
+        let two = Replicas::new(&["a", "c"]);
+        for p in 1..=6000 {
+            if three.owner(p) != Some("b") {
+                assert_eq!(
+                    three.owner(p),
+                    two.owner(p),
+                    "pilot {p} moved though its replica stayed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_replica_agrees_whatever_order_it_lists_the_others_in() {
+        let x = Replicas::new(&["c", "a", "b"]);
+        let y = Replicas::new(&["b", "c", "a", "a"]);
+        for p in 1..=1000 {
+            assert_eq!(x.owner(p), y.owner(p));
+        }
+        assert_eq!(Replicas::new::<&str>(&[]).owner(1), None);
+        let mine = x.mine("a", &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        assert!(mine.iter().all(|p| x.owner(*p) == Some("a")));
+    }
+}
