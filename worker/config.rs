@@ -40,6 +40,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub pop3: Pop3Config,
     pub parse: ParseConfig,
+    pub classify: ClassifyConfig,
     pub oauth: OAuthConfig,
     pub secrets: SecretsConfig,
     pub http: HttpConfig,
@@ -179,6 +180,17 @@ pub struct ParseConfig {
     pub time_per_mib_ms: Duration,
     /// Parses still running past their budget at once; beyond, only header sections are parsed.
     pub max_abandoned: usize,
+}
+
+/// `[classify]`: the loop breaker's rate rule.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClassifyConfig {
+    /// More than this many messages from one sender to one pilot within `loop_window_secs`
+    /// make the next ones class `loop` (held by default; every message is still stored).
+    pub loop_max_messages: u32,
+    #[serde(with = "secs")]
+    pub loop_window_secs: Duration,
 }
 
 /// `[oauth]`
@@ -447,6 +459,15 @@ impl Default for HttpConfig {
     }
 }
 
+impl Default for ClassifyConfig {
+    fn default() -> Self {
+        ClassifyConfig {
+            loop_max_messages: defaults::LOOP_MAX_MESSAGES,
+            loop_window_secs: defaults::LOOP_WINDOW,
+        }
+    }
+}
+
 impl Default for ParseConfig {
     fn default() -> Self {
         ParseConfig {
@@ -532,8 +553,8 @@ impl ConfigError {
     }
 }
 
-const SECTIONS: [&str; 9] = [
-    "database", "worker", "pop3", "oauth", "secrets", "http", "api", "web", "log",
+const SECTIONS: [&str; 10] = [
+    "database", "worker", "pop3", "classify", "oauth", "secrets", "http", "api", "web", "log",
 ];
 
 impl Config {
@@ -685,6 +706,7 @@ impl Config {
             ("pop3.command_timeout_secs", p.command_timeout_secs),
             ("pop3.idle_timeout_secs", p.idle_timeout_secs),
             ("parse.time_base_secs", self.parse.time_base_secs),
+            ("classify.loop_window_secs", self.classify.loop_window_secs),
             (
                 "oauth.connect_timeout_secs",
                 self.oauth.connect_timeout_secs,
@@ -732,6 +754,12 @@ impl Config {
             if value < Duration::from_secs(1) {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if self.classify.loop_max_messages == 0 {
+            return Err(invalid(
+                "classify.loop_max_messages",
+                "must be at least 1 (a person writes far fewer; the rule only holds the excess)",
+            ));
         }
         if w.initial_backoff_secs > w.max_backoff_secs {
             return Err(invalid(
@@ -1248,6 +1276,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("http.listen"), "{e}");
+        let e = Config::from_sources(
+            toml::Table::new(),
+            "defaults",
+            &env(&[("CCMAIL_CLASSIFY_LOOP_MAX_MESSAGES", "0")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("classify.loop_max_messages"), "{e}");
+        let c = Config::from_sources(
+            toml::Table::new(),
+            "defaults",
+            &env(&[("CCMAIL_CLASSIFY_LOOP_WINDOW_SECS", "120")]),
+        )
+        .unwrap();
+        assert_eq!(c.classify.loop_window_secs, Duration::from_secs(120));
     }
 
     #[test]

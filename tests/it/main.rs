@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod admin;
+mod conversations;
 mod doctor;
 mod dovecot_harness;
 mod faults_db;

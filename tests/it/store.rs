@@ -104,6 +104,8 @@ fn message<'a>(pilot: &'a PilotRow, uidl: &'a str, parsed: &'a ParsedMail) -> Ne
         headers_only: false,
         flags: &[],
         identity: None,
+        triage: None,
+        sender_rate: None,
         sha256: None,
     }
 }
@@ -945,6 +947,11 @@ async fn queue_views_count_and_age_work_items() {
     let parsed = parsed_mail();
     let mut items = Vec::new();
     for uidl in ["1", "2", "3"] {
+        // Three different messages (the same one again would be held as a loop).
+        let parsed = ParsedMail {
+            message_id: Some(format!("m{uidl}@contoso.com")),
+            ..parsed_mail()
+        };
         items.push(
             insert_message(&mut conn, &message(&support, uidl, &parsed))
                 .await
@@ -1572,10 +1579,12 @@ async fn migrations_apply_on_an_empty_database_and_twice_is_a_no_op() {
             "api_keys",
             "attachments",
             "audit_log",
+            "conversations",
             "fetch_failures",
             "idempotency_keys",
             "messages",
             "oauth_apps",
+            "pilot_class_policies",
             "pilot_leases",
             "pilots",
             "replicas",
@@ -1665,6 +1674,8 @@ async fn parser_defects_are_stored_capped_and_shown_with_the_work_item() {
         headers_only: false,
         flags: &[],
         identity: None,
+        triage: None,
+        sender_rate: None,
         sha256: None,
     };
     insert_message(&mut conn, &new).await.unwrap();
@@ -1711,6 +1722,8 @@ async fn a_defect_of_nul_bytes_is_capped_after_the_nul_rule_and_the_message_is_s
         headers_only: false,
         flags: &[],
         identity: None,
+        triage: None,
+        sender_rate: None,
         sha256: None,
     };
     insert_message(&mut conn, &new).await.unwrap();

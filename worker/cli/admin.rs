@@ -122,7 +122,10 @@ async fn find_app(conn: &mut store::Conn, key: &str) -> anyhow::Result<store::Ap
     }
 }
 
-async fn find_pilot(conn: &mut store::Conn, key: &str) -> anyhow::Result<store::PilotRow> {
+pub(super) async fn find_pilot(
+    conn: &mut store::Conn,
+    key: &str,
+) -> anyhow::Result<store::PilotRow> {
     if let Ok(id) = key.parse::<i64>() {
         return Ok(store::get_pilot(conn, id).await?);
     }

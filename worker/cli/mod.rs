@@ -6,6 +6,7 @@
 //! commands log warnings to stderr only, so their stdout stays a clean report.
 
 mod admin;
+mod explain;
 mod logs;
 mod secret_input;
 mod work;

@@ -79,6 +79,9 @@ pub(crate) enum WorkCommand {
     },
     /// An item's history: every transition, who made it and why.
     Events { id: i64 },
+    /// Conversations and automatic mail: explain, backfill, class policy.
+    #[command(flatten)]
+    Triage(super::explain::TriageCommand),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -143,6 +146,10 @@ pub(crate) async fn work_command(config: &Config, cmd: WorkCommand) -> anyhow::R
     let db = open(config).await?;
     let mut conn = db.acquire().await?;
     match cmd {
+        WorkCommand::Triage(triage) => {
+            drop(conn);
+            super::explain::triage_command(config, &db, triage).await
+        }
         WorkCommand::List {
             queue,
             status,

@@ -1,5 +1,6 @@
 //! Ingest: parsing messages and moving them from a maildrop into PostgreSQL.
 
+pub mod classify;
 pub mod identity;
 pub mod observe;
 pub mod pacing;

@@ -42,8 +42,10 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::ingest::classify;
 use crate::ingest::identity::{self, Identity};
 use crate::ingest::parse::{self, ParseLimits, ParsedMail};
+use crate::model::triage::{LoopTrip, MailClass, SenderRate, Triage};
 use crate::model::{Flag, defaults};
 use crate::oauth::{OAuthError, TokenCache};
 use crate::pop3::{self, Client, Session, Stream};
@@ -75,6 +77,8 @@ pub struct IngestLimits {
     /// A message stored as headers only because its download kept failing is downloaded
     /// again this long after the last try, and completed in place when it arrives whole.
     pub refetch_after: Duration,
+    /// The loop breaker's rate rule (`[classify]`).
+    pub sender_rate: SenderRate,
 }
 
 impl Default for IngestLimits {
@@ -90,6 +94,10 @@ impl Default for IngestLimits {
             max_listing_entries: defaults::MAX_LISTING_ENTRIES,
             parse: ParseLimits::default(),
             refetch_after: defaults::REFETCH_AFTER,
+            sender_rate: SenderRate {
+                max_messages: defaults::LOOP_MAX_MESSAGES,
+                window: defaults::LOOP_WINDOW,
+            },
         }
     }
 }
@@ -239,6 +247,8 @@ struct Ready {
     fetched: Fetched,
     parsed: ParsedMail,
     sha256: [u8; 32],
+    /// Its class and Outlook threading facts (`classify`).
+    triage: Triage,
 }
 
 impl Ready {
@@ -262,6 +272,34 @@ struct Committed {
     oversize: usize,
     store_fallbacks: usize,
     completed: usize,
+    /// Class, threading and loop-breaker trip of each message stored new (for the metrics).
+    triaged: Vec<Triaged>,
+}
+
+/// What the store decided for one new message, as the metrics count it.
+#[derive(Debug, Clone, Copy)]
+struct Triaged {
+    class: MailClass,
+    threaded: store::Threaded,
+    loop_trip: Option<LoopTrip>,
+}
+
+impl Triaged {
+    fn of(inserted: &Inserted) -> Option<Triaged> {
+        match inserted {
+            Inserted::New {
+                class,
+                threaded,
+                loop_trip,
+                ..
+            } => Some(Triaged {
+                class: *class,
+                threaded: *threaded,
+                loop_trip: *loop_trip,
+            }),
+            Inserted::Existing(_) => None,
+        }
+    }
 }
 
 /// How one listed message is handled in this poll.
@@ -1228,10 +1266,12 @@ impl<'a> Pipeline<'a> {
             (None, None) => ParsedMail::default(),
         };
         let sha256 = Sha256::digest(&fetched.raw).into();
+        let triage = classify::classify(&fetched.raw, &parsed, &self.pilot.mailbox);
         let ready = Ready {
             fetched,
             parsed,
             sha256,
+            triage,
         };
         let size = ready.footprint();
         let budget = self.limits.batch_bytes.max(1);
@@ -1280,6 +1320,7 @@ impl<'a> Pipeline<'a> {
             queue: self.pilot.queue.clone(),
             keep_on_server: self.pilot.keep_on_server,
             metrics: self.pilot.metrics.clone(),
+            sender_rate: self.limits.sender_rate,
         };
         self.inflight.spawn(commit_batch(pool, target, batch));
     }
@@ -1369,6 +1410,7 @@ struct Target {
     queue: String,
     keep_on_server: bool,
     metrics: metrics::PilotMetrics,
+    sender_rate: SenderRate,
 }
 
 /// Stores a batch in one transaction. An error means the commit's outcome is unknown: the
@@ -1404,6 +1446,13 @@ async fn commit_batch(pool: Db, target: Target, batch: Vec<Ready>) -> Result<Com
         committed.parse_errors,
         committed.oversize,
     );
+    for t in &committed.triaged {
+        target.metrics.message_triaged(
+            t.class.as_str(),
+            t.threaded.as_str(),
+            t.loop_trip.map(LoopTrip::as_str),
+        );
+    }
     Ok(committed)
 }
 
@@ -1425,6 +1474,7 @@ async fn store_batch(
         oversize: 0,
         store_fallbacks: 0,
         completed: 0,
+        triaged: Vec::new(),
     };
     for ready in batch {
         let outcome = if isolate {
@@ -1448,7 +1498,8 @@ async fn store_batch(
         };
         let m = &ready.fetched;
         match outcome {
-            Stored::New => {
+            Stored::New(triaged) => {
+                out.triaged.extend(triaged);
                 out.stored += 1;
                 out.stored_octets += m.raw.len() as u64;
                 if ready.parsed.parse_error.is_some() && !m.headers_only {
@@ -1463,7 +1514,7 @@ async fn store_batch(
             Stored::Already => {}
             Stored::Refused => continue,
         }
-        if let Stored::New | Stored::Completed | Stored::Already = outcome
+        if let Stored::New(_) | Stored::Completed | Stored::Already = outcome
             && !m.headers_only
             && !target.keep_on_server
         {
@@ -1477,8 +1528,8 @@ async fn store_batch(
 
 /// What storing one message came to.
 enum Stored {
-    /// Stored now.
-    New,
+    /// Stored now (with what the store decided about it).
+    New(Option<Triaged>),
     /// A headers-only row was completed with this whole message (its work item kept).
     Completed,
     /// This very message was stored already (same bytes or identity): it may be deleted.
@@ -1505,6 +1556,8 @@ async fn store_one(
         headers_only: m.headers_only,
         flags: &flags,
         identity: m.identity,
+        triage: Some(&ready.triage),
+        sender_rate: Some(target.sender_rate),
         sha256: Some(ready.sha256),
     };
     if m.completes {
@@ -1519,7 +1572,7 @@ async fn store_one(
         });
     }
     let copy = match store::insert_message(conn, &new).await? {
-        Inserted::New { .. } => return Ok(Stored::New),
+        inserted @ Inserted::New { .. } => return Ok(Stored::New(Triaged::of(&inserted))),
         Inserted::Existing(copy) => copy,
     };
     if copy.matches(&ready.sha256, m.identity.as_ref()) || m.untrusted {
@@ -1529,7 +1582,7 @@ async fn store_one(
     let derived = content_key(m.identity.as_ref(), &m.raw);
     new.uidl = &derived;
     Ok(match store::insert_message(conn, &new).await? {
-        Inserted::New { .. } => Stored::New,
+        inserted @ Inserted::New { .. } => Stored::New(Triaged::of(&inserted)),
         Inserted::Existing(copy) => already(&copy, ready),
     })
 }
@@ -1576,6 +1629,7 @@ async fn store_raw(
         },
         parsed,
         sha256: ready.sha256,
+        triage: ready.triage.clone(),
     };
     let mut savepoint = tx.savepoint().await?;
     match store_one(&mut savepoint, target, &raw_only).await {

@@ -67,6 +67,10 @@ impl SupervisorSettings {
                 max_listing_entries: w.max_listing_entries,
                 parse: crate::ingest::parse::ParseLimits::from(&config.parse),
                 refetch_after: w.refetch_failed_secs,
+                sender_rate: crate::model::triage::SenderRate {
+                    max_messages: config.classify.loop_max_messages,
+                    window: config.classify.loop_window_secs,
+                },
             },
             timeouts: crate::pop3::Timeouts::from(&config.pop3),
             reload_interval: w.reload_interval_secs,

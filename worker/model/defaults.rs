@@ -79,3 +79,10 @@ pub const DB_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 pub const DB_WAIT_INITIAL_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest wait between attempts to reach the database at start-up.
 pub const DB_WAIT_MAX_BACKOFF: Duration = Duration::from_secs(15);
+
+/// The loop breaker's rate rule: more than this many messages from one sender to one pilot
+/// within [`LOOP_WINDOW`] are a loop. Two auto-responders answering each other pass it within
+/// minutes; a person writing to a contact center never does.
+pub const LOOP_MAX_MESSAGES: u32 = 100;
+/// The window of [`LOOP_MAX_MESSAGES`].
+pub const LOOP_WINDOW: Duration = Duration::from_secs(600);

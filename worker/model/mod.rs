@@ -10,6 +10,7 @@ pub mod mail;
 pub mod pilot;
 pub mod retry;
 pub mod text;
+pub mod triage;
 pub mod work_item;
 
 pub use mail::{Address, Attachment, ParseLimits, ParsedMail};

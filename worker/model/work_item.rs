@@ -67,11 +67,13 @@ pub enum Flag {
     ParseTimeout,
     /// The full parse did not run: only the header section was parsed.
     ParseSkipped,
+    /// Automatic mail routed anyway (the pilot's class policy says `route_flagged`).
+    Automatic,
 }
 
 impl Flag {
     /// Every flag.
-    pub const ALL: [Flag; 10] = [
+    pub const ALL: [Flag; 11] = [
         Flag::Oversize,
         Flag::FetchFailed,
         Flag::StoreError,
@@ -82,5 +84,6 @@ impl Flag {
         Flag::HtmlNotSanitized,
         Flag::ParseTimeout,
         Flag::ParseSkipped,
+        Flag::Automatic,
     ];
 }

@@ -14,7 +14,9 @@ use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 use sqlx::types::Json;
 
+use super::conversations::{self, Facts, Threaded};
 use super::error::{StoreError, db_error, sqlstate};
+use crate::model::triage::{Action, LoopTrip, MailClass, SenderRate, Triage};
 use crate::model::{Address, Flag, ParsedMail};
 
 /// Work-item flag added when the message could not be parsed.
@@ -83,6 +85,10 @@ pub struct NewMessage<'a> {
     pub flags: &'a [Flag],
     /// The message's identity (`ingest::identity`), when its header section has one.
     pub identity: Option<[u8; 32]>,
+    /// Its class and Outlook threading facts (`ingest::classify`); `None`: a person's mail.
+    pub triage: Option<&'a Triage>,
+    /// The loop breaker's rate rule (`[classify]`); `None`: none.
+    pub sender_rate: Option<SenderRate>,
     /// SHA-256 of `raw` when the caller has computed it already (hashing a large message
     /// again costs a pass over its bytes); computed here when `None`.
     pub sha256: Option<[u8; 32]>,
@@ -91,8 +97,14 @@ pub struct NewMessage<'a> {
 /// What [`insert_message`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inserted {
-    /// Stored now, with this work item.
-    New { work_item_id: i64 },
+    /// Stored now, with this work item, in this class, starting or continuing a conversation;
+    /// `loop_trip` says why the loop breaker made it `loop`.
+    New {
+        work_item_id: i64,
+        class: MailClass,
+        threaded: Threaded,
+        loop_trip: Option<LoopTrip>,
+    },
     /// This `(pilot, key)` was already stored (an earlier poll, or a concurrent poller);
     /// nothing was written. What is stored, so the caller can tell the same message from a
     /// different one under a reused UIDL.
@@ -103,7 +115,7 @@ impl Inserted {
     /// The new work item, if one was created.
     pub fn work_item(&self) -> Option<i64> {
         match self {
-            Inserted::New { work_item_id } => Some(*work_item_id),
+            Inserted::New { work_item_id, .. } => Some(*work_item_id),
             Inserted::Existing(_) => None,
         }
     }
@@ -256,21 +268,87 @@ pub async fn insert_message(
 ) -> Result<Inserted, StoreError> {
     let mut cut = false;
     let columns = MessageColumns::of(message, &mut cut)?;
-    let message_row: Option<i64> = columns
+    // Why first: the row is written with its conversation and class; deciding them only reads.
+    let placement = conversations::place(
+        conn,
+        &Facts {
+            pilot_id: message.pilot_id,
+            parsed: message.parsed,
+            sha256: &columns.sha256,
+            identity: message.identity.as_ref(),
+            triage: message.triage,
+            sender_rate: message.sender_rate,
+            stored_row: None,
+        },
+    )
+    .await?;
+    // The work item's flags are known before anything is written: the attachments' values
+    // are capped by the same rule when they are inserted below.
+    let attachments_cut = would_cut_attachments(message.parsed);
+    let mut flags = work_item_flags(message, cut || attachments_cut);
+    if placement.action == Action::RouteFlagged {
+        flags.push(Flag::Automatic.as_str().to_owned());
+    }
+    // Held mail is stored and counted like any other, and never offered (`held_reason`
+    // names its class so a supervisor sees why).
+    let held = (placement.action == Action::Hold).then(|| placement.class().as_str());
+    // One statement writes the row, its conversation's side (a new conversation, or the
+    // continued one's last message, count and participants), its work item (and the event of
+    // a held one) and forgets the key's fetch failures, so a message that turns out to be
+    // stored already writes none of them. The pilot's own mailbox is never a participant.
+    let rows: Option<Vec<i64>> = columns
         .bind(sqlx::query_scalar(
-            "insert into messages (pilot_id, uidl, raw, sha256, message_id, subject, from_addrs, \
-             to_addrs, cc_addrs, reply_to_addrs, sent_at, in_reply_to, \"references\", text_body, \
-             html_body, parse_error, size, headers_only, html_sanitized, identity, defects) \
+            "with m as (insert into messages (pilot_id, uidl, raw, sha256, message_id, subject, \
+             from_addrs, to_addrs, cc_addrs, reply_to_addrs, sent_at, in_reply_to, \"references\", \
+             text_body, html_body, parse_error, size, headers_only, html_sanitized, identity, \
+             defects, conversation_id, thread_rule, thread_evidence, class, class_evidence) \
              select $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18, $19, $20, $21 \
+             $18, $19, $20, $21, $22, $23, $24, $25, $26 \
              where not exists (select 1 from messages where pilot_id = $1 and identity = $20 \
                                and ($2 like '~ %' or uidl like '~ %')) \
-             on conflict (pilot_id, uidl) do nothing returning id",
+             on conflict (pilot_id, uidl) do nothing returning id), \
+             own as (select lower(mailbox) as mailbox from pilots where id = $1), \
+             created as (insert into conversations (id, pilot_id, queue, subject_key, subject, \
+                 participants, thread_index, first_message_id, last_message_id) \
+                 select $22, $1, $28, $29, left($6, 300), \
+                     array(select p from unnest($30::text[]) p where p <> (select mailbox from own) limit 100), \
+                     $31, m.id, m.id from m where $27), \
+             continued as (update conversations c set last_message_id = greatest(c.last_message_id, m.id), \
+                 message_count = c.message_count + 1, updated_at = now(), \
+                 thread_index = coalesce(c.thread_index, $31), \
+                 participants = array(select p from (select distinct p from unnest(c.participants || $30::text[]) p) d \
+                     where p <> (select mailbox from own) order by p limit 100) \
+                 from m where c.id = $22 and not $27), \
+             w as (insert into work_items (message_id, queue, flags, status, held_reason) \
+                 select m.id, $28, $32, $33, $34 from m returning id), \
+             e as (insert into work_item_events (work_item_id, actor, action, to_status, reason) \
+                 select id, 'system', 'held', 'held', $35 from w where $34::text is not null), \
+             f as (delete from fetch_failures where pilot_id = $1 and uidl = $2 \
+                 and exists (select 1 from m)) \
+             select array[m.id, w.id] from m, w",
+        ))
+        .bind(placement.conversation_id)
+        .bind(placement.rule.as_str())
+        .bind(Json(&placement.thread_evidence))
+        .bind(placement.class().as_str())
+        .bind(Json(&placement.classification))
+        .bind(placement.threaded == Threaded::Created)
+        .bind(message.queue)
+        .bind(placement.subject_key())
+        .bind(placement.participants())
+        .bind(placement.thread_index())
+        .bind(&flags)
+        .bind(if held.is_some() { "held" } else { "queued" })
+        .bind(held)
+        .bind(format!(
+            "class {} by rule {}: the pilot's policy holds it",
+            placement.class(),
+            placement.classification.rule
         ))
         .fetch_optional(&mut *conn)
         .await
         .map_err(|err| unknown_pilot(err, message.pilot_id))?;
-    let Some(message_row) = message_row else {
+    let Some(&[message_row, work_item_id]) = rows.as_deref() else {
         // Already stored by an earlier poll or a concurrent poller: nothing else to write.
         let mut stored = stored_copy(conn, message.pilot_id, message.uidl).await?;
         if stored.is_none()
@@ -293,20 +371,12 @@ pub async fn insert_message(
         &mut cut,
     )
     .await?;
-    let flags = work_item_flags(message, cut);
-    // One round trip: the work item, and the failed downloads this message leaves behind.
-    let work_item_id: i64 = sqlx::query_scalar(
-        "with cleared as (delete from fetch_failures where pilot_id = $4 and uidl = $5) \
-         insert into work_items (message_id, queue, flags) values ($1, $2, $3) returning id",
-    )
-    .bind(message_row)
-    .bind(message.queue)
-    .bind(&flags)
-    .bind(message.pilot_id)
-    .bind(message.uidl)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(Inserted::New { work_item_id })
+    Ok(Inserted::New {
+        work_item_id,
+        class: placement.class(),
+        threaded: placement.threaded,
+        loop_trip: placement.loop_trip,
+    })
 }
 
 /// Completes a message stored as headers only (flagged `fetch_failed`) with the whole message,
@@ -446,6 +516,30 @@ impl<'a> MessageColumns<'a> {
             .bind(message.identity.as_ref().map(|i| &i[..]))
             .bind(stored_defects(&parsed.defects))
     }
+}
+
+/// Whether storing `parsed`'s attachments cuts any of their values (what
+/// [`insert_attachments`] will find), so the work item's flags can be written first.
+fn would_cut_attachments(parsed: &ParsedMail) -> bool {
+    let mut cut = false;
+    for attachment in &parsed.attachments {
+        let _ = capped_opt(
+            &attachment.filename,
+            header_limits::ATTACHMENT_FIELD_BYTES,
+            &mut cut,
+        );
+        let _ = capped(
+            &attachment.content_type,
+            header_limits::ATTACHMENT_FIELD_BYTES,
+            &mut cut,
+        );
+        let _ = capped_opt(
+            &attachment.content_id,
+            header_limits::ATTACHMENT_FIELD_BYTES,
+            &mut cut,
+        );
+    }
+    cut
 }
 
 /// All attachments of a message in one statement (one round trip however many there are):

@@ -41,6 +41,7 @@ macro_rules! pilot_columns {
 
 mod api_keys;
 mod apps;
+mod conversations;
 mod credentials;
 mod error;
 pub mod leases;
@@ -473,6 +474,10 @@ pub use apps::{
     DEFAULT_PORT, DEFAULT_SCOPE, NewApp, StoredCertificate, delete_app, get_app, get_app_by_name,
     insert_app, list_apps, set_app_certificate, set_app_credential, update_app,
     update_app_resealed,
+};
+pub use conversations::{
+    Explanation, Facts, MAX_PARTICIPANTS, Placement, Threaded, Unclassified, backfill_message,
+    class_policies, explain, place, set_class_policy, unclassified,
 };
 pub use credentials::{
     CredentialHolder, UnboundUpgrade, reseal_credentials, upgrade_unbound_credentials,

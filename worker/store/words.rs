@@ -53,6 +53,7 @@ impl Flag {
             Flag::HtmlNotSanitized => "html_not_sanitized",
             Flag::ParseTimeout => "parse_timeout",
             Flag::ParseSkipped => "parse_skipped",
+            Flag::Automatic => "automatic",
         }
     }
 

@@ -7,7 +7,8 @@
 //! every name they mention against a running worker's `/metrics`.
 //!
 //! **Labels** come only from small fixed sets: the pilot id, the queue, the app's name, a
-//! fixed reason/result/command/status word, and the build version. Never a mailbox address,
+//! fixed reason/result/command/status word, a mail class or threading outcome word, and the
+//! build version. Never a mailbox address,
 //! subject, UIDL or error text: those belong in logs, and would make every series unique.
 //!
 //! **Recording** goes through a `metrics-exporter-prometheus` recorder owned by [`Metrics`]
@@ -288,6 +289,47 @@ pub const STATUS_RECORD_ERRORS: MetricDef = MetricDef {
     buckets: &[],
 };
 
+/// New messages by class.
+pub const MESSAGES_BY_CLASS: MetricDef = MetricDef {
+    name: "ccmail_messages_classified_total",
+    kind: Kind::Counter,
+    unit: "",
+    help: "Messages stored new, by class (human, auto_reply, auto_generated, bounce, receipt, loop; see RELIABILITY.md \"Automatic mail\").",
+    labels: &[L_PILOT, L_QUEUE, "class"],
+    buckets: &[],
+};
+/// New messages by threading outcome.
+pub const CONVERSATIONS: MetricDef = MetricDef {
+    name: "ccmail_conversation_messages_total",
+    kind: Kind::Counter,
+    unit: "",
+    help: "Messages stored new, by whether they started a conversation (created) or continued a stored one (continued).",
+    labels: &[L_PILOT, L_QUEUE, "outcome"],
+    buckets: &[],
+};
+/// Loop-breaker trips.
+pub const LOOP_TRIPS: MetricDef = MetricDef {
+    name: "ccmail_loop_breaker_trips_total",
+    kind: Kind::Counter,
+    unit: "",
+    help: "Messages the loop breaker classed as loop (held by default, still stored), by reason (x_loop, seen_before, sender_rate).",
+    labels: &[L_PILOT, L_QUEUE, "reason"],
+    buckets: &[],
+};
+
+/// Values of the `class` label of [`MESSAGES_BY_CLASS`].
+pub const CLASSES: &[&str] = &[
+    "human",
+    "auto_reply",
+    "auto_generated",
+    "bounce",
+    "receipt",
+    "loop",
+];
+/// Values of the `outcome` label of [`CONVERSATIONS`].
+pub const CONVERSATION_OUTCOMES: &[&str] = &["created", "continued"];
+/// Values of the `reason` label of [`LOOP_TRIPS`].
+pub const LOOP_REASONS: &[&str] = &["x_loop", "seen_before", "sender_rate"];
 /// Waits of work items, from seconds to hours.
 const WAIT_BUCKETS: &[f64] = &[
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 86400.0,
@@ -419,6 +461,9 @@ pub const ALL: &[&MetricDef] = &[
     &OLDEST_QUEUED_AGE,
     &REFRESH_ERRORS,
     &STATUS_RECORD_ERRORS,
+    &MESSAGES_BY_CLASS,
+    &CONVERSATIONS,
+    &LOOP_TRIPS,
     &WORK_CLAIMS,
     &WORK_TRANSITIONS,
     &WORK_OFFER_TIMEOUTS,
@@ -506,7 +551,32 @@ impl PilotMetrics {
         for command in POP3_COMMANDS {
             let _registered = m.command_histogram(command);
         }
+        for class in CLASSES {
+            m.labelled(&MESSAGES_BY_CLASS, class).increment(0);
+        }
+        for outcome in CONVERSATION_OUTCOMES {
+            m.labelled(&CONVERSATIONS, outcome).increment(0);
+        }
+        for reason in LOOP_REASONS {
+            m.labelled(&LOOP_TRIPS, reason).increment(0);
+        }
         m
+    }
+
+    /// The pilot's counter of `def` with its third label set to `word`.
+    fn labelled(&self, def: &MetricDef, word: &str) -> Counter {
+        counter(&self.recorder, def, &[&self.id, &self.queue, word])
+    }
+
+    /// A new message was committed: its class (a word of [`CLASSES`]), whether it started
+    /// or continued a conversation ([`CONVERSATION_OUTCOMES`]), and why the loop breaker
+    /// tripped on it, if it did ([`LOOP_REASONS`]).
+    pub fn message_triaged(&self, class: &str, outcome: &str, loop_reason: Option<&str>) {
+        self.labelled(&MESSAGES_BY_CLASS, class).increment(1);
+        self.labelled(&CONVERSATIONS, outcome).increment(1);
+        if let Some(reason) = loop_reason {
+            self.labelled(&LOOP_TRIPS, reason).increment(1);
+        }
     }
 
     fn set_last_success(&self, at: f64) {
@@ -1146,7 +1216,7 @@ mod tests {
                 assert!(
                     [
                         "pilot", "queue", "app", "reason", "result", "command", "status",
-                        "version", "action", "step"
+                        "version", "action", "step", "class", "outcome"
                     ]
                     .contains(label),
                     "{}: label {label} is not from the fixed sets",

@@ -849,6 +849,41 @@ pub fn marker(raw: &[u8]) -> Option<String> {
     None
 }
 
+/// The reply a careless auto-responder of mailbox `from` sends to `original` (a message it
+/// received): `Re:` its subject, `In-Reply-To` and `References` its `Message-ID`, and none of
+/// the marks RFC 3834 asks for (no `Auto-Submitted`, no `X-Loop`, no null return path), so
+/// nothing in it says "automatic". Two such responders answering each other are the mail
+/// loop the loop breaker exists for. `n` makes the `Message-ID` and marker unique.
+pub fn careless_auto_reply(from: &str, original: &[u8], n: u64) -> Vec<u8> {
+    let head_end = original
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(original.len());
+    let head = String::from_utf8_lossy(&original[..head_end]);
+    let field = |name: &str| {
+        head.split("\r\n")
+            .find_map(|line| {
+                let (n, v) = line.split_once(':')?;
+                n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+            })
+            .unwrap_or_default()
+    };
+    let to = field("From");
+    let subject = field("Subject");
+    let message_id = field("Message-ID");
+    let local = from.split('@').next().unwrap_or("responder");
+    let domain = from.split('@').nth(1).unwrap_or("example.test");
+    format!(
+        "From: {from}\r\nTo: {to}\r\nSubject: Re: {subject}\r\n\
+         Date: Mon, 16 Sep 2024 09:00:00 +0000\r\n\
+         Message-ID: <{local}-autoreply-{n}@{domain}>\r\nIn-Reply-To: {message_id}\r\n\
+         References: {message_id}\r\nX-Ccmail-Marker: {local}-autoreply-{n}\r\n\
+         MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n\
+         Thank you for your message. We will get back to you shortly.\r\n"
+    )
+    .into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
