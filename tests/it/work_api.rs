@@ -405,6 +405,10 @@ async fn keys_and_roles_decide_who_may_do_what() {
     let item: Value = resp.json().await.unwrap();
     assert_eq!(item["message"]["subject"], "item 1");
     assert_eq!(item["agent"], "ann");
+    assert!(
+        item["triage"].is_object(),
+        "the conversation and class view: {item}"
+    );
     // Agents cannot cancel or list; supervisors can.
     let (status, _) = api
         .post(

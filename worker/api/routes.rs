@@ -231,6 +231,26 @@ pub struct WorkItemBody {
     pub held_reason: Option<String>,
     pub cancel_reason: Option<String>,
     pub message: MessageBody,
+    /// The conversation the message belongs to and why, and the message's class and why.
+    pub triage: Option<TriageBody>,
+}
+
+/// How a message was threaded and classed, with the evidence.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TriageBody {
+    pub conversation_id: Option<i64>,
+    /// Messages in the conversation so far.
+    pub conversation_messages: Option<i32>,
+    /// The agent who last completed an item of the conversation: prefer them for the reply.
+    pub last_completed_by: Option<String>,
+    /// The threading rule that matched (`in_reply_to`, `references`, `thread_index`, `new`…).
+    pub thread_rule: Option<String>,
+    #[schema(value_type = Object)]
+    pub thread_evidence: Option<serde_json::Value>,
+    /// `human`, `auto_reply`, `auto_generated`, `bounce`, `receipt` or `loop`.
+    pub class: Option<String>,
+    #[schema(value_type = Object)]
+    pub class_evidence: Option<serde_json::Value>,
 }
 
 /// The message of a work item.
@@ -1082,14 +1102,17 @@ async fn get_work_item(
             let id = item_id(path)?;
             let item = item_in_reach(&state, &principal, id).await?;
             may_read(&principal, &item)?;
-            let detail = state
+            let (detail, explained) = state
                 .db()
                 .with_conn("work item", async |conn| {
-                    store::work_item_detail(conn, id).await
+                    Ok((
+                        store::work_item_detail(conn, id).await?,
+                        store::explain(conn, id).await?,
+                    ))
                 })
                 .await
-                .map_err(Problem::from_store)?
-                .ok_or_else(|| Problem::not_found(format!("no work item {id}")))?;
+                .map_err(Problem::from_store)?;
+            let detail = detail.ok_or_else(|| Problem::not_found(format!("no work item {id}")))?;
             let s = detail.state;
             Ok(axum::Json(WorkItemBody {
                 id: s.id,
@@ -1106,6 +1129,15 @@ async fn get_work_item(
                 done_by: s.done_by,
                 held_reason: s.held_reason,
                 cancel_reason: s.cancel_reason,
+                triage: explained.map(|e| TriageBody {
+                    conversation_id: e.conversation_id,
+                    conversation_messages: e.conversation_messages,
+                    last_completed_by: e.last_completed_by,
+                    thread_rule: e.thread_rule,
+                    thread_evidence: e.thread_evidence,
+                    class: e.class,
+                    class_evidence: e.class_evidence,
+                }),
                 message: MessageBody {
                     message_id: detail.internet_message_id,
                     subject: detail.subject,
