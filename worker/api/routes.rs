@@ -929,13 +929,15 @@ async fn claim(
             let mut known_queue = false;
             let idem = idempotency_key(&headers, &format!("claim {queue}"), &body)?;
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs_f64(wait);
-            let notify = state.waker().queue(&queue);
             loop {
                 // Why armed before the attempt: an item committed between the attempt and the
-                // wait must still wake this claim.
-                let notified = notify.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
+                // wait must still wake this claim. Only a queue known to exist gets a notifier,
+                // so names typed by clients cannot grow the waker's map.
+                let notify = known_queue.then(|| state.waker().queue(&queue));
+                let mut notified = notify.as_ref().map(|n| Box::pin(n.notified()));
+                if let Some(n) = notified.as_mut() {
+                    n.as_mut().enable();
+                }
                 let last =
                     tokio::time::Instant::now() >= deadline || state.shutdown().is_cancelled();
                 let mut pending = match begin(&state, &principal, idem.as_ref()).await? {
@@ -963,6 +965,11 @@ async fn claim(
                         )));
                     }
                     known_queue = true;
+                    if !last {
+                        // Try again at once, now armed for the wake-up.
+                        pending.rollback().await?;
+                        continue;
+                    }
                 }
                 if !claims.is_empty() || last {
                     let effects = vec![Effect::Claimed {
@@ -994,7 +1001,12 @@ async fn claim(
                 }
                 let _waiting = state.waker().wait_guard();
                 tokio::select! {
-                    _ = &mut notified => {}
+                    _ = async {
+                        match notified.as_mut() {
+                            Some(n) => n.await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
                     _ = tokio::time::sleep_until(until) => {}
                     _ = state.shutdown().cancelled() => {}
                 }

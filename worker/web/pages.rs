@@ -387,12 +387,14 @@ pub async fn take_next(
         })
         .await;
     match taken {
-        Ok(Some((c, lifecycle::Step::Done(_)))) => {
-            crate::telemetry::global().work_claimed(
+        Ok(Some((c, lifecycle::Step::Done(moved)))) => {
+            let metrics = crate::telemetry::global();
+            metrics.work_claimed(
                 &c.queue,
                 1,
                 &c.first_offer_wait_secs.into_iter().collect::<Vec<_>>(),
             );
+            metrics.work_moved(&c.queue, "accepted", moved.first_accept_wait_secs, None);
             Redirect::to(&format!("/agent/items/{}", c.id)).into_response()
         }
         Ok(Some((c, _))) => {
