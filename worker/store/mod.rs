@@ -35,7 +35,8 @@ macro_rules! pilot_columns {
     () => {
         "id, queue, mailbox, host, port, tls, auth, app_id, username, password_credential, \
          ca_bundle, poll_interval_secs, keep_on_server, max_message_bytes, enabled, \
-         last_success_at, last_error, last_error_hint, last_error_at, created_at, updated_at"
+         last_success_at, last_error, last_error_hint, last_error_at, created_at, updated_at, \
+         poll_requested_at"
     };
 }
 
@@ -493,7 +494,7 @@ pub use messages::{
 pub use pilots::{
     MAX_ERROR_CHARS, NewPilot, PilotAuth, PilotRow, TlsMode, delete_pilot,
     enabled_pilots_with_apps, find_pilots_by_mailbox, get_pilot, insert_pilot, list_pilots,
-    record_poll_error, record_poll_success, set_pilot_enabled, update_pilot,
+    record_poll_error, record_poll_success, request_poll, set_pilot_enabled, update_pilot,
 };
 pub use text_limits::{TextLimit, limits};
 pub use work_items::{

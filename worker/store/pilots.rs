@@ -128,6 +128,9 @@ pub struct PilotRow {
     pub last_error_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The latest "Poll now" ([`request_poll`]); the lease holder polls when it is newer than
+    /// the last request it served.
+    pub poll_requested_at: Option<DateTime<Utc>>,
 }
 
 impl PilotRow {
@@ -179,6 +182,7 @@ struct PilotRecord {
     last_error_at: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    poll_requested_at: Option<DateTime<Utc>>,
 }
 
 impl TryFrom<PilotRecord> for PilotRow {
@@ -224,6 +228,7 @@ impl TryFrom<PilotRecord> for PilotRow {
             last_error_at: r.last_error_at,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            poll_requested_at: r.poll_requested_at,
         })
     }
 }
@@ -603,4 +608,15 @@ pub async fn record_poll_error(
     .execute(conn)
     .await?;
     pilot_touched(done.rows_affected(), pilot_id)
+}
+
+/// Asks for a poll of pilot `id` now ("Poll now"): the replica holding its lease polls it as
+/// soon as it reads the pilots again (the update notifies every replica). `false` when there
+/// is no such pilot. It does not touch `updated_at`, so the running poller is not restarted.
+pub async fn request_poll(conn: &mut PgConnection, id: i64) -> Result<bool, StoreError> {
+    let done = sqlx::query("update pilots set poll_requested_at = clock_timestamp() where id = $1")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
 }
