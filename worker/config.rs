@@ -124,6 +124,12 @@ pub struct WorkerConfig {
     /// On SIGTERM/SIGINT, wait this long for pollers to finish their current message and QUIT.
     #[serde(with = "secs")]
     pub shutdown_grace_secs: Duration,
+    /// A pilot's lease lasts this long without renewal (renewed every third of it). With
+    /// several replicas on one database, a replica that stops renewing (frozen, killed, cut
+    /// off) loses its pilots to the others after this long; one that shuts down gives them up
+    /// at once.
+    #[serde(with = "secs")]
+    pub lease_ttl_secs: Duration,
     /// Random spread added to each poll interval, as a fraction of it (0.1 = up to 10 %).
     pub poll_jitter: f64,
     /// Backoff after a transient failure starts here and doubles up to `max_backoff_secs`.
@@ -405,6 +411,7 @@ impl Default for WorkerConfig {
             refetch_failed_secs: defaults::REFETCH_AFTER,
             reload_interval_secs: Duration::from_secs(30),
             shutdown_grace_secs: Duration::from_secs(30),
+            lease_ttl_secs: Duration::from_secs(30),
             poll_jitter: 0.1,
             initial_backoff_secs: Duration::from_secs(5),
             max_backoff_secs: Duration::from_secs(300),
@@ -693,6 +700,7 @@ impl Config {
                 self.database.tcp_keepalive_secs,
             ),
             ("worker.reload_interval_secs", w.reload_interval_secs),
+            ("worker.lease_ttl_secs", w.lease_ttl_secs),
             ("worker.initial_backoff_secs", w.initial_backoff_secs),
             ("worker.max_backoff_secs", w.max_backoff_secs),
             ("worker.permanent_retry_secs", w.permanent_retry_secs),

@@ -95,7 +95,7 @@ async fn run_keeps_serving_other_pilots_while_one_is_fed_every_hostile_message()
     std::fs::write(
         &config,
         format!(
-            "[worker]\nreload_interval_secs = 1\nshutdown_grace_secs = 10\n\
+            "[worker]\nreload_interval_secs = 1\nlease_ttl_secs = 3\nshutdown_grace_secs = 10\n\
              initial_backoff_secs = 1\nmax_backoff_secs = 2\npoll_jitter = 0.0\n\n\
              [pop3]\nallowed_xoauth2_hosts = [\"127.0.0.1\"]\n\n\
              [oauth]\nextra_ca_file = {:?}\nallowed_authorities = [{:?}]\n\n\

@@ -38,6 +38,7 @@ fn settings(
         permanent_retry: Duration::from_secs(5),
         login_refusal_grace: ccmail::model::defaults::LOGIN_REFUSAL_GRACE,
         shutdown_grace: Duration::from_secs(10),
+        lease_ttl: Duration::from_secs(30),
         credentials,
     }
 }

@@ -356,6 +356,7 @@ async fn a_mailbox_held_by_another_session_is_polled_within_a_minute_of_its_rele
         permanent_retry: Duration::from_secs(900),
         login_refusal_grace: Duration::from_secs(600),
         shutdown_grace: Duration::from_secs(10),
+        lease_ttl: Duration::from_secs(30),
         credentials: world.credential_policy(),
     };
     let supervisor = Supervisor::new(

@@ -27,6 +27,7 @@ mod pop3_sim;
 mod prometheus;
 mod properties;
 mod references;
+mod replicas;
 mod soak;
 mod store;
 mod support;

@@ -54,7 +54,7 @@ async fn run_drains_a_mailbox_and_on_sigterm_finishes_the_message_quits_and_exit
     std::fs::write(
         &config,
         format!(
-            "[worker]\nreload_interval_secs = 1\nshutdown_grace_secs = {}\n\
+            "[worker]\nreload_interval_secs = 1\nlease_ttl_secs = 3\nshutdown_grace_secs = {}\n\
              initial_backoff_secs = 1\nmax_backoff_secs = 2\npoll_jitter = 0.0\n\n\
              [oauth]\nextra_ca_file = {:?}\nallowed_authorities = [{:?}]\n\n\
              [pop3]\nallowed_xoauth2_hosts = [\"127.0.0.1\"]\n\n\

@@ -575,7 +575,20 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
         PilotCommand::List { json } => {
             let pilots = store::list_pilots(&mut conn).await?;
             let apps = store::list_apps(&mut conn).await?;
-            let views: Vec<PilotView> = pilots.iter().map(|p| PilotView::new(p, &apps)).collect();
+            let holders: std::collections::HashMap<i64, String> =
+                store::leases::lease_holders(&mut conn)
+                    .await?
+                    .into_iter()
+                    .filter(|l| l.live)
+                    .map(|l| (l.pilot_id, l.holder))
+                    .collect();
+            let views: Vec<PilotView> = pilots
+                .iter()
+                .map(|p| PilotView {
+                    lease_holder: holders.get(&p.id).cloned(),
+                    ..PilotView::new(p, &apps)
+                })
+                .collect();
             if json {
                 return print_json(&views);
             }
@@ -592,6 +605,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
                         v.last_success_at
                             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
                             .unwrap_or_else(|| "never".to_owned()),
+                        v.lease_holder.clone().unwrap_or_else(|| "-".to_owned()),
                         v.last_error.clone().unwrap_or_default(),
                     ]
                 })
@@ -607,6 +621,7 @@ pub(crate) async fn pilot_command(config: &Config, cmd: PilotCommand) -> anyhow:
                         "login",
                         "enabled",
                         "last success",
+                        "polled by",
                         "last error"
                     ],
                     &rows

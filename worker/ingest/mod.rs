@@ -2,6 +2,7 @@
 
 pub mod classify;
 pub mod identity;
+pub mod leasing;
 pub mod observe;
 pub mod pacing;
 pub mod parse;

@@ -58,6 +58,9 @@ pub struct Pilot {
     pub metrics: crate::telemetry::PilotMetrics,
     /// What the pollers learned about this pilot's server while it runs.
     pub quirks: ServerQuirks,
+    /// The lease this replica polls the pilot under (the supervisor's pollers); `None` for a
+    /// one-off poll outside the supervisor (doctor, benchmarks, tests of one poll).
+    pub lease: Option<crate::ingest::leasing::LeaseGuard>,
 }
 
 /// What polls of one pilot learn about its server and remember until the pilot restarts.
@@ -290,6 +293,7 @@ pub fn resolve(
         poll_interval: row.poll_interval,
         metrics: crate::telemetry::global().pilot_metrics(id, &row.queue),
         quirks: ServerQuirks::default(),
+        lease: None,
     })
 }
 

@@ -62,6 +62,37 @@ impl Replicas {
             .collect()
     }
 
+    /// Every pilot of `pilots` with the replica that polls it, no replica taking more than
+    /// its even share (`ceil(pilots / replicas)`): rendezvous order with bounded loads. Pilots
+    /// are placed in id order, each with the first replica in its own score order that still
+    /// has room, so every replica computes the same answer from the same two lists; a small
+    /// pool of pilots spreads within one of even, where pure hashing would leave a few
+    /// replicas a fifth over. A replica joining or leaving moves its share and, through the
+    /// caps, a little more.
+    pub fn assign(&self, pilots: &[i64]) -> std::collections::HashMap<i64, &str> {
+        let mut sorted: Vec<i64> = pilots.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut placed = std::collections::HashMap::with_capacity(sorted.len());
+        if self.seeds.is_empty() {
+            return placed;
+        }
+        let cap = sorted.len().div_ceil(self.seeds.len());
+        let mut load = vec![0usize; self.seeds.len()];
+        let mut order: Vec<usize> = (0..self.seeds.len()).collect();
+        for pilot in sorted {
+            order.sort_unstable_by_key(|&i| {
+                let (s, id) = &self.seeds[i];
+                std::cmp::Reverse((mix(s ^ (pilot as u64)), id.as_str()))
+            });
+            if let Some(&i) = order.iter().find(|&&i| load[i] < cap) {
+                load[i] += 1;
+                placed.insert(pilot, self.seeds[i].1.as_str());
+            }
+        }
+        placed
+    }
+
     pub fn len(&self) -> usize {
         self.seeds.len()
     }
@@ -130,6 +161,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn three_hundred_pilots_are_assigned_evenly_and_a_join_moves_little() {
+        let pilots: Vec<i64> = (1..=300).collect();
+        let three = Replicas::new(&["host-1-aa", "host-2-bb", "host-3-cc"]);
+        let placed = three.assign(&pilots);
+        assert_eq!(placed.len(), 300);
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for r in placed.values() {
+            *counts.entry(r).or_default() += 1;
+        }
+        assert_eq!(counts.len(), 3);
+        assert!(counts.values().all(|n| *n == 100), "{counts:?}");
+        let four = Replicas::new(&["host-1-aa", "host-2-bb", "host-3-cc", "host-4-dd"]);
+        let after = four.assign(&pilots);
+        let moved = pilots.iter().filter(|p| placed[p] != after[p]).count();
+        assert!(
+            (75..=120).contains(&moved),
+            "a quarter (75) should move, a little more through the caps: {moved}"
+        );
+        let shuffled: Vec<i64> = pilots.iter().rev().copied().collect();
+        assert_eq!(
+            three.assign(&shuffled),
+            placed,
+            "the answer ignores list order"
+        );
+        assert!(Replicas::new::<&str>(&[]).assign(&pilots).is_empty());
     }
 
     #[test]

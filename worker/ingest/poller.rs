@@ -185,6 +185,13 @@ pub enum PollError {
     /// A background parse or commit task died (a bug); the poll is retried.
     #[error("ingest task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
+    /// This replica's lease of the pilot is gone or too old to vouch for: it stops before the
+    /// next login, RETR, DELE or commit (the holder polls the mailbox).
+    #[error(
+        "this replica no longer holds the lease of pilot {pilot} (taken over, released, or not \
+         renewed in time); it stops before touching the mailbox or the store again"
+    )]
+    LeaseLost { pilot: i64 },
 }
 
 impl PollError {
@@ -195,7 +202,7 @@ impl PollError {
             PollError::Token(e) => e.retry(),
             PollError::Pop3(e) => e.retry(),
             PollError::Store(e) => e.retry(),
-            PollError::Task(_) => crate::model::retry::Retry::Soon,
+            PollError::Task(_) | PollError::LeaseLost { .. } => crate::model::retry::Retry::Soon,
         }
     }
 
@@ -204,7 +211,7 @@ impl PollError {
         match self {
             PollError::Token(e) => e.fix(),
             PollError::Pop3(e) => e.hint(),
-            PollError::Store(_) | PollError::Task(_) => None,
+            PollError::Store(_) | PollError::Task(_) | PollError::LeaseLost { .. } => None,
         }
     }
 
@@ -218,6 +225,7 @@ impl PollError {
             PollError::Pop3(pop3::Error::TlsCertificate { .. })
             | PollError::Pop3(pop3::Error::TlsHandshake { .. }) => "tls",
             PollError::Pop3(_) => "pop3",
+            PollError::Store(StoreError::Fenced { .. }) | PollError::LeaseLost { .. } => "lease",
             PollError::Store(_) => "database",
             PollError::Task(_) => "internal",
         }
@@ -686,6 +694,7 @@ async fn session(
     progress: &mut Progress,
 ) -> Result<Next, PollError> {
     let first = progress.report.sessions == 1;
+    hold(pilot)?;
     let mut session = open_session(pilot, tokens).await?;
     // Past the deadline the poll stops between messages; a server that keeps it inside one
     // response longer than that is cut off (the connection is dropped without QUIT).
@@ -735,6 +744,7 @@ async fn session(
         match verify_stored(&mut session, pilot, pool, number, &uidl, &copy).await? {
             Some(true) => {
                 progress.checks_progressed = true;
+                hold(pilot)?;
                 timed(pilot, "dele", session.dele(number)).await?;
                 deleted.push(uidl);
             }
@@ -804,6 +814,8 @@ async fn session(
                 tracing::warn!(pilot = pilot.id, "poll deadline reached; the rest waits for the next poll");
                 break;
             }
+            // Nothing more for a replica that lost the pilot: no RETR, no DELE.
+            hold(pilot)?;
             // DELE what finished committing meanwhile (never before its commit).
             pipeline.dele_finished(&mut session, &mut progress.report).await?;
             let (key, attempts, untrusted, too_large, completes) = match plan {
@@ -872,6 +884,7 @@ async fn session(
                 tracing::warn!(pilot = pilot.id, key = ?key, attempts, "the server keeps refusing to send this message; storing the headers and leaving the message on the server");
                 headers_only(&mut session, pilot, number, key, Flag::FetchFailed, untrusted).await?
             } else {
+                hold(pilot)?;
                 if session.pipelining() && foreseen[position].is_some() && !cancel.is_cancelled() {
                     // RFC 2449 PIPELINING: keep the window of RETRs full, this one first, so the
                     // server streams the next messages while this one is parsed and stored.
@@ -994,6 +1007,7 @@ async fn session(
         }
         pipeline.finish(&mut session, &mut progress.report).await?;
         for (number, key) in to_delete {
+            hold(pilot)?;
             timed(pilot, "dele", session.dele(number)).await?;
             pipeline.deleted.push(key);
         }
@@ -1321,6 +1335,7 @@ impl<'a> Pipeline<'a> {
             keep_on_server: self.pilot.keep_on_server,
             metrics: self.pilot.metrics.clone(),
             sender_rate: self.limits.sender_rate,
+            lease: self.pilot.lease.clone(),
         };
         self.inflight.spawn(commit_batch(pool, target, batch));
     }
@@ -1394,6 +1409,9 @@ impl<'a> Pipeline<'a> {
         report.store_fallbacks += committed.store_fallbacks;
         report.completed += committed.completed;
         if let Some(session) = session {
+            if !committed.deletable.is_empty() {
+                hold(self.pilot)?;
+            }
             for (number, key) in committed.deletable {
                 // Why here: the batch's commit has been acknowledged.
                 timed(self.pilot, "dele", session.dele(number)).await?;
@@ -1411,6 +1429,8 @@ struct Target {
     keep_on_server: bool,
     metrics: metrics::PilotMetrics,
     sender_rate: SenderRate,
+    /// The lease the batch must be stored under (see [`store::leases::check_fence`]).
+    lease: Option<crate::ingest::leasing::LeaseGuard>,
 }
 
 /// Stores a batch in one transaction. An error means the commit's outcome is unknown: the
@@ -1433,6 +1453,7 @@ async fn commit_batch(pool: Db, target: Target, batch: Vec<Ready>) -> Result<Com
         )
     };
     let committed = match attempt(false).await {
+        Err(e @ StoreError::Fenced { .. }) => return Err(e.into()),
         Err(e) if !e.is_transient() => {
             tracing::warn!(pilot = target.pilot_id, error = %e, "a message of the batch was refused by the database; storing the batch message by message");
             attempt(true).await?
@@ -1466,6 +1487,14 @@ async fn store_batch(
     isolate: bool,
 ) -> Result<Committed, StoreError> {
     let mut tx = pool.begin().await?;
+    if let Some(guard) = &target.lease {
+        // First in the transaction: the lease row stays locked until the commit, so no
+        // takeover happens between this check and the commit.
+        let lease = guard.current().ok_or(StoreError::Fenced {
+            pilot: target.pilot_id,
+        })?;
+        store::leases::check_fence(&mut tx, &lease, guard.holder()).await?;
+    }
     let mut out = Committed {
         deletable: Vec::new(),
         stored: 0,
@@ -1644,6 +1673,15 @@ async fn store_raw(
             Ok(Stored::Refused)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// `Ok` while this replica may act on `pilot`'s mailbox: always for a poll outside the
+/// supervisor, else while its lease guard vouches for the lease (see [`crate::ingest::leasing`]).
+fn hold(pilot: &Pilot) -> Result<(), PollError> {
+    match &pilot.lease {
+        Some(guard) if guard.current().is_none() => Err(PollError::LeaseLost { pilot: pilot.id }),
+        _ => Ok(()),
     }
 }
 

@@ -11,25 +11,42 @@
 //! as the demo's, which leaves other rows alone); the pollers then never open a v1 value, so
 //! one the upgrade left alone (held by several rows: a copy) is refused, not sent.
 //!
+//! Replicas (RELIABILITY.md, "Several replicas"): every `ccmail run` is a replica with its own
+//! id. Every `lease_ttl / 3` (and on a notification) it renews its heartbeat row and every
+//! lease it holds in one statement each, reads the live replicas, and places the enabled
+//! pilots over them ([`Replicas::assign`]). It starts pollers only for pilots placed on it
+//! whose lease it could take, stops those placed elsewhere and releases their leases once they
+//! stopped, and stops at once a poller whose lease was not renewed (taken over: another
+//! replica polls it now). Pollers started together spread their first polls over their
+//! interval instead of all logging in at once.
+//!
 //! Shutdown: cancelling the token stops every poller between two messages; each finishes the
 //! message in hand, commits, sends DELE and QUIT, and exits. The supervisor waits for them at
 //! most `shutdown_grace`, then returns anyway (a poller cut off there loses nothing: it never
-//! sent QUIT, so the server deleted nothing).
+//! sent QUIT, so the server deleted nothing), after releasing its leases and removing its
+//! heartbeat so the other replicas take its pilots at once.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
+use crate::ingest::leasing::LeaseGuard;
 use crate::ingest::pacing::{Pacing, PacingSettings};
 pub use crate::ingest::pilot::{ResolveError, app_credentials, resolve_pilot};
-use crate::ingest::poller::{self, IngestLimits, Pilot, PollReport};
+use crate::ingest::placement::Replicas;
+use crate::ingest::poller::{self, IngestLimits, Pilot, PollError, PollReport};
 use crate::oauth::TokenCache;
 use crate::pop3::Timeouts;
 use crate::secrets::{self, CredentialPolicy, MasterKey};
+use crate::store::leases::{self, Lease, ReplicaInfo};
 use crate::store::{self, AppRow, ConfigListener, Db, PilotRow};
 use crate::telemetry as metrics;
 
@@ -46,6 +63,9 @@ pub struct SupervisorSettings {
     /// How long refused logins are retried quickly before they count as persistent.
     pub login_refusal_grace: Duration,
     pub shutdown_grace: Duration,
+    /// How long a pilot's lease lasts without renewal: a replica that stops renewing (frozen,
+    /// killed, cut off) loses its pilots after this long. Renewals run every third of it.
+    pub lease_ttl: Duration,
     /// Where credentials may come from and go to (from the settings, never the database).
     /// The supervisor clears its `open_unbound_v1`: it upgrades such values instead.
     pub credentials: CredentialPolicy,
@@ -80,6 +100,7 @@ impl SupervisorSettings {
             permanent_retry: w.permanent_retry_secs,
             login_refusal_grace: w.login_refusal_grace_secs,
             shutdown_grace: w.shutdown_grace_secs,
+            lease_ttl: w.lease_ttl_secs,
             credentials: config.credential_policy(),
         }
     }
@@ -122,11 +143,44 @@ pub struct Supervisor {
     status: StatusBoard,
     /// What the last upgrade pass warned about, so an unchanged problem is logged once.
     upgrade_warnings: Mutex<Vec<String>>,
+    /// This replica's id: the lease holder's name in `pilot_leases` and `replicas`.
+    replica: Arc<str>,
 }
 
 struct Running {
     fingerprint: String,
     cancel: CancellationToken,
+    /// The lease the poller runs under (also kept for a pilot that cannot start, so its error
+    /// is written by one replica only).
+    guard: LeaseGuard,
+    /// Wakes the poller for a "Poll now".
+    poke: Arc<Notify>,
+    /// The latest poll request the poller was woken for.
+    poll_requested: Option<DateTime<Utc>>,
+    /// The poller's task (`None` for a pilot that cannot start).
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A replica id nobody else has: host, process and a random suffix (a restarted process is a
+/// new replica; it takes its pilots back when the old leases expire).
+fn new_replica_id() -> String {
+    let host = hostname();
+    format!("{host}-{}-{:08x}", std::process::id(), fastrand::u32(..))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+                .take(100)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_owned())
 }
 
 impl Supervisor {
@@ -149,7 +203,20 @@ impl Supervisor {
             only: None,
             status: StatusBoard::default(),
             upgrade_warnings: Mutex::new(Vec::new()),
+            replica: new_replica_id().into(),
         }
+    }
+
+    /// Names this replica `id` instead of a generated one (tests running several replicas in
+    /// one process; ids must differ between replicas).
+    pub fn replica_id(mut self, id: &str) -> Supervisor {
+        self.replica = id.into();
+        self
+    }
+
+    /// This replica's id.
+    pub fn replica(&self) -> &str {
+        &self.replica
     }
 
     /// Restricts the supervisor to these pilot ids.
@@ -177,7 +244,7 @@ impl Supervisor {
             if let Err(e) = reconciled {
                 tracing::warn!(error = %e, "could not read pilots; keeping the current set");
             }
-            let wait = tokio::time::sleep(self.settings.reload_interval);
+            let wait = tokio::time::sleep(self.tick());
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = wait => {}
@@ -202,6 +269,41 @@ impl Supervisor {
         } else {
             tracing::info!("all pollers stopped");
         }
+        // A poller still busy past the grace acts on nothing more: its lease is given up now.
+        for r in running.values() {
+            r.guard.lose();
+        }
+        self.leave().await;
+    }
+
+    /// How often leases are renewed and the pilots placed: a third of the lease TTL, or the
+    /// reload interval when that is shorter.
+    fn tick(&self) -> Duration {
+        (self.settings.lease_ttl / 3)
+            .min(self.settings.reload_interval)
+            .max(Duration::from_millis(100))
+    }
+
+    /// Releases every lease and removes the heartbeat row, so the other replicas take the
+    /// pilots at their next tick instead of after the TTL.
+    async fn leave(&self) {
+        let me = self.replica.clone();
+        let left = self
+            .pool
+            .with_conn("release this replica's leases", async |conn| {
+                let released = leases::release_all(conn, &me).await?;
+                leases::remove_replica(conn, &me).await?;
+                Ok(released)
+            })
+            .await;
+        match left {
+            Ok(released) => {
+                tracing::info!(replica = %me, released, "released this replica's pilot leases")
+            }
+            Err(e) => {
+                tracing::warn!(replica = %me, error = %e, "could not release the pilot leases; the other replicas take the pilots when they expire")
+            }
+        }
     }
 
     async fn listen(&self) -> Option<ConfigListener> {
@@ -220,16 +322,60 @@ impl Supervisor {
         shutdown: &CancellationToken,
         running: &mut HashMap<i64, Running>,
     ) -> Result<(), store::StoreError> {
-        let rows = self
+        let ttl = self.settings.lease_ttl;
+        let me = self.replica.clone();
+        let host = hostname();
+        let info = ReplicaInfo {
+            id: &me,
+            hostname: &host,
+            pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+            version: env!("CARGO_PKG_VERSION"),
+        };
+        let held: Vec<Lease> = running
+            .values()
+            .filter(|r| !r.guard.is_lost())
+            .map(|r| r.guard.last_known())
+            .collect();
+        let sent = Instant::now();
+        let (rows, live, renewed) = self
             .pool
-            .with_conn("read the pilots", async |conn| {
+            .with_conn("renew leases and read the pilots", async |conn| {
                 // A supervisor restricted to some pilots (the demo) leaves other rows alone.
                 if let (Some(key), None) = (&self.master_key, &self.only) {
                     self.upgrade_unbound(conn, key).await;
                 }
-                store::enabled_pilots_with_apps(conn).await
+                leases::heartbeat_replica(conn, &info).await?;
+                let renewed = leases::renew_leases(conn, &held, &me, ttl).await?;
+                let live = leases::live_replicas(conn, ttl).await?;
+                let rows = store::enabled_pilots_with_apps(conn).await?;
+                Ok((rows, live, renewed))
             })
             .await?;
+        let renewed: HashMap<i64, Lease> = renewed.into_iter().map(|l| (l.pilot_id, l)).collect();
+        running.retain(|id, r| {
+            if r.guard.is_lost() {
+                return true;
+            }
+            match renewed.get(id) {
+                Some(lease) => {
+                    r.guard.renewed(*lease, sent, ttl);
+                    true
+                }
+                None => {
+                    tracing::warn!(pilot = id, replica = %me, "lost the pilot's lease (another replica took it over, or it expired before this one renewed it); stopping its poller");
+                    metrics::global().lease_lost();
+                    r.guard.lose();
+                    r.cancel.cancel();
+                    false
+                }
+            }
+        });
+        let mut replicas = live;
+        if !replicas.iter().any(|r| **r == *me) {
+            replicas.push(me.to_string());
+        }
+        metrics::global().replicas_alive(replicas.len());
+
         let mut wanted: HashMap<i64, (String, PilotRow, Option<AppRow>, metrics::PilotMetrics)> =
             HashMap::new();
         for (pilot, app) in rows {
@@ -249,21 +395,113 @@ impl Supervisor {
             wanted.insert(pilot.id, (fingerprint, pilot, app, handle));
         }
         metrics::global().retain_pilots(&wanted.keys().copied().collect());
-        running.retain(|id, r| {
-            let keep = wanted.get(id).is_some_and(|(f, ..)| *f == r.fingerprint);
-            if !keep {
-                tracing::info!(
-                    pilot = id,
-                    "stopping poller (pilot changed, disabled or removed)"
-                );
-                r.cancel.cancel();
-            }
-            keep
-        });
-        for (id, (fingerprint, row, app, handle)) in wanted {
-            if running.contains_key(&id) {
+        let ids: Vec<i64> = wanted.keys().copied().collect();
+        let placement = Replicas::new(&replicas);
+        let assigned = placement.assign(&ids);
+        let mine: HashSet<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| assigned.get(id).is_some_and(|r| *r == &*me))
+            .collect();
+
+        // Keep what is unchanged and placed here; stop the rest. A changed pilot placed here
+        // keeps its lease for the new poller; one placed elsewhere (or gone) is released once
+        // its poller has stopped, so the next holder never overlaps it.
+        let mut carried: HashMap<i64, LeaseGuard> = HashMap::new();
+        let mut stopped: Vec<i64> = Vec::new();
+        for (id, r) in running.iter_mut() {
+            let entry = wanted.get(id);
+            let same = entry.is_some_and(|(f, ..)| *f == r.fingerprint);
+            if same && mine.contains(id) {
+                let requested = entry.and_then(|(_, row, ..)| row.poll_requested_at);
+                if requested > r.poll_requested {
+                    tracing::info!(pilot = id, "poll requested; polling now");
+                    r.poll_requested = requested;
+                    r.poke.notify_one();
+                }
                 continue;
             }
+            r.cancel.cancel();
+            stopped.push(*id);
+            if entry.is_some() && mine.contains(id) {
+                tracing::info!(pilot = id, "restarting poller (pilot or app changed)");
+                carried.insert(*id, r.guard.clone());
+                continue;
+            }
+            tracing::info!(
+                pilot = id,
+                to = entry
+                    .and_then(|_| assigned.get(id).copied())
+                    .unwrap_or("nobody"),
+                "stopping poller (pilot disabled, removed or placed on another replica)"
+            );
+            let (pool, guard, task, me) = (
+                self.pool.clone(),
+                r.guard.clone(),
+                r.task.take(),
+                me.clone(),
+            );
+            tracker.spawn(async move {
+                if let Some(task) = task {
+                    let _ = task.await;
+                }
+                let lease = guard.last_known();
+                guard.lose();
+                let released = pool
+                    .with_conn("release a pilot lease", async |conn| {
+                        leases::release_lease(conn, &lease, &me).await
+                    })
+                    .await;
+                if let Err(e) = released {
+                    tracing::warn!(pilot = lease.pilot_id, error = %e, "could not release the pilot's lease; it expires on its own");
+                }
+            });
+        }
+        for id in stopped {
+            running.remove(&id);
+        }
+
+        let mut to_start: Vec<i64> = mine
+            .iter()
+            .copied()
+            .filter(|id| !running.contains_key(id))
+            .collect();
+        to_start.sort_unstable();
+        let need: Vec<i64> = to_start
+            .iter()
+            .copied()
+            .filter(|id| !carried.contains_key(id))
+            .collect();
+        let sent = Instant::now();
+        let taken = if need.is_empty() {
+            Vec::new()
+        } else {
+            self.pool
+                .with_conn("take pilot leases", async |conn| {
+                    leases::acquire_leases(conn, &need, &me, ttl).await
+                })
+                .await?
+        };
+        for lease in taken {
+            if lease.fence > 1 {
+                metrics::global().lease_takeover();
+            }
+            carried.insert(
+                lease.pilot_id,
+                LeaseGuard::new(me.clone(), lease, sent, ttl),
+            );
+        }
+        let starting: Vec<i64> = to_start
+            .into_iter()
+            .filter(|id| carried.contains_key(id))
+            .collect();
+        let count = starting.len() as u32;
+        for (n, id) in starting.into_iter().enumerate() {
+            let (Some(guard), Some((fingerprint, row, app, handle))) =
+                (carried.remove(&id), wanted.remove(&id))
+            else {
+                continue;
+            };
             let pilot = match resolve_pilot(
                 &row,
                 app.as_ref(),
@@ -274,6 +512,7 @@ impl Supervisor {
                 // The loaded handle: the one that remembers the last success across reloads.
                 Ok(p) => Pilot {
                     metrics: handle.clone(),
+                    lease: Some(guard.clone()),
                     ..p
                 },
                 Err(e) => {
@@ -297,29 +536,67 @@ impl Supervisor {
                         Running {
                             fingerprint,
                             cancel: CancellationToken::new(),
+                            guard,
+                            poke: Arc::new(Notify::new()),
+                            poll_requested: row.poll_requested_at,
+                            task: None,
                         },
                     );
                     continue;
                 }
             };
+            // Pollers started together (start-up, a takeover, a reload) spread their first
+            // polls evenly over their interval; a pilot started alone polls at once.
+            let first_in = if count > 1 {
+                pilot
+                    .poll_interval
+                    .mul_f64(f64::from(n as u32) / f64::from(count))
+            } else {
+                Duration::ZERO
+            };
             let cancel = shutdown.child_token();
-            tracing::info!(pilot = id, queue = %pilot.queue, "starting poller");
-            tracker.spawn(pilot_loop(
+            let poke = Arc::new(Notify::new());
+            tracing::info!(pilot = id, queue = %pilot.queue, fence = guard.last_known().fence, first_poll_in_ms = first_in.as_millis() as u64, "starting poller");
+            let task = tracker.spawn(pilot_loop(
                 pilot,
                 self.pool.clone(),
                 self.tokens.clone(),
                 self.settings.clone(),
                 cancel.clone(),
                 self.status.clone(),
+                first_in,
+                poke.clone(),
             ));
             running.insert(
                 id,
                 Running {
                     fingerprint,
                     cancel,
+                    guard,
+                    poke,
+                    poll_requested: row.poll_requested_at,
+                    task: Some(task),
                 },
             );
         }
+        // Leases taken for pilots that were not started after all are given back.
+        let unused: Vec<Lease> = carried.values().map(LeaseGuard::last_known).collect();
+        if !unused.is_empty() {
+            let released = self
+                .pool
+                .with_conn("release unused leases", async |conn| {
+                    for lease in &unused {
+                        leases::release_lease(conn, lease, &me).await?;
+                    }
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = released {
+                tracing::warn!(error = %e, "could not release unused pilot leases; they expire on their own");
+            }
+        }
+        let holding = running.len();
+        metrics::global().leases_held(holding);
         Ok(())
     }
 }
@@ -406,6 +683,7 @@ fn fingerprint(pilot: &PilotRow, app: Option<&AppRow>) -> String {
 /// Polls one pilot until cancelled: interval with jitter after success, at once when the
 /// per-poll cap left messages behind; after a failure, what [`Pacing`] decides.
 /// (See [`crate::ingest::pacing`].)
+#[allow(clippy::too_many_arguments)]
 async fn pilot_loop(
     pilot: Pilot,
     pool: Db,
@@ -413,7 +691,16 @@ async fn pilot_loop(
     settings: SupervisorSettings,
     cancel: CancellationToken,
     status: StatusBoard,
+    first_in: Duration,
+    poke: Arc<Notify>,
 ) {
+    if !first_in.is_zero() {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(first_in) => {}
+            _ = poke.notified() => {}
+        }
+    }
     let mut pacing = Pacing::default();
     while !cancel.is_cancelled() {
         // Instrumented, not entered: a guard held across an await would tag other tasks' logs.
@@ -457,6 +744,16 @@ async fn pilot_loop(
                 });
                 decision.delay
             }
+            Err(
+                e @ (PollError::LeaseLost { .. }
+                | PollError::Store(store::StoreError::Fenced { .. })),
+            ) => {
+                // Not the pilot's fault, so not written on its row: the supervisor stops this
+                // poller (taken over) or renews the lease (a slow renewal), and then it goes on.
+                tracing::info!(pilot = pilot.id, error = %e, "poll stopped: the lease is not vouched for");
+                update(&status, pilot.id, |s| s.last_report = Some(report));
+                decision.delay
+            }
             Err(e) => {
                 pilot.metrics.poll_finished(took, None, Some(e.reason()));
                 let text = match &decision.refusal {
@@ -490,6 +787,7 @@ async fn pilot_loop(
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
+            _ = poke.notified() => {}
         }
     }
     tracing::info!(pilot = pilot.id, "poller stopped");

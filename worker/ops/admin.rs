@@ -329,6 +329,9 @@ pub struct PilotView {
     pub last_error: Option<String>,
     pub last_error_hint: Option<String>,
     pub updated_at: DateTime<Utc>,
+    /// The replica whose live lease lets it poll the pilot (filled in by listings that read
+    /// the leases); `None`: nobody holds it now.
+    pub lease_holder: Option<String>,
 }
 
 impl PilotView {
@@ -366,6 +369,7 @@ impl PilotView {
             last_error: pilot.last_error.clone(),
             last_error_hint: pilot.last_error_hint.clone(),
             updated_at: pilot.updated_at,
+            lease_holder: None,
         }
     }
 }

@@ -95,7 +95,8 @@ pub async fn remove_replica(conn: &mut PgConnection, me: &str) -> Result<(), Sto
 
 /// Takes (or keeps) the lease of `pilot` for `holder` until `ttl` from now: succeeds when
 /// nobody holds it, when `holder` already does, or when the current lease has expired. The
-/// fence rises when the holder changes.
+/// fence rises unless `holder` keeps a live lease of its own: a lease taken again after it
+/// expired or was released is a new lease, so whatever still acts on the old one is fenced out.
 pub async fn acquire_lease(
     conn: &mut PgConnection,
     pilot: i64,
@@ -106,10 +107,11 @@ pub async fn acquire_lease(
         "insert into pilot_leases (pilot_id, holder, fence, expires_at) \
          values ($1, $2, 1, now() + make_interval(secs => $3)) \
          on conflict (pilot_id) do update set \
-             fence = case when pilot_leases.holder = excluded.holder then pilot_leases.fence \
+             fence = case when pilot_leases.holder = excluded.holder \
+                 and pilot_leases.expires_at > now() then pilot_leases.fence \
                  else pilot_leases.fence + 1 end, \
              acquired_at = case when pilot_leases.holder = excluded.holder \
-                 then pilot_leases.acquired_at else now() end, \
+                 and pilot_leases.expires_at > now() then pilot_leases.acquired_at else now() end, \
              holder = excluded.holder, renewed_at = now(), expires_at = excluded.expires_at \
          where pilot_leases.holder = excluded.holder or pilot_leases.expires_at <= now() \
          returning fence, expires_at",
@@ -124,6 +126,94 @@ pub async fn acquire_lease(
         fence,
         expires_at,
     }))
+}
+
+/// [`acquire_lease`] for many pilots in one statement: the leases taken (or kept), in no
+/// particular order; the pilots another holder keeps are not among them.
+pub async fn acquire_leases(
+    conn: &mut PgConnection,
+    pilots: &[i64],
+    holder: &str,
+    ttl: Duration,
+) -> Result<Vec<Lease>, StoreError> {
+    if pilots.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<(i64, i64, DateTime<Utc>)> = sqlx::query_as(
+        "insert into pilot_leases (pilot_id, holder, fence, expires_at) \
+         select p, $2, 1, now() + make_interval(secs => $3) from unnest($1::bigint[]) as p \
+         on conflict (pilot_id) do update set \
+             fence = case when pilot_leases.holder = excluded.holder \
+                 and pilot_leases.expires_at > now() then pilot_leases.fence \
+                 else pilot_leases.fence + 1 end, \
+             acquired_at = case when pilot_leases.holder = excluded.holder \
+                 and pilot_leases.expires_at > now() then pilot_leases.acquired_at else now() end, \
+             holder = excluded.holder, renewed_at = now(), expires_at = excluded.expires_at \
+         where pilot_leases.holder = excluded.holder or pilot_leases.expires_at <= now() \
+         returning pilot_id, fence, expires_at",
+    )
+    .bind(pilots)
+    .bind(holder)
+    .bind(ttl.as_secs_f64())
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(pilot_id, fence, expires_at)| Lease {
+            pilot_id,
+            fence,
+            expires_at,
+        })
+        .collect())
+}
+
+/// [`renew_lease`] for many leases of `holder` in one statement: the leases renewed. A lease
+/// missing from the answer is no longer `holder`'s: its poller must stop.
+pub async fn renew_leases(
+    conn: &mut PgConnection,
+    leases: &[Lease],
+    holder: &str,
+    ttl: Duration,
+) -> Result<Vec<Lease>, StoreError> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pilots: Vec<i64> = leases.iter().map(|l| l.pilot_id).collect();
+    let fences: Vec<i64> = leases.iter().map(|l| l.fence).collect();
+    let rows: Vec<(i64, i64, DateTime<Utc>)> = sqlx::query_as(
+        "update pilot_leases l set expires_at = now() + make_interval(secs => $4), \
+             renewed_at = now() \
+         from unnest($1::bigint[], $2::bigint[]) as mine (pilot_id, fence) \
+         where l.pilot_id = mine.pilot_id and l.fence = mine.fence and l.holder = $3 \
+             and l.expires_at > now() \
+         returning l.pilot_id, l.fence, l.expires_at",
+    )
+    .bind(&pilots)
+    .bind(&fences)
+    .bind(holder)
+    .bind(ttl.as_secs_f64())
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(pilot_id, fence, expires_at)| Lease {
+            pilot_id,
+            fence,
+            expires_at,
+        })
+        .collect())
+}
+
+/// Gives up every live lease of `holder` at once (a replica shutting down): the number
+/// released.
+pub async fn release_all(conn: &mut PgConnection, holder: &str) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "update pilot_leases set expires_at = now() where holder = $1 and expires_at > now()",
+    )
+    .bind(holder)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 /// Extends `lease` by `ttl` from now; `None` when it is no longer `holder`'s (expired, taken

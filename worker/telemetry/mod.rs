@@ -289,6 +289,46 @@ pub const STATUS_RECORD_ERRORS: MetricDef = MetricDef {
     buckets: &[],
 };
 
+/// Live replicas (heartbeat younger than the lease TTL), as this replica last read them.
+pub const REPLICAS_ALIVE: MetricDef = MetricDef {
+    name: "ccmail_replicas_alive",
+    kind: Kind::Gauge,
+    unit: "",
+    help: "Replicas whose heartbeat is younger than the lease TTL, as this replica last read them (every replica reports the same number).",
+    labels: &[],
+    buckets: &[],
+};
+
+/// Pilot leases this replica holds.
+pub const LEASES_HELD: MetricDef = MetricDef {
+    name: "ccmail_pilot_leases_held",
+    kind: Kind::Gauge,
+    unit: "",
+    help: "Pilots whose lease this replica holds (it polls exactly these); summed over replicas it equals the enabled pilots.",
+    labels: &[],
+    buckets: &[],
+};
+
+/// Leases this replica took from another holder (or took again after they expired).
+pub const LEASE_TAKEOVERS: MetricDef = MetricDef {
+    name: "ccmail_pilot_lease_takeovers_total",
+    kind: Kind::Counter,
+    unit: "",
+    help: "Pilot leases this replica took over after another holder released them or let them expire.",
+    labels: &[],
+    buckets: &[],
+};
+
+/// Leases this replica found gone at renewal.
+pub const LEASES_LOST: MetricDef = MetricDef {
+    name: "ccmail_pilot_leases_lost_total",
+    kind: Kind::Counter,
+    unit: "",
+    help: "Pilot leases this replica could not renew (taken over while it was stalled, or expired): its poller of that pilot stopped.",
+    labels: &[],
+    buckets: &[],
+};
+
 /// New messages by class.
 pub const MESSAGES_BY_CLASS: MetricDef = MetricDef {
     name: "ccmail_messages_classified_total",
@@ -461,6 +501,10 @@ pub const ALL: &[&MetricDef] = &[
     &OLDEST_QUEUED_AGE,
     &REFRESH_ERRORS,
     &STATUS_RECORD_ERRORS,
+    &REPLICAS_ALIVE,
+    &LEASES_HELD,
+    &LEASE_TAKEOVERS,
+    &LEASES_LOST,
     &MESSAGES_BY_CLASS,
     &CONVERSATIONS,
     &LOOP_TRIPS,
@@ -810,6 +854,9 @@ impl Metrics {
         for step in WORK_STEPS {
             counter(&recorder, &WORK_STALE_STEPS, &[step]).increment(0);
         }
+        counter(&recorder, &LEASE_TAKEOVERS, &[]).increment(0);
+        counter(&recorder, &LEASES_LOST, &[]).increment(0);
+        gauge(&recorder, &LEASES_HELD, &[]).set(0.0);
         Metrics {
             handle: recorder.handle(),
             recorder,
@@ -1050,6 +1097,26 @@ impl Metrics {
     /// A periodic database read failed.
     pub fn refresh_failed(&self) {
         self.refresh_errors.increment(1);
+    }
+
+    /// The live replicas this replica counts.
+    pub fn replicas_alive(&self, n: usize) {
+        gauge(&self.recorder, &REPLICAS_ALIVE, &[]).set(n as f64);
+    }
+
+    /// The pilot leases this replica holds.
+    pub fn leases_held(&self, n: usize) {
+        gauge(&self.recorder, &LEASES_HELD, &[]).set(n as f64);
+    }
+
+    /// A lease taken from another holder (or again after it expired).
+    pub fn lease_takeover(&self) {
+        counter(&self.recorder, &LEASE_TAKEOVERS, &[]).increment(1);
+    }
+
+    /// A lease found gone at renewal.
+    pub fn lease_lost(&self) {
+        counter(&self.recorder, &LEASES_LOST, &[]).increment(1);
     }
 
     /// A poll's outcome could not be written to its pilot's row.

@@ -33,6 +33,7 @@ pub fn fast_settings(limits: IngestLimits, credentials: CredentialPolicy) -> Sup
         permanent_retry: Duration::from_secs(1),
         login_refusal_grace: ccmail::model::defaults::LOGIN_REFUSAL_GRACE,
         shutdown_grace: Duration::from_secs(10),
+        lease_ttl: Duration::from_secs(30),
         credentials,
     }
 }

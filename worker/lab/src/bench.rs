@@ -492,6 +492,7 @@ async fn pipeline(
         poll_interval: Duration::from_secs(60),
         metrics: ccmail::telemetry::global().pilot_metrics(row.id, &row.queue),
         quirks: Default::default(),
+        lease: None,
     };
     let limits = IngestLimits {
         max_messages_per_poll: usize::MAX,

@@ -292,7 +292,7 @@ impl Setup {
         // Small batches so one poll holds many commit → DELE steps for the kills to hit;
         // short backoffs so a restarted worker gets going at once.
         let text = format!(
-            "[worker]\nreload_interval_secs = 1\nshutdown_grace_secs = {}\n\
+            "[worker]\nreload_interval_secs = 1\nlease_ttl_secs = 3\nshutdown_grace_secs = {}\n\
              initial_backoff_secs = 1\nmax_backoff_secs = 2\npoll_jitter = 0.0\n\
              batch_messages = 5\n\n\
              [oauth]\nextra_ca_file = {:?}\nallowed_authorities = [{:?}]\n\n\

@@ -278,7 +278,7 @@ impl World {
              [api]\nlisten = \"127.0.0.1:0\"\n\n\
              [oauth]\nextra_ca_file = {:?}\nallowed_authorities = [{:?}]\n\n\
              [pop3]\nallowed_xoauth2_hosts = [\"127.0.0.1\"]\n\n\
-             [worker]\nreload_interval_secs = 1\ninitial_backoff_secs = 1\nmax_backoff_secs = 2\n\n\
+             [worker]\nreload_interval_secs = 1\nlease_ttl_secs = 3\ninitial_backoff_secs = 1\nmax_backoff_secs = 2\n\n\
              [log]\nformat = \"json\"\nlevel = \"info\"\n",
             database_url,
             self.ca_path().display().to_string(),

@@ -214,6 +214,8 @@ struct Maildrops {
     token_limit: Option<usize>,
     /// Sessions logged in now, by mailbox.
     active: HashMap<String, usize>,
+    /// The most sessions ever logged into each mailbox at once.
+    peak: HashMap<String, usize>,
 }
 
 #[derive(Default)]
@@ -422,6 +424,16 @@ impl Pop3Sim {
         self.shared
             .lock()
             .active
+            .get(&address.to_ascii_lowercase())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The most sessions ever logged into `address` at the same time (since start).
+    pub fn peak_sessions(&self, address: &str) -> usize {
+        self.shared
+            .lock()
+            .peak
             .get(&address.to_ascii_lowercase())
             .copied()
             .unwrap_or(0)
@@ -1015,7 +1027,13 @@ impl Session {
             {
                 return Err(line.clone());
             }
-            *state.active.entry(mailbox.clone()).or_insert(0) += 1;
+            let now = {
+                let n = state.active.entry(mailbox.clone()).or_insert(0);
+                *n += 1;
+                *n
+            };
+            let peak = state.peak.entry(mailbox.clone()).or_insert(0);
+            *peak = (*peak).max(now);
             state
                 .boxes
                 .get(&mailbox)
