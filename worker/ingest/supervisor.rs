@@ -595,8 +595,19 @@ impl Supervisor {
                 tracing::warn!(error = %e, "could not release unused pilot leases; they expire on their own");
             }
         }
-        let holding = running.len();
-        metrics::global().leases_held(holding);
+        metrics::global().leases_held(running.len());
+        // Counted after this tick's takes, so a pilot between two holders for one tick is
+        // not reported; the alert waits minutes on top.
+        match self
+            .pool
+            .with_conn("count pilots without a holder", async |conn| {
+                leases::unheld_pilots(conn).await
+            })
+            .await
+        {
+            Ok(n) => metrics::global().pilots_unheld(n),
+            Err(e) => tracing::debug!(error = %e, "could not count pilots without a holder"),
+        }
         Ok(())
     }
 }

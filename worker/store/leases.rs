@@ -286,6 +286,16 @@ pub async fn check_fence(
     }
 }
 
+/// Enabled pilots that no replica holds a live lease of: nobody polls them.
+pub async fn unheld_pilots(conn: &mut PgConnection) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "select count(*) from pilots p where p.enabled and not exists \
+             (select 1 from pilot_leases l where l.pilot_id = p.id and l.expires_at > now())",
+    )
+    .fetch_one(conn)
+    .await?)
+}
+
 /// Every lease, by pilot.
 pub async fn lease_holders(conn: &mut PgConnection) -> Result<Vec<LeaseHolder>, StoreError> {
     let rows: Vec<(i64, String, i64, DateTime<Utc>, bool)> = sqlx::query_as(

@@ -309,6 +309,16 @@ pub const LEASES_HELD: MetricDef = MetricDef {
     buckets: &[],
 };
 
+/// Enabled pilots without a live lease, as this replica last counted them.
+pub const PILOTS_UNHELD: MetricDef = MetricDef {
+    name: "ccmail_pilots_without_holder",
+    kind: Kind::Gauge,
+    unit: "",
+    help: "Enabled pilots that no replica holds a live lease of (nobody polls them), as this replica last counted them; every replica reports the same number.",
+    labels: &[],
+    buckets: &[],
+};
+
 /// Leases this replica took from another holder (or took again after they expired).
 pub const LEASE_TAKEOVERS: MetricDef = MetricDef {
     name: "ccmail_pilot_lease_takeovers_total",
@@ -503,6 +513,7 @@ pub const ALL: &[&MetricDef] = &[
     &STATUS_RECORD_ERRORS,
     &REPLICAS_ALIVE,
     &LEASES_HELD,
+    &PILOTS_UNHELD,
     &LEASE_TAKEOVERS,
     &LEASES_LOST,
     &MESSAGES_BY_CLASS,
@@ -1107,6 +1118,11 @@ impl Metrics {
     /// The pilot leases this replica holds.
     pub fn leases_held(&self, n: usize) {
         gauge(&self.recorder, &LEASES_HELD, &[]).set(n as f64);
+    }
+
+    /// Enabled pilots nobody holds a live lease of.
+    pub fn pilots_unheld(&self, n: i64) {
+        gauge(&self.recorder, &PILOTS_UNHELD, &[]).set(n as f64);
     }
 
     /// A lease taken from another holder (or again after it expired).
