@@ -15,8 +15,8 @@ use ccmail::store::leases;
 use ccmail_lab::sim::mailgen::{Kind, MailGen};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::pipeline::{Ledger, PipelineWorld, test_timeouts};
-use crate::support::scenario::with_verb;
+use crate::support::pipeline::{Ledger, PipelineWorld};
+use crate::support::scenario::{fast_settings, with_verb};
 use crate::support::wait::poll;
 
 const TTL: Duration = Duration::from_secs(3);
@@ -24,17 +24,8 @@ const DEADLINE: Duration = Duration::from_secs(120);
 
 fn settings(credentials: ccmail::secrets::CredentialPolicy) -> SupervisorSettings {
     SupervisorSettings {
-        limits: IngestLimits::default(),
-        timeouts: test_timeouts(),
-        reload_interval: Duration::from_secs(1),
-        poll_jitter: 0.0,
-        initial_backoff: Duration::from_secs(1),
-        max_backoff: Duration::from_secs(2),
-        permanent_retry: Duration::from_secs(5),
-        login_refusal_grace: ccmail::model::defaults::LOGIN_REFUSAL_GRACE,
-        shutdown_grace: Duration::from_secs(10),
         lease_ttl: TTL,
-        credentials,
+        ..fast_settings(IngestLimits::default(), credentials)
     }
 }
 

@@ -63,9 +63,11 @@ async fn sigkill_five_times_while_mail_arrives_stores_every_message_exactly_once
     assert_eq!(report.unknown, 0, "{}", report.summary());
     assert_eq!(report.stored, options.messages);
     assert_eq!(report.stored_once, options.messages);
-    // Every run fetched its own token (a killed process takes its cache with it), so there
-    // were real tokens and blobs to look for in the logs.
-    assert!(report.token_requests >= 6, "{}", report.kill_points_line());
+    // Runs fetched their own tokens (a killed process takes its cache with it), so there were
+    // real tokens and blobs to look for in the logs. Not every run polls: one started right
+    // after a kill waits for the killed replica's lease to expire (`lease_ttl_secs`, 3 s here)
+    // and may be killed before that.
+    assert!(report.token_requests >= 3, "{}", report.kill_points_line());
 
     // The scan covered real trace-level logs of every run, down to the POP3 wire.
     let mut all = String::new();

@@ -647,17 +647,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
     raise_open_file_limit();
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
+    // Registered here, before anything starts: a SIGTERM from now on is a clean shutdown,
+    // even one that arrives while the worker is still starting.
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
     tokio::spawn(async move {
-        wait_for_signal().await;
+        wait_for_signal(term).await;
         tracing::info!("shutdown requested; finishing the current messages");
         signals.cancel();
     });
     crate::app::run(&config, shutdown).await
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
+async fn wait_for_signal(term: std::io::Result<tokio::signal::unix::Signal>) {
+    match term {
         Ok(mut term) => {
             tokio::select! {
                 _ = term.recv() => {}

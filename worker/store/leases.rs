@@ -103,29 +103,7 @@ pub async fn acquire_lease(
     holder: &str,
     ttl: Duration,
 ) -> Result<Option<Lease>, StoreError> {
-    let row: Option<(i64, DateTime<Utc>)> = sqlx::query_as(
-        "insert into pilot_leases (pilot_id, holder, fence, expires_at) \
-         values ($1, $2, 1, now() + make_interval(secs => $3)) \
-         on conflict (pilot_id) do update set \
-             fence = case when pilot_leases.holder = excluded.holder \
-                 and pilot_leases.expires_at > now() then pilot_leases.fence \
-                 else pilot_leases.fence + 1 end, \
-             acquired_at = case when pilot_leases.holder = excluded.holder \
-                 and pilot_leases.expires_at > now() then pilot_leases.acquired_at else now() end, \
-             holder = excluded.holder, renewed_at = now(), expires_at = excluded.expires_at \
-         where pilot_leases.holder = excluded.holder or pilot_leases.expires_at <= now() \
-         returning fence, expires_at",
-    )
-    .bind(pilot)
-    .bind(holder)
-    .bind(ttl.as_secs_f64())
-    .fetch_optional(conn)
-    .await?;
-    Ok(row.map(|(fence, expires_at)| Lease {
-        pilot_id: pilot,
-        fence,
-        expires_at,
-    }))
+    Ok(acquire_leases(conn, &[pilot], holder, ttl).await?.pop())
 }
 
 /// [`acquire_lease`] for many pilots in one statement: the leases taken (or kept), in no

@@ -419,6 +419,9 @@ async fn drive(
         || async move { Ok(pop.messages(&world.mailbox).is_empty()) },
     )
     .await?;
+    // A worker restarted a moment ago is up before it is told to stop (its SIGTERM handler
+    // is registered by then), so the exit status says how it shuts down, not how it starts.
+    worker.listen_addr(options.deadline).await?;
     let status =
         signal_and_wait(&mut worker, Signal::SIGTERM, GRACE + Duration::from_secs(5)).await?;
     ensure!(
