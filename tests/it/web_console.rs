@@ -523,6 +523,28 @@ async fn an_admin_sees_every_pilot_with_its_health_and_the_fix_for_its_last_erro
         b.screenshot().await.unwrap(),
     )
     .unwrap();
+    // Poll now asks the replica holding the pilot to poll it, and is audited.
+    b.find(Locator::Css(&format!("#poll-{failing}")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let status = text_of(b, "[role=status]").await;
+    assert!(status.contains("a poll was requested"), "{status}");
+    let requested: Vec<i64> =
+        sqlx::query_scalar("select id from pilots where poll_requested_at is not null")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(requested, vec![failing]);
+    let (actor, target): (String, Option<String>) =
+        sqlx::query_as("select actor, target from audit_log where action = 'pilot.poll_now'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(actor, "user:root");
+    assert_eq!(target, Some(format!("pilot:{failing}")));
     // The supervisor's view: held items first; releasing one puts it back in its queue.
     b.goto(&format!("{base}/supervisor/items")).await.unwrap();
     let items = text_of(b, "#items").await;

@@ -143,6 +143,7 @@ pub fn router(state: WebState) -> Router {
         )
         .route("/agent/items/{id}/{action}", post(pages::agent_step))
         .route("/admin/pilots", get(pages::admin_pilots))
+        .route("/admin/pilots/{id}/poll", post(pages::pilot_poll_now))
         .route("/supervisor/items", get(pages::supervisor_items))
         .route(
             "/supervisor/items/{id}/{action}",

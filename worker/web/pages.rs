@@ -708,6 +708,7 @@ pub async fn not_found() -> Response {
 // Admin pages
 
 struct PilotLine {
+    id: i64,
     mailbox: String,
     queue: String,
     health: &'static str,
@@ -727,6 +728,7 @@ struct PilotsPage {
     user: String,
     role: String,
     csrf: String,
+    message: Option<String>,
     pilots: Vec<PilotLine>,
 }
 
@@ -755,6 +757,10 @@ pub async fn admin_pilots(State(state): State<WebState>, viewer: Viewer) -> Resp
     if viewer.user.role != Role::Admin {
         return forbidden("The pilots overview is for admins.");
     }
+    pilots_page(&state, &viewer, None).await
+}
+
+async fn pilots_page(state: &WebState, viewer: &Viewer, message: Option<String>) -> Response {
     let loaded = state
         .db()
         .with_conn("pilots overview", async |conn| {
@@ -781,6 +787,7 @@ pub async fn admin_pilots(State(state): State<WebState>, viewer: Viewer) -> Resp
                 .and_then(|a| a.secret_expires_at)
                 .map(|t| (t - now).num_days());
             PilotLine {
+                id: p.id,
                 secret_class: if secret_days.is_some_and(|d| d < 30) {
                     "soon"
                 } else {
@@ -810,8 +817,55 @@ pub async fn admin_pilots(State(state): State<WebState>, viewer: Viewer) -> Resp
         user: viewer.user.name.clone(),
         role: viewer.user.role.to_string(),
         csrf: viewer.csrf.clone(),
+        message,
         pilots: lines,
     })
+}
+
+/// Poll now (`/admin/pilots/{id}/poll`): asks the replica holding the pilot to poll it at
+/// once (`pilots.poll_requested_at`), audited as `pilot.poll_now`.
+pub async fn pilot_poll_now(
+    State(state): State<WebState>,
+    viewer: Viewer,
+    path: Result<Path<i64>, PathRejection>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if viewer.user.role != Role::Admin {
+        return forbidden("Asking for a poll is for admins.");
+    }
+    if !session::csrf_matches(&form.csrf, &viewer.csrf) {
+        return forbidden("The form was not sent from this session's page (CSRF check).");
+    }
+    let Some(id) = item_id(path) else {
+        return not_found().await;
+    };
+    let actor = viewer.actor();
+    let done = state
+        .db()
+        .with_conn("poll now", async |conn| {
+            let found = store::request_poll(conn, id).await?;
+            if found {
+                users::audit(
+                    conn,
+                    &actor,
+                    "pilot.poll_now",
+                    Some(&format!("pilot:{id}")),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            }
+            Ok(found)
+        })
+        .await;
+    match done {
+        Ok(true) => {
+            let message =
+                format!("Pilot {id}: a poll was requested; the replica holding it polls it next.");
+            pilots_page(&state, &viewer, Some(message)).await
+        }
+        Ok(false) => not_found().await,
+        Err(e) => store_failure(e),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
