@@ -118,7 +118,8 @@ pub struct WorkerConfig {
     /// work item completed with the body when it arrives whole.
     #[serde(with = "secs")]
     pub refetch_failed_secs: Duration,
-    /// Re-read pilots from the database this often (NOTIFY wakes the worker sooner).
+    /// Re-read pilots from the database this often (NOTIFY wakes the worker sooner; the
+    /// lease renewals, every third of `lease_ttl_secs`, read them too).
     #[serde(with = "secs")]
     pub reload_interval_secs: Duration,
     /// On SIGTERM/SIGINT, wait this long for pollers to finish their current message and QUIT.

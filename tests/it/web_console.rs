@@ -97,12 +97,7 @@ async fn log_in(b: &fantoccini::Client, base: &str, name: &str) {
         .send_keys(PASSWORD)
         .await
         .unwrap();
-    b.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(b, "button[type=submit]").await;
     wait_path(b, "/agent").await;
 }
 
@@ -183,6 +178,15 @@ async fn wait_path(b: &fantoccini::Client, path: &str) {
 }
 
 /// The text of the element `css`, once the page has it.
+async fn click(b: &fantoccini::Client, css: &str) {
+    b.find(Locator::Css(css))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
 async fn text_of(b: &fantoccini::Client, css: &str) -> String {
     b.wait()
         .at_most(Duration::from_secs(20))
@@ -302,12 +306,7 @@ async fn an_agent_logs_in_takes_reads_and_completes_and_hostile_html_runs_nothin
         .send_keys("wrong password!")
         .await
         .unwrap();
-    b.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(b, "button[type=submit]").await;
     let alert = text_of(b, "[role=alert]").await;
     assert!(alert.contains("wrong"), "{alert}");
     b.find(Locator::Css("#name"))
@@ -322,12 +321,7 @@ async fn an_agent_logs_in_takes_reads_and_completes_and_hostile_html_runs_nothin
         .send_keys(PASSWORD)
         .await
         .unwrap();
-    b.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(b, "button[type=submit]").await;
     wait_path(b, "/agent").await;
     text_of(b, "#take-support").await;
     assert_eq!(
@@ -342,12 +336,7 @@ async fn an_agent_logs_in_takes_reads_and_completes_and_hostile_html_runs_nothin
     )
     .unwrap();
 
-    b.find(Locator::Css("#take-support"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(b, "#take-support").await;
     wait_path(b, &format!("/agent/items/{id}")).await;
     let subject = text_of(b, "#subject").await;
     assert_eq!(subject, "Order 42 is late");
@@ -384,12 +373,7 @@ async fn an_agent_logs_in_takes_reads_and_completes_and_hostile_html_runs_nothin
         "the hostile HTML reached the canary"
     );
 
-    b.find(Locator::Css("#complete"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(b, "#complete").await;
     wait_path(b, &format!("/agent/items/{id}/complete")).await;
     let status = text_of(b, "[role=status]").await;
     assert!(status.contains("completed"), "{status}");
@@ -524,12 +508,7 @@ async fn an_admin_sees_every_pilot_with_its_health_and_the_fix_for_its_last_erro
     )
     .unwrap();
     // Poll now asks the replica holding the pilot to poll it, and is audited.
-    b.find(Locator::Css(&format!("#poll-{failing}")))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(b, &format!("#poll-{failing}")).await;
     let status = text_of(b, "[role=status]").await;
     assert!(status.contains("a poll was requested"), "{status}");
     let requested: Vec<i64> =
@@ -554,12 +533,7 @@ async fn an_admin_sees_every_pilot_with_its_health_and_the_fix_for_its_last_erro
         "items page"
     );
     assert!(items.contains("offer_limit"), "{items}");
-    b.find(Locator::Css(&format!("#requeue-{held}")))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(b, &format!("#requeue-{held}")).await;
     let status = text_of(b, "[role=status]").await;
     assert!(status.contains("held → queued"), "{status}");
     let (state, actor): (String, String) = sqlx::query_as(

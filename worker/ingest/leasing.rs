@@ -79,10 +79,6 @@ impl LeaseGuard {
         self.lock().lost = true;
     }
 
-    pub fn is_lost(&self) -> bool {
-        self.lock().lost
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

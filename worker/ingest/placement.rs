@@ -1,12 +1,13 @@
 //! Which replica polls which pilot: rendezvous (highest-random-weight) hashing over the live
-//! replicas.
+//! replicas, with bounded loads.
 //!
-//! Every replica computes the same answer from the same list of live replicas, without
-//! talking to the others: each (replica, pilot) pair gets a pseudo-random score and the pilot
-//! goes to the replica with the highest one. So the pilots spread evenly, and when a replica
-//! joins or leaves only the pilots it gains or loses move (about 1/n of them), never a
-//! reshuffle of the rest. Leases (`store::leases`) make the answer safe while replicas
-//! disagree for a moment: a pilot is polled only under its lease.
+//! Every replica computes the same answer from the same lists of live replicas and pilots,
+//! without talking to the others: each (replica, pilot) pair gets a pseudo-random score, and
+//! each pilot goes to the best-scoring replica that has not yet taken its even share
+//! ([`Replicas::assign`]). So the pilots spread within one of even, and when a replica joins or
+//! leaves mostly the pilots it gains or loses move (about 1/n of them, a little more through
+//! the caps), never a reshuffle of the rest. Leases (`store::leases`) make the answer safe
+//! while replicas disagree for a moment: a pilot is polled only under its lease.
 
 use sha2::{Digest, Sha256};
 
@@ -43,17 +44,25 @@ impl Replicas {
         Replicas { seeds }
     }
 
-    /// The replica that should poll `pilot`; none when no replica is live.
-    pub fn owner(&self, pilot: i64) -> Option<&str> {
-        self.seeds
-            .iter()
-            // Ties (equal scores of distinct seeds cannot happen: `mix` is a bijection) fall to
-            // the id, so every replica breaks them the same way.
-            .max_by_key(|(s, id)| (mix(s ^ (pilot as u64)), id.as_str()))
-            .map(|(_, id)| id.as_str())
+    /// The score of replica `i` for `pilot`: the higher, the more `pilot` belongs there.
+    /// Ties (equal scores of distinct seeds cannot happen: `mix` is a bijection) fall to the
+    /// id, so every replica breaks them the same way.
+    fn score(&self, i: usize, pilot: i64) -> (u64, &str) {
+        let (seed, id) = &self.seeds[i];
+        (mix(seed ^ (pilot as u64)), id.as_str())
     }
 
-    /// Of `pilots`, those `me` should poll.
+    /// The replica with the highest score for `pilot` (pure rendezvous, the order `assign`
+    /// bounds; the tests measure the hashing with it); none when no replica is live.
+    #[cfg(test)]
+    pub fn owner(&self, pilot: i64) -> Option<&str> {
+        (0..self.seeds.len())
+            .max_by_key(|&i| self.score(i, pilot))
+            .map(|i| self.seeds[i].1.as_str())
+    }
+
+    /// Of `pilots`, those whose highest score is `me`'s.
+    #[cfg(test)]
     pub fn mine<'p>(&self, me: &str, pilots: impl IntoIterator<Item = &'p i64>) -> Vec<i64> {
         pilots
             .into_iter()
@@ -81,24 +90,13 @@ impl Replicas {
         let mut load = vec![0usize; self.seeds.len()];
         let mut order: Vec<usize> = (0..self.seeds.len()).collect();
         for pilot in sorted {
-            order.sort_unstable_by_key(|&i| {
-                let (s, id) = &self.seeds[i];
-                std::cmp::Reverse((mix(s ^ (pilot as u64)), id.as_str()))
-            });
+            order.sort_unstable_by_key(|&i| std::cmp::Reverse(self.score(i, pilot)));
             if let Some(&i) = order.iter().find(|&&i| load[i] < cap) {
                 load[i] += 1;
                 placed.insert(pilot, self.seeds[i].1.as_str());
             }
         }
         placed
-    }
-
-    pub fn len(&self) -> usize {
-        self.seeds.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.seeds.is_empty()
     }
 }
 

@@ -145,6 +145,8 @@ pub struct Supervisor {
     upgrade_warnings: Mutex<Vec<String>>,
     /// This replica's id: the lease holder's name in `pilot_leases` and `replicas`.
     replica: Arc<str>,
+    /// The host name its heartbeat row shows (read once).
+    host: String,
 }
 
 struct Running {
@@ -163,8 +165,7 @@ struct Running {
 
 /// A replica id nobody else has: host, process and a random suffix (a restarted process is a
 /// new replica; it takes its pilots back when the old leases expire).
-fn new_replica_id() -> String {
-    let host = hostname();
+fn new_replica_id(host: &str) -> String {
     format!("{host}-{}-{:08x}", std::process::id(), fastrand::u32(..))
 }
 
@@ -195,6 +196,7 @@ impl Supervisor {
         // Every v1 value is upgraded before the rows are read; one still in v1 form then is
         // one that must not be sent.
         settings.credentials.open_unbound_v1 = false;
+        let host = hostname();
         Supervisor {
             pool,
             tokens,
@@ -203,7 +205,8 @@ impl Supervisor {
             only: None,
             status: StatusBoard::default(),
             upgrade_warnings: Mutex::new(Vec::new()),
-            replica: new_replica_id().into(),
+            replica: new_replica_id(&host).into(),
+            host,
         }
     }
 
@@ -212,11 +215,6 @@ impl Supervisor {
     pub fn replica_id(mut self, id: &str) -> Supervisor {
         self.replica = id.into();
         self
-    }
-
-    /// This replica's id.
-    pub fn replica(&self) -> &str {
-        &self.replica
     }
 
     /// Restricts the supervisor to these pilot ids.
@@ -234,12 +232,15 @@ impl Supervisor {
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let mut running: HashMap<i64, Running> = HashMap::new();
+        // Pollers told to stop whose pilot may start again here (changed, or its lease lost
+        // and taken again): the next poller of that pilot waits for its predecessor to end.
+        let mut draining: HashMap<i64, tokio::task::JoinHandle<()>> = HashMap::new();
         let mut listener = self.listen().await;
         loop {
             // Bounded by the store's deadlines, and cut short by a shutdown.
             let reconciled = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = self.reconcile(&tracker, &shutdown, &mut running) => r,
+                r = self.reconcile(&tracker, &shutdown, &mut running, &mut draining) => r,
             };
             if let Err(e) = reconciled {
                 tracing::warn!(error = %e, "could not read pilots; keeping the current set");
@@ -321,23 +322,20 @@ impl Supervisor {
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
         running: &mut HashMap<i64, Running>,
+        draining: &mut HashMap<i64, tokio::task::JoinHandle<()>>,
     ) -> Result<(), store::StoreError> {
+        draining.retain(|_, task| !task.is_finished());
         let ttl = self.settings.lease_ttl;
         let me = self.replica.clone();
-        let host = hostname();
         let info = ReplicaInfo {
             id: &me,
-            hostname: &host,
+            hostname: &self.host,
             pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
             version: env!("CARGO_PKG_VERSION"),
         };
-        let held: Vec<Lease> = running
-            .values()
-            .filter(|r| !r.guard.is_lost())
-            .map(|r| r.guard.last_known())
-            .collect();
+        let held: Vec<Lease> = running.values().map(|r| r.guard.last_known()).collect();
         let sent = Instant::now();
-        let (rows, live, renewed) = self
+        let (rows, live, renewed, unheld) = self
             .pool
             .with_conn("renew leases and read the pilots", async |conn| {
                 // A supervisor restricted to some pilots (the demo) leaves other rows alone.
@@ -348,14 +346,15 @@ impl Supervisor {
                 let renewed = leases::renew_leases(conn, &held, &me, ttl).await?;
                 let live = leases::live_replicas(conn, ttl).await?;
                 let rows = store::enabled_pilots_with_apps(conn).await?;
-                Ok((rows, live, renewed))
+                let unheld = leases::unheld_pilots(conn).await?;
+                Ok((rows, live, renewed, unheld))
             })
             .await?;
+        // A pilot between two holders (a takeover in progress) counts for a tick; the alert
+        // waits minutes on top.
+        metrics::global().pilots_unheld(unheld);
         let renewed: HashMap<i64, Lease> = renewed.into_iter().map(|l| (l.pilot_id, l)).collect();
         running.retain(|id, r| {
-            if r.guard.is_lost() {
-                return true;
-            }
             match renewed.get(id) {
                 Some(lease) => {
                     r.guard.renewed(*lease, sent, ttl);
@@ -366,6 +365,9 @@ impl Supervisor {
                     metrics::global().lease_lost();
                     r.guard.lose();
                     r.cancel.cancel();
+                    if let Some(task) = r.task.take() {
+                        draining.insert(*id, task);
+                    }
                     false
                 }
             }
@@ -426,6 +428,9 @@ impl Supervisor {
             if entry.is_some() && mine.contains(id) {
                 tracing::info!(pilot = id, "restarting poller (pilot or app changed)");
                 carried.insert(*id, r.guard.clone());
+                if let Some(task) = r.task.take() {
+                    draining.insert(*id, task);
+                }
                 continue;
             }
             tracing::info!(
@@ -557,6 +562,11 @@ impl Supervisor {
             let cancel = shutdown.child_token();
             let poke = Arc::new(Notify::new());
             tracing::info!(pilot = id, queue = %pilot.queue, fence = guard.last_known().fence, first_poll_in_ms = first_in.as_millis() as u64, "starting poller");
+            let start = Start {
+                after: draining.remove(&id),
+                first_in,
+                poke: poke.clone(),
+            };
             let task = tracker.spawn(pilot_loop(
                 pilot,
                 self.pool.clone(),
@@ -564,8 +574,7 @@ impl Supervisor {
                 self.settings.clone(),
                 cancel.clone(),
                 self.status.clone(),
-                first_in,
-                poke.clone(),
+                start,
             ));
             running.insert(
                 id,
@@ -596,18 +605,6 @@ impl Supervisor {
             }
         }
         metrics::global().leases_held(running.len());
-        // Counted after this tick's takes, so a pilot between two holders for one tick is
-        // not reported; the alert waits minutes on top.
-        match self
-            .pool
-            .with_conn("count pilots without a holder", async |conn| {
-                leases::unheld_pilots(conn).await
-            })
-            .await
-        {
-            Ok(n) => metrics::global().pilots_unheld(n),
-            Err(e) => tracing::debug!(error = %e, "could not count pilots without a holder"),
-        }
         Ok(())
     }
 }
@@ -694,7 +691,15 @@ fn fingerprint(pilot: &PilotRow, app: Option<&AppRow>) -> String {
 /// Polls one pilot until cancelled: interval with jitter after success, at once when the
 /// per-poll cap left messages behind; after a failure, what [`Pacing`] decides.
 /// (See [`crate::ingest::pacing`].)
-#[allow(clippy::too_many_arguments)]
+/// How a poller starts: after its predecessor for the same pilot has ended (so the two never
+/// hold sessions at once), then after `first_in` (or a "Poll now", `poke`, which also wakes
+/// it between polls).
+struct Start {
+    after: Option<tokio::task::JoinHandle<()>>,
+    first_in: Duration,
+    poke: Arc<Notify>,
+}
+
 async fn pilot_loop(
     pilot: Pilot,
     pool: Db,
@@ -702,9 +707,19 @@ async fn pilot_loop(
     settings: SupervisorSettings,
     cancel: CancellationToken,
     status: StatusBoard,
-    first_in: Duration,
-    poke: Arc<Notify>,
+    start: Start,
 ) {
+    let Start {
+        after,
+        first_in,
+        poke,
+    } = start;
+    if let Some(predecessor) = after {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = predecessor => {}
+        }
+    }
     if !first_in.is_zero() {
         tokio::select! {
             _ = cancel.cancelled() => return,

@@ -19,7 +19,7 @@ use sqlx::PgConnection;
 use super::error::StoreError;
 
 /// A lease as its holder knows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
 pub struct Lease {
     pub pilot_id: i64,
     pub fence: i64,
@@ -117,7 +117,7 @@ pub async fn acquire_leases(
     if pilots.is_empty() {
         return Ok(Vec::new());
     }
-    let rows: Vec<(i64, i64, DateTime<Utc>)> = sqlx::query_as(
+    Ok(sqlx::query_as(
         "insert into pilot_leases (pilot_id, holder, fence, expires_at) \
          select p, $2, 1, now() + make_interval(secs => $3) from unnest($1::bigint[]) as p \
          on conflict (pilot_id) do update set \
@@ -134,15 +134,7 @@ pub async fn acquire_leases(
     .bind(holder)
     .bind(ttl.as_secs_f64())
     .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(pilot_id, fence, expires_at)| Lease {
-            pilot_id,
-            fence,
-            expires_at,
-        })
-        .collect())
+    .await?)
 }
 
 /// [`renew_lease`] for many leases of `holder` in one statement: the leases renewed. A lease
@@ -158,7 +150,7 @@ pub async fn renew_leases(
     }
     let pilots: Vec<i64> = leases.iter().map(|l| l.pilot_id).collect();
     let fences: Vec<i64> = leases.iter().map(|l| l.fence).collect();
-    let rows: Vec<(i64, i64, DateTime<Utc>)> = sqlx::query_as(
+    Ok(sqlx::query_as(
         "update pilot_leases l set expires_at = now() + make_interval(secs => $4), \
              renewed_at = now() \
          from unnest($1::bigint[], $2::bigint[]) as mine (pilot_id, fence) \
@@ -171,15 +163,7 @@ pub async fn renew_leases(
     .bind(holder)
     .bind(ttl.as_secs_f64())
     .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(pilot_id, fence, expires_at)| Lease {
-            pilot_id,
-            fence,
-            expires_at,
-        })
-        .collect())
+    .await?)
 }
 
 /// Gives up every live lease of `holder` at once (a replica shutting down): the number
@@ -202,22 +186,9 @@ pub async fn renew_lease(
     holder: &str,
     ttl: Duration,
 ) -> Result<Option<Lease>, StoreError> {
-    let row: Option<DateTime<Utc>> = sqlx::query_scalar(
-        "update pilot_leases set expires_at = now() + make_interval(secs => $4), \
-             renewed_at = now() \
-         where pilot_id = $1 and holder = $2 and fence = $3 and expires_at > now() \
-         returning expires_at",
-    )
-    .bind(lease.pilot_id)
-    .bind(holder)
-    .bind(lease.fence)
-    .bind(ttl.as_secs_f64())
-    .fetch_optional(conn)
-    .await?;
-    Ok(row.map(|expires_at| Lease {
-        expires_at,
-        ..*lease
-    }))
+    Ok(renew_leases(conn, std::slice::from_ref(lease), holder, ttl)
+        .await?
+        .pop())
 }
 
 /// Gives `lease` up at once (expires it), so another replica can take the pilot without
